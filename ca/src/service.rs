@@ -1,0 +1,551 @@
+//! The CA's HTTPS issuing service (`meshgate ca serve`).
+//!
+//! One listener, TLS 1.3 only, serving cert chained to the root and naming the CA's SPIFFE ID.
+//! Client certificates are requested but not required at the handshake; only `/v1/svid/renew`
+//! needs one, and it validates the chain itself so a bad certificate gets a readable refusal.
+//! Every issuance and every refusal is one structured log line (`event`, `id`, `serial`,
+//! `not_after`, `reason`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::KeyPair;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer, UnixTime,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::{self, ErrorResponse, SvidResponse};
+use crate::authority::{Authority, CsrError, IssuedSvid};
+use crate::cert;
+use crate::spiffe::SpiffeId;
+use crate::store::{LoadedCa, StoreError};
+use crate::tls::{self, CertResolver, DeferredClientVerifier, TrustBundle};
+use crate::token::{self, NonceLedger, TokenError, TokenKey};
+
+/// How long the CA's own serving certificate lives; it is re-issued at half that.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of `meshgate ca serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Lifetime of issued SVIDs.
+    pub svid_ttl: Duration,
+    /// DNS names / IPs put in the serving certificate besides the CA's SPIFFE ID.
+    pub serving_hosts: Vec<String>,
+}
+
+/// A refusal: status, stable code, and a message saying what to fix.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl ToString) -> Self {
+        Self {
+            status,
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        let code = match &e {
+            TokenError::Malformed => "token_malformed",
+            TokenError::BadSignature => "token_invalid",
+            TokenError::Expired { .. } => "token_expired",
+            TokenError::AlreadyUsed { .. } => "token_used",
+            TokenError::Ledger { .. } => {
+                return Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+            }
+        };
+        Self::new(StatusCode::UNAUTHORIZED, code, e)
+    }
+}
+
+impl From<CsrError> for ApiError {
+    fn from(e: CsrError) -> Self {
+        let (status, code) = match &e {
+            CsrError::Malformed(_) => (StatusCode::BAD_REQUEST, "csr_malformed"),
+            CsrError::BadSignature => (StatusCode::BAD_REQUEST, "csr_bad_signature"),
+            CsrError::UnsupportedKey => (StatusCode::BAD_REQUEST, "csr_unsupported_key"),
+            CsrError::NoId { .. } => (StatusCode::BAD_REQUEST, "csr_no_id"),
+            CsrError::WrongId { .. } => (StatusCode::FORBIDDEN, "id_mismatch"),
+            CsrError::ForeignTrustDomain { .. } => (StatusCode::FORBIDDEN, "foreign_trust_domain"),
+            CsrError::Signing(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self::new(status, code, e)
+    }
+}
+
+/// The trust bundle as served, re-read from `bundle.pem` when the file changes so that adding a
+/// new root (rotation) needs no restart. A broken file is logged and the last good bundle kept.
+struct BundleSource {
+    ca: crate::store::CaDir,
+    current: ArcSwap<TrustBundle>,
+    seen_mtime: Mutex<Option<SystemTime>>,
+}
+
+impl BundleSource {
+    fn new(ca: crate::store::CaDir) -> Result<Self, StoreError> {
+        let bundle = ca.read_bundle()?;
+        let mtime = std::fs::metadata(ca.bundle_path())
+            .and_then(|m| m.modified())
+            .ok();
+        Ok(Self {
+            ca,
+            current: ArcSwap::from_pointee(bundle),
+            seen_mtime: Mutex::new(mtime),
+        })
+    }
+
+    fn get(&self) -> Arc<TrustBundle> {
+        let mtime = std::fs::metadata(self.ca.bundle_path())
+            .and_then(|m| m.modified())
+            .ok();
+        let mut seen = self.seen_mtime.lock().expect("bundle lock");
+        if mtime != *seen {
+            *seen = mtime;
+            match self.ca.read_bundle() {
+                Ok(bundle) => {
+                    tracing::info!(
+                        event = "bundle.reloaded",
+                        roots = bundle.certs().len(),
+                        "trust bundle changed on disk"
+                    );
+                    self.current.store(Arc::new(bundle));
+                }
+                Err(e) => {
+                    tracing::error!(event = "bundle.reload_failed", error = %e, "keeping the last good trust bundle")
+                }
+            }
+        }
+        self.current.load_full()
+    }
+}
+
+/// Shared state of the running CA service.
+struct CaState {
+    authority: Authority,
+    tokens: TokenKey,
+    ledger: Mutex<NonceLedger>,
+    bundle: BundleSource,
+    svid_ttl: Duration,
+}
+
+/// A bound, not yet running CA service.
+pub struct CaServer {
+    listener: TcpListener,
+    state: Arc<CaState>,
+    serving: Arc<CertResolver>,
+    serving_hosts: Vec<String>,
+    acceptor: TlsAcceptor,
+}
+
+/// Why the CA service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "cannot listen on {addr}: {source} (is another process using the port? pass --listen to choose another)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot issue the CA's serving certificate: {0}")]
+    ServingCert(String),
+}
+
+impl CaServer {
+    /// Binds `listen` and prepares the TLS listener.
+    pub async fn bind(
+        ca: LoadedCa,
+        listen: SocketAddr,
+        options: ServeOptions,
+    ) -> Result<Self, ServeError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let mut serving_hosts = options.serving_hosts.clone();
+        serving_hosts.extend([
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ]);
+        if !listen.ip().is_unspecified() {
+            serving_hosts.push(listen.ip().to_string());
+        }
+        serving_hosts.sort();
+        serving_hosts.dedup();
+        let state = Arc::new(CaState {
+            ledger: Mutex::new(ca.dir.ledger()?),
+            bundle: BundleSource::new(ca.dir.clone())?,
+            authority: ca.authority,
+            tokens: ca.tokens,
+            svid_ttl: options.svid_ttl,
+        });
+        let serving = Arc::new(CertResolver::default());
+        refresh_serving_cert(&state.authority, &serving, &serving_hosts)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("ring supports TLS 1.3")
+            .with_client_cert_verifier(Arc::new(DeferredClientVerifier::default()))
+            .with_cert_resolver(serving.clone());
+        // No resumption: /v1/svid/renew trusts the client certificate of *this* handshake.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            listener,
+            state,
+            serving,
+            serving_hosts,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting and closes open connections.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            listener,
+            state,
+            serving,
+            serving_hosts,
+            acceptor,
+        } = self;
+        tracing::info!(
+            event = "ca.listening",
+            addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            trust_domain = %state.authority.trust_domain(),
+            svid_ttl_secs = state.svid_ttl.as_secs(),
+            "CA serving"
+        );
+        let mut connections = JoinSet::new();
+        let mut refresh = tokio::time::interval(SERVING_CERT_TTL / 2);
+        refresh.tick().await;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = refresh.tick() => {
+                    if let Err(e) = refresh_serving_cert(&state.authority, &serving, &serving_hosts) {
+                        tracing::error!(event = "ca.serving_cert_failed", error = %e, "keeping the current serving certificate");
+                    }
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        connections.spawn(serve_connection(acceptor.clone(), tcp, peer, state.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "ca.accept_failed", error = %e);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        connections.abort_all();
+        tracing::info!(event = "ca.stopped", "CA stopped");
+    }
+}
+
+fn refresh_serving_cert(
+    authority: &Authority,
+    serving: &CertResolver,
+    hosts: &[String],
+) -> Result<(), ServeError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServeError::ServingCert(e.to_string()))?;
+    let issued = authority
+        .issue_serving_cert(&key, hosts, SERVING_CERT_TTL)
+        .map_err(|e| ServeError::ServingCert(e.to_string()))?;
+    serving
+        .publish(
+            issued.chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .map_err(|e| ServeError::ServingCert(e.to_string()))
+}
+
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<CaState>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(event = "tls.handshake_failed", peer.addr = %peer, error = %e);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(event = "tls.handshake_failed", peer.addr = %peer, error = "timed out");
+            return;
+        }
+    };
+    let peer_chain: Arc<Vec<CertificateDer<'static>>> = Arc::new(
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+            .unwrap_or_default(),
+    );
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let peer_chain = peer_chain.clone();
+        async move { Ok::<_, std::convert::Infallible>(state.handle(req, peer, &peer_chain).await) }
+    });
+    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(peer.addr = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(body).expect("serializable"),
+        )))
+        .expect("valid response")
+}
+
+impl CaState {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        peer_chain: &[CertificateDer<'static>],
+    ) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let result = match (req.method(), path.as_str()) {
+            (&Method::GET, api::PATH_BUNDLE) => Ok(self.bundle_response()),
+            (&Method::GET, api::PATH_HEALTH) => {
+                Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+            }
+            (&Method::POST, api::PATH_SVID) => self.bootstrap(req).await,
+            (&Method::POST, api::PATH_RENEW) => self.renew(req, peer_chain).await,
+            (_, api::PATH_BUNDLE | api::PATH_HEALTH | api::PATH_SVID | api::PATH_RENEW) => {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "use GET for /v1/bundle and /healthz, POST for /v1/svid and /v1/svid/renew",
+                ))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint {path}"),
+            )),
+        };
+        match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(
+                    event = "svid.refused",
+                    endpoint = %path,
+                    peer.addr = %peer,
+                    status = e.status.as_u16(),
+                    code = e.code,
+                    reason = %e.message,
+                    "request refused"
+                );
+                json_response(
+                    e.status,
+                    &ErrorResponse {
+                        error: e.code.to_string(),
+                        message: e.message,
+                    },
+                )
+            }
+        }
+    }
+
+    fn bundle_response(&self) -> Response<Full<Bytes>> {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-pem-file")
+            .body(Full::new(Bytes::from(self.bundle.get().to_pem())))
+            .expect("valid response")
+    }
+
+    /// `POST /v1/svid`: join token + CSR → SVID.
+    async fn bootstrap(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let token = bearer_token(&req)?;
+        let claims = self.tokens.verify(&token, token::now_unix())?;
+        let csr = read_csr(req).await?;
+        let issued = self
+            .authority
+            .issue_for_csr(csr.as_ref(), &claims.id, self.svid_ttl)
+            .map_err(|e| with_id(e.into(), &claims.id))?;
+        // Spend only after the CSR passed, so a typo in a CSR does not burn the token; and before
+        // answering, so the SVID never leaves for a token that turns out to be spent.
+        self.ledger
+            .lock()
+            .expect("ledger lock")
+            .spend(&claims)
+            .map_err(|e| with_id(e.into(), &claims.id))?;
+        Ok(self.issued_response(api::PATH_SVID, issued))
+    }
+
+    /// `POST /v1/svid/renew`: current SVID over mTLS + CSR for the same ID → SVID.
+    async fn renew(
+        &self,
+        req: Request<Incoming>,
+        peer_chain: &[CertificateDer<'static>],
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let Some((leaf, intermediates)) = peer_chain.split_first() else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "client_cert_missing",
+                "renewal needs the caller's current SVID as the TLS client certificate; bootstrap with a join token at /v1/svid instead",
+            ));
+        };
+        let caller = self
+            .bundle
+            .get()
+            .verify_client(leaf, intermediates, UnixTime::now())
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "client_cert_invalid", e))?;
+        if !caller.id.is_member_of(self.authority.trust_domain()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "foreign_trust_domain",
+                format!(
+                    "{} is outside this CA's trust domain {}",
+                    caller.id,
+                    self.authority.trust_domain()
+                ),
+            ));
+        }
+        let csr = read_csr(req).await?;
+        let issued = self
+            .authority
+            .issue_for_csr(csr.as_ref(), &caller.id, self.svid_ttl)
+            .map_err(|e| with_id(e.into(), &caller.id))?;
+        Ok(self.issued_response(api::PATH_RENEW, issued))
+    }
+
+    fn issued_response(&self, endpoint: &str, issued: IssuedSvid) -> Response<Full<Bytes>> {
+        let info = &issued.info;
+        tracing::info!(
+            event = "svid.issued",
+            endpoint,
+            id = %info.id,
+            serial = %info.serial,
+            not_after = %cert::rfc3339(info.not_after),
+            "SVID issued"
+        );
+        json_response(
+            StatusCode::OK,
+            &SvidResponse {
+                spiffe_id: info.id.clone(),
+                serial: info.serial.clone(),
+                not_before: cert::rfc3339(info.not_before),
+                not_after: cert::rfc3339(info.not_after),
+                svid_pem: issued.chain_pem(),
+                bundle_pem: self.bundle.get().to_pem(),
+            },
+        )
+    }
+}
+
+fn with_id(mut e: ApiError, id: &SpiffeId) -> ApiError {
+    if !e.message.contains(id.as_str()) {
+        e.message = format!("{} (id {id})", e.message);
+    }
+    e
+}
+
+fn bearer_token(req: &Request<Incoming>) -> Result<String, ApiError> {
+    let missing = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_missing",
+            "send the join token as `Authorization: Bearer <token>` (mint one with `meshgate ca token`)",
+        )
+    };
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(missing)?;
+    let value = value.to_str().map_err(|_| missing())?;
+    value
+        .strip_prefix("Bearer ")
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(missing)
+}
+
+async fn read_csr(
+    req: Request<Incoming>,
+) -> Result<CertificateSigningRequestDer<'static>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "request body exceeds {} bytes; send one PEM CSR",
+                api::MAX_BODY_BYTES
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > api::MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), api::MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "body_unreadable", e)
+            }
+        })?
+        .to_bytes();
+    CertificateSigningRequestDer::from_pem_slice(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "csr_malformed",
+            "request body must be one PEM \"CERTIFICATE REQUEST\" block",
+        )
+    })
+}
