@@ -1,0 +1,237 @@
+//! `meshgate ca …` subcommands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use meshgate_ca::authority::MIN_SVID_TTL;
+use meshgate_ca::service::{CaServer, ServeOptions};
+use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain, cert, fsutil};
+use rustls_pki_types::UnixTime;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))
+}
+
+fn parse_id(s: &str) -> Result<SpiffeId, String> {
+    SpiffeId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA (ECDSA P-256, 10 years) and a signing intermediate (1 year) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "mesh.local", value_parser = parse_trust_domain)]
+        trust_domain: TrustDomain,
+        /// Replace an existing CA (every SVID it issued stops verifying).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an SVID offline: writes OUT/svid.pem (leaf + chain), OUT/key.pem, OUT/bundle.pem.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_id)]
+        id: SpiffeId,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Mint a join token bound to one SPIFFE ID and print it on stdout.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_id)]
+        id: SpiffeId,
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Allow the token to bootstrap several workloads until it expires (default: single use).
+        #[arg(long)]
+        reusable: bool,
+    },
+    /// Serve the issuing API over HTTPS (POST /v1/svid, POST /v1/svid/renew, GET /v1/bundle).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        listen: SocketAddr,
+        /// Lifetime of issued SVIDs (workloads renew at half-life).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        svid_ttl: Duration,
+        /// Extra DNS name or IP for the CA's serving certificate (repeatable), e.g. `--san ca`.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Print a certificate's SPIFFE ID, serial, validity and chain status.
+    Inspect {
+        /// PEM file: leaf first, then any intermediates.
+        cert: PathBuf,
+        /// Roots to check the chain against (default: bundle.pem next to CERT, if present).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+}
+
+pub fn run(command: CaCommand) -> Result<()> {
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            force,
+        } => init(&dir, &trust_domain, force),
+        CaCommand::Issue { dir, id, out, ttl } => issue(&dir, &id, &out, ttl),
+        CaCommand::Token {
+            dir,
+            id,
+            ttl,
+            reusable,
+        } => token(&dir, &id, ttl, reusable),
+        CaCommand::Serve {
+            dir,
+            listen,
+            svid_ttl,
+            sans,
+        } => serve(&dir, listen, svid_ttl, sans),
+        CaCommand::Inspect { cert, bundle } => inspect(&cert, bundle.as_deref()),
+    }
+}
+
+fn init(dir: &Path, td: &TrustDomain, force: bool) -> Result<()> {
+    let ca = CaDir::new(dir);
+    ca.init(td, force)?;
+    println!("created CA for trust domain {td} in {}", dir.display());
+    println!("  root:         {}", ca.root_cert_path().display());
+    println!("  intermediate: {}", ca.intermediate_cert_path().display());
+    println!("  trust bundle: {}", ca.bundle_path().display());
+    println!(
+        "next: meshgate ca serve --dir {0}   |   meshgate ca token --dir {0} --id spiffe://{td}/ns/default/sa/app",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl < MIN_SVID_TTL {
+        bail!(
+            "SVID TTL {} is too short; use at least {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(MIN_SVID_TTL)
+        );
+    }
+    Ok(())
+}
+
+fn issue(dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration) -> Result<()> {
+    check_ttl(ttl)?;
+    let ca = CaDir::new(dir).open()?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let issued = ca.authority.issue_for_key(&key, id, ttl)?;
+    let bundle = ca.dir.read_bundle()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: &str, bytes: &[u8], mode: u32| {
+        let path = out.join(name);
+        fsutil::write_atomic(&path, bytes, mode)
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    write("key.pem", key.serialize_pem().as_bytes(), 0o600)?;
+    write("svid.pem", issued.chain_pem().as_bytes(), 0o644)?;
+    write("bundle.pem", bundle.to_pem().as_bytes(), 0o644)?;
+    tracing::info!(
+        event = "svid.issued",
+        endpoint = "offline",
+        id = %issued.info.id,
+        serial = %issued.info.serial,
+        not_after = %cert::rfc3339(issued.info.not_after),
+        "SVID issued"
+    );
+    println!(
+        "issued {id} (serial {}, not after {}) to {}/{{svid.pem,key.pem,bundle.pem}}",
+        issued.info.serial,
+        cert::rfc3339(issued.info.not_after),
+        out.display()
+    );
+    Ok(())
+}
+
+fn token(dir: &Path, id: &SpiffeId, ttl: Duration, reusable: bool) -> Result<()> {
+    let ca = CaDir::new(dir);
+    let td = ca.trust_domain()?;
+    if !id.is_member_of(&td) {
+        bail!(
+            "{id} is outside this CA's trust domain {td}; use an ID of the form spiffe://{td}/ns/<namespace>/sa/<account>"
+        );
+    }
+    let (token, _) = ca.token_key()?.mint(id, ttl, reusable);
+    println!("{token}");
+    Ok(())
+}
+
+fn serve(dir: &Path, listen: SocketAddr, svid_ttl: Duration, sans: Vec<String>) -> Result<()> {
+    check_ttl(svid_ttl)?;
+    let ca = CaDir::new(dir).open()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let server = CaServer::bind(
+            ca,
+            listen,
+            ServeOptions {
+                svid_ttl,
+                serving_hosts: sans,
+            },
+        )
+        .await?;
+        println!("meshgate CA listening on https://{}", server.local_addr());
+        server.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn inspect(path: &Path, bundle: Option<&Path>) -> Result<()> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let chain = cert::certs_from_pem(&pem).with_context(|| path.display().to_string())?;
+    let info = cert::cert_info(&chain[0])
+        .with_context(|| format!("{}: leaf certificate", path.display()))?;
+    println!("spiffe id:  {}", info.id);
+    println!("serial:     {}", info.serial);
+    println!("not before: {}", cert::rfc3339(info.not_before));
+    println!("not after:  {}", cert::rfc3339(info.not_after));
+    println!("ca:         {}", info.is_ca);
+    let sibling = path.with_file_name("bundle.pem");
+    let bundle_path = bundle
+        .map(Path::to_path_buf)
+        .or_else(|| sibling.exists().then_some(sibling));
+    match bundle_path {
+        None => println!("chain:      not checked (pass --bundle ROOTS.pem)"),
+        Some(b) => {
+            let roots = std::fs::read(&b).with_context(|| format!("reading {}", b.display()))?;
+            let bundle = TrustBundle::from_pem(&roots).with_context(|| b.display().to_string())?;
+            match bundle.verify_client(&chain[0], &chain[1..], UnixTime::now()) {
+                Ok(_) => println!("chain:      valid (verified against {})", b.display()),
+                Err(e) => {
+                    println!("chain:      INVALID against {}: {e}", b.display());
+                    bail!("certificate chain does not verify: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
