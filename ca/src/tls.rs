@@ -120,7 +120,9 @@ pub enum ChainError {
     NotValidYet,
     #[error("certificate was not issued by a CA in this trust bundle (foreign or unknown CA)")]
     UnknownIssuer,
-    #[error("certificate signature does not verify against the trust bundle")]
+    #[error(
+        "certificate signature does not verify against the trust bundle (issued by a foreign CA, or tampered with)"
+    )]
     BadSignature,
     #[error("certificate is not allowed for this use (missing EKU or CA used as leaf)")]
     WrongUsage,

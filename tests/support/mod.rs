@@ -1,0 +1,331 @@
+//! Test harness: starts real meshgate parts on ephemeral loopback ports so each test reads like a
+//! scenario. Everything is real: certificates from a real CA directory, TLS over real sockets.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use meshgate_ca::authority::ca_server_id;
+use meshgate_ca::service::{CaServer, ServeOptions};
+use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
+use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The `meshgate` binary built for this test run.
+pub fn meshgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+}
+
+/// Runs a command and returns its output, panicking if it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command off the async runtime (the CA under test shares the runtime).
+pub async fn run_async(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .unwrap()
+}
+
+/// Text of stdout + stderr.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Fails the test loudly if an external tool the test needs is missing (CI installs them).
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "this test needs `{name}` on PATH (CI installs it via .ci/run: apt-get install {name})"
+    );
+}
+
+pub fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+/// A CA directory and, optionally, its HTTPS service running in this process.
+pub struct TestCa {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub td: TrustDomain,
+    pub svid_ttl: Duration,
+    addr: Option<SocketAddr>,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl TestCa {
+    /// A fresh CA directory for `mesh.local` (not serving).
+    pub fn init() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let td = TrustDomain::new("mesh.local").unwrap();
+        CaDir::new(&dir).init(&td, false).unwrap();
+        Self {
+            tmp,
+            dir,
+            td,
+            svid_ttl: Duration::from_secs(3600),
+            addr: None,
+            running: None,
+        }
+    }
+
+    /// A fresh CA serving on an ephemeral loopback port.
+    pub async fn start(svid_ttl: Duration) -> Self {
+        let mut ca = Self::init();
+        ca.svid_ttl = svid_ttl;
+        ca.serve().await;
+        ca
+    }
+
+    /// (Re)starts the service, on the same port as before if it ran already.
+    pub async fn serve(&mut self) {
+        let listen = self.addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        let loaded = CaDir::new(&self.dir).open().unwrap();
+        let server = CaServer::bind(
+            loaded,
+            listen,
+            ServeOptions {
+                svid_ttl: self.svid_ttl,
+                serving_hosts: vec![],
+            },
+        )
+        .await
+        .unwrap();
+        self.addr = Some(server.local_addr());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        self.running = Some((tx, task));
+    }
+
+    /// Stops the service (the port is free again afterwards).
+    pub async fn stop(&mut self) {
+        if let Some((tx, task)) = self.running.take() {
+            let _ = tx.send(());
+            task.await.unwrap();
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("CA is not serving")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr())
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn bundle_pem(&self) -> Vec<u8> {
+        std::fs::read(self.path("bundle.pem")).unwrap()
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_pem(&self.bundle_pem()).unwrap()
+    }
+
+    /// Mints a join token with the CA's own code (as `meshgate ca token` does).
+    pub fn token(&self, id: &SpiffeId, ttl: Duration, reusable: bool) -> String {
+        CaDir::new(&self.dir)
+            .token_key()
+            .unwrap()
+            .mint(id, ttl, reusable)
+            .0
+    }
+
+    /// Signs a leaf with this CA's intermediate and arbitrary validity (e.g. already expired),
+    /// the way only someone holding the CA key could.
+    pub fn sign_leaf(
+        &self,
+        id: &SpiffeId,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Svid {
+        let int_pem = std::fs::read_to_string(self.path("intermediate.pem")).unwrap();
+        let int_key =
+            KeyPair::from_pem(&std::fs::read_to_string(self.path("intermediate.key")).unwrap())
+                .unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&int_pem, int_key).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(id.as_str().to_string().try_into().unwrap())];
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = not_before;
+        p.not_after = not_after;
+        let leaf = p.signed_by(&key, &issuer).unwrap();
+        let int_der = meshgate_ca::cert::certs_from_pem(int_pem.as_bytes())
+            .unwrap()
+            .remove(0);
+        Svid {
+            chain: vec![leaf.der().clone(), int_der],
+            key,
+        }
+    }
+
+    /// Obtains a valid SVID through the API with a fresh token.
+    pub async fn bootstrap(&self, id: &SpiffeId) -> Svid {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = csr_pem(&key, &[id.as_str()]);
+        let token = self.token(id, Duration::from_secs(60), false);
+        let resp = self
+            .call("POST", "/v1/svid", Some(&token), csr.into_bytes(), None)
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let json = resp.json();
+        Svid {
+            chain: meshgate_ca::cert::certs_from_pem(json["svid_pem"].as_str().unwrap().as_bytes())
+                .unwrap(),
+            key,
+        }
+    }
+
+    /// One HTTPS call to the running CA, verifying it as a workload would (by SPIFFE ID).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+        client: Option<&Svid>,
+    ) -> ApiResponse {
+        let bundle = Arc::new(ArcSwap::from_pointee(self.bundle()));
+        let resolver = client.map(|svid| {
+            let r = Arc::new(CertResolver::default());
+            r.publish(
+                svid.chain.clone(),
+                PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
+            )
+            .unwrap();
+            r
+        });
+        let config = tls::mesh_client_config(
+            bundle,
+            ExpectedServer::Exact(ca_server_id(&self.td)),
+            resolver,
+            &[b"http/1.1"],
+        );
+        let tcp = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "ca");
+        if let Some(t) = bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        ApiResponse {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        if let Some((tx, _)) = self.running.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A certificate chain and its key.
+pub struct Svid {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: KeyPair,
+}
+
+/// Status and body of an API call.
+#[derive(Debug)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts a refusal with this status and error code, and a message mentioning `words`.
+    pub fn assert_refused(&self, status: u16, code: &str, words: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let json = self.json();
+        assert_eq!(json["error"], code, "{}", self.body);
+        let message = json["message"].as_str().unwrap();
+        assert!(
+            message.contains(words),
+            "message {message:?} should mention {words:?}"
+        );
+    }
+}
+
+/// A CSR for `key` asking for the given URI SANs.
+pub fn csr_pem(key: &KeyPair, uris: &[&str]) -> String {
+    csr_with(key, uris, |_| {})
+}
+
+/// A CSR with extra requests set by `tweak` (CA:TRUE, DNS SANs, …).
+pub fn csr_with(
+    key: &KeyPair,
+    uris: &[&str],
+    tweak: impl FnOnce(&mut CertificateParams),
+) -> String {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
+        .collect();
+    tweak(&mut p);
+    p.serialize_request(key).unwrap().pem().unwrap()
+}
+
+/// Writes PEM certs to a file.
+pub fn write_chain(path: &Path, chain: &[CertificateDer<'_>]) {
+    std::fs::write(path, meshgate_ca::cert::certs_to_pem(chain)).unwrap();
+}
