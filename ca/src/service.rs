@@ -54,6 +54,8 @@ struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The SPIFFE ID the request was about, when known (for the refusal log line).
+    id: Option<SpiffeId>,
 }
 
 impl ApiError {
@@ -62,6 +64,7 @@ impl ApiError {
             status,
             code,
             message: message.to_string(),
+            id: None,
         }
     }
 }
@@ -381,6 +384,7 @@ impl CaState {
                     peer.addr = %peer,
                     status = e.status.as_u16(),
                     code = e.code,
+                    id = e.id.as_ref().map(|id| id.as_str()),
                     reason = %e.message,
                     "request refused"
                 );
@@ -405,7 +409,15 @@ impl CaState {
     /// `POST /v1/svid`: join token + CSR → SVID.
     async fn bootstrap(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let token = bearer_token(&req)?;
-        let claims = self.tokens.verify(&token, token::now_unix())?;
+        let claims = self.tokens.verify(&token, token::now_unix()).map_err(|e| {
+            let id = match &e {
+                TokenError::Expired { id, .. } | TokenError::AlreadyUsed { id } => Some(id.clone()),
+                _ => None,
+            };
+            let mut api = ApiError::from(e);
+            api.id = id;
+            api
+        })?;
         let csr = read_csr(req).await?;
         let issued = self
             .authority
@@ -438,7 +450,11 @@ impl CaState {
             .bundle
             .get()
             .verify_client(leaf, intermediates, UnixTime::now())
-            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "client_cert_invalid", e))?;
+            .map_err(|e| {
+                let mut api = ApiError::new(StatusCode::UNAUTHORIZED, "client_cert_invalid", e);
+                api.id = cert::spiffe_id_from_der(leaf).ok();
+                api
+            })?;
         if !caller.id.is_member_of(self.authority.trust_domain()) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -486,6 +502,7 @@ fn with_id(mut e: ApiError, id: &SpiffeId) -> ApiError {
     if !e.message.contains(id.as_str()) {
         e.message = format!("{} (id {id})", e.message);
     }
+    e.id = Some(id.clone());
     e
 }
 

@@ -1,0 +1,30 @@
+//! README's "run it" command, end to end, as a newcomer runs it.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+#[test]
+fn ca_quickstart_script_issues_a_verifiable_svid() {
+    require_tool("openssl");
+    require_tool("curl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ca-quickstart.sh");
+    let out = run(Command::new("bash")
+        .arg(script)
+        .env("MESHGATE_BIN", env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_CA_PORT", port.to_string()));
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("chain:      valid"), "{shown}");
+    assert!(shown.contains("svid.pem: OK"), "{shown}");
+    assert!(shown.contains("\"error\":\"token_used\""), "{shown}");
+    assert!(shown.contains("event=\"svid.issued\""), "{shown}");
+    assert!(shown.contains("event=\"svid.refused\""), "{shown}");
+}
