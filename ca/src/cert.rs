@@ -139,3 +139,58 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn self_signed(sans: Vec<SanType>) -> Vec<u8> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.to_string().try_into().unwrap())
+    }
+
+    #[test]
+    fn peer_id_needs_exactly_one_valid_uri_san() {
+        let web = "spiffe://mesh.local/ns/shop/sa/web";
+        let one = self_signed(vec![uri(web), SanType::DnsName("web".try_into().unwrap())]);
+        assert_eq!(spiffe_id_from_der(&one).unwrap().as_str(), web);
+
+        let none = self_signed(vec![SanType::DnsName("web".try_into().unwrap())]);
+        assert!(matches!(
+            spiffe_id_from_der(&none),
+            Err(CertError::NoUriSan)
+        ));
+        let no_san_at_all = self_signed(vec![]);
+        assert!(matches!(
+            spiffe_id_from_der(&no_san_at_all),
+            Err(CertError::NoUriSan)
+        ));
+
+        let two = self_signed(vec![uri(web), uri("spiffe://mesh.local/ns/shop/sa/admin")]);
+        assert!(matches!(
+            spiffe_id_from_der(&two),
+            Err(CertError::SeveralUriSans(2))
+        ));
+
+        let bad = self_signed(vec![uri("spiffe://mesh.local/ns/../admin")]);
+        assert!(matches!(spiffe_id_from_der(&bad), Err(CertError::BadId(_))));
+
+        assert!(matches!(
+            spiffe_id_from_der(b"\x30\x03garbage"),
+            Err(CertError::Malformed(_))
+        ));
+        let mut trailing = one.clone();
+        trailing.push(0);
+        assert!(matches!(
+            spiffe_id_from_der(&trailing),
+            Err(CertError::Malformed(_))
+        ));
+    }
+}
