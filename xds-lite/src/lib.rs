@@ -1,5 +1,12 @@
-//! meshgate-xds: the policy and discovery model, its validation, the control-plane server and the
-//! client sidecars use to watch it.
-//!
-//! Not built yet: the sidecar issue brings the policy model and evaluator, the control-plane issue
-//! the server and client. The crate exists now so the workspace has its final shape (DESIGN.md §1).
+//! meshgate-xds: the policy and discovery model (plain serde types), its validation, the compiled
+//! per-workload `PolicySnapshot` that the sidecar consults per request, and request-path
+//! normalization. The control-plane server and client arrive with the control-plane issue.
+
+pub mod authz;
+pub mod load;
+pub mod model;
+pub mod path;
+
+pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
+pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
+pub use path::{NormalizedPath, PathError, normalize_path};
