@@ -1,4 +1,9 @@
-//! meshgate-proxy: the sidecar. Today it holds the workload identity client; the data plane
-//! (inbound mTLS + authorization, outbound mTLS) arrives with the sidecar issue.
+//! meshgate-proxy: the sidecar. Inbound mTLS termination with per-request authorization,
+//! outbound mTLS origination that verifies the server's SPIFFE ID, the workload identity
+//! client, the admin endpoint and metrics.
 
+pub mod http_util;
 pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod tls;

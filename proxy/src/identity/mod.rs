@@ -7,6 +7,7 @@
 //! - the trust bundle is refreshed and swapped live, so a root rotation needs no restart.
 
 pub mod ca_client;
+pub mod static_files;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +106,57 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// An identity for `id` with no certificate yet, trusting `bundle`.
+    fn new(id: SpiffeId, bundle: TrustBundle) -> Self {
+        let (bundle_generation, _) = watch::channel(0);
+        Self {
+            id,
+            resolver: Arc::new(CertResolver::default()),
+            bundle: Arc::new(ArcSwap::from_pointee(bundle)),
+            status: ArcSwapOption::empty(),
+            bundle_generation,
+        }
+    }
+
+    /// Checks a certificate chain (chains to `bundle`, names this identity's ID, matches `key`)
+    /// and only then publishes chain, key and bundle. A chain that fails the check is never
+    /// served: peers would refuse it anyway, and the current one may still be good.
+    fn publish(
+        &self,
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+        bundle: TrustBundle,
+        renewals: u64,
+    ) -> Result<(), IdentityError> {
+        let bad = |e: &dyn std::fmt::Display| IdentityError::BadSvid(e.to_string());
+        let (leaf, intermediates) = chain.split_first().ok_or_else(|| bad(&"empty certificate chain"))?;
+        let info: CertInfo = bundle
+            .verify_client(leaf, intermediates, UnixTime::now())
+            .map_err(|e| bad(&e))?;
+        if info.id != self.id {
+            return Err(bad(&format!("certificate is for {} instead of {}", info.id, self.id)));
+        }
+        self.resolver.publish(chain, key).map_err(|e| bad(&e))?;
+        self.set_bundle(bundle);
+        tracing::info!(
+            event = "identity.svid_installed",
+            id = %info.id,
+            serial = %info.serial,
+            not_after = %cert::rfc3339(info.not_after),
+            renewals,
+            "SVID installed"
+        );
+        self.status.store(Some(Arc::new(IdentityStatus {
+            id: info.id,
+            serial: info.serial,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            renewals,
+            last_error: None,
+        })));
+        Ok(())
+    }
+
     /// The SPIFFE ID this workload holds (or is bootstrapping).
     pub fn id(&self) -> &SpiffeId {
         &self.id
@@ -202,18 +254,11 @@ impl IdentityClient {
         let claims = TokenClaims::peek(&config.token)?;
         let bundle = TrustBundle::from_pem(&config.ca_bundle_pem)
             .map_err(|e| IdentityError::Config(format!("CA bundle: {e}")))?;
-        let bundle: SharedTrustBundle = Arc::new(ArcSwap::from_pointee(bundle));
-        let endpoint = CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), bundle.clone())
+        let identity = Arc::new(Identity::new(claims.id.clone(), bundle));
+        let endpoint = CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), identity.bundle())
             .map_err(IdentityError::Config)?;
-        let (bundle_generation, _) = watch::channel(0);
         Ok(Self {
-            identity: Arc::new(Identity {
-                id: claims.id,
-                resolver: Arc::new(CertResolver::default()),
-                bundle,
-                status: ArcSwapOption::empty(),
-                bundle_generation,
-            }),
+            identity,
             endpoint,
             token: config.token.clone(),
             config,
@@ -243,47 +288,17 @@ impl IdentityClient {
         }
     }
 
-    /// Checks a CA answer and publishes it: right ID, chains to the returned bundle, key matches.
-    fn install(
-        &self,
-        resp: SvidResponse,
-        key: KeyPair,
-        renewals: u64,
-    ) -> Result<(), IdentityError> {
+    /// Publishes a CA answer (checked by [`Identity::publish`]).
+    fn install(&self, resp: SvidResponse, key: KeyPair, renewals: u64) -> Result<(), IdentityError> {
         let bad = |e: &dyn std::fmt::Display| IdentityError::BadSvid(e.to_string());
         let chain = cert::certs_from_pem(resp.svid_pem.as_bytes()).map_err(|e| bad(&e))?;
         let bundle = TrustBundle::from_pem(resp.bundle_pem.as_bytes()).map_err(|e| bad(&e))?;
-        let info: CertInfo = bundle
-            .verify_client(&chain[0], &chain[1..], UnixTime::now())
-            .map_err(|e| bad(&e))?;
-        if info.id != self.identity.id {
-            return Err(bad(&format!(
-                "issued for {} instead of {}",
-                info.id, self.identity.id
-            )));
-        }
-        self.identity
-            .resolver
-            .publish(chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into())
-            .map_err(|e| bad(&e))?;
-        self.identity.set_bundle(bundle);
-        tracing::info!(
-            event = "identity.svid_installed",
-            id = %info.id,
-            serial = %info.serial,
-            not_after = %cert::rfc3339(info.not_after),
+        self.identity.publish(
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            bundle,
             renewals,
-            "SVID installed"
-        );
-        self.identity.status.store(Some(Arc::new(IdentityStatus {
-            id: info.id,
-            serial: info.serial,
-            not_before: info.not_before,
-            not_after: info.not_after,
-            renewals,
-            last_error: None,
-        })));
-        Ok(())
+        )
     }
 
     async fn renew_once(&self) -> Result<(), IdentityError> {

@@ -1,0 +1,105 @@
+//! Small HTTP pieces shared by the inbound and outbound paths.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+/// Body type of every response the sidecar produces: streamed from upstream, or generated here.
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Header carrying the caller's verified SPIFFE ID to the local app (set by the sidecar only;
+/// any copy sent by the caller is removed).
+pub const PEER_ID_HEADER: &str = "x-meshgate-peer";
+/// Envoy's convention for the same fact, for apps that already read it:
+/// `By=<this workload's ID>;URI=<caller's ID>`.
+pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
+/// The policy version that allowed the request, for the app's own logs.
+pub const POLICY_VERSION_HEADER: &str = "x-meshgate-policy-version";
+/// Set by the outbound sidecar when it carries an HTTP/1.1 request over HTTP/2, so that the
+/// inbound sidecar speaks HTTP/1.1 to its app again.
+pub const ORIG_PROTO_HEADER: &str = "x-meshgate-orig-proto";
+
+/// A small generated response (errors and denials); the body is generic on purpose.
+pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed_unsync())
+        .expect("static response is valid")
+}
+
+/// Wraps any hyper body as a [`ProxyBody`].
+pub fn boxed(body: hyper::body::Incoming) -> ProxyBody {
+    body.boxed_unsync()
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
+/// `TE: trailers` survives: gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `host[:port]` → `host` (lowercase), handling `[v6]:port`.
+pub fn host_without_port(authority: &str) -> String {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { authority })
+    };
+    host.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn host_port_split() {
+        for (input, want) in [("orders:8080", "orders"), ("Orders", "orders"), ("[::1]:80", "::1"), ("10.0.0.1", "10.0.0.1")] {
+            assert_eq!(host_without_port(input), want);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics of the sidecar, served as OpenMetrics text on the admin listener.
+//! Names and labels are documented in README ("Metrics").
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` | `outbound`.
+    pub direction: &'static str,
+    /// `allow` | `deny` | `audit` | `dry-run-deny` | `bad-request` | `error`.
+    pub decision: &'static str,
+    /// `namespace/name` of the deciding policy, empty for the mesh default.
+    pub policy: String,
+}
+
+/// Labels of a latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    pub decision: &'static str,
+}
+
+/// Labels of TLS handshake counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: &'static str,
+    /// For failures: `plaintext`, `no_client_cert`, `cert_expired`, `unknown_issuer`,
+    /// `bad_cert`, `foreign_trust_domain`, `wrong_server_id`, `timeout`, `other`.
+    pub reason: &'static str,
+}
+
+/// Labels of the policy version info gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+/// Every metric the sidecar exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<LatencyLabels, Histogram>,
+    pub tls_handshakes: Family<TlsLabels, Counter>,
+    pub tls_handshake_failures: Family<TlsLabels, Counter>,
+    pub policy_swaps: Counter,
+    pub policy_rejected: Counter,
+    pub policy_version: Family<VersionLabels, Gauge>,
+    pub cert_not_after: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("meshgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests by direction, decision and deciding policy", requests.clone());
+        let request_duration = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response headers sent",
+            request_duration.clone(),
+        );
+        let tls_handshakes = Family::<TlsLabels, Counter>::default();
+        registry.register("tls_handshakes", "Completed mTLS handshakes", tls_handshakes.clone());
+        let tls_handshake_failures = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Refused or failed TLS handshakes by reason",
+            tls_handshake_failures.clone(),
+        );
+        let policy_swaps = Counter::default();
+        registry.register("policy_swaps", "Policy snapshots swapped in", policy_swaps.clone());
+        let policy_rejected = Counter::default();
+        registry.register("policy_rejected", "Policy updates refused by validation", policy_rejected.clone());
+        let policy_version = Family::<VersionLabels, Gauge>::default();
+        registry.register("policy_version_info", "The policy version in force (value 1)", policy_version.clone());
+        let cert_not_after = Gauge::default();
+        registry.register(
+            "cert_not_after_timestamp_seconds",
+            "Expiry of the workload's current SVID (Unix seconds)",
+            cert_not_after.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            tls_handshakes,
+            tls_handshake_failures,
+            policy_swaps,
+            policy_rejected,
+            policy_version,
+            cert_not_after,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    /// Records a new policy version in force.
+    pub fn set_policy_version(&self, version: &str) {
+        self.policy_version.clear();
+        self.policy_version
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
+    }
+}
