@@ -3,9 +3,15 @@
 //! normalization. The control-plane server and client arrive with the control-plane issue.
 
 pub mod authz;
+pub mod docsplit;
+pub mod index;
 pub mod load;
+pub mod matcher;
 pub mod model;
 pub mod path;
+pub mod pattern;
+pub mod validate;
+pub mod version;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};

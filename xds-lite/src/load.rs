@@ -1,8 +1,21 @@
-//! Loading and validating policy-as-code directories. (Interface; implementation in progress.)
+//! Loading and validating policy-as-code directories.
+//!
+//! A directory is accepted or refused as a whole: the control plane keeps serving its last good
+//! set when any document is wrong, so a half-applied change can never open or close traffic by
+//! surprise. All errors are collected (not just the first) and reported as `file:line: reason`,
+//! the line being that of the offending field where it can be found, else of the document start.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::model::{AuthorizationPolicy, MeshConfig, NetworkPolicy, Service};
+use serde::de::DeserializeOwned;
+
+use crate::docsplit::{RawDoc, split_documents};
+use crate::model::{
+    API_VERSION, AuthorizationPolicy, MeshConfig, NetworkPolicy, Resource, Service,
+};
+use crate::validate::{self, Problem};
+use crate::version::content_version;
 
 /// Every document of a policy directory, validated, with a content version.
 #[derive(Debug, Clone, Default)]
@@ -15,10 +28,18 @@ pub struct PolicySet {
     pub version: String,
 }
 
+impl PolicySet {
+    /// Recomputes [`PolicySet::version`] from the content (after building a set in code).
+    pub fn update_version(&mut self) {
+        self.version = content_version(self);
+    }
+}
+
 /// One problem found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidationError {
     pub file: PathBuf,
+    /// 1-based; 0 when the problem concerns the whole file (e.g. it cannot be read).
     pub line: usize,
     pub reason: String,
 }
@@ -28,14 +49,282 @@ pub struct ValidationError {
 #[error("{}", .0.iter().map(|e| format!("{}:{}: {}", e.file.display(), e.line, e.reason)).collect::<Vec<_>>().join("\n"))]
 pub struct LoadErrors(pub Vec<ValidationError>);
 
-/// Loads every `*.yaml`/`*.yml` file under `dir` (recursively).
+/// Loads every `*.yaml`/`*.yml` file under `dir` (recursively, in sorted path order).
+///
+/// Entries whose name starts with `.` are skipped (`.git`, editor files, and the `..data`
+/// indirection of Kubernetes ConfigMap mounts, which would otherwise load every file twice), and
+/// symlinked directories are not followed (no loops); symlinked files are read.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadErrors> {
-    let _ = dir;
-    todo!()
+    let mut files = Vec::new();
+    let mut loader = Loader::default();
+    if let Err(e) = collect_yaml_files(dir, &mut files) {
+        loader.error(dir, 0, format!("cannot read policy directory: {e}"));
+        return Err(LoadErrors(loader.errors));
+    }
+    files.sort();
+    for file in &files {
+        loader.parse_file(file);
+    }
+    loader.finish()
 }
 
-/// Parses one file's documents into `set` (used for `--services FILE` too).
+/// Parses one file's documents into `set` (used for `--services FILE` too). On error `set` is
+/// left unchanged.
 pub fn parse_file(path: &Path, set: &mut PolicySet) -> Result<(), LoadErrors> {
-    let _ = (path, set);
-    todo!()
+    let mut loader = Loader::seeded_from(set);
+    loader.parse_file(path);
+    let new = loader.finish()?;
+    if let Some(mc) = new.mesh_config_loaded() {
+        set.mesh_config = mc;
+    }
+    set.policies.extend(new.policies);
+    set.services.extend(new.services);
+    set.network_policies.extend(new.network_policies);
+    set.update_version();
+    Ok(())
+}
+
+fn collect_yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            collect_yaml_files(&path, out)?;
+        } else if (file_type.is_file() || file_type.is_symlink() && path.is_file())
+            && matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            )
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Where a document was read, for "already defined at" messages.
+#[derive(Debug, Clone)]
+struct Origin(Option<(PathBuf, usize)>);
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((file, line)) => write!(f, "{}:{line}", file.display()),
+            None => f.write_str("a previously loaded file"),
+        }
+    }
+}
+
+/// Only `apiVersion` and `kind`, read first to pick the document's type.
+#[derive(serde::Deserialize)]
+struct Header {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// State across the documents of one load: what was read, what was seen, what went wrong.
+#[derive(Default)]
+struct Loader {
+    set: PolicySet,
+    /// (kind, namespace/name) → where it was first defined.
+    seen: HashMap<(&'static str, String), Origin>,
+    mesh_config_at: Option<Origin>,
+    errors: Vec<ValidationError>,
+}
+
+/// How [`Loader`] files a parsed resource into the set.
+trait Collect: Resource + DeserializeOwned {
+    fn check(&self) -> Vec<Problem>;
+    fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>);
+}
+
+impl PolicySet {
+    /// The MeshConfig if one was read (the default otherwise is implicit).
+    fn mesh_config_loaded(&self) -> Option<MeshConfig> {
+        (self.mesh_config != MeshConfig::default()).then(|| self.mesh_config.clone())
+    }
+}
+
+impl Loader {
+    /// A loader that knows what `set` already holds, to refuse duplicates of it.
+    fn seeded_from(set: &PolicySet) -> Self {
+        let mut loader = Self::default();
+        let earlier = || Origin(None);
+        for p in &set.policies {
+            loader.seen.insert((AuthorizationPolicy::KIND, p.metadata.key()), earlier());
+        }
+        for s in &set.services {
+            loader.seen.insert((Service::KIND, s.metadata.key()), earlier());
+        }
+        for n in &set.network_policies {
+            loader.seen.insert((NetworkPolicy::KIND, n.metadata.key()), earlier());
+        }
+        if set.mesh_config_loaded().is_some() {
+            loader.mesh_config_at = Some(earlier());
+        }
+        loader
+    }
+
+    fn error(&mut self, file: &Path, line: usize, reason: String) {
+        self.errors.push(ValidationError {
+            file: file.to_path_buf(),
+            line,
+            reason,
+        });
+    }
+
+    fn finish(mut self) -> Result<PolicySet, LoadErrors> {
+        if !self.errors.is_empty() {
+            return Err(LoadErrors(self.errors));
+        }
+        self.set.update_version();
+        Ok(self.set)
+    }
+
+    fn parse_file(&mut self, file: &Path) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => return self.error(file, 0, format!("cannot read file: {e}")),
+        };
+        for doc in split_documents(&text) {
+            self.parse_doc(file, &doc);
+        }
+    }
+
+    /// A serde-saphyr error, at its own line when it knows it.
+    fn yaml_error(&mut self, file: &Path, doc: &RawDoc<'_>, e: &serde_saphyr::Error) {
+        let line = e
+            .location()
+            .map(|l| usize::try_from(l.line()).unwrap_or(0))
+            .filter(|&l| l > 0)
+            .map_or(doc.start_line, |l| doc.first_line + l - 1);
+        let reason = yaml_reason(e);
+        self.error(file, line, reason);
+    }
+
+    fn parse_doc(&mut self, file: &Path, doc: &RawDoc<'_>) {
+        let header: Header = match serde_saphyr::from_str_with_options(doc.text, yaml_options()) {
+            Ok(h) => h,
+            Err(e) => return self.yaml_error(file, doc, &e),
+        };
+        match header.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => {
+                let line = doc.line_of("apiVersion");
+                let reason = format!("unsupported apiVersion {other:?}: expected {API_VERSION:?}");
+                return self.error(file, line, reason);
+            }
+            None => {
+                let reason = format!("document has no apiVersion (expected {API_VERSION:?})");
+                return self.error(file, doc.start_line, reason);
+            }
+        }
+        match header.kind.as_deref() {
+            Some(AuthorizationPolicy::KIND) => self.typed::<AuthorizationPolicy>(file, doc),
+            Some(Service::KIND) => self.typed::<Service>(file, doc),
+            Some(NetworkPolicy::KIND) => self.typed::<NetworkPolicy>(file, doc),
+            Some(MeshConfig::KIND) => self.typed::<MeshConfig>(file, doc),
+            Some(other) => {
+                let line = doc.line_of("kind");
+                let reason = format!(
+                    "unknown kind {other:?}: expected AuthorizationPolicy, Service, \
+                     NetworkPolicy or MeshConfig"
+                );
+                self.error(file, line, reason);
+            }
+            None => self.error(file, doc.start_line, "document has no kind".to_string()),
+        }
+    }
+
+    fn typed<R: Collect>(&mut self, file: &Path, doc: &RawDoc<'_>) {
+        let resource: R = match serde_saphyr::from_str_with_options(doc.text, yaml_options()) {
+            Ok(r) => r,
+            Err(e) => return self.yaml_error(file, doc, &e),
+        };
+        for problem in resource.check() {
+            let line = problem
+                .near
+                .as_deref()
+                .map_or(doc.start_line, |n| doc.line_of(n));
+            self.error(file, line, problem.reason);
+        }
+        resource.file_into(self, file, doc);
+    }
+
+    /// Records a namespaced resource, refusing a second one with the same `namespace/name`.
+    fn check_unique<R: Resource>(&mut self, r: &R, file: &Path, doc: &RawDoc<'_>) {
+        let key = r.metadata().key();
+        let here = Origin(Some((file.to_path_buf(), doc.start_line)));
+        if let Some(first) = self.seen.get(&(R::KIND, key.clone())) {
+            let reason = format!("duplicate {} {key:?}: already defined at {first}", R::KIND);
+            let line = doc.line_of("name");
+            self.error(file, line, reason);
+        } else {
+            self.seen.insert((R::KIND, key), here);
+        }
+    }
+}
+
+impl Collect for AuthorizationPolicy {
+    fn check(&self) -> Vec<Problem> {
+        validate::authorization_policy(self)
+    }
+    fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>) {
+        loader.check_unique(&self, file, doc);
+        loader.set.policies.push(self);
+    }
+}
+
+impl Collect for Service {
+    fn check(&self) -> Vec<Problem> {
+        validate::service(self)
+    }
+    fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>) {
+        loader.check_unique(&self, file, doc);
+        loader.set.services.push(self);
+    }
+}
+
+impl Collect for NetworkPolicy {
+    fn check(&self) -> Vec<Problem> {
+        validate::network_policy(self)
+    }
+    fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>) {
+        loader.check_unique(&self, file, doc);
+        loader.set.network_policies.push(self);
+    }
+}
+
+impl Collect for MeshConfig {
+    fn check(&self) -> Vec<Problem> {
+        validate::mesh_config(self)
+    }
+    fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>) {
+        if let Some(first) = &loader.mesh_config_at {
+            let reason = format!("more than one MeshConfig: the first is at {first}");
+            loader.error(file, doc.start_line, reason);
+            return;
+        }
+        loader.mesh_config_at = Some(Origin(Some((file.to_path_buf(), doc.start_line))));
+        loader.set.mesh_config = self;
+    }
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { with_snippet: false }
+}
+
+/// serde-saphyr's message without its own (document-relative) position, which would contradict
+/// the file line we report.
+fn yaml_reason(e: &serde_saphyr::Error) -> String {
+    let msg = e.without_snippet().to_string();
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
 }
