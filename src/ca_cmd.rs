@@ -5,15 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+use crate::parse_duration;
 use clap::Subcommand;
 use meshgate_ca::authority::MIN_SVID_TTL;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain, cert, fsutil};
 use rustls_pki_types::UnixTime;
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))
-}
 
 fn parse_id(s: &str) -> Result<SpiffeId, String> {
     SpiffeId::parse(s).map_err(|e| e.to_string())
@@ -196,7 +194,7 @@ fn serve(dir: &Path, listen: SocketAddr, svid_ttl: Duration, sans: Vec<String>) 
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
     tokio::select! {

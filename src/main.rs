@@ -2,6 +2,7 @@
 //! done by the library crates.
 
 mod ca_cmd;
+mod proxy_cmd;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,13 @@ enum Command {
         #[command(subcommand)]
         command: ca_cmd::CaCommand,
     },
+    /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
+    Proxy(proxy_cmd::ProxyArgs),
+}
+
+/// Parses `30s`, `10m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -51,6 +59,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command),
+        Command::Proxy(args) => proxy_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

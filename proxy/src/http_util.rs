@@ -25,7 +25,11 @@ pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyB
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed_unsync())
+        .body(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
         .expect("static response is valid")
 }
 
@@ -57,10 +61,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -72,7 +78,13 @@ pub fn host_without_port(authority: &str) -> String {
     let host = if let Some(rest) = authority.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
     } else {
-        authority.rsplit_once(':').map_or(authority, |(h, p)| if p.chars().all(|c| c.is_ascii_digit()) { h } else { authority })
+        authority.rsplit_once(':').map_or(authority, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
     };
     host.to_ascii_lowercase()
 }
@@ -84,11 +96,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
@@ -98,7 +116,12 @@ mod tests {
 
     #[test]
     fn host_port_split() {
-        for (input, want) in [("orders:8080", "orders"), ("Orders", "orders"), ("[::1]:80", "::1"), ("10.0.0.1", "10.0.0.1")] {
+        for (input, want) in [
+            ("orders:8080", "orders"),
+            ("Orders", "orders"),
+            ("[::1]:80", "::1"),
+            ("10.0.0.1", "10.0.0.1"),
+        ] {
             assert_eq!(host_without_port(input), want);
         }
     }

@@ -2,8 +2,12 @@
 //! outbound mTLS origination that verifies the server's SPIFFE ID, the workload identity
 //! client, the admin endpoint and metrics.
 
+pub mod admin;
 pub mod http_util;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod sidecar;
 pub mod tls;

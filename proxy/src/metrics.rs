@@ -64,7 +64,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("meshgate");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests by direction, decision and deciding policy", requests.clone());
+        registry.register(
+            "requests",
+            "Requests by direction, decision and deciding policy",
+            requests.clone(),
+        );
         let request_duration = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         });
@@ -74,7 +78,11 @@ impl Default for Metrics {
             request_duration.clone(),
         );
         let tls_handshakes = Family::<TlsLabels, Counter>::default();
-        registry.register("tls_handshakes", "Completed mTLS handshakes", tls_handshakes.clone());
+        registry.register(
+            "tls_handshakes",
+            "Completed mTLS handshakes",
+            tls_handshakes.clone(),
+        );
         let tls_handshake_failures = Family::<TlsLabels, Counter>::default();
         registry.register(
             "tls_handshake_failures",
@@ -82,11 +90,23 @@ impl Default for Metrics {
             tls_handshake_failures.clone(),
         );
         let policy_swaps = Counter::default();
-        registry.register("policy_swaps", "Policy snapshots swapped in", policy_swaps.clone());
+        registry.register(
+            "policy_swaps",
+            "Policy snapshots swapped in",
+            policy_swaps.clone(),
+        );
         let policy_rejected = Counter::default();
-        registry.register("policy_rejected", "Policy updates refused by validation", policy_rejected.clone());
+        registry.register(
+            "policy_rejected",
+            "Policy updates refused by validation",
+            policy_rejected.clone(),
+        );
         let policy_version = Family::<VersionLabels, Gauge>::default();
-        registry.register("policy_version_info", "The policy version in force (value 1)", policy_version.clone());
+        registry.register(
+            "policy_version_info",
+            "The policy version in force (value 1)",
+            policy_version.clone(),
+        );
         let cert_not_after = Gauge::default();
         registry.register(
             "cert_not_after_timestamp_seconds",
@@ -111,7 +131,8 @@ impl Metrics {
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 

@@ -21,11 +21,13 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};
     match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
         Some(Error::NoCertificatesPresented) => "no_client_cert",
-        Some(Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. })) => {
-            "cert_expired"
-        }
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => "cert_expired",
         Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => "unknown_issuer",
-        Some(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)) => "wrong_server_id",
+        Some(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)) => {
+            "wrong_server_id"
+        }
         Some(Error::InvalidCertificate(_)) => "bad_cert",
         Some(Error::InvalidMessage(_)) => "not_tls",
         Some(Error::AlertReceived(_)) => "peer_alert",
@@ -36,10 +38,14 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
 
 /// Builds the inbound config: client certificate required and chained to the current bundle,
 /// TLS 1.3 only unless `allow_tls12`, ALPN h2 + http/1.1, no resumption.
-pub fn inbound_config(identity: &Identity, allow_tls12: bool) -> Result<ServerConfig, rustls::Error> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(identity.bundle().load().roots(), provider())
-        .build()
-        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+pub fn inbound_config(
+    identity: &Identity,
+    allow_tls12: bool,
+) -> Result<ServerConfig, rustls::Error> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(identity.bundle().load().roots(), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
@@ -56,8 +62,14 @@ pub fn inbound_config(identity: &Identity, allow_tls12: bool) -> Result<ServerCo
 }
 
 /// The inbound config, kept current with the trust bundle.
-pub fn live_inbound_config(identity: Arc<Identity>, allow_tls12: bool) -> Result<Arc<ArcSwap<ServerConfig>>, rustls::Error> {
-    let live = Arc::new(ArcSwap::from_pointee(inbound_config(&identity, allow_tls12)?));
+pub fn live_inbound_config(
+    identity: Arc<Identity>,
+    allow_tls12: bool,
+) -> Result<Arc<ArcSwap<ServerConfig>>, rustls::Error> {
+    let live = Arc::new(ArcSwap::from_pointee(inbound_config(
+        &identity,
+        allow_tls12,
+    )?));
     let target = live.clone();
     let mut changes = identity.bundle_changes();
     tokio::spawn(async move {
@@ -65,9 +77,14 @@ pub fn live_inbound_config(identity: Arc<Identity>, allow_tls12: bool) -> Result
             match inbound_config(&identity, allow_tls12) {
                 Ok(config) => {
                     target.store(Arc::new(config));
-                    tracing::info!(event = "tls.inbound_config_rebuilt", "trust bundle changed; new handshakes use it");
+                    tracing::info!(
+                        event = "tls.inbound_config_rebuilt",
+                        "trust bundle changed; new handshakes use it"
+                    );
                 }
-                Err(e) => tracing::error!(event = "tls.inbound_config_failed", error = %e, "keeping the previous TLS config"),
+                Err(e) => {
+                    tracing::error!(event = "tls.inbound_config_failed", error = %e, "keeping the previous TLS config")
+                }
             }
         }
     });

@@ -2,6 +2,8 @@
 //! scenario. Everything is real: certificates from a real CA directory, TLS over real sockets.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -129,12 +129,17 @@ impl Identity {
         renewals: u64,
     ) -> Result<(), IdentityError> {
         let bad = |e: &dyn std::fmt::Display| IdentityError::BadSvid(e.to_string());
-        let (leaf, intermediates) = chain.split_first().ok_or_else(|| bad(&"empty certificate chain"))?;
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| bad(&"empty certificate chain"))?;
         let info: CertInfo = bundle
             .verify_client(leaf, intermediates, UnixTime::now())
             .map_err(|e| bad(&e))?;
         if info.id != self.id {
-            return Err(bad(&format!("certificate is for {} instead of {}", info.id, self.id)));
+            return Err(bad(&format!(
+                "certificate is for {} instead of {}",
+                info.id, self.id
+            )));
         }
         self.resolver.publish(chain, key).map_err(|e| bad(&e))?;
         self.set_bundle(bundle);
@@ -255,8 +260,9 @@ impl IdentityClient {
         let bundle = TrustBundle::from_pem(&config.ca_bundle_pem)
             .map_err(|e| IdentityError::Config(format!("CA bundle: {e}")))?;
         let identity = Arc::new(Identity::new(claims.id.clone(), bundle));
-        let endpoint = CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), identity.bundle())
-            .map_err(IdentityError::Config)?;
+        let endpoint =
+            CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), identity.bundle())
+                .map_err(IdentityError::Config)?;
         Ok(Self {
             identity,
             endpoint,
@@ -289,7 +295,12 @@ impl IdentityClient {
     }
 
     /// Publishes a CA answer (checked by [`Identity::publish`]).
-    fn install(&self, resp: SvidResponse, key: KeyPair, renewals: u64) -> Result<(), IdentityError> {
+    fn install(
+        &self,
+        resp: SvidResponse,
+        key: KeyPair,
+        renewals: u64,
+    ) -> Result<(), IdentityError> {
         let bad = |e: &dyn std::fmt::Display| IdentityError::BadSvid(e.to_string());
         let chain = cert::certs_from_pem(resp.svid_pem.as_bytes()).map_err(|e| bad(&e))?;
         let bundle = TrustBundle::from_pem(resp.bundle_pem.as_bytes()).map_err(|e| bad(&e))?;

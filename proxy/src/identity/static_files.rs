@@ -31,25 +31,32 @@ struct Loaded {
 impl IdentityFiles {
     fn read(&self) -> Result<Loaded, IdentityError> {
         let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| IdentityError::Config(format!("cannot read {}: {e}", p.display())))
+            std::fs::read(p)
+                .map_err(|e| IdentityError::Config(format!("cannot read {}: {e}", p.display())))
         };
-        let config = |p: &PathBuf, e: &dyn std::fmt::Display| IdentityError::Config(format!("{}: {e}", p.display()));
+        let config = |p: &PathBuf, e: &dyn std::fmt::Display| {
+            IdentityError::Config(format!("{}: {e}", p.display()))
+        };
         let chain = cert::certs_from_pem(&read(&self.cert)?).map_err(|e| config(&self.cert, &e))?;
         let key = cert::key_from_pem(&read(&self.key)?).map_err(|e| config(&self.key, &e))?;
-        let bundle = TrustBundle::from_pem(&read(&self.bundle)?).map_err(|e| config(&self.bundle, &e))?;
+        let bundle =
+            TrustBundle::from_pem(&read(&self.bundle)?).map_err(|e| config(&self.bundle, &e))?;
         Ok(Loaded { chain, key, bundle })
     }
 
-    fn stamp(&self) -> Vec<Option<SystemTime>> {
+    fn stamp(&self) -> Vec<(Option<SystemTime>, u64)> {
+        use std::os::unix::fs::MetadataExt;
         [&self.cert, &self.key, &self.bundle]
             .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| std::fs::metadata(p).map_or((None, 0), |m| (m.modified().ok(), m.ino())))
             .collect()
     }
 
     /// Loads the files once (failing if they are unusable) and keeps polling them every
     /// `interval`, publishing each new valid set.
     pub fn start(self, interval: Duration) -> Result<Arc<Identity>, IdentityError> {
+        // Stamp before reading: a change landing between the two is then seen by the first poll.
+        let mut seen = self.stamp();
         let loaded = self.read()?;
         let id = cert::spiffe_id_from_der(&loaded.chain[0])
             .map_err(|e| IdentityError::Config(format!("{}: {e}", self.cert.display())))?;
@@ -57,7 +64,6 @@ impl IdentityFiles {
         identity.publish(loaded.chain, loaded.key, loaded.bundle, 0)?;
         let handle = identity.clone();
         tokio::spawn(async move {
-            let mut seen = self.stamp();
             let mut reloads = 0;
             loop {
                 tokio::time::sleep(interval).await;

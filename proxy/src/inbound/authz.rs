@@ -19,7 +19,9 @@ use meshgate_ca::SpiffeId;
 use meshgate_xds::{AuthzRequest, PolicySnapshot, normalize_path};
 use tower::{Layer, Service};
 
-use crate::http_util::{POLICY_VERSION_HEADER, PEER_ID_HEADER, ProxyBody, XFCC_HEADER, local_response};
+use crate::http_util::{
+    PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER, local_response,
+};
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 
 /// The verified identity of the peer on one connection.
@@ -93,7 +95,11 @@ where
         let started = Instant::now();
         let ctx = self.ctx.clone();
         let peer = self.peer.clone();
-        let original = req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+        let original = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
         let method = req.method().as_str().to_string();
 
         let normalized = match normalize_path(&original) {
@@ -108,7 +114,12 @@ where
                     "request path cannot be normalized safely"
                 );
                 record(&ctx.metrics, "bad-request", "", started);
-                return Box::pin(async { Ok(local_response(StatusCode::BAD_REQUEST, "bad request path\n")) });
+                return Box::pin(async {
+                    Ok(local_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad request path\n",
+                    ))
+                });
             }
         };
         if normalized.changed {

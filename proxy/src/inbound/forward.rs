@@ -39,7 +39,9 @@ impl AppForwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+        let h2c = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
         Self {
             app: app.to_string(),
             protocol,
@@ -73,9 +75,19 @@ impl Service<Request<Incoming>> for AppForwarder {
         }
         strip_hop_by_hop(req.headers_mut());
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        *req.uri_mut() = format!("http://{}{pq}", self.app).parse::<Uri>().expect("app address and path form a URI");
-        *req.version_mut() = if use_h2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        let client = if use_h2 { self.h2c.clone() } else { self.http1.clone() };
+        *req.uri_mut() = format!("http://{}{pq}", self.app)
+            .parse::<Uri>()
+            .expect("app address and path form a URI");
+        *req.version_mut() = if use_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let client = if use_h2 {
+            self.h2c.clone()
+        } else {
+            self.http1.clone()
+        };
         Box::pin(async move {
             match client.request(req).await {
                 Ok(resp) => {
@@ -85,7 +97,10 @@ impl Service<Request<Incoming>> for AppForwarder {
                 }
                 Err(e) => {
                     tracing::warn!(event = "inbound.app_unavailable", error = %e, "local app did not answer");
-                    Ok(local_response(StatusCode::BAD_GATEWAY, "upstream unavailable\n"))
+                    Ok(local_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream unavailable\n",
+                    ))
                 }
             }
         })

@@ -35,7 +35,12 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
 }
 
-fn handshake_failed(metrics: &Metrics, peer: std::net::SocketAddr, reason: &'static str, detail: &str) {
+fn handshake_failed(
+    metrics: &Metrics,
+    peer: std::net::SocketAddr,
+    reason: &'static str,
+    detail: &str,
+) {
     metrics
         .tls_handshake_failures
         .get_or_create(&TlsLabels {
@@ -48,11 +53,16 @@ fn handshake_failed(metrics: &Metrics, peer: std::net::SocketAddr, reason: &'sta
 
 impl Inbound {
     /// Accepts connections until `shutdown` turns true, then drains open ones (up to `drain`).
-    pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
         let graceful = GracefulShutdown::new();
         loop {
             tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let this = self.clone();
@@ -67,30 +77,67 @@ impl Inbound {
             }
         }
         drop(listener);
-        if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-            tracing::warn!(event = "inbound.drain_timeout", "connections still open after the drain period; closing them");
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                event = "inbound.drain_timeout",
+                "connections still open after the drain period; closing them"
+            );
         }
     }
 
-    async fn connection(self, tcp: TcpStream, peer: std::net::SocketAddr, watcher: hyper_util::server::graceful::Watcher) {
+    async fn connection(
+        self,
+        tcp: TcpStream,
+        peer: std::net::SocketAddr,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
         let _ = tcp.set_nodelay(true);
         // Plaintext on the mTLS port is refused before any TLS state is created, and counted.
         let mut first = [0u8; 1];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
             Ok(Ok(0)) => return,
-            Ok(Ok(_)) => return handshake_failed(&self.metrics, peer, "plaintext", "first byte is not a TLS handshake record"),
+            Ok(Ok(_)) => {
+                return handshake_failed(
+                    &self.metrics,
+                    peer,
+                    "plaintext",
+                    "first byte is not a TLS handshake record",
+                );
+            }
             Ok(Err(_)) => return,
             Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "no data"),
         }
         let acceptor = TlsAcceptor::from(self.tls.load_full());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return handshake_failed(&self.metrics, peer, crate::tls::failure_reason(&e), &e.to_string()),
-            Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "handshake did not complete"),
+            Ok(Err(e)) => {
+                return handshake_failed(
+                    &self.metrics,
+                    peer,
+                    crate::tls::failure_reason(&e),
+                    &e.to_string(),
+                );
+            }
+            Err(_) => {
+                return handshake_failed(
+                    &self.metrics,
+                    peer,
+                    "timeout",
+                    "handshake did not complete",
+                );
+            }
         };
         let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
-            return handshake_failed(&self.metrics, peer, "no_client_cert", "no client certificate");
+            return handshake_failed(
+                &self.metrics,
+                peer,
+                "no_client_cert",
+                "no client certificate",
+            );
         };
         let id = match cert::spiffe_id_from_der(leaf) {
             Ok(id) => id,
@@ -109,10 +156,14 @@ impl Inbound {
         tracing::debug!(event = "inbound.connection", peer.id = %id, peer.addr = %peer);
         let peer_identity = Arc::new(PeerIdentity { id, addr: peer });
         let service = ServiceBuilder::new()
-            .layer(authz::AuthorizeLayer::new(self.authz.clone(), peer_identity))
+            .layer(authz::AuthorizeLayer::new(
+                self.authz.clone(),
+                peer_identity,
+            ))
             .service(self.forwarder.clone());
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
         if let Err(e) = watcher.watch(conn.into_owned()).await {
             tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
         }

@@ -1,0 +1,172 @@
+//! The connector behind the outbound client: TCP to one of a `Service`'s endpoints, then mTLS
+//! with the workload's SVID, accepting only a server that presents the Service's SPIFFE ID.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use meshgate_ca::SpiffeId;
+use meshgate_ca::tls::{self, ExpectedServer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::identity::Identity;
+use crate::metrics::{Metrics, TlsLabels};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An mTLS connection to a peer sidecar, negotiated to HTTP/2.
+pub struct MeshStream(TokioIo<TlsStream<TcpStream>>);
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        let h2 = self.0.inner().get_ref().1.alpn_protocol() == Some(b"h2");
+        let connected = Connected::new();
+        if h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Connects to the endpoints of one Service (round robin, skipping ones that refuse).
+#[derive(Clone)]
+pub struct MeshConnector {
+    endpoints: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
+    tls: TlsConnector,
+    expected: SpiffeId,
+    metrics: Arc<Metrics>,
+}
+
+impl MeshConnector {
+    pub fn new(
+        identity: &Identity,
+        expected: SpiffeId,
+        endpoints: Vec<String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let config = tls::mesh_client_config(
+            identity.bundle(),
+            ExpectedServer::Exact(expected.clone()),
+            Some(identity.resolver()),
+            &[b"h2"],
+        );
+        Self {
+            endpoints: Arc::new(endpoints),
+            next: Arc::new(AtomicUsize::new(0)),
+            tls: TlsConnector::from(Arc::new(config)),
+            expected,
+            metrics,
+        }
+    }
+
+    async fn connect(self) -> io::Result<MeshStream> {
+        let mut last_error =
+            io::Error::new(io::ErrorKind::NotFound, "the Service has no endpoints");
+        for _ in 0..self.endpoints.len() {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+            let endpoint = &self.endpoints[i];
+            let tcp =
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint.as_str()))
+                    .await
+                {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(e)) => {
+                        last_error = io::Error::new(e.kind(), format!("{endpoint}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        last_error = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{endpoint}: connect timed out"),
+                        );
+                        continue;
+                    }
+                };
+            let _ = tcp.set_nodelay(true);
+            match self.tls.connect(tls::mesh_server_name(), tcp).await {
+                Ok(stream) => {
+                    self.metrics
+                        .tls_handshakes
+                        .get_or_create(&TlsLabels {
+                            direction: "outbound",
+                            reason: "ok",
+                        })
+                        .inc();
+                    return Ok(MeshStream(TokioIo::new(stream)));
+                }
+                Err(e) => {
+                    let reason = crate::tls::failure_reason(&e);
+                    self.metrics
+                        .tls_handshake_failures
+                        .get_or_create(&TlsLabels {
+                            direction: "outbound",
+                            reason,
+                        })
+                        .inc();
+                    tracing::warn!(
+                        event = "tls.handshake_refused",
+                        direction = "outbound",
+                        endpoint = %endpoint,
+                        expected.id = %self.expected,
+                        reason,
+                        error = %e,
+                        "upstream sidecar refused or failed verification"
+                    );
+                    last_error = io::Error::new(e.kind(), format!("{endpoint}: {e}"));
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+impl tower::Service<Uri> for MeshConnector {
+    type Response = MeshStream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<MeshStream>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        Box::pin(self.clone().connect())
+    }
+}

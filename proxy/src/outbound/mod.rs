@@ -1,0 +1,217 @@
+//! The outbound listener: plaintext HTTP from the local app, routed by `Host` to a `Service`,
+//! carried over mTLS (HTTP/2, pooled) to one of its sidecars, whose SPIFFE ID must be the one
+//! the Service names. A server with a valid certificate but another identity is refused.
+
+pub mod connector;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use meshgate_ca::SpiffeId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::http_util::{
+    ORIG_PROTO_HEADER, ProxyBody, boxed, host_without_port, local_response, strip_hop_by_hop,
+};
+use crate::identity::Identity;
+use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
+pub use connector::MeshConnector;
+
+/// A destination the app may call: where its sidecars are and who they must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `namespace/name` of the Service.
+    pub name: String,
+    pub identity: SpiffeId,
+    /// Host names (lowercase, no port) that select this route.
+    pub hosts: Vec<String>,
+    /// `host:port` of its sidecars' inbound listeners.
+    pub endpoints: Vec<String>,
+}
+
+struct RouteEntry {
+    route: Route,
+    client: Client<MeshConnector, Incoming>,
+}
+
+/// Routes by host, each with its own pooled HTTP/2 client. Rebuilt (pools and all) when the
+/// Service list changes; requests in flight keep the client they started with.
+#[derive(Default)]
+pub struct RouteTable {
+    by_host: HashMap<String, Arc<RouteEntry>>,
+}
+
+impl RouteTable {
+    /// Builds clients for `routes`; a later route never silently shadows an earlier one's host.
+    pub fn build(routes: Vec<Route>, identity: &Identity, metrics: &Arc<Metrics>) -> Self {
+        let mut by_host = HashMap::new();
+        for route in routes {
+            let connector = MeshConnector::new(
+                identity,
+                route.identity.clone(),
+                route.endpoints.clone(),
+                metrics.clone(),
+            );
+            let client = Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector);
+            let entry = Arc::new(RouteEntry { route, client });
+            for host in &entry.route.hosts {
+                if let Some(previous) = by_host.insert(host.clone(), entry.clone()) {
+                    tracing::warn!(event = "outbound.host_conflict", host, kept = %previous.route.name, ignored = %entry.route.name);
+                    by_host.insert(host.clone(), previous);
+                }
+            }
+        }
+        Self { by_host }
+    }
+
+    /// The routes, for `/config`.
+    pub fn routes(&self) -> Vec<Route> {
+        let mut routes: Vec<Route> = self.by_host.values().map(|e| e.route.clone()).collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        routes.dedup();
+        routes
+    }
+}
+
+/// Everything the outbound listener needs.
+#[derive(Clone)]
+pub struct Outbound {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Outbound {
+    /// Serves the app's plaintext HTTP (HTTP/1.1 or h2c) until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let graceful = GracefulShutdown::new();
+        loop {
+            tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        let this = self.clone();
+                        let service = hyper::service::service_fn(move |req| {
+                            let this = this.clone();
+                            async move { Ok::<_, Infallible>(this.forward(req).await) }
+                        });
+                        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+                        let watched = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            if let Err(e) = watched.await {
+                                tracing::debug!(error = %e, "outbound connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "outbound.accept_failed", error = %e);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let Some(authority) = authority else {
+            self.record("bad-request", "", started);
+            return local_response(StatusCode::BAD_REQUEST, "meshgate: request has no Host\n");
+        };
+        let host = host_without_port(&authority);
+        let Some(entry) = self.routes.load().by_host.get(&host).cloned() else {
+            tracing::warn!(
+                event = "outbound.no_route",
+                host,
+                "no Service for this host; refusing (fail closed)"
+            );
+            self.record("no-route", "", started);
+            return local_response(
+                StatusCode::BAD_GATEWAY,
+                "meshgate: no Service for this host\n",
+            );
+        };
+        if req.version() != Version::HTTP_2 {
+            req.headers_mut()
+                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+        }
+        strip_hop_by_hop(req.headers_mut());
+        req.headers_mut().remove(header::HOST);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        match format!("http://{authority}{pq}").parse::<Uri>() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                self.record("bad-request", &entry.route.name, started);
+                return local_response(StatusCode::BAD_REQUEST, "meshgate: invalid Host\n");
+            }
+        }
+        *req.version_mut() = Version::HTTP_2;
+        match entry.client.request(req).await {
+            Ok(resp) => {
+                self.record("forwarded", &entry.route.name, started);
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, boxed(body))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    event = "outbound.upstream_failed",
+                    service = %entry.route.name,
+                    expected.id = %entry.route.identity,
+                    error = ?e,
+                    "could not reach a verified sidecar of the Service"
+                );
+                self.record("error", &entry.route.name, started);
+                local_response(StatusCode::BAD_GATEWAY, "meshgate: upstream unavailable\n")
+            }
+        }
+    }
+
+    fn record(&self, decision: &'static str, service: &str, started: Instant) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: "outbound",
+                decision,
+                policy: service.to_string(),
+            })
+            .inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&LatencyLabels {
+                direction: "outbound",
+                decision,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,165 @@
+//! The sidecar's policy source: a directory of policy-as-code files (and an optional static
+//! services file), validated and compiled into the `PolicySnapshot` the authorization layer reads.
+//!
+//! Files are polled (and re-read at once on SIGHUP) rather than watched with inotify, for the same
+//! reasons as the identity files: bind mounts and ConfigMap symlink swaps defeat inotify. A change
+//! that fails validation is refused with `file:line: reason` in the log and the previous snapshot
+//! stays in force; before the first valid load the sidecar denies everything and is not ready.
+//! The control-plane issue adds a streamed source behind the same `PolicyState`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use meshgate_ca::SpiffeId;
+use meshgate_xds::{LoadErrors, PolicySet, PolicySnapshot, load_dir, parse_file};
+
+use crate::metrics::Metrics;
+
+/// The policy in force and how it got there.
+pub struct PolicyState {
+    /// What the authorization layer reads per request.
+    pub snapshot: Arc<ArcSwap<PolicySnapshot>>,
+    /// The last valid set (services, dump).
+    pub set: ArcSwapOption<PolicySet>,
+    loaded: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl PolicyState {
+    /// Deny-all until the first valid policy arrives.
+    pub fn new(workload: &SpiffeId) -> Self {
+        Self {
+            snapshot: Arc::new(ArcSwap::from_pointee(PolicySnapshot::deny_all(workload))),
+            set: ArcSwapOption::empty(),
+            loaded: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// True once a valid policy has been loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// The last refused update's reasons, if the latest attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("policy error lock").clone()
+    }
+}
+
+/// Where policy files live.
+#[derive(Debug, Clone)]
+pub struct PolicyFiles {
+    pub dir: PathBuf,
+    /// A static list of `Service` documents, until the control plane serves them.
+    pub services: Option<PathBuf>,
+}
+
+/// What identifies one version of a file without reading it: path, mtime, size and inode (an
+/// atomic rename-over changes the inode even within one coarse mtime tick).
+type Stamp = (PathBuf, Option<SystemTime>, u64, u64);
+
+fn stamp_of(path: PathBuf, meta: Option<&std::fs::Metadata>) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let modified = meta.and_then(|m| m.modified().ok());
+    (
+        path,
+        modified,
+        meta.map_or(0, |m| m.len()),
+        meta.map_or(0, |m| m.ino()),
+    )
+}
+
+fn yaml_stamps(dir: &Path, out: &mut Vec<Stamp>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            yaml_stamps(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(stamp_of(path, Some(&meta)));
+        }
+    }
+}
+
+impl PolicyFiles {
+    fn stamp(&self) -> Vec<Stamp> {
+        let mut out = Vec::new();
+        yaml_stamps(&self.dir, &mut out);
+        if let Some(s) = &self.services {
+            out.push(stamp_of(s.clone(), std::fs::metadata(s).ok().as_ref()));
+        }
+        out.sort();
+        out
+    }
+
+    fn load(&self) -> Result<PolicySet, LoadErrors> {
+        let mut set = load_dir(&self.dir)?;
+        if let Some(services) = &self.services {
+            parse_file(services, &mut set)?;
+        }
+        Ok(set)
+    }
+
+    /// Loads once, then keeps the state current. `on_update` runs after each accepted load
+    /// (the sidecar rebuilds its outbound routes there).
+    pub fn start(
+        self,
+        workload: SpiffeId,
+        state: Arc<PolicyState>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+        on_update: impl Fn(&PolicySet) + Send + Sync + 'static,
+    ) {
+        let apply = move |files: &PolicyFiles| match files.load() {
+            Ok(set) => {
+                let current = state.snapshot.load();
+                let unchanged = state.is_loaded() && current.version() == set.version;
+                *state.last_error.lock().expect("policy error lock") = None;
+                if !unchanged {
+                    let snapshot = PolicySnapshot::compile(&set, &workload);
+                    tracing::info!(event = "policy.swapped", version = %set.version, previous = %current.version(), "policy snapshot in force");
+                    state.snapshot.store(Arc::new(snapshot));
+                    metrics.policy_swaps.inc();
+                    metrics.set_policy_version(&set.version);
+                }
+                on_update(&set);
+                state.set.store(Some(Arc::new(set)));
+                state.loaded.store(true, Ordering::Release);
+            }
+            Err(errors) => {
+                metrics.policy_rejected.inc();
+                for e in &errors.0 {
+                    tracing::error!(event = "policy.rejected", file = %e.file.display(), line = e.line, reason = %e.reason, "policy update refused; the previous policy stays in force");
+                }
+                *state.last_error.lock().expect("policy error lock") = Some(errors.to_string());
+            }
+        };
+        // Stamp before loading: a change landing between the two is then seen by the first poll.
+        let mut seen = self.stamp();
+        apply(&self);
+        tokio::spawn(async move {
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            loop {
+                let forced = tokio::select! {
+                    _ = tokio::time::sleep(interval) => false,
+                    Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                };
+                let now = self.stamp();
+                if forced || now != seen {
+                    seen = now;
+                    apply(&self);
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,222 @@
+//! Wiring of one sidecar: identity, policy, inbound, outbound and admin listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshgate_xds::PolicySet;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::Admin;
+use crate::identity::static_files::IdentityFiles;
+use crate::identity::{Identity, IdentityClient, IdentityConfig, IdentityError};
+use crate::inbound::{AppForwarder, AppProtocol, AuthzContext, Inbound};
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Route, RouteTable};
+use crate::policy::{PolicyFiles, PolicyState};
+
+/// Where the sidecar's identity comes from.
+#[derive(Debug, Clone)]
+pub enum IdentitySource {
+    /// Certificate, key and bundle files, polled for changes.
+    Files(IdentityFiles),
+    /// Issued and rotated by the meshgate CA.
+    Ca(IdentityConfig),
+}
+
+/// Everything `meshgate proxy` is told.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub app: SocketAddr,
+    pub app_protocol: AppProtocol,
+    pub identity: IdentitySource,
+    pub policy: PolicyFiles,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub allow_tls12: bool,
+    /// How long open connections may finish after shutdown starts.
+    pub drain: Duration,
+    /// How often policy and identity files are checked for changes.
+    pub poll_interval: Duration,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(
+        "cannot listen on {addr} ({what}): {source}; is another process using it? choose another with {flag}"
+    )]
+    Bind {
+        what: &'static str,
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub identity: Arc<Identity>,
+    pub policy: Arc<PolicyState>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::Bind {
+            what,
+            flag,
+            addr,
+            source,
+        })
+}
+
+/// Outbound routes from the `Service` documents: each is reachable by its listed hosts, its
+/// name and `name.namespace`.
+pub fn routes_from(set: &PolicySet) -> Vec<Route> {
+    set.services
+        .iter()
+        .map(|svc| {
+            let name = &svc.metadata.name;
+            let namespace = &svc.metadata.namespace;
+            let mut hosts: Vec<String> = svc
+                .spec
+                .hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect();
+            hosts.push(name.to_ascii_lowercase());
+            hosts.push(format!("{name}.{namespace}").to_ascii_lowercase());
+            hosts.sort();
+            hosts.dedup();
+            Route {
+                name: format!("{namespace}/{name}"),
+                identity: svc.spec.identity.clone(),
+                hosts,
+                endpoints: svc.spec.endpoints.clone(),
+            }
+        })
+        .collect()
+}
+
+impl Sidecar {
+    /// Binds every listener first (so a taken port fails fast, naming the flag), obtains the
+    /// identity, loads the policy, then serves.
+    pub async fn start(config: SidecarConfig) -> Result<Self, SidecarError> {
+        let inbound_listener = bind(config.inbound, "inbound", "--inbound").await?;
+        let outbound_listener = bind(config.outbound, "outbound", "--outbound").await?;
+        let admin_listener = bind(config.admin, "admin", "--admin").await?;
+        let metrics = Arc::new(Metrics::default());
+
+        let identity = match config.identity {
+            IdentitySource::Files(files) => files.start(config.poll_interval)?,
+            IdentitySource::Ca(ca) => IdentityClient::new(ca)?.start().await?,
+        };
+        let workload = identity.id().clone();
+        tracing::info!(event = "sidecar.identity", id = %workload, "workload identity ready");
+
+        let policy = Arc::new(PolicyState::new(&workload));
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        {
+            let (routes, identity, metrics) = (routes.clone(), identity.clone(), metrics.clone());
+            config.policy.clone().start(
+                workload.clone(),
+                policy.clone(),
+                metrics.clone(),
+                config.poll_interval,
+                move |set| {
+                    routes.store(Arc::new(RouteTable::build(
+                        routes_from(set),
+                        &identity,
+                        &metrics,
+                    )))
+                },
+            );
+        }
+
+        let (shutdown, _) = watch::channel(false);
+        let inbound = Inbound {
+            tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,
+            authz: AuthzContext {
+                policy: policy.snapshot.clone(),
+                metrics: metrics.clone(),
+                local_id: workload.clone(),
+                app_port: config.app.port(),
+            },
+            forwarder: AppForwarder::new(config.app, config.app_protocol),
+            metrics: metrics.clone(),
+        };
+        let outbound = Outbound {
+            routes: routes.clone(),
+            metrics: metrics.clone(),
+        };
+        let admin = Admin {
+            identity: identity.clone(),
+            policy: policy.clone(),
+            routes,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let sidecar_addrs = (
+            inbound_listener.local_addr().expect("bound"),
+            outbound_listener.local_addr().expect("bound"),
+            admin_listener.local_addr().expect("bound"),
+        );
+        let mut tasks = JoinSet::new();
+        tasks.spawn(inbound.serve(inbound_listener, shutdown.subscribe(), config.drain));
+        tasks.spawn(outbound.serve(outbound_listener, shutdown.subscribe(), config.drain));
+        tasks.spawn(admin.serve(admin_listener));
+        tracing::info!(
+            event = "sidecar.started",
+            inbound = %sidecar_addrs.0,
+            outbound = %sidecar_addrs.1,
+            admin = %sidecar_addrs.2,
+            app = %config.app,
+            "sidecar serving"
+        );
+        Ok(Self {
+            inbound_addr: sidecar_addrs.0,
+            outbound_addr: sidecar_addrs.1,
+            admin_addr: sidecar_addrs.2,
+            identity,
+            policy,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Starts a graceful shutdown: stop accepting, drain open connections.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Completes when every listener has stopped (after [`shutdown`](Self::shutdown), SIGTERM in
+    /// the CLI, or `POST /shutdown`).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// A receiver that turns true when shutdown starts.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}

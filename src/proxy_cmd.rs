@@ -1,0 +1,149 @@
+//! `meshgate proxy`: the sidecar.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use meshgate_proxy::identity::static_files::IdentityFiles;
+use meshgate_proxy::identity::{Backoff, IdentityConfig};
+use meshgate_proxy::inbound::AppProtocol;
+use meshgate_proxy::policy::PolicyFiles;
+use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
+
+use crate::parse_duration;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AppProtocolArg {
+    /// HTTP/2 to the app for HTTP/2 callers (gRPC), HTTP/1.1 otherwise.
+    Auto,
+    Http1,
+    H2c,
+}
+
+/// Run the sidecar of one workload.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The local app the sidecar protects (HOST:PORT).
+    #[arg(long)]
+    app: SocketAddr,
+    /// Which HTTP the app speaks.
+    #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
+    app_protocol: AppProtocolArg,
+
+    /// Static identity: the SVID chain (leaf first), PEM; the three files are watched.
+    #[arg(long, requires_all = ["svid_key", "trust_bundle"], conflicts_with = "ca")]
+    svid_cert: Option<PathBuf>,
+    /// Static identity: the SVID's private key, PEM.
+    #[arg(long, requires = "svid_cert")]
+    svid_key: Option<PathBuf>,
+    /// Static identity: the trusted roots, PEM.
+    #[arg(long, requires = "svid_cert")]
+    trust_bundle: Option<PathBuf>,
+
+    /// CA-issued identity: URL of `meshgate ca serve`, e.g. https://127.0.0.1:15012.
+    #[arg(long, requires_all = ["ca_bundle", "token"])]
+    ca: Option<String>,
+    /// Roots the CA's serving certificate chains to.
+    #[arg(long, requires = "ca")]
+    ca_bundle: Option<PathBuf>,
+    /// Join token from `meshgate ca token` (prefer the environment: command lines are visible in ps).
+    #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, requires = "ca")]
+    token: Option<String>,
+
+    /// Directory of policy-as-code YAML files (watched; SIGHUP reloads at once).
+    #[arg(long, required_unless_present = "control_plane")]
+    policy_dir: Option<PathBuf>,
+    /// Control plane URL (not available yet: use --policy-dir).
+    #[arg(long, conflicts_with = "policy_dir")]
+    control_plane: Option<String>,
+    /// Static list of Service documents for outbound routing.
+    #[arg(long)]
+    services: Option<PathBuf>,
+
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
+    #[arg(long)]
+    allow_tls12: bool,
+    /// How long open connections may finish after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain: Duration,
+    /// How often policy and identity files are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+}
+
+pub fn run(args: ProxyArgs) -> Result<()> {
+    if args.control_plane.is_some() {
+        bail!(
+            "--control-plane is not available yet (the control-plane client is a later milestone); use --policy-dir"
+        );
+    }
+    let identity = match (&args.svid_cert, &args.ca) {
+        (Some(cert), None) => IdentitySource::Files(IdentityFiles {
+            cert: cert.clone(),
+            key: args.svid_key.clone().expect("clap requires it"),
+            bundle: args.trust_bundle.clone().expect("clap requires it"),
+        }),
+        (None, Some(url)) => {
+            let bundle_path = args.ca_bundle.clone().expect("clap requires it");
+            IdentitySource::Ca(IdentityConfig {
+                ca_url: url.clone(),
+                ca_bundle_pem: std::fs::read(&bundle_path)
+                    .with_context(|| format!("reading {}", bundle_path.display()))?,
+                token: args.token.clone().expect("clap requires it"),
+                bundle_refresh: Duration::from_secs(60),
+                backoff: Backoff::default(),
+            })
+        }
+        _ => bail!(
+            "give an identity: --svid-cert/--svid-key/--trust-bundle (files) or --ca/--ca-bundle/--token (issued by the CA)"
+        ),
+    };
+    let config = SidecarConfig {
+        app: args.app,
+        app_protocol: match args.app_protocol {
+            AppProtocolArg::Auto => AppProtocol::Auto,
+            AppProtocolArg::Http1 => AppProtocol::Http1,
+            AppProtocolArg::H2c => AppProtocol::H2c,
+        },
+        identity,
+        policy: PolicyFiles {
+            dir: args.policy_dir.clone().expect("clap requires it"),
+            services: args.services.clone(),
+        },
+        inbound: args.inbound,
+        outbound: args.outbound,
+        admin: args.admin,
+        allow_tls12: args.allow_tls12,
+        drain: args.drain,
+        poll_interval: args.poll_interval,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let sidecar = Sidecar::start(config).await?;
+        println!(
+            "meshgate proxy for {}: inbound {} (mTLS), outbound {}, admin http://{}",
+            sidecar.identity.id(),
+            sidecar.inbound_addr,
+            sidecar.outbound_addr,
+            sidecar.admin_addr
+        );
+        let mut stopping = sidecar.shutdown_signal();
+        tokio::select! {
+            _ = crate::ca_cmd::shutdown_signal() => {
+                tracing::info!(event = "sidecar.draining", "signal received; draining");
+                sidecar.shutdown();
+            }
+            _ = stopping.wait_for(|s| *s) => {}
+        }
+        sidecar.wait().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,183 @@
+//! Real clients against a sidecar's inbound port: curl (HTTP/1.1 and HTTP/2) and openssl
+//! s_client, with good, missing, foreign and expired client certificates, and plaintext.
+//!
+//! curl cannot check a SPIFFE ID (it verifies DNS names, and SVIDs carry none), so curl runs with
+//! `-k` here; the server side is verified separately with `openssl s_client -verify_return_error`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::mesh::TestMesh;
+use support::*;
+
+const POLICY: &str = r#"
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: public, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
+      to: [{ paths: ["/public/*"] }]
+"#;
+
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn write_svid(dir: &Path, name: &str, svid: &Svid) -> Files {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    write_chain(&cert, &svid.chain);
+    std::fs::write(&key, svid.key.serialize_pem()).unwrap();
+    Files { cert, key }
+}
+
+fn curl(files: Option<&Files>, extra: &[&str], url: &str) -> std::process::Output {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-k", "--max-time", "10"]).args(extra);
+    if let Some(f) = files {
+        cmd.arg("--cert").arg(&f.cert).arg("--key").arg(&f.key);
+    }
+    cmd.arg(url);
+    cmd.output().unwrap()
+}
+
+async fn curl_async(files: Option<Files>, extra: Vec<String>, url: String) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        curl(files.as_ref(), &extra, &url)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_openssl_against_the_inbound_port() {
+    require_tool("curl");
+    require_tool("openssl");
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", POLICY);
+    mesh.add("orders").await;
+    mesh.converge().await;
+    let inbound = mesh.workload("orders").sidecar.inbound_addr;
+    let work = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let web = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    let web_files = || write_svid(work.path(), "web", &web);
+    let url = format!("https://{inbound}/public/hello");
+
+    // HTTP/1.1 and HTTP/2 with a good client certificate.
+    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        let out = curl_async(
+            Some(web_files()),
+            vec![flag.into(), "--fail-with-body".into()],
+            url.clone(),
+        )
+        .await;
+        assert!(out.status.success(), "{flag}: {}", text(&out));
+        let echoed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            echoed["headers"]["x-meshgate-peer"],
+            TestMesh::id_of("web").as_str()
+        );
+        assert_eq!(echoed["version"], version, "{flag}");
+    }
+    // Allowed identity, path outside the policy: 403.
+    let out = curl_async(
+        Some(web_files()),
+        vec![
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+        ],
+        format!("https://{inbound}/private"),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+
+    // No client certificate: openssl s_client gets the TLS 1.3 "certificate required" alert.
+    let bundle = mesh.ca.path("bundle.pem");
+    let s_client = tokio::task::spawn_blocking({
+        let bundle = bundle.clone();
+        move || {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "printf 'GET /public/x HTTP/1.0\\r\\n\\r\\n' | openssl s_client -connect {inbound} -CAfile {} -verify_return_error -ign_eof 2>&1",
+                    bundle.display()
+                ))
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let shown = text(&s_client);
+    assert!(
+        !shown.contains("HTTP/1."),
+        "no HTTP answer without a client cert: {shown}"
+    );
+    assert!(shown.contains("certificate required"), "{shown}");
+    // The server chain itself verifies against the bundle (s_client got that far).
+    assert!(shown.contains("Verify return code: 0 (ok)"), "{shown}");
+
+    // A certificate from a foreign CA, for the very same ID.
+    let foreign_ca = TestCa::init();
+    let foreign = foreign_ca.sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    let foreign_files = write_svid(work.path(), "foreign", &foreign);
+    let out = curl_async(Some(foreign_files), vec![], url.clone()).await;
+    assert!(
+        !out.status.success(),
+        "foreign CA must be refused: {}",
+        text(&out)
+    );
+
+    // An expired certificate from our own CA.
+    let expired = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - 2 * hour, now - hour);
+    let expired_files = write_svid(work.path(), "expired", &expired);
+    let out = curl_async(Some(expired_files), vec![], url.clone()).await;
+    assert!(
+        !out.status.success(),
+        "expired cert must be refused: {}",
+        text(&out)
+    );
+
+    // Plaintext HTTP on the mTLS port.
+    let out = curl_async(None, vec![], format!("http://{inbound}/public/hello")).await;
+    assert!(
+        !out.status.success(),
+        "plaintext must be refused: {}",
+        text(&out)
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mesh = &mesh;
+    let failures = |reason: &'static str| {
+        let frag = format!(r#"reason="{reason}""#);
+        async move {
+            mesh.metric(
+                "orders",
+                "meshgate_tls_handshake_failures_total",
+                &[r#"direction="inbound""#, &frag],
+            )
+            .await
+        }
+    };
+    assert!(failures("no_client_cert").await >= 1.0);
+    assert!(failures("cert_expired").await >= 1.0);
+    assert!(failures("plaintext").await >= 1.0);
+    let foreign_refusals = failures("unknown_issuer").await + failures("bad_cert").await;
+    assert!(foreign_refusals >= 1.0, "foreign CA refusal is counted");
+}
