@@ -33,6 +33,43 @@ pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyB
         .expect("static response is valid")
 }
 
+/// True for gRPC requests (`content-type: application/grpc…`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A generated error answer in the caller's protocol: gRPC callers get a trailers-only gRPC
+/// status (HTTP 200, `grpc-status`), as gRPC clients only interpret those; others get `status`
+/// with a generic text body.
+pub fn error_response(
+    request_headers: &HeaderMap,
+    status: StatusCode,
+    body: &'static str,
+) -> Response<ProxyBody> {
+    if !is_grpc(request_headers) {
+        return local_response(status, body);
+    }
+    let code = match status {
+        StatusCode::BAD_REQUEST => "3", // INVALID_ARGUMENT
+        StatusCode::FORBIDDEN => "7",   // PERMISSION_DENIED
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
+        _ => "2",                       // UNKNOWN
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", code)
+        .header("grpc-message", body.trim().replace(' ', "%20"))
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static response is valid")
+}
+
 /// Wraps any hyper body as a [`ProxyBody`].
 pub fn boxed(body: hyper::body::Incoming) -> ProxyBody {
     body.boxed_unsync()

@@ -20,7 +20,7 @@ use meshgate_xds::{AuthzRequest, PolicySnapshot, normalize_path};
 use tower::{Layer, Service};
 
 use crate::http_util::{
-    PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER, local_response,
+    PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER, error_response,
 };
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 
@@ -114,12 +114,13 @@ where
                     "request path cannot be normalized safely"
                 );
                 record(&ctx.metrics, "bad-request", "", started);
-                return Box::pin(async {
-                    Ok(local_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad request path\n",
-                    ))
-                });
+                let resp = error_response(
+                    req.headers(),
+                    StatusCode::BAD_REQUEST,
+                    "bad request path
+",
+                );
+                return Box::pin(async { Ok(resp) });
             }
         };
         if normalized.changed {
@@ -156,7 +157,8 @@ where
         );
         if !decision.allowed {
             record(&ctx.metrics, decision.kind.as_str(), &policy, started);
-            return Box::pin(async { Ok(local_response(StatusCode::FORBIDDEN, "forbidden\n")) });
+            let resp = error_response(req.headers(), StatusCode::FORBIDDEN, "forbidden\n");
+            return Box::pin(async { Ok(resp) });
         }
 
         let headers = req.headers_mut();

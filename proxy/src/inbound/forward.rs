@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use crate::http_util::{ORIG_PROTO_HEADER, ProxyBody, boxed, local_response, strip_hop_by_hop};
+use crate::http_util::{ORIG_PROTO_HEADER, ProxyBody, boxed, error_response, strip_hop_by_hop};
 
 /// Which HTTP the local app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,6 +88,7 @@ impl Service<Request<Incoming>> for AppForwarder {
         } else {
             self.http1.clone()
         };
+        let request_headers = req.headers().clone();
         Box::pin(async move {
             match client.request(req).await {
                 Ok(resp) => {
@@ -97,9 +98,11 @@ impl Service<Request<Incoming>> for AppForwarder {
                 }
                 Err(e) => {
                     tracing::warn!(event = "inbound.app_unavailable", error = %e, "local app did not answer");
-                    Ok(local_response(
+                    Ok(error_response(
+                        &request_headers,
                         StatusCode::BAD_GATEWAY,
-                        "upstream unavailable\n",
+                        "upstream unavailable
+",
                     ))
                 }
             }

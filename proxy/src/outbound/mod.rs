@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http_util::{
-    ORIG_PROTO_HEADER, ProxyBody, boxed, host_without_port, local_response, strip_hop_by_hop,
+    ORIG_PROTO_HEADER, ProxyBody, boxed, error_response, host_without_port, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -142,7 +142,11 @@ impl Outbound {
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let Some(authority) = authority else {
             self.record("bad-request", "", started);
-            return local_response(StatusCode::BAD_REQUEST, "meshgate: request has no Host\n");
+            return error_response(
+                req.headers(),
+                StatusCode::BAD_REQUEST,
+                "meshgate: request has no Host\n",
+            );
         };
         let host = host_without_port(&authority);
         let Some(entry) = self.routes.load().by_host.get(&host).cloned() else {
@@ -152,9 +156,11 @@ impl Outbound {
                 "no Service for this host; refusing (fail closed)"
             );
             self.record("no-route", "", started);
-            return local_response(
+            return error_response(
+                req.headers(),
                 StatusCode::BAD_GATEWAY,
-                "meshgate: no Service for this host\n",
+                "meshgate: no Service for this host
+",
             );
         };
         if req.version() != Version::HTTP_2 {
@@ -172,10 +178,15 @@ impl Outbound {
             Ok(uri) => *req.uri_mut() = uri,
             Err(_) => {
                 self.record("bad-request", &entry.route.name, started);
-                return local_response(StatusCode::BAD_REQUEST, "meshgate: invalid Host\n");
+                return error_response(
+                    req.headers(),
+                    StatusCode::BAD_REQUEST,
+                    "meshgate: invalid Host\n",
+                );
             }
         }
         *req.version_mut() = Version::HTTP_2;
+        let request_headers = req.headers().clone();
         match entry.client.request(req).await {
             Ok(resp) => {
                 self.record("forwarded", &entry.route.name, started);
@@ -192,7 +203,11 @@ impl Outbound {
                     "could not reach a verified sidecar of the Service"
                 );
                 self.record("error", &entry.route.name, started);
-                local_response(StatusCode::BAD_GATEWAY, "meshgate: upstream unavailable\n")
+                error_response(
+                    &request_headers,
+                    StatusCode::BAD_GATEWAY,
+                    "meshgate: upstream unavailable\n",
+                )
             }
         }
     }
