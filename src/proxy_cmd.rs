@@ -68,6 +68,12 @@ pub struct ProxyArgs {
     outbound: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Plaintext health-probe listener (only with --probe-path).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    probe: SocketAddr,
+    /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable).
+    #[arg(long = "probe-path")]
+    probe_paths: Vec<String>,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -121,6 +127,8 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         inbound: args.inbound,
         outbound: args.outbound,
         admin: args.admin,
+        probe: args.probe,
+        probe_paths: args.probe_paths.clone(),
         allow_tls12: args.allow_tls12,
         drain: args.drain,
         poll_interval: args.poll_interval,

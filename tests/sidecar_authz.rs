@@ -253,3 +253,56 @@ async fn outbound_refuses_a_server_with_another_identity_and_unknown_hosts() {
     assert_eq!(unknown.status, 502);
     assert!(unknown.body.contains("no Service"), "{}", unknown.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_reach_the_app_despite_default_deny_and_nothing_else_does() {
+    use http_body_util::{BodyExt, Full};
+    let mesh = shop().await;
+    // payments has no ALLOW policy: every mesh request to it is denied ...
+    assert_eq!(
+        mesh.call("web", "GET", "payments", "/healthz").await.status,
+        403
+    );
+    // ... but its probe path answers on the plaintext probe port.
+    let probe = mesh
+        .workload("payments")
+        .sidecar
+        .probe_addr
+        .expect("probe listener");
+    let send = |method: &'static str, path: &'static str, body: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(probe).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "payments")
+            .header("x-meshgate-peer", "spiffe://mesh.local/ns/shop/sa/admin")
+            .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (status, body) = send("GET", "/healthz", "").await;
+    assert_eq!(status, 200, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed["path"], "/healthz");
+    assert!(
+        echoed["headers"].get("x-meshgate-peer").is_none(),
+        "no identity header via the probe port: {body}"
+    );
+    assert_eq!(send("HEAD", "/healthz", "").await.0, 200);
+    assert_eq!(send("GET", "/orders", "").await.0, 404, "only probe paths");
+    assert_eq!(
+        send("GET", "/healthz/../orders", "").await.0,
+        404,
+        "exact paths only"
+    );
+    assert_eq!(send("POST", "/healthz", "").await.0, 405);
+    assert_eq!(send("GET", "/healthz", "payload").await.0, 400);
+}

@@ -9,5 +9,6 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod sidecar;
 pub mod tls;

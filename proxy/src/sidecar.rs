@@ -37,6 +37,10 @@ pub struct SidecarConfig {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+    /// Plaintext probe listener; bound only when `probe_paths` is not empty.
+    pub probe: SocketAddr,
+    /// Exact paths the probe listener forwards to the app (GET/HEAD only).
+    pub probe_paths: Vec<String>,
     pub allow_tls12: bool,
     /// How long open connections may finish after shutdown starts.
     pub drain: Duration,
@@ -64,6 +68,8 @@ pub enum SidecarError {
 
 /// A running sidecar.
 pub struct Sidecar {
+    /// The probe listener's address, when probe paths are configured.
+    pub probe_addr: Option<SocketAddr>,
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -124,6 +130,11 @@ impl Sidecar {
         let inbound_listener = bind(config.inbound, "inbound", "--inbound").await?;
         let outbound_listener = bind(config.outbound, "outbound", "--outbound").await?;
         let admin_listener = bind(config.admin, "admin", "--admin").await?;
+        let probe_listener = if config.probe_paths.is_empty() {
+            None
+        } else {
+            Some(bind(config.probe, "health probes", "--probe").await?)
+        };
         let metrics = Arc::new(Metrics::default());
 
         let identity = match config.identity {
@@ -184,6 +195,13 @@ impl Sidecar {
         tasks.spawn(inbound.serve(inbound_listener, shutdown.subscribe(), config.drain));
         tasks.spawn(outbound.serve(outbound_listener, shutdown.subscribe(), config.drain));
         tasks.spawn(admin.serve(admin_listener));
+        let probe_addr = probe_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound"));
+        if let Some(listener) = probe_listener {
+            let probes = crate::probe::ProbeForwarder::new(config.app, config.probe_paths.clone());
+            tasks.spawn(probes.serve(listener, shutdown.subscribe()));
+        }
         tracing::info!(
             event = "sidecar.started",
             inbound = %sidecar_addrs.0,
@@ -193,6 +211,7 @@ impl Sidecar {
             "sidecar serving"
         );
         Ok(Self {
+            probe_addr,
             inbound_addr: sidecar_addrs.0,
             outbound_addr: sidecar_addrs.1,
             admin_addr: sidecar_addrs.2,

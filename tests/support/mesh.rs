@@ -240,6 +240,8 @@ impl TestMesh {
             inbound: any,
             outbound: any,
             admin: any,
+            probe: any,
+            probe_paths: vec!["/healthz".to_string()],
             allow_tls12: false,
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
