@@ -33,7 +33,7 @@ enum Command {
         command: ca_cmd::CaCommand,
     },
     /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
-    Proxy(proxy_cmd::ProxyArgs),
+    Proxy(Box<proxy_cmd::ProxyArgs>),
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command),
-        Command::Proxy(args) => proxy_cmd::run(args),
+        Command::Proxy(args) => proxy_cmd::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

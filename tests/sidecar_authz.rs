@@ -306,3 +306,67 @@ async fn health_probes_reach_the_app_despite_default_deny_and_nothing_else_does(
     assert_eq!(send("POST", "/healthz", "").await.0, 405);
     assert_eq!(send("GET", "/healthz", "payload").await.0, 400);
 }
+
+/// Sends an HTTP/1.1 Upgrade through `from`'s outbound port; returns the response head and,
+/// when switched, what came back for "ping".
+async fn upgrade(mesh: &TestMesh, from: &str, path: &str) -> (String, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(mesh.workload(from).sidecar.outbound_addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed in the response head"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    if !head.starts_with("HTTP/1.1 101") {
+        let mut rest = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_millis(500), tcp.read(&mut rest))
+            .await
+            .map_or(0, |r| r.unwrap_or(0));
+        return (
+            format!("{head}{}", String::from_utf8_lossy(&rest[..n])),
+            None,
+        );
+    }
+    tcp.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_exact(&mut echoed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (head, Some(String::from_utf8_lossy(&echoed).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_crosses_both_sidecars_when_allowed() {
+    let mesh = shop().await;
+    let (head, echoed) = upgrade(&mesh, "web", "/orders/ws").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    assert!(
+        head.contains(TestMesh::id_of("web").as_str()),
+        "the app saw the verified caller: {head}"
+    );
+    assert_eq!(echoed.as_deref(), Some("ping"));
+
+    let (head, echoed) = upgrade(&mesh, "intruder", "/orders/ws").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(echoed.is_none());
+}

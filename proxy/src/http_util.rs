@@ -110,6 +110,52 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade: …`),
+/// e.g. `websocket`.
+pub fn requested_upgrade<B>(req: &http::Request<B>) -> Option<HeaderValue> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Puts back the upgrade headers that [`strip_hop_by_hop`] removed, for a request (or a 101
+/// response) that really is switching protocols.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Joins the caller's and the upstream's upgraded connections byte for byte until either side
+/// closes (WebSocket and any other `Upgrade` protocol).
+pub fn bridge_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let mut down = hyper_util::rt::TokioIo::new(down);
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "upgrade.failed", error = %e, "protocol upgrade did not complete")
+            }
+        }
+    });
+}
+
 /// `host[:port]` → `host` (lowercase), handling `[v6]:port`.
 pub fn host_without_port(authority: &str) -> String {
     let host = if let Some(rest) = authority.strip_prefix('[') {

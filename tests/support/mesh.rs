@@ -53,6 +53,31 @@ async fn echo(
         }));
         return Ok(http::Response::new(StreamBody::new(stream).boxed()));
     }
+    if let Some(protocol) = req.headers().get("upgrade").cloned() {
+        // Accept any Upgrade and echo bytes on the switched connection (a WebSocket stand-in).
+        let peer = req.headers().get("x-meshgate-peer").cloned();
+        let on_upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", protocol);
+        if let Some(peer) = peer {
+            resp = resp.header("x-echo-peer", peer);
+        }
+        return Ok(resp
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap());
+    }
     if req
         .headers()
         .get("content-type")
@@ -156,7 +181,10 @@ impl EchoApp {
                 };
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(echo))
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(tcp),
+                            hyper::service::service_fn(echo),
+                        )
                         .await;
                 });
             }

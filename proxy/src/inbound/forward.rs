@@ -12,7 +12,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use crate::http_util::{ORIG_PROTO_HEADER, ProxyBody, boxed, error_response, strip_hop_by_hop};
+use crate::http_util::{
+    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, requested_upgrade,
+    set_upgrade, strip_hop_by_hop,
+};
 
 /// Which HTTP the local app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,11 +65,15 @@ impl Service<Request<Incoming>> for AppForwarder {
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let carried_http1 = req.headers_mut().remove(ORIG_PROTO_HEADER).is_some();
-        let use_h2 = match self.protocol {
-            AppProtocol::Http1 => false,
-            AppProtocol::H2c => true,
-            AppProtocol::Auto => req.version() == Version::HTTP_2 && !carried_http1,
-        };
+        // An Upgrade (WebSocket, …) is an HTTP/1.1 mechanism: it goes to the app over HTTP/1.1.
+        let upgrade = requested_upgrade(&req);
+        let downstream = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let use_h2 = upgrade.is_none()
+            && match self.protocol {
+                AppProtocol::Http1 => false,
+                AppProtocol::H2c => true,
+                AppProtocol::Auto => req.version() == Version::HTTP_2 && !carried_http1,
+            };
         if !req.headers().contains_key(header::HOST)
             && let Some(authority) = req.uri().authority()
             && let Ok(v) = HeaderValue::from_str(authority.as_str())
@@ -74,6 +81,9 @@ impl Service<Request<Incoming>> for AppForwarder {
             req.headers_mut().insert(header::HOST, v);
         }
         strip_hop_by_hop(req.headers_mut());
+        if let Some(protocol) = upgrade.clone() {
+            set_upgrade(req.headers_mut(), protocol);
+        }
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         *req.uri_mut() = format!("http://{}{pq}", self.app)
             .parse::<Uri>()
@@ -91,9 +101,17 @@ impl Service<Request<Incoming>> for AppForwarder {
         let request_headers = req.headers().clone();
         Box::pin(async move {
             match client.request(req).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let upstream = switching.then(|| hyper::upgrade::on(&mut resp));
                     let (mut parts, body) = resp.into_parts();
+                    let accepted = parts.headers.get(http::header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut parts.headers);
+                    if let (Some(down), Some(up), Some(protocol)) = (downstream, upstream, accepted)
+                    {
+                        set_upgrade(&mut parts.headers, protocol);
+                        bridge_upgrade(down, up);
+                    }
                     Ok(Response::from_parts(parts, boxed(body)))
                 }
                 Err(e) => {
@@ -101,8 +119,7 @@ impl Service<Request<Incoming>> for AppForwarder {
                     Ok(error_response(
                         &request_headers,
                         StatusCode::BAD_GATEWAY,
-                        "upstream unavailable
-",
+                        "upstream unavailable\n",
                     ))
                 }
             }

@@ -70,6 +70,8 @@ pub struct MeshConnector {
     endpoints: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
     tls: TlsConnector,
+    /// Same, offering only HTTP/1.1: for upgraded (WebSocket) requests, which HTTP/2 cannot carry.
+    tls_http1: TlsConnector,
     expected: SpiffeId,
     metrics: Arc<Metrics>,
 }
@@ -81,22 +83,34 @@ impl MeshConnector {
         endpoints: Vec<String>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let config = tls::mesh_client_config(
-            identity.bundle(),
-            ExpectedServer::Exact(expected.clone()),
-            Some(identity.resolver()),
-            &[b"h2"],
-        );
+        let config = |alpn: &[&[u8]]| {
+            Arc::new(tls::mesh_client_config(
+                identity.bundle(),
+                ExpectedServer::Exact(expected.clone()),
+                Some(identity.resolver()),
+                alpn,
+            ))
+        };
         Self {
             endpoints: Arc::new(endpoints),
             next: Arc::new(AtomicUsize::new(0)),
-            tls: TlsConnector::from(Arc::new(config)),
+            tls: TlsConnector::from(config(&[b"h2"])),
+            tls_http1: TlsConnector::from(config(&[b"http/1.1"])),
             expected,
             metrics,
         }
     }
 
+    /// A dedicated HTTP/1.1 mTLS connection (not pooled), for upgraded requests.
+    pub async fn connect_http1(&self) -> io::Result<MeshStream> {
+        self.connect_with(&self.tls_http1).await
+    }
+
     async fn connect(self) -> io::Result<MeshStream> {
+        self.connect_with(&self.tls).await
+    }
+
+    async fn connect_with(&self, tls: &TlsConnector) -> io::Result<MeshStream> {
         let mut last_error =
             io::Error::new(io::ErrorKind::NotFound, "the Service has no endpoints");
         for _ in 0..self.endpoints.len() {
@@ -120,7 +134,7 @@ impl MeshConnector {
                     }
                 };
             let _ = tcp.set_nodelay(true);
-            match self.tls.connect(tls::mesh_server_name(), tcp).await {
+            match tls.connect(tls::mesh_server_name(), tcp).await {
                 Ok(stream) => {
                     self.metrics
                         .tls_handshakes

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http_util::{
-    ORIG_PROTO_HEADER, ProxyBody, boxed, error_response, host_without_port, strip_hop_by_hop,
+    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, host_without_port,
+    requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -40,6 +41,7 @@ pub struct Route {
 
 struct RouteEntry {
     route: Route,
+    connector: MeshConnector,
     client: Client<MeshConnector, Incoming>,
 }
 
@@ -64,8 +66,12 @@ impl RouteTable {
             let client = Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .pool_idle_timeout(Duration::from_secs(90))
-                .build(connector);
-            let entry = Arc::new(RouteEntry { route, client });
+                .build(connector.clone());
+            let entry = Arc::new(RouteEntry {
+                route,
+                connector,
+                client,
+            });
             for host in &entry.route.hosts {
                 if let Some(previous) = by_host.insert(host.clone(), entry.clone()) {
                     tracing::warn!(event = "outbound.host_conflict", host, kept = %previous.route.name, ignored = %entry.route.name);
@@ -159,10 +165,12 @@ impl Outbound {
             return error_response(
                 req.headers(),
                 StatusCode::BAD_GATEWAY,
-                "meshgate: no Service for this host
-",
+                "meshgate: no Service for this host\n",
             );
         };
+        if let Some(protocol) = requested_upgrade(&req) {
+            return self.forward_upgrade(req, protocol, &entry, started).await;
+        }
         if req.version() != Version::HTTP_2 {
             req.headers_mut()
                 .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
@@ -208,6 +216,72 @@ impl Outbound {
                     StatusCode::BAD_GATEWAY,
                     "meshgate: upstream unavailable\n",
                 )
+            }
+        }
+    }
+
+    /// An upgrade (WebSocket, …) cannot ride the pooled HTTP/2 connection: it gets its own
+    /// HTTP/1.1 mTLS connection to the peer sidecar, verified the same way, then the two upgraded
+    /// streams are joined.
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        protocol: HeaderValue,
+        entry: &RouteEntry,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let downstream = hyper::upgrade::on(&mut req);
+        strip_hop_by_hop(req.headers_mut());
+        set_upgrade(req.headers_mut(), protocol);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        *req.uri_mut() = pq.parse().expect("path and query form a URI");
+        let request_headers = req.headers().clone();
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(event = "outbound.upstream_failed", service = %entry.route.name, error = %e, "upgrade could not reach a verified sidecar");
+            error_response(
+                &request_headers,
+                StatusCode::BAD_GATEWAY,
+                "meshgate: upstream unavailable\n",
+            )
+        };
+        let io = match entry.connector.connect_http1().await {
+            Ok(io) => io,
+            Err(e) => {
+                self.record("error", &entry.route.name, started);
+                return unavailable(&e);
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.record("error", &entry.route.name, started);
+                return unavailable(&e);
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        match sender.send_request(req).await {
+            Ok(mut resp) => {
+                self.record("forwarded", &entry.route.name, started);
+                let upstream = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| hyper::upgrade::on(&mut resp));
+                let (mut parts, body) = resp.into_parts();
+                let accepted = parts.headers.get(header::UPGRADE).cloned();
+                strip_hop_by_hop(&mut parts.headers);
+                if let (Some(up), Some(protocol)) = (upstream, accepted) {
+                    set_upgrade(&mut parts.headers, protocol);
+                    bridge_upgrade(downstream, up);
+                }
+                Response::from_parts(parts, boxed(body))
+            }
+            Err(e) => {
+                self.record("error", &entry.route.name, started);
+                unavailable(&e)
             }
         }
     }
