@@ -21,6 +21,8 @@ impl RawDoc<'_> {
     /// The file line of the first line at or after `start_line` that contains `needle`, so a
     /// problem found after parsing can still point at the field it is about.
     pub fn line_of(&self, needle: &str) -> usize {
+        // An empty value can only be found by its quotes.
+        let needle = if needle.is_empty() { "\"\"" } else { needle };
         self.text
             .lines()
             .enumerate()

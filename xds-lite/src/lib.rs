@@ -13,6 +13,9 @@ pub mod pattern;
 pub mod validate;
 pub mod version;
 
+#[cfg(test)]
+mod load_tests;
+
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
 pub use path::{NormalizedPath, PathError, normalize_path};
