@@ -15,6 +15,8 @@ pub mod version;
 
 #[cfg(test)]
 mod load_tests;
+#[cfg(test)]
+mod authz_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
