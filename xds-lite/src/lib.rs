@@ -17,6 +17,8 @@ pub mod version;
 mod load_tests;
 #[cfg(test)]
 mod authz_tests;
+#[cfg(test)]
+mod hostile_paths_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
