@@ -183,7 +183,13 @@ impl Groups {
         };
         for (i, rule) in policy.rules.iter().enumerate() {
             let rule_ix = u32::try_from(i).unwrap_or(u32::MAX);
-            index.add(RuleRef { policy: at, rule: rule_ix }, rule);
+            index.add(
+                RuleRef {
+                    policy: at,
+                    rule: rule_ix,
+                },
+                rule,
+            );
         }
     }
 }

@@ -85,10 +85,12 @@ pub fn split_documents(input: &str) -> Vec<RawDoc<'_>> {
 mod tests {
     use super::*;
 
+    /// (first_line, start_line, first line of the document's text)
+    type Found<'a> = (usize, usize, &'a str);
+
     #[test]
     fn split_table() {
-        // (input, [(first_line, start_line, first text line)])
-        let cases: &[(&str, &[(usize, usize, &str)])] = &[
+        let cases: &[(&str, &[Found<'_>])] = &[
             ("", &[]),
             ("# only a comment\n---\n", &[]),
             ("a: 1\n", &[(1, 1, "a: 1")]),
@@ -102,7 +104,7 @@ mod tests {
             ("a: 1\r\n---\r\nb: 2\r\n", &[(1, 1, "a: 1"), (2, 3, "---")]),
         ];
         for (input, want) in cases {
-            let got: Vec<(usize, usize, &str)> = split_documents(input)
+            let got: Vec<Found<'_>> = split_documents(input)
                 .iter()
                 .map(|d| {
                     let first = d.text.lines().next().unwrap_or("");

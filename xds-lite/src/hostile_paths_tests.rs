@@ -32,7 +32,10 @@ fn hostile_cases() -> Vec<(&'static str, Want)> {
         ("/ADMIN/x", Path("/ADMIN/x")),
         ("/Admin/x", Path("/Admin/x")),
         ("/public/%252e%252e/admin", Path("/public/%252e%252e/admin")),
-        ("/public/%25%32%65%25%32%65/admin", Path("/public/%252e%252e/admin")),
+        (
+            "/public/%25%32%65%25%32%65/admin",
+            Path("/public/%252e%252e/admin"),
+        ),
         ("/admin?/public/x", Path("/admin")),
         ("/public/..%2fadmin", Refused(EncodedSlash)),
         ("/public%2f..%2fadmin", Refused(EncodedSlash)),
@@ -104,7 +107,10 @@ fn hostile_paths_never_reach_admin_through_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("p.yaml"), POLICIES).unwrap();
     let set = load_dir(dir.path()).unwrap();
-    let snap = PolicySnapshot::compile(&set, &SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/api").unwrap());
+    let snap = PolicySnapshot::compile(
+        &set,
+        &SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/api").unwrap(),
+    );
     let web = SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/web").unwrap();
     let other = SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/other").unwrap();
     let mut judged = 0;
@@ -133,7 +139,14 @@ fn hostile_paths_never_reach_admin_through_a_snapshot() {
     assert!(judged > 0);
     // And the policies do what they say on benign paths.
     let judge = |peer: &SpiffeId, path: &str| {
-        snap.evaluate(&AuthzRequest { peer, method: Some("GET"), path: Some(path), port: 8080, headers: None }).allowed
+        snap.evaluate(&AuthzRequest {
+            peer,
+            method: Some("GET"),
+            path: Some(path),
+            port: 8080,
+            headers: None,
+        })
+        .allowed
     };
     assert!(judge(&other, "/public/x"));
     assert!(!judge(&other, "/private"));

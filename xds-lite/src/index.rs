@@ -55,11 +55,7 @@ impl RuleIndex {
     }
 
     /// The earliest rule, among those that could match `peer`, for which `matches` holds.
-    pub fn first_match(
-        &self,
-        peer: &str,
-        matches: impl Fn(RuleRef) -> bool,
-    ) -> Option<RuleRef> {
+    pub fn first_match(&self, peer: &str, matches: impl Fn(RuleRef) -> bool) -> Option<RuleRef> {
         let exact = self.by_principal.get(peer).map_or(&[][..], Vec::as_slice);
         [exact, &self.wildcard, &self.everyone]
             .into_iter()

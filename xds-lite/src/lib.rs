@@ -14,11 +14,11 @@ pub mod validate;
 pub mod version;
 
 #[cfg(test)]
-mod load_tests;
-#[cfg(test)]
 mod authz_tests;
 #[cfg(test)]
 mod hostile_paths_tests;
+#[cfg(test)]
+mod load_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};

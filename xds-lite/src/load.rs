@@ -156,13 +156,19 @@ impl Loader {
         let mut loader = Self::default();
         let earlier = || Origin(None);
         for p in &set.policies {
-            loader.seen.insert((AuthorizationPolicy::KIND, p.metadata.key()), earlier());
+            loader
+                .seen
+                .insert((AuthorizationPolicy::KIND, p.metadata.key()), earlier());
         }
         for s in &set.services {
-            loader.seen.insert((Service::KIND, s.metadata.key()), earlier());
+            loader
+                .seen
+                .insert((Service::KIND, s.metadata.key()), earlier());
         }
         for n in &set.network_policies {
-            loader.seen.insert((NetworkPolicy::KIND, n.metadata.key()), earlier());
+            loader
+                .seen
+                .insert((NetworkPolicy::KIND, n.metadata.key()), earlier());
         }
         if set.mesh_config_loaded().is_some() {
             loader.mesh_config_at = Some(earlier());

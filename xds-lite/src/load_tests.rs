@@ -85,7 +85,10 @@ fn documents_round_trip_through_serde() {
     let back: crate::model::AuthorizationPolicy = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(back, set.policies[0]);
     let json = serde_json::to_value(&set.services[0]).unwrap();
-    assert_eq!(json["spec"]["identity"], "spiffe://mesh.local/ns/shop/sa/orders");
+    assert_eq!(
+        json["spec"]["identity"],
+        "spiffe://mesh.local/ns/shop/sa/orders"
+    );
 }
 
 #[test]
@@ -231,14 +234,27 @@ fn refusals_with_file_and_line() {
 fn errors_are_collected_across_documents_and_files() {
     let dir = tempfile::tempdir().unwrap();
     let bad = policy("a", "  rules:\n    - to: [{ ports: [0] }]\n");
-    write(dir.path(), "a.yaml", &format!("{bad}---\n{}", policy("b", "  bogus: 1\n")));
-    write(dir.path(), "sub/c.yml", &policy("c", "  rules:\n    - to: [{ methods: [\"G T\"] }]\n"));
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!("{bad}---\n{}", policy("b", "  bogus: 1\n")),
+    );
+    write(
+        dir.path(),
+        "sub/c.yml",
+        &policy("c", "  rules:\n    - to: [{ methods: [\"G T\"] }]\n"),
+    );
     write(dir.path(), "sub/d.yaml", &policy("a", ""));
     let err = load_dir(dir.path()).unwrap_err();
     let got: Vec<(String, usize)> = err
         .0
         .iter()
-        .map(|e| (e.file.file_name().unwrap().to_string_lossy().into_owned(), e.line))
+        .map(|e| {
+            (
+                e.file.file_name().unwrap().to_string_lossy().into_owned(),
+                e.line,
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -264,7 +280,11 @@ fn directory_walk_is_recursive_sorted_and_skips_hidden_and_other_files() {
     write(dir.path(), ".git/x.yaml", "broken: [");
     write(dir.path(), "..data/p.yaml", &policy("b", ""));
     let set = load_dir(dir.path()).unwrap();
-    let names: Vec<&str> = set.policies.iter().map(|p| p.metadata.name.as_str()).collect();
+    let names: Vec<&str> = set
+        .policies
+        .iter()
+        .map(|p| p.metadata.name.as_str())
+        .collect();
     assert_eq!(names, ["a", "b"]);
 }
 
@@ -282,7 +302,10 @@ fn version_depends_on_content_only() {
     assert_eq!(one_file.version, reordered.version);
     let changed = load_one(&format!("{p1}---\n{}", policy("two", "  mode: dry-run\n"))).unwrap();
     assert_ne!(one_file.version, changed.version);
-    assert_eq!(load_one(&p1).unwrap().version, load_one(&p1).unwrap().version);
+    assert_eq!(
+        load_one(&p1).unwrap().version,
+        load_one(&p1).unwrap().version
+    );
 }
 
 #[test]
@@ -301,7 +324,10 @@ fn parse_file_appends_and_refuses_duplicates_of_the_set() {
     assert_ne!(set.version, v1);
     let before = set.clone();
     let err = parse_file(&dir.path().join("a.yaml"), &mut set).unwrap_err();
-    assert!(err.to_string().contains("a previously loaded file"), "{err}");
+    assert!(
+        err.to_string().contains("a previously loaded file"),
+        "{err}"
+    );
     assert_eq!(set.policies, before.policies);
     assert_eq!(set.version, before.version);
 }

@@ -132,9 +132,7 @@ impl OperationMatcher {
 
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
         let method_ok = match req.method {
-            Some(m) => {
-                any_of(&self.methods, |x| x == m) && none_of(&self.not_methods, |x| x == m)
-            }
+            Some(m) => any_of(&self.methods, |x| x == m) && none_of(&self.not_methods, |x| x == m),
             None => self.methods.is_empty() && self.not_methods.is_empty(),
         };
         let path_ok = match req.path {

@@ -52,7 +52,10 @@ pub enum EnvelopeError {
     #[error("unsupported apiVersion {0:?}: expected {API_VERSION:?}")]
     ApiVersion(String),
     #[error("kind {found:?} where {expected:?} was expected")]
-    Kind { found: String, expected: &'static str },
+    Kind {
+        found: String,
+        expected: &'static str,
+    },
 }
 
 /// A resource kind: its document `kind` and how it is built from / split into an envelope.

@@ -73,7 +73,9 @@ impl Pattern {
     pub fn matches_ignore_case(&self, v: &[u8]) -> bool {
         match self {
             Self::Exact(s) => v.eq_ignore_ascii_case(s.as_bytes()),
-            Self::Prefix(s) => v.len() >= s.len() && v[..s.len()].eq_ignore_ascii_case(s.as_bytes()),
+            Self::Prefix(s) => {
+                v.len() >= s.len() && v[..s.len()].eq_ignore_ascii_case(s.as_bytes())
+            }
             Self::Suffix(s) => {
                 v.len() >= s.len() && v[v.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
             }

@@ -223,7 +223,10 @@ pub fn service(s: &Service) -> Vec<Problem> {
     }
     for p in &s.spec.ports {
         if p.port == 0 {
-            out.push(Problem::at("port", "ports: port 0 is not a port".to_string()));
+            out.push(Problem::at(
+                "port",
+                "ports: port 0 is not a port".to_string(),
+            ));
         }
     }
     for e in &s.spec.endpoints {
@@ -244,7 +247,12 @@ pub fn network_policy(n: &NetworkPolicy) -> Vec<Problem> {
         .egress
         .iter()
         .map(|r| ("egress", &r.to, &r.ports))
-        .chain(n.spec.ingress.iter().map(|r| ("ingress", &r.from, &r.ports)));
+        .chain(
+            n.spec
+                .ingress
+                .iter()
+                .map(|r| ("ingress", &r.from, &r.ports)),
+        );
     for (what, cidrs, ports) in rules {
         if cidrs.is_empty() {
             out.push(Problem::at(what, format!("{what} rule names no CIDR")));
@@ -308,7 +316,12 @@ mod tests {
             ("", false),
         ];
         for (p, ok) in cases {
-            assert_eq!(check_principal(p).is_ok(), ok, "{p}: {:?}", check_principal(p));
+            assert_eq!(
+                check_principal(p).is_ok(),
+                ok,
+                "{p}: {:?}",
+                check_principal(p)
+            );
         }
     }
 

@@ -36,11 +36,7 @@ pub fn content_version(set: &PolicySet) -> String {
     hash_kind(&mut ctx, &set.network_policies);
     hash_kind(&mut ctx, std::slice::from_ref(&set.mesh_config));
     let digest = ctx.finish();
-    let mut hex: String = digest
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let mut hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     hex.truncate(VERSION_HEX_LEN);
     hex
 }
