@@ -3,15 +3,15 @@
 //! normalization. The control-plane server and client arrive with the control-plane issue.
 
 pub mod authz;
-pub mod docsplit;
-pub mod index;
+mod docsplit;
+mod index;
 pub mod load;
-pub mod matcher;
+mod matcher;
 pub mod model;
 pub mod path;
 pub mod pattern;
 pub mod validate;
-pub mod version;
+mod version;
 
 #[cfg(test)]
 mod authz_tests;

@@ -157,7 +157,7 @@ fn refusals_with_file_and_line() {
         (rule("to: [{ notMethods: [\"\"] }]"), 7, "RFC 9110"),
         (rule("to: [{ ports: [0] }]"), 7, "port 0"),
         (rule("to: [{ notPorts: [0] }]"), 7, "port 0"),
-        (rule("to: [{ ports: [70000] }]"), 7, ""),
+        (rule("to: [{ ports: [70000] }]"), 7, "not a port number"),
         (rule("when: [{ header: \"x y\" }]"), 7, "header name"),
         (
             "apiVersion: meshgate.dev/v1\nkind: NetworkPolicy\nmetadata: { name: n, namespace: shop }\nspec:\n  egress:\n    - to: [\"10.0.0.0/33\"]\n".into(),
