@@ -21,6 +21,8 @@ impl RawDoc<'_> {
     /// The file line of the first line at or after `start_line` that contains `needle`, so a
     /// problem found after parsing can still point at the field it is about.
     pub fn line_of(&self, needle: &str) -> usize {
+        // An empty value can only be found by its quotes.
+        let needle = if needle.is_empty() { "\"\"" } else { needle };
         self.text
             .lines()
             .enumerate()
@@ -83,10 +85,12 @@ pub fn split_documents(input: &str) -> Vec<RawDoc<'_>> {
 mod tests {
     use super::*;
 
+    /// (first_line, start_line, first line of the document's text)
+    type Found<'a> = (usize, usize, &'a str);
+
     #[test]
     fn split_table() {
-        // (input, [(first_line, start_line, first text line)])
-        let cases: &[(&str, &[(usize, usize, &str)])] = &[
+        let cases: &[(&str, &[Found<'_>])] = &[
             ("", &[]),
             ("# only a comment\n---\n", &[]),
             ("a: 1\n", &[(1, 1, "a: 1")]),
@@ -100,7 +104,7 @@ mod tests {
             ("a: 1\r\n---\r\nb: 2\r\n", &[(1, 1, "a: 1"), (2, 3, "---")]),
         ];
         for (input, want) in cases {
-            let got: Vec<(usize, usize, &str)> = split_documents(input)
+            let got: Vec<Found<'_>> = split_documents(input)
                 .iter()
                 .map(|d| {
                     let first = d.text.lines().next().unwrap_or("");

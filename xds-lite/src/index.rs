@@ -26,13 +26,11 @@ pub struct RuleIndex {
     by_principal: HashMap<Box<str>, Vec<RuleRef>>,
     wildcard: Vec<RuleRef>,
     everyone: Vec<RuleRef>,
-    len: usize,
 }
 
 impl RuleIndex {
     /// Adds a rule. Rules must be added in [`RuleRef`] order.
     pub fn add(&mut self, at: RuleRef, rule: &RuleMatcher) {
-        self.len += 1;
         match rule.peer_scope() {
             PeerScope::Everyone => self.everyone.push(at),
             PeerScope::Wildcard => self.wildcard.push(at),
@@ -44,14 +42,9 @@ impl RuleIndex {
         }
     }
 
-    /// Number of rules indexed.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when no rule was indexed.
+    /// True when no rule was indexed (lets the evaluator skip a group without hashing).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.by_principal.is_empty() && self.wildcard.is_empty() && self.everyone.is_empty()
     }
 
     /// The earliest rule, among those that could match `peer`, for which `matches` holds.

@@ -3,15 +3,22 @@
 //! normalization. The control-plane server and client arrive with the control-plane issue.
 
 pub mod authz;
-pub mod docsplit;
-pub mod index;
+mod docsplit;
+mod index;
 pub mod load;
-pub mod matcher;
+mod matcher;
 pub mod model;
 pub mod path;
 pub mod pattern;
 pub mod validate;
-pub mod version;
+mod version;
+
+#[cfg(test)]
+mod authz_tests;
+#[cfg(test)]
+mod hostile_paths_tests;
+#[cfg(test)]
+mod load_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};

@@ -329,8 +329,13 @@ fn yaml_options() -> serde_saphyr::Options {
 /// the file line we report.
 fn yaml_reason(e: &serde_saphyr::Error) -> String {
     let msg = e.without_snippet().to_string();
-    match msg.rfind(" at line ") {
+    let msg = match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
         None => msg,
+    };
+    // Ports are the only u16 fields; say so instead of naming a Rust type.
+    if msg.starts_with("invalid u16") {
+        return "not a port number: use 1-65535".to_string();
     }
+    msg
 }
