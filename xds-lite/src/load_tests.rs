@@ -331,3 +331,11 @@ fn parse_file_appends_and_refuses_duplicates_of_the_set() {
     assert_eq!(set.policies, before.policies);
     assert_eq!(set.version, before.version);
 }
+
+#[test]
+fn the_shipped_example_policies_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let set =
+        crate::load_dir(&dir).unwrap_or_else(|e| panic!("examples/policies must stay valid:\n{e}"));
+    assert_eq!(set.policies.len(), 4);
+}

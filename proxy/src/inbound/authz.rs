@@ -154,6 +154,8 @@ where
             rule = decision.rule,
             policy.version = %decision.version,
             reason = %decision.reason,
+            audit_policy = decision.audit_policy.as_deref(),
+            dry_run_policy = decision.dry_run_policy.as_deref(),
         );
         if !decision.allowed {
             record(&ctx.metrics, decision.kind.as_str(), &policy, started);
