@@ -74,6 +74,13 @@ pub struct ProxyArgs {
     /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable).
     #[arg(long = "probe-path")]
     probe_paths: Vec<String>,
+    /// Tunnel a local TCP port to a Service over mTLS (opaque L4), e.g.
+    /// `127.0.0.1:15432=postgres:5432` (repeatable).
+    #[arg(long = "tcp-forward")]
+    tcp_forwards: Vec<meshgate_proxy::outbound::tcp::TcpForward>,
+    /// Extra app port that inbound L4 tunnels may reach besides the --app port (repeatable).
+    #[arg(long = "inbound-tcp-port")]
+    inbound_tcp_ports: Vec<u16>,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -130,6 +137,8 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         probe: args.probe,
         probe_paths: args.probe_paths.clone(),
         allow_tls12: args.allow_tls12,
+        tcp_forwards: args.tcp_forwards.clone(),
+        inbound_tcp_ports: args.inbound_tcp_ports.clone(),
         drain: args.drain,
         poll_interval: args.poll_interval,
     };

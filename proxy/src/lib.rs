@@ -12,3 +12,4 @@ pub mod policy;
 pub mod probe;
 pub mod sidecar;
 pub mod tls;
+pub mod tunnel;

@@ -35,6 +35,16 @@ pub struct TlsLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the L4 (TCP tunnel) connection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    /// `allow` | `deny` | `revoked` (closed after a policy change) | `error`.
+    pub decision: &'static str,
+    /// Destination port.
+    pub port: u16,
+}
+
 /// Labels of the policy version info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -48,6 +58,7 @@ pub struct Metrics {
     pub request_duration: Family<LatencyLabels, Histogram>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
     pub policy_swaps: Counter,
     pub policy_rejected: Counter,
     pub policy_version: Family<VersionLabels, Gauge>,
@@ -89,6 +100,12 @@ impl Default for Metrics {
             "Refused or failed TLS handshakes by reason",
             tls_handshake_failures.clone(),
         );
+        let tcp_connections = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "tcp_connections",
+            "Tunnelled TCP connections by direction, L4 decision and port",
+            tcp_connections.clone(),
+        );
         let policy_swaps = Counter::default();
         registry.register(
             "policy_swaps",
@@ -119,6 +136,7 @@ impl Default for Metrics {
             request_duration,
             tls_handshakes,
             tls_handshake_failures,
+            tcp_connections,
             policy_swaps,
             policy_rejected,
             policy_version,

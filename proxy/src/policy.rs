@@ -24,6 +24,8 @@ pub struct PolicyState {
     pub snapshot: Arc<ArcSwap<PolicySnapshot>>,
     /// The last valid set (services, dump).
     pub set: ArcSwapOption<PolicySet>,
+    /// Bumped at every swap, so long-lived L4 connections can re-check their authorization.
+    swaps: tokio::sync::watch::Sender<u64>,
     loaded: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
@@ -34,9 +36,15 @@ impl PolicyState {
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(PolicySnapshot::deny_all(workload))),
             set: ArcSwapOption::empty(),
+            swaps: tokio::sync::watch::channel(0).0,
             loaded: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
+    }
+
+    /// Notifies at every policy swap.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     /// True once a valid policy has been loaded.
@@ -129,6 +137,7 @@ impl PolicyFiles {
                     tracing::info!(event = "policy.swapped", version = %set.version, previous = %current.version(), "policy snapshot in force");
                     state.snapshot.store(Arc::new(snapshot));
                     metrics.policy_swaps.inc();
+                    state.swaps.send_modify(|n| *n += 1);
                     metrics.set_policy_version(&set.version);
                 }
                 on_update(&set);

@@ -42,6 +42,10 @@ pub struct SidecarConfig {
     /// Exact paths the probe listener forwards to the app (GET/HEAD only).
     pub probe_paths: Vec<String>,
     pub allow_tls12: bool,
+    /// Local TCP ports whose connections are tunnelled to a Service (opaque L4).
+    pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
+    /// Extra app ports that inbound L4 tunnels may reach (the app's own port always may).
+    pub inbound_tcp_ports: Vec<u16>,
     /// How long open connections may finish after shutdown starts.
     pub drain: Duration,
     /// How often policy and identity files are checked for changes.
@@ -135,6 +139,13 @@ impl Sidecar {
         } else {
             Some(bind(config.probe, "health probes", "--probe").await?)
         };
+        let mut tcp_listeners = Vec::new();
+        for forward in &config.tcp_forwards {
+            tcp_listeners.push((
+                bind(forward.listen, "TCP forward", "--tcp-forward").await?,
+                forward.clone(),
+            ));
+        }
         let metrics = Arc::new(Metrics::default());
 
         let identity = match config.identity {
@@ -173,8 +184,28 @@ impl Sidecar {
                 app_port: config.app.port(),
             },
             forwarder: AppForwarder::new(config.app, config.app_protocol),
+            tunnel: crate::tunnel::TunnelServer {
+                policy: policy.snapshot.clone(),
+                swaps: policy.swaps(),
+                metrics: metrics.clone(),
+                app_host: config.app.ip(),
+                ports: Arc::new(
+                    std::iter::once(config.app.port())
+                        .chain(config.inbound_tcp_ports.iter().copied())
+                        .collect(),
+                ),
+            },
             metrics: metrics.clone(),
         };
+        for (listener, forward) in tcp_listeners {
+            tokio::spawn(crate::outbound::tcp::serve(
+                listener,
+                forward,
+                routes.clone(),
+                metrics.clone(),
+                shutdown.subscribe(),
+            ));
+        }
         let outbound = Outbound {
             routes: routes.clone(),
             metrics: metrics.clone(),

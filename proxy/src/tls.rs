@@ -37,7 +37,8 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
 }
 
 /// Builds the inbound config: client certificate required and chained to the current bundle,
-/// TLS 1.3 only unless `allow_tls12`, ALPN h2 + http/1.1, no resumption.
+/// TLS 1.3 only unless `allow_tls12`, ALPN h2 + http/1.1 + meshgate-tcp (L4 tunnels), no
+/// resumption.
 pub fn inbound_config(
     identity: &Identity,
     allow_tls12: bool,
@@ -57,7 +58,11 @@ pub fn inbound_config(
         .with_cert_resolver(identity.resolver());
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        crate::tunnel::ALPN.to_vec(),
+    ];
     Ok(config)
 }
 

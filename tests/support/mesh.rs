@@ -248,6 +248,16 @@ impl TestMesh {
 
     /// Starts a workload whose sidecar bootstraps its SVID from the CA with a join token.
     pub async fn add(&mut self, name: &str) {
+        self.add_with(name, &[], &[]).await;
+    }
+
+    /// Like [`add`](Self::add), with outbound TCP forwards and extra inbound TCP ports.
+    pub async fn add_with(
+        &mut self,
+        name: &str,
+        tcp_forwards: &[meshgate_proxy::outbound::tcp::TcpForward],
+        inbound_tcp_ports: &[u16],
+    ) {
         let id = Self::id_of(name);
         let app = EchoApp::start().await;
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -271,6 +281,8 @@ impl TestMesh {
             probe: any,
             probe_paths: vec!["/healthz".to_string()],
             allow_tls12: false,
+            tcp_forwards: tcp_forwards.to_vec(),
+            inbound_tcp_ports: inbound_tcp_ports.to_vec(),
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
         })

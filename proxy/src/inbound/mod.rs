@@ -32,6 +32,7 @@ pub struct Inbound {
     pub tls: Arc<ArcSwap<ServerConfig>>,
     pub authz: AuthzContext,
     pub forwarder: AppForwarder,
+    pub tunnel: crate::tunnel::TunnelServer,
     pub metrics: Arc<Metrics>,
 }
 
@@ -154,6 +155,9 @@ impl Inbound {
             })
             .inc();
         tracing::debug!(event = "inbound.connection", peer.id = %id, peer.addr = %peer);
+        if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
+            return self.tunnel.clone().serve(tls, id).await;
+        }
         let peer_identity = Arc::new(PeerIdentity { id, addr: peer });
         let service = ServiceBuilder::new()
             .layer(authz::AuthorizeLayer::new(

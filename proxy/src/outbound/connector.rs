@@ -26,6 +26,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// An mTLS connection to a peer sidecar, negotiated to HTTP/2.
 pub struct MeshStream(TokioIo<TlsStream<TcpStream>>);
 
+impl MeshStream {
+    /// The TLS stream itself (for L4 tunnels, which are not HTTP).
+    pub fn into_inner(self) -> TlsStream<TcpStream> {
+        self.0.into_inner()
+    }
+}
+
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
         let h2 = self.0.inner().get_ref().1.alpn_protocol() == Some(b"h2");
@@ -72,6 +79,8 @@ pub struct MeshConnector {
     tls: TlsConnector,
     /// Same, offering only HTTP/1.1: for upgraded (WebSocket) requests, which HTTP/2 cannot carry.
     tls_http1: TlsConnector,
+    /// Same, negotiating an L4 tunnel (`meshgate-tcp`).
+    tls_tunnel: TlsConnector,
     expected: SpiffeId,
     metrics: Arc<Metrics>,
 }
@@ -96,6 +105,7 @@ impl MeshConnector {
             next: Arc::new(AtomicUsize::new(0)),
             tls: TlsConnector::from(config(&[b"h2"])),
             tls_http1: TlsConnector::from(config(&[b"http/1.1"])),
+            tls_tunnel: TlsConnector::from(config(&[crate::tunnel::ALPN])),
             expected,
             metrics,
         }
@@ -104,6 +114,11 @@ impl MeshConnector {
     /// A dedicated HTTP/1.1 mTLS connection (not pooled), for upgraded requests.
     pub async fn connect_http1(&self) -> io::Result<MeshStream> {
         self.connect_with(&self.tls_http1).await
+    }
+
+    /// A dedicated mTLS connection for an L4 tunnel.
+    pub async fn connect_tunnel(&self) -> io::Result<TlsStream<TcpStream>> {
+        Ok(self.connect_with(&self.tls_tunnel).await?.into_inner())
     }
 
     async fn connect(self) -> io::Result<MeshStream> {

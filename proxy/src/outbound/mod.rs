@@ -3,6 +3,7 @@
 //! the Service names. A server with a valid certificate but another identity is refused.
 
 pub mod connector;
+pub mod tcp;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -80,6 +81,13 @@ impl RouteTable {
             }
         }
         Self { by_host }
+    }
+
+    /// The connector of the route serving `host` (lowercase, no port).
+    pub fn connector_for(&self, host: &str) -> Option<(String, MeshConnector)> {
+        self.by_host
+            .get(host)
+            .map(|e| (e.route.name.clone(), e.connector.clone()))
     }
 
     /// The routes, for `/config`.

@@ -1,0 +1,134 @@
+//! Outbound TCP forwards (`--tcp-forward 127.0.0.1:15432=postgres:5432`): the app connects to a
+//! local port, and the sidecar carries the bytes over an mTLS L4 tunnel to a sidecar of the
+//! Service, verified by SPIFFE ID like HTTP traffic. Such ports are opaque by declaration, so
+//! server-speaks-first protocols work and nothing waits for protocol detection.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::RouteTable;
+use crate::http_util::host_without_port;
+use crate::metrics::{Metrics, TcpLabels};
+
+/// One `LISTEN=HOST:PORT` forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpForward {
+    pub listen: SocketAddr,
+    /// Service host (as in `hosts`, the name, or `name.namespace`).
+    pub host: String,
+    /// Port of the destination app.
+    pub port: u16,
+}
+
+impl FromStr for TcpForward {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || {
+            format!(
+                "--tcp-forward {s:?}: expected LISTEN_ADDR=SERVICE:PORT, e.g. 127.0.0.1:15432=postgres:5432"
+            )
+        };
+        let (listen, target) = s.split_once('=').ok_or_else(usage)?;
+        let (host, port) = target.rsplit_once(':').ok_or_else(usage)?;
+        Ok(Self {
+            listen: listen.parse().map_err(|_| usage())?,
+            host: host_without_port(host),
+            port: port.parse().ok().filter(|p| *p != 0).ok_or_else(usage)?,
+        })
+    }
+}
+
+fn count(metrics: &Metrics, decision: &'static str, port: u16) {
+    metrics
+        .tcp_connections
+        .get_or_create(&TcpLabels {
+            direction: "outbound",
+            decision,
+            port,
+        })
+        .inc();
+}
+
+async fn carry(
+    mut app: TcpStream,
+    forward: &TcpForward,
+    routes: &ArcSwap<RouteTable>,
+    metrics: &Metrics,
+) {
+    let Some((service, connector)) = routes.load().connector_for(&forward.host) else {
+        tracing::warn!(event = "tunnel.no_route", host = %forward.host, "no Service for this TCP forward; closing");
+        return count(metrics, "error", forward.port);
+    };
+    let tunnel = match connector.connect_tunnel().await {
+        Ok(tls) => crate::tunnel::open(tls, forward.port).await,
+        Err(e) => Err(e),
+    };
+    let mut tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(event = "tunnel.refused", service, port = forward.port, error = %e, "TCP tunnel not established");
+            let decision = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "deny"
+            } else {
+                "error"
+            };
+            return count(metrics, decision, forward.port);
+        }
+    };
+    count(metrics, "allow", forward.port);
+    let _ = tokio::io::copy_bidirectional(&mut app, &mut tunnel).await;
+}
+
+/// Serves one TCP forward until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    forward: TcpForward,
+    routes: Arc<ArcSwap<RouteTable>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let forward = Arc::new(forward);
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok((app, _)) => {
+                    let _ = app.set_nodelay(true);
+                    let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
+                    tokio::spawn(async move { carry(app, &forward, &routes, &metrics).await });
+                }
+                Err(e) => {
+                    tracing::warn!(event = "tunnel.accept_failed", error = %e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forwards() {
+        let f: TcpForward = "127.0.0.1:15432=Postgres.shop:5432".parse().unwrap();
+        assert_eq!(f.listen, "127.0.0.1:15432".parse().unwrap());
+        assert_eq!((f.host.as_str(), f.port), ("postgres.shop", 5432));
+        for bad in [
+            "127.0.0.1:1=pg",
+            "pg:5432",
+            "x=pg:5432",
+            "127.0.0.1:1=pg:0",
+            "127.0.0.1:1=pg:http",
+        ] {
+            assert!(bad.parse::<TcpForward>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The L4 tunnel between sidecars for non-HTTP TCP (databases, brokers, anything opaque).
+//!
+//! A tunnel is its own mTLS connection negotiated with ALPN `meshgate-tcp`, so the inbound side
+//! knows what it is from the handshake alone — no sniffing, no stall on server-speaks-first
+//! protocols (MySQL, SMTP). The client then sends one line, `MGTCP1 <port>\n`; the inbound sidecar
+//! authorizes the peer's identity for that port (rules with L7 conditions never match L4 traffic),
+//! answers `OK\n` and splices bytes. The decision is re-checked at every policy swap: a
+//! connection that the new policy denies is closed and counted as `revoked`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshgate_ca::SpiffeId;
+use meshgate_xds::{AuthzRequest, PolicySnapshot};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::metrics::{Metrics, TcpLabels};
+
+/// ALPN protocol ID of an L4 tunnel.
+pub const ALPN: &[u8] = b"meshgate-tcp";
+const HEADER_PREFIX: &str = "MGTCP1 ";
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_HEADER: usize = 32;
+
+fn count(metrics: &Metrics, direction: &'static str, decision: &'static str, port: u16) {
+    metrics
+        .tcp_connections
+        .get_or_create(&TcpLabels {
+            direction,
+            decision,
+            port,
+        })
+        .inc();
+}
+
+/// Reads the tunnel header (`MGTCP1 <port>\n`) with a timeout and a length limit.
+async fn read_header<S: AsyncRead + Unpin>(stream: &mut BufReader<S>) -> Option<u16> {
+    let mut line = String::new();
+    let read = tokio::time::timeout(HEADER_TIMEOUT, async {
+        let mut limited = (&mut *stream).take(MAX_HEADER as u64);
+        limited.read_line(&mut line).await
+    });
+    match read.await {
+        Ok(Ok(n)) if n > 0 && line.ends_with('\n') => {
+            line.trim_end().strip_prefix(HEADER_PREFIX)?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Inbound side: what an accepted `meshgate-tcp` connection may reach.
+#[derive(Clone)]
+pub struct TunnelServer {
+    pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    pub swaps: tokio::sync::watch::Receiver<u64>,
+    pub metrics: Arc<Metrics>,
+    /// The app's host; tunnels connect to `<app_host>:<port>`.
+    pub app_host: std::net::IpAddr,
+    /// Ports a tunnel may target (the app's port plus `--inbound-tcp-port`s). Anything else —
+    /// the admin port, other local services — is refused before policy is even consulted.
+    pub ports: Arc<Vec<u16>>,
+}
+
+impl TunnelServer {
+    fn allowed(&self, peer: &SpiffeId, port: u16) -> (bool, meshgate_xds::Decision) {
+        let decision = self.policy.load().evaluate(&AuthzRequest {
+            peer,
+            method: None,
+            path: None,
+            port,
+            headers: None,
+        });
+        (decision.allowed, decision)
+    }
+
+    /// Serves one tunnel whose TLS handshake identified `peer`.
+    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, stream: S, peer: SpiffeId) {
+        let mut stream = BufReader::new(stream);
+        let Some(port) = read_header(&mut stream).await else {
+            tracing::warn!(event = "tunnel.bad_header", peer.id = %peer, "tunnel closed: missing or malformed header");
+            count(&self.metrics, "inbound", "error", 0);
+            return;
+        };
+        if !self.ports.contains(&port) {
+            tracing::warn!(event = "tunnel.port_refused", peer.id = %peer, port, "tunnel to a port this sidecar does not expose");
+            count(&self.metrics, "inbound", "deny", port);
+            return;
+        }
+        let (allowed, decision) = self.allowed(&peer, port);
+        tracing::info!(
+            event = "authz.decision",
+            layer = "l4",
+            peer.id = %peer,
+            port,
+            decision = decision.kind.as_str(),
+            policy = decision.policy.as_deref().unwrap_or(""),
+            rule = decision.rule,
+            policy.version = %decision.version,
+            reason = %decision.reason,
+        );
+        if !allowed {
+            count(&self.metrics, "inbound", "deny", port);
+            return;
+        }
+        let mut app = match TcpStream::connect((self.app_host, port)).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::warn!(event = "tunnel.app_unavailable", port, error = %e);
+                count(&self.metrics, "inbound", "error", port);
+                return;
+            }
+        };
+        if stream.get_mut().write_all(b"OK\n").await.is_err() {
+            return;
+        }
+        count(&self.metrics, "inbound", "allow", port);
+        let mut swaps = self.swaps.clone();
+        swaps.borrow_and_update();
+        let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                _ = &mut copy => return,
+                changed = swaps.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let (still, decision) = self.allowed(&peer, port);
+                    if !still {
+                        tracing::warn!(event = "tunnel.revoked", peer.id = %peer, port, policy.version = %decision.version, reason = %decision.reason, "policy changed: closing the tunnel");
+                        count(&self.metrics, "inbound", "revoked", port);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Outbound side: opens the tunnel header on an established `meshgate-tcp` mTLS stream and waits
+/// for the peer's `OK`.
+pub async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    port: u16,
+) -> std::io::Result<BufReader<S>> {
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(format!("{HEADER_PREFIX}{port}\n").as_bytes())
+        .await?;
+    let mut line = String::new();
+    let read = tokio::time::timeout(HEADER_TIMEOUT, async {
+        let mut limited = (&mut stream).take(8);
+        limited.read_line(&mut line).await
+    })
+    .await;
+    match read {
+        Ok(Ok(_)) if line == "OK\n" => Ok(stream),
+        Ok(Ok(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the peer sidecar refused the tunnel",
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer sidecar did not answer the tunnel header",
+        )),
+    }
+}
