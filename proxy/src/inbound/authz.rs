@@ -144,6 +144,7 @@ where
         let policy = decision.policy.clone().unwrap_or_default();
         tracing::info!(
             event = "authz.decision",
+            meshgate.workload.id = %ctx.local_id,
             peer.id = %peer.id,
             peer.addr = %peer.addr,
             http.request.method = %method,
