@@ -81,6 +81,13 @@ pub struct ProxyArgs {
     /// Extra app port that inbound L4 tunnels may reach besides the --app port (repeatable).
     #[arg(long = "inbound-tcp-port")]
     inbound_tcp_ports: Vec<u16>,
+    /// How long redirected connections may take to send their first bytes before they are
+    /// handled as opaque TCP (server-speaks-first protocols).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    detect_timeout: Duration,
+    /// Destination port always handled as opaque TCP, without detection (repeatable).
+    #[arg(long = "opaque-port")]
+    opaque_ports: Vec<u16>,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -139,6 +146,8 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         allow_tls12: args.allow_tls12,
         tcp_forwards: args.tcp_forwards.clone(),
         inbound_tcp_ports: args.inbound_tcp_ports.clone(),
+        detect_timeout: args.detect_timeout,
+        opaque_ports: args.opaque_ports.clone(),
         drain: args.drain,
         poll_interval: args.poll_interval,
     };

@@ -45,6 +45,13 @@ pub struct TcpLabels {
     pub port: u16,
 }
 
+/// Labels of the protocol detection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    /// `http` | `opaque` | `timeout` | `closed`.
+    pub result: &'static str,
+}
+
 /// Labels of the policy version info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -59,6 +66,7 @@ pub struct Metrics {
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
+    pub protocol_detections: Family<DetectLabels, Counter>,
     pub policy_swaps: Counter,
     pub policy_rejected: Counter,
     pub policy_version: Family<VersionLabels, Gauge>,
@@ -106,6 +114,12 @@ impl Default for Metrics {
             "Tunnelled TCP connections by direction, L4 decision and port",
             tcp_connections.clone(),
         );
+        let protocol_detections = Family::<DetectLabels, Counter>::default();
+        registry.register(
+            "protocol_detections",
+            "Protocol detection outcomes on redirected outbound connections (timeout = server-speaks-first or slow client)",
+            protocol_detections.clone(),
+        );
         let policy_swaps = Counter::default();
         registry.register(
             "policy_swaps",
@@ -137,6 +151,7 @@ impl Default for Metrics {
             tls_handshakes,
             tls_handshake_failures,
             tcp_connections,
+            protocol_detections,
             policy_swaps,
             policy_rejected,
             policy_version,

@@ -46,6 +46,10 @@ pub struct SidecarConfig {
     pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
     /// Extra app ports that inbound L4 tunnels may reach (the app's own port always may).
     pub inbound_tcp_ports: Vec<u16>,
+    /// Protocol detection on redirected outbound connections.
+    pub detect_timeout: Duration,
+    /// Destination ports always treated as opaque TCP.
+    pub opaque_ports: Vec<u16>,
     /// How long open connections may finish after shutdown starts.
     pub drain: Duration,
     /// How often policy and identity files are checked for changes.
@@ -122,6 +126,13 @@ pub fn routes_from(set: &PolicySet) -> Vec<Route> {
                 identity: svc.spec.identity.clone(),
                 hosts,
                 endpoints: svc.spec.endpoints.clone(),
+                opaque_ports: svc
+                    .spec
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol == meshgate_xds::model::Protocol::Tcp)
+                    .map(|p| p.port)
+                    .collect(),
             }
         })
         .collect()
@@ -209,6 +220,10 @@ impl Sidecar {
         let outbound = Outbound {
             routes: routes.clone(),
             metrics: metrics.clone(),
+            detection: crate::outbound::Detection {
+                timeout: config.detect_timeout,
+                opaque_ports: Arc::new(config.opaque_ports.clone()),
+            },
         };
         let admin = Admin {
             identity: identity.clone(),

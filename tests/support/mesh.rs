@@ -283,6 +283,8 @@ impl TestMesh {
             allow_tls12: false,
             tcp_forwards: tcp_forwards.to_vec(),
             inbound_tcp_ports: inbound_tcp_ports.to_vec(),
+            detect_timeout: Duration::from_millis(300),
+            opaque_ports: vec![],
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
         })

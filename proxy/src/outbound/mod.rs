@@ -3,6 +3,7 @@
 //! the Service names. A server with a valid certificate but another identity is refused.
 
 pub mod connector;
+pub mod detect;
 pub mod tcp;
 
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ pub struct Route {
     pub hosts: Vec<String>,
     /// `host:port` of its sidecars' inbound listeners.
     pub endpoints: Vec<String>,
+    /// Ports the Service declares `protocol: tcp`: redirected traffic to them skips detection.
+    pub opaque_ports: Vec<u16>,
 }
 
 struct RouteEntry {
@@ -90,6 +93,13 @@ impl RouteTable {
             .map(|e| (e.route.name.clone(), e.connector.clone()))
     }
 
+    /// True when the Service at `host` declares `port` opaque (`protocol: tcp`).
+    pub fn is_opaque(&self, host: &str, port: u16) -> bool {
+        self.by_host
+            .get(host)
+            .is_some_and(|e| e.route.opaque_ports.contains(&port))
+    }
+
     /// The routes, for `/config`.
     pub fn routes(&self) -> Vec<Route> {
         let mut routes: Vec<Route> = self.by_host.values().map(|e| e.route.clone()).collect();
@@ -99,11 +109,21 @@ impl RouteTable {
     }
 }
 
+/// Protocol detection settings for redirected connections.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    /// How long to wait for the client's first bytes before treating the connection as opaque.
+    pub timeout: Duration,
+    /// Destination ports that are always opaque TCP (no detection, no wait).
+    pub opaque_ports: Arc<Vec<u16>>,
+}
+
 /// Everything the outbound listener needs.
 #[derive(Clone)]
 pub struct Outbound {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub metrics: Arc<Metrics>,
+    pub detection: Detection,
 }
 
 impl Outbound {
@@ -120,20 +140,9 @@ impl Outbound {
                 _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _peer)) => {
-                        let _ = tcp.set_nodelay(true);
                         let this = self.clone();
-                        let service = hyper::service::service_fn(move |req| {
-                            let this = this.clone();
-                            async move { Ok::<_, Infallible>(this.forward(req).await) }
-                        });
-                        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
-                        let watched = graceful.watch(conn);
-                        tokio::spawn(async move {
-                            if let Err(e) = watched.await {
-                                tracing::debug!(error = %e, "outbound connection ended with an error");
-                            }
-                        });
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move { this.connection(tcp, watcher).await });
                     }
                     Err(e) => {
                         tracing::warn!(event = "outbound.accept_failed", error = %e);
@@ -144,6 +153,51 @@ impl Outbound {
         }
         drop(listener);
         let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+    }
+
+    /// One accepted connection: redirected non-HTTP goes through an L4 tunnel; HTTP (redirected
+    /// or explicit) is served and routed per request.
+    async fn connection(
+        self,
+        tcp: tokio::net::TcpStream,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        if let Some(dst) = detect::original_dst(&tcp) {
+            let host = dst.ip().to_string();
+            let verdict = if self.detection.opaque_ports.contains(&dst.port())
+                || self.routes.load().is_opaque(&host, dst.port())
+            {
+                detect::Detected::Opaque
+            } else {
+                detect::detect(&tcp, self.detection.timeout).await
+            };
+            self.metrics
+                .protocol_detections
+                .get_or_create(&crate::metrics::DetectLabels {
+                    result: verdict.as_str(),
+                })
+                .inc();
+            match verdict {
+                detect::Detected::Http => {}
+                detect::Detected::Closed => return,
+                detect::Detected::Opaque | detect::Detected::Timeout => {
+                    return tcp::carry(tcp, &host, dst.port(), &self.routes, &self.metrics).await;
+                }
+            }
+        }
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.forward(req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "outbound connection ended with an error");
+        }
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {

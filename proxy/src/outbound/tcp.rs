@@ -55,33 +55,41 @@ fn count(metrics: &Metrics, decision: &'static str, port: u16) {
         .inc();
 }
 
-async fn carry(
+/// Carries one app connection to `host:port` through an L4 tunnel to a sidecar of the Service
+/// serving `host`. Nothing leaves unverified: no Service, no connection.
+pub async fn carry(
     mut app: TcpStream,
-    forward: &TcpForward,
+    host: &str,
+    port: u16,
     routes: &ArcSwap<RouteTable>,
     metrics: &Metrics,
 ) {
-    let Some((service, connector)) = routes.load().connector_for(&forward.host) else {
-        tracing::warn!(event = "tunnel.no_route", host = %forward.host, "no Service for this TCP forward; closing");
-        return count(metrics, "error", forward.port);
+    let Some((service, connector)) = routes.load().connector_for(host) else {
+        tracing::warn!(
+            event = "tunnel.no_route",
+            host,
+            port,
+            "no Service for this TCP destination; closing (fail closed)"
+        );
+        return count(metrics, "error", port);
     };
     let tunnel = match connector.connect_tunnel().await {
-        Ok(tls) => crate::tunnel::open(tls, forward.port).await,
+        Ok(tls) => crate::tunnel::open(tls, port).await,
         Err(e) => Err(e),
     };
     let mut tunnel = match tunnel {
         Ok(t) => t,
         Err(e) => {
-            tracing::warn!(event = "tunnel.refused", service, port = forward.port, error = %e, "TCP tunnel not established");
+            tracing::warn!(event = "tunnel.refused", service, port, error = %e, "TCP tunnel not established");
             let decision = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 "deny"
             } else {
                 "error"
             };
-            return count(metrics, decision, forward.port);
+            return count(metrics, decision, port);
         }
     };
-    count(metrics, "allow", forward.port);
+    count(metrics, "allow", port);
     let _ = tokio::io::copy_bidirectional(&mut app, &mut tunnel).await;
 }
 
@@ -101,7 +109,7 @@ pub async fn serve(
                 Ok((app, _)) => {
                     let _ = app.set_nodelay(true);
                     let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
-                    tokio::spawn(async move { carry(app, &forward, &routes, &metrics).await });
+                    tokio::spawn(async move { carry(app, &forward.host, forward.port, &routes, &metrics).await });
                 }
                 Err(e) => {
                     tracing::warn!(event = "tunnel.accept_failed", error = %e);
