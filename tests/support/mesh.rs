@@ -414,29 +414,34 @@ impl TestMesh {
     /// Sum of a workload's metric series named `metric` whose labels contain every `fragment`
     /// (e.g. `decision="deny"`), read from its admin `/metrics` endpoint.
     pub async fn metric(&self, workload: &str, metric: &str, fragments: &[&str]) -> f64 {
-        let admin = self.workload(workload).sidecar.admin_addr;
-        let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("/metrics")
-            .header("host", "admin")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let text = String::from_utf8(
-            resp.into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()
-                .to_vec(),
+        let (status, text) = admin(
+            self.workload(workload).sidecar.admin_addr,
+            "GET",
+            "/metrics",
         )
-        .unwrap();
+        .await;
+        assert_eq!(status, 200);
         sum_metric(&text, metric, fragments)
     }
+}
+
+/// One request to an admin endpoint: status and body.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Sums the samples of `metric` (exact name) whose label text contains every fragment.
