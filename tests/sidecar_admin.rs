@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::mesh::{TestMesh, admin};
@@ -126,46 +126,21 @@ async fn sighup_reloads_at_once() {
     require_tool("curl");
     let ca = TestCa::init();
     let base = ca.tmp.path().to_path_buf();
-    let issued = run(meshgate()
-        .args([
-            "ca",
-            "issue",
-            "--id",
-            "spiffe://mesh.local/ns/shop/sa/orders",
-            "--dir",
-        ])
-        .arg(&ca.dir)
-        .arg("--out")
-        .arg(base.join("orders")));
-    assert!(issued.status.success());
+    issue_files(
+        &ca,
+        "spiffe://mesh.local/ns/shop/sa/orders",
+        &base.join("orders"),
+    );
     let policies = base.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("p.yaml"), allow("/a")).unwrap();
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let admin_port = port();
-    let mut child = meshgate()
-        .args(["proxy", "--app", "127.0.0.1:9", "--poll-interval", "1h"])
-        .arg("--svid-cert")
-        .arg(base.join("orders/svid.pem"))
-        .arg("--svid-key")
-        .arg(base.join("orders/key.pem"))
-        .arg("--trust-bundle")
-        .arg(base.join("orders/bundle.pem"))
-        .arg("--policy-dir")
-        .arg(&policies)
-        .args(["--inbound", &format!("127.0.0.1:{}", port())])
-        .args(["--outbound", &format!("127.0.0.1:{}", port())])
-        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let proxy = ProxyProcess::spawn(
+        &base.join("orders"),
+        &policies,
+        "127.0.0.1:9",
+        &["--poll-interval", "1h"],
+    );
+    let admin_port = proxy.admin;
     let version = || {
         let out = Command::new("curl")
             .args(["-sf", &format!("http://127.0.0.1:{admin_port}/config")])
@@ -191,13 +166,7 @@ async fn sighup_reloads_at_once() {
         first,
         "with a 1 h poll interval nothing changes by itself"
     );
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    proxy.signal("HUP");
     let mut reloaded = false;
     for _ in 0..50 {
         if version().is_some_and(|v| v != first) {
@@ -206,7 +175,5 @@ async fn sighup_reloads_at_once() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(reloaded, "SIGHUP reloads the policy directory at once");
 }

@@ -3,8 +3,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use support::mesh::EchoApp;
 use support::*;
@@ -22,24 +21,6 @@ spec:
     - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
       to: [{ methods: ["PUT", "GET"], paths: ["/upload/*", "/download/*"] }]
 "#;
-
-/// Kills the child on drop so a failed assertion never leaves a sidecar running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -80,43 +61,9 @@ async fn one_gib_each_way_with_flat_memory() {
     std::fs::write(base.join("web.key"), web.key.serialize_pem()).unwrap();
 
     let app = EchoApp::start().await;
-    let (inbound, admin) = (free_port(), free_port());
-    let proxy = Running(
-        meshgate()
-            .args(["proxy", "--app", &app.addr.to_string()])
-            .arg("--svid-cert")
-            .arg(base.join("orders/svid.pem"))
-            .arg("--svid-key")
-            .arg(base.join("orders/key.pem"))
-            .arg("--trust-bundle")
-            .arg(base.join("orders/bundle.pem"))
-            .arg("--policy-dir")
-            .arg(&policies)
-            .args(["--inbound", &format!("127.0.0.1:{inbound}")])
-            .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("MESHGATE_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = proxy.0.id();
-    let ready = format!("http://127.0.0.1:{admin}/ready");
-    let mut up = false;
-    for _ in 0..100 {
-        if Command::new("curl")
-            .args(["-sf", &ready])
-            .output()
-            .unwrap()
-            .status
-            .success()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "sidecar did not become ready");
+    let proxy = ProxyProcess::spawn(&base.join("orders"), &policies, &app.addr.to_string(), &[]);
+    proxy.ready().await;
+    let (pid, inbound) = (proxy.pid(), proxy.inbound);
     let idle_kib = peak_rss_kib(pid);
 
     let tls = format!(
@@ -167,19 +114,8 @@ async fn one_gib_each_way_with_flat_memory() {
     );
 
     // SIGTERM drains and exits cleanly.
-    let mut proxy = proxy;
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || {
-        let status = proxy.0.wait().unwrap();
-        std::mem::forget(proxy);
-        status
-    })
-    .await
-    .unwrap();
+    proxy.signal("TERM");
+    let status = proxy.wait().await;
     assert!(
         status.success(),
         "sidecar exit status after SIGTERM: {status:?}"

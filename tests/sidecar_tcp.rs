@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use meshgate_proxy::outbound::tcp::TcpForward;
+use support::free_port;
 use support::mesh::TestMesh;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,14 +27,6 @@ async fn banner_server() -> u16 {
         }
     });
     port
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn allow_web_on(port: u16) -> String {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod probe;
+pub mod serve;
 pub mod sidecar;
 pub mod tls;
 pub mod tunnel;

@@ -331,3 +331,108 @@ pub fn csr_with(
 pub fn write_chain(path: &Path, chain: &[CertificateDer<'_>]) {
     std::fs::write(path, meshgate_ca::cert::certs_to_pem(chain)).unwrap();
 }
+
+/// A free loopback port (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Issues an SVID for `id` with `meshgate ca issue` into `out` (svid.pem, key.pem, bundle.pem).
+pub fn issue_files(ca: &TestCa, spiffe_id: &str, out: &Path) {
+    let done = run(meshgate()
+        .args(["ca", "issue", "--id", spiffe_id, "--dir"])
+        .arg(&ca.dir)
+        .arg("--out")
+        .arg(out));
+    assert!(done.status.success(), "{}", text(&done));
+}
+
+/// A real `meshgate proxy` process with a static identity from `files` (as written by
+/// [`issue_files`]); killed on drop so a failed assertion never leaves it running.
+pub struct ProxyProcess {
+    pub child: Option<std::process::Child>,
+    pub inbound: u16,
+    pub admin: u16,
+}
+
+impl ProxyProcess {
+    pub fn spawn(files: &Path, policies: &Path, app: &str, extra: &[&str]) -> Self {
+        let (inbound, admin) = (free_port(), free_port());
+        let child = meshgate()
+            .args(["proxy", "--app", app])
+            .arg("--svid-cert")
+            .arg(files.join("svid.pem"))
+            .arg("--svid-key")
+            .arg(files.join("key.pem"))
+            .arg("--trust-bundle")
+            .arg(files.join("bundle.pem"))
+            .arg("--policy-dir")
+            .arg(policies)
+            .args(["--inbound", &format!("127.0.0.1:{inbound}")])
+            .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .env("MESHGATE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            inbound,
+            admin,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until `GET /ready` answers 200.
+    pub async fn ready(&self) {
+        let url = format!("http://127.0.0.1:{}/ready", self.admin);
+        for _ in 0..100 {
+            if Command::new("curl")
+                .args(["-sf", &url])
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("sidecar did not become ready");
+    }
+
+    /// Sends `signal` (e.g. "TERM", "HUP") to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

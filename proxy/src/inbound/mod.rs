@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use meshgate_ca::cert;
 use rustls::ServerConfig;
@@ -57,36 +56,17 @@ impl Inbound {
     pub async fn serve(
         self,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let graceful = GracefulShutdown::new();
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let this = self.clone();
-                        let watcher = graceful.watcher();
-                        tokio::spawn(async move { this.connection(tcp, peer, watcher).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(event = "inbound.accept_failed", error = %e);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        drop(listener);
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                event = "inbound.drain_timeout",
-                "connections still open after the drain period; closing them"
-            );
-        }
+        crate::serve::accept_loop(
+            listener,
+            shutdown,
+            drain,
+            "inbound",
+            move |tcp, peer, watcher| self.clone().connection(tcp, peer, watcher),
+        )
+        .await;
     }
 
     async fn connection(

@@ -16,7 +16,6 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use meshgate_ca::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -127,32 +126,21 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Serves the app's plaintext HTTP (HTTP/1.1 or h2c) until `shutdown`.
+    /// Serves the app's plaintext HTTP (HTTP/1.1 or h2c) and redirected TCP until `shutdown`.
     pub async fn serve(
         self,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let graceful = GracefulShutdown::new();
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, _peer)) => {
-                        let this = self.clone();
-                        let watcher = graceful.watcher();
-                        tokio::spawn(async move { this.connection(tcp, watcher).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(event = "outbound.accept_failed", error = %e);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        drop(listener);
-        let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+        crate::serve::accept_loop(
+            listener,
+            shutdown,
+            drain,
+            "outbound",
+            move |tcp, _peer, watcher| self.clone().connection(tcp, watcher),
+        )
+        .await;
     }
 
     /// One accepted connection: redirected non-HTTP goes through an L4 tunnel; HTTP (redirected

@@ -99,25 +99,23 @@ pub async fn serve(
     forward: TcpForward,
     routes: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let forward = Arc::new(forward);
-    loop {
-        tokio::select! {
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok((app, _)) => {
-                    let _ = app.set_nodelay(true);
-                    let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
-                    tokio::spawn(async move { carry(app, &forward.host, forward.port, &routes, &metrics).await });
-                }
-                Err(e) => {
-                    tracing::warn!(event = "tunnel.accept_failed", error = %e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+    crate::serve::accept_loop(
+        listener,
+        shutdown,
+        Duration::ZERO,
+        "tcp-forward",
+        move |app, _peer, _watcher| {
+            let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
+            async move {
+                let _ = app.set_nodelay(true);
+                carry(app, &forward.host, forward.port, &routes, &metrics).await
+            }
+        },
+    )
+    .await;
 }
 
 #[cfg(test)]

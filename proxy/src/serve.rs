@@ -1,0 +1,51 @@
+//! The accept loop shared by the sidecar's listeners.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Accepts connections until `shutdown` turns true, running `handle` for each in its own task;
+/// then stops accepting and gives connections registered with the watcher up to `drain` to finish.
+/// Accept errors (e.g. out of file descriptors) are logged and retried after a short pause rather
+/// than ending the listener.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    listener_name: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(handle(tcp, peer, graceful.watcher()));
+                }
+                Err(e) => {
+                    tracing::warn!(event = "listener.accept_failed", listener = listener_name, error = %e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            event = "listener.drain_timeout",
+            listener = listener_name,
+            "connections still open after the drain period; closing them"
+        );
+    }
+}
