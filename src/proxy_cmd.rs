@@ -88,6 +88,10 @@ pub struct ProxyArgs {
     /// Destination port always handled as opaque TCP, without detection (repeatable).
     #[arg(long = "opaque-port")]
     opaque_ports: Vec<u16>,
+    /// Turn OpenTelemetry tracing off (it is on when OTEL_EXPORTER_OTLP_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set).
+    #[arg(long)]
+    no_tracing: bool,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -150,6 +154,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         opaque_ports: args.opaque_ports.clone(),
         drain: args.drain,
         poll_interval: args.poll_interval,
+        telemetry: meshgate_proxy::telemetry::TelemetryConfig::from_env(args.no_tracing),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

@@ -139,6 +139,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         opaque_ports: vec![],
         drain: Duration::from_secs(1),
         poll_interval: Duration::from_millis(50),
+        telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
     })
     .await
     .unwrap();

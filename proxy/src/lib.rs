@@ -12,5 +12,6 @@ pub mod policy;
 pub mod probe;
 pub mod serve;
 pub mod sidecar;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

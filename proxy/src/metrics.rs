@@ -52,6 +52,13 @@ pub struct DetectLabels {
     pub result: &'static str,
 }
 
+/// Labels of the dropped-spans counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `queue_full` (collector too slow or down for long) | `export_failed`.
+    pub reason: &'static str,
+}
+
 /// Labels of the policy version info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -67,6 +74,8 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub protocol_detections: Family<DetectLabels, Counter>,
+    pub spans_exported: Counter,
+    pub spans_dropped: Family<DropLabels, Counter>,
     pub policy_swaps: Counter,
     pub policy_rejected: Counter,
     pub policy_version: Family<VersionLabels, Gauge>,
@@ -120,6 +129,18 @@ impl Default for Metrics {
             "Protocol detection outcomes on redirected outbound connections (timeout = server-speaks-first or slow client)",
             protocol_detections.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans delivered to the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not delivered (queue full or export failed); requests are never slowed instead",
+            spans_dropped.clone(),
+        );
         let policy_swaps = Counter::default();
         registry.register(
             "policy_swaps",
@@ -152,6 +173,8 @@ impl Default for Metrics {
             tls_handshake_failures,
             tcp_connections,
             protocol_detections,
+            spans_exported,
+            spans_dropped,
             policy_swaps,
             policy_rejected,
             policy_version,

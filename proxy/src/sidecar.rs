@@ -54,6 +54,8 @@ pub struct SidecarConfig {
     pub drain: Duration,
     /// How often policy and identity files are checked for changes.
     pub poll_interval: Duration,
+    /// OpenTelemetry tracing.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Why the sidecar could not start.
@@ -72,6 +74,8 @@ pub enum SidecarError {
     Identity(#[from] IdentityError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// A running sidecar.
@@ -166,6 +170,11 @@ impl Sidecar {
         let workload = identity.id().clone();
         tracing::info!(event = "sidecar.identity", id = %workload, "workload identity ready");
 
+        let telemetry = Arc::new(crate::telemetry::Telemetry::new(
+            &config.telemetry,
+            &workload,
+            metrics.clone(),
+        )?);
         let policy = Arc::new(PolicyState::new(&workload));
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
         {
@@ -193,6 +202,7 @@ impl Sidecar {
                 metrics: metrics.clone(),
                 local_id: workload.clone(),
                 app_port: config.app.port(),
+                telemetry: telemetry.clone(),
             },
             forwarder: AppForwarder::new(config.app, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {
@@ -220,6 +230,7 @@ impl Sidecar {
         let outbound = Outbound {
             routes: routes.clone(),
             metrics: metrics.clone(),
+            telemetry: telemetry.clone(),
             detection: crate::outbound::Detection {
                 timeout: config.detect_timeout,
                 opaque_ports: Arc::new(config.opaque_ports.clone()),

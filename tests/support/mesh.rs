@@ -206,6 +206,8 @@ pub struct TestMesh {
     pub ca: TestCa,
     pub policy_dir: PathBuf,
     pub workloads: BTreeMap<String, Workload>,
+    /// Tracing for sidecars added from now on (off by default; each gets its name as service).
+    pub telemetry: meshgate_proxy::telemetry::TelemetryConfig,
 }
 
 /// An HTTP answer as the calling app sees it.
@@ -232,6 +234,7 @@ impl TestMesh {
             ca,
             policy_dir,
             workloads: BTreeMap::new(),
+            telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
         }
     }
 
@@ -260,6 +263,8 @@ impl TestMesh {
     ) {
         let id = Self::id_of(name);
         let app = EchoApp::start().await;
+        let mut telemetry = self.telemetry.clone();
+        telemetry.service_name = Some(format!("{name}-sidecar"));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let sidecar = Sidecar::start(SidecarConfig {
             app: app.addr,
@@ -287,6 +292,7 @@ impl TestMesh {
             opaque_ports: vec![],
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
+            telemetry,
         })
         .await
         .unwrap();

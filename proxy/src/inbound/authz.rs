@@ -23,6 +23,9 @@ use crate::http_util::{
     PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER, error_response,
 };
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
+use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 
 /// The verified identity of the peer on one connection.
 #[derive(Debug, Clone)]
@@ -40,6 +43,8 @@ pub struct AuthzContext {
     pub local_id: SpiffeId,
     /// The app's port, judged against `ports` in rules.
     pub app_port: u16,
+    /// Spans of every request and decision.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Adds [`Authorize`] for one connection's peer.
@@ -102,24 +107,46 @@ where
             .to_string();
         let method = req.method().as_str().to_string();
 
+        // The server span covers the whole request; its parent is the caller's trace context.
+        let parent = ctx.telemetry.extract(req.headers());
+        let inbound = ctx.telemetry.span(
+            "meshgate.inbound",
+            SpanKind::Server,
+            &parent,
+            vec![
+                KeyValue::new("http.request.method", method.clone()),
+                KeyValue::new("url.scheme", "https"),
+                KeyValue::new("network.protocol.version", protocol_version(req.version())),
+                KeyValue::new("client.address", peer.addr.ip().to_string()),
+                KeyValue::new("client.port", i64::from(peer.addr.port())),
+                KeyValue::new("meshgate.peer.id", peer.id.to_string()),
+                KeyValue::new("meshgate.workload.id", ctx.local_id.to_string()),
+            ],
+        );
+        let trace_id = Telemetry::trace_id(&inbound);
+
         let normalized = match normalize_path(&original) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(
                     event = "authz.bad_path",
+                    meshgate.workload.id = %ctx.local_id,
                     peer.id = %peer.id,
                     http.request.method = %method,
                     meshgate.path.original = %original,
                     reason = %e,
+                    trace_id = %trace_id,
                     "request path cannot be normalized safely"
                 );
                 record(&ctx.metrics, "bad-request", "", started);
-                let resp = error_response(
-                    req.headers(),
-                    StatusCode::BAD_REQUEST,
-                    "bad request path
-",
-                );
+                let span = inbound.span();
+                span.set_attribute(KeyValue::new("meshgate.path.original", original.clone()));
+                span.set_attribute(KeyValue::new("http.response.status_code", 400));
+                span.set_attribute(KeyValue::new(DECISION_ATTRIBUTE, "deny"));
+                span.set_status(Status::error(format!("bad request path: {e}")));
+                span.end();
+                let resp =
+                    error_response(req.headers(), StatusCode::BAD_REQUEST, "bad request path\n");
                 return Box::pin(async { Ok(resp) });
             }
         };
@@ -132,6 +159,14 @@ where
             parts.path_and_query = Some(pq.parse().expect("a normalized path is a valid URI path"));
             *req.uri_mut() = Uri::from_parts(parts).expect("valid URI parts");
         }
+        inbound
+            .span()
+            .set_attribute(KeyValue::new("url.path", normalized.path.clone()));
+        if let Some(q) = &normalized.query {
+            inbound
+                .span()
+                .set_attribute(KeyValue::new("url.query", q.clone()));
+        }
 
         let snapshot = ctx.policy.load();
         let decision = snapshot.evaluate(&AuthzRequest {
@@ -142,6 +177,16 @@ where
             headers: Some(req.headers()),
         });
         let policy = decision.policy.clone().unwrap_or_default();
+        let authz = decision_span(
+            &ctx,
+            &inbound,
+            &peer,
+            &method,
+            &original,
+            &normalized,
+            &decision,
+        );
+        drop(authz);
         tracing::info!(
             event = "authz.decision",
             meshgate.workload.id = %ctx.local_id,
@@ -157,9 +202,17 @@ where
             reason = %decision.reason,
             audit_policy = decision.audit_policy.as_deref(),
             dry_run_policy = decision.dry_run_policy.as_deref(),
+            trace_id = %trace_id,
         );
+        inbound
+            .span()
+            .set_attribute(KeyValue::new(DECISION_ATTRIBUTE, decision.kind.as_str()));
         if !decision.allowed {
             record(&ctx.metrics, decision.kind.as_str(), &policy, started);
+            inbound
+                .span()
+                .set_attribute(KeyValue::new("http.response.status_code", 403));
+            inbound.span().end();
             let resp = error_response(req.headers(), StatusCode::FORBIDDEN, "forbidden\n");
             return Box::pin(async { Ok(resp) });
         }
@@ -177,14 +230,87 @@ where
         if let Ok(v) = HeaderValue::from_str(&decision.version) {
             headers.insert(POLICY_VERSION_HEADER, v);
         }
+        // The app continues the trace from this sidecar's server span.
+        ctx.telemetry.inject(&inbound, headers);
         let mut inner = self.inner.clone();
         let kind = decision.kind.as_str();
         Box::pin(async move {
             let resp = inner.call(req).await;
             record(&ctx.metrics, kind, &policy, started);
+            if let Ok(resp) = &resp {
+                let status = resp.status();
+                inbound.span().set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ));
+                if status.is_server_error() {
+                    inbound.span().set_status(Status::error(status.to_string()));
+                }
+            }
+            inbound.span().end();
             resp
         })
     }
+}
+
+/// `1.1` / `2` as OpenTelemetry's `network.protocol.version` wants it.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
+}
+
+/// Records the decision as a `meshgate.authz` child span (ended at once: deciding is all it
+/// covers). Denials mark the span as an error with the reason.
+fn decision_span(
+    ctx: &AuthzContext,
+    parent: &opentelemetry::Context,
+    peer: &PeerIdentity,
+    method: &str,
+    original: &str,
+    normalized: &meshgate_xds::NormalizedPath,
+    decision: &meshgate_xds::Decision,
+) -> opentelemetry::Context {
+    let mut attributes = vec![
+        KeyValue::new("meshgate.peer.id", peer.id.to_string()),
+        KeyValue::new("http.request.method", method.to_string()),
+        KeyValue::new("url.path", normalized.path.clone()),
+        KeyValue::new(DECISION_ATTRIBUTE, decision.kind.as_str()),
+        KeyValue::new(
+            "meshgate.policy.name",
+            decision.policy.clone().unwrap_or_default(),
+        ),
+        KeyValue::new("meshgate.policy.version", decision.version.to_string()),
+        KeyValue::new("meshgate.workload.id", ctx.local_id.to_string()),
+        KeyValue::new("meshgate.decision.reason", decision.reason.clone()),
+    ];
+    if normalized.changed {
+        attributes.push(KeyValue::new(
+            "meshgate.path.original",
+            original.to_string(),
+        ));
+    }
+    if let Some(rule) = decision.rule {
+        attributes.push(KeyValue::new("meshgate.policy.rule", rule as i64));
+    }
+    if let Some(audit) = &decision.audit_policy {
+        attributes.push(KeyValue::new("meshgate.audit.policy", audit.clone()));
+    }
+    if let Some(dry_run) = &decision.dry_run_policy {
+        attributes.push(KeyValue::new("meshgate.dry_run.policy", dry_run.clone()));
+    }
+    let span_cx = ctx
+        .telemetry
+        .span("meshgate.authz", SpanKind::Internal, parent, attributes);
+    if !decision.allowed {
+        span_cx
+            .span()
+            .set_status(Status::error(decision.reason.clone()));
+    }
+    span_cx.span().end();
+    span_cx
 }
 
 fn record(metrics: &Metrics, decision: &'static str, policy: &str, started: Instant) {

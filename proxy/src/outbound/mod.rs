@@ -122,6 +122,8 @@ pub struct Detection {
 pub struct Outbound {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub metrics: Arc<Metrics>,
+    /// Client spans of every outbound request.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub detection: Detection,
 }
 
@@ -188,7 +190,44 @@ impl Outbound {
         }
     }
 
+    /// One request from the app: a client span around routing and forwarding, whose context
+    /// replaces the app's `traceparent` so the next sidecar's server span is its child.
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        use opentelemetry::KeyValue;
+        use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
+        let parent = self.telemetry.extract(req.headers());
+        let server = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let cx = self.telemetry.span(
+            "meshgate.outbound",
+            SpanKind::Client,
+            &parent,
+            vec![
+                KeyValue::new("http.request.method", req.method().as_str().to_string()),
+                KeyValue::new("server.address", host_without_port(&server)),
+                KeyValue::new("url.path", req.uri().path().to_string()),
+            ],
+        );
+        self.telemetry.inject(&cx, req.headers_mut());
+        let resp = self.route(req).await;
+        let status = resp.status();
+        cx.span().set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
+        if status.is_client_error() || status.is_server_error() {
+            cx.span().set_status(Status::error(status.to_string()));
+        }
+        cx.span().end();
+        resp
+    }
+
+    async fn route(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let authority = req
             .headers()

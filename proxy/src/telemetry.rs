@@ -1,0 +1,412 @@
+//! OpenTelemetry traces of the sidecar: spans for inbound requests, their authorization decision,
+//! and outbound requests, exported over OTLP/HTTP (protobuf).
+//!
+//! Configured only by the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_TRACES_SAMPLER` + `_ARG`, `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_QUEUE_SIZE`,
+//! `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER=none`) plus `--no-tracing`. Tracing is on when an
+//! endpoint is configured.
+//!
+//! Two choices differ from the SDK defaults, on purpose:
+//! - **Export never touches the request path.** Finished spans go into a bounded queue
+//!   (`try_send`, never waiting); a Tokio task batches and exports them. A full queue drops spans
+//!   and counts them; a dead collector costs a failed export in the background, never latency.
+//!   (This also avoids the SDK's thread-based batch processor, whose hyper client panics outside
+//!   a Tokio runtime and silently loses spans.)
+//! - **Denials are always exported.** The sampler never drops a span outright: what the configured
+//!   sampler would drop is still recorded (`RecordOnly`), and at the end a span whose decision is
+//!   `deny` or `dry-run-deny` is exported anyway. A ratio sampler can thin out allowed traffic but
+//!   can never hide a denial.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::trace::{
+    Link, SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingDecision, SamplingResult, ShouldSample, SpanData, SpanExporter, SpanProcessor,
+};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// The attribute carrying the authorization decision; spans with a denying value are always kept.
+pub const DECISION_ATTRIBUTE: &str = "meshgate.decision";
+
+/// How tracing is set up for one sidecar.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// False with `--no-tracing`, `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+    pub enabled: bool,
+    /// Full OTLP/HTTP traces URL; `None` = from the standard environment variables.
+    pub endpoint: Option<String>,
+    /// `service.name`; `None` = `OTEL_SERVICE_NAME`, else `meshgate-proxy`.
+    pub service_name: Option<String>,
+    /// Sampler; `None` = from `OTEL_TRACES_SAMPLER`/`_ARG` (default parent-based always-on).
+    pub sampler: Option<SamplerChoice>,
+    /// Export batch delay; `None` = `OTEL_BSP_SCHEDULE_DELAY` (ms), default 1 s.
+    pub batch_delay: Option<Duration>,
+    /// Queue capacity; `None` = `OTEL_BSP_MAX_QUEUE_SIZE`, default 2048.
+    pub queue_size: Option<usize>,
+}
+
+impl TelemetryConfig {
+    /// From the environment only (what `meshgate proxy` uses), unless `disabled`.
+    pub fn from_env(disabled: bool) -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let off = disabled
+            || env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+        let configured = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
+        Self {
+            enabled: !off && configured,
+            endpoint: None,
+            service_name: None,
+            sampler: None,
+            batch_delay: None,
+            queue_size: None,
+        }
+    }
+
+    /// Tracing off.
+    pub fn disabled() -> Self {
+        Self::from_env(true)
+    }
+}
+
+/// The standard sampler names of `OTEL_TRACES_SAMPLER`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplerChoice {
+    AlwaysOn,
+    AlwaysOff,
+    TraceIdRatio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl SamplerChoice {
+    /// Parses `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (unknown names fall back to the
+    /// spec's default, parent-based always-on, with a warning).
+    pub fn from_env() -> Self {
+        let name = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| (0.0..=1.0).contains(r))
+            .unwrap_or(1.0);
+        match name.as_str() {
+            "always_on" => Self::AlwaysOn,
+            "always_off" => Self::AlwaysOff,
+            "traceidratio" => Self::TraceIdRatio(ratio),
+            "parentbased_always_off" => Self::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => Self::ParentBasedTraceIdRatio(ratio),
+            "" | "parentbased_always_on" => Self::ParentBasedAlwaysOn,
+            other => {
+                tracing::warn!(
+                    sampler = other,
+                    "unknown OTEL_TRACES_SAMPLER; using parentbased_always_on"
+                );
+                Self::ParentBasedAlwaysOn
+            }
+        }
+    }
+
+    fn sampler(&self) -> Sampler {
+        match *self {
+            Self::AlwaysOn => Sampler::AlwaysOn,
+            Self::AlwaysOff => Sampler::AlwaysOff,
+            Self::TraceIdRatio(r) => Sampler::TraceIdRatioBased(r),
+            Self::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            Self::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+            Self::ParentBasedTraceIdRatio(r) => {
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))
+            }
+        }
+    }
+}
+
+/// Wraps the configured sampler so that nothing is dropped before its decision is known: a span
+/// the sampler would drop is recorded but not sampled, and [`ExportQueue`] exports it only if it
+/// turns out to be a denial.
+#[derive(Debug, Clone)]
+struct KeepDenials(Sampler);
+
+impl ShouldSample for KeepDenials {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let mut result = self
+            .0
+            .should_sample(parent, trace_id, name, kind, attributes, links);
+        if result.decision == SamplingDecision::Drop {
+            result.decision = SamplingDecision::RecordOnly;
+        }
+        result
+    }
+}
+
+fn is_denial(span: &SpanData) -> bool {
+    span.attributes.iter().any(|kv| {
+        kv.key.as_str() == DECISION_ATTRIBUTE
+            && matches!(kv.value.as_str().as_ref(), "deny" | "dry-run-deny")
+    })
+}
+
+/// The bounded, non-blocking export queue (see the module docs).
+#[derive(Debug)]
+struct ExportQueue {
+    tx: mpsc::Sender<SpanData>,
+    exporter: Arc<tokio::sync::Mutex<opentelemetry_otlp::SpanExporter>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ExportQueue {
+    fn start(
+        exporter: opentelemetry_otlp::SpanExporter,
+        metrics: Arc<Metrics>,
+        delay: Duration,
+        capacity: usize,
+    ) -> Self {
+        let (tx, mut rx) = mpsc::channel::<SpanData>(capacity);
+        let exporter = Arc::new(tokio::sync::Mutex::new(exporter));
+        let task_exporter = exporter.clone();
+        let task_metrics = metrics.clone();
+        tokio::spawn(async move {
+            const MAX_BATCH: usize = 512;
+            loop {
+                let Some(first) = rx.recv().await else { return };
+                let mut batch = vec![first];
+                let deadline = tokio::time::Instant::now() + delay;
+                while batch.len() < MAX_BATCH {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(span)) => batch.push(span),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let n = batch.len() as u64;
+                let result = task_exporter.lock().await.export(batch).await;
+                match result {
+                    Ok(()) => {
+                        task_metrics.spans_exported.inc_by(n);
+                    }
+                    Err(e) => {
+                        task_metrics
+                            .spans_dropped
+                            .get_or_create(&crate::metrics::DropLabels {
+                                reason: "export_failed",
+                            })
+                            .inc_by(n);
+                        tracing::debug!(event = "telemetry.export_failed", spans = n, error = %e);
+                    }
+                }
+            }
+        });
+        Self {
+            tx,
+            exporter,
+            metrics,
+        }
+    }
+}
+
+impl SpanProcessor for ExportQueue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, mut span: SpanData) {
+        if !span.span_context.is_sampled() {
+            if !is_denial(&span) {
+                return;
+            }
+            let c = &span.span_context;
+            span.span_context = SpanContext::new(
+                c.trace_id(),
+                c.span_id(),
+                TraceFlags::SAMPLED,
+                c.is_remote(),
+                c.trace_state().clone(),
+            );
+        }
+        if self.tx.try_send(span).is_err() {
+            self.metrics
+                .spans_dropped
+                .get_or_create(&crate::metrics::DropLabels {
+                    reason: "queue_full",
+                })
+                .inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Ok(mut exporter) = self.exporter.try_lock() {
+            exporter.set_resource(resource);
+        }
+    }
+}
+
+/// Why tracing could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("OpenTelemetry exporter: {0} (check OTEL_EXPORTER_OTLP_ENDPOINT, or pass --no-tracing)")]
+pub struct TelemetryError(String);
+
+/// The sidecar's tracer (or nothing, when tracing is off).
+pub struct Telemetry {
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+    _provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    propagator: TraceContextPropagator,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("enabled", &self.tracer.is_some())
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Tracing off: every span operation is a no-op.
+    pub fn off() -> Self {
+        Self {
+            tracer: None,
+            _provider: None,
+            propagator: TraceContextPropagator::new(),
+        }
+    }
+
+    /// Sets up export for the workload `workload` (added as resource attribute
+    /// `meshgate.workload.id`). Must run inside a Tokio runtime.
+    pub fn new(
+        config: &TelemetryConfig,
+        workload: &meshgate_ca::SpiffeId,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, TelemetryError> {
+        if !config.enabled {
+            return Ok(Self::off());
+        }
+        let timeout = Duration::from_secs(10);
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_timeout(timeout)
+            .with_http_client(
+                opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
+            );
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let exporter = builder.build().map_err(|e| TelemetryError(e.to_string()))?;
+        let env_ms = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let delay = config.batch_delay.unwrap_or_else(|| {
+            Duration::from_millis(env_ms("OTEL_BSP_SCHEDULE_DELAY").unwrap_or(1000))
+        });
+        let capacity = config
+            .queue_size
+            .unwrap_or_else(|| env_ms("OTEL_BSP_MAX_QUEUE_SIZE").unwrap_or(2048) as usize)
+            .max(1);
+        let mut resource = Resource::builder()
+            .with_attribute(KeyValue::new("meshgate.workload.id", workload.to_string()));
+        let service_name = config
+            .service_name
+            .clone()
+            .or_else(|| {
+                std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+            })
+            .unwrap_or_else(|| "meshgate-proxy".to_string());
+        resource = resource.with_service_name(service_name);
+        let sampler = config
+            .sampler
+            .clone()
+            .unwrap_or_else(SamplerChoice::from_env);
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_sampler(KeepDenials(sampler.sampler()))
+            .with_span_processor(ExportQueue::start(exporter, metrics, delay, capacity))
+            .with_resource(resource.build())
+            .build();
+        let tracer = provider.tracer("meshgate-proxy");
+        Ok(Self {
+            tracer: Some(tracer),
+            _provider: Some(provider),
+            propagator: TraceContextPropagator::new(),
+        })
+    }
+
+    /// True when spans are produced.
+    pub fn enabled(&self) -> bool {
+        self.tracer.is_some()
+    }
+
+    /// The trace context the caller sent (`traceparent`/`tracestate`), or an empty context.
+    pub fn extract(&self, headers: &http::HeaderMap) -> Context {
+        use opentelemetry::propagation::TextMapPropagator;
+        if self.tracer.is_none() {
+            return Context::new();
+        }
+        self.propagator.extract(&HeaderExtractor(headers))
+    }
+
+    /// Writes `cx` as `traceparent`/`tracestate` into `headers` (replacing the caller's).
+    pub fn inject(&self, cx: &Context, headers: &mut http::HeaderMap) {
+        use opentelemetry::propagation::TextMapPropagator;
+        if self.tracer.is_some() && cx.span().span_context().is_valid() {
+            self.propagator
+                .inject_context(cx, &mut HeaderInjector(headers));
+        }
+    }
+
+    /// Starts a span as a child of `parent` and returns the context holding it.
+    pub fn span(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        parent: &Context,
+        attributes: Vec<KeyValue>,
+    ) -> Context {
+        match &self.tracer {
+            None => parent.clone(),
+            Some(tracer) => {
+                let span = tracer
+                    .span_builder(name)
+                    .with_kind(kind)
+                    .with_attributes(attributes)
+                    .start_with_context(tracer, parent);
+                parent.with_span(span)
+            }
+        }
+    }
+
+    /// The trace ID of `cx` as lowercase hex, for access logs (empty without a trace).
+    pub fn trace_id(cx: &Context) -> String {
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            sc.trace_id().to_string()
+        } else {
+            String::new()
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! OpenTelemetry traces through real sidecars, received by a real OTLP/HTTP receiver: span names
+//! and attributes, one trace across web → orders → payments with correct parent/child links, a
+//! new trace when the caller sends none, denials always exported even when sampling drops
+//! everything else, and the export counters.
+
+mod support;
+
+use std::time::Duration;
+
+use meshgate_proxy::telemetry::{SamplerChoice, TelemetryConfig};
+use support::mesh::TestMesh;
+use support::otlp::{OtlpReceiver, ReceivedSpan};
+
+const POLICIES: &str = r#"
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: orders-readers, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
+      to: [{ methods: ["GET"], paths: ["/orders/*"] }]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: payments-chargers, namespace: shop }
+spec:
+  selector: { account: payments }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/orders"] }]
+      to: [{ methods: ["POST"], paths: ["/charge"] }]
+"#;
+
+async fn traced_shop(receiver: &OtlpReceiver, sampler: SamplerChoice) -> TestMesh {
+    let mut mesh = TestMesh::new().await;
+    mesh.telemetry = TelemetryConfig {
+        enabled: true,
+        endpoint: Some(receiver.endpoint()),
+        service_name: None,
+        sampler: Some(sampler),
+        batch_delay: Some(Duration::from_millis(100)),
+        queue_size: None,
+    };
+    mesh.write_policy("shop.yaml", POLICIES);
+    for name in ["web", "orders", "payments"] {
+        mesh.add(name).await;
+    }
+    mesh.write_services();
+    mesh.converge().await;
+    mesh
+}
+
+fn find<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str, trace: &str) -> &'a ReceivedSpan {
+    spans
+        .iter()
+        .find(|s| s.service == service && s.name == name && s.trace_id == trace)
+        .unwrap_or_else(|| panic!("no {name} span from {service} in trace {trace}: {spans:#?}"))
+}
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const INTERNAL: i32 = 1;
+const ERROR: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_web_orders_payments_with_decision_attributes() {
+    let receiver = OtlpReceiver::start().await;
+    let mesh = traced_shop(&receiver, SamplerChoice::ParentBasedAlwaysOn).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{caller_span}-01");
+
+    // web's app calls orders, continuing its own trace.
+    let answer = mesh
+        .call_with(
+            "web",
+            "GET",
+            "orders",
+            "/orders/%31",
+            bytes::Bytes::new(),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // The orders app received a traceparent naming orders' server span; it passes it on to payments.
+    let to_orders_app = answer.echoed()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        to_orders_app.starts_with(&format!("00-{trace}-")),
+        "{to_orders_app}"
+    );
+    let answer = mesh
+        .call_with(
+            "orders",
+            "POST",
+            "payments",
+            "/charge",
+            bytes::Bytes::from_static(b"{}"),
+            &[("traceparent", &to_orders_app)],
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+
+    let spans = receiver
+        .wait_for("six spans of the trace", |s| {
+            s.iter().filter(|s| s.trace_id == trace).count() >= 6
+        })
+        .await;
+    let web_out = find(&spans, "web-sidecar", "meshgate.outbound", trace);
+    let orders_in = find(&spans, "orders-sidecar", "meshgate.inbound", trace);
+    let orders_authz = find(&spans, "orders-sidecar", "meshgate.authz", trace);
+    let orders_out = find(&spans, "orders-sidecar", "meshgate.outbound", trace);
+    let payments_in = find(&spans, "payments-sidecar", "meshgate.inbound", trace);
+    let payments_authz = find(&spans, "payments-sidecar", "meshgate.authz", trace);
+
+    // Parent/child order across both hops.
+    assert_eq!(web_out.parent_span_id, caller_span);
+    assert_eq!(orders_in.parent_span_id, web_out.span_id);
+    assert_eq!(orders_authz.parent_span_id, orders_in.span_id);
+    assert_eq!(
+        orders_out.parent_span_id, orders_in.span_id,
+        "the app continued from orders' server span"
+    );
+    assert_eq!(payments_in.parent_span_id, orders_out.span_id);
+    assert_eq!(payments_authz.parent_span_id, payments_in.span_id);
+    assert_eq!(
+        (web_out.kind, orders_in.kind, orders_authz.kind),
+        (CLIENT, SERVER, INTERNAL)
+    );
+
+    // The decision, on the authz span.
+    let a = orders_authz;
+    assert_eq!(a.attr("meshgate.decision"), Some("allow"));
+    assert_eq!(
+        a.attr("meshgate.peer.id"),
+        Some(TestMesh::id_of("web").as_str())
+    );
+    assert_eq!(
+        a.attr("meshgate.workload.id"),
+        Some(TestMesh::id_of("orders").as_str())
+    );
+    assert_eq!(a.attr("http.request.method"), Some("GET"));
+    assert_eq!(a.attr("url.path"), Some("/orders/1"), "the normalized path");
+    assert_eq!(
+        a.attr("meshgate.path.original"),
+        Some("/orders/%31"),
+        "and the original, since it differs"
+    );
+    assert_eq!(a.attr("meshgate.policy.name"), Some("shop/orders-readers"));
+    assert_eq!(a.attr("meshgate.policy.rule"), Some("0"));
+    assert!(
+        a.attr("meshgate.policy.version")
+            .is_some_and(|v| v.len() == 16)
+    );
+    assert_eq!(
+        payments_authz.attr("meshgate.policy.name"),
+        Some("shop/payments-chargers")
+    );
+    // HTTP semantic conventions on the server and client spans.
+    assert_eq!(orders_in.attr("http.response.status_code"), Some("200"));
+    assert_eq!(orders_in.attr("url.scheme"), Some("https"));
+    assert_eq!(web_out.attr("server.address"), Some("orders"));
+    assert_eq!(web_out.attr("http.response.status_code"), Some("200"));
+    assert!(
+        mesh.metric("orders", "meshgate_trace_spans_exported_total", &[])
+            .await
+            >= 3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_traceparent_starts_a_trace_and_denials_are_errors() {
+    let receiver = OtlpReceiver::start().await;
+    let mesh = traced_shop(&receiver, SamplerChoice::ParentBasedAlwaysOn).await;
+    assert_eq!(
+        mesh.call("web", "DELETE", "orders", "/orders/1")
+            .await
+            .status,
+        403
+    );
+    let spans = receiver
+        .wait_for("a denied authz span and web's client span", |s| {
+            s.iter()
+                .any(|s| s.name == "meshgate.authz" && s.attr("meshgate.decision") == Some("deny"))
+                && s.iter()
+                    .any(|s| s.service == "web-sidecar" && s.name == "meshgate.outbound")
+        })
+        .await;
+    let authz = spans.iter().find(|s| s.name == "meshgate.authz").unwrap();
+    assert_eq!(authz.status_code, ERROR);
+    assert!(
+        authz.status_message.contains("no ALLOW policy matched"),
+        "{authz:?}"
+    );
+    let web_out = find(&spans, "web-sidecar", "meshgate.outbound", &authz.trace_id);
+    assert_eq!(
+        web_out.parent_span_id, "",
+        "no traceparent from the app: the sidecar starts the trace"
+    );
+    let orders_in = find(
+        &spans,
+        "orders-sidecar",
+        "meshgate.inbound",
+        &authz.trace_id,
+    );
+    assert_eq!(orders_in.attr("http.response.status_code"), Some("403"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_never_hides_a_denial() {
+    let receiver = OtlpReceiver::start().await;
+    // Sample nothing: parent-based with a 0 ratio for new traces.
+    let mesh = traced_shop(&receiver, SamplerChoice::ParentBasedTraceIdRatio(0.0)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            mesh.call("web", "GET", "orders", "/orders/1").await.status,
+            200
+        );
+    }
+    // Even a caller that explicitly says "not sampled" cannot hide a denial.
+    let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    let answer = mesh
+        .call_with(
+            "web",
+            "POST",
+            "orders",
+            "/orders/1",
+            bytes::Bytes::new(),
+            &[("traceparent", unsampled)],
+        )
+        .await;
+    assert_eq!(answer.status, 403);
+    let spans = receiver
+        .wait_for("the denial", |s| {
+            s.iter()
+                .any(|s| s.name == "meshgate.authz" && s.attr("meshgate.decision") == Some("deny"))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans_now = receiver.spans();
+    assert!(
+        spans_now
+            .iter()
+            .all(|s| s.attr("meshgate.decision") != Some("allow")),
+        "allowed requests were sampled out: {spans_now:#?}"
+    );
+    let denied = spans
+        .iter()
+        .find(|s| s.name == "meshgate.authz" && s.attr("meshgate.decision") == Some("deny"))
+        .unwrap();
+    assert_eq!(denied.trace_id, "0af7651916cd43dd8448eb211c80319c");
+    assert!(
+        spans_now
+            .iter()
+            .any(|s| s.name == "meshgate.inbound" && s.trace_id == denied.trace_id),
+        "the denied request's server span is exported with it"
+    );
+}
