@@ -46,7 +46,10 @@ async fn run(telemetry: TelemetryConfig) -> (Figures, f64, f64) {
     mesh.write_services();
     mesh.converge().await;
     for _ in 0..WARMUP {
-        assert_eq!(mesh.call("web", "GET", "orders", "/orders/1").await.status, 200);
+        assert_eq!(
+            mesh.call("web", "GET", "orders", "/orders/1").await.status,
+            200
+        );
     }
     let mut latencies = Vec::with_capacity(REQUESTS);
     for i in 0..REQUESTS {
@@ -55,7 +58,11 @@ async fn run(telemetry: TelemetryConfig) -> (Figures, f64, f64) {
         let started = Instant::now();
         let answer = mesh.call("web", "GET", "orders", path).await;
         latencies.push(started.elapsed());
-        assert!(matches!(answer.status, 200 | 403), "request failed: {}", answer.status);
+        assert!(
+            matches!(answer.status, 200 | 403),
+            "request failed: {}",
+            answer.status
+        );
     }
     latencies.sort();
     let figures = Figures {
@@ -64,8 +71,12 @@ async fn run(telemetry: TelemetryConfig) -> (Figures, f64, f64) {
         mean: latencies.iter().sum::<Duration>() / REQUESTS as u32,
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let exported = mesh.metric("orders", "meshgate_trace_spans_exported_total", &[]).await;
-    let dropped = mesh.metric("orders", "meshgate_trace_spans_dropped_total", &[]).await;
+    let exported = mesh
+        .metric("orders", "meshgate_trace_spans_exported_total", &[])
+        .await;
+    let dropped = mesh
+        .metric("orders", "meshgate_trace_spans_dropped_total", &[])
+        .await;
     (figures, exported, dropped)
 }
 
@@ -81,7 +92,11 @@ fn traced(endpoint: String) -> TelemetryConfig {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let receiver = OtlpReceiver::start().await;
         let dead = format!("http://127.0.0.1:{}/v1/traces", support::free_port());

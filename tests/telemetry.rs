@@ -260,3 +260,101 @@ async fn sampling_never_hides_a_denial() {
         "the denied request's server span is exported with it"
     );
 }
+
+/// The real binary, configured only by the standard OTEL_* variables, writing JSON decision logs
+/// whose trace ids match the exported spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_configured_process_logs_json_decisions_with_trace_ids() {
+    use support::*;
+    require_tool("curl");
+    let receiver = OtlpReceiver::start().await;
+    let ca = TestCa::init();
+    let base = ca.tmp.path().to_path_buf();
+    issue_files(
+        &ca,
+        "spiffe://mesh.local/ns/shop/sa/orders",
+        &base.join("orders"),
+    );
+    let policies = base.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("p.yaml"), POLICIES).unwrap();
+    let app = support::mesh::EchoApp::start().await;
+    let log = base.join("proxy.log");
+    let endpoint = format!("http://{}", receiver.addr);
+    let proxy = ProxyProcess::spawn_with(
+        &base.join("orders"),
+        &policies,
+        &app.addr.to_string(),
+        &["--log-format", "json"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "orders-process"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        Some(&log),
+    );
+    proxy.ready().await;
+    let now = time::OffsetDateTime::now_utc();
+    let web = ca.sign_leaf(
+        &id("spiffe://mesh.local/ns/shop/sa/web"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    write_chain(&base.join("web.pem"), &web.chain);
+    std::fs::write(base.join("web.key"), web.key.serialize_pem()).unwrap();
+    for (method, path, want) in [("GET", "/orders/7", "200"), ("DELETE", "/orders/7", "403")] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "--cert",
+        ])
+        .arg(base.join("web.pem"))
+        .arg("--key")
+        .arg(base.join("web.key"))
+        .arg(format!("https://127.0.0.1:{}{path}", proxy.inbound));
+        let out = run_async(curl).await;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    }
+    let spans = receiver
+        .wait_for("two authz spans from the process", |s| {
+            s.iter()
+                .filter(|s| s.name == "meshgate.authz" && s.service == "orders-process")
+                .count()
+                >= 2
+        })
+        .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let decisions: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "authz.decision")
+        .collect();
+    assert_eq!(decisions.len(), 2, "one JSON line per request:\n{text}");
+    for line in &decisions {
+        assert_eq!(line["peer.id"], "spiffe://mesh.local/ns/shop/sa/web");
+        assert_eq!(
+            line["meshgate.workload.id"],
+            "spiffe://mesh.local/ns/shop/sa/orders"
+        );
+        assert_eq!(line["url.path"], "/orders/7");
+        let trace = line["trace_id"].as_str().unwrap();
+        let span = spans
+            .iter()
+            .find(|s| s.name == "meshgate.authz" && s.trace_id == trace)
+            .unwrap_or_else(|| panic!("no exported span for logged trace {trace}"));
+        assert_eq!(span.attr("meshgate.decision"), line["decision"].as_str());
+        assert_eq!(
+            span.attr("http.request.method"),
+            line["http.request.method"].as_str()
+        );
+    }
+    assert_eq!(decisions[0]["decision"], "allow");
+    assert_eq!(decisions[0]["policy"], "shop/orders-readers");
+    assert_eq!(decisions[1]["decision"], "deny");
+}

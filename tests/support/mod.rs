@@ -362,8 +362,25 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn spawn(files: &Path, policies: &Path, app: &str, extra: &[&str]) -> Self {
+        Self::spawn_with(files, policies, app, extra, &[], None)
+    }
+
+    /// Like [`spawn`](Self::spawn), with extra environment and stderr (the logs) sent to a file.
+    pub fn spawn_with(
+        files: &Path,
+        policies: &Path,
+        app: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Self {
         let (inbound, admin) = (free_port(), free_port());
-        let child = meshgate()
+        let mut cmd = meshgate();
+        cmd.envs(env.iter().copied());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd
             .args(["proxy", "--app", app])
             .arg("--svid-cert")
             .arg(files.join("svid.pem"))
@@ -377,7 +394,7 @@ impl ProxyProcess {
             .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
             .args(["--admin", &format!("127.0.0.1:{admin}")])
             .args(extra)
-            .env("MESHGATE_LOG", "warn")
+            .env("MESHGATE_LOG", if log.is_some() { "info" } else { "warn" })
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
