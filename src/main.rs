@@ -2,6 +2,7 @@
 //! done by the library crates.
 
 mod ca_cmd;
+mod demo;
 mod proxy_cmd;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     },
     /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
     Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command),
         Command::Proxy(args) => proxy_cmd::run(*args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,6 +88,7 @@ pub struct Sidecar {
     pub identity: Arc<Identity>,
     pub policy: Arc<PolicyState>,
     pub metrics: Arc<Metrics>,
+    decisions: tokio::sync::broadcast::Sender<crate::inbound::authz::DecisionEvent>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -195,6 +196,7 @@ impl Sidecar {
         }
 
         let (shutdown, _) = watch::channel(false);
+        let (decisions, _) = tokio::sync::broadcast::channel(1024);
         let inbound = Inbound {
             tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,
             authz: AuthzContext {
@@ -203,6 +205,7 @@ impl Sidecar {
                 local_id: workload.clone(),
                 app_port: config.app.port(),
                 telemetry: telemetry.clone(),
+                decisions: decisions.clone(),
             },
             forwarder: AppForwarder::new(config.app, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {
@@ -275,6 +278,7 @@ impl Sidecar {
             identity,
             policy,
             metrics,
+            decisions,
             shutdown,
             tasks,
         })
@@ -289,6 +293,13 @@ impl Sidecar {
     /// the CLI, or `POST /shutdown`).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Every inbound authorization decision from now on.
+    pub fn decisions(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::inbound::authz::DecisionEvent> {
+        self.decisions.subscribe()
     }
 
     /// A receiver that turns true when shutdown starts.

@@ -34,6 +34,22 @@ pub struct PeerIdentity {
     pub addr: std::net::SocketAddr,
 }
 
+/// One authorization decision, as published on the sidecar's decision feed (for `meshgate demo`,
+/// and later `meshgate status`); the log line and the span carry the same facts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecisionEvent {
+    pub workload: SpiffeId,
+    pub peer: SpiffeId,
+    pub method: String,
+    pub path: String,
+    /// `allow` | `deny` | `audit` | `dry-run-deny` | `bad-request`.
+    pub decision: &'static str,
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    pub reason: String,
+    pub trace_id: String,
+}
+
 /// What every connection's authorization layer shares.
 #[derive(Clone)]
 pub struct AuthzContext {
@@ -45,6 +61,8 @@ pub struct AuthzContext {
     pub app_port: u16,
     /// Spans of every request and decision.
     pub telemetry: Arc<Telemetry>,
+    /// Decision feed; events are built only while someone subscribes.
+    pub decisions: tokio::sync::broadcast::Sender<DecisionEvent>,
 }
 
 /// Adds [`Authorize`] for one connection's peer.
@@ -139,6 +157,17 @@ where
                     "request path cannot be normalized safely"
                 );
                 record(&ctx.metrics, "bad-request", "", started);
+                publish(
+                    &ctx,
+                    &peer,
+                    &method,
+                    &original,
+                    "bad-request",
+                    None,
+                    None,
+                    e.to_string(),
+                    &trace_id,
+                );
                 let span = inbound.span();
                 span.set_attribute(KeyValue::new("meshgate.path.original", original.clone()));
                 span.set_attribute(KeyValue::new("http.response.status_code", 400));
@@ -207,6 +236,17 @@ where
         inbound
             .span()
             .set_attribute(KeyValue::new(DECISION_ATTRIBUTE, decision.kind.as_str()));
+        publish(
+            &ctx,
+            &peer,
+            &method,
+            &normalized.path,
+            decision.kind.as_str(),
+            decision.policy.clone(),
+            decision.rule,
+            decision.reason.clone(),
+            &trace_id,
+        );
         if !decision.allowed {
             record(&ctx.metrics, decision.kind.as_str(), &policy, started);
             inbound
@@ -251,6 +291,34 @@ where
             resp
         })
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    ctx: &AuthzContext,
+    peer: &PeerIdentity,
+    method: &str,
+    path: &str,
+    decision: &'static str,
+    policy: Option<String>,
+    rule: Option<usize>,
+    reason: String,
+    trace_id: &str,
+) {
+    if ctx.decisions.receiver_count() == 0 {
+        return;
+    }
+    let _ = ctx.decisions.send(DecisionEvent {
+        workload: ctx.local_id.clone(),
+        peer: peer.id.clone(),
+        method: method.to_string(),
+        path: path.to_string(),
+        decision,
+        policy,
+        rule,
+        reason,
+        trace_id: trace_id.to_string(),
+    });
 }
 
 /// `1.1` / `2` as OpenTelemetry's `network.protocol.version` wants it.
