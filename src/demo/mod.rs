@@ -199,8 +199,8 @@ fn short(id: &meshgate_ca::SpiffeId) -> String {
 fn print_header() {
     println!();
     println!(
-        "{:<20} {:<7} {:<24} {:<13} {:<32} {}",
-        "WHO → WHOM", "METHOD", "PATH (as judged)", "DECISION", "POLICY/RULE", "REASON"
+        "{:<20} {:<7} {:<24} {:<13} {:<32} REASON",
+        "WHO → WHOM", "METHOD", "PATH (as judged)", "DECISION", "POLICY/RULE"
     );
     println!("{}", "─".repeat(120));
 }

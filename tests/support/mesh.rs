@@ -460,7 +460,8 @@ pub fn sum_metric(text: &str, metric: &str, fragments: &[&str]) -> f64 {
             name == metric && fragments.iter().all(|f| series.contains(f))
         })
         .map(|(_, v)| v.parse::<f64>().unwrap())
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
 }
 
 impl Drop for TestMesh {
