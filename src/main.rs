@@ -3,6 +3,7 @@
 
 mod ca_cmd;
 mod demo;
+mod health_cmd;
 mod proxy_cmd;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
     Demo(demo::DemoArgs),
+    /// Check an HTTP health endpoint (for container HEALTHCHECKs; exit 0 when healthy).
+    Health(health_cmd::HealthArgs),
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Ca { command } => ca_cmd::run(command),
         Command::Proxy(args) => proxy_cmd::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Health(args) => health_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

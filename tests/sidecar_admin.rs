@@ -177,3 +177,43 @@ async fn sighup_reloads_at_once() {
     }
     assert!(reloaded, "SIGHUP reloads the policy directory at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_command_reports_readiness() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("broken.yaml", INVALID);
+    mesh.add("orders").await;
+    let ready = format!(
+        "http://{}/ready",
+        mesh.workload("orders").sidecar.admin_addr
+    );
+    let mut cmd = meshgate();
+    cmd.args(["health", &ready]);
+    let out = run_async(cmd).await;
+    assert!(
+        !out.status.success(),
+        "not ready while the policy is invalid: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("503"), "{}", text(&out));
+    std::fs::remove_file(mesh.policy_dir.join("broken.yaml")).unwrap();
+    mesh.write_policy("readers.yaml", &allow("/a"));
+    mesh.converge().await;
+    let mut cmd = meshgate();
+    cmd.args(["health", &ready]);
+    let out = run_async(cmd).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let mut cmd = meshgate();
+    cmd.args([
+        "health",
+        &format!("http://127.0.0.1:{}/ready", free_port()),
+        "--timeout",
+        "1s",
+    ]);
+    let out = run_async(cmd).await;
+    assert!(
+        !out.status.success() && text(&out).contains("unhealthy"),
+        "{}",
+        text(&out)
+    );
+}
