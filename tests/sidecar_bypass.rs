@@ -162,3 +162,56 @@ async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
     }
     eprintln!("bypass table outcomes:\n{}", outcomes.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_off() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", POLICY);
+    mesh.add("orders").await;
+    mesh.converge().await;
+    let addr = mesh.workload("orders").sidecar.inbound_addr;
+    let now = time::OffsetDateTime::now_utc();
+    let web = mesh.ca.sign_leaf(
+        &TestMesh::id_of("web"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let resolver = Arc::new(CertResolver::default());
+    resolver
+        .publish(
+            web.chain.clone(),
+            PrivatePkcs8KeyDer::from(web.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let config = tls::mesh_client_config(
+        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
+        ExpectedServer::Exact(TestMesh::id_of("orders")),
+        Some(resolver),
+        &[b"http/1.1"],
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(tls::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /public/x HTTP/1.1\r\nHost: or")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tls.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection must be closed when headers do not arrive in time"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(8),
+        "closed too early ({waited:?}): the limit is 10 s"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+}

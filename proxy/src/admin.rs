@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -153,7 +153,7 @@ impl Admin {
                             let resp = this.handle(&req);
                             async move { Ok::<_, Infallible>(resp) }
                         });
-                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        let _ = crate::serve::http_server()
                             .serve_connection(TokioIo::new(tcp), service)
                             .await;
                     });

@@ -49,3 +49,29 @@ pub async fn accept_loop<F, Fut>(
         );
     }
 }
+
+/// Slowest acceptable delivery of a request's headers (HTTP/1): a slowloris client that trickles
+/// header bytes is cut off instead of holding a connection forever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header block accepted (HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`).
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Concurrent HTTP/2 streams per connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// The HTTP server settings of every sidecar listener that faces a client (HTTP/1.1 and HTTP/2
+/// on one port), with the limits above.
+pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    builder
+}

@@ -41,6 +41,8 @@ impl AppForwarder {
     pub fn new(app: std::net::SocketAddr, protocol: AppProtocol) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // A local app that does not accept within this is down; fail fast with 502.
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
         let h2c = Client::builder(TokioExecutor::new())
             .http2_only(true)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use meshgate_ca::cert;
 use rustls::ServerConfig;
@@ -145,7 +145,7 @@ impl Inbound {
                 peer_identity,
             ))
             .service(self.forwarder.clone());
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let builder = crate::serve::http_server();
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
         if let Err(e) = watcher.watch(conn.into_owned()).await {

@@ -181,7 +181,7 @@ impl Outbound {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.forward(req).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let builder = crate::serve::http_server();
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
             .into_owned();
