@@ -178,21 +178,51 @@ impl Sidecar {
         )?);
         let policy = Arc::new(PolicyState::new(&workload));
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        // Route tables own the outbound connection pools. They are rebuilt only when the routes
+        // change (a policy-only update keeps warm connections) or when the SVID rotates (so no
+        // pooled connection outlives the certificate it was authenticated with: peers refuse
+        // requests on a connection whose certificate has expired).
+        let current_routes = Arc::new(std::sync::Mutex::new(Vec::<Route>::new()));
         {
-            let (routes, identity, metrics) = (routes.clone(), identity.clone(), metrics.clone());
+            let (routes, identity, metrics, current) = (
+                routes.clone(),
+                identity.clone(),
+                metrics.clone(),
+                current_routes.clone(),
+            );
             config.policy.clone().start(
                 workload.clone(),
                 policy.clone(),
                 metrics.clone(),
                 config.poll_interval,
                 move |set| {
-                    routes.store(Arc::new(RouteTable::build(
-                        routes_from(set),
-                        &identity,
-                        &metrics,
-                    )))
+                    let next = routes_from(set);
+                    let mut current = current.lock().expect("routes lock");
+                    if *current != next {
+                        routes.store(Arc::new(RouteTable::build(
+                            next.clone(),
+                            &identity,
+                            &metrics,
+                        )));
+                        *current = next;
+                    }
                 },
             );
+        }
+        {
+            let (routes, identity, metrics, current) = (
+                routes.clone(),
+                identity.clone(),
+                metrics.clone(),
+                current_routes.clone(),
+            );
+            let mut svids = identity.svid_changes();
+            tokio::spawn(async move {
+                while svids.changed().await.is_ok() {
+                    let next = current.lock().expect("routes lock").clone();
+                    routes.store(Arc::new(RouteTable::build(next, &identity, &metrics)));
+                }
+            });
         }
 
         let (shutdown, _) = watch::channel(false);

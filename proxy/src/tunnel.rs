@@ -78,7 +78,12 @@ impl TunnelServer {
     }
 
     /// Serves one tunnel whose TLS handshake identified `peer`.
-    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self, stream: S, peer: SpiffeId) {
+    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        stream: S,
+        peer: SpiffeId,
+        not_after: time::OffsetDateTime,
+    ) {
         let mut stream = BufReader::new(stream);
         let Some(port) = read_header(&mut stream).await else {
             tracing::warn!(event = "tunnel.bad_header", peer.id = %peer, "tunnel closed: missing or malformed header");
@@ -122,9 +127,18 @@ impl TunnelServer {
         swaps.borrow_and_update();
         let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);
         tokio::pin!(copy);
+        // The tunnel lives no longer than the certificate that authorized it.
+        let remaining = (not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let expiry = tokio::time::sleep(Duration::try_from(remaining).unwrap_or(Duration::ZERO));
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 _ = &mut copy => return,
+                _ = &mut expiry => {
+                    tracing::warn!(event = "tunnel.revoked", peer.id = %peer, port, reason = "peer certificate expired", "closing the tunnel");
+                    count(&self.metrics, "inbound", "revoked", port);
+                    return;
+                }
                 changed = swaps.changed() => {
                     if changed.is_err() {
                         continue;

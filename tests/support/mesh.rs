@@ -227,7 +227,12 @@ impl Answer {
 
 impl TestMesh {
     pub async fn new() -> Self {
-        let ca = TestCa::start(Duration::from_secs(3600)).await;
+        Self::with_svid_ttl(Duration::from_secs(3600)).await
+    }
+
+    /// A mesh whose CA issues SVIDs of `ttl` (sidecars renew at about half of it).
+    pub async fn with_svid_ttl(ttl: Duration) -> Self {
+        let ca = TestCa::start(ttl).await;
         let policy_dir = ca.tmp.path().join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
         Self {

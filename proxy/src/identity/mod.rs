@@ -103,18 +103,20 @@ pub struct Identity {
     status: ArcSwapOption<IdentityStatus>,
     /// Bumped at each bundle change, so servers can rebuild configs that embed the roots.
     bundle_generation: watch::Sender<u64>,
+    /// Bumped at each new SVID, so pooled client connections made with the old one are retired.
+    svid_generation: watch::Sender<u64>,
 }
 
 impl Identity {
     /// An identity for `id` with no certificate yet, trusting `bundle`.
     fn new(id: SpiffeId, bundle: TrustBundle) -> Self {
-        let (bundle_generation, _) = watch::channel(0);
         Self {
             id,
             resolver: Arc::new(CertResolver::default()),
             bundle: Arc::new(ArcSwap::from_pointee(bundle)),
             status: ArcSwapOption::empty(),
-            bundle_generation,
+            bundle_generation: watch::channel(0).0,
+            svid_generation: watch::channel(0).0,
         }
     }
 
@@ -159,7 +161,13 @@ impl Identity {
             renewals,
             last_error: None,
         })));
+        self.svid_generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Notifies on every new SVID.
+    pub fn svid_changes(&self) -> watch::Receiver<u64> {
+        self.svid_generation.subscribe()
     }
 
     /// The SPIFFE ID this workload holds (or is bootstrapping).

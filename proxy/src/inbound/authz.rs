@@ -32,6 +32,9 @@ use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 pub struct PeerIdentity {
     pub id: SpiffeId,
     pub addr: std::net::SocketAddr,
+    /// When the peer's certificate expires. TLS checks validity only at the handshake; a pooled
+    /// HTTP/2 connection can outlive the certificate, so every request re-checks it.
+    pub not_after: time::OffsetDateTime,
 }
 
 /// One authorization decision, as published on the sidecar's decision feed (for `meshgate demo`,
@@ -198,13 +201,24 @@ where
         }
 
         let snapshot = ctx.policy.load();
-        let decision = snapshot.evaluate(&AuthzRequest {
+        let mut decision = snapshot.evaluate(&AuthzRequest {
             peer: &peer.id,
             method: Some(&method),
             path: Some(&normalized.path),
             port: ctx.app_port,
             headers: Some(req.headers()),
         });
+        if time::OffsetDateTime::now_utc() >= peer.not_after {
+            // The identity this connection proved has expired: the policy cannot vouch for it.
+            decision.kind = meshgate_xds::DecisionKind::Deny;
+            decision.allowed = false;
+            decision.policy = None;
+            decision.rule = None;
+            decision.reason = format!(
+                "peer certificate expired at {} (connection outlived it); the peer must reconnect with a fresh SVID",
+                meshgate_ca::cert::rfc3339(peer.not_after)
+            );
+        }
         let policy = decision.policy.clone().unwrap_or_default();
         let authz = decision_span(
             &ctx,

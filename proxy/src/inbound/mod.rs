@@ -120,8 +120,8 @@ impl Inbound {
                 "no client certificate",
             );
         };
-        let id = match cert::spiffe_id_from_der(leaf) {
-            Ok(id) => id,
+        let (id, not_after) = match cert::cert_info(leaf) {
+            Ok(info) => (info.id, info.not_after),
             Err(e) => return handshake_failed(&self.metrics, peer, "bad_cert", &e.to_string()),
         };
         if !id.is_member_of(&self.authz.local_id.trust_domain()) {
@@ -136,9 +136,13 @@ impl Inbound {
             .inc();
         tracing::debug!(event = "inbound.connection", peer.id = %id, peer.addr = %peer);
         if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
-            return self.tunnel.clone().serve(tls, id).await;
+            return self.tunnel.clone().serve(tls, id, not_after).await;
         }
-        let peer_identity = Arc::new(PeerIdentity { id, addr: peer });
+        let peer_identity = Arc::new(PeerIdentity {
+            id,
+            addr: peer,
+            not_after,
+        });
         let service = ServiceBuilder::new()
             .layer(authz::AuthorizeLayer::new(
                 self.authz.clone(),
