@@ -20,6 +20,35 @@ pub struct HealthArgs {
     timeout: Duration,
 }
 
+/// GET `url` (plain HTTP) and return the body of a 2xx answer.
+pub async fn get(url: &str, timeout: Duration) -> Result<String> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("invalid URL {url:?}"))?;
+    let host = uri.host().context("URL has no host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    tokio::time::timeout(timeout, async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", host.as_str())
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body =
+            String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+        if !status.is_success() {
+            bail!("{url} answered {status}: {}", body.trim());
+        }
+        anyhow::Ok(body)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer from {url} within {timeout:?}"))?
+}
+
 pub fn run(args: HealthArgs) -> Result<()> {
     let uri: http::Uri = args
         .url

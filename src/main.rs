@@ -2,6 +2,7 @@
 //! done by the library crates.
 
 mod ca_cmd;
+mod control_plane_cmd;
 mod demo;
 mod health_cmd;
 mod proxy_cmd;
@@ -38,6 +39,13 @@ enum Command {
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
     Demo(demo::DemoArgs),
+    /// The control plane: serves policies and services to sidecars.
+    ControlPlane {
+        #[command(subcommand)]
+        command: control_plane_cmd::ControlPlaneCommand,
+    },
+    /// Every sidecar a control plane knows: identity, acked version, last NACK (drift).
+    Status(control_plane_cmd::StatusArgs),
     /// Check an HTTP health endpoint (for container HEALTHCHECKs; exit 0 when healthy).
     Health(health_cmd::HealthArgs),
 }
@@ -68,6 +76,8 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy_cmd::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Health(args) => health_cmd::run(args),
+        Command::ControlPlane { command } => control_plane_cmd::run(command),
+        Command::Status(args) => control_plane_cmd::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use meshgate_proxy::identity::static_files::IdentityFiles;
 use meshgate_proxy::identity::{Backoff, IdentityConfig};
 use meshgate_proxy::inbound::AppProtocol;
-use meshgate_proxy::policy::PolicyFiles;
+use meshgate_proxy::policy::{PolicyFiles, PolicySource};
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 
 use crate::parse_duration;
@@ -22,16 +22,9 @@ pub enum AppProtocolArg {
     H2c,
 }
 
-/// Run the sidecar of one workload.
+/// Where a workload's SVID comes from: files, or the CA (shared by `proxy` and `control-plane`).
 #[derive(Debug, Args)]
-pub struct ProxyArgs {
-    /// The local app the sidecar protects (HOST:PORT).
-    #[arg(long)]
-    app: SocketAddr,
-    /// Which HTTP the app speaks.
-    #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
-    app_protocol: AppProtocolArg,
-
+pub struct IdentityArgs {
     /// Static identity: the SVID chain (leaf first), PEM; the three files are watched.
     #[arg(long, requires_all = ["svid_key", "trust_bundle"], conflicts_with = "ca")]
     svid_cert: Option<PathBuf>,
@@ -51,11 +44,53 @@ pub struct ProxyArgs {
     /// Join token from `meshgate ca token` (prefer the environment: command lines are visible in ps).
     #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, requires = "ca")]
     token: Option<String>,
+}
+
+impl IdentityArgs {
+    /// The identity source these flags describe.
+    pub fn source(&self) -> Result<IdentitySource> {
+        Ok(match (&self.svid_cert, &self.ca) {
+            (Some(cert), None) => IdentitySource::Files(IdentityFiles {
+                cert: cert.clone(),
+                key: self.svid_key.clone().expect("clap requires it"),
+                bundle: self.trust_bundle.clone().expect("clap requires it"),
+            }),
+            (None, Some(url)) => {
+                let bundle_path = self.ca_bundle.clone().expect("clap requires it");
+                IdentitySource::Ca(IdentityConfig {
+                    ca_url: url.clone(),
+                    ca_bundle_pem: std::fs::read(&bundle_path)
+                        .with_context(|| format!("reading {}", bundle_path.display()))?,
+                    token: self.token.clone().expect("clap requires it"),
+                    bundle_refresh: Duration::from_secs(60),
+                    backoff: Backoff::default(),
+                })
+            }
+            _ => bail!(
+                "give an identity: --svid-cert/--svid-key/--trust-bundle (files) or --ca/--ca-bundle/--token (issued by the CA)"
+            ),
+        })
+    }
+}
+
+/// Run the sidecar of one workload.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The local app the sidecar protects (HOST:PORT).
+    #[arg(long)]
+    app: SocketAddr,
+    /// Which HTTP the app speaks.
+    #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
+    app_protocol: AppProtocolArg,
+
+    #[command(flatten)]
+    identity: IdentityArgs,
 
     /// Directory of policy-as-code YAML files (watched; SIGHUP reloads at once).
     #[arg(long, required_unless_present = "control_plane")]
     policy_dir: Option<PathBuf>,
-    /// Control plane URL (not available yet: use --policy-dir).
+    /// Control plane URL, e.g. https://127.0.0.1:15010 (its SVID must be
+    /// spiffe://<td>/ns/meshgate/sa/control-plane).
     #[arg(long, conflicts_with = "policy_dir")]
     control_plane: Option<String>,
     /// Static list of Service documents for outbound routing.
@@ -109,27 +144,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
             "--control-plane is not available yet (the control-plane client is a later milestone); use --policy-dir"
         );
     }
-    let identity = match (&args.svid_cert, &args.ca) {
-        (Some(cert), None) => IdentitySource::Files(IdentityFiles {
-            cert: cert.clone(),
-            key: args.svid_key.clone().expect("clap requires it"),
-            bundle: args.trust_bundle.clone().expect("clap requires it"),
-        }),
-        (None, Some(url)) => {
-            let bundle_path = args.ca_bundle.clone().expect("clap requires it");
-            IdentitySource::Ca(IdentityConfig {
-                ca_url: url.clone(),
-                ca_bundle_pem: std::fs::read(&bundle_path)
-                    .with_context(|| format!("reading {}", bundle_path.display()))?,
-                token: args.token.clone().expect("clap requires it"),
-                bundle_refresh: Duration::from_secs(60),
-                backoff: Backoff::default(),
-            })
-        }
-        _ => bail!(
-            "give an identity: --svid-cert/--svid-key/--trust-bundle (files) or --ca/--ca-bundle/--token (issued by the CA)"
-        ),
-    };
+    let identity = args.identity.source()?;
     let config = SidecarConfig {
         app: args.app,
         app_protocol: match args.app_protocol {
@@ -138,9 +153,15 @@ pub fn run(args: ProxyArgs) -> Result<()> {
             AppProtocolArg::H2c => AppProtocol::H2c,
         },
         identity,
-        policy: PolicyFiles {
-            dir: args.policy_dir.clone().expect("clap requires it"),
-            services: args.services.clone(),
+        policy: match (&args.control_plane, &args.policy_dir) {
+            (Some(url), _) => PolicySource::ControlPlane { url: url.clone() },
+            (None, Some(dir)) => PolicySource::Files(PolicyFiles {
+                dir: dir.clone(),
+                services: args.services.clone(),
+            }),
+            (None, None) => bail!(
+                "give a policy source: --policy-dir DIR or --control-plane https://HOST:15010"
+            ),
         },
         inbound: args.inbound,
         outbound: args.outbound,

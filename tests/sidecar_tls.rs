@@ -123,10 +123,10 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
             key: files.join("key.pem"),
             bundle: files.join("bundle.pem"),
         }),
-        policy: PolicyFiles {
+        policy: meshgate_proxy::policy::PolicySource::Files(PolicyFiles {
             dir: policies,
             services: None,
-        },
+        }),
         inbound: any,
         outbound: any,
         admin: any,

@@ -69,11 +69,15 @@ impl Admin {
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        // Gauges that are functions of time are computed when read.
         if let Some(status) = self.identity.status() {
             self.metrics
                 .cert_not_after
                 .set(status.not_after.unix_timestamp());
         }
+        self.metrics
+            .policy_stale_seconds
+            .set(self.policy.stale_seconds());
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => respond(StatusCode::OK, "text/plain", "live\n"),
             (&Method::GET, "/ready") => {

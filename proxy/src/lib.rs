@@ -3,6 +3,7 @@
 //! client, the admin endpoint and metrics.
 
 pub mod admin;
+pub mod control_plane;
 pub mod http_util;
 pub mod identity;
 pub mod inbound;

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub policy_rejected: Counter,
     pub policy_version: Family<VersionLabels, Gauge>,
     pub cert_not_after: Gauge,
+    pub control_plane_connected: Gauge,
+    pub policy_stale_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -165,6 +167,18 @@ impl Default for Metrics {
             "Expiry of the workload's current SVID (Unix seconds)",
             cert_not_after.clone(),
         );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the control-plane stream is up (0 when down or not used)",
+            control_plane_connected.clone(),
+        );
+        let policy_stale_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "policy_stale_seconds",
+            "Seconds since the policy source was last reachable (0 while connected or with files)",
+            policy_stale_seconds.clone(),
+        );
         Self {
             registry,
             requests,
@@ -179,6 +193,8 @@ impl Default for Metrics {
             policy_rejected,
             policy_version,
             cert_not_after,
+            control_plane_connected,
+            policy_stale_seconds,
         }
     }
 }

@@ -26,6 +26,7 @@ pub struct PolicyState {
     pub set: ArcSwapOption<PolicySet>,
     /// Bumped at every swap, so long-lived L4 connections can re-check their authorization.
     swaps: tokio::sync::watch::Sender<u64>,
+    disconnected_since: Mutex<Option<std::time::Instant>>,
     loaded: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
@@ -37,6 +38,7 @@ impl PolicyState {
             snapshot: Arc::new(ArcSwap::from_pointee(PolicySnapshot::deny_all(workload))),
             set: ArcSwapOption::empty(),
             swaps: tokio::sync::watch::channel(0).0,
+            disconnected_since: Mutex::new(None),
             loaded: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
@@ -117,44 +119,16 @@ impl PolicyFiles {
         Ok(set)
     }
 
-    /// Loads once, then keeps the state current. `on_update` runs after each accepted load
-    /// (the sidecar rebuilds its outbound routes there).
-    pub fn start(
+    /// Loads once (before returning), then calls `on_load` again whenever the files change or
+    /// SIGHUP arrives.
+    pub fn watch(
         self,
-        workload: SpiffeId,
-        state: Arc<PolicyState>,
-        metrics: Arc<Metrics>,
         interval: Duration,
-        on_update: impl Fn(&PolicySet) + Send + Sync + 'static,
+        on_load: impl Fn(Result<PolicySet, LoadErrors>) + Send + Sync + 'static,
     ) {
-        let apply = move |files: &PolicyFiles| match files.load() {
-            Ok(set) => {
-                let current = state.snapshot.load();
-                let unchanged = state.is_loaded() && current.version() == set.version;
-                *state.last_error.lock().expect("policy error lock") = None;
-                if !unchanged {
-                    let snapshot = PolicySnapshot::compile(&set, &workload);
-                    tracing::info!(event = "policy.swapped", version = %set.version, previous = %current.version(), "policy snapshot in force");
-                    state.snapshot.store(Arc::new(snapshot));
-                    metrics.policy_swaps.inc();
-                    state.swaps.send_modify(|n| *n += 1);
-                    metrics.set_policy_version(&set.version);
-                }
-                on_update(&set);
-                state.set.store(Some(Arc::new(set)));
-                state.loaded.store(true, Ordering::Release);
-            }
-            Err(errors) => {
-                metrics.policy_rejected.inc();
-                for e in &errors.0 {
-                    tracing::error!(event = "policy.rejected", file = %e.file.display(), line = e.line, reason = %e.reason, "policy update refused; the previous policy stays in force");
-                }
-                *state.last_error.lock().expect("policy error lock") = Some(errors.to_string());
-            }
-        };
         // Stamp before loading: a change landing between the two is then seen by the first poll.
         let mut seen = self.stamp();
-        apply(&self);
+        on_load(self.load());
         tokio::spawn(async move {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -166,9 +140,124 @@ impl PolicyFiles {
                 let now = self.stamp();
                 if forced || now != seen {
                     seen = now;
-                    apply(&self);
+                    on_load(self.load());
                 }
             }
         });
+    }
+}
+
+/// Where the sidecar's policy comes from; both feed the same [`PolicyState`].
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A directory (plus optional services file) on disk.
+    Files(PolicyFiles),
+    /// The control plane's stream (`https://host:15010`).
+    ControlPlane { url: String },
+}
+
+impl PolicyState {
+    /// Compiles and swaps in `set` (unless it is the version in force), then runs `on_update`.
+    /// The one place a policy takes effect, whatever its source.
+    pub fn install(
+        &self,
+        set: PolicySet,
+        workload: &SpiffeId,
+        metrics: &Metrics,
+        on_update: &(impl Fn(&PolicySet) + ?Sized),
+    ) {
+        let current = self.snapshot.load();
+        let unchanged = self.is_loaded() && current.version() == set.version;
+        *self.last_error.lock().expect("policy error lock") = None;
+        if !unchanged {
+            let snapshot = PolicySnapshot::compile(&set, workload);
+            tracing::info!(event = "policy.swapped", version = %set.version, previous = %current.version(), "policy snapshot in force");
+            self.snapshot.store(Arc::new(snapshot));
+            metrics.policy_swaps.inc();
+            self.swaps.send_modify(|n| *n += 1);
+            metrics.set_policy_version(&set.version);
+        }
+        on_update(&set);
+        self.set.store(Some(Arc::new(set)));
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Records a refused update; the policy in force stays.
+    pub fn refuse(&self, errors: &LoadErrors, metrics: &Metrics) {
+        metrics.policy_rejected.inc();
+        for e in &errors.0 {
+            tracing::error!(event = "policy.rejected", file = %e.file.display(), line = e.line, reason = %e.reason, "policy update refused; the previous policy stays in force");
+        }
+        *self.last_error.lock().expect("policy error lock") = Some(errors.to_string());
+    }
+
+    /// Whether the control-plane stream is up (`None` for file sources) and since when it is
+    /// down, for `policy_stale_seconds`.
+    pub fn set_connected(&self, connected: bool) {
+        let mut since = self.disconnected_since.lock().expect("lock");
+        *since = if connected {
+            None
+        } else {
+            since.or(Some(std::time::Instant::now()))
+        };
+    }
+
+    /// Seconds since the control plane was last reachable (0 while connected or for files).
+    pub fn stale_seconds(&self) -> f64 {
+        self.disconnected_since
+            .lock()
+            .expect("lock")
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+}
+
+impl PolicySource {
+    /// Starts feeding `state`; `on_update` runs after each accepted update.
+    pub fn start(
+        self,
+        identity: &crate::identity::Identity,
+        state: Arc<PolicyState>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+        on_update: impl Fn(&PolicySet) + Send + Sync + 'static,
+    ) -> Result<(), String> {
+        let workload = identity.id().clone();
+        match self {
+            PolicySource::Files(files) => {
+                files.watch(interval, move |loaded| match loaded {
+                    Ok(set) => state.install(set, &workload, &metrics, &on_update),
+                    Err(errors) => state.refuse(&errors, &metrics),
+                });
+            }
+            PolicySource::ControlPlane { url } => {
+                let expected = workload
+                    .trust_domain()
+                    .workload_id("meshgate", "control-plane")
+                    .expect("a fixed path under a valid trust domain");
+                let tls = meshgate_ca::tls::mesh_client_config(
+                    identity.bundle(),
+                    meshgate_ca::tls::ExpectedServer::Exact(expected),
+                    Some(identity.resolver()),
+                    &[b"h2"],
+                );
+                let client = meshgate_xds::client::StreamClient::new(&url, Arc::new(tls))?;
+                state.set_connected(false);
+                let connected_state = state.clone();
+                let connected_metrics = metrics.clone();
+                tokio::spawn(client.run(
+                    move |set| {
+                        state.install(set, &workload, &metrics, &on_update);
+                        Ok(())
+                    },
+                    move |up| {
+                        connected_state.set_connected(up);
+                        connected_metrics.control_plane_connected.set(i64::from(up));
+                    },
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                ));
+            }
+        }
+        Ok(())
     }
 }

@@ -16,7 +16,7 @@ use crate::identity::{Identity, IdentityClient, IdentityConfig, IdentityError};
 use crate::inbound::{AppForwarder, AppProtocol, AuthzContext, Inbound};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Route, RouteTable};
-use crate::policy::{PolicyFiles, PolicyState};
+use crate::policy::{PolicySource, PolicyState};
 
 /// Where the sidecar's identity comes from.
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ pub struct SidecarConfig {
     pub app: SocketAddr,
     pub app_protocol: AppProtocol,
     pub identity: IdentitySource,
-    pub policy: PolicyFiles,
+    pub policy: PolicySource,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
@@ -76,6 +76,8 @@ pub enum SidecarError {
     Tls(#[from] rustls::Error),
     #[error(transparent)]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("policy source: {0}")]
+    PolicySource(String),
 }
 
 /// A running sidecar.
@@ -190,24 +192,29 @@ impl Sidecar {
                 metrics.clone(),
                 current_routes.clone(),
             );
-            config.policy.clone().start(
-                workload.clone(),
-                policy.clone(),
-                metrics.clone(),
-                config.poll_interval,
-                move |set| {
-                    let next = routes_from(set);
-                    let mut current = current.lock().expect("routes lock");
-                    if *current != next {
-                        routes.store(Arc::new(RouteTable::build(
-                            next.clone(),
-                            &identity,
-                            &metrics,
-                        )));
-                        *current = next;
-                    }
-                },
-            );
+            let source_identity = identity.clone();
+            config
+                .policy
+                .clone()
+                .start(
+                    &source_identity,
+                    policy.clone(),
+                    metrics.clone(),
+                    config.poll_interval,
+                    move |set| {
+                        let next = routes_from(set);
+                        let mut current = current.lock().expect("routes lock");
+                        if *current != next {
+                            routes.store(Arc::new(RouteTable::build(
+                                next.clone(),
+                                &identity,
+                                &metrics,
+                            )));
+                            *current = next;
+                        }
+                    },
+                )
+                .map_err(SidecarError::PolicySource)?;
         }
         {
             let (routes, identity, metrics, current) = (

@@ -316,10 +316,10 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
                 bundle_refresh: Duration::from_secs(60),
                 backoff: Backoff::default(),
             }),
-            policy: PolicyFiles {
+            policy: meshgate_proxy::policy::PolicySource::Files(PolicyFiles {
                 dir: policy_dir.clone(),
                 services: None,
-            },
+            }),
             inbound: loopback(p.inbound),
             outbound: loopback(p.outbound),
             admin: loopback(p.admin),

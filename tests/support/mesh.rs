@@ -208,6 +208,10 @@ pub struct TestMesh {
     pub workloads: BTreeMap<String, Workload>,
     /// Tracing for sidecars added from now on (off by default; each gets its name as service).
     pub telemetry: meshgate_proxy::telemetry::TelemetryConfig,
+    /// The control plane, when [`start_control_plane`](Self::start_control_plane) ran; sidecars
+    /// added afterwards stream their policy from it instead of reading the directory.
+    pub control_plane: Option<meshgate_proxy::control_plane::RunningControlPlane>,
+    cp_port: u16,
 }
 
 /// An HTTP answer as the calling app sees it.
@@ -240,7 +244,69 @@ impl TestMesh {
             policy_dir,
             workloads: BTreeMap::new(),
             telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
+            control_plane: None,
+            cp_port: 0,
         }
+    }
+
+    /// Starts (or restarts, on the same port) the control plane serving the policy directory,
+    /// with its own SVID `spiffe://mesh.local/ns/meshgate/sa/control-plane`.
+    pub async fn start_control_plane(&mut self) {
+        let files = self.ca.tmp.path().join("control-plane");
+        if !files.exists() {
+            std::fs::create_dir_all(&files).unwrap();
+            let now = time::OffsetDateTime::now_utc();
+            let svid = self.ca.sign_leaf(
+                &SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
+                now - time::Duration::minutes(1),
+                now + time::Duration::hours(2),
+            );
+            super::write_chain(&files.join("svid.pem"), &svid.chain);
+            std::fs::write(files.join("key.pem"), svid.key.serialize_pem()).unwrap();
+            std::fs::write(files.join("bundle.pem"), self.ca.bundle_pem()).unwrap();
+        }
+        let cp = meshgate_proxy::control_plane::RunningControlPlane::start(
+            meshgate_proxy::control_plane::ControlPlaneConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], self.cp_port)),
+                admin: "127.0.0.1:0".parse().unwrap(),
+                policy: PolicyFiles {
+                    dir: self.policy_dir.clone(),
+                    services: None,
+                },
+                identity: IdentitySource::Files(
+                    meshgate_proxy::identity::static_files::IdentityFiles {
+                        cert: files.join("svid.pem"),
+                        key: files.join("key.pem"),
+                        bundle: files.join("bundle.pem"),
+                    },
+                ),
+                poll_interval: Duration::from_millis(50),
+            },
+        )
+        .await
+        .unwrap();
+        self.cp_port = cp.addr.port();
+        self.control_plane = Some(cp);
+    }
+
+    /// Stops the control plane (sidecars keep their last snapshot).
+    pub async fn stop_control_plane(&mut self) {
+        if let Some(cp) = self.control_plane.take() {
+            cp.shutdown();
+            cp.wait().await;
+        }
+    }
+
+    /// The control plane's `/status` report.
+    pub async fn cp_status(&self) -> serde_json::Value {
+        let admin_addr = self
+            .control_plane
+            .as_ref()
+            .expect("control plane running")
+            .admin_addr;
+        let (status, body) = admin(admin_addr, "GET", "/status").await;
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
     }
 
     pub fn id_of(name: &str) -> SpiffeId {
@@ -281,9 +347,15 @@ impl TestMesh {
                 bundle_refresh: Duration::from_secs(60),
                 backoff: Backoff::default(),
             }),
-            policy: PolicyFiles {
-                dir: self.policy_dir.clone(),
-                services: None,
+            policy: if self.cp_port != 0 {
+                meshgate_proxy::policy::PolicySource::ControlPlane {
+                    url: format!("https://127.0.0.1:{}", self.cp_port),
+                }
+            } else {
+                meshgate_proxy::policy::PolicySource::Files(PolicyFiles {
+                    dir: self.policy_dir.clone(),
+                    services: None,
+                })
             },
             inbound: any,
             outbound: any,

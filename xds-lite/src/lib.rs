@@ -3,6 +3,7 @@
 //! normalization. The control-plane server and client arrive with the control-plane issue.
 
 pub mod authz;
+pub mod client;
 mod docsplit;
 mod index;
 pub mod load;
@@ -10,8 +11,11 @@ mod matcher;
 pub mod model;
 pub mod path;
 pub mod pattern;
+pub mod scope;
+pub mod server;
 pub mod validate;
 mod version;
+pub mod wire;
 
 #[cfg(test)]
 mod authz_tests;

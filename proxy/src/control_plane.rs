@@ -1,0 +1,170 @@
+//! Wiring of `meshgate control-plane serve`: its identity (the same sources as a sidecar), the
+//! watched policy directory, the xds-lite stream server, and a loopback admin listener with
+//! `/status` (for `meshgate status`), `/ready` and `/live`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use meshgate_xds::server::ControlPlane;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::identity::{IdentityClient, IdentityError};
+use crate::policy::PolicyFiles;
+use crate::sidecar::IdentitySource;
+
+/// What `meshgate control-plane serve` is told.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub policy: PolicyFiles,
+    pub identity: IdentitySource,
+    pub poll_interval: Duration,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error("cannot listen on {addr} ({what}): {source}; choose another with {flag}")]
+    Bind {
+        what: &'static str,
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "the control plane's SVID is {got}, but sidecars only accept {want}; issue one with `meshgate ca issue --id {want}` (or a token for it)"
+    )]
+    WrongIdentity { got: String, want: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A running control plane.
+pub struct RunningControlPlane {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub control_plane: Arc<ControlPlane>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, ControlPlaneError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlPlaneError::Bind {
+            what,
+            flag,
+            addr,
+            source,
+        })
+}
+
+impl RunningControlPlane {
+    pub async fn start(config: ControlPlaneConfig) -> Result<Self, ControlPlaneError> {
+        let listener = bind(config.listen, "control plane", "--listen").await?;
+        let admin_listener = bind(config.admin, "control-plane admin", "--admin").await?;
+        let identity = match config.identity {
+            IdentitySource::Files(files) => files.start(config.poll_interval)?,
+            IdentitySource::Ca(ca) => IdentityClient::new(ca)?.start().await?,
+        };
+        let td = identity.id().trust_domain();
+        let want = td
+            .workload_id("meshgate", "control-plane")
+            .expect("valid ID");
+        if identity.id() != &want {
+            return Err(ControlPlaneError::WrongIdentity {
+                got: identity.id().to_string(),
+                want: want.to_string(),
+            });
+        }
+        let control_plane = ControlPlane::new(td);
+        {
+            let cp = control_plane.clone();
+            config.policy.watch(config.poll_interval, move |loaded| match loaded {
+                Ok(set) => cp.publish(set),
+                Err(errors) => {
+                    for e in &errors.0 {
+                        tracing::error!(event = "policy.rejected", file = %e.file.display(), line = e.line, reason = %e.reason, "update refused; the last good version keeps being served");
+                    }
+                    cp.reject(errors.to_string());
+                }
+            });
+        }
+        let tls = crate::tls::live_inbound_config(identity.clone(), false)?;
+        let (shutdown, _) = watch::channel(false);
+        let addr = listener.local_addr().expect("bound");
+        let admin_addr = admin_listener.local_addr().expect("bound");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            control_plane
+                .clone()
+                .serve(listener, tls, shutdown.subscribe()),
+        );
+        tasks.spawn(admin(
+            admin_listener,
+            control_plane.clone(),
+            shutdown.subscribe(),
+        ));
+        tracing::info!(event = "control_plane.started", addr = %addr, admin = %admin_addr, id = %identity.id());
+        Ok(Self {
+            addr,
+            admin_addr,
+            control_plane,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops serving; sidecars keep their last snapshot and reconnect when it is back.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Completes when both listeners have stopped.
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                let cp = cp.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let cp = cp.clone();
+                        async move {
+                            let (status, body) = match req.uri().path() {
+                                "/status" => (StatusCode::OK, serde_json::to_string_pretty(&cp.status()).expect("serializes")),
+                                "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
+                                "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded yet\n".to_string()),
+                                "/live" => (StatusCode::OK, "live\n".to_string()),
+                                _ => (StatusCode::NOT_FOUND, "endpoints: /status /ready /live\n".to_string()),
+                            };
+                            Ok::<_, Infallible>(Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("valid"))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        }
+    }
+}

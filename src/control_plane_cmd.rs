@@ -1,0 +1,119 @@
+//! `meshgate control-plane serve` and `meshgate status`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use meshgate_proxy::control_plane::{ControlPlaneConfig, RunningControlPlane};
+use meshgate_proxy::policy::PolicyFiles;
+
+use crate::parse_duration;
+use crate::proxy_cmd::IdentityArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum ControlPlaneCommand {
+    /// Serve the policies of a directory to sidecars (HTTP/2 over mTLS, one stream per sidecar).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory of policy-as-code YAML files (watched; SIGHUP reloads at once).
+    #[arg(long)]
+    policy_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    listen: SocketAddr,
+    /// Plaintext admin listener (`/status`, `/ready`, `/live`); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15011")]
+    admin: SocketAddr,
+    /// The control plane's own identity: spiffe://<td>/ns/meshgate/sa/control-plane.
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+}
+
+pub fn run(command: ControlPlaneCommand) -> Result<()> {
+    let ControlPlaneCommand::Serve(args) = command;
+    let config = ControlPlaneConfig {
+        listen: args.listen,
+        admin: args.admin,
+        policy: PolicyFiles {
+            dir: args.policy_dir,
+            services: None,
+        },
+        identity: args.identity.source()?,
+        poll_interval: args.poll_interval,
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let cp = RunningControlPlane::start(config).await?;
+        println!(
+            "meshgate control plane: sidecars connect to https://{} ; status at http://{}/status",
+            cp.addr, cp.admin_addr
+        );
+        crate::ca_cmd::shutdown_signal().await;
+        cp.shutdown();
+        cp.wait().await;
+        Ok(())
+    })
+}
+
+/// Show every sidecar known to a control plane: identity, acked version, last NACK, staleness.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The control plane's admin URL.
+    #[arg(long, default_value = "http://127.0.0.1:15011")]
+    control_plane: String,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let url = format!("{}/status", args.control_plane.trim_end_matches('/'));
+    let body = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::health_cmd::get(&url, Duration::from_secs(5)))
+        .with_context(|| format!("asking {url}"))?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: serde_json::Value = serde_json::from_str(&body).context("status is not JSON")?;
+    let version = report["version"].as_str().unwrap_or("(none)");
+    println!("policy version served: {version}");
+    if let Some(rejected) = report["last_rejected"].as_str() {
+        println!("LAST UPDATE REFUSED (the version above is still served):\n{rejected}");
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    println!(
+        "\n{:<45} {:<10} {:<18} {:<8} {:<10} LAST NACK",
+        "SIDECAR", "STREAM", "ACKED", "IN SYNC", "SEEN"
+    );
+    let sidecars = report["sidecars"].as_array().cloned().unwrap_or_default();
+    let mut drift = false;
+    for s in &sidecars {
+        let in_sync = s["in_sync"].as_bool().unwrap_or(false);
+        let connected = s["connected"].as_bool().unwrap_or(false);
+        drift |= connected && !in_sync;
+        println!(
+            "{:<45} {:<10} {:<18} {:<8} {:<10} {}",
+            s["id"].as_str().unwrap_or("?"),
+            if connected { "connected" } else { "closed" },
+            s["acked_version"].as_str().unwrap_or("-"),
+            if in_sync { "yes" } else { "NO" },
+            format!("{}s ago", now - s["last_seen"].as_i64().unwrap_or(now)),
+            s["last_nack"].as_str().unwrap_or("-"),
+        );
+    }
+    if sidecars.is_empty() {
+        println!("(no sidecar has connected)");
+    }
+    if drift {
+        bail!("some connected sidecars have not acknowledged version {version}");
+    }
+    Ok(())
+}

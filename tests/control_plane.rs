@@ -1,0 +1,330 @@
+//! The control plane end to end: policies and services streamed to real sidecars over mTLS,
+//! updates applied and ACKed, invalid updates refused at the control plane while the last good
+//! version stays enforced, sidecars keeping their snapshot while it is gone and reconverging when
+//! it is back, per-identity scoping, and no stream without a valid SVID.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
+use meshgate_xds::client::StreamClient;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use support::mesh::TestMesh;
+use support::*;
+
+fn orders_policy(methods: &str) -> String {
+    format!(
+        r#"apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: {{ name: orders-readers, namespace: shop }}
+spec:
+  selector: {{ account: orders }}
+  action: ALLOW
+  rules:
+    - from: [{{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }}]
+      to: [{{ methods: [{methods}], paths: ["/orders/*"] }}]
+"#
+    )
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_flow_from_the_control_plane_and_survive_its_loss() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.write_services();
+    let v1 = mesh.converge().await;
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        200
+    );
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        403
+    );
+
+    // Every sidecar ACKed the served version.
+    let mesh_ref = &mesh;
+    wait_until("both sidecars ACK", async || {
+        let status = mesh_ref.cp_status().await;
+        let sidecars = status["sidecars"].as_array().unwrap().clone();
+        sidecars.len() == 2
+            && sidecars
+                .iter()
+                .all(|s| s["acked_version"] == v1.as_str() && s["in_sync"] == true)
+    })
+    .await;
+
+    // `meshgate status` shows every sidecar in sync.
+    let admin_url = format!("http://{}", mesh.control_plane.as_ref().unwrap().admin_addr);
+    let mut cmd = meshgate();
+    cmd.args(["status", "--control-plane", &admin_url]);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("policy version served: {v1}")),
+        "{shown}"
+    );
+    for who in ["web", "orders"] {
+        let line = shown
+            .lines()
+            .find(|l| l.contains(&format!("sa/{who} ")))
+            .unwrap_or_else(|| panic!("{shown}"));
+        assert!(
+            line.contains("connected") && line.contains(&v1) && line.contains("yes"),
+            "{line}"
+        );
+    }
+
+    // A change is pushed and enforced.
+    mesh.write_policy("orders.yaml", &orders_policy(r#""GET", "POST""#));
+    let v2 = mesh.converge().await;
+    assert_ne!(v1, v2);
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        200
+    );
+
+    // An invalid change is refused at the control plane; v2 stays served and enforced.
+    mesh.write_policy("broken.yaml", "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: x, namespace: shop }\nspec:\n  action: PERMIT\n");
+    wait_until("the control plane refuses the update", async || {
+        mesh_ref.cp_status().await["last_rejected"].is_string()
+    })
+    .await;
+    let status = mesh.cp_status().await;
+    assert_eq!(status["version"], v2.as_str());
+    assert!(
+        status["last_rejected"]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml:"),
+        "{status}"
+    );
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        200
+    );
+    assert_eq!(
+        mesh.call("web", "DELETE", "orders", "/orders/1")
+            .await
+            .status,
+        403
+    );
+    std::fs::remove_file(mesh.policy_dir.join("broken.yaml")).unwrap();
+
+    // The control plane goes away: the last snapshot stays in force (allow stays allow, deny
+    // stays deny) and the sidecars report staleness.
+    mesh.stop_control_plane().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        200
+    );
+    assert_eq!(
+        mesh.call("web", "DELETE", "orders", "/orders/1")
+            .await
+            .status,
+        403
+    );
+    let stale = mesh
+        .metric("orders", "meshgate_policy_stale_seconds", &[])
+        .await;
+    let up = mesh
+        .metric("orders", "meshgate_control_plane_connected", &[])
+        .await;
+    assert!(stale >= 1.0, "stale {stale}, connected {up}");
+    assert_eq!(
+        mesh.metric("orders", "meshgate_control_plane_connected", &[])
+            .await,
+        0.0
+    );
+
+    // It comes back on the same address: sidecars reconnect by themselves and ACK.
+    mesh.start_control_plane().await;
+    let mesh_ref = &mesh;
+    wait_until("sidecars reconnect and ACK", async || {
+        let status = mesh_ref.cp_status().await;
+        let connected: Vec<_> = status["sidecars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["connected"] == true)
+            .cloned()
+            .collect();
+        connected.len() == 2 && connected.iter().all(|s| s["acked_version"] == v2.as_str())
+    })
+    .await;
+    assert_eq!(
+        mesh.metric("orders", "meshgate_control_plane_connected", &[])
+            .await,
+        1.0
+    );
+    mesh.write_policy("orders.yaml", &orders_policy(r#""GET""#));
+    mesh.converge().await;
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        403,
+        "updates flow again"
+    );
+}
+
+/// Connects a raw stream client with `svid` and returns the first pushed set.
+async fn first_push(
+    url: String,
+    mesh: &TestMesh,
+    svid: &Svid,
+) -> Result<meshgate_xds::PolicySet, String> {
+    let resolver = Arc::new(CertResolver::default());
+    resolver
+        .publish(
+            svid.chain.clone(),
+            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let config = tls::mesh_client_config(
+        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
+        ExpectedServer::Exact(
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
+                .unwrap(),
+        ),
+        Some(resolver),
+        &[b"h2"],
+    );
+    let client = StreamClient::new(&url, Arc::new(config))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(client.run(
+        move |set| {
+            let _ = tx.send(set);
+            Ok(())
+        },
+        |_| {},
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ));
+    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await;
+    task.abort();
+    got.ok()
+        .flatten()
+        .ok_or_else(|| "no push received".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sidecar_gets_only_its_own_resources_and_needs_a_valid_svid() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.write_policy(
+        "web.yaml",
+        "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: web-public, namespace: shop }\nspec:\n  selector: { account: web }\n  action: ALLOW\n  rules: [{}]\n",
+    );
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.add("payments").await;
+    mesh.write_services();
+    mesh.start_control_plane().await;
+    let url = format!("https://{}", mesh.control_plane.as_ref().unwrap().addr);
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+
+    // web's view: its own policy only; the Services it may call (orders allows web; web allows
+    // everyone; payments allows nobody).
+    let web = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    let view = first_push(url.clone(), &mesh, &web).await.unwrap();
+    let names: Vec<_> = view
+        .policies
+        .iter()
+        .map(|p| p.metadata.name.as_str())
+        .collect();
+    assert_eq!(names, ["web-public"], "web never sees orders' policy");
+    let mut services: Vec<_> = view
+        .services
+        .iter()
+        .map(|s| s.metadata.name.as_str())
+        .collect();
+    services.sort();
+    assert_eq!(services, ["orders", "web"]);
+    // orders' view: its own policy, and not web's.
+    let orders = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("orders"), now - hour, now + hour);
+    let view = first_push(url.clone(), &mesh, &orders).await.unwrap();
+    let names: Vec<_> = view
+        .policies
+        .iter()
+        .map(|p| p.metadata.name.as_str())
+        .collect();
+    assert_eq!(names, ["orders-readers"]);
+
+    // No valid SVID, no stream: a foreign CA's certificate for web's very ID, an expired one.
+    let foreign = TestCa::init().sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    assert!(
+        first_push(url.clone(), &mesh, &foreign).await.is_err(),
+        "foreign CA refused"
+    );
+    let expired = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - 2 * hour, now - hour);
+    assert!(
+        first_push(url.clone(), &mesh, &expired).await.is_err(),
+        "expired SVID refused"
+    );
+    // And no client certificate at all.
+    let anonymous = tls::mesh_client_config(
+        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
+        ExpectedServer::Exact(
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
+                .unwrap(),
+        ),
+        None,
+        &[b"h2"],
+    );
+    let client = StreamClient::new(&url, Arc::new(anonymous)).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let task = tokio::spawn(client.run(
+        move |_| {
+            let _ = tx.send(());
+            Ok(())
+        },
+        |_| {},
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .is_err(),
+        "no push without a client certificate"
+    );
+    task.abort();
+}
+
+#[test]
+fn status_command_reports_an_unreachable_control_plane() {
+    let out = run(meshgate().args([
+        "status",
+        "--control-plane",
+        &format!("http://127.0.0.1:{}", free_port()),
+    ]));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("asking http://127.0.0.1:"),
+        "{}",
+        text(&out)
+    );
+}

@@ -1,0 +1,147 @@
+//! The sidecar's side of the stream: connect with the workload's SVID (the control plane must
+//! present `spiffe://<td>/ns/meshgate/sa/control-plane`), apply each push, ACK or NACK it, and
+//! reconnect with backoff whenever the stream breaks. What `apply` installed stays in force while
+//! disconnected: losing the control plane never opens traffic.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+
+use crate::load::PolicySet;
+use crate::wire::{Ack, LineBuffer, Push, STREAM_PATH};
+
+/// Largest push accepted (a very large policy set is still far below this).
+const MAX_PUSH_LINE: usize = 64 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A stream client for one control plane.
+pub struct StreamClient {
+    authority: String,
+    tls: TlsConnector,
+}
+
+impl StreamClient {
+    /// `url` is `https://host:port`; `tls` verifies the control plane's SPIFFE ID and presents
+    /// the workload's SVID (offering ALPN `h2`).
+    pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("control plane URL {url:?}: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!(
+                "control plane URL {url:?} must start with https://"
+            ));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("control plane URL {url:?} has no host"))?;
+        Ok(Self {
+            authority: format!("{host}:{}", uri.port_u16().unwrap_or(15010)),
+            tls: TlsConnector::from(tls),
+        })
+    }
+
+    /// Runs forever. `apply` installs a pushed set (its error becomes the NACK); `connected`
+    /// reports stream state changes.
+    pub async fn run(
+        self,
+        mut apply: impl FnMut(PolicySet) -> Result<(), String> + Send,
+        connected: impl Fn(bool) + Send,
+        initial_backoff: Duration,
+        max_backoff: Duration,
+    ) {
+        let mut backoff = initial_backoff;
+        loop {
+            let result = self
+                .session(&mut apply, &connected, &mut backoff, initial_backoff)
+                .await;
+            connected(false);
+            if let Err(e) = result {
+                tracing::warn!(event = "control_plane.disconnected", control_plane = %self.authority, error = %e, retry_in_ms = backoff.as_millis() as u64, "keeping the last good policy");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    async fn session(
+        &self,
+        apply: &mut (impl FnMut(PolicySet) -> Result<(), String> + Send),
+        connected: &(impl Fn(bool) + Send),
+        backoff: &mut Duration,
+        initial_backoff: Duration,
+    ) -> Result<(), String> {
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+        let tls = self
+            .tls
+            .connect(meshgate_ca::tls::mesh_server_name(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        let (acks, ack_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        let mut ack_rx = ack_rx;
+        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+            ack_rx.poll_recv(cx)
+        }));
+        let req = Request::post(format!("https://{}{STREAM_PATH}", self.authority))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("stream request: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("control plane answered {}", resp.status()));
+        }
+        connected(true);
+        *backoff = initial_backoff;
+        tracing::info!(event = "control_plane.connected", control_plane = %self.authority);
+        let mut body = resp.into_body();
+        let mut lines = LineBuffer::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("stream: {e}"))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            for line in lines.push(data, MAX_PUSH_LINE)? {
+                let push: Push =
+                    serde_json::from_slice(&line).map_err(|e| format!("undecodable push: {e}"))?;
+                let (nonce, version) = (push.nonce.clone(), push.version.clone());
+                let error = push.into_set().and_then(&mut *apply).err();
+                if let Some(e) = &error {
+                    tracing::warn!(event = "control_plane.nack_sent", version = %version, error = %e);
+                }
+                let mut ack = serde_json::to_vec(&Ack {
+                    nonce,
+                    version,
+                    error,
+                })
+                .expect("ack serializes");
+                ack.push(b'\n');
+                acks.send(Ok(Frame::data(Bytes::from(ack))))
+                    .await
+                    .map_err(|_| "stream closed".to_string())?;
+            }
+        }
+        Err("the control plane closed the stream".into())
+    }
+}

@@ -1,0 +1,345 @@
+//! The control-plane server: serves each connected sidecar the scoped, versioned snapshot over one
+//! long-lived HTTP/2 stream (mTLS, the sidecar's SVID is its name), and records what each sidecar
+//! acknowledged, for `meshgate status`.
+//!
+//! State of the world: every push carries everything the workload needs at the current version.
+//! A new version is pushed to every stream as soon as it is published; a NACKed version is never
+//! re-sent (only a newer one is), and the NACK is kept for status. A stream ends when the peer's
+//! certificate expires, so a sidecar reconnects with its fresh SVID.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_ca::{SpiffeId, TrustDomain, cert};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::load::PolicySet;
+use crate::scope::scope;
+use crate::wire::{Ack, LineBuffer, Push, STREAM_PATH};
+
+const MAX_ACK_LINE: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the control plane knows about one sidecar stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct SidecarStatus {
+    pub id: SpiffeId,
+    pub addr: String,
+    pub connected: bool,
+    /// Unix seconds.
+    pub connected_at: i64,
+    pub last_seen: i64,
+    pub sent_version: Option<String>,
+    pub acked_version: Option<String>,
+    pub last_nack: Option<String>,
+}
+
+/// The answer of the status endpoint.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    /// The version being served (`None` before the first valid load).
+    pub version: Option<String>,
+    /// Reasons the latest update was refused (`file:line: reason`), if it was.
+    pub last_rejected: Option<String>,
+    pub sidecars: Vec<serde_json::Value>,
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The control plane's shared state.
+pub struct ControlPlane {
+    trust_domain: TrustDomain,
+    current: watch::Sender<Option<Arc<PolicySet>>>,
+    rejected: Mutex<Option<String>>,
+    sidecars: Mutex<BTreeMap<u64, SidecarStatus>>,
+    next_stream: AtomicU64,
+}
+
+impl ControlPlane {
+    /// A control plane for sidecars of `trust_domain`; it serves nothing until [`publish`](Self::publish).
+    pub fn new(trust_domain: TrustDomain) -> Arc<Self> {
+        Arc::new(Self {
+            trust_domain,
+            current: watch::channel(None).0,
+            rejected: Mutex::new(None),
+            sidecars: Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    /// Serves `set` from now on (pushed to every stream at once when its version is new).
+    pub fn publish(&self, set: PolicySet) {
+        *self.rejected.lock().expect("lock") = None;
+        let unchanged = self
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.version == set.version);
+        if !unchanged {
+            tracing::info!(event = "control_plane.published", version = %set.version, "new policy version served");
+            self.current.send_replace(Some(Arc::new(set)));
+        }
+    }
+
+    /// Records a refused update; the last good version keeps being served.
+    pub fn reject(&self, reasons: String) {
+        *self.rejected.lock().expect("lock") = Some(reasons);
+    }
+
+    /// The version served now.
+    pub fn version(&self) -> Option<String> {
+        self.current.borrow().as_ref().map(|s| s.version.clone())
+    }
+
+    /// Every sidecar stream seen (connected or not), for `meshgate status`.
+    pub fn status(&self) -> StatusReport {
+        let version = self.version();
+        let sidecars = self
+            .sidecars
+            .lock()
+            .expect("lock")
+            .values()
+            .map(|s| {
+                let mut v = serde_json::to_value(s).expect("status serializes");
+                v["in_sync"] = serde_json::Value::Bool(
+                    s.connected && s.acked_version.is_some() && s.acked_version == version,
+                );
+                v
+            })
+            .collect();
+        StatusReport {
+            version,
+            last_rejected: self.rejected.lock().expect("lock").clone(),
+            sidecars,
+        }
+    }
+
+    fn update(&self, stream: u64, f: impl FnOnce(&mut SidecarStatus)) {
+        if let Some(s) = self.sidecars.lock().expect("lock").get_mut(&stream) {
+            s.last_seen = now();
+            f(s);
+        }
+    }
+
+    /// Accepts sidecar connections until `shutdown`. `tls` must require client certificates.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<ArcSwap<rustls::ServerConfig>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                accepted = listener.accept() => {
+                    let Ok((tcp, addr)) = accepted else { continue };
+                    let (cp, tls) = (self.clone(), tls.clone());
+                    connections.spawn(async move { cp.connection(tcp, addr, tls).await });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        connections.abort_all();
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        addr: SocketAddr,
+        tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    ) {
+        let acceptor = TlsAcceptor::from(tls.load_full());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::warn!(event = "control_plane.handshake_refused", peer.addr = %addr, error = %e);
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(info) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| cert::cert_info(c).ok())
+        else {
+            tracing::warn!(event = "control_plane.handshake_refused", peer.addr = %addr, error = "no usable SVID");
+            return;
+        };
+        if !info.id.is_member_of(&self.trust_domain) {
+            tracing::warn!(event = "control_plane.handshake_refused", peer.addr = %addr, peer.id = %info.id, error = "foreign trust domain");
+            return;
+        }
+        let peer = Arc::new(info);
+        let cp = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (cp, peer) = (cp.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(cp.handle(req, peer, addr)) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    }
+
+    fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<cert::CertInfo>,
+        addr: SocketAddr,
+    ) -> Response<UnsyncBoxBody<Bytes, Infallible>> {
+        if req.method() != Method::POST || req.uri().path() != STREAM_PATH {
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(
+                    Full::new(Bytes::from_static(
+                        b"the control plane serves POST /v1/stream\n",
+                    ))
+                    .boxed_unsync(),
+                )
+                .expect("valid response");
+        }
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.sidecars.lock().expect("lock").insert(
+            stream,
+            SidecarStatus {
+                id: peer.id.clone(),
+                addr: addr.to_string(),
+                connected: true,
+                connected_at: now(),
+                last_seen: now(),
+                sent_version: None,
+                acked_version: None,
+                last_nack: None,
+            },
+        );
+        tracing::info!(event = "control_plane.stream_opened", peer.id = %peer.id, peer.addr = %addr);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        let nonces = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
+        tokio::spawn(
+            self.clone()
+                .pushes(stream, peer.clone(), tx, nonces.clone()),
+        );
+        tokio::spawn(
+            self.clone()
+                .acks(stream, peer.id.clone(), req.into_body(), nonces),
+        );
+        let body = StreamBody::new(tokio_stream_from(rx));
+        Response::builder()
+            .header("content-type", "application/x-ndjson")
+            .body(body.boxed_unsync())
+            .expect("valid response")
+    }
+
+    /// Pushes every new version to one stream until it closes or the peer's certificate expires.
+    async fn pushes(
+        self: Arc<Self>,
+        stream: u64,
+        peer: Arc<cert::CertInfo>,
+        tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+        nonces: Arc<Mutex<BTreeMap<String, String>>>,
+    ) {
+        let mut current = self.current.subscribe();
+        let remaining =
+            (peer.not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let expiry = tokio::time::sleep(Duration::try_from(remaining).unwrap_or(Duration::ZERO));
+        tokio::pin!(expiry);
+        loop {
+            let set = current.borrow_and_update().clone();
+            if let Some(set) = set {
+                let mut nonce_bytes = [0u8; 8];
+                meshgate_ca::tls::random_bytes(&mut nonce_bytes);
+                let nonce = cert::hex(&nonce_bytes);
+                let push = Push::new(scope(&set, &peer.id), nonce.clone());
+                let mut line = serde_json::to_vec(&push).expect("push serializes");
+                line.push(b'\n');
+                nonces
+                    .lock()
+                    .expect("lock")
+                    .insert(nonce, set.version.clone());
+                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                    break;
+                }
+                self.update(stream, |s| s.sent_version = Some(set.version.clone()));
+            }
+            tokio::select! {
+                changed = current.changed() => if changed.is_err() { break },
+                _ = tx.closed() => break,
+                _ = &mut expiry => {
+                    tracing::info!(event = "control_plane.stream_expired", peer.id = %peer.id, "peer certificate expired; closing the stream so it reconnects with a fresh SVID");
+                    break;
+                }
+            }
+        }
+        self.update(stream, |s| s.connected = false);
+    }
+
+    /// Reads ACK/NACK lines of one stream.
+    async fn acks(
+        self: Arc<Self>,
+        stream: u64,
+        peer: SpiffeId,
+        mut body: Incoming,
+        nonces: Arc<Mutex<BTreeMap<String, String>>>,
+    ) {
+        let mut lines = LineBuffer::default();
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            let Ok(batch) = lines.push(data, MAX_ACK_LINE) else {
+                break;
+            };
+            for line in batch {
+                let Ok(ack) = serde_json::from_slice::<Ack>(&line) else {
+                    tracing::warn!(event = "control_plane.bad_ack", peer.id = %peer);
+                    continue;
+                };
+                let known = nonces.lock().expect("lock").remove(&ack.nonce);
+                if known.as_deref() != Some(ack.version.as_str()) {
+                    tracing::warn!(event = "control_plane.stale_ack", peer.id = %peer, nonce = %ack.nonce, "ACK for an unknown nonce ignored");
+                    continue;
+                }
+                match &ack.error {
+                    None => {
+                        tracing::info!(event = "control_plane.ack", peer.id = %peer, version = %ack.version);
+                        self.update(stream, |s| {
+                            s.acked_version = Some(ack.version.clone());
+                            s.last_nack = None;
+                        });
+                    }
+                    Some(error) => {
+                        tracing::warn!(event = "control_plane.nack", peer.id = %peer, version = %ack.version, error = %error);
+                        self.update(stream, |s| {
+                            s.last_nack = Some(format!("{}: {error}", ack.version))
+                        });
+                    }
+                }
+            }
+        }
+        self.update(stream, |s| s.connected = false);
+        tracing::info!(event = "control_plane.stream_closed", peer.id = %peer);
+    }
+}
+
+/// An `mpsc::Receiver` as a `Stream` (without pulling in tokio-stream).
+fn tokio_stream_from<T>(mut rx: mpsc::Receiver<T>) -> impl futures_core::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
