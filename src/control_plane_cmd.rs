@@ -31,7 +31,8 @@ pub struct ServeArgs {
     /// The control plane's own identity: spiffe://<td>/ns/meshgate/sa/control-plane.
     #[command(flatten)]
     identity: IdentityArgs,
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often the policy directory is checked for changes (SIGHUP reloads at once).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     poll_interval: Duration,
 }
 

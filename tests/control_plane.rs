@@ -328,3 +328,30 @@ fn status_command_reports_an_unreachable_control_plane() {
         text(&out)
     );
 }
+
+/// PROTOCOL.md promises a stream can be watched with curl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_can_watch_a_stream() {
+    require_tool("curl");
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    let now = time::OffsetDateTime::now_utc();
+    let orders = mesh.ca.sign_leaf(&TestMesh::id_of("orders"), now - time::Duration::minutes(1), now + time::Duration::hours(1));
+    let dir = mesh.ca.tmp.path().join("curl");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_chain(&dir.join("svid.pem"), &orders.chain);
+    std::fs::write(dir.join("key.pem"), orders.key.serialize_pem()).unwrap();
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["--http2", "-sN", "-k", "--max-time", "2", "--cert"])
+        .arg(dir.join("svid.pem"))
+        .arg("--key")
+        .arg(dir.join("key.pem"))
+        .args(["-X", "POST", "-H", "content-type: application/x-ndjson", "--data-binary", "@/dev/null"])
+        .arg(format!("https://{}/v1/stream", mesh.control_plane.as_ref().unwrap().addr));
+    let out = run_async(curl).await;
+    let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string();
+    let push: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(push["typeUrl"], "meshgate.dev/v1/WorkloadSnapshot");
+    assert_eq!(push["resources"]["policies"][0]["metadata"]["name"], "orders-readers");
+}
