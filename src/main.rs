@@ -6,6 +6,7 @@ mod control_plane_cmd;
 mod demo;
 mod health_cmd;
 mod proxy_cmd;
+mod quarantine_cmd;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,8 @@ enum Command {
     },
     /// Every sidecar a control plane knows: identity, acked version, last NACK (drift).
     Status(control_plane_cmd::StatusArgs),
+    /// Emergency mesh-wide DENY for one identity (and `--lift` to undo it).
+    Quarantine(quarantine_cmd::QuarantineArgs),
     /// Check an HTTP health endpoint (for container HEALTHCHECKs; exit 0 when healthy).
     Health(health_cmd::HealthArgs),
 }
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Health(args) => health_cmd::run(args),
         Command::ControlPlane { command } => control_plane_cmd::run(command),
         Command::Status(args) => control_plane_cmd::status(args),
+        Command::Quarantine(args) => quarantine_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

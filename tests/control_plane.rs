@@ -337,7 +337,11 @@ async fn curl_can_watch_a_stream() {
     mesh.write_policy("orders.yaml", &orders_policy("GET"));
     mesh.start_control_plane().await;
     let now = time::OffsetDateTime::now_utc();
-    let orders = mesh.ca.sign_leaf(&TestMesh::id_of("orders"), now - time::Duration::minutes(1), now + time::Duration::hours(1));
+    let orders = mesh.ca.sign_leaf(
+        &TestMesh::id_of("orders"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
     let dir = mesh.ca.tmp.path().join("curl");
     std::fs::create_dir_all(&dir).unwrap();
     write_chain(&dir.join("svid.pem"), &orders.chain);
@@ -347,11 +351,87 @@ async fn curl_can_watch_a_stream() {
         .arg(dir.join("svid.pem"))
         .arg("--key")
         .arg(dir.join("key.pem"))
-        .args(["-X", "POST", "-H", "content-type: application/x-ndjson", "--data-binary", "@/dev/null"])
-        .arg(format!("https://{}/v1/stream", mesh.control_plane.as_ref().unwrap().addr));
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/x-ndjson",
+            "--data-binary",
+            "@/dev/null",
+        ])
+        .arg(format!(
+            "https://{}/v1/stream",
+            mesh.control_plane.as_ref().unwrap().addr
+        ));
     let out = run_async(curl).await;
-    let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string();
-    let push: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let push: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert_eq!(push["typeUrl"], "meshgate.dev/v1/WorkloadSnapshot");
-    assert_eq!(push["resources"]["policies"][0]["metadata"]["name"], "orders-readers");
+    assert_eq!(
+        push["resources"]["policies"][0]["metadata"]["name"],
+        "orders-readers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_cuts_an_identity_off_everywhere_and_lifts() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.write_services();
+    mesh.converge().await;
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        200
+    );
+    let admin_url = format!("http://{}", mesh.control_plane.as_ref().unwrap().admin_addr);
+    let web = TestMesh::id_of("web").to_string();
+
+    let mut cmd = meshgate();
+    cmd.args([
+        "quarantine",
+        &web,
+        "--control-plane",
+        &admin_url,
+        "--policy-dir",
+    ])
+    .arg(&mesh.policy_dir);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("contained in") && shown.contains("2/2 connected sidecars"),
+        "{shown}"
+    );
+    eprintln!("{}", shown.lines().last().unwrap_or_default());
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        403,
+        "web is cut off"
+    );
+
+    let mut cmd = meshgate();
+    cmd.args([
+        "quarantine",
+        &web,
+        "--lift",
+        "--control-plane",
+        &admin_url,
+        "--policy-dir",
+    ])
+    .arg(&mesh.policy_dir);
+    let out = run_async(cmd).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        200,
+        "lifted"
+    );
 }
