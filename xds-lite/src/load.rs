@@ -184,7 +184,71 @@ impl Loader {
         });
     }
 
+    /// Checks that need several documents: L7 conditions (methods, paths, headers) on traffic a
+    /// Service declares opaque TCP can never match — Istio drops such rules silently; we refuse
+    /// them with a reason.
+    fn cross_check(&mut self) {
+        use crate::model::Protocol;
+        let mut problems = Vec::new();
+        for policy in &self.set.policies {
+            let origin = self
+                .seen
+                .get(&(AuthorizationPolicy::KIND, policy.metadata.key()))
+                .and_then(|o| o.0.clone());
+            for service in &self.set.services {
+                if !crate::authz::applies_to(policy, &service.spec.identity) {
+                    continue;
+                }
+                let tcp: Vec<u16> = service
+                    .spec
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol == Protocol::Tcp)
+                    .map(|p| p.port)
+                    .collect();
+                let only_tcp = !tcp.is_empty() && tcp.len() == service.spec.ports.len();
+                for (index, rule) in policy.spec.rules.iter().enumerate() {
+                    let headers = !rule.when.is_empty();
+                    for op in &rule.to {
+                        let l7 = headers
+                            || !op.methods.is_empty()
+                            || !op.not_methods.is_empty()
+                            || !op.paths.is_empty()
+                            || !op.not_paths.is_empty();
+                        if !l7 {
+                            continue;
+                        }
+                        let opaque: Vec<u16> = if op.ports.is_empty() {
+                            if only_tcp { tcp.clone() } else { Vec::new() }
+                        } else {
+                            op.ports
+                                .iter()
+                                .copied()
+                                .filter(|p| tcp.contains(p))
+                                .collect()
+                        };
+                        for port in opaque {
+                            problems.push((
+                                origin.clone(),
+                                format!(
+                                    "policy {}: rule {index} has method/path/header conditions, which can never match port {port}: Service {} declares it `protocol: tcp` (opaque). Use a ports-only rule for L4 traffic, or declare the port http",
+                                    policy.metadata.key(),
+                                    service.metadata.key()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        for (origin, reason) in problems {
+            let (file, line) = origin.unwrap_or_else(|| (PathBuf::from("(policy set)"), 0));
+            self.error(&file, line, reason);
+        }
+    }
+
     fn finish(mut self) -> Result<PolicySet, LoadErrors> {
+        self.cross_check();
         if !self.errors.is_empty() {
             return Err(LoadErrors(self.errors));
         }

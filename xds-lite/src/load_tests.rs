@@ -339,3 +339,46 @@ fn the_shipped_example_policies_are_valid() {
         crate::load_dir(&dir).unwrap_or_else(|e| panic!("examples/policies must stay valid:\n{e}"));
     assert_eq!(set.policies.len(), 4);
 }
+
+#[test]
+fn l7_rules_on_an_opaque_tcp_port_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = r#"apiVersion: meshgate.dev/v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  identity: spiffe://mesh.local/ns/shop/sa/db
+  hosts: [db]
+  ports: [{ port: 5432, protocol: tcp }]
+  endpoints: ["127.0.0.1:15006"]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: db-readers, namespace: shop }
+spec:
+  selector: { account: db }
+  action: ALLOW
+  rules:
+    - to: [{ ports: [5432] }]
+    - to: [{ methods: ["GET"], ports: [5432] }]
+"#;
+    std::fs::write(dir.path().join("db.yaml"), docs).unwrap();
+    let errors = crate::load_dir(dir.path()).unwrap_err();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    let e = &errors.0[0];
+    assert_eq!(e.line, 10, "points at the policy document");
+    assert!(
+        e.reason.contains("rule 1")
+            && e.reason.contains("5432")
+            && e.reason.contains("protocol: tcp"),
+        "{}",
+        e.reason
+    );
+    // The ports-only rule alone is fine.
+    std::fs::write(
+        dir.path().join("db.yaml"),
+        docs.replace("    - to: [{ methods: [\"GET\"], ports: [5432] }]\n", ""),
+    )
+    .unwrap();
+    crate::load_dir(dir.path()).unwrap();
+}
