@@ -12,10 +12,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::{CaDir, TrustDomain};
+use meshgate_proxy::control_plane::{ControlPlaneConfig, RunningControlPlane};
 use meshgate_proxy::identity::{Backoff, IdentityConfig};
 use meshgate_proxy::inbound::AppProtocol;
 use meshgate_proxy::inbound::authz::DecisionEvent;
-use meshgate_proxy::policy::PolicyFiles;
+use meshgate_proxy::policy::{PolicyFiles, PolicySource};
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use meshgate_proxy::telemetry::TelemetryConfig;
 use tokio::net::TcpListener;
@@ -81,7 +82,11 @@ fn check_ports(base: u16) -> Result<()> {
     if base.checked_add(40).is_none() {
         bail!("--base-port {base} is too high: the demo needs BASE…BASE+33");
     }
-    let mut needed = vec![(base, "the CA".to_string())];
+    let mut needed = vec![
+        (base, "the CA".to_string()),
+        (base + 1, "the control plane".to_string()),
+        (base + 2, "the control plane's admin".to_string()),
+    ];
     for (i, name) in WORKLOADS.iter().enumerate() {
         let p = ports_of(base, i as u16);
         needed.extend([
@@ -288,8 +293,36 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     }
     std::fs::write(policy_dir.join("services.yaml"), services_yaml(base))?;
 
-    // Workloads: app + sidecar each.
+    // Control plane, with its own SVID from the CA.
     let token_key = ca_dir.token_key()?;
+    let cp_id = td
+        .workload_id("meshgate", "control-plane")
+        .expect("valid ID");
+    let (cp_token, _) = token_key.mint(&cp_id, Duration::from_secs(300), false);
+    let control_plane = RunningControlPlane::start(ControlPlaneConfig {
+        listen: loopback(base + 1),
+        admin: loopback(base + 2),
+        policy: PolicyFiles {
+            dir: policy_dir.clone(),
+            services: None,
+        },
+        identity: IdentitySource::Ca(IdentityConfig {
+            ca_url: ca_url.clone(),
+            ca_bundle_pem: std::fs::read(ca_dir.bundle_path())?,
+            token: cp_token,
+            bundle_refresh: Duration::from_secs(60),
+            backoff: Backoff::default(),
+        }),
+        poll_interval: Duration::from_millis(250),
+    })
+    .await
+    .context("starting the control plane")?;
+    println!(
+        "  control plane https://{}  (status: meshgate status --control-plane http://{})",
+        control_plane.addr, control_plane.admin_addr
+    );
+
+    // Workloads: app + sidecar each.
     let (events_tx, mut events) = mpsc::unbounded_channel::<DecisionEvent>();
     let mut sidecars = Vec::new();
     for (i, name) in WORKLOADS.iter().enumerate() {
@@ -316,10 +349,9 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
                 bundle_refresh: Duration::from_secs(60),
                 backoff: Backoff::default(),
             }),
-            policy: meshgate_proxy::policy::PolicySource::Files(PolicyFiles {
-                dir: policy_dir.clone(),
-                services: None,
-            }),
+            policy: PolicySource::ControlPlane {
+                url: format!("https://{}", control_plane.addr),
+            },
             inbound: loopback(p.inbound),
             outbound: loopback(p.outbound),
             admin: loopback(p.admin),
@@ -433,6 +465,8 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     for s in sidecars {
         s.wait().await;
     }
+    control_plane.shutdown();
+    control_plane.wait().await;
     let _ = stop_ca.send(());
     let _ = ca_task.await;
     println!("stopped.");
