@@ -10,6 +10,7 @@ mod matcher;
 pub mod model;
 pub mod path;
 pub mod pattern;
+pub mod tools;
 pub mod validate;
 mod version;
 
