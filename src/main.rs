@@ -2,6 +2,7 @@
 //! done by the library crates.
 
 mod ca_cmd;
+mod policy_cmd;
 mod proxy_cmd;
 
 use std::process::ExitCode;
@@ -34,6 +35,11 @@ enum Command {
     },
     /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
     Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// Policy-as-code tools: check, test, explain, diff, suggest.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -58,11 +64,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Ca { command } => ca_cmd::run(command),
-        Command::Proxy(args) => proxy_cmd::run(*args),
+        Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Policy { command } => policy_cmd::run(command),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
