@@ -20,7 +20,7 @@ use crate::load::PolicySet;
 use crate::model::{AuthorizationPolicy, ROOT_NAMESPACE};
 use crate::pattern::Pattern;
 use crate::tools::flows::ObservedFlow;
-use crate::tools::probe::{DEFAULT_PORT, describe_hit};
+use crate::tools::probe::DEFAULT_PORT;
 
 /// Methods tried when nobody mentions them, to catch "any method" rules changing.
 const UNMENTIONED_METHODS: &[&str] = &["PATCH", "PROPFIND", "X-UNMENTIONED"];
@@ -48,13 +48,12 @@ fn label(kind: DecisionKind) -> String {
     kind.as_str().to_ascii_uppercase()
 }
 
-/// `policy rule N`, or the reason when no rule decided (mesh default, no ALLOW matched).
+/// `namespace/name rule N`, or the reason when no rule decided (mesh default, no ALLOW matched).
 fn blame(d: &Decision) -> String {
-    match d.policy {
-        Some(_) => describe_hit(d.policy.as_deref(), d.rule)
-            .trim_start_matches("policy ")
-            .to_string(),
-        None => d.reason.clone(),
+    match (&d.policy, d.rule) {
+        (Some(p), Some(r)) => format!("{p} rule {r}"),
+        (Some(p), None) => p.clone(),
+        (None, _) => d.reason.clone(),
     }
 }
 
