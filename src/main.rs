@@ -5,6 +5,7 @@ mod ca_cmd;
 mod control_plane_cmd;
 mod demo;
 mod health_cmd;
+mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
 
@@ -51,6 +52,11 @@ enum Command {
     Quarantine(quarantine_cmd::QuarantineArgs),
     /// Check an HTTP health endpoint (for container HEALTHCHECKs; exit 0 when healthy).
     Health(health_cmd::HealthArgs),
+    /// Policy-as-code tools: check, test, explain, diff, suggest.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -75,16 +81,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Ca { command } => ca_cmd::run(command),
-        Command::Proxy(args) => proxy_cmd::run(*args),
-        Command::Demo(args) => demo::run(args),
-        Command::Health(args) => health_cmd::run(args),
-        Command::ControlPlane { command } => control_plane_cmd::run(command),
-        Command::Status(args) => control_plane_cmd::status(args),
-        Command::Quarantine(args) => quarantine_cmd::run(args),
+        Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Health(args) => health_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::ControlPlane { command } => {
+            control_plane_cmd::run(command).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
+        Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Policy { command } => policy_cmd::run(command),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

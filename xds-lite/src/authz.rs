@@ -37,8 +37,11 @@ pub struct AuthzRequest<'a> {
     pub headers: Option<&'a http::HeaderMap>,
 }
 
-/// The decision label used in logs, metrics and traces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+/// The decision label used in logs, metrics and traces (and read back from test cases and access
+/// logs by the policy tools, hence `Deserialize`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecisionKind {
     Allow,

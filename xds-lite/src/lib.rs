@@ -13,6 +13,7 @@ pub mod path;
 pub mod pattern;
 pub mod scope;
 pub mod server;
+pub mod tools;
 pub mod validate;
 mod version;
 pub mod wire;

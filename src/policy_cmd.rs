@@ -1,0 +1,239 @@
+//! `meshgate policy …`: policy-as-code tools for operators and CI. Argument parsing and printing
+//! only; the logic lives in `meshgate_xds::tools`.
+//!
+//! Exit codes: 0 success (for `diff`: no change), 1 invalid input or failed tests, 2 `diff`
+//! found changes (so CI can gate on it).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use meshgate_xds::tools::diff::{FlowDiff, diff_flows, diff_sets};
+use meshgate_xds::tools::explain::explain;
+use meshgate_xds::tools::flows::{FlowLog, read_flows};
+use meshgate_xds::tools::probe::{DEFAULT_PORT, Probe};
+use meshgate_xds::tools::suggest::{SuggestOptions, suggest, to_yaml};
+use meshgate_xds::tools::test_cases::{load_cases, run_cases};
+use meshgate_xds::{PolicySet, load_dir};
+
+/// `diff` found request classes or flows whose decision changes.
+const EXIT_CHANGED: u8 = 2;
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory (exit 1 with `file:line: reason` lines on stderr).
+    Check { dir: PathBuf },
+    /// Run table-driven decision tests (a YAML `cases:` list) against a policy directory.
+    Test { dir: PathBuf, cases: PathBuf },
+    /// Explain the decision for one request: deciding policy and rule, version, reason.
+    Explain {
+        dir: PathBuf,
+        /// Caller SPIFFE ID.
+        #[arg(long)]
+        from: String,
+        /// SPIFFE ID of the workload whose sidecar judges the request.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        method: String,
+        /// Request path as sent (normalized before judging).
+        #[arg(long)]
+        path: String,
+        /// Destination port of the workload's app.
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+        /// Request header NAME=VALUE (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+    },
+    /// Show which requests change decision between two policy directories (exit 2 on change).
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Also replay observed decisions (sidecar JSON access log).
+        #[arg(long)]
+        flows: Option<PathBuf>,
+        /// App port assumed for replayed flows (L7 log lines do not carry it).
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+    },
+    /// Suggest least-privilege ALLOW policies from observed decisions (YAML on stdout).
+    Suggest {
+        /// Sidecar JSON access log (`meshgate proxy --log-format json`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Drop flows seen fewer times than this.
+        #[arg(long, default_value_t = 1)]
+        min_count: usize,
+        /// Learn from denied requests too (off: refused requests never become permissions).
+        #[arg(long)]
+        include_denied: bool,
+    },
+}
+
+pub fn run(command: PolicyCommand) -> Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { dir } => check(&dir),
+        PolicyCommand::Test { dir, cases } => test(&dir, &cases),
+        PolicyCommand::Explain {
+            dir,
+            from,
+            to,
+            method,
+            path,
+            port,
+            headers,
+        } => {
+            let set = match load(&dir) {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            let probe = Probe::new(&from, &to, &method, &path, port, &headers)?;
+            println!("{}", explain(&set, &probe));
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Diff {
+            old,
+            new,
+            flows,
+            port,
+        } => diff(&old, &new, flows.as_deref(), port),
+        PolicyCommand::Suggest {
+            from,
+            min_count,
+            include_denied,
+        } => suggest_cmd(
+            &from,
+            SuggestOptions {
+                min_count,
+                include_denied,
+            },
+        ),
+    }
+}
+
+/// Loads a directory; on errors prints them (`file:line: reason`, one per line) to stderr.
+fn load(dir: &Path) -> Result<PolicySet, ExitCode> {
+    load_dir(dir).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn check(dir: &Path) -> Result<ExitCode> {
+    let set = match load(dir) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "ok: {} policies, {} services, {} network policies, version {}",
+        set.policies.len(),
+        set.services.len(),
+        set.network_policies.len(),
+        set.version
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test(dir: &Path, cases: &Path) -> Result<ExitCode> {
+    let set = match load(dir) {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let file = load_cases(cases)?;
+    let results = run_cases(&set, &file)?;
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    for r in &results {
+        println!("{r}");
+    }
+    println!("{} passed, {failed} failed", results.len() - failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn read_log(path: &Path) -> Result<FlowLog> {
+    let log = read_flows(path)?;
+    let s = log.stats;
+    if s.malformed + s.incomplete > 0 {
+        eprintln!("{}: {s}", path.display());
+    }
+    Ok(log)
+}
+
+fn diff(old: &Path, new: &Path, flows: Option<&Path>, port: u16) -> Result<ExitCode> {
+    let (old_set, new_set) = match (load(old), load(new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        _ => return Ok(ExitCode::FAILURE),
+    };
+    let (classes, changes) = diff_sets(&old_set, &new_set);
+    for c in &changes {
+        println!("{c}");
+    }
+    println!(
+        "{} of {classes} request classes change decision (version {} → {})",
+        changes.len(),
+        old_set.version,
+        new_set.version
+    );
+    let mut changed = !changes.is_empty();
+    if let Some(path) = flows {
+        let log = read_log(path)?;
+        let fd = diff_flows(&old_set, &new_set, &log.flows, port);
+        print_flow_diff(&fd, log.flows.len());
+        changed |= !fd.is_empty();
+    }
+    Ok(if changed {
+        ExitCode::from(EXIT_CHANGED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_flow_diff(fd: &FlowDiff, observed: usize) {
+    let total = |l: &[(_, usize)]| l.iter().map(|(_, n)| n).sum::<usize>();
+    println!(
+        "observed flows: {observed} requests, {} distinct; would start being denied: {} ({} \
+         requests); would start being allowed: {} ({} requests)",
+        fd.distinct,
+        fd.newly_denied.len(),
+        total(&fd.newly_denied),
+        fd.newly_allowed.len(),
+        total(&fd.newly_allowed),
+    );
+    for (c, n) in &fd.newly_denied {
+        println!("newly denied ({n} requests): {c}");
+    }
+    for (c, n) in &fd.newly_allowed {
+        println!("newly allowed ({n} requests): {c}");
+    }
+}
+
+fn suggest_cmd(from: &Path, opts: SuggestOptions) -> Result<ExitCode> {
+    let log = read_log(from)?;
+    let s = suggest(&log.flows, opts);
+    eprintln!(
+        "learned {} flows into {} policies; dropped {} below --min-count {}, {} denied requests, \
+         {} not expressible",
+        s.learned,
+        s.policies.len(),
+        s.below_min_count,
+        opts.min_count,
+        s.denied,
+        s.unusable.len()
+    );
+    for u in &s.unusable {
+        eprintln!("  not expressible as a policy: {u}");
+    }
+    print!("{}", to_yaml(&s.policies)?);
+    Ok(ExitCode::SUCCESS)
+}

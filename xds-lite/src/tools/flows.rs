@@ -1,0 +1,172 @@
+//! Observed decisions read back from sidecar access logs (`meshgate proxy --log-format json`), the
+//! real traffic that `diff --flows` replays and `suggest` learns from.
+//!
+//! The file is whatever the sidecar wrote to stderr, so it mixes decision lines with every other
+//! log line: parsing is lenient. Lines that are not JSON are skipped and counted as malformed,
+//! JSON lines that are not `authz.decision` events are skipped silently, and decision lines that
+//! lack what a flow needs (older sidecars did not log `meshgate.workload.id`) are counted as
+//! incomplete, so the operator learns how much of the log was actually used.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use meshgate_ca::SpiffeId;
+use serde::Deserialize;
+
+use crate::authz::DecisionKind;
+
+/// The fields of one decision line that the tools use. Deliberately *not*
+/// `deny_unknown_fields`: log lines carry timestamps, levels, targets, span fields and whatever
+/// a later sidecar adds, none of which may make a line unreadable.
+#[derive(Debug, Deserialize)]
+struct LogLine {
+    #[serde(default, rename = "meshgate.workload.id")]
+    workload: Option<String>,
+    #[serde(default, rename = "peer.id")]
+    peer: Option<String>,
+    #[serde(default, rename = "http.request.method")]
+    method: Option<String>,
+    #[serde(default, rename = "url.path")]
+    path: Option<String>,
+    /// Read as text and converted afterwards, so an unknown label makes the line incomplete.
+    #[serde(default)]
+    decision: Option<String>,
+    #[serde(default)]
+    layer: Option<String>,
+}
+
+/// One observed L7 request: who called which workload with what, and what was decided.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObservedFlow {
+    pub workload: SpiffeId,
+    pub peer: SpiffeId,
+    pub method: String,
+    /// Already normalized by the sidecar.
+    pub path: String,
+    pub decision: DecisionKind,
+}
+
+/// What happened to the lines of a log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub lines: usize,
+    /// Decision lines turned into flows.
+    pub used: usize,
+    /// Non-empty lines that are not JSON objects.
+    pub malformed: usize,
+    /// Decision lines missing a field (or with an invalid ID or decision).
+    pub incomplete: usize,
+    /// L4 (TCP tunnel) decision lines: no method or path to learn from.
+    pub l4: usize,
+}
+
+impl fmt::Display for FlowStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} decision lines used; skipped {} malformed, {} incomplete, {} L4",
+            self.used, self.malformed, self.incomplete, self.l4
+        )
+    }
+}
+
+/// Flows and line statistics.
+#[derive(Debug, Clone, Default)]
+pub struct FlowLog {
+    pub flows: Vec<ObservedFlow>,
+    pub stats: FlowStats,
+}
+
+/// Why an access log could not be read at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read access log {}: {source}", path.display())]
+pub struct FlowLogError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Reads an access log file.
+pub fn read_flows(path: &Path) -> Result<FlowLog, FlowLogError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FlowLogError {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_flows(&text))
+}
+
+/// Parses access-log text, line by line.
+pub fn parse_flows(text: &str) -> FlowLog {
+    let mut log = FlowLog::default();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        log.stats.lines += 1;
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+            log.stats.malformed += 1;
+            continue;
+        };
+        let Some(object) = value.as_object() else {
+            log.stats.malformed += 1;
+            continue;
+        };
+        // Other events may use the same field names with other shapes: look at `event` first.
+        if object.get("event").and_then(|e| e.as_str()) != Some("authz.decision") {
+            continue;
+        }
+        let Ok(entry) = serde_json::from_value::<LogLine>(value) else {
+            log.stats.incomplete += 1;
+            continue;
+        };
+        if entry.layer.as_deref() == Some("l4") {
+            log.stats.l4 += 1;
+            continue;
+        }
+        match flow_of(entry) {
+            Some(flow) => {
+                log.stats.used += 1;
+                log.flows.push(flow);
+            }
+            None => log.stats.incomplete += 1,
+        }
+    }
+    log
+}
+
+fn flow_of(entry: LogLine) -> Option<ObservedFlow> {
+    Some(ObservedFlow {
+        workload: SpiffeId::parse(entry.workload.as_deref()?).ok()?,
+        peer: SpiffeId::parse(entry.peer.as_deref()?).ok()?,
+        method: entry.method?,
+        path: entry.path?,
+        decision: serde_json::from_value(serde_json::Value::String(entry.decision?)).ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_parsing_counts_what_it_skips() {
+        let text = r#"
+{"timestamp":"t","level":"INFO","event":"authz.decision","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","peer.addr":"127.0.0.1:5555","http.request.method":"GET","url.path":"/orders/1","decision":"allow","policy":"shop/orders-readers","rule":0,"policy.version":"ab12","reason":"r","target":"meshgate_proxy::inbound::authz"}
+not json at all
+{"timestamp":"t","level":"INFO","message":"listening","target":"x"}
+{"event":"authz.decision","layer":"l4","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":5432,"decision":"deny"}
+{"event":"authz.decision","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","url.path":"/x","decision":"allow"}
+{"event":"authz.decision","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","url.path":"/x","decision":"maybe"}
+[1,2]
+"#;
+        let log = parse_flows(text);
+        assert_eq!(
+            log.stats,
+            FlowStats {
+                lines: 7,
+                used: 1,
+                malformed: 2,
+                incomplete: 2,
+                l4: 1
+            }
+        );
+        assert_eq!(log.flows[0].path, "/orders/1");
+        assert_eq!(log.flows[0].decision, DecisionKind::Allow);
+    }
+}
