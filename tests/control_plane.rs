@@ -435,3 +435,74 @@ async fn quarantine_cuts_an_identity_off_everywhere_and_lifts() {
         "lifted"
     );
 }
+
+/// A sidecar that cannot apply a version NACKs it: the control plane records the NACK for
+/// `meshgate status` and never re-sends that version, only a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_version_is_recorded_and_not_retried() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    let url = format!("https://{}", mesh.control_plane.as_ref().unwrap().addr);
+    let now = time::OffsetDateTime::now_utc();
+    let svid = mesh.ca.sign_leaf(
+        &TestMesh::id_of("orders"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let resolver = Arc::new(CertResolver::default());
+    resolver
+        .publish(
+            svid.chain.clone(),
+            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let config = tls::mesh_client_config(
+        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
+        ExpectedServer::Exact(
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
+                .unwrap(),
+        ),
+        Some(resolver),
+        &[b"h2"],
+    );
+    let client = StreamClient::new(&url, Arc::new(config)).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(client.run(
+        move |set| {
+            let _ = tx.send(set.version.clone());
+            Err(format!("cannot apply {}", set.version))
+        },
+        |_| {},
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mesh_ref = &mesh;
+    wait_until("the NACK is recorded", async || {
+        mesh_ref.cp_status().await["sidecars"][0]["last_nack"]
+            .as_str()
+            .is_some_and(|n| n.contains("cannot apply"))
+    })
+    .await;
+    let status = mesh.cp_status().await;
+    assert!(status["sidecars"][0]["acked_version"].is_null());
+    assert_eq!(status["sidecars"][0]["in_sync"], false);
+    // Not re-sent: nothing more arrives until a new version exists.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), rx.recv())
+            .await
+            .is_err(),
+        "NACKed version re-sent"
+    );
+    mesh.write_policy("orders.yaml", &orders_policy(r#""GET", "HEAD""#));
+    let second = tokio::time::timeout(Duration::from_secs(3), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(first, second, "only a newer version is pushed");
+    task.abort();
+}
