@@ -8,9 +8,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
+use meshgate_ca::tls::{self, ExpectedServer};
 use meshgate_xds::client::StreamClient;
-use rustls_pki_types::PrivatePkcs8KeyDer;
 use support::mesh::TestMesh;
 use support::*;
 
@@ -189,23 +188,13 @@ async fn first_push(
     mesh: &TestMesh,
     svid: &Svid,
 ) -> Result<meshgate_xds::PolicySet, String> {
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            svid.chain.clone(),
-            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
-        ExpectedServer::Exact(
-            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
-                .unwrap(),
-        ),
-        Some(resolver),
+    let config = support::mesh_client(
+        mesh.ca.bundle(),
+        svid,
+        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, Arc::new(config))?;
+    let client = StreamClient::new(&url, config)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(
         move |set| {
@@ -450,23 +439,13 @@ async fn a_nacked_version_is_recorded_and_not_retried() {
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),
     );
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            svid.chain.clone(),
-            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
-        ExpectedServer::Exact(
-            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
-                .unwrap(),
-        ),
-        Some(resolver),
+    let config = support::mesh_client(
+        mesh.ca.bundle(),
+        &svid,
+        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, Arc::new(config)).unwrap();
+    let client = StreamClient::new(&url, config).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let task = tokio::spawn(client.run(
         move |set| {

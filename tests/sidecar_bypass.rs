@@ -3,10 +3,7 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
-use rustls_pki_types::PrivatePkcs8KeyDer;
+use meshgate_ca::tls::{self};
 use support::mesh::TestMesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -117,20 +114,13 @@ async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),
     );
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            web.chain.clone(),
-            PrivatePkcs8KeyDer::from(web.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
-        ExpectedServer::Exact(TestMesh::id_of("orders")),
-        Some(resolver),
+    let config = support::mesh_client(
+        mesh.ca.bundle(),
+        &web,
+        TestMesh::id_of("orders"),
         &[b"http/1.1"],
     );
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
 
     // The control: a plain public path passes.
     let (status, body) = raw_get(&connector, addr, "/public/ok").await;
@@ -176,21 +166,14 @@ async fn a_slowloris_client_is_cut_off() {
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),
     );
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            web.chain.clone(),
-            PrivatePkcs8KeyDer::from(web.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
-        ExpectedServer::Exact(TestMesh::id_of("orders")),
-        Some(resolver),
+    let config = support::mesh_client(
+        mesh.ca.bundle(),
+        &web,
+        TestMesh::id_of("orders"),
         &[b"http/1.1"],
     );
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(tls::mesh_server_name(), tcp)
         .await
         .unwrap();

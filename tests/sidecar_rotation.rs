@@ -4,13 +4,11 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
-use rustls_pki_types::PrivatePkcs8KeyDer;
+use meshgate_ca::tls::{self};
 use support::mesh::TestMesh;
 
 const POLICY: &str = r#"
@@ -38,23 +36,11 @@ async fn a_connection_cannot_outlive_its_certificate() {
         now - time::Duration::minutes(1),
         now + time::Duration::seconds(3),
     );
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            web.chain.clone(),
-            PrivatePkcs8KeyDer::from(web.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(mesh.ca.bundle())),
-        ExpectedServer::Exact(TestMesh::id_of("orders")),
-        Some(resolver),
-        &[b"h2"],
-    );
+    let config = support::mesh_client(mesh.ca.bundle(), &web, TestMesh::id_of("orders"), &[b"h2"]);
     let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
         .await
         .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(tls::mesh_server_name(), tcp)
         .await
         .unwrap();

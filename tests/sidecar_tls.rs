@@ -9,13 +9,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
+use meshgate_ca::tls;
 use meshgate_proxy::identity::static_files::IdentityFiles;
 use meshgate_proxy::inbound::AppProtocol;
 use meshgate_proxy::policy::PolicyFiles;
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use rustls::HandshakeKind;
-use rustls_pki_types::PrivatePkcs8KeyDer;
 use support::mesh::EchoApp;
 use support::*;
 
@@ -45,19 +44,12 @@ fn issue(ca: &TestCa, out: &Path) {
 /// A client presenting `svid`, trusting `roots`, with rustls' default (enabled) resumption so
 /// that the server's refusal to resume is what the test observes.
 fn client(roots: meshgate_ca::TrustBundle, svid: &Svid) -> tokio_rustls::TlsConnector {
-    let resolver = Arc::new(CertResolver::default());
-    resolver
-        .publish(
-            svid.chain.clone(),
-            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
-        )
-        .unwrap();
-    let mut config = tls::mesh_client_config(
-        Arc::new(arc_swap::ArcSwap::from_pointee(roots)),
-        ExpectedServer::Exact(id(ORDERS)),
-        Some(resolver),
+    let mut config = Arc::unwrap_or_clone(support::mesh_client(
+        roots,
+        svid,
+        id(ORDERS),
         &[b"http/1.1"],
-    );
+    ));
     config.resumption = rustls::client::Resumption::in_memory_sessions(16);
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::identity::{IdentityClient, IdentityError};
+use crate::identity::IdentityError;
 use crate::policy::PolicyFiles;
 use crate::sidecar::IdentitySource;
 
@@ -33,13 +33,8 @@ pub struct ControlPlaneConfig {
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
-    #[error("cannot listen on {addr} ({what}): {source}; choose another with {flag}")]
-    Bind {
-        what: &'static str,
-        flag: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::serve::BindError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(
@@ -59,29 +54,12 @@ pub struct RunningControlPlane {
     tasks: JoinSet<()>,
 }
 
-async fn bind(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, ControlPlaneError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ControlPlaneError::Bind {
-            what,
-            flag,
-            addr,
-            source,
-        })
-}
-
 impl RunningControlPlane {
     pub async fn start(config: ControlPlaneConfig) -> Result<Self, ControlPlaneError> {
-        let listener = bind(config.listen, "control plane", "--listen").await?;
-        let admin_listener = bind(config.admin, "control-plane admin", "--admin").await?;
-        let identity = match config.identity {
-            IdentitySource::Files(files) => files.start(config.poll_interval)?,
-            IdentitySource::Ca(ca) => IdentityClient::new(ca)?.start().await?,
-        };
+        let listener = crate::serve::bind(config.listen, "control plane", "--listen").await?;
+        let admin_listener =
+            crate::serve::bind(config.admin, "control-plane admin", "--admin").await?;
+        let identity = config.identity.start(config.poll_interval).await?;
         let td = identity.id().trust_domain();
         let want = td
             .workload_id("meshgate", "control-plane")

@@ -75,3 +75,29 @@ pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     builder
 }
+
+/// A listener could not be bound; says which one and the flag that moves it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot listen on {addr} ({what}): {source}; is another process using it? choose another with {flag}"
+)]
+pub struct BindError {
+    pub what: &'static str,
+    pub flag: &'static str,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` for the listener `what`, configured by `flag`.
+pub async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        what,
+        flag,
+        addr,
+        source,
+    })
+}

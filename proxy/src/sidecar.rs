@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshgate_xds::PolicySet;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -25,6 +24,16 @@ pub enum IdentitySource {
     Files(IdentityFiles),
     /// Issued and rotated by the meshgate CA.
     Ca(IdentityConfig),
+}
+
+impl IdentitySource {
+    /// Obtains the first certificate (failing if it cannot) and keeps it fresh in the background.
+    pub async fn start(self, poll_interval: Duration) -> Result<Arc<Identity>, IdentityError> {
+        match self {
+            IdentitySource::Files(files) => files.start(poll_interval),
+            IdentitySource::Ca(ca) => IdentityClient::new(ca)?.start().await,
+        }
+    }
 }
 
 /// Everything `meshgate proxy` is told.
@@ -61,15 +70,8 @@ pub struct SidecarConfig {
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
-    #[error(
-        "cannot listen on {addr} ({what}): {source}; is another process using it? choose another with {flag}"
-    )]
-    Bind {
-        what: &'static str,
-        flag: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::serve::BindError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("TLS configuration: {0}")]
@@ -93,21 +95,6 @@ pub struct Sidecar {
     decisions: tokio::sync::broadcast::Sender<crate::inbound::authz::DecisionEvent>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
-}
-
-async fn bind(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, SidecarError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| SidecarError::Bind {
-            what,
-            flag,
-            addr,
-            source,
-        })
 }
 
 /// Outbound routes from the `Service` documents: each is reachable by its listed hosts, its
@@ -149,27 +136,25 @@ impl Sidecar {
     /// Binds every listener first (so a taken port fails fast, naming the flag), obtains the
     /// identity, loads the policy, then serves.
     pub async fn start(config: SidecarConfig) -> Result<Self, SidecarError> {
-        let inbound_listener = bind(config.inbound, "inbound", "--inbound").await?;
-        let outbound_listener = bind(config.outbound, "outbound", "--outbound").await?;
-        let admin_listener = bind(config.admin, "admin", "--admin").await?;
+        let inbound_listener = crate::serve::bind(config.inbound, "inbound", "--inbound").await?;
+        let outbound_listener =
+            crate::serve::bind(config.outbound, "outbound", "--outbound").await?;
+        let admin_listener = crate::serve::bind(config.admin, "admin", "--admin").await?;
         let probe_listener = if config.probe_paths.is_empty() {
             None
         } else {
-            Some(bind(config.probe, "health probes", "--probe").await?)
+            Some(crate::serve::bind(config.probe, "health probes", "--probe").await?)
         };
         let mut tcp_listeners = Vec::new();
         for forward in &config.tcp_forwards {
             tcp_listeners.push((
-                bind(forward.listen, "TCP forward", "--tcp-forward").await?,
+                crate::serve::bind(forward.listen, "TCP forward", "--tcp-forward").await?,
                 forward.clone(),
             ));
         }
         let metrics = Arc::new(Metrics::default());
 
-        let identity = match config.identity {
-            IdentitySource::Files(files) => files.start(config.poll_interval)?,
-            IdentitySource::Ca(ca) => IdentityClient::new(ca)?.start().await?,
-        };
+        let identity = config.identity.start(config.poll_interval).await?;
         let workload = identity.id().clone();
         tracing::info!(event = "sidecar.identity", id = %workload, "workload identity ready");
 

@@ -454,3 +454,26 @@ impl Drop for ProxyProcess {
         }
     }
 }
+
+/// A TLS client config presenting `svid`, trusting `bundle`, and accepting only a server whose
+/// SPIFFE ID is `expected` — what a sidecar's outbound side uses.
+pub fn mesh_client(
+    bundle: TrustBundle,
+    svid: &Svid,
+    expected: SpiffeId,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let resolver = Arc::new(CertResolver::default());
+    resolver
+        .publish(
+            svid.chain.clone(),
+            PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    Arc::new(tls::mesh_client_config(
+        Arc::new(ArcSwap::from_pointee(bundle)),
+        ExpectedServer::Exact(expected),
+        Some(resolver),
+        alpn,
+    ))
+}
