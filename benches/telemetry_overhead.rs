@@ -37,6 +37,31 @@ struct Figures {
     mean: Duration,
 }
 
+/// The same loop straight to the orders app (no sidecars, no TLS): the cost of the mesh itself.
+async fn direct() -> Figures {
+    let app = support::mesh::EchoApp::start().await;
+    let call = || support::mesh::call_plain(app.addr, "GET", "orders", "/orders/1");
+    for _ in 0..WARMUP {
+        assert_eq!(call().await, 200);
+    }
+    let mut latencies = Vec::with_capacity(REQUESTS);
+    for _ in 0..REQUESTS {
+        let started = Instant::now();
+        assert_eq!(call().await, 200);
+        latencies.push(started.elapsed());
+    }
+    figures(latencies)
+}
+
+fn figures(mut latencies: Vec<Duration>) -> Figures {
+    latencies.sort();
+    Figures {
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[latencies.len() * 99 / 100],
+        mean: latencies.iter().sum::<Duration>() / latencies.len() as u32,
+    }
+}
+
 async fn run(telemetry: TelemetryConfig) -> (Figures, f64, f64) {
     let mut mesh = TestMesh::new().await;
     mesh.telemetry = telemetry;
@@ -64,12 +89,7 @@ async fn run(telemetry: TelemetryConfig) -> (Figures, f64, f64) {
             answer.status
         );
     }
-    latencies.sort();
-    let figures = Figures {
-        p50: latencies[REQUESTS / 2],
-        p99: latencies[REQUESTS * 99 / 100],
-        mean: latencies.iter().sum::<Duration>() / REQUESTS as u32,
-    };
+    let figures = figures(latencies);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let exported = mesh
         .metric("orders", "meshgate_trace_spans_exported_total", &[])
@@ -106,8 +126,15 @@ fn main() {
             ("tracing → dead collector", traced(dead)),
         ];
         let mut baseline = None;
+        let d = direct().await;
         println!("| configuration | p50 | p99 | mean | mean vs baseline | spans exported | spans dropped |");
         println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| no mesh: app → app directly, plain HTTP | {:.0} µs | {:.0} µs | {:.0} µs | – | – | – |",
+            d.p50.as_secs_f64() * 1e6,
+            d.p99.as_secs_f64() * 1e6,
+            d.mean.as_secs_f64() * 1e6
+        );
         for (name, config) in cases {
             let (f, exported, dropped) = run(config).await;
             let base = *baseline.get_or_insert(f.mean);

@@ -508,6 +508,25 @@ impl TestMesh {
     }
 }
 
+/// One plain HTTP/1.1 request on a new connection; returns the status.
+pub async fn call_plain(addr: SocketAddr, method: &str, host: &str, path: &str) -> u16 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
 /// One request to an admin endpoint: status and body.
 pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
