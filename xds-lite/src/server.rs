@@ -216,7 +216,12 @@ impl ControlPlane {
                 .expect("valid response");
         }
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.sidecars.lock().expect("lock").insert(
+        let mut sidecars = self.sidecars.lock().expect("lock");
+        // A reconnecting sidecar replaces its closed streams, so the table does not grow with
+        // every certificate rotation; closed streams of identities that never came back stay
+        // visible in `meshgate status`.
+        sidecars.retain(|_, s| s.connected || s.id != peer.id);
+        sidecars.insert(
             stream,
             SidecarStatus {
                 id: peer.id.clone(),
@@ -229,6 +234,7 @@ impl ControlPlane {
                 last_nack: None,
             },
         );
+        drop(sidecars);
         tracing::info!(event = "control_plane.stream_opened", peer.id = %peer.id, peer.addr = %addr);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
         let nonces = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
