@@ -69,6 +69,16 @@ pub enum CaCommand {
         #[arg(long = "san")]
         sans: Vec<String>,
     },
+    /// Rotate the root: a new root and intermediate sign from now on; the bundle keeps the old
+    /// roots until `--finish`, so nothing issued so far stops verifying and nothing restarts.
+    Rotate {
+        #[arg(long)]
+        dir: PathBuf,
+        /// End the rotation: drop every root but the current one from the bundle (only after all
+        /// SVIDs have been renewed, i.e. one SVID TTL after the rotation).
+        #[arg(long)]
+        finish: bool,
+    },
     /// Print a certificate's SPIFFE ID, serial, validity and chain status.
     Inspect {
         /// PEM file: leaf first, then any intermediates.
@@ -100,6 +110,7 @@ pub fn run(command: CaCommand) -> Result<()> {
             sans,
         } => serve(&dir, listen, svid_ttl, sans),
         CaCommand::Inspect { cert, bundle } => inspect(&cert, bundle.as_deref()),
+        CaCommand::Rotate { dir, finish } => rotate(&dir, finish),
     }
 }
 
@@ -201,6 +212,26 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+fn rotate(dir: &Path, finish: bool) -> Result<()> {
+    let ca = CaDir::new(dir);
+    if finish {
+        let dropped = ca.finish_rotation()?;
+        println!(
+            "rotation finished: dropped {dropped} old root(s) from {}; SVIDs under them no longer verify",
+            ca.bundle_path().display()
+        );
+    } else {
+        let roots = ca.rotate()?;
+        println!(
+            "rotated: new root and intermediate in {}; the bundle now trusts {roots} roots. Workloads pick up the bundle by themselves; \
+             run `meshgate ca rotate --dir {} --finish` once every SVID has been renewed (one SVID TTL from now)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn inspect(path: &Path, bundle: Option<&Path>) -> Result<()> {

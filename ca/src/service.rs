@@ -145,9 +145,41 @@ impl BundleSource {
     }
 }
 
+/// The signing intermediate, re-read when `meshgate ca rotate` replaces it, so a rotation needs
+/// no restart. A replacement that does not load is logged and the current one kept.
+struct SignerSource {
+    ca: crate::store::CaDir,
+    current: ArcSwap<Authority>,
+    seen_mtime: Mutex<Option<SystemTime>>,
+}
+
+impl SignerSource {
+    fn get(&self) -> Arc<Authority> {
+        let mtime = self.ca.intermediate_mtime();
+        let mut seen = self.seen_mtime.lock().expect("signer lock");
+        if mtime != *seen {
+            *seen = mtime;
+            let td = self.current.load().trust_domain().clone();
+            match self.ca.load_authority(td) {
+                Ok(authority) => {
+                    tracing::info!(
+                        event = "ca.intermediate_reloaded",
+                        "signing with the rotated intermediate"
+                    );
+                    self.current.store(Arc::new(authority));
+                }
+                Err(e) => {
+                    tracing::error!(event = "ca.intermediate_reload_failed", error = %e, "keeping the current intermediate")
+                }
+            }
+        }
+        self.current.load_full()
+    }
+}
+
 /// Shared state of the running CA service.
 struct CaState {
-    authority: Authority,
+    signer: SignerSource,
     tokens: TokenKey,
     ledger: Mutex<NonceLedger>,
     bundle: BundleSource,
@@ -206,12 +238,16 @@ impl CaServer {
         let state = Arc::new(CaState {
             ledger: Mutex::new(ca.dir.ledger()?),
             bundle: BundleSource::new(ca.dir.clone())?,
-            authority: ca.authority,
+            signer: SignerSource {
+                seen_mtime: Mutex::new(ca.dir.intermediate_mtime()),
+                current: ArcSwap::from_pointee(ca.authority),
+                ca: ca.dir.clone(),
+            },
             tokens: ca.tokens,
             svid_ttl: options.svid_ttl,
         });
         let serving = Arc::new(CertResolver::default());
-        refresh_serving_cert(&state.authority, &serving, &serving_hosts)?;
+        refresh_serving_cert(&state.signer.get(), &serving, &serving_hosts)?;
         let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("ring supports TLS 1.3")
@@ -249,7 +285,7 @@ impl CaServer {
         tracing::info!(
             event = "ca.listening",
             addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            trust_domain = %state.authority.trust_domain(),
+            trust_domain = %state.signer.get().trust_domain(),
             svid_ttl_secs = state.svid_ttl.as_secs(),
             "CA serving"
         );
@@ -261,7 +297,7 @@ impl CaServer {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = refresh.tick() => {
-                    if let Err(e) = refresh_serving_cert(&state.authority, &serving, &serving_hosts) {
+                    if let Err(e) = refresh_serving_cert(&state.signer.get(), &serving, &serving_hosts) {
                         tracing::error!(event = "ca.serving_cert_failed", error = %e, "keeping the current serving certificate");
                     }
                 }
@@ -420,7 +456,8 @@ impl CaState {
         })?;
         let csr = read_csr(req).await?;
         let issued = self
-            .authority
+            .signer
+            .get()
             .issue_for_csr(csr.as_ref(), &claims.id, self.svid_ttl)
             .map_err(|e| with_id(e.into(), &claims.id))?;
         // Spend only after the CSR passed, so a typo in a CSR does not burn the token; and before
@@ -455,20 +492,20 @@ impl CaState {
                 api.id = cert::spiffe_id_from_der(leaf).ok();
                 api
             })?;
-        if !caller.id.is_member_of(self.authority.trust_domain()) {
+        let authority = self.signer.get();
+        if !caller.id.is_member_of(authority.trust_domain()) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "foreign_trust_domain",
                 format!(
                     "{} is outside this CA's trust domain {}",
                     caller.id,
-                    self.authority.trust_domain()
+                    authority.trust_domain()
                 ),
             ));
         }
         let csr = read_csr(req).await?;
-        let issued = self
-            .authority
+        let issued = authority
             .issue_for_csr(csr.as_ref(), &caller.id, self.svid_ttl)
             .map_err(|e| with_id(e.into(), &caller.id))?;
         Ok(self.issued_response(api::PATH_RENEW, issued))

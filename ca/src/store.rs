@@ -166,6 +166,74 @@ impl CaDir {
         Ok(())
     }
 
+    /// Starts a root rotation: a new root and signing intermediate take over, and the trust
+    /// bundle keeps the old roots next to the new one, so every SVID issued so far still verifies
+    /// while workloads pick up the new bundle (they re-fetch it; nothing restarts). The bundle is
+    /// written first, so the new root is trusted before anything is signed under it. A running
+    /// `meshgate ca serve` switches to the new intermediate by itself. Returns the bundle size.
+    pub fn rotate(&self) -> Result<usize, StoreError> {
+        let td = self.trust_domain()?;
+        for name in KEY_FILES {
+            let path = self.path(name);
+            if path.exists() {
+                fsutil::check_key_mode(&path)?;
+            }
+        }
+        let material = Authority::create(&td).map_err(|e| StoreError::Invalid {
+            path: self.display(),
+            reason: format!("generating the new CA failed: {e}"),
+        })?;
+        let mut certs = self.read_bundle()?.certs().to_vec();
+        certs.extend(
+            crate::cert::certs_from_pem(material.root_pem.as_bytes()).map_err(|e| {
+                StoreError::Invalid {
+                    path: self.display(),
+                    reason: e.to_string(),
+                }
+            })?,
+        );
+        let bundle = crate::cert::certs_to_pem(&certs);
+        let io_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StoreError::Io { path, source }
+        };
+        let files: [(&str, &[u8], u32); 5] = [
+            (BUNDLE, bundle.as_bytes(), 0o644),
+            (ROOT_KEY, material.root_key_pem.as_bytes(), 0o600),
+            (
+                INTERMEDIATE_KEY,
+                material.intermediate_key_pem.as_bytes(),
+                0o600,
+            ),
+            (ROOT_CERT, material.root_pem.as_bytes(), 0o644),
+            (
+                INTERMEDIATE_CERT,
+                material.intermediate_pem.as_bytes(),
+                0o644,
+            ),
+        ];
+        for (name, bytes, mode) in files {
+            let path = self.path(name);
+            fsutil::write_atomic(&path, bytes, mode).map_err(io_err(&path))?;
+        }
+        Ok(certs.len())
+    }
+
+    /// Ends a rotation: the bundle keeps only the current root. Every SVID signed under an older
+    /// root stops verifying, so run it only once they have all been renewed (one SVID TTL after
+    /// the CA switched).
+    pub fn finish_rotation(&self) -> Result<usize, StoreError> {
+        self.trust_domain()?;
+        let root = self.read_text(ROOT_CERT)?;
+        let before = self.read_bundle()?.certs().len();
+        let path = self.bundle_path();
+        fsutil::write_atomic(&path, root.as_bytes(), 0o644).map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(before - 1)
+    }
+
     /// The trust domain from `ca.json`.
     pub fn trust_domain(&self) -> Result<TrustDomain, StoreError> {
         let path = self.path(CONFIG);
@@ -221,6 +289,18 @@ impl CaDir {
                 fsutil::check_key_mode(&path)?;
             }
         }
+        let authority = self.load_authority(td)?;
+        let tokens = TokenKey::from_secret(&self.read_key(TOKEN_KEY)?);
+        self.read_bundle()?;
+        Ok(LoadedCa {
+            authority,
+            tokens,
+            dir: self.clone(),
+        })
+    }
+
+    /// Loads the signing intermediate (after the key-mode check).
+    pub fn load_authority(&self, td: TrustDomain) -> Result<Authority, StoreError> {
         let intermediate_pem = self.read_text(INTERMEDIATE_CERT)?;
         let key_pem = String::from_utf8(self.read_key(INTERMEDIATE_KEY)?).map_err(|_| {
             StoreError::Invalid {
@@ -234,13 +314,14 @@ impl CaDir {
                 reason,
             }
         })?;
-        let tokens = TokenKey::from_secret(&self.read_key(TOKEN_KEY)?);
-        self.read_bundle()?;
-        Ok(LoadedCa {
-            authority,
-            tokens,
-            dir: self.clone(),
-        })
+        Ok(authority)
+    }
+
+    /// Modification time of the signing intermediate, to notice a rotation.
+    pub fn intermediate_mtime(&self) -> Option<std::time::SystemTime> {
+        fs::metadata(self.path(INTERMEDIATE_CERT))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// Reads and parses `bundle.pem`.
