@@ -154,3 +154,53 @@ fn hostile_paths_never_reach_admin_through_a_snapshot() {
     assert!(!judge(&web, "/admin"));
     assert!(!judge(&web, "/admin/x"));
 }
+
+/// Random hostile inputs: normalization never panics, and whatever it accepts is canonical —
+/// absolute, no empty/dot segments, no encoded separators, and stable (normalizing it again
+/// changes nothing), so the path judged is exactly the path forwarded.
+#[test]
+fn normalization_is_total_and_its_output_canonical() {
+    const ALPHABET: &[&str] = &[
+        "/", "/", "/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%00", "%41", "%7e",
+        "\\", ";", "a", "B", "admin", "?", "#", "%", "%g", "~", "-", "_", "%c0%af", "é", "\u{0}",
+        "\t", " ",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut accepted = 0;
+    for _ in 0..50_000 {
+        let len = 1 + (next() % 12) as usize;
+        let mut target = String::from("/");
+        for _ in 0..len {
+            target.push_str(ALPHABET[(next() % ALPHABET.len() as u64) as usize]);
+        }
+        let Ok(n) = crate::normalize_path(&target) else {
+            continue;
+        };
+        accepted += 1;
+        let p = &n.path;
+        assert!(p.starts_with('/'), "{target:?} → {p:?}");
+        assert!(!p.contains("//"), "{target:?} → {p:?}");
+        for segment in p.split('/') {
+            assert!(segment != "." && segment != "..", "{target:?} → {p:?}");
+        }
+        let lower = p.to_ascii_lowercase();
+        for banned in ["%2f", "%5c", "%00", "\\", ";", "%2e"] {
+            assert!(
+                !lower.contains(banned),
+                "{target:?} → {p:?} contains {banned}"
+            );
+        }
+        let again = crate::normalize_path(&n.to_target()).expect("normalized output is accepted");
+        assert_eq!(&again.path, p, "not idempotent for {target:?}");
+    }
+    assert!(
+        accepted > 1000,
+        "only {accepted} inputs accepted: the generator is too hostile to test the output"
+    );
+}
