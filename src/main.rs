@@ -3,6 +3,7 @@
 
 mod ca_cmd;
 mod proxy_cmd;
+mod redirect_cmd;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,11 @@ enum Command {
     },
     /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
     Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
+    Redirect {
+        #[command(subcommand)]
+        command: redirect_cmd::RedirectCommand,
+    },
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command),
         Command::Proxy(args) => proxy_cmd::run(*args),
+        Command::Redirect { command } => redirect_cmd::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -549,37 +549,28 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
         detail: format!("{e:#}"),
         btf: env::btf_state(),
     })?;
-    {
-        let mut take = |name: &str| -> Result<Map> {
-            ebpf.take_map(name)
-                .ok_or_else(|| Error::Config(format!("map {name} missing from the object")))
-        };
-        // Maps are moved out to configure and pin them; programs keep their own references.
-        let mut taken: Vec<(String, Map)> = Vec::new();
+    std::fs::create_dir_all(&pin_dir).map_err(sys_err(format!("mkdir {}", pin_dir.display())))?;
+    let result = (|| {
         for name in MAPS {
-            taken.push((name.to_string(), take(name)?));
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| Error::Config(format!("map {name} missing from the object")))?;
+            map.pin(pin_dir.join(name)).map_err(|e| Error::Sys {
+                what: format!("pin map {name} in {}", pin_dir.display()),
+                source: io::Error::other(e.to_string()),
+            })?;
         }
-        std::fs::create_dir_all(&pin_dir)
-            .map_err(sys_err(format!("mkdir {}", pin_dir.display())))?;
-        let result = (|| {
-            for (name, map) in &taken {
-                map.pin(pin_dir.join(name)).map_err(|e| Error::Sys {
-                    what: format!("pin map {name} in {}", pin_dir.display()),
-                    source: io::Error::other(e.to_string()),
-                })?;
-            }
-            write_config(
-                &mut |name| pinned_map(&pin_dir, name),
-                cfg,
-                cgroup_id,
-                &sidecar,
-                sidecar_id,
-            )
-        })();
-        if let Err(e) = result {
-            let _ = remove_pins(&pin_dir);
-            return Err(e);
-        }
+        write_config(
+            &mut |name| pinned_map(&pin_dir, name),
+            cfg,
+            cgroup_id,
+            &sidecar,
+            sidecar_id,
+        )
+    })();
+    if let Err(e) = result {
+        let _ = remove_pins(&pin_dir);
+        return Err(e);
     }
 
     let app_fd = open_dir(&cgroup)?;
@@ -662,11 +653,8 @@ fn load_fd<P>(
 }
 
 fn program_error(e: aya::programs::ProgramError) -> String {
-    // The verifier log is in the Debug form of LoadError; print all of it.
-    match &e {
-        aya::programs::ProgramError::LoadError { .. } => format!("{e}: {e:?}"),
-        _ => e.to_string(),
-    }
+    // For LoadError the Display form carries the whole verifier log.
+    e.to_string()
 }
 
 fn remove_pins(pin_dir: &Path) -> Result<()> {
