@@ -167,10 +167,25 @@ impl Env {
         )
     }
 
-    /// Python one-shot TCP connect; prints `ok`, or the errno name.
+    /// Python one-shot TCP connect (IPv6 socket when `ip` has a `:`); prints `ok`, `timeout`
+    /// or the errno name.
     fn connect(&self, pod: usize, cg: &str, ip: &str, port: u16, timeout: f32) -> String {
+        self.python_net(pod, cg, &format!(
+            "s = socket.socket(socket.AF_INET6 if ':' in '{ip}' else socket.AF_INET)\ns.settimeout({timeout})\ns.connect(('{ip}', {port}))"
+        ))
+    }
+
+    /// Python one-shot UDP sendto; prints `ok` or the errno name.
+    fn udp_send(&self, pod: usize, cg: &str, ip: &str, port: u16) -> String {
+        self.python_net(pod, cg, &format!(
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('{ip}', {port}))"
+        ))
+    }
+
+    fn python_net(&self, pod: usize, cg: &str, body: &str) -> String {
+        let indented = body.replace('\n', "\n    ");
         let script = format!(
-            "import socket, errno\ns = socket.socket()\ns.settimeout({timeout})\ntry:\n    s.connect(('{ip}', {port}))\n    print('ok')\nexcept socket.timeout:\n    print('timeout')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e.errno)))\n"
+            "import socket, errno\ntry:\n    {indented}\n    print('ok')\nexcept socket.timeout:\n    print('timeout')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e.errno)))\n"
         );
         let out = output_within(
             self.in_pod(pod, cg, "python3").args(["-c", &script]),
@@ -573,6 +588,18 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
         "ok",
         "mesh IP: redirected"
     );
+    assert_eq!(env.udp_send(0, "pod-a/app", EXT_IP, 53), "EPERM", "UDP too");
+    // IPv6 is not a bypass: native v6 off the allowlist is EPERM; a v4-mapped destination on a
+    // dual-stack socket gets the IPv4 treatment (mesh: redirected; off the allowlist: EPERM).
+    assert_eq!(env.connect(0, "pod-a/app", "fd00::99", 80, 3.0), "EPERM");
+    assert_eq!(
+        env.connect(0, "pod-a/app", "::ffff:10.199.0.3", 9001, 3.0),
+        "EPERM"
+    );
+    assert_eq!(
+        env.connect(0, "pod-a/app", "::ffff:10.199.0.2", 8080, 3.0),
+        "ok"
+    );
     let ext = ok(&env.curl(0, "pod-a/app", &format!("http://{EXT_IP}:9000/allowed")));
     assert!(ext.contains("\"app\": \"ext\""), "{ext}");
     let ca = meshgate_ebpf::Counters::read_pinned(&pins_a).unwrap();
@@ -629,6 +656,20 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     assert!(
         all.contains(&app_a.display().to_string()) && all.contains(&app_b.display().to_string()),
         "{all}"
+    );
+
+    // Never fail open: with A's sidecar gone, A's app cannot reach B at all (no direct path).
+    let (_, sidecar_a) = env
+        .children
+        .iter_mut()
+        .find(|(n, _)| n == "sidecar-a")
+        .unwrap();
+    sidecar_a.kill().unwrap();
+    sidecar_a.wait().unwrap();
+    assert_eq!(
+        env.connect(0, "pod-a/app", B_IP, 8080, 3.0),
+        "ECONNREFUSED",
+        "redirected to the dead sidecar's port, not sent around it"
     );
 
     // 4b. Detach restores plain networking.
