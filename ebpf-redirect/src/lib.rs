@@ -499,6 +499,15 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
         })?,
     };
     env::cgroup_relative(&sidecar)?;
+    if cfg.sidecar_cgroup.is_some()
+        && env::cgroup_relative(&sidecar)? == env::cgroup_relative(&cgroup)?
+    {
+        return Err(Error::Config(
+            "--sidecar-cgroup must differ from --cgroup (the sidecar's own connects would be \
+             redirected to itself): run the sidecar in its own cgroup"
+                .into(),
+        ));
+    }
     let cgroup_id = cgroup_id(&cgroup)?;
     let sidecar_id = if cfg.sidecar_cgroup.is_some() {
         cgroup_id_of_sidecar(&sidecar)?
