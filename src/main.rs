@@ -8,6 +8,7 @@ mod health_cmd;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
+mod redirect_cmd;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
+    Redirect {
+        #[command(subcommand)]
+        command: redirect_cmd::RedirectCommand,
+    },
 }
 
 /// Parses `30s`, `10m`, `1h`.
@@ -91,6 +97,7 @@ fn main() -> ExitCode {
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
+        Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,482 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// meshgate eBPF redirect and L3/L4 fallback enforcement.
+//
+// Built by ebpf-redirect/build.rs with `clang -O2 -g -target bpf`, loaded by the aya loader in
+// ../lib.rs. Only UAPI context structs are used (no vmlinux.h, no CO-RE, no kernel BTF needed).
+//
+// Attached to the workload's (app's) cgroup v2:
+//   cgroup/connect4, cgroup/connect6   outbound decision per connect(): exempt / redirect / allow / deny
+//   cgroup/sendmsg4, cgroup/sendmsg6   the same decision for unconnected UDP (sendto): allow / deny
+//   sockops                            re-keys the original destination from socket cookie to 4-tuple
+//   cgroup_skb/ingress                 drops packets to the app's ports unless they come over loopback
+// Attached to the sidecar's cgroup:
+//   cgroup/getsockopt                  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) like netfilter
+//
+// Byte orders (the kernel mixes them): bpf_sock_addr.user_ip4/user_port network order;
+// bpf_sock.src_port host order, bpf_sock.dst_port network order; bpf_sock_ops.local_port host
+// order, remote_port network order shifted into the upper half (bpf_ntohl gives host order).
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/socket.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define SO_ORIGINAL_DST 80
+#define SOL_IP 0
+
+// config.flags
+#define F_LOOPBACK_EXEMPT 1u // connects to 127.0.0.0/8 and ::1 go direct
+#define F_ENFORCE_EGRESS 2u  // non-mesh destinations must be allowlisted (else EPERM)
+#define F_ENFORCE_INGRESS 4u // app ports accept only loopback (the local sidecar)
+
+// policy kinds (first byte of the LPM key)
+#define K_EXEMPT 1
+#define K_MESH 2
+#define K_ALLOW 3
+
+// counters (index into the `counters` array; mirrored in lib.rs)
+#define C_REDIRECTED 0
+#define C_ALLOWED 1
+#define C_EXEMPT 2
+#define C_SIDECAR 3
+#define C_DENIED_EGRESS 4
+#define C_DENIED_INGRESS 5
+#define C_DENIED_IPV6 6
+#define C_DENIED_UDP_MESH 7
+#define C_ORIGDST_HIT 8
+#define C_ORIGDST_MISS 9
+#define C_MAX 16
+
+// verdicts for per-port counters
+#define V_REDIRECTED 0
+#define V_ALLOWED 1
+#define V_EXEMPT 2
+#define V_DENIED_EGRESS 3
+#define V_DENIED_INGRESS 4
+#define V_DENIED_IPV6 5
+#define V_DENIED_UDP_MESH 6
+
+struct config {
+	__u64 cgroup_id;         // the cgroup this instance is attached to (identity check)
+	__u64 sidecar_cgroup_id; // sockets of this cgroup are never redirected (0 = none)
+	__u16 outbound_port;     // host order
+	__u16 inbound_port;      // host order (informational)
+	__u32 flags;
+};
+
+struct policy_key {
+	__u32 prefixlen; // 32 + address bits; an IPv4 CIDR is stored as ::ffff:a.b.c.d/(96+n)
+	__u8 kind;
+	__u8 pad;
+	__be16 port; // 0 = any port
+	__u8 addr[16];
+};
+
+struct orig_dst {
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+struct tuple4 {
+	__be32 sip; // the app socket's local address
+	__be32 dip; // the app socket's remote address (the sidecar's outbound listener)
+	__u16 sport; // host order
+	__u16 dport; // host order
+};
+
+struct port_key {
+	__u16 port; // host order
+	__u8 verdict;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, __u32);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u16); // host order
+	__type(value, __u8);
+} app_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, C_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct port_key);
+	__type(value, __u64);
+} port_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} orig_by_cookie SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tuple4);
+	__type(value, struct orig_dst);
+} orig_by_tuple SEC(".maps");
+
+// Free-form metadata written by the loader (cgroup paths), never read by the programs.
+struct meta {
+	char cgroup[256];
+	char sidecar_cgroup[256];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct meta);
+} meta SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void count_port(__u16 port, __u8 verdict)
+{
+	struct port_key k = {.port = port, .verdict = verdict};
+	__u64 *v = bpf_map_lookup_elem(&port_counters, &k);
+	if (v) {
+		__sync_fetch_and_add(v, 1);
+		return;
+	}
+	__u64 one = 1;
+	if (bpf_map_update_elem(&port_counters, &k, &one, BPF_NOEXIST) != 0) {
+		v = bpf_map_lookup_elem(&port_counters, &k);
+		if (v)
+			__sync_fetch_and_add(v, 1);
+	}
+}
+
+static __always_inline struct config *get_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+// Longest-prefix lookup of (kind, port) then (kind, any port).
+static __always_inline int policy_has(__u8 kind, const __u8 addr[16], __be16 port)
+{
+	struct policy_key k = {.prefixlen = 32 + 128, .kind = kind, .port = port};
+	__builtin_memcpy(k.addr, addr, 16);
+	if (bpf_map_lookup_elem(&policy, &k))
+		return 1;
+	k.port = 0;
+	return bpf_map_lookup_elem(&policy, &k) != 0;
+}
+
+static __always_inline void v4_mapped(__u8 out[16], __be32 ip)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &ip, 4);
+}
+
+static __always_inline int is_loopback4(__be32 ip)
+{
+	return (bpf_ntohl(ip) >> 24) == 127;
+}
+
+static __always_inline int is_v4_mapped(const __u32 w[4])
+{
+	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int is_loopback6(const __u32 w[4])
+{
+	if (w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1))
+		return 1;
+	return is_v4_mapped(w) && is_loopback4(w[3]);
+}
+
+static __always_inline int is_sidecar(struct config *c)
+{
+	return c->sidecar_cgroup_id != 0 && bpf_get_current_cgroup_id() == c->sidecar_cgroup_id;
+}
+
+enum decision { D_PASS, D_REDIRECT, D_DENY };
+
+// The outbound decision shared by every hook. `addr` is the IPv6 (or v4-mapped) destination.
+// Returns the decision; counts it.
+static __always_inline enum decision decide(struct config *c, const __u8 addr[16], __be16 port,
+					    int loopback, int stream, int native_v6)
+{
+	__u16 hport = bpf_ntohs(port);
+	if (is_sidecar(c)) {
+		count(C_SIDECAR);
+		return D_PASS;
+	}
+	if ((loopback && (c->flags & F_LOOPBACK_EXEMPT)) || policy_has(K_EXEMPT, addr, port)) {
+		count(C_EXEMPT);
+		count_port(hport, V_EXEMPT);
+		return D_PASS;
+	}
+	if (policy_has(K_MESH, addr, port)) {
+		if (!stream) {
+			count(C_DENIED_UDP_MESH);
+			count_port(hport, V_DENIED_UDP_MESH);
+			return D_DENY;
+		}
+		if (native_v6) {
+			count(C_DENIED_IPV6);
+			count_port(hport, V_DENIED_IPV6);
+			return D_DENY;
+		}
+		return D_REDIRECT; // counted by the caller once the rewrite is done
+	}
+	if (!(c->flags & F_ENFORCE_EGRESS) || policy_has(K_ALLOW, addr, port)) {
+		count(C_ALLOWED);
+		count_port(hport, V_ALLOWED);
+		return D_PASS;
+	}
+	count(C_DENIED_EGRESS);
+	count_port(hport, V_DENIED_EGRESS);
+	return D_DENY;
+}
+
+static __always_inline void record_orig(void *ctx, __be32 ip, __be16 port)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst o = {.ip = ip, .port = port};
+	bpf_map_update_elem(&orig_by_cookie, &cookie, &o, BPF_ANY);
+}
+
+SEC("cgroup/connect4")
+int mg_connect4(struct bpf_sock_addr *ctx)
+{
+	struct config *c = get_config();
+	if (!c)
+		return 0; // never fail open
+	__be32 ip = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+	__u8 addr[16];
+	v4_mapped(addr, ip);
+	int stream = ctx->type == SOCK_STREAM;
+	switch (decide(c, addr, port, is_loopback4(ip), stream, 0)) {
+	case D_PASS:
+		return 1;
+	case D_DENY:
+		return 0;
+	case D_REDIRECT:
+		break;
+	}
+	record_orig(ctx, ip, port);
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(c->outbound_port);
+	count(C_REDIRECTED);
+	count_port(bpf_ntohs(port), V_REDIRECTED);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int mg_connect6(struct bpf_sock_addr *ctx)
+{
+	struct config *c = get_config();
+	if (!c)
+		return 0;
+	__u32 w[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+	__be16 port = (__be16)ctx->user_port;
+	int mapped = is_v4_mapped(w);
+	int stream = ctx->type == SOCK_STREAM;
+	switch (decide(c, (const __u8 *)w, port, is_loopback6(w), stream, !mapped)) {
+	case D_PASS:
+		return 1;
+	case D_DENY:
+		return 0;
+	case D_REDIRECT:
+		break;
+	}
+	// A v4-mapped destination on a dual-stack socket: the connection runs over IPv4, so the
+	// sidecar's accepted socket is AF_INET and SO_ORIGINAL_DST works as for connect4.
+	record_orig(ctx, w[3], port);
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+	ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(c->outbound_port);
+	count(C_REDIRECTED);
+	count_port(bpf_ntohs(port), V_REDIRECTED);
+	return 1;
+}
+
+// Unconnected UDP (sendto/sendmsg with an address): never redirected, allowlist only.
+SEC("cgroup/sendmsg4")
+int mg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct config *c = get_config();
+	if (!c)
+		return 0;
+	__u8 addr[16];
+	v4_mapped(addr, ctx->user_ip4);
+	return decide(c, addr, (__be16)ctx->user_port, is_loopback4(ctx->user_ip4), 0, 0) == D_PASS;
+}
+
+SEC("cgroup/sendmsg6")
+int mg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct config *c = get_config();
+	if (!c)
+		return 0;
+	__u32 w[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+	return decide(c, (const __u8 *)w, (__be16)ctx->user_port, is_loopback6(w), 0,
+		      !is_v4_mapped(w)) == D_PASS;
+}
+
+// When a redirected connection is established, its original destination moves from the socket
+// cookie (known in connect4, before the local port exists) to the 4-tuple the sidecar can see.
+SEC("sockops")
+int mg_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!o)
+		return 1;
+	struct orig_dst v = *o;
+	struct tuple4 t = {
+		.sip = skops->local_ip4,
+		.dip = skops->remote_ip4,
+		.sport = (__u16)skops->local_port,
+		.dport = (__u16)bpf_ntohl(skops->remote_port),
+	};
+	bpf_map_update_elem(&orig_by_tuple, &t, &v, BPF_ANY);
+	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+	return 1;
+}
+
+// getsockopt(fd, SOL_IP, SO_ORIGINAL_DST) on the sidecar's accepted socket: the socket's remote
+// end is the app socket's local end, so the reversed tuple finds the entry sockops wrote.
+SEC("cgroup/getsockopt")
+int mg_getsockopt(struct bpf_sockopt *ctx)
+{
+	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || sk->family != AF_INET)
+		return 1;
+	struct tuple4 t = {
+		.sip = sk->dst_ip4,
+		.dip = sk->src_ip4,
+		.sport = bpf_ntohs((__u16)sk->dst_port),
+		.dport = (__u16)sk->src_port,
+	};
+	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_tuple, &t);
+	if (!o) {
+		count(C_ORIGDST_MISS);
+		return 1; // the kernel's own answer stands (ENOPROTOOPT / netfilter's)
+	}
+	struct sockaddr_in *sin = ctx->optval;
+	if ((void *)(sin + 1) > ctx->optval_end)
+		return 1;
+	sin->sin_family = AF_INET;
+	sin->sin_port = o->port;
+	sin->sin_addr.s_addr = o->ip;
+	__builtin_memset(sin->sin_zero, 0, sizeof(sin->sin_zero));
+	// Volatile: clang would otherwise merge these two s32 stores into one 8-byte store, which
+	// the verifier rejects (invalid bpf_context access).
+	*(volatile __s32 *)&ctx->optlen = sizeof(*sin);
+	*(volatile __s32 *)&ctx->retval = 0;
+	count(C_ORIGDST_HIT);
+	return 1;
+}
+
+static __always_inline int app_port(__u16 port)
+{
+	return bpf_map_lookup_elem(&app_ports, &port) != 0;
+}
+
+// Ingress on the app's sockets: its ports accept only loopback traffic (the local sidecar
+// forwards to 127.0.0.1:<app port>). Anything else addressed to an app port is dropped and
+// counted (per packet). Packets to other ports (replies to the app's own connections) pass.
+SEC("cgroup_skb/ingress")
+int mg_ingress(struct __sk_buff *skb)
+{
+	struct config *c = get_config();
+	if (!c)
+		return 0;
+	if (!(c->flags & F_ENFORCE_INGRESS))
+		return 1;
+	__u16 dport;
+	if (skb->protocol == bpf_htons(0x0800)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return 1;
+		if (is_loopback4(ip.saddr))
+			return 1;
+		if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+			return 1;
+		__be16 ports[2];
+		if (bpf_skb_load_bytes(skb, ip.ihl * 4, ports, sizeof(ports)))
+			return 1;
+		dport = bpf_ntohs(ports[1]);
+	} else if (skb->protocol == bpf_htons(0x86DD)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			return 1;
+		__u32 w[4];
+		__builtin_memcpy(w, &ip6.saddr, 16);
+		if (is_loopback6(w))
+			return 1;
+		if (ip6.nexthdr == IPPROTO_TCP || ip6.nexthdr == IPPROTO_UDP) {
+			__be16 ports[2];
+			if (bpf_skb_load_bytes(skb, sizeof(ip6), ports, sizeof(ports)))
+				return 1;
+			dport = bpf_ntohs(ports[1]);
+		} else if (ip6.nexthdr == 58 /* ICMPv6 */) {
+			return 1;
+		} else {
+			// Extension headers in front of the transport header: not parsed, so not
+			// trusted. Packets to the app's sockets from outside the pod are dropped.
+			count(C_DENIED_INGRESS);
+			return 0;
+		}
+	} else {
+		return 1;
+	}
+	if (!app_port(dport))
+		return 1;
+	count(C_DENIED_INGRESS);
+	count_port(dport, V_DENIED_INGRESS);
+	return 0;
+}

@@ -1,0 +1,193 @@
+//! `meshgate redirect …` subcommands: argument parsing and printing; the work is in
+//! `meshgate-ebpf`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use meshgate_ebpf::{AttachConfig, Attachment, Rule};
+
+fn parse_rule(s: &str) -> Result<Rule, String> {
+    s.parse()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RedirectCommand {
+    /// Attach the redirect and L3/L4 enforcement to a workload's cgroup v2 (pinned in bpffs;
+    /// running it again only rewrites the configuration).
+    Attach {
+        /// The app's cgroup v2 directory (its processes get redirected; its ports guarded).
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// The sidecar's cgroup (must differ from --cgroup). Default: the parent of --cgroup.
+        #[arg(long)]
+        sidecar_cgroup: Option<PathBuf>,
+        /// The sidecar's outbound listener port on 127.0.0.1.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// The sidecar's inbound (mTLS) port.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// The app's ports: reachable only from the local sidecar (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        app_ports: Vec<u16>,
+        /// Destinations reached directly, unchecked: control plane, CA, … (CIDR[:PORT], repeatable).
+        #[arg(long, value_parser = parse_rule)]
+        exempt: Vec<Rule>,
+        /// Do not exempt loopback (127.0.0.0/8, ::1) from redirect and enforcement.
+        #[arg(long)]
+        no_loopback_exempt: bool,
+        /// Mesh destinations, redirected to the sidecar (CIDR[:PORT], repeatable). Services'
+        /// IP hosts from --network-policy are added.
+        #[arg(long, value_parser = parse_rule)]
+        mesh: Vec<Rule>,
+        /// Egress allowlist for non-mesh destinations (CIDR:PORT or CIDR for every port).
+        #[arg(long, value_parser = parse_rule, conflicts_with = "network_policy")]
+        egress_allow: Vec<Rule>,
+        /// Read the egress allowlist (NetworkPolicy) and mesh destinations (Service hosts that
+        /// are IPs) from a policy file or directory.
+        #[arg(long)]
+        network_policy: Option<PathBuf>,
+        /// Only NetworkPolicies whose selector names this account (plus those without selector).
+        #[arg(long)]
+        account: Option<String>,
+        /// Let every non-mesh destination through (no egress allowlist enforcement).
+        #[arg(long)]
+        no_egress_enforce: bool,
+        /// Do not drop ingress to the app's ports from outside the pod.
+        #[arg(long)]
+        no_ingress_enforce: bool,
+    },
+    /// Detach everything attached for a cgroup (removes the pins).
+    Detach {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// Print what is attached and the counters (every attachment without --cgroup).
+    Status {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+pub fn run(command: RedirectCommand) -> Result<()> {
+    match command {
+        RedirectCommand::Attach {
+            cgroup,
+            sidecar_cgroup,
+            outbound_port,
+            inbound_port,
+            app_ports,
+            exempt,
+            no_loopback_exempt,
+            mesh,
+            egress_allow,
+            network_policy,
+            account,
+            no_egress_enforce,
+            no_ingress_enforce,
+        } => {
+            let mut cfg = AttachConfig::new(&cgroup, outbound_port, inbound_port);
+            cfg.sidecar_cgroup = sidecar_cgroup;
+            cfg.app_ports = app_ports;
+            cfg.exempt = exempt;
+            cfg.exempt_loopback = !no_loopback_exempt;
+            if cfg.exempt_loopback {
+                cfg.exempt.extend(meshgate_ebpf::loopback());
+            }
+            cfg.mesh = mesh;
+            cfg.egress_allow = egress_allow;
+            if let Some(path) = &network_policy {
+                let rules = meshgate_ebpf::from_policy(path, account.as_deref())
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                cfg.egress_allow.extend(rules.egress_allow);
+                cfg.mesh.extend(rules.mesh);
+            }
+            cfg.enforce_egress = !no_egress_enforce;
+            cfg.enforce_ingress = !no_ingress_enforce;
+            if cfg.mesh.is_empty() && cfg.enforce_egress {
+                eprintln!(
+                    "warning: no mesh destinations (--mesh, or Service hosts in --network-policy): \
+                     nothing is redirected and every non-allowlisted connect gets EPERM"
+                );
+            }
+            let done = meshgate_ebpf::attach(&cfg)?;
+            println!(
+                "{} {} (pins: {}) in {} ms",
+                if done.reused {
+                    "already attached; configuration updated for"
+                } else {
+                    "attached to"
+                },
+                cgroup.display(),
+                done.pin_dir.display(),
+                done.elapsed.as_millis()
+            );
+            Ok(())
+        }
+        RedirectCommand::Detach { cgroup } => {
+            let pin_dir = meshgate_ebpf::detach(&cgroup)?;
+            println!(
+                "detached from {} (removed {})",
+                cgroup.display(),
+                pin_dir.display()
+            );
+            Ok(())
+        }
+        RedirectCommand::Status { cgroup } => {
+            let all = meshgate_ebpf::status(cgroup.as_deref())?;
+            if all.is_empty() {
+                println!(
+                    "nothing attached (no pins under {})",
+                    meshgate_ebpf::PIN_ROOT
+                );
+            }
+            for a in &all {
+                print_attachment(a);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_attachment(a: &Attachment) {
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    println!("cgroup {}", a.cgroup);
+    println!("  sidecar cgroup  {}", a.sidecar_cgroup);
+    println!("  pins            {}", a.pin_dir.display());
+    println!(
+        "  ports           outbound 127.0.0.1:{}  inbound {}  app {:?}",
+        a.outbound_port, a.inbound_port, a.app_ports
+    );
+    println!(
+        "  enforcement     egress allowlist {}  ingress guard {}  loopback exempt {}",
+        on_off(a.enforce_egress),
+        on_off(a.enforce_ingress),
+        on_off(a.exempt_loopback)
+    );
+    for (kind, rule) in &a.rules {
+        println!("  {kind:<15} {rule}");
+    }
+    for l in &a.links {
+        match l.ids {
+            Some((link, prog)) => println!(
+                "  link {:<10} attached (link id {link}, program id {prog})",
+                l.hook
+            ),
+            None => println!("  link {:<10} MISSING (run attach again)", l.hook),
+        }
+    }
+    println!("  counters");
+    for (name, v) in a.counters.totals() {
+        println!("    {name:<16} {v}");
+    }
+    for p in &a.counters.per_port {
+        println!(
+            "    port {:<5} {:<16} {}",
+            p.port,
+            p.verdict.as_str(),
+            p.count
+        );
+    }
+}
