@@ -127,6 +127,10 @@ pub struct ProxyArgs {
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set).
     #[arg(long)]
     no_tracing: bool,
+    /// The app's cgroup attached with `meshgate redirect attach`: export its eBPF counters on
+    /// /metrics (reading them needs CAP_BPF).
+    #[arg(long)]
+    ebpf_cgroup: Option<PathBuf>,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -176,6 +180,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         drain: args.drain,
         poll_interval: args.poll_interval,
         telemetry: meshgate_proxy::telemetry::TelemetryConfig::from_env(args.no_tracing),
+        ebpf_cgroup: args.ebpf_cgroup.clone(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

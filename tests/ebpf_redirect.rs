@@ -462,6 +462,8 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
                 "--probe",
                 "127.0.0.1:15020",
             ])
+            .arg("--ebpf-cgroup")
+            .arg(env.cg(if pod == 0 { "pod-a/app" } else { "pod-b/app" }))
             .env("MESHGATE_LOG", "info");
         env.spawn(name, cmd);
     }
@@ -548,6 +550,28 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
             &[r#"direction="inbound""#, r#"decision="allow""#]
         ) >= 1,
         "B's sidecar allowed it:\n{metrics_b}"
+    );
+    // The sidecar exports the eBPF counters of its app's cgroup on /metrics.
+    assert_eq!(
+        metric(&metrics_a, "meshgate_ebpf_attached", &[]),
+        1,
+        "{metrics_a}"
+    );
+    assert!(
+        metric(
+            &metrics_a,
+            "meshgate_ebpf_verdicts_total",
+            &[r#"verdict="redirected""#]
+        ) >= 1,
+        "{metrics_a}"
+    );
+    assert!(
+        metric(
+            &metrics_a,
+            "meshgate_ebpf_port_verdicts_total",
+            &[r#"verdict="redirected""#, r#"port="8080""#]
+        ) >= 1,
+        "{metrics_a}"
     );
     let ca = meshgate_ebpf::Counters::read_pinned(&pins_a).unwrap();
     assert!(ca.redirected >= 1 && ca.origdst_hit >= 1, "{ca:?}");

@@ -132,6 +132,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         drain: Duration::from_secs(1),
         poll_interval: Duration::from_millis(50),
         telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
+        ebpf_cgroup: None,
     })
     .await
     .unwrap();

@@ -25,6 +25,8 @@ pub struct Admin {
     pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Sender<bool>,
+    /// Pin directory of the workload's eBPF redirect, when the sidecar exports its counters.
+    pub ebpf_pins: Option<std::path::PathBuf>,
 }
 
 fn respond(
@@ -125,7 +127,7 @@ impl Admin {
             (&Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.metrics.encode(),
+                self.metrics.encode_with_ebpf(self.ebpf_pins.as_deref()),
             ),
             (&Method::POST, "/shutdown") => {
                 tracing::info!(

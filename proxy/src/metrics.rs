@@ -208,6 +208,46 @@ impl Metrics {
         out
     }
 
+    /// The exposition plus the eBPF redirect's counters read from its pins (when the workload's
+    /// cgroup is attached). They live in kernel maps, so they are read at scrape time rather than
+    /// mirrored; reading loads nothing and needs CAP_BPF.
+    pub fn encode_with_ebpf(&self, pins: Option<&std::path::Path>) -> String {
+        let mut text = self.encode();
+        let Some(pins) = pins else { return text };
+        let mut extra = String::from(
+            "# HELP meshgate_ebpf_attached 1 when the workload's eBPF redirect counters could be read.\n# TYPE meshgate_ebpf_attached gauge\n",
+        );
+        match meshgate_ebpf::Counters::read_pinned(pins) {
+            Ok(snapshot) => {
+                extra.push_str("meshgate_ebpf_attached 1\n");
+                extra.push_str("# HELP meshgate_ebpf_verdicts eBPF redirect verdicts (connections; denied_ingress counts packets).\n# TYPE meshgate_ebpf_verdicts counter\n");
+                for (verdict, count) in snapshot.totals() {
+                    extra.push_str(&format!(
+                        "meshgate_ebpf_verdicts_total{{verdict=\"{verdict}\"}} {count}\n"
+                    ));
+                }
+                extra.push_str("# HELP meshgate_ebpf_port_verdicts eBPF redirect verdicts by destination port.\n# TYPE meshgate_ebpf_port_verdicts counter\n");
+                for p in &snapshot.per_port {
+                    extra.push_str(&format!(
+                        "meshgate_ebpf_port_verdicts_total{{verdict=\"{}\",port=\"{}\"}} {}\n",
+                        p.verdict.as_str(),
+                        p.port,
+                        p.count
+                    ));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "eBPF counters not readable");
+                extra.push_str("meshgate_ebpf_attached 0\n");
+            }
+        }
+        match text.rfind("# EOF") {
+            Some(at) => text.insert_str(at, &extra),
+            None => text.push_str(&extra),
+        }
+        text
+    }
+
     /// Records a new policy version in force.
     pub fn set_policy_version(&self, version: &str) {
         self.policy_version.clear();

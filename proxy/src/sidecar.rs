@@ -65,6 +65,8 @@ pub struct SidecarConfig {
     pub poll_interval: Duration,
     /// OpenTelemetry tracing.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The app's cgroup under `meshgate redirect`: its eBPF counters appear on `/metrics`.
+    pub ebpf_cgroup: Option<std::path::PathBuf>,
 }
 
 /// Why the sidecar could not start.
@@ -80,6 +82,8 @@ pub enum SidecarError {
     Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("policy source: {0}")]
     PolicySource(String),
+    #[error("--ebpf-cgroup: {0}")]
+    Ebpf(String),
 }
 
 /// A running sidecar.
@@ -153,6 +157,13 @@ impl Sidecar {
             ));
         }
         let metrics = Arc::new(Metrics::default());
+        let ebpf_pins = match &config.ebpf_cgroup {
+            Some(cgroup) => Some(
+                meshgate_ebpf::pin_dir_for(cgroup)
+                    .map_err(|e| SidecarError::Ebpf(e.to_string()))?,
+            ),
+            None => None,
+        };
 
         let identity = config.identity.start(config.poll_interval).await?;
         let workload = identity.id().clone();
@@ -267,6 +278,7 @@ impl Sidecar {
             routes,
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
+            ebpf_pins,
         };
         let sidecar_addrs = (
             inbound_listener.local_addr().expect("bound"),

@@ -365,6 +365,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(500),
             telemetry: TelemetryConfig::from_env(false),
+            ebpf_cgroup: None,
         })
         .await
         .with_context(|| format!("starting {name}'s sidecar"))?;

@@ -370,6 +370,7 @@ impl TestMesh {
             drain: Duration::from_secs(2),
             poll_interval: Duration::from_millis(50),
             telemetry,
+            ebpf_cgroup: None,
         })
         .await
         .unwrap();
