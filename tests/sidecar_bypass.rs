@@ -100,14 +100,13 @@ async fn raw_get(
     (status, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
+/// The orders sidecar under [`POLICY`], and a TLS connector holding web's SVID.
+async fn orders_and_web_client() -> (TestMesh, std::net::SocketAddr, tokio_rustls::TlsConnector) {
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("orders.yaml", POLICY);
     mesh.add("orders").await;
     mesh.converge().await;
     let addr = mesh.workload("orders").sidecar.inbound_addr;
-
     let now = time::OffsetDateTime::now_utc();
     let web = mesh.ca.sign_leaf(
         &TestMesh::id_of("web"),
@@ -120,7 +119,12 @@ async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
         TestMesh::id_of("orders"),
         &[b"http/1.1"],
     );
-    let connector = tokio_rustls::TlsConnector::from(config);
+    (mesh, addr, tokio_rustls::TlsConnector::from(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
+    let (_mesh, addr, connector) = orders_and_web_client().await;
 
     // The control: a plain public path passes.
     let (status, body) = raw_get(&connector, addr, "/public/ok").await;
@@ -155,25 +159,9 @@ async fn no_hostile_path_reaches_the_app_as_an_admin_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_client_is_cut_off() {
-    let mut mesh = TestMesh::new().await;
-    mesh.write_policy("orders.yaml", POLICY);
-    mesh.add("orders").await;
-    mesh.converge().await;
-    let addr = mesh.workload("orders").sidecar.inbound_addr;
-    let now = time::OffsetDateTime::now_utc();
-    let web = mesh.ca.sign_leaf(
-        &TestMesh::id_of("web"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    let config = support::mesh_client(
-        mesh.ca.bundle(),
-        &web,
-        TestMesh::id_of("orders"),
-        &[b"http/1.1"],
-    );
+    let (_mesh, addr, connector) = orders_and_web_client().await;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
+    let mut tls = connector
         .connect(tls::mesh_server_name(), tcp)
         .await
         .unwrap();
