@@ -667,10 +667,14 @@ fn program_error(e: aya::programs::ProgramError) -> String {
 }
 
 fn remove_pins(pin_dir: &Path) -> Result<()> {
-    // Links first: removing the last reference detaches the program.
+    // Links first, detached synchronously (an unpinned link is released asynchronously, so
+    // without this a detach could return while traffic is still being redirected).
     for (_, pin, _, _, _) in PROGRAMS {
         let p = pin_dir.join(pin);
         if p.exists() {
+            if let Ok(link) = sys::obj_get(&p) {
+                let _ = sys::link_detach(&link);
+            }
             std::fs::remove_file(&p).map_err(sys_err(format!("unpin {}", p.display())))?;
         }
     }

@@ -13,6 +13,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `enum bpf_attach_type` values used here.
 pub const ATTACH_INGRESS: u32 = 0;
@@ -80,6 +81,15 @@ pub fn link_create(prog: impl AsFd, target: impl AsFd, attach_type: u32) -> io::
         .u32_at(4, target.as_fd().as_raw_fd() as u32)
         .u32_at(8, attach_type);
     bpf(BPF_LINK_CREATE, &mut a).map(fd_from)
+}
+
+/// `BPF_LINK_DETACH`: detaches the program now. Merely dropping the last reference (unpinning)
+/// releases the link asynchronously, so a detach that only unpins can return while the program
+/// still runs for a moment.
+pub fn link_detach(link: impl AsFd) -> io::Result<()> {
+    let mut a = Attr::new();
+    a.u32_at(0, link.as_fd().as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut a).map(|_| ())
 }
 
 pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
