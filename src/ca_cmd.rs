@@ -68,6 +68,12 @@ pub enum CaCommand {
         /// Extra DNS name or IP for the CA's serving certificate (repeatable), e.g. `--san ca`.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Create the CA in DIR for this trust domain first, unless DIR already holds one (for
+        /// containers: the first start creates it, restarts reuse it).
+        #[arg(long, value_parser = parse_trust_domain)]
+        init_trust_domain: Option<TrustDomain>,
+        #[command(flatten)]
+        bootstrap: BootstrapArgs,
     },
     /// Rotate the root: a new root and intermediate sign from now on; the bundle keeps the old
     /// roots until `--finish`, so nothing issued so far stops verifying and nothing restarts.
@@ -89,6 +95,61 @@ pub enum CaCommand {
     },
 }
 
+/// Hands workloads what they need to join, through a directory they mount: the trust bundle
+/// and one join token per identity. For docker-compose, where there is no Secret store; in
+/// Kubernetes, Secrets made with `meshgate ca token` do this job.
+#[derive(Debug, clap::Args)]
+pub struct BootstrapArgs {
+    /// Write BOOTSTRAP_DIR/bundle.pem and BOOTSTRAP_DIR/tokens/<ns>.<sa>.token for every
+    /// --token-for at start (files readable by the CA's user only).
+    #[arg(long, requires = "token_for")]
+    bootstrap_dir: Option<PathBuf>,
+    /// Identity to mint a join token for (repeatable). These tokens are reusable until they
+    /// expire, so a restarted sidecar can join again: protect the directory like a Secret.
+    #[arg(long, value_parser = parse_id, requires = "bootstrap_dir")]
+    token_for: Vec<SpiffeId>,
+    /// Lifetime of the tokens in the bootstrap directory.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    bootstrap_token_ttl: Duration,
+}
+
+/// Writes the bootstrap directory described by `args` (nothing without `--bootstrap-dir`).
+fn write_bootstrap(dir: &Path, args: &BootstrapArgs) -> Result<()> {
+    let Some(out) = &args.bootstrap_dir else {
+        return Ok(());
+    };
+    let ca = CaDir::new(dir);
+    let td = ca.trust_domain()?;
+    let key = ca.token_key()?;
+    let tokens = out.join("tokens");
+    std::fs::create_dir_all(&tokens).with_context(|| format!("creating {}", tokens.display()))?;
+    let bundle = ca.read_bundle()?;
+    fsutil::write_atomic(&out.join("bundle.pem"), bundle.to_pem().as_bytes(), 0o644)
+        .with_context(|| format!("writing {}/bundle.pem", out.display()))?;
+    for id in &args.token_for {
+        if !id.is_member_of(&td) {
+            bail!("--token-for {id} is outside this CA's trust domain {td}");
+        }
+        let Some((namespace, account)) = id.namespace_and_account() else {
+            bail!(
+                "--token-for {id}: use an ID of the form spiffe://{td}/ns/<namespace>/sa/<account>"
+            );
+        };
+        let name = format!("{namespace}.{account}.token");
+        let (token, _) = key.mint(id, args.bootstrap_token_ttl, true);
+        let path = tokens.join(&name);
+        fsutil::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    tracing::info!(
+        event = "bootstrap.written",
+        dir = %out.display(),
+        tokens = args.token_for.len(),
+        "bootstrap directory written"
+    );
+    Ok(())
+}
+
 pub fn run(command: CaCommand) -> Result<()> {
     match command {
         CaCommand::Init {
@@ -108,7 +169,21 @@ pub fn run(command: CaCommand) -> Result<()> {
             listen,
             svid_ttl,
             sans,
-        } => serve(&dir, listen, svid_ttl, sans),
+            init_trust_domain,
+            bootstrap,
+        } => {
+            if let Some(td) = &init_trust_domain {
+                let ca = CaDir::new(&dir);
+                if ca.bundle_path().exists() {
+                    tracing::info!(dir = %dir.display(), "CA exists; --init-trust-domain ignored");
+                } else {
+                    ca.init(td, false)?;
+                    tracing::info!(dir = %dir.display(), trust_domain = %td, "CA created");
+                }
+            }
+            write_bootstrap(&dir, &bootstrap)?;
+            serve(&dir, listen, svid_ttl, sans)
+        }
         CaCommand::Inspect { cert, bundle } => inspect(&cert, bundle.as_deref()),
         CaCommand::Rotate { dir, finish } => rotate(&dir, finish),
     }

@@ -14,7 +14,12 @@ use crate::parse_duration;
 /// Check an HTTP endpoint (e.g. a sidecar's `http://127.0.0.1:15000/ready`).
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// `http://host:port/path`.
+    /// `http://host:port/path` (2xx = healthy) or `tcp://host:port` (accepts connections).
+    /// Containers set it once in MESHGATE_HEALTH_URL so one image HEALTHCHECK fits every role.
+    #[arg(
+        env = "MESHGATE_HEALTH_URL",
+        default_value = "http://127.0.0.1:15000/ready"
+    )]
     url: String,
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     timeout: Duration,
@@ -50,42 +55,32 @@ pub async fn get(url: &str, timeout: Duration) -> Result<String> {
 }
 
 pub fn run(args: HealthArgs) -> Result<()> {
-    let uri: http::Uri = args
-        .url
-        .parse()
-        .with_context(|| format!("invalid URL {:?}", args.url))?;
-    if uri.scheme_str() != Some("http") {
-        bail!(
-            "{} : only http:// URLs are supported (admin and probe endpoints are plaintext on loopback)",
-            args.url
-        );
-    }
-    let host = uri.host().context("URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(80);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let url = args.url.as_str();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let status = runtime.block_on(async {
-        tokio::time::timeout(args.timeout, async {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            let req = http::Request::get(path)
-                .header("host", host.as_str())
-                .body(Empty::<Bytes>::new())?;
-            anyhow::Ok(sender.send_request(req).await?.status())
+    let checked = if let Some(addr) = url.strip_prefix("tcp://") {
+        // For TLS-only listeners (the CA): accepting connections is what "up" means there.
+        runtime.block_on(async {
+            tokio::time::timeout(args.timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("no connection within {:?}", args.timeout))?
+                .map(drop)
+                .map_err(anyhow::Error::from)
         })
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", args.timeout))?
-    });
-    match status {
-        Ok(s) if s.is_success() => {
-            println!("healthy: {} {s}", args.url);
+    } else if url.starts_with("http://") {
+        runtime.block_on(get(url, args.timeout)).map(drop)
+    } else {
+        bail!(
+            "{url}: use an http:// URL (admin and probe endpoints are plaintext on loopback) or \
+             tcp://HOST:PORT for TLS-only listeners"
+        );
+    };
+    match checked {
+        Ok(()) => {
+            println!("healthy: {url}");
             Ok(())
         }
-        Ok(s) => bail!("unhealthy: {} answered {s}", args.url),
-        Err(e) => bail!("unhealthy: {}: {e:#}", args.url),
+        Err(e) => bail!("unhealthy: {url}: {e:#}"),
     }
 }

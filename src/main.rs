@@ -58,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// One demo app (web, orders or payments) as its own process, for the compose demo.
+    #[command(hide = true)]
+    DemoApp(demo::app::DemoAppArgs),
+    /// Wait until SIGTERM or Ctrl-C (the process that holds a compose "pod"'s network namespace).
+    #[command(hide = true)]
+    Pause,
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
         #[command(subcommand)]
@@ -83,6 +89,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Holds a network namespace for containers that join it, like Kubernetes' pause container.
+fn pause() -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(ca_cmd::shutdown_signal());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -97,6 +112,8 @@ fn main() -> ExitCode {
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
+        Command::Pause => pause(),
+        Command::DemoApp(args) => demo::app::run(args).map(|()| ExitCode::SUCCESS),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

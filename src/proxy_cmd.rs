@@ -36,7 +36,7 @@ pub struct IdentityArgs {
     trust_bundle: Option<PathBuf>,
 
     /// CA-issued identity: URL of `meshgate ca serve`, e.g. https://127.0.0.1:15012.
-    #[arg(long, requires_all = ["ca_bundle", "token"])]
+    #[arg(long, requires = "ca_bundle")]
     ca: Option<String>,
     /// Roots the CA's serving certificate chains to.
     #[arg(long, requires = "ca")]
@@ -44,9 +44,34 @@ pub struct IdentityArgs {
     /// Join token from `meshgate ca token` (prefer the environment: command lines are visible in ps).
     #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, requires = "ca")]
     token: Option<String>,
+    /// Read the join token from this file (a mounted Secret or a shared bootstrap volume).
+    #[arg(long, requires = "ca", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
 }
 
 impl IdentityArgs {
+    /// The join token from `--token`/`MESHGATE_TOKEN` or `--token-file`.
+    fn join_token(&self) -> Result<String> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        let Some(path) = &self.token_file else {
+            bail!(
+                "a CA-issued identity needs a join token: --token, MESHGATE_TOKEN or --token-file"
+            );
+        };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            bail!(
+                "{} is empty: write a token from `meshgate ca token` into it",
+                path.display()
+            );
+        }
+        Ok(token.to_string())
+    }
+
     /// The identity source these flags describe.
     pub fn source(&self) -> Result<IdentitySource> {
         Ok(match (&self.svid_cert, &self.ca) {
@@ -61,13 +86,13 @@ impl IdentityArgs {
                     ca_url: url.clone(),
                     ca_bundle_pem: std::fs::read(&bundle_path)
                         .with_context(|| format!("reading {}", bundle_path.display()))?,
-                    token: self.token.clone().expect("clap requires it"),
+                    token: self.join_token()?,
                     bundle_refresh: Duration::from_secs(60),
                     backoff: Backoff::default(),
                 })
             }
             _ => bail!(
-                "give an identity: --svid-cert/--svid-key/--trust-bundle (files) or --ca/--ca-bundle/--token (issued by the CA)"
+                "give an identity: --svid-cert/--svid-key/--trust-bundle (files) or --ca/--ca-bundle/--token[-file] (issued by the CA)"
             ),
         })
     }
@@ -143,11 +168,6 @@ pub struct ProxyArgs {
 }
 
 pub fn run(args: ProxyArgs) -> Result<()> {
-    if args.control_plane.is_some() {
-        bail!(
-            "--control-plane is not available yet (the control-plane client is a later milestone); use --policy-dir"
-        );
-    }
     let identity = args.identity.source()?;
     let config = SidecarConfig {
         app: args.app,

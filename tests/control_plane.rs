@@ -229,8 +229,8 @@ async fn each_sidecar_gets_only_its_own_resources_and_needs_a_valid_svid() {
     let now = time::OffsetDateTime::now_utc();
     let hour = time::Duration::hours(1);
 
-    // web's view: its own policy only; the Services it may call (orders allows web; web allows
-    // everyone; payments allows nobody).
+    // web's view: its own policy only, and every Service (routes to Services it may not call
+    // let their sidecars deny it with a logged 403 instead of an opaque local 502).
     let web = mesh
         .ca
         .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
@@ -247,7 +247,7 @@ async fn each_sidecar_gets_only_its_own_resources_and_needs_a_valid_svid() {
         .map(|s| s.metadata.name.as_str())
         .collect();
     services.sort();
-    assert_eq!(services, ["orders", "web"]);
+    assert_eq!(services, ["orders", "payments", "web"]);
     // orders' view: its own policy, and not web's.
     let orders = mesh
         .ca

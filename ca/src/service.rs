@@ -344,6 +344,12 @@ async fn serve_connection(
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        // A connection closed before the ClientHello is a TCP health probe or a port scan,
+        // not a failed client: keep it out of the warnings.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(event = "tls.closed_before_handshake", peer.addr = %peer);
+            return;
+        }
         Ok(Err(e)) => {
             tracing::warn!(event = "tls.handshake_failed", peer.addr = %peer, error = %e);
             return;

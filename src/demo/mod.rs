@@ -22,7 +22,7 @@ use meshgate_proxy::telemetry::TelemetryConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use app::{DemoApp, call_via};
+use app::{DemoApp, Upstream, call_via};
 
 /// The sample policies, embedded so the demo runs from any directory.
 const SAMPLE_POLICIES: [(&str, &str); 2] = [
@@ -333,7 +333,8 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         tokio::spawn(
             DemoApp {
                 name: name.to_string(),
-                outbound: Some(loopback(p.outbound)),
+                upstream: Upstream::Sidecar(loopback(p.outbound)),
+                payments: "payments".to_string(),
             }
             .serve(listener),
         );
@@ -412,7 +413,16 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             .position(|w| *w == step.from)
             .expect("known workload") as u16;
         let outbound = loopback(ports_of(base, from).outbound);
-        let status = match call_via(outbound, step.method, step.to, step.path, &[], "").await {
+        let status = match call_via(
+            &Upstream::Sidecar(outbound),
+            step.method,
+            step.to,
+            step.path,
+            &[],
+            "",
+        )
+        .await
+        {
             Ok((status, _)) => status.to_string(),
             Err(e) => format!("error: {e}"),
         };

@@ -1,13 +1,18 @@
-//! What one sidecar is allowed to know: the control plane sends each sidecar only the resources
-//! that concern its own SPIFFE ID — the policies and network policies that select it, and the
-//! Services it may call — never the whole mesh's policy.
+//! What one sidecar is allowed to know: the control plane sends each sidecar only the policies
+//! and network policies that select its own SPIFFE ID — never the whole mesh's policy — plus the
+//! mesh's Services.
+//!
+//! Services are not scoped by who may call them: a caller that knew no route to a Service it
+//! may not call got an opaque 502 from its own sidecar, with no decision logged anywhere. With
+//! the route, the request reaches the callee's sidecar, which holds the policy and answers 403
+//! with a logged, counted and traced decision naming the caller. Service names, hosts and
+//! identities are discovery data (DNS already reveals them), not policy.
 
 use meshgate_ca::SpiffeId;
 
 use crate::authz::applies_to;
 use crate::load::PolicySet;
-use crate::model::{Action, DefaultAction, NetworkPolicy, ROOT_NAMESPACE, Service, Source};
-use crate::pattern::Pattern;
+use crate::model::{NetworkPolicy, ROOT_NAMESPACE};
 
 fn network_policy_applies(np: &NetworkPolicy, workload: &SpiffeId) -> bool {
     let ns = np.metadata.namespace.as_str();
@@ -23,38 +28,6 @@ fn network_policy_applies(np: &NetworkPolicy, workload: &SpiffeId) -> bool {
     }
 }
 
-fn matches_any(patterns: &[String], id: &SpiffeId) -> bool {
-    patterns
-        .iter()
-        .filter_map(|p| Pattern::parse(p).ok())
-        .any(|p| p.matches(id.as_str().as_bytes()))
-}
-
-fn source_admits(source: &Source, caller: &SpiffeId) -> bool {
-    (source.principals.is_empty() || matches_any(&source.principals, caller))
-        && !matches_any(&source.not_principals, caller)
-}
-
-/// True when some ALLOW policy of `callee` (or the mesh default) could let `caller` in, judging
-/// only by identity. DENY rules, methods and paths are left to the callee's sidecar: this decides
-/// what the caller may *know about*, not what it may do.
-pub fn may_call(set: &PolicySet, caller: &SpiffeId, callee: &SpiffeId) -> bool {
-    let mut allows = set
-        .policies
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow && applies_to(p, callee))
-        .peekable();
-    if allows.peek().is_none() {
-        return set.mesh_config.spec.default_action == DefaultAction::Allow;
-    }
-    allows.any(|p| {
-        p.spec
-            .rules
-            .iter()
-            .any(|rule| rule.from.is_empty() || rule.from.iter().any(|s| source_admits(s, caller)))
-    })
-}
-
 /// The part of `set` that `workload`'s sidecar receives, with the set's version.
 pub fn scope(set: &PolicySet, workload: &SpiffeId) -> PolicySet {
     PolicySet {
@@ -64,12 +37,7 @@ pub fn scope(set: &PolicySet, workload: &SpiffeId) -> PolicySet {
             .filter(|p| applies_to(p, workload))
             .cloned()
             .collect(),
-        services: set
-            .services
-            .iter()
-            .filter(|s: &&Service| may_call(set, workload, &s.spec.identity))
-            .cloned()
-            .collect(),
+        services: set.services.clone(),
         network_policies: set
             .network_policies
             .iter()
@@ -135,7 +103,7 @@ spec:
     }
 
     #[test]
-    fn each_workload_sees_only_its_policies_and_callable_services() {
+    fn each_workload_sees_only_its_policies_and_every_service() {
         let set = set();
         let names = |s: &PolicySet| -> (Vec<String>, Vec<String>) {
             (
@@ -143,11 +111,12 @@ spec:
                 s.services.iter().map(|s| s.metadata.name.clone()).collect(),
             )
         };
-        // (workload, policies it receives, services it may call)
+        // (workload, policies it receives, services it knows)
+        let all: &[&str] = &["orders", "payments", "web"];
         let table: [(&str, &[&str], &[&str]); 3] = [
-            ("web", &["web-open", "everyone-audit"], &["orders", "web"]),
-            ("orders", &["orders-readers", "everyone-audit"], &["web"]),
-            ("payments", &["everyone-audit"], &["web"]),
+            ("web", &["web-open", "everyone-audit"], all),
+            ("orders", &["orders-readers", "everyone-audit"], all),
+            ("payments", &["everyone-audit"], all),
         ];
         for (workload, policies, services) in table {
             let scoped = scope(&set, &id(workload));
