@@ -97,8 +97,10 @@ fn demo_runs_the_scenario_and_prints_the_decisions() {
         );
         assert!(line.contains(mention), "{line} should mention {mention}");
     }
-    // web may not call payments: the control plane does not even tell web's sidecar where it is.
-    assert!(shown.contains("↳ web POST /charge → HTTP 502"), "{shown}");
+    // web may not call payments: payments' sidecar denies it by identity, and says so.
+    assert!(shown.contains("↳ web POST /charge → HTTP 403"), "{shown}");
+    let denied = row(&shown, "web → payments", "POST", "/charge");
+    assert!(denied.contains("deny"), "{denied}");
     assert!(shown.contains("meshgate policy explain"), "{shown}");
     assert!(shown.contains("meshgate status --control-plane"), "{shown}");
     assert!(shown.contains("stopped."), "clean shutdown: {shown}");
