@@ -22,6 +22,10 @@ pub enum RedirectCommand {
         /// The sidecar's cgroup (must differ from --cgroup). Default: the parent of --cgroup.
         #[arg(long)]
         sidecar_cgroup: Option<PathBuf>,
+        /// Create the --cgroup and --sidecar-cgroup directories if missing (mkdir -p), e.g.
+        /// docker-compose `cgroup_parent` directories before any container started.
+        #[arg(long)]
+        create: bool,
         /// The sidecar's outbound listener port on 127.0.0.1.
         #[arg(long, default_value_t = 15001)]
         outbound_port: u16,
@@ -75,6 +79,7 @@ pub fn run(command: RedirectCommand) -> Result<()> {
         RedirectCommand::Attach {
             cgroup,
             sidecar_cgroup,
+            create,
             outbound_port,
             inbound_port,
             app_ports,
@@ -87,6 +92,12 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             no_egress_enforce,
             no_ingress_enforce,
         } => {
+            if create {
+                for dir in std::iter::once(&cgroup).chain(sidecar_cgroup.as_ref()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating cgroup {}", dir.display()))?;
+                }
+            }
             let mut cfg = AttachConfig::new(&cgroup, outbound_port, inbound_port);
             cfg.sidecar_cgroup = sidecar_cgroup;
             cfg.app_ports = app_ports;

@@ -61,7 +61,12 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// Listens on `bind` (e.g. `0.0.0.0:0`, so containers can reach it).
+    pub async fn start_on(bind: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let store = spans.clone();
