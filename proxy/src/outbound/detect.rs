@@ -224,8 +224,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_connection_has_no_original_destination() {
-        let (client, server) = pair().await;
+        let (_client, server) = pair().await;
+        // Only accepted sockets are asked. (With conntrack loaded — e.g. once dockerd runs —
+        // netfilter answers for any tracked socket: for the accepted end that is its own local
+        // address, which `original_dst` treats as "not redirected"; for a client it would be its
+        // peer, which is why the client side is never asked.)
         assert_eq!(original_dst(&server), None);
-        assert_eq!(original_dst(&client), None);
     }
 }
