@@ -5,6 +5,7 @@ mod ca_cmd;
 mod control_plane_cmd;
 mod demo;
 mod health_cmd;
+mod inject;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
@@ -58,6 +59,9 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// Add the meshgate sidecar, redirect init and identity bootstrap to docker-compose or
+    /// Kubernetes manifests.
+    Inject(inject::InjectArgs),
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
         #[command(subcommand)]
@@ -97,6 +101,9 @@ fn main() -> ExitCode {
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
+        Command::Inject(args) => inject::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
