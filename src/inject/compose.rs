@@ -112,8 +112,8 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
         .expect("found");
     for plan in &plans {
         let id = s.spiffe_id(&plan.namespace, &plan.account);
-        match ca.get_mut("command") {
-            Some(Node::Seq(items)) => {
+        match ca.get_mut("command").and_then(Node::seq_mut) {
+            Some(items) => {
                 let present = items.windows(2).any(|w| {
                     w[0].as_str() == Some("--token-for") && w[1].as_str() == Some(id.as_str())
                 }) || items
@@ -245,7 +245,7 @@ fn role_service(
 fn label(svc: &Node, key: &str) -> Option<String> {
     match svc.get("labels")? {
         m @ Node::Map(_) => Some(m.get(key)?.as_str().unwrap_or_default().to_owned()),
-        Node::Seq(items) => items.iter().find_map(|i| {
+        Node::Seq(items) | Node::Flow(items) => items.iter().find_map(|i| {
             let s = i.as_str()?;
             let (k, v) = s.split_once('=').unwrap_or((s, ""));
             (k == key).then(|| v.to_owned())
@@ -263,7 +263,7 @@ fn flag_value(svc: &Node, flag: &str) -> Option<String> {
 
 /// Adds labels to a service, in whichever form (map or `key=value` list) it uses.
 fn add_labels(svc: &mut Node, labels: &[(&str, String)]) {
-    if let Some(Node::Seq(items)) = svc.get_mut("labels") {
+    if let Some(items) = svc.get_mut("labels").and_then(Node::seq_mut) {
         for (k, v) in labels {
             items.push(Node::str(format!("{k}={v}")));
         }
@@ -285,14 +285,14 @@ fn pod_networks(own: Option<Node>, name: &str) -> Node {
         };
         let aliases = cfg.seq_entry("aliases");
         if !aliases.items().iter().any(|a| a.as_str() == Some(name))
-            && let Node::Seq(items) = aliases
+            && let Some(items) = aliases.seq_mut()
         {
             items.push(Node::str(name));
         }
         cfg
     };
     match own {
-        Some(Node::Seq(list)) => Node::Map(
+        Some(Node::Seq(list) | Node::Flow(list)) => Node::Map(
             list.iter()
                 .filter_map(Node::as_str)
                 .map(|n| {
@@ -453,7 +453,7 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
     svc.set("network_mode", Node::str(&net_mode));
     svc.set("cgroup_parent", Node::str(format!("/meshgate/{n}-{x}/app")));
     let depends = match svc.remove("depends_on") {
-        Some(Node::Seq(list)) => Node::Map(
+        Some(Node::Seq(list) | Node::Flow(list)) => Node::Map(
             list.iter()
                 .filter_map(Node::as_str)
                 .map(|d| (key(d), cond("service_started")))

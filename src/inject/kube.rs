@@ -60,7 +60,7 @@ pub fn inject_object(obj: &mut Node, s: &Settings) -> Result<bool, InjectError> 
         }
         "List" => {
             let mut changed = false;
-            if let Some(Node::Seq(items)) = obj.get_mut("items") {
+            if let Some(items) = obj.get_mut("items").and_then(Node::seq_mut) {
                 for item in items {
                     changed |= inject_object(item, s)?;
                 }
@@ -155,7 +155,7 @@ fn inject_pod(
     let (probe_paths, originals) = rewrite_probes(spec, port);
 
     let init = spec.seq_entry("initContainers");
-    if let Node::Seq(items) = init {
+    if let Some(items) = init.seq_mut() {
         items.splice(
             0..0,
             [
@@ -165,7 +165,7 @@ fn inject_pod(
         );
     }
     let volumes = spec.seq_entry("volumes");
-    if let Node::Seq(items) = volumes {
+    if let Some(items) = volumes.seq_mut() {
         for v in pod_volumes(&account) {
             let name = v.get("name").and_then(Node::as_str);
             // A volume the user defined under our name wins: that is how to point at another Secret.
@@ -208,7 +208,7 @@ type Originals = BTreeMap<String, BTreeMap<&'static str, serde_json::Value>>;
 fn rewrite_probes(spec: &mut Node, port: u16) -> (Vec<String>, BTreeMap<String, Originals>) {
     let mut paths: Vec<String> = Vec::new();
     let mut originals = BTreeMap::new();
-    let Some(Node::Seq(containers)) = spec.get_mut("containers") else {
+    let Some(containers) = spec.get_mut("containers").and_then(Node::seq_mut) else {
         return (paths, originals);
     };
     for c in containers {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, Tag};
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, StructureStyle, Tag};
 
 /// How a scalar is written back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,9 @@ pub enum Node {
     Scalar(Scalar),
     /// A sequence.
     Seq(Vec<Node>),
+    /// A sequence that was written in flow style (`[a, b]`) in the source. Same data as
+    /// [`Node::Seq`]; kept apart only so it is written back the same way when its items are scalars.
+    Flow(Vec<Node>),
     /// A mapping with scalar keys, in order.
     Map(Vec<(Scalar, Node)>),
 }
@@ -171,6 +174,14 @@ impl Node {
         self.get_mut(k).expect("just set")
     }
 
+    /// The sequence's items, mutably (`None` for other nodes).
+    pub fn seq_mut(&mut self) -> Option<&mut Vec<Node>> {
+        match self {
+            Node::Seq(i) | Node::Flow(i) => Some(i),
+            _ => None,
+        }
+    }
+
     /// The mapping's entries (empty for other nodes).
     pub fn entries(&self) -> &[(Scalar, Node)] {
         match self {
@@ -182,7 +193,7 @@ impl Node {
     /// The sequence's items (empty for other nodes).
     pub fn items(&self) -> &[Node] {
         match self {
-            Node::Seq(i) => i,
+            Node::Seq(i) | Node::Flow(i) => i,
             _ => &[],
         }
     }
@@ -258,9 +269,13 @@ impl Builder {
                     anchor,
                 )
             }
-            Event::SequenceStart(_, anchor, tag) => {
+            Event::SequenceStart(style, anchor, tag) => {
                 check_tag(tag.as_deref())?;
-                self.stack.push((Node::Seq(Vec::new()), anchor, None));
+                let seq = match style {
+                    StructureStyle::Flow => Node::Flow(Vec::new()),
+                    StructureStyle::Block => Node::Seq(Vec::new()),
+                };
+                self.stack.push((seq, anchor, None));
                 Ok(())
             }
             Event::MappingStart(_, anchor, tag) => {
@@ -291,7 +306,7 @@ impl Builder {
         }
         match self.stack.last_mut() {
             None => self.docs.push(node),
-            Some((Node::Seq(items), _, _)) => items.push(node),
+            Some((Node::Seq(items) | Node::Flow(items), _, _)) => items.push(node),
             Some((Node::Map(entries), _, pending)) => match pending.take() {
                 Some(k) => entries.push((k, node)),
                 None => match node {
@@ -348,7 +363,7 @@ fn resolve_merges(node: Node) -> Result<Node, YamlError> {
             continue;
         }
         let sources = match v {
-            Node::Seq(items) => items,
+            Node::Seq(items) | Node::Flow(items) => items,
             other => vec![other],
         };
         for src in sources {
@@ -372,7 +387,7 @@ pub fn emit(node: &Node) -> String {
     let mut out = String::new();
     match node {
         Node::Map(e) if !e.is_empty() => emit_map(&mut out, e, 0, false),
-        Node::Seq(i) if !i.is_empty() => emit_seq(&mut out, i, 0, false),
+        Node::Seq(i) | Node::Flow(i) if !i.is_empty() => emit_seq(&mut out, i, 0, false),
         other => {
             emit_inline(&mut out, other, 0);
             out.push('\n');
@@ -403,7 +418,7 @@ fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool)
                 out.push(' ');
                 emit_map(out, e, indent + 2, true);
             }
-            Node::Seq(s) if !s.is_empty() => {
+            Node::Seq(s) | Node::Flow(s) if !s.is_empty() && flow_line(item).is_none() => {
                 out.push(' ');
                 emit_seq(out, s, indent + 2, true);
             }
@@ -426,7 +441,7 @@ fn emit_value(out: &mut String, v: &Node, indent: usize) {
             out.push('\n');
             emit_map(out, e, indent + 2, false);
         }
-        Node::Seq(s) if !s.is_empty() => {
+        Node::Seq(s) | Node::Flow(s) if !s.is_empty() && flow_line(v).is_none() => {
             out.push('\n');
             emit_seq(out, s, indent + 2, false);
         }
@@ -443,7 +458,9 @@ fn emit_value(out: &mut String, v: &Node, indent: usize) {
 fn emit_inline(out: &mut String, node: &Node, indent: usize) {
     match node {
         Node::Map(_) => out.push_str("{}"),
-        Node::Seq(_) => out.push_str("[]"),
+        Node::Seq(_) | Node::Flow(_) => {
+            out.push_str(&flow_line(node).unwrap_or_else(|| "[]".into()))
+        }
         Node::Scalar(s) => match literal_block(&s.text) {
             Some(chomp) if s.style != Style::Plain => {
                 out.push('|');
@@ -459,6 +476,31 @@ fn emit_inline(out: &mut String, node: &Node, indent: usize) {
             }
             _ => out.push_str(&scalar_inline(s)),
         },
+    }
+}
+
+/// A flow sequence of scalars as `[a, b]`, when it was written that way and fits on a line.
+fn flow_line(node: &Node) -> Option<String> {
+    let Node::Flow(items) = node else { return None };
+    let mut parts = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Node::Scalar(s) if !s.text.contains('\n') => parts.push(scalar_in_flow(s)),
+            _ => return None,
+        }
+    }
+    let line = format!("[{}]", parts.join(", "));
+    (line.len() <= 120).then_some(line)
+}
+
+/// A scalar inside `[...]`, where `,[]{}` also end a plain scalar.
+fn scalar_in_flow(s: &Scalar) -> String {
+    let plain = scalar_inline(s);
+    let flow_safe = !plain.contains([',', '[', ']', '{', '}']) || plain.starts_with(['"', '\'']);
+    if flow_safe {
+        plain
+    } else {
+        double_quoted(&s.text)
     }
 }
 
@@ -566,10 +608,7 @@ mod tests {
     fn nested_block_style() {
         let src = "a:\n  - x\n  - k: v\n    l: [1, 2]\n  - []\nb: {}\n";
         let out = roundtrip(src);
-        assert_eq!(
-            out,
-            "a:\n  - x\n  - k: v\n    l:\n      - 1\n      - 2\n  - []\nb: {}\n"
-        );
+        assert_eq!(out, "a:\n  - x\n  - k: v\n    l: [1, 2]\n  - []\nb: {}\n");
         assert_eq!(parse(&out).unwrap(), parse(src).unwrap());
     }
 
