@@ -655,6 +655,27 @@ mod tests {
         assert_eq!(emit(n.get("y").unwrap()), "a: 1\nb: 3\n");
     }
 
+    /// An independent reader (serde-saphyr into JSON values) sees the same data before and after.
+    #[test]
+    fn emitted_yaml_reads_back_as_the_same_data() {
+        let samples = [
+            "a: 'x: y'\nb: 'hash # not a comment'\nc: ' leading'\nd: ''\ne: \"tab\\there\"\n",
+            "\"quoted key\": 1\n'8080': port\nk: -1\nl: -x\nm: 1.5e3\nn: x\no: 0x1F\np: 2024-01-01\n",
+            "s: |\n  #!/bin/sh\n    indented\n  echo \"hi\"\nt: >\n  folded\n  text\nu: |+\n  keep\n\nv: \"a\\nb \\n\"\n",
+            "w: [a, 'b, c', \"[x]\", '{y}', '#z', '']\nx: [{a: 1}, [1, 2], []]\ny: {}\nz: ~\n",
+            "- 1\n- - nested\n  - seq\n- key: v\n  other: [1]\n- ünïcode: ✓\n",
+            "env:\n  - name: X\n    value: \"yes\"\n  - {name: Y, value: 'on'}\n  - name: Z\n    value: !!str 123\n",
+        ];
+        for src in samples {
+            let out = emit(&parse(src).unwrap());
+            let a: serde_json::Value = serde_saphyr::from_str(src).unwrap();
+            let b: serde_json::Value = serde_saphyr::from_str(&out)
+                .unwrap_or_else(|e| panic!("re-read failed: {e}\n{out}"));
+            assert_eq!(a, b, "\n--- source:\n{src}\n--- emitted:\n{out}");
+            assert_eq!(emit(&parse(&out).unwrap()), out, "not stable:\n{out}");
+        }
+    }
+
     #[test]
     fn custom_tags_are_refused() {
         assert!(matches!(
