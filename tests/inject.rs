@@ -346,43 +346,64 @@ const COMPOSE_MESH: &str = "services:
 
 #[test]
 fn refuses_what_it_does_not_understand() {
-    let cases: [(&str, String, &[&str]); 7] = [
+    // (case, extra flags, input on stdin, what the message must name)
+    let cases: [(&str, &[&str], String, &[&str]); 9] = [
         (
             "DaemonSet",
+            &[],
             "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: node-agent}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: a}]\n".into(),
             &["DaemonSet/node-agent", "not supported yet"],
         ),
         (
             "hostNetwork pod",
+            &[],
             "apiVersion: v1\nkind: Pod\nmetadata: {name: sniffer}\nspec:\n  hostNetwork: true\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
             &["Pod/sniffer", "hostNetwork"],
         ),
         (
             "pod without a port",
+            &[],
             "apiVersion: v1\nkind: Pod\nmetadata: {name: quiet}\nspec:\n  containers: [{name: a, image: a}]\n".into(),
             &["Pod/quiet", "meshgate.io/app-port"],
         ),
         (
             "compose network_mode host",
+            &[],
             format!("{COMPOSE_MESH}  web:\n    image: web\n    network_mode: host\n    expose: ['80']\n"),
             &["compose service web", "network_mode: host"],
         ),
         (
             "compose service without a port",
+            &[],
             format!("{COMPOSE_MESH}  worker:\n    image: worker\n"),
             &["compose service worker", "meshgate.io/app-port"],
         ),
         (
             "compose without a CA",
+            &[],
             "services:\n  web:\n    image: web\n    expose: ['80']\n".into(),
             &["compose file", "meshgate.io/role: ca"],
         ),
-        ("not a manifest", "just: data\n".into(), &["stdin", "cannot tell"]),
+        ("not a manifest", &[], "just: data\n".into(), &["stdin", "cannot tell"]),
+        (
+            "container name collision",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: odd}\nspec:\n  containers: [{name: meshgate-redirect, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/odd", "meshgate-redirect"],
+        ),
+        (
+            "invalid trust domain",
+            &["--trust-domain", "Mesh/Local"],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/p", "not a valid SPIFFE ID"],
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
-    for (name, input, needles) in cases {
+    for (name, flags, input, needles) in cases {
         let target = dir.path().join("out.yaml");
-        let out = inject(&["-o", target.to_str().unwrap(), "-"], Some(&input));
+        let mut args = flags.to_vec();
+        args.extend(["-o", target.to_str().unwrap(), "-"]);
+        let out = inject(&args, Some(&input));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: should have been refused");
         for needle in needles {

@@ -34,6 +34,8 @@ struct Plan {
     name: String,
     namespace: String,
     account: String,
+    /// The SPIFFE ID.
+    identity: String,
     port: u16,
 }
 
@@ -55,7 +57,7 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
         .to_vec();
     let mut plans = Vec::new();
     for (name, svc) in &services {
-        if let Some(plan) = plan_service(&name.text, svc, &services)? {
+        if let Some(plan) = plan_service(s, &name.text, svc, &services)? {
             plans.push(plan);
         }
     }
@@ -111,7 +113,7 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
         .and_then(|m| m.get_mut(&ctx.ca_service))
         .expect("found");
     for plan in &plans {
-        let id = s.spiffe_id(&plan.namespace, &plan.account);
+        let id = plan.identity.clone();
         match ca.get_mut("command").and_then(Node::seq_mut) {
             Some(items) => {
                 let present = items.windows(2).any(|w| {
@@ -141,6 +143,7 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
 
 /// Decides whether a service is injected, refusing what would break.
 fn plan_service(
+    s: &Settings,
     name: &str,
     svc: &Node,
     all: &[(super::yaml::Scalar, Node)],
@@ -186,15 +189,19 @@ fn plan_service(
     };
     let port = port.ok_or_else(|| {
         InjectError::refused(
-            object,
+            object.clone(),
             "has no app port (no label meshgate.io/app-port, no expose, no ports)",
             "add the label meshgate.io/app-port: \"<port the app listens on>\"",
         )
     })?;
+    let namespace = label(svc, "meshgate.io/namespace").unwrap_or_else(|| "default".into());
+    let account = label(svc, "meshgate.io/service-account").unwrap_or_else(|| name.to_owned());
+    let identity = s.spiffe_id(&object, &namespace, &account)?;
     Ok(Some(Plan {
         name: name.to_owned(),
-        namespace: label(svc, "meshgate.io/namespace").unwrap_or_else(|| "default".into()),
-        account: label(svc, "meshgate.io/service-account").unwrap_or_else(|| name.to_owned()),
+        namespace,
+        account,
+        identity,
         port,
     }))
 }
@@ -325,7 +332,6 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
     let proxy_name = format!("{x}-proxy");
     let redirect_name = format!("{x}-redirect");
     let net_mode = format!("service:{pod_name}");
-    let identity = s.spiffe_id(n, &plan.account);
     let pod_of = || Node::map([("meshgate.io/pod-of", Node::str(x))]);
     let cond = |c: &str| Node::map([("condition", Node::str(c))]);
 
@@ -470,7 +476,7 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
         &mut svc,
         &[
             ("meshgate.io/injected", VERSION.to_owned()),
-            ("meshgate.io/identity", identity),
+            ("meshgate.io/identity", plan.identity.clone()),
         ],
     );
 

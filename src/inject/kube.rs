@@ -149,7 +149,20 @@ fn inject_pod(
         .and_then(Node::as_str)
         .unwrap_or("default")
         .to_owned();
-    let identity = s.spiffe_id(namespace, &account);
+    let identity = s.spiffe_id(object, namespace, &account)?;
+    // Our container names must be free, or the pod would be invalid (or half injected before).
+    let taken = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec.get(k).map(Node::items).unwrap_or_default())
+        .filter_map(|c| c.get("name").and_then(Node::as_str))
+        .find(|n| [PROXY_NAME, REDIRECT_NAME].contains(n));
+    if let Some(taken) = taken {
+        return Err(InjectError::refused(
+            object,
+            format!("already has a container named {taken} but no {PROXY_NAME} init container"),
+            format!("remove or rename {taken}, then inject again"),
+        ));
+    }
 
     let spec = pod.get_mut("spec").expect("checked above");
     let (probe_paths, originals) = rewrite_probes(spec, port);

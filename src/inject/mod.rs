@@ -121,9 +121,22 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The SPIFFE ID of a workload.
-    pub fn spiffe_id(&self, namespace: &str, account: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain)
+    /// The SPIFFE ID of a workload, validated so a bad namespace, account or trust domain is
+    /// refused here instead of by the CA at run time.
+    pub fn spiffe_id(
+        &self,
+        object: &str,
+        namespace: &str,
+        account: &str,
+    ) -> Result<String, InjectError> {
+        let id = format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain);
+        meshgate_ca::SpiffeId::parse(&id).map(|_| id.clone()).map_err(|e| {
+            InjectError::refused(
+                object,
+                format!("its identity {id} is not a valid SPIFFE ID ({e})"),
+                "use a lowercase trust domain and a namespace and account without `/`, `.` or `..` segments",
+            )
+        })
     }
 }
 
@@ -137,6 +150,10 @@ pub fn run(args: InjectArgs) -> Result<(), InjectError> {
         control_plane_url: args.control_plane_url,
     };
     let output = inject_text(&name, &input, &settings)?;
+    if args.dry_run && output == input {
+        eprintln!("{name}: nothing to inject (already injected, opted out, or no workloads)");
+        return Ok(());
+    }
     if args.dry_run {
         let diff = similar::TextDiff::from_lines(&input, &output)
             .unified_diff()
