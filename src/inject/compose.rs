@@ -6,7 +6,7 @@
 //! the redirect tell the app's sockets from the sidecar's. The layout lives in one function,
 //! [`inject_service`], so it is easy to change.
 
-use super::yaml::Node;
+use super::yaml::{Node, Scalar, Style};
 use super::{InjectError, Settings, VERSION};
 
 const DEFAULT_CA_URL: &str = "https://ca:15012";
@@ -94,7 +94,7 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
             Some(plan) => {
                 for (n, node) in inject_service(plan, svc, &ctx) {
                     out.push((
-                        super::yaml::Scalar {
+                        Scalar {
                             text: n,
                             style: name.style,
                         },
@@ -146,7 +146,7 @@ fn plan_service(
     s: &Settings,
     name: &str,
     svc: &Node,
-    all: &[(super::yaml::Scalar, Node)],
+    all: &[(Scalar, Node)],
 ) -> Result<Option<Plan>, InjectError> {
     let object = format!("compose service {name}");
     let skip = label(svc, "meshgate.io/role").is_some()
@@ -231,10 +231,7 @@ fn discover_port(svc: &Node) -> Option<u16> {
 }
 
 /// The service carrying `meshgate.io/role: <role>`.
-fn role_service(
-    services: &[(super::yaml::Scalar, Node)],
-    role: &str,
-) -> Result<String, InjectError> {
+fn role_service(services: &[(Scalar, Node)], role: &str) -> Result<String, InjectError> {
     services
         .iter()
         .find(|(_, svc)| label(svc, "meshgate.io/role").as_deref() == Some(role))
@@ -302,15 +299,7 @@ fn pod_networks(own: Option<Node>, name: &str) -> Node {
         Some(Node::Seq(list) | Node::Flow(list)) => Node::Map(
             list.iter()
                 .filter_map(Node::as_str)
-                .map(|n| {
-                    (
-                        super::yaml::Scalar {
-                            text: n.to_owned(),
-                            style: super::yaml::Style::Auto,
-                        },
-                        with_alias(None),
-                    )
-                })
+                .map(|n| (key(n), with_alias(None)))
                 .collect(),
         ),
         Some(Node::Map(entries)) => Node::Map(
@@ -488,10 +477,10 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
     ]
 }
 
-fn key(k: &str) -> super::yaml::Scalar {
-    super::yaml::Scalar {
+fn key(k: &str) -> Scalar {
+    Scalar {
         text: k.to_owned(),
-        style: super::yaml::Style::Auto,
+        style: Style::Auto,
     }
 }
 
