@@ -272,11 +272,15 @@ pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, Inje
         return Err(InjectError::UnknownFormat { input: name.into() });
     };
 
+    // Rewritten documents follow the file's line endings.
+    let crlf = input.contains("\r\n");
     let mut out = String::with_capacity(input.len() * 2);
     for ((seg, doc), changed) in segments.iter().zip(&docs).zip(changed) {
         out.push_str(seg.marker);
         // A document is only changed when it has content, so its marker line ends with a newline.
-        if changed {
+        if changed && crlf {
+            out.push_str(&yaml::emit(doc).replace('\n', "\r\n"));
+        } else if changed {
             out.push_str(&yaml::emit(doc));
         } else {
             out.push_str(seg.body);

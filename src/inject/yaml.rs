@@ -17,9 +17,11 @@ pub enum Style {
     /// Written exactly as read, unquoted: its YAML type (number, bool, null, string) is the reader's
     /// to resolve, as it was in the source. Also used for numbers and booleans we create.
     Plain,
-    /// A string that was quoted in the source: always written double-quoted (or as a literal block
-    /// when it has line breaks), so it stays a string.
+    /// A string that was double-quoted in the source: written double-quoted again (or as a
+    /// literal block when it has line breaks), so it stays a string.
     Quoted,
+    /// A string that was single-quoted in the source: written single-quoted again when it can be.
+    SingleQuoted,
     /// A string: plain when that reads back as the same string, else quoted or a literal block.
     Auto,
 }
@@ -258,7 +260,8 @@ impl Builder {
                 let style = match (style, tag.as_deref()) {
                     (_, Some(t)) if t.is_yaml_core_schema_tag("str") => Style::Quoted,
                     (ScalarStyle::Plain, _) => Style::Plain,
-                    (ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted, _) => Style::Quoted,
+                    (ScalarStyle::SingleQuoted, _) => Style::SingleQuoted,
+                    (ScalarStyle::DoubleQuoted, _) => Style::Quoted,
                     (ScalarStyle::Literal | ScalarStyle::Folded, _) => Style::Auto,
                 };
                 self.finish(
@@ -535,6 +538,9 @@ fn scalar_inline(s: &Scalar) -> String {
         Style::Auto if !s.text.contains('\'') && !s.text.chars().any(char::is_control) => {
             format!("'{}'", s.text)
         }
+        Style::SingleQuoted if !s.text.chars().any(char::is_control) => {
+            format!("'{}'", s.text.replace('\'', "''"))
+        }
         _ => double_quoted(&s.text),
     }
 }
@@ -599,7 +605,7 @@ mod tests {
         // The parser reports an empty value as `~`.
         assert_eq!(
             out,
-            "b: 1\na: \"0644\"\nc: 0644\nd: \"yes\"\ne: yes\nf: ~\ng: ~\n"
+            "b: 1\na: '0644'\nc: 0644\nd: \"yes\"\ne: yes\nf: ~\ng: ~\n"
         );
         assert_eq!(roundtrip(&out), out);
     }
