@@ -308,14 +308,32 @@ mod tests {
         assert_eq!(joined, text);
     }
 
-    #[test]
-    fn unknown_input_is_refused() {
-        let s = Settings {
+    fn settings() -> Settings {
+        Settings {
             image: "meshgate:local".into(),
             trust_domain: "mesh.local".into(),
             ca_url: None,
             control_plane_url: None,
-        };
+        }
+    }
+
+    #[test]
+    fn crlf_files_stay_crlf_and_lists_are_injected() {
+        let input = "kind: List\r\nitems:\r\n- kind: Pod\r\n  metadata: {name: a}\r\n  spec:\r\n    containers: [{name: a, ports: [{containerPort: 80}]}]\r\n---\r\nkind: Service # as is\r\n";
+        let out = inject_text("x", input, &settings()).unwrap();
+        assert!(out.contains("meshgate-proxy"));
+        assert_eq!(
+            out.matches('\n').count(),
+            out.matches("\r\n").count(),
+            "{out:?}"
+        );
+        assert!(out.ends_with("---\r\nkind: Service # as is\r\n"));
+        assert_eq!(inject_text("x", &out, &settings()).unwrap(), out);
+    }
+
+    #[test]
+    fn unknown_input_is_refused() {
+        let s = settings();
         assert!(matches!(
             inject_text("x", "just: data\n", &s),
             Err(InjectError::UnknownFormat { .. })
