@@ -426,8 +426,9 @@ fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool)
                 emit_seq(out, s, indent + 2, true);
             }
             other => {
-                // `-` followed by nothing is a null item; otherwise a space then the value.
-                if !other.is_null() || !matches!(other, Node::Scalar(s) if s.text.is_empty()) {
+                // An empty plain scalar is a null item written as a bare `-`.
+                let bare = matches!(other, Node::Scalar(s) if s.style == Style::Plain && s.text.is_empty());
+                if !bare {
                     out.push(' ');
                 }
                 emit_inline(out, other, indent);
@@ -552,8 +553,9 @@ fn plain_ok(s: &str) -> bool {
     };
     let lower = s.to_ascii_lowercase();
     // Words YAML 1.1 or 1.2 readers resolve to null or booleans.
+    // `<<` is the merge key; `=` is YAML 1.1's value key.
     let reserved = [
-        "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n",
+        "~", "null", "true", "false", "yes", "no", "on", "off", "y", "n", "<<", "=",
     ];
     let second = s.chars().nth(1);
     let numberish = first.is_ascii_digit()
@@ -561,7 +563,9 @@ fn plain_ok(s: &str) -> bool {
         || matches!(lower.trim_start_matches(['+', '-']), ".inf" | ".nan");
     let bad_start = "?:,[]{}#&*!|>'\"%@`".contains(first)
         || (first == '-' && second.is_none_or(|c| c == ' '))
-        || first.is_whitespace();
+        || first.is_whitespace()
+        || s.starts_with("---")
+        || s.starts_with("...");
     !(reserved.contains(&lower.as_str())
         || numberish
         || bad_start
@@ -649,6 +653,8 @@ mod tests {
             ("a: b", "'a: b'"),
             ("${X:-/sys}:/host", "${X:-/sys}:/host"),
             ("", "''"),
+            ("<<", "'<<'"),
+            ("---", "'---'"),
         ] {
             assert_eq!(scalar_inline(&key(s)), want, "{s}");
         }
