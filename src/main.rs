@@ -5,6 +5,7 @@ mod ca_cmd;
 mod control_plane_cmd;
 mod demo;
 mod health_cmd;
+mod inject;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
@@ -64,6 +65,9 @@ enum Command {
     /// Wait until SIGTERM or Ctrl-C (the process that holds a compose "pod"'s network namespace).
     #[command(hide = true)]
     Pause,
+    /// Add the meshgate sidecar, redirect init and identity bootstrap to docker-compose or
+    /// Kubernetes manifests.
+    Inject(inject::InjectArgs),
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
         #[command(subcommand)]
@@ -114,6 +118,9 @@ fn main() -> ExitCode {
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),
         Command::DemoApp(args) => demo::app::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Inject(args) => inject::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

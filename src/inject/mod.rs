@@ -1,0 +1,342 @@
+//! `meshgate inject`: adds the sidecar, the eBPF redirect and the identity bootstrap to
+//! docker-compose files or Kubernetes manifests (like `linkerd inject` / `istioctl kube-inject`).
+//!
+//! The whole input is read and transformed in memory before anything is written, so a refusal
+//! (something inject does not understand) leaves no half-written output. Kubernetes documents that
+//! need no change are copied byte for byte (comments included); changed documents and compose files
+//! are re-emitted from an order-preserving tree (`yaml`), so the user's keys and order survive but
+//! comments inside them do not.
+
+mod compose;
+mod kube;
+mod yaml;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use clap::Args;
+
+use yaml::Node;
+
+/// The crate version written into `meshgate.io/injected`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Add the meshgate sidecar, redirect init and identity bootstrap to docker-compose or Kubernetes
+/// manifests.
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// A docker-compose file or Kubernetes YAML (multi-document); `-` reads stdin.
+    #[arg(default_value = "-")]
+    pub file: String,
+    /// Write the injected YAML here instead of stdout.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Write nothing; print a unified diff of what inject would change.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Container image of the meshgate binary (sidecar, redirect, pause).
+    #[arg(long, default_value = "meshgate:local")]
+    pub image: String,
+    /// SPIFFE trust domain of the workload identities.
+    #[arg(long, default_value = "mesh.local")]
+    pub trust_domain: String,
+    /// URL of `meshgate ca serve` [default: https://ca:15012 (compose),
+    /// https://meshgate-ca.meshgate.svc:15012 (Kubernetes)].
+    #[arg(long)]
+    pub ca_url: Option<String>,
+    /// URL of the control plane [default: https://control-plane:15010 (compose),
+    /// https://meshgate-control-plane.meshgate.svc:15010 (Kubernetes)].
+    #[arg(long)]
+    pub control_plane_url: Option<String>,
+}
+
+/// Why inject refused or failed. Each message names the object and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// Reading the input or writing the output failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// "read" or "write".
+        action: &'static str,
+        /// The file (or stdin/stdout).
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The input is not YAML inject can read.
+    #[error(
+        "{input}: {detail}; fix: make it valid YAML without custom tags (check with `kubectl apply --dry-run=client` or `docker compose config`)"
+    )]
+    Yaml {
+        /// The input's name.
+        input: String,
+        /// The parser's message.
+        detail: String,
+    },
+    /// The input is neither a compose file nor Kubernetes manifests.
+    #[error(
+        "{input}: cannot tell what this is; fix: pass a docker-compose file (with a top-level `services:` map) or Kubernetes manifests (documents with `apiVersion` and `kind`)"
+    )]
+    UnknownFormat {
+        /// The input's name.
+        input: String,
+    },
+    /// Something inject does not handle (or handle safely) in one object.
+    #[error("{object}: {reason}; fix: {fix}")]
+    Refused {
+        /// The object, e.g. `DaemonSet/agent` or `compose service web`.
+        object: String,
+        /// What is wrong.
+        reason: String,
+        /// What the user can do.
+        fix: String,
+    },
+}
+
+impl InjectError {
+    fn refused(
+        object: impl Into<String>,
+        reason: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        InjectError::Refused {
+            object: object.into(),
+            reason: reason.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// Where the injected workloads find the mesh, and what they run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The meshgate image.
+    pub image: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// CA URL override.
+    pub ca_url: Option<String>,
+    /// Control-plane URL override.
+    pub control_plane_url: Option<String>,
+}
+
+impl Settings {
+    /// The SPIFFE ID of a workload, validated so a bad namespace, account or trust domain is
+    /// refused here instead of by the CA at run time.
+    pub fn spiffe_id(
+        &self,
+        object: &str,
+        namespace: &str,
+        account: &str,
+    ) -> Result<String, InjectError> {
+        let id = format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain);
+        meshgate_ca::SpiffeId::parse(&id).map(|_| id.clone()).map_err(|e| {
+            InjectError::refused(
+                object,
+                format!("its identity {id} is not a valid SPIFFE ID ({e})"),
+                "use a lowercase trust domain and a namespace and account without `/`, `.` or `..` segments",
+            )
+        })
+    }
+}
+
+/// Runs `meshgate inject`.
+pub fn run(args: InjectArgs) -> Result<(), InjectError> {
+    let (name, input) = read_input(&args.file)?;
+    let settings = Settings {
+        image: args.image,
+        trust_domain: args.trust_domain,
+        ca_url: args.ca_url,
+        control_plane_url: args.control_plane_url,
+    };
+    let output = inject_text(&name, &input, &settings)?;
+    if args.dry_run && output == input {
+        eprintln!("{name}: nothing to inject (already injected, opted out, or no workloads)");
+        return Ok(());
+    }
+    if args.dry_run {
+        let diff = similar::TextDiff::from_lines(&input, &output)
+            .unified_diff()
+            .context_radius(3)
+            .header(&name, &format!("{name} (injected)"))
+            .to_string();
+        print!("{diff}");
+        return Ok(());
+    }
+    match args.output {
+        Some(path) => std::fs::write(&path, output).map_err(|source| InjectError::Io {
+            action: "write",
+            path: path.display().to_string(),
+            source,
+        }),
+        None => std::io::stdout()
+            .write_all(output.as_bytes())
+            .map_err(|source| InjectError::Io {
+                action: "write",
+                path: "stdout".into(),
+                source,
+            }),
+    }
+}
+
+fn read_input(file: &str) -> Result<(String, String), InjectError> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|source| InjectError::Io {
+                action: "read",
+                path: "stdin".into(),
+                source,
+            })?;
+        Ok(("stdin".into(), s))
+    } else {
+        let s = std::fs::read_to_string(file).map_err(|source| InjectError::Io {
+            action: "read",
+            path: file.into(),
+            source,
+        })?;
+        Ok((file.into(), s))
+    }
+}
+
+/// One document of a YAML stream: its `---` line (empty for an implicit first document) and its
+/// text. Splitting on `---` lines at column 0 is exact: YAML forbids them inside any scalar.
+struct Segment<'a> {
+    marker: &'a str,
+    body: &'a str,
+}
+
+fn split_documents(text: &str) -> Vec<Segment<'_>> {
+    let mut segments = Vec::new();
+    let (mut marker, mut start, mut pos) = ("", 0, 0);
+    for line in text.split_inclusive('\n') {
+        let is_marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
+        if is_marker {
+            segments.push(Segment {
+                marker,
+                body: &text[start..pos],
+            });
+            marker = line;
+            start = pos + line.len();
+        }
+        pos += line.len();
+    }
+    segments.push(Segment {
+        marker,
+        body: &text[start..],
+    });
+    segments
+}
+
+/// Injects a whole input text and returns the new text (equal to `input` when nothing changes).
+pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, InjectError> {
+    let segments = split_documents(input);
+    let mut docs = Vec::with_capacity(segments.len());
+    for seg in &segments {
+        let rest = seg.marker.trim_start_matches('-').trim();
+        if !rest.is_empty() && !rest.starts_with('#') {
+            return Err(InjectError::Yaml {
+                input: name.into(),
+                detail: format!(
+                    "content on a `---` line ({}) is not supported",
+                    seg.marker.trim()
+                ),
+            });
+        }
+        let doc = yaml::parse(seg.body).map_err(|e| InjectError::Yaml {
+            input: name.into(),
+            detail: e.to_string(),
+        })?;
+        docs.push(doc);
+    }
+
+    let present: Vec<usize> = (0..docs.len()).filter(|&i| !docs[i].is_null()).collect();
+    let is_compose = present.len() == 1
+        && matches!(docs[present[0]].get("services"), Some(Node::Map(_)))
+        && docs[present[0]].get("kind").is_none();
+    let changed: Vec<bool> = if is_compose {
+        let i = present[0];
+        let mut changed = vec![false; docs.len()];
+        changed[i] = compose::inject(&mut docs[i], s)?;
+        changed
+    } else if !present.is_empty() && present.iter().all(|&i| docs[i].get("kind").is_some()) {
+        let mut changed = Vec::with_capacity(docs.len());
+        for doc in docs.iter_mut() {
+            changed.push(!doc.is_null() && kube::inject_object(doc, s)?);
+        }
+        changed
+    } else {
+        return Err(InjectError::UnknownFormat { input: name.into() });
+    };
+
+    // Rewritten documents follow the file's line endings.
+    let crlf = input.contains("\r\n");
+    let mut out = String::with_capacity(input.len() * 2);
+    for ((seg, doc), changed) in segments.iter().zip(&docs).zip(changed) {
+        out.push_str(seg.marker);
+        // A document is only changed when it has content, so its marker line ends with a newline.
+        if changed && crlf {
+            out.push_str(&yaml::emit(doc).replace('\n', "\r\n"));
+        } else if changed {
+            out.push_str(&yaml::emit(doc));
+        } else {
+            out.push_str(seg.body);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_on_document_markers_only() {
+        let text = "a: 1\n---\nb: |\n  ---x\n--- # two\nc: 3\n";
+        let segs = split_documents(text);
+        assert_eq!(segs.len(), 3);
+        assert_eq!((segs[0].marker, segs[0].body), ("", "a: 1\n"));
+        assert_eq!((segs[1].marker, segs[1].body), ("---\n", "b: |\n  ---x\n"));
+        assert_eq!((segs[2].marker, segs[2].body), ("--- # two\n", "c: 3\n"));
+        let joined: String = segs
+            .iter()
+            .map(|s| format!("{}{}", s.marker, s.body))
+            .collect();
+        assert_eq!(joined, text);
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            image: "meshgate:local".into(),
+            trust_domain: "mesh.local".into(),
+            ca_url: None,
+            control_plane_url: None,
+        }
+    }
+
+    #[test]
+    fn crlf_files_stay_crlf_and_lists_are_injected() {
+        let input = "kind: List\r\nitems:\r\n- kind: Pod\r\n  metadata: {name: a}\r\n  spec:\r\n    containers: [{name: a, ports: [{containerPort: 80}]}]\r\n---\r\nkind: Service # as is\r\n";
+        let out = inject_text("x", input, &settings()).unwrap();
+        assert!(out.contains("meshgate-proxy"));
+        assert_eq!(
+            out.matches('\n').count(),
+            out.matches("\r\n").count(),
+            "{out:?}"
+        );
+        assert!(out.ends_with("---\r\nkind: Service # as is\r\n"));
+        assert_eq!(inject_text("x", &out, &settings()).unwrap(), out);
+    }
+
+    #[test]
+    fn unknown_input_is_refused() {
+        let s = settings();
+        assert!(matches!(
+            inject_text("x", "just: data\n", &s),
+            Err(InjectError::UnknownFormat { .. })
+        ));
+    }
+}

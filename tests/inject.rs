@@ -1,0 +1,458 @@
+//! `meshgate inject` through the real binary.
+//!
+//! Golden files: `tests/fixtures/inject/<case>.yaml` is the input, `<case>.injected.yaml` the
+//! expected output, compared byte for byte. After an intended change to the output, regenerate
+//! them with `MESHGATE_BLESS=1 cargo test --test inject` and review the diff before committing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const CASES: [&str; 6] = [
+    "compose",
+    "deployment",
+    "statefulset",
+    "job",
+    "pod",
+    "multi",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject")
+}
+
+/// Runs `meshgate inject ARGS`, feeding `stdin` when given.
+fn inject(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .arg("inject")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn meshgate");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().expect("wait for meshgate")
+}
+
+fn ok_stdout(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "inject failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn golden(case: &str) -> String {
+    std::fs::read_to_string(fixtures().join(format!("{case}.injected.yaml")))
+        .unwrap_or_else(|e| panic!("{case}.injected.yaml: {e} (run with MESHGATE_BLESS=1)"))
+}
+
+/// Every document of an injected output, parsed by an independent YAML reader.
+fn parse_docs(text: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap_or_else(|e| panic!("output is not valid YAML: {e}\n{text}"))
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+#[test]
+fn outputs_match_golden_files() {
+    let bless = std::env::var_os("MESHGATE_BLESS").is_some_and(|v| v == "1");
+    for case in CASES {
+        let input = fixtures().join(format!("{case}.yaml"));
+        let out = ok_stdout(inject(&[input.to_str().unwrap()], None));
+        if bless {
+            std::fs::write(fixtures().join(format!("{case}.injected.yaml")), &out).unwrap();
+        } else {
+            assert_eq!(
+                out,
+                golden(case),
+                "{case}: output differs from {case}.injected.yaml"
+            );
+        }
+    }
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    for case in CASES {
+        let once = golden(case);
+        let twice = ok_stdout(inject(&["-"], Some(&once)));
+        assert_eq!(twice, once, "{case}: a second inject changed the output");
+    }
+}
+
+/// The pod spec of a workload document (the template's, or a Pod's own).
+fn pod_spec(doc: &Value) -> &Value {
+    match doc["kind"].as_str() {
+        Some("Pod") => &doc["spec"],
+        _ => &doc["spec"]["template"]["spec"],
+    }
+}
+
+fn pod_annotations(doc: &Value) -> &Value {
+    match doc["kind"].as_str() {
+        Some("Pod") => &doc["metadata"]["annotations"],
+        _ => &doc["spec"]["template"]["metadata"]["annotations"],
+    }
+}
+
+fn init_container<'a>(spec: &'a Value, name: &str) -> &'a Value {
+    spec["initContainers"]
+        .as_array()
+        .and_then(|ics| ics.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no init container {name} in {spec}"))
+}
+
+#[test]
+fn kubernetes_outputs_have_the_sidecar_redirect_and_identity() {
+    let expected = [
+        ("deployment", "spiffe://mesh.local/ns/shop/sa/web", "3000"),
+        (
+            "statefulset",
+            "spiffe://mesh.local/ns/shop/sa/default",
+            "5432",
+        ),
+        ("job", "spiffe://mesh.local/ns/shop/sa/reporter", "9090"),
+        ("pod", "spiffe://mesh.local/ns/default/sa/default", "8000"),
+    ];
+    for (case, identity, port) in expected {
+        let docs = parse_docs(&golden(case));
+        let doc = &docs[0];
+        let spec = pod_spec(doc);
+        let names: Vec<&str> = spec["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(
+            &names[..2],
+            ["meshgate-redirect", "meshgate-proxy"],
+            "{case}: order"
+        );
+        let proxy = init_container(spec, "meshgate-proxy");
+        assert_eq!(proxy["restartPolicy"], "Always", "{case}");
+        assert_eq!(proxy["securityContext"]["runAsUser"], 1337, "{case}");
+        assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020, "{case}");
+        let args: Vec<&str> = proxy["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let app = format!("127.0.0.1:{port}");
+        assert!(
+            args.windows(2).any(|w| w == ["--app", app.as_str()]),
+            "{case}: {args:?}"
+        );
+        let redirect = init_container(spec, "meshgate-redirect");
+        assert_eq!(redirect["args"][5], "--app-ports", "{case}");
+        assert_eq!(redirect["args"][6], port, "{case}");
+        let annotations = pod_annotations(doc);
+        assert_eq!(annotations["meshgate.io/identity"], identity, "{case}");
+        assert_eq!(
+            annotations["meshgate.io/injected"],
+            env!("CARGO_PKG_VERSION"),
+            "{case}"
+        );
+        let volumes: Vec<&str> = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        for v in ["meshgate-bootstrap", "meshgate-cgroup", "meshgate-bpffs"] {
+            assert!(
+                volumes.contains(&v),
+                "{case}: volume {v} missing from {volumes:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn http_probes_on_the_app_port_go_through_the_sidecar() {
+    let docs = parse_docs(&golden("deployment"));
+    let spec = pod_spec(&docs[0]);
+    let web = &spec["containers"][0];
+    assert_eq!(web["livenessProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(web["readinessProbe"]["httpGet"]["port"], 15020);
+    // tcpSocket probes and probes on other ports are left alone.
+    assert_eq!(web["startupProbe"]["tcpSocket"]["port"], 3000);
+    assert_eq!(
+        spec["containers"][1]["readinessProbe"]["httpGet"]["port"],
+        2020
+    );
+    let proxy = init_container(spec, "meshgate-proxy");
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.ends_with(&["--probe-path", "/healthz", "--probe-path", "/ready"]),
+        "{args:?}"
+    );
+    let original: Value = serde_json::from_str(
+        pod_annotations(&docs[0])["meshgate.io/original-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(original["web"]["livenessProbe"]["port"], "http");
+    assert_eq!(original["web"]["readinessProbe"]["port"], 3000);
+}
+
+#[test]
+fn untouched_documents_pass_through_byte_for_byte() {
+    let input = std::fs::read_to_string(fixtures().join("multi.yaml")).unwrap();
+    let out = golden("multi");
+    let docs_in: Vec<&str> = input.split("\n---\n").collect();
+    let docs_out: Vec<&str> = out.split("\n---\n").collect();
+    assert_eq!(docs_in.len(), docs_out.len());
+    // The Service (with its comment), the ConfigMap and the opted-out Deployment are unchanged.
+    for i in [0, 1, 3] {
+        assert_eq!(docs_in[i], docs_out[i], "document {i}");
+    }
+    assert_ne!(docs_in[2], docs_out[2]);
+}
+
+#[test]
+fn compose_output_has_the_pod_layout() {
+    let docs = parse_docs(&golden("compose"));
+    let services = &docs[0]["services"];
+    let web = &services["web"];
+    assert_eq!(web["network_mode"], "service:web-pod");
+    assert_eq!(
+        web["depends_on"]["web-proxy"]["condition"],
+        "service_healthy"
+    );
+    assert_eq!(
+        web["depends_on"]["web-redirect"]["condition"],
+        "service_completed_successfully"
+    );
+    assert_eq!(web["depends_on"]["orders"]["condition"], "service_started");
+    assert_eq!(
+        web["labels"]["meshgate.io/identity"],
+        "spiffe://mesh.local/ns/shop/sa/web"
+    );
+    assert!(web.get("ports").is_none());
+    assert_eq!(services["web-pod"]["ports"][0], "8080:3000");
+    assert_eq!(
+        services["web-pod"]["networks"]["default"]["aliases"][0],
+        "web"
+    );
+    assert_eq!(
+        services["orders-pod"]["networks"]["backend"]["aliases"][0],
+        "orders"
+    );
+    assert_eq!(services["orders-proxy"]["command"][2], "127.0.0.1:8081");
+    assert_eq!(
+        services["orders-proxy"]["command"][8],
+        "/var/lib/meshgate/bootstrap/tokens/shop.orders-api.token"
+    );
+    let redirect: Vec<&str> = services["web-redirect"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(redirect.ends_with(&["--mesh", "0.0.0.0/0:3000", "--mesh", "0.0.0.0/0:8081"]));
+    let ca: Vec<&str> = services["ca"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        ca.windows(2)
+            .any(|w| w == ["--token-for", "spiffe://mesh.local/ns/shop/sa/orders-api"])
+    );
+    // Opted out and infrastructure services get no companions.
+    for absent in ["db-pod", "ca-pod", "control-plane-proxy"] {
+        assert!(services.get(absent).is_none(), "{absent}");
+    }
+    assert!(docs[0]["volumes"].get("meshgate-bootstrap").is_some());
+}
+
+#[test]
+fn flags_change_image_trust_domain_and_urls() {
+    let input = std::fs::read_to_string(fixtures().join("pod.yaml")).unwrap();
+    let out = ok_stdout(inject(
+        &[
+            "--image",
+            "registry.example/meshgate:1.0",
+            "--trust-domain",
+            "prod.example",
+            "--ca-url",
+            "https://ca.example:15012",
+            "--control-plane-url",
+            "https://cp.example:15010",
+            "-",
+        ],
+        Some(&input),
+    ));
+    let docs = parse_docs(&out);
+    let proxy = init_container(pod_spec(&docs[0]), "meshgate-proxy");
+    assert_eq!(proxy["image"], "registry.example/meshgate:1.0");
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--ca", "https://ca.example:15012"])
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--control-plane", "https://cp.example:15010"])
+    );
+    assert_eq!(
+        pod_annotations(&docs[0])["meshgate.io/identity"],
+        "spiffe://prod.example/ns/default/sa/default"
+    );
+}
+
+const COMPOSE_MESH: &str = "services:
+  ca:
+    image: meshgate:local
+    command: [ca, serve]
+    labels: {meshgate.io/role: ca}
+  control-plane:
+    image: meshgate:local
+    command: [control-plane, serve]
+    labels: {meshgate.io/role: control-plane}
+";
+
+#[test]
+fn refuses_what_it_does_not_understand() {
+    // (case, extra flags, input on stdin, what the message must name)
+    let cases: [(&str, &[&str], String, &[&str]); 9] = [
+        (
+            "DaemonSet",
+            &[],
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: node-agent}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: a}]\n".into(),
+            &["DaemonSet/node-agent", "not supported yet"],
+        ),
+        (
+            "hostNetwork pod",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: sniffer}\nspec:\n  hostNetwork: true\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/sniffer", "hostNetwork"],
+        ),
+        (
+            "pod without a port",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: quiet}\nspec:\n  containers: [{name: a, image: a}]\n".into(),
+            &["Pod/quiet", "meshgate.io/app-port"],
+        ),
+        (
+            "compose network_mode host",
+            &[],
+            format!("{COMPOSE_MESH}  web:\n    image: web\n    network_mode: host\n    expose: ['80']\n"),
+            &["compose service web", "network_mode: host"],
+        ),
+        (
+            "compose service without a port",
+            &[],
+            format!("{COMPOSE_MESH}  worker:\n    image: worker\n"),
+            &["compose service worker", "meshgate.io/app-port"],
+        ),
+        (
+            "compose without a CA",
+            &[],
+            "services:\n  web:\n    image: web\n    expose: ['80']\n".into(),
+            &["compose file", "meshgate.io/role: ca"],
+        ),
+        ("not a manifest", &[], "just: data\n".into(), &["stdin", "cannot tell"]),
+        (
+            "container name collision",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: odd}\nspec:\n  containers: [{name: meshgate-redirect, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/odd", "meshgate-redirect"],
+        ),
+        (
+            "invalid trust domain",
+            &["--trust-domain", "Mesh/Local"],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/p", "not a valid SPIFFE ID"],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, flags, input, needles) in cases {
+        let target = dir.path().join("out.yaml");
+        let mut args = flags.to_vec();
+        args.extend(["-o", target.to_str().unwrap(), "-"]);
+        let out = inject(&args, Some(&input));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: should have been refused");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{name}: {needle:?} not in {stderr:?}"
+            );
+        }
+        assert!(stderr.contains("fix:"), "{name}: no fix in {stderr:?}");
+        assert!(out.stdout.is_empty(), "{name}: wrote to stdout");
+        assert!(!target.exists(), "{name}: wrote the output file");
+    }
+}
+
+#[test]
+fn dry_run_prints_a_diff_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("deployment.yaml");
+    std::fs::copy(fixtures().join("deployment.yaml"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let target = dir.path().join("out.yaml");
+    let diff = ok_stdout(inject(
+        &[
+            "--dry-run",
+            "-o",
+            target.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ],
+        None,
+    ));
+    assert!(
+        diff.lines()
+            .any(|l| l.starts_with("+  ") && l.contains("name: meshgate-proxy")),
+        "{diff}"
+    );
+    assert!(diff.lines().any(|l| l.starts_with("@@")), "{diff}");
+    assert!(!target.exists());
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
+#[test]
+fn writes_the_output_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.yaml");
+    let input = fixtures().join("job.yaml");
+    let out = inject(
+        &["-o", target.to_str().unwrap(), input.to_str().unwrap()],
+        None,
+    );
+    assert!(ok_stdout(out).is_empty());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), golden("job"));
+}
