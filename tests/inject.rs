@@ -456,3 +456,35 @@ fn writes_the_output_file() {
     assert!(ok_stdout(out).is_empty());
     assert_eq!(std::fs::read_to_string(&target).unwrap(), golden("job"));
 }
+
+/// The compose demo that CI runs (tests/compose.rs) is exactly what `meshgate inject` makes of
+/// `examples/compose/mesh.yml`: regenerate it with the command in the message.
+#[test]
+fn the_compose_demo_is_the_injected_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/compose");
+    let image = "${MESHGATE_IMAGE:-meshgate:local}";
+    let src = dir.join("mesh.yml");
+    let generated = ok_stdout(inject(&[src.to_str().unwrap(), "--image", image], None));
+    let committed = std::fs::read_to_string(dir.join("docker-compose.yml")).unwrap();
+    assert!(
+        generated == committed,
+        "examples/compose/docker-compose.yml is stale: run \
+         `meshgate inject examples/compose/mesh.yml --image '{image}' -o examples/compose/docker-compose.yml`"
+    );
+    // The edge service keeps its published port unguarded; the others are guarded.
+    let doc = &parse_docs(&generated)[0];
+    let redirect_cmd = |svc: &str| -> Vec<String> {
+        doc["services"][format!("{svc}-redirect")]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(!redirect_cmd("web").contains(&"--app-ports".to_string()));
+    for svc in ["orders", "payments"] {
+        let cmd = redirect_cmd(svc);
+        let i = cmd.iter().position(|a| a == "--app-ports").unwrap();
+        assert_eq!(cmd[i + 1], "8080", "{svc}");
+    }
+}

@@ -37,6 +37,9 @@ struct Plan {
     /// The SPIFFE ID.
     identity: String,
     port: u16,
+    /// Label `meshgate.io/public: "true"`: the app port stays reachable from outside the pod
+    /// (an edge service published on the host), so the redirect does not guard it.
+    public: bool,
 }
 
 /// What every injected service needs to know about the rest of the file.
@@ -67,13 +70,13 @@ pub fn inject(doc: &mut Node, s: &Settings) -> Result<bool, InjectError> {
     let ca_service = role_service(&services, "ca")?;
     let control_plane_service = role_service(&services, "control-plane")?;
 
-    // Ports of services injected earlier (read back from their redirect's --app-ports) and now.
+    // Ports of services injected earlier (read back from their proxy's --app) and now.
     let mut mesh_ports: Vec<u16> = Vec::new();
     for (name, svc) in &services {
         let port = match plans.iter().find(|p| p.name == name.text) {
             Some(plan) => Some(plan.port),
             None if label(svc, "meshgate.io/pod-of").is_some() => {
-                flag_value(svc, "--app-ports").and_then(|v| v.split(',').next()?.parse().ok())
+                flag_value(svc, "--app").and_then(|v| v.rsplit(':').next()?.parse().ok())
             }
             None => None,
         };
@@ -197,12 +200,24 @@ fn plan_service(
     let namespace = label(svc, "meshgate.io/namespace").unwrap_or_else(|| "default".into());
     let account = label(svc, "meshgate.io/service-account").unwrap_or_else(|| name.to_owned());
     let identity = s.spiffe_id(&object, &namespace, &account)?;
+    let public = match label(svc, "meshgate.io/public").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(InjectError::refused(
+                object,
+                format!("label meshgate.io/public is {other:?}"),
+                "use \"true\" (the app port is published outside the mesh) or \"false\"",
+            ));
+        }
+    };
     Ok(Some(Plan {
         name: name.to_owned(),
         namespace,
         account,
         identity,
         port,
+        public,
     }))
 }
 
@@ -329,6 +344,8 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
         ("image", Node::str(&s.image)),
         ("command", Node::str_seq(["pause"])),
         ("init", Node::bool(true)),
+        // Its image healthcheck would only probe the proxy sharing its namespace.
+        ("healthcheck", Node::map([("disable", Node::bool(true))])),
         ("networks", pod_networks(svc.remove("networks"), x)),
     ]);
     for key in NETWORK_KEYS {
@@ -416,9 +433,10 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
         "--sidecar-cgroup".into(),
         format!("/host/cgroup2/meshgate/{n}-{x}/proxy"),
         "--create".into(),
-        "--app-ports".into(),
-        p.to_string(),
     ];
+    if !plan.public {
+        redirect_cmd.extend(["--app-ports".to_owned(), p.to_string()]);
+    }
     for mp in &ctx.mesh_ports {
         redirect_cmd.extend(["--mesh".to_owned(), format!("0.0.0.0/0:{mp}")]);
     }
@@ -437,6 +455,8 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
         ),
         ("command", Node::str_seq(redirect_cmd)),
         ("restart", Node::str("no")),
+        // A one-shot step: compose waits for it to complete, not to be healthy.
+        ("healthcheck", Node::map([("disable", Node::bool(true))])),
         (
             "depends_on",
             Node::Map(vec![(key(&proxy_name), cond("service_healthy"))]),
