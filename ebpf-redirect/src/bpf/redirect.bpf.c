@@ -72,6 +72,8 @@ struct config {
 	__u16 outbound_port;     // host order
 	__u16 inbound_port;      // host order (informational)
 	__u32 flags;
+	__u32 sidecar_uid;       // sockets of tasks with this uid are never redirected (u32 max = off)
+	__u32 pad;
 };
 
 struct policy_key {
@@ -229,8 +231,13 @@ static __always_inline int is_loopback6(const __u32 w[4])
 	return is_v4_mapped(w) && is_loopback4(w[3]);
 }
 
+// The sidecar's own sockets: by cgroup (sidecar in its own cgroup) or by uid (Istio's 1337
+// convention, for a sidecar sharing the app's cgroup, e.g. a Kubernetes pod cgroup). The uid is the
+// calling task's (connect/sendmsg run in the context of the task making the call).
 static __always_inline int is_sidecar(struct config *c)
 {
+	if (c->sidecar_uid != 0xffffffffu && (__u32)bpf_get_current_uid_gid() == c->sidecar_uid)
+		return 1;
 	return c->sidecar_cgroup_id != 0 && bpf_get_current_cgroup_id() == c->sidecar_cgroup_id;
 }
 
