@@ -42,6 +42,9 @@ enum Command {
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
     Demo(demo::DemoArgs),
+    /// The demo's HTTP app alone (for containers and `demo --with-ebpf`).
+    #[command(hide = true)]
+    DemoApp(demo::app::AppArgs),
     /// The control plane: serves policies and services to sidecars.
     ControlPlane {
         #[command(subcommand)]
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),
         Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::DemoApp(args) => demo::app::run(args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => health_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane { command } => {
             control_plane_cmd::run(command).map(|()| ExitCode::SUCCESS)

@@ -2,9 +2,17 @@
 //! `payments`. It answers with what it saw (including the caller identity its sidecar vouched
 //! for), and `orders` handles `GET /orders/<id>/checkout` by calling `payments` through its own
 //! sidecar, propagating the trace context — so one request crosses two sidecars.
+//!
+//! Calls go either through an explicit sidecar outbound address (`Upstream::via`), or directly
+//! to the URL (`--direct`: for a redirect — eBPF or iptables — that steers the connection into
+//! the local sidecar; the app knows nothing about the mesh).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -13,12 +21,82 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+/// How an app reaches other services.
+#[derive(Debug, Clone, Default)]
+pub struct Upstream {
+    /// Send every call to this address (the sidecar's outbound listener, as an explicit proxy);
+    /// None: connect to the URL's host directly.
+    pub via: Option<SocketAddr>,
+    /// Host names resolved without DNS (like curl's `--resolve`).
+    pub resolve: Vec<(String, IpAddr)>,
+}
+
 /// One demo app.
 #[derive(Debug, Clone)]
 pub struct DemoApp {
     pub name: String,
-    /// This workload's sidecar outbound listener, for calls to other services.
-    pub outbound: Option<SocketAddr>,
+    /// How to call other services (None: this app calls nobody).
+    pub upstream: Option<Upstream>,
+    /// Base URL of `payments` (what `orders` calls on checkout), e.g. `http://payments:8080`.
+    pub payments_url: String,
+}
+
+/// Splits `http://host[:port]/path` into (authority, host, port, path).
+fn split_url(url: &str) -> Result<(String, String, u16, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url}: bad port {p:?}"))?,
+        ),
+        _ => (authority, 80),
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((
+        authority.to_string(),
+        host.to_string(),
+        port,
+        path.to_string(),
+    ))
+}
+
+/// One HTTP/1.1 call to `url`: through `upstream.via` when set (Host = the URL's authority), else
+/// straight to the URL's host.
+pub async fn call_url(
+    upstream: &Upstream,
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let (authority, host, port, path) = split_url(url)?;
+    if let Some(via) = upstream.via {
+        return call_via(via, method, &authority, &path, headers, body).await;
+    }
+    let target = match upstream.resolve.iter().find(|(n, _)| *n == host) {
+        Some((_, ip)) => SocketAddr::new(*ip, port),
+        None => match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("resolving {host}: no address"))?,
+        },
+    };
+    call_at(target, method, &authority, &path, headers, body)
+        .await
+        .map_err(|e| format!("{url} ({target}): {e}"))
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
@@ -38,9 +116,22 @@ pub async fn call_via(
     headers: &[(&str, String)],
     body: &str,
 ) -> Result<(u16, String), String> {
-    let tcp = tokio::net::TcpStream::connect(outbound)
+    call_at(outbound, method, host, path, headers, body)
         .await
-        .map_err(|e| format!("sidecar outbound {outbound}: {e}"))?;
+        .map_err(|e| format!("sidecar outbound {outbound}: {e}"))
+}
+
+async fn call_at(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| e.to_string())?;
@@ -76,8 +167,8 @@ impl DemoApp {
             .to_string();
         let path = req.uri().path().to_string();
         let method = req.method().to_string();
-        if let (Some(outbound), Some(order)) = (
-            self.outbound,
+        if let (Some(upstream), Some(order)) = (
+            &self.upstream,
             path.strip_prefix("/orders/")
                 .and_then(|p| p.strip_suffix("/checkout")),
         ) {
@@ -87,11 +178,10 @@ impl DemoApp {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| vec![("traceparent", v.to_string())])
                 .unwrap_or_default();
-            let charged = call_via(
-                outbound,
+            let charged = call_url(
+                upstream,
                 "POST",
-                "payments",
-                "/charge",
+                &format!("{}/charge", self.payments_url.trim_end_matches('/')),
                 &traceparent,
                 &format!("{{\"order\":\"{order}\"}}"),
             )
@@ -136,5 +226,114 @@ impl DemoApp {
                     .await;
             });
         }
+    }
+}
+
+/// `meshgate demo-app`: the demo's app on its own (for containers, and for `demo --with-ebpf`).
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// The service this app plays (it answers with it): web, orders, payments, ….
+    #[arg(long)]
+    name: String,
+    /// Where to listen.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Call other services directly by URL (a redirect steers the connections into the local
+    /// sidecar). Without it, calls go to the sidecar's outbound listener (--via) as a proxy.
+    #[arg(long)]
+    direct: bool,
+    /// The sidecar's outbound listener, for calls without --direct.
+    #[arg(long, default_value = "127.0.0.1:15001", conflicts_with = "direct")]
+    via: SocketAddr,
+    /// Base URL of payments (called by orders on `GET /orders/<id>/checkout`).
+    #[arg(long, default_value = "http://payments:8080")]
+    payments_url: String,
+    /// Resolve a host name without DNS: NAME=IP (repeatable; for --direct).
+    #[arg(long, value_parser = parse_resolve)]
+    resolve: Vec<(String, IpAddr)>,
+    /// Do not serve: make one call to this URL as this app, print the status code and the body,
+    /// and exit (0 when a response came back, whatever its status).
+    #[arg(long)]
+    call: Option<String>,
+    /// Method of the --call request.
+    #[arg(long, default_value = "GET", requires = "call")]
+    method: String,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP"))?;
+    Ok((
+        name.to_string(),
+        ip.parse().map_err(|e| format!("{s:?}: {e}"))?,
+    ))
+}
+
+pub fn run(args: AppArgs) -> Result<()> {
+    let upstream = Upstream {
+        via: (!args.direct).then_some(args.via),
+        resolve: args.resolve,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        if let Some(url) = &args.call {
+            let call = call_url(&upstream, &args.method, url, &[], "");
+            let (status, body) = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .map_err(|_| anyhow::anyhow!("{url}: no response within 10 s"))?
+                .map_err(anyhow::Error::msg)?;
+            println!("{status}");
+            println!("{body}");
+            return Ok(());
+        }
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        println!(
+            "demo-app {} listening on {} (calls: {})",
+            args.name,
+            listener.local_addr()?,
+            match upstream.via {
+                Some(via) => format!("via {via}"),
+                None => "direct".to_string(),
+            }
+        );
+        let app = DemoApp {
+            name: args.name,
+            upstream: Some(upstream),
+            payments_url: args.payments_url,
+        };
+        tokio::select! {
+            _ = app.serve(listener) => bail!("the listener stopped"),
+            _ = crate::ca_cmd::shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url;
+
+    #[test]
+    fn splits_urls() {
+        let s = |u| split_url(u).unwrap();
+        assert_eq!(
+            s("http://orders:8080/orders/42"),
+            (
+                "orders:8080".into(),
+                "orders".into(),
+                8080,
+                "/orders/42".into()
+            )
+        );
+        assert_eq!(
+            s("http://10.0.0.1"),
+            ("10.0.0.1".into(), "10.0.0.1".into(), 80, "/".into())
+        );
+        assert_eq!(s("http://[::1]:81/x").1, "::1");
+        assert!(split_url("https://x/").is_err());
     }
 }
