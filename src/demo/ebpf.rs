@@ -48,25 +48,31 @@ fn netns_of(name: &str) -> String {
     format!("{PREFIX}-{name}")
 }
 
-/// Refuses without root or cgroup v2, naming both requirements and what is missing.
-fn require_root_and_cgroup2() -> Result<PathBuf> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    let mounts = meshgate_ebpf::preflight().cgroup2_mounts;
+/// The refusal without root or cgroup v2: names both requirements and what is missing.
+fn requirements_problem(euid: u32, has_cgroup2: bool) -> Option<String> {
     let mut missing = Vec::new();
     if euid != 0 {
         missing.push(format!("root (this process runs as euid {euid})"));
     }
-    if mounts.is_empty() {
+    if !has_cgroup2 {
         missing.push("a cgroup v2 mount (no `cgroup2` entry in /proc/self/mountinfo)".to_string());
     }
-    if !missing.is_empty() {
-        bail!(
+    (!missing.is_empty()).then(|| {
+        format!(
             "`meshgate demo --with-ebpf` needs root and cgroup v2 (it creates network namespaces, \
              cgroups and eBPF attachments); missing: {}. Fix: run it as root (sudo) on a Linux >= 5.9 \
              host with cgroup v2 mounted, or run `meshgate demo` without --with-ebpf",
             missing.join(" and ")
-        );
+        )
+    })
+}
+
+fn require_root_and_cgroup2() -> Result<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let mounts = meshgate_ebpf::preflight().cgroup2_mounts;
+    if let Some(problem) = requirements_problem(euid, !mounts.is_empty()) {
+        bail!(problem);
     }
     let ip_ok = Command::new("ip")
         .arg("-V")
@@ -795,6 +801,24 @@ mod tests {
             ("/orders/..%2fadmin", "bad-request")
         );
         assert!(row_from_log(r#"{"event":"sidecar.started"}"#).is_none());
+    }
+
+    #[test]
+    fn refusal_names_root_and_cgroup_v2() {
+        assert!(requirements_problem(0, true).is_none());
+        for (euid, cg2, missing) in [
+            (1000, true, "root (this process runs as euid 1000)"),
+            (0, false, "a cgroup v2 mount"),
+            (
+                1000,
+                false,
+                "root (this process runs as euid 1000) and a cgroup v2 mount",
+            ),
+        ] {
+            let m = requirements_problem(euid, cg2).unwrap();
+            assert!(m.contains("needs root and cgroup v2"), "{m}");
+            assert!(m.contains(missing), "{m}");
+        }
     }
 
     #[test]
