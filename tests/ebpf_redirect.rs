@@ -778,10 +778,20 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
     fake.arg(&app_py)
         .args(["127.0.0.1", "15001", "sidecar-outbound"]);
     env.spawn("sidecar-outbound", fake);
+    // The "sidecar's" inbound port, served by a uid-1337 process in the pod cgroup itself.
+    let mut inbound = env.in_pod_as(0, "pod-a/shared", "python3", Some(UID));
+    inbound
+        .arg(&app_py)
+        .args(["0.0.0.0", "15006", "sidecar-inbound"]);
+    env.spawn("sidecar-inbound", inbound);
     env.wait_until("servers up", Duration::from_secs(20), || {
         env.curl(0, "pod-a/other", "http://127.0.0.1:15001/")
             .status
             .success()
+            && env
+                .curl(0, "pod-a/other", "http://127.0.0.1:15006/")
+                .status
+                .success()
             && env
                 .curl(1, "pod-b/ext", "http://127.0.0.1:8080/")
                 .status
@@ -848,6 +858,9 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(connect(None), "EPERM");
+    // The ingress guard closes only --app-ports: the sidecar's port in the same cgroup is open.
+    let from_b = ok(&env.curl(1, "pod-b/ext", &format!("http://{A_IP}:15006/in")));
+    assert!(from_b.contains("\"app\": \"sidecar-inbound\""), "{from_b}");
     assert_eq!(
         connect(Some(UID)),
         "ECONNREFUSED",

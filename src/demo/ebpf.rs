@@ -506,7 +506,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         };
         tokio::pin!(stop);
         tokio::select! {
-            r = scenario(&mut lab, &args, rows_tx, &mut rows) => {
+            r = scenario(&mut lab, rows_tx, &mut rows) => {
                 r?;
             }
             _ = &mut stop => {
@@ -546,7 +546,6 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
 async fn scenario(
     lab: &mut Lab,
-    args: &DemoArgs,
     rows_tx: mpsc::UnboundedSender<Row>,
     rows: &mut mpsc::UnboundedReceiver<Row>,
 ) -> Result<()> {
@@ -741,7 +740,6 @@ async fn scenario(
         id_of("web"),
         id_of("orders")
     );
-    let _ = args;
     Ok(())
 }
 

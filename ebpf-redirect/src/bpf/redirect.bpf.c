@@ -10,7 +10,7 @@
 //   cgroup/sendmsg4, cgroup/sendmsg6   the same decision for unconnected UDP (sendto): allow / deny
 //   sockops                            re-keys the original destination from socket cookie to 4-tuple
 //   cgroup_skb/ingress                 drops packets to the app's ports unless they come over loopback
-// Attached to the sidecar's cgroup:
+// Attached to the sidecar's cgroup (the same cgroup when the sidecar is exempt by uid):
 //   cgroup/getsockopt                  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) like netfilter
 //
 // Byte orders (the kernel mixes them): bpf_sock_addr.user_ip4/user_port network order;
