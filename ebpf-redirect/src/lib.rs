@@ -539,8 +539,15 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     let pin_dir = pin_dir_for(&cgroup)?;
 
     if pin_dir.join("config").exists() {
-        let config: Array<MapData, RawConfig> =
-            Array::try_from(pinned_map(&pin_dir, "config")?).map_err(map_err("config"))?;
+        let config: Array<MapData, RawConfig> = Array::try_from(pinned_map(&pin_dir, "config")?)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "the pins in {} have another layout ({e}): made by another meshgate version; \
+                     fix: `meshgate redirect detach --cgroup {}`, then attach again",
+                    pin_dir.display(),
+                    cgroup.display()
+                ))
+            })?;
         let existing = config.get(&0, 0).map_err(map_err("config"))?;
         if existing.cgroup_id != cgroup_id && existing.cgroup_id != 0 {
             let meta = read_meta(&pin_dir).unwrap_or_default();
