@@ -43,6 +43,9 @@ enum Command {
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
     Demo(demo::DemoArgs),
+    /// The demo's HTTP app alone (for containers and `demo --with-ebpf`).
+    #[command(hide = true)]
+    DemoApp(demo::app::AppArgs),
     /// The control plane: serves policies and services to sidecars.
     ControlPlane {
         #[command(subcommand)]
@@ -59,9 +62,6 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
-    /// One demo app (web, orders or payments) as its own process, for the compose demo.
-    #[command(hide = true)]
-    DemoApp(demo::app::DemoAppArgs),
     /// Wait until SIGTERM or Ctrl-C (the process that holds a compose "pod"'s network namespace).
     #[command(hide = true)]
     Pause,
@@ -109,6 +109,7 @@ fn main() -> ExitCode {
         Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),
         Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
+        Command::DemoApp(args) => demo::app::run(args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => health_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::ControlPlane { command } => {
             control_plane_cmd::run(command).map(|()| ExitCode::SUCCESS)
@@ -117,7 +118,6 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),
-        Command::DemoApp(args) => demo::app::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inject(args) => inject::run(args)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),

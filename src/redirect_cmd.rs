@@ -17,14 +17,24 @@ pub enum RedirectCommand {
     /// running it again only rewrites the configuration).
     Attach {
         /// The app's cgroup v2 directory (its processes get redirected; its ports guarded).
-        #[arg(long)]
-        cgroup: PathBuf,
-        /// The sidecar's cgroup (must differ from --cgroup). Default: the parent of --cgroup.
-        #[arg(long)]
+        #[arg(long, required_unless_present = "pod", conflicts_with = "pod")]
+        cgroup: Option<PathBuf>,
+        /// The sidecar's cgroup (must differ from --cgroup unless --sidecar-uid is given).
+        /// Default: the parent of --cgroup.
+        #[arg(long, conflicts_with = "pod")]
         sidecar_cgroup: Option<PathBuf>,
+        /// Attach to this process's pod cgroup: the parent of its own cgroup v2 (for a
+        /// Kubernetes init container, whose sibling containers' cgroups do not exist yet). The
+        /// sidecar shares that cgroup, so --sidecar-uid is required.
+        #[arg(long, requires = "sidecar_uid")]
+        pod: bool,
+        /// Sockets of tasks running as this uid (the sidecar's, e.g. 1337) are never redirected
+        /// or egress-enforced. Allows --sidecar-cgroup = --cgroup.
+        #[arg(long)]
+        sidecar_uid: Option<u32>,
         /// Create the --cgroup and --sidecar-cgroup directories if missing (mkdir -p), e.g.
         /// docker-compose `cgroup_parent` directories before any container started.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pod")]
         create: bool,
         /// The sidecar's outbound listener port on 127.0.0.1.
         #[arg(long, default_value_t = 15001)]
@@ -79,6 +89,8 @@ pub fn run(command: RedirectCommand) -> Result<()> {
         RedirectCommand::Attach {
             cgroup,
             sidecar_cgroup,
+            pod,
+            sidecar_uid,
             create,
             outbound_port,
             inbound_port,
@@ -92,6 +104,15 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             no_egress_enforce,
             no_ingress_enforce,
         } => {
+            let (cgroup, sidecar_cgroup) = if pod {
+                let pod_cgroup = meshgate_ebpf::own_pod_cgroup()?;
+                (pod_cgroup.clone(), Some(pod_cgroup))
+            } else {
+                (
+                    cgroup.expect("clap requires --cgroup or --pod"),
+                    sidecar_cgroup,
+                )
+            };
             if create {
                 for dir in std::iter::once(&cgroup).chain(sidecar_cgroup.as_ref()) {
                     std::fs::create_dir_all(dir)
@@ -100,6 +121,7 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             }
             let mut cfg = AttachConfig::new(&cgroup, outbound_port, inbound_port);
             cfg.sidecar_cgroup = sidecar_cgroup;
+            cfg.sidecar_uid = sidecar_uid;
             cfg.app_ports = app_ports;
             cfg.exempt = exempt;
             cfg.exempt_loopback = !no_loopback_exempt;
@@ -147,8 +169,15 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             Ok(())
         }
         RedirectCommand::Status { cgroup } => {
-            let all = meshgate_ebpf::status(cgroup.as_deref())?;
-            if all.is_empty() {
+            let report = meshgate_ebpf::status_report(cgroup.as_deref())?;
+            let all = report.attachments;
+            for (dir, e) in &report.unreadable {
+                println!(
+                    "pins {} UNREADABLE ({e}): made by another meshgate version? `meshgate redirect detach --cgroup <its cgroup>` with that version, or remove the directory",
+                    dir.display()
+                );
+            }
+            if all.is_empty() && report.unreadable.is_empty() {
                 println!(
                     "nothing attached (no pins under {})",
                     meshgate_ebpf::PIN_ROOT
@@ -166,6 +195,9 @@ fn print_attachment(a: &Attachment) {
     let on_off = |b: bool| if b { "on" } else { "off" };
     println!("cgroup {}", a.cgroup);
     println!("  sidecar cgroup  {}", a.sidecar_cgroup);
+    if let Some(uid) = a.sidecar_uid {
+        println!("  sidecar uid     {uid}");
+    }
     println!("  pins            {}", a.pin_dir.display());
     println!(
         "  ports           outbound 127.0.0.1:{}  inbound {}  app {:?}",

@@ -124,6 +124,11 @@ impl Env {
     /// A command that runs inside `pod`'s network namespace, in cgroup `cg` (relative to the test
     /// root): join the cgroup first, then the netns, then exec.
     fn in_pod(&self, pod: usize, cg: &str, program: &str) -> Command {
+        self.in_pod_as(pod, cg, program, None)
+    }
+
+    /// [`Env::in_pod`], then (after joining) switch to `uid` (and the same gid).
+    fn in_pod_as(&self, pod: usize, cg: &str, program: &str, uid: Option<u32>) -> Command {
         let procs = std::ffi::CString::new(
             self.cg(cg)
                 .join("cgroup.procs")
@@ -142,6 +147,13 @@ impl Env {
                 }
                 libc::close(fd);
                 if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(uid) = uid
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(uid) != 0
+                        || libc::setuid(uid) != 0)
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -236,6 +248,8 @@ impl Drop for Env {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for leaf in [
+            "pod-a/shared/init",
+            "pod-a/shared",
             "pod-a/app",
             "pod-a/sidecar",
             "pod-a/other",
@@ -263,7 +277,8 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn setup() -> Option<Env> {
+/// `tag` (one letter) keeps the names of tests running in parallel apart.
+fn setup(tag: &str) -> Option<Env> {
     let pre = meshgate_ebpf::preflight();
     if let Some(problem) = pre.problem() {
         skip_or_fail(&problem.to_string());
@@ -281,9 +296,16 @@ fn setup() -> Option<Env> {
         skip_or_fail("no cgroup2 mount");
         return None;
     };
-    let id = format!("{}", std::process::id() % 100_000);
+    let id = format!("{}{tag}", std::process::id() % 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    // Readable by the test's non-root (uid 1337) processes.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let env = Env {
-        dir: tempfile::tempdir().unwrap(),
+        dir,
         cg_root: mount.join(format!("meshgate-test-{id}")),
         netns: [format!("mgt{id}-a"), format!("mgt{id}-b")],
         children: Vec::new(),
@@ -403,7 +425,7 @@ fn metric(metrics: &str, name: &str, labels: &[&str]) -> u64 {
 
 #[test]
 fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
-    let Some(mut env) = setup() else { return };
+    let Some(mut env) = setup("r") else { return };
     let t0 = Instant::now();
     let d = env.dir.path().to_path_buf();
 
@@ -733,4 +755,140 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
          request latency p50/p90 ms: redirected through both sidecars {meshed}, explicit proxy (no redirect) {explicit}, direct {plain}; whole test {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// `redirect attach --pod --sidecar-uid 1337`: the Kubernetes layout, where app and sidecar share
+/// the pod cgroup and the sidecar is told apart by its uid. The attach runs from a child cgroup of
+/// the pod (like an init container); one cgroup then holds an app process (uid 0) and a
+/// "sidecar" process (uid 1337): the app's connect to a mesh address is redirected to
+/// 127.0.0.1:15001, the uid-1337 process reaches the address directly and is not egress-enforced.
+#[test]
+fn pod_cgroup_with_sidecar_exempt_by_uid() {
+    let Some(mut env) = setup("u") else { return };
+    const UID: u32 = 1337;
+    std::fs::create_dir_all(env.cg("pod-a/shared/init")).unwrap();
+    let app_py = env.dir.path().join("app.py");
+    std::fs::write(&app_py, APP).unwrap();
+    // B's app (the real destination) and, in pod A, a stand-in for the sidecar's outbound
+    // listener: whoever answers tells where the connection went.
+    let mut b = env.in_pod(1, "pod-b/app", "python3");
+    b.arg(&app_py).args(["0.0.0.0", "8080", "app-b"]);
+    env.spawn("app-b", b);
+    let mut fake = env.in_pod(0, "pod-a/other", "python3");
+    fake.arg(&app_py)
+        .args(["127.0.0.1", "15001", "sidecar-outbound"]);
+    env.spawn("sidecar-outbound", fake);
+    // The "sidecar's" inbound port, served by a uid-1337 process in the pod cgroup itself.
+    let mut inbound = env.in_pod_as(0, "pod-a/shared", "python3", Some(UID));
+    inbound
+        .arg(&app_py)
+        .args(["0.0.0.0", "15006", "sidecar-inbound"]);
+    env.spawn("sidecar-inbound", inbound);
+    env.wait_until("servers up", Duration::from_secs(20), || {
+        env.curl(0, "pod-a/other", "http://127.0.0.1:15001/")
+            .status
+            .success()
+            && env
+                .curl(0, "pod-a/other", "http://127.0.0.1:15006/")
+                .status
+                .success()
+            && env
+                .curl(1, "pod-b/ext", "http://127.0.0.1:8080/")
+                .status
+                .success()
+    });
+
+    // Attach from inside the pod, as an init container would: --pod = parent of its own cgroup.
+    let pod = env.cg("pod-a/shared");
+    env.attached.push(pod.clone());
+    let out = ok(&output_within(
+        env.in_pod(0, "pod-a/shared/init", env!("CARGO_BIN_EXE_meshgate"))
+            .args([
+                "redirect",
+                "attach",
+                "--pod",
+                "--sidecar-uid",
+                &UID.to_string(),
+            ])
+            .args(["--mesh", &format!("{B_IP}/32:8080"), "--app-ports", "8080"]),
+        Duration::from_secs(30),
+    ));
+    assert!(
+        out.contains(&format!("attached to {}", pod.display())),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir(env.cg("pod-a/shared/init"));
+    let status = ok(&env.redirect(&["status", "--cgroup", &pod.display().to_string()]));
+    assert!(status.contains("sidecar uid     1337"), "{status}");
+    assert!(
+        status.contains(&format!("sidecar cgroup  {}", pod.display())),
+        "getsockopt goes on the same pod cgroup: {status}"
+    );
+    assert_eq!(status.matches("attached (link id").count(), 7, "{status}");
+
+    let url = format!("http://{B_IP}:8080/which");
+    let app = ok(&output_within(
+        env.in_pod(0, "pod-a/shared", "curl")
+            .args(["-sS", "-m", "5", &url]),
+        Duration::from_secs(8),
+    ));
+    assert!(
+        app.contains("\"app\": \"sidecar-outbound\""),
+        "app redirected: {app}"
+    );
+    let sidecar = ok(&output_within(
+        env.in_pod_as(0, "pod-a/shared", "curl", Some(UID))
+            .args(["-sS", "-m", "5", &url]),
+        Duration::from_secs(8),
+    ));
+    assert!(
+        sidecar.contains("\"app\": \"app-b\""),
+        "uid {UID} goes direct: {sidecar}"
+    );
+    // Egress enforcement: the app is refused a non-mesh address, the sidecar uid is not.
+    let connect = |uid: Option<u32>| {
+        let script = format!(
+            "import socket, errno\ns = socket.socket()\ns.settimeout(3)\ntry:\n    s.connect(('{EXT_IP}', 9001))\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e.errno)))\n"
+        );
+        let out = output_within(
+            env.in_pod_as(0, "pod-a/shared", "python3", uid)
+                .args(["-c", &script]),
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(connect(None), "EPERM");
+    // The ingress guard closes only --app-ports: the sidecar's port in the same cgroup is open.
+    let from_b = ok(&env.curl(1, "pod-b/ext", &format!("http://{A_IP}:15006/in")));
+    assert!(from_b.contains("\"app\": \"sidecar-inbound\""), "{from_b}");
+    assert_eq!(
+        connect(Some(UID)),
+        "ECONNREFUSED",
+        "not enforced for the sidecar uid"
+    );
+
+    let c =
+        meshgate_ebpf::Counters::read_pinned(&meshgate_ebpf::pin_dir_for(&pod).unwrap()).unwrap();
+    assert!(
+        c.redirected >= 1 && c.sidecar >= 2 && c.denied_egress >= 1,
+        "{c:?}"
+    );
+
+    // The same cgroup for app and sidecar without --sidecar-uid is refused (the sidecar's
+    // connects would be redirected to itself).
+    let same = env.redirect(&[
+        "attach",
+        "--cgroup",
+        &pod.display().to_string(),
+        "--sidecar-cgroup",
+        &pod.display().to_string(),
+    ]);
+    assert!(!same.status.success(), "{}", text(&same));
+    assert!(
+        String::from_utf8_lossy(&same.stderr).contains("--sidecar-uid"),
+        "{}",
+        text(&same)
+    );
+    ok(&env.redirect(&["detach", "--cgroup", &pod.display().to_string()]));
+    env.attached.clear();
 }

@@ -168,6 +168,67 @@ pub(crate) fn cgroup_relative(dir: &Path) -> Result<(PathBuf, String)> {
     Ok((mount.clone(), rel))
 }
 
+/// The cgroup v2 path of this process, from a `/proc/self/cgroup` text (the `0::/path` line).
+pub(crate) fn parse_own_cgroup(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_string())
+}
+
+/// The pod cgroup of this process: the parent of its own cgroup v2 directory
+/// (`/proc/self/cgroup` `0::/path` joined to the cgroup2 mount from `/proc/self/mountinfo`).
+/// For an init container: the pod cgroup holds the app's and the sidecar's containers too.
+pub fn own_pod_cgroup() -> Result<PathBuf> {
+    let fix = "fix: mount the host cgroup2 and run with the host cgroup namespace (docker: \
+               `--cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup`), or pass --cgroup";
+    let fail = |why: String| Error::PodCgroup(format!("{why}; {fix}"));
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| fail(format!("cannot read /proc/self/cgroup: {e}")))?;
+    let own = parse_own_cgroup(&text)
+        .ok_or_else(|| fail("no cgroup v2 entry (`0::/…`) in /proc/self/cgroup".into()))?;
+    if own.contains("(deleted)") {
+        return Err(fail(format!("this process's cgroup {own} was deleted")));
+    }
+    let mounts = cgroup2_mounts();
+    if mounts.is_empty() {
+        return Err(Error::NoCgroup2);
+    }
+    let rel = own.trim_start_matches('/');
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() }.to_string();
+    let dir = mounts
+        .iter()
+        .map(|m| m.join(rel))
+        .find(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|procs| procs.lines().any(|l| l.trim() == pid))
+        })
+        .ok_or_else(|| {
+            fail(format!(
+                "this process's cgroup {own} (from /proc/self/cgroup) is not found under the \
+                 cgroup2 mount {} with this process in it: a private cgroup namespace, or a \
+                 cgroup2 mount of another namespace",
+                mounts
+                    .iter()
+                    .map(|m| m.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    if rel.is_empty() {
+        return Err(fail(format!(
+            "this process is in the root cgroup of {} (a private cgroup namespace shows \
+             its root as `/`): it has no pod cgroup above it",
+            dir.display()
+        )));
+    }
+    Ok(dir
+        .parent()
+        .expect("a non-root path has a parent")
+        .to_path_buf())
+}
+
 /// Makes sure bpffs is mounted at /sys/fs/bpf (mounting it if needed, as Cilium does).
 pub(crate) fn ensure_bpffs() -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
@@ -198,6 +259,17 @@ pub(crate) fn ensure_bpffs() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_cgroup_v2_line() {
+        let hybrid = "12:cpu,cpuacct:/kubepods/pod1/c1\n1:name=systemd:/x\n0::/kubepods/pod1/c1\n";
+        assert_eq!(
+            parse_own_cgroup(hybrid).as_deref(),
+            Some("/kubepods/pod1/c1")
+        );
+        assert_eq!(parse_own_cgroup("0::/\n").as_deref(), Some("/"));
+        assert_eq!(parse_own_cgroup("3:cpu:/a\n"), None);
+    }
 
     #[test]
     fn finds_cgroup2_in_a_hybrid_layout() {

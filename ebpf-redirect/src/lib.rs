@@ -19,6 +19,8 @@
 //! The sidecar's own sockets are exempt **by cgroup**: the sidecar runs in a different cgroup than
 //! the app (the programs on the app cgroup never see it), and its cgroup id is also checked inside
 //! the programs, so attaching to a parent cgroup that contains the sidecar does not loop either.
+//! Or **by uid** ([`AttachConfig::sidecar_uid`], Istio's 1337): for a sidecar that shares the
+//! app's cgroup, e.g. when attaching to a Kubernetes pod cgroup from an init container.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -36,7 +38,7 @@ mod env;
 mod rules;
 mod sys;
 
-pub use env::{Preflight, preflight};
+pub use env::{Preflight, own_pod_cgroup, preflight};
 pub use rules::{PolicyRules, Rule, from_policy, loopback};
 
 /// Where everything is pinned: one directory per attached cgroup.
@@ -99,6 +101,8 @@ pub enum Error {
         other: String,
         other_id: u64,
     },
+    #[error("cannot find this process's pod cgroup (--pod): {0}")]
+    PodCgroup(String),
     #[error("nothing is attached for {cgroup} (no pins in {pin_dir})")]
     NotAttached { cgroup: PathBuf, pin_dir: PathBuf },
     #[error(
@@ -153,6 +157,10 @@ pub struct AttachConfig {
     pub enforce_egress: bool,
     /// Drop packets to the app's ports that do not come over loopback (default true).
     pub enforce_ingress: bool,
+    /// Sockets of tasks running as this uid are the sidecar's: never redirected or enforced
+    /// (Istio's 1337 convention). With it, `sidecar_cgroup` may equal `cgroup` (a pod cgroup
+    /// holding both app and sidecar).
+    pub sidecar_uid: Option<u32>,
 }
 
 impl AttachConfig {
@@ -169,6 +177,7 @@ impl AttachConfig {
             egress_allow: Vec::new(),
             enforce_egress: true,
             enforce_ingress: true,
+            sidecar_uid: None,
         }
     }
 }
@@ -191,8 +200,11 @@ struct RawConfig {
     outbound_port: u16,
     inbound_port: u16,
     flags: u32,
+    /// u32::MAX = no sidecar uid.
+    sidecar_uid: u32,
+    pad: u32,
 }
-// SAFETY: plain old data, repr(C), no padding (8 + 8 + 2 + 2 + 4 = 24).
+// SAFETY: plain old data, repr(C), no padding (8 + 8 + 2 + 2 + 4 + 4 + 4 = 32).
 unsafe impl aya::Pod for RawConfig {}
 
 #[repr(C)]
@@ -376,6 +388,8 @@ fn write_config(
         outbound_port: cfg.outbound_port,
         inbound_port: cfg.inbound_port,
         flags,
+        sidecar_uid: cfg.sidecar_uid.unwrap_or(u32::MAX),
+        pad: 0,
     };
 
     let mut policy: LpmTrie<MapData, PolicyData, u32> =
@@ -435,6 +449,12 @@ fn validate(cfg: &AttachConfig) -> Result<()> {
         return Err(Error::Config(
             "the sidecar's ports cannot be app ports (the sidecar would lock itself out)".into(),
         ));
+    }
+    if cfg.sidecar_uid == Some(u32::MAX) {
+        return Err(Error::Config(format!(
+            "--sidecar-uid {} is reserved (it means \"no sidecar uid\")",
+            u32::MAX
+        )));
     }
     if cfg.app_ports.len() > 256 {
         return Err(Error::Config("at most 256 app ports".into()));
@@ -499,17 +519,18 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
         })?,
     };
     env::cgroup_relative(&sidecar)?;
-    if cfg.sidecar_cgroup.is_some()
-        && env::cgroup_relative(&sidecar)? == env::cgroup_relative(&cgroup)?
-    {
+    let same = env::cgroup_relative(&sidecar)? == env::cgroup_relative(&cgroup)?;
+    if cfg.sidecar_cgroup.is_some() && same && cfg.sidecar_uid.is_none() {
         return Err(Error::Config(
             "--sidecar-cgroup must differ from --cgroup (the sidecar's own connects would be \
-             redirected to itself): run the sidecar in its own cgroup"
+             redirected to itself): run the sidecar in its own cgroup, or exempt it by uid \
+             with --sidecar-uid (e.g. 1337)"
                 .into(),
         ));
     }
     let cgroup_id = cgroup_id(&cgroup)?;
-    let sidecar_id = if cfg.sidecar_cgroup.is_some() {
+    // Same cgroup (exempt by uid only): a cgroup-id match would exempt the app too.
+    let sidecar_id = if cfg.sidecar_cgroup.is_some() && !same {
         cgroup_id_of_sidecar(&sidecar)?
     } else {
         0
@@ -518,8 +539,15 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     let pin_dir = pin_dir_for(&cgroup)?;
 
     if pin_dir.join("config").exists() {
-        let config: Array<MapData, RawConfig> =
-            Array::try_from(pinned_map(&pin_dir, "config")?).map_err(map_err("config"))?;
+        let config: Array<MapData, RawConfig> = Array::try_from(pinned_map(&pin_dir, "config")?)
+            .map_err(|e| {
+                Error::Config(format!(
+                    "the pins in {} have another layout ({e}): made by another meshgate version; \
+                     fix: `meshgate redirect detach --cgroup {}`, then attach again",
+                    pin_dir.display(),
+                    cgroup.display()
+                ))
+            })?;
         let existing = config.get(&0, 0).map_err(map_err("config"))?;
         if existing.cgroup_id != cgroup_id && existing.cgroup_id != 0 {
             let meta = read_meta(&pin_dir).unwrap_or_default();
@@ -893,6 +921,8 @@ pub struct Attachment {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub app_ports: Vec<u16>,
+    /// Tasks with this uid are exempt (the sidecar), if set.
+    pub sidecar_uid: Option<u32>,
     pub exempt_loopback: bool,
     pub enforce_egress: bool,
     pub enforce_ingress: bool,
@@ -941,6 +971,7 @@ fn read_attachment(pin_dir: &Path) -> Result<Attachment> {
         outbound_port: raw.outbound_port,
         inbound_port: raw.inbound_port,
         app_ports,
+        sidecar_uid: (raw.sidecar_uid != u32::MAX).then_some(raw.sidecar_uid),
         exempt_loopback: raw.flags & F_LOOPBACK_EXEMPT != 0,
         enforce_egress: raw.flags & F_ENFORCE_EGRESS != 0,
         enforce_ingress: raw.flags & F_ENFORCE_INGRESS != 0,
@@ -953,8 +984,23 @@ fn read_attachment(pin_dir: &Path) -> Result<Attachment> {
     })
 }
 
-/// What is attached: for one cgroup, or every meshgate attachment on this machine.
+/// What is attached: for one cgroup, or every meshgate attachment on this machine (those whose
+/// pins cannot be read are left out; see [`status_report`]).
 pub fn status(cgroup: Option<&Path>) -> Result<Vec<Attachment>> {
+    Ok(status_report(cgroup)?.attachments)
+}
+
+/// [`status`] plus the pin directories that could not be read.
+#[derive(Debug)]
+pub struct StatusReport {
+    pub attachments: Vec<Attachment>,
+    /// Pin directories under [`PIN_ROOT`] that could not be read (e.g. made by another meshgate
+    /// version with a different map layout), with the reason. Only without a cgroup.
+    pub unreadable: Vec<(PathBuf, Error)>,
+}
+
+/// [`status`], also listing the pin directories it could not read instead of failing on them.
+pub fn status_report(cgroup: Option<&Path>) -> Result<StatusReport> {
     env::require_privileges()?;
     match cgroup {
         Some(cg) => {
@@ -968,17 +1014,26 @@ pub fn status(cgroup: Option<&Path>) -> Result<Vec<Attachment>> {
                     pin_dir,
                 });
             }
-            Ok(vec![read_attachment(&pin_dir)?])
+            Ok(StatusReport {
+                attachments: vec![read_attachment(&pin_dir)?],
+                unreadable: Vec::new(),
+            })
         }
         None => {
-            let mut out = Vec::new();
+            let mut out = StatusReport {
+                attachments: Vec::new(),
+                unreadable: Vec::new(),
+            };
             let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
                 return Ok(out);
             };
             let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
             dirs.sort();
             for d in dirs {
-                out.push(read_attachment(&d)?);
+                match read_attachment(&d) {
+                    Ok(a) => out.attachments.push(a),
+                    Err(e) => out.unreadable.push((d, e)),
+                }
             }
             Ok(out)
         }
@@ -991,7 +1046,7 @@ mod tests {
 
     #[test]
     fn layouts_match_the_c_structs() {
-        assert_eq!(std::mem::size_of::<RawConfig>(), 24);
+        assert_eq!(std::mem::size_of::<RawConfig>(), 32);
         assert_eq!(std::mem::size_of::<PolicyData>(), 20);
         assert_eq!(std::mem::size_of::<Key<PolicyData>>(), 24);
         assert_eq!(std::mem::size_of::<PortKey>(), 4);

@@ -1,14 +1,18 @@
 //! The demo's small HTTP app (`meshgate demo-app`): the same code plays `web`, `orders` and
 //! `payments`. It answers with what it saw (including the caller identity its sidecar vouched
-//! for), and `orders` handles `GET /orders/<id>/checkout` by calling `payments`, propagating the
-//! trace context — so one request crosses two sidecars. `GET /call?url=…&method=…` makes any
-//! call from this app, so a user can try what this workload's identity may and may not do.
+//! for), and `orders` handles `GET /orders/<id>/checkout` by calling `payments` through its own
+//! sidecar, propagating the trace context — so one request crosses two sidecars.
 //!
-//! Calls go to an explicit sidecar outbound port (`meshgate demo`) or, where the eBPF redirect
-//! steers the app's connections into its sidecar (compose), straight to `http://payments:8080`.
+//! Calls go either through an explicit sidecar outbound address (`Upstream::via`), or directly
+//! to the URL (`--direct`: for a redirect — eBPF or iptables — that steers the connection into
+//! the local sidecar; the app knows nothing about the mesh).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -17,68 +21,82 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// Where an app's outgoing calls connect.
-#[derive(Debug, Clone)]
-pub enum Upstream {
-    /// This workload's sidecar outbound listener (the app names the service in `Host`).
-    Sidecar(SocketAddr),
-    /// The service's own address: the eBPF redirect takes the connection to the sidecar.
-    Direct,
+/// How an app reaches other services.
+#[derive(Debug, Clone, Default)]
+pub struct Upstream {
+    /// Send every call to this address (the sidecar's outbound listener, as an explicit proxy);
+    /// None: connect to the URL's host directly.
+    pub via: Option<SocketAddr>,
+    /// Host names resolved without DNS (like curl's `--resolve`).
+    pub resolve: Vec<(String, IpAddr)>,
 }
 
 /// One demo app.
 #[derive(Debug, Clone)]
 pub struct DemoApp {
     pub name: String,
-    pub upstream: Upstream,
-    /// `host[:port]` of payments, called by `GET /orders/<id>/checkout`.
-    pub payments: String,
+    /// How to call other services (None: this app calls nobody).
+    pub upstream: Option<Upstream>,
+    /// Base URL of `payments` (what `orders` calls on checkout), e.g. `http://payments:8080`.
+    pub payments_url: String,
 }
 
-/// `meshgate demo-app`: one demo app as its own process (the compose demo's workloads).
-#[derive(Debug, clap::Args)]
-pub struct DemoAppArgs {
-    /// The service it plays: web, orders or payments (only shown in answers).
-    #[arg(long)]
-    name: String,
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    listen: SocketAddr,
-    /// Base URL of payments for checkouts, e.g. http://payments:8080 (called directly).
-    #[arg(long, default_value = "http://payments:8080")]
-    payments: String,
-    /// Send calls to this sidecar outbound listener instead of the service's address.
-    #[arg(long)]
-    via: Option<SocketAddr>,
-}
-
-/// Runs `meshgate demo-app` until SIGTERM or Ctrl-C.
-pub fn run(args: DemoAppArgs) -> anyhow::Result<()> {
-    let payments = authority_of(&args.payments)
-        .ok_or_else(|| anyhow::anyhow!("--payments {}: use http://HOST[:PORT]", args.payments))?;
-    let app = DemoApp {
-        name: args.name,
-        upstream: args.via.map_or(Upstream::Direct, Upstream::Sidecar),
-        payments,
+/// Splits `http://host[:port]/path` into (authority, host, port, path).
+fn split_url(url: &str) -> Result<(String, String, u16, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
     };
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        let listener = TcpListener::bind(args.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
-        println!("demo app {} listening on http://{}", app.name, args.listen);
-        tokio::select! {
-            _ = app.serve(listener) => {}
-            _ = crate::ca_cmd::shutdown_signal() => {}
-        }
-        anyhow::Ok(())
-    })
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url}: bad port {p:?}"))?,
+        ),
+        _ => (authority, 80),
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((
+        authority.to_string(),
+        host.to_string(),
+        port,
+        path.to_string(),
+    ))
 }
 
-/// `host[:port]` of an `http://` URL.
-fn authority_of(url: &str) -> Option<String> {
-    let uri: http::Uri = url.parse().ok()?;
-    (uri.scheme_str() == Some("http")).then_some(())?;
-    Some(uri.authority()?.to_string())
+/// One HTTP/1.1 call to `url`: through `upstream.via` when set (Host = the URL's authority), else
+/// straight to the URL's host.
+pub async fn call_url(
+    upstream: &Upstream,
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let (authority, host, port, path) = split_url(url)?;
+    if let Some(via) = upstream.via {
+        return call_via(via, method, &authority, &path, headers, body).await;
+    }
+    let target = match upstream.resolve.iter().find(|(n, _)| *n == host) {
+        Some((_, ip)) => SocketAddr::new(*ip, port),
+        None => match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("resolving {host}: no address"))?,
+        },
+    };
+    call_at(target, method, &authority, &path, headers, body)
+        .await
+        .map_err(|e| format!("{url} ({target}): {e}"))
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
@@ -89,31 +107,31 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
-/// Plain HTTP/1.1 call to `host` (`name[:port]`, sent as `Host`), over a connection to
-/// `upstream`: the sidecar's outbound port, or `host` itself when the redirect steers it.
+/// Plain HTTP/1.1 call through the sidecar's outbound port (the app only names the service).
 pub async fn call_via(
-    upstream: &Upstream,
+    outbound: SocketAddr,
     method: &str,
     host: &str,
     path: &str,
     headers: &[(&str, String)],
     body: &str,
 ) -> Result<(u16, String), String> {
-    let tcp = match upstream {
-        Upstream::Sidecar(outbound) => tokio::net::TcpStream::connect(outbound)
-            .await
-            .map_err(|e| format!("sidecar outbound {outbound}: {e}"))?,
-        Upstream::Direct => {
-            let addr = if host.contains(':') {
-                host.to_string()
-            } else {
-                format!("{host}:80")
-            };
-            tokio::net::TcpStream::connect(addr.as_str())
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?
-        }
-    };
+    call_at(outbound, method, host, path, headers, body)
+        .await
+        .map_err(|e| format!("sidecar outbound {outbound}: {e}"))
+}
+
+async fn call_at(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| e.to_string())?;
@@ -141,35 +159,28 @@ pub async fn call_via(
 
 impl DemoApp {
     /// `GET /call?url=http://orders:8080/orders/1&method=GET`: this app makes the call and
-    /// answers with the status and body it got, so a user can see its identity's decisions.
-    async fn call(&self, query: &str, headers: &[(&str, String)]) -> Response<Full<Bytes>> {
+    /// answers with the status and body it got, so a user can try what its identity may do.
+    async fn call(&self, upstream: &Upstream, query: &str) -> Response<Full<Bytes>> {
         let params: std::collections::HashMap<String, String> =
             url_params(query).into_iter().collect();
         let method = params.get("method").map_or("GET", String::as_str);
-        let target = params
-            .get("url")
-            .and_then(|u| u.parse::<http::Uri>().ok())
-            .filter(|u| u.scheme_str() == Some("http") && u.authority().is_some());
-        let Some(target) = target else {
+        let Some(url) = params.get("url") else {
             return json(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({ "error": "use /call?url=http://SERVICE:PORT/PATH&method=GET" }),
             );
         };
-        let host = target.authority().expect("checked").to_string();
-        let path = target.path_and_query().map_or("/", |p| p.as_str());
-        match call_via(&self.upstream, method, &host, path, headers, "").await {
+        match call_url(upstream, method, url, &[], "").await {
             Ok((status, body)) => json(
                 StatusCode::OK,
                 serde_json::json!({
-                    "from": self.name, "method": method, "url": params["url"],
-                    "status": status,
+                    "from": self.name, "method": method, "url": url, "status": status,
                     "body": serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
                 }),
             ),
             Err(e) => json(
                 StatusCode::BAD_GATEWAY,
-                serde_json::json!({ "from": self.name, "url": params["url"], "error": e }),
+                serde_json::json!({ "from": self.name, "url": url, "error": e }),
             ),
         }
     }
@@ -183,26 +194,24 @@ impl DemoApp {
             .to_string();
         let path = req.uri().path().to_string();
         let method = req.method().to_string();
-        let traceparent: Vec<(&str, String)> = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| vec![("traceparent", v.to_string())])
-            .unwrap_or_default();
-        if path == "/call" {
-            return self
-                .call(req.uri().query().unwrap_or(""), &traceparent)
-                .await;
+        if let (Some(upstream), "/call") = (&self.upstream, path.as_str()) {
+            return self.call(upstream, req.uri().query().unwrap_or("")).await;
         }
-        if let Some(order) = path
-            .strip_prefix("/orders/")
-            .and_then(|p| p.strip_suffix("/checkout"))
-        {
-            let charged = call_via(
-                &self.upstream,
+        if let (Some(upstream), Some(order)) = (
+            &self.upstream,
+            path.strip_prefix("/orders/")
+                .and_then(|p| p.strip_suffix("/checkout")),
+        ) {
+            let traceparent: Vec<(&str, String)> = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| vec![("traceparent", v.to_string())])
+                .unwrap_or_default();
+            let charged = call_url(
+                upstream,
                 "POST",
-                &self.payments,
-                "/charge",
+                &format!("{}/charge", self.payments_url.trim_end_matches('/')),
                 &traceparent,
                 &format!("{{\"order\":\"{order}\"}}"),
             )
@@ -250,6 +259,90 @@ impl DemoApp {
     }
 }
 
+/// `meshgate demo-app`: the demo's app on its own (for containers, and for `demo --with-ebpf`).
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// The service this app plays (it answers with it): web, orders, payments, ….
+    #[arg(long)]
+    name: String,
+    /// Where to listen.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Call other services directly by URL (a redirect steers the connections into the local
+    /// sidecar). Without it, calls go to the sidecar's outbound listener (--via) as a proxy.
+    #[arg(long)]
+    direct: bool,
+    /// The sidecar's outbound listener, for calls without --direct.
+    #[arg(long, default_value = "127.0.0.1:15001", conflicts_with = "direct")]
+    via: SocketAddr,
+    /// Base URL of payments (called by orders on `GET /orders/<id>/checkout`).
+    #[arg(long, default_value = "http://payments:8080")]
+    payments_url: String,
+    /// Resolve a host name without DNS: NAME=IP (repeatable; for --direct).
+    #[arg(long, value_parser = parse_resolve)]
+    resolve: Vec<(String, IpAddr)>,
+    /// Do not serve: make one call to this URL as this app, print the status code and the body,
+    /// and exit (0 when a response came back, whatever its status).
+    #[arg(long)]
+    call: Option<String>,
+    /// Method of the --call request.
+    #[arg(long, default_value = "GET", requires = "call")]
+    method: String,
+}
+
+fn parse_resolve(s: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP"))?;
+    Ok((
+        name.to_string(),
+        ip.parse().map_err(|e| format!("{s:?}: {e}"))?,
+    ))
+}
+
+pub fn run(args: AppArgs) -> Result<()> {
+    let upstream = Upstream {
+        via: (!args.direct).then_some(args.via),
+        resolve: args.resolve,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        if let Some(url) = &args.call {
+            let call = call_url(&upstream, &args.method, url, &[], "");
+            let (status, body) = tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .map_err(|_| anyhow::anyhow!("{url}: no response within 10 s"))?
+                .map_err(anyhow::Error::msg)?;
+            println!("{status}");
+            println!("{body}");
+            return Ok(());
+        }
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        println!(
+            "demo-app {} listening on {} (calls: {})",
+            args.name,
+            listener.local_addr()?,
+            match upstream.via {
+                Some(via) => format!("via {via}"),
+                None => "direct".to_string(),
+            }
+        );
+        let app = DemoApp {
+            name: args.name,
+            upstream: Some(upstream),
+            payments_url: args.payments_url,
+        };
+        tokio::select! {
+            _ = app.serve(listener) => bail!("the listener stopped"),
+            _ = crate::ca_cmd::shutdown_signal() => Ok(()),
+        }
+    })
+}
+
 /// Decodes `a=1&b=x%2Fy` (percent escapes and `+`), enough for `/call`'s two parameters.
 fn url_params(query: &str) -> Vec<(String, String)> {
     fn decode(s: &str) -> String {
@@ -287,7 +380,7 @@ fn url_params(query: &str) -> Vec<(String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{split_url, url_params};
 
     #[test]
     fn query_parameters_are_percent_decoded() {
@@ -303,12 +396,31 @@ mod tests {
             ("", vec![]),
         ];
         for (query, want) in cases {
-            let got = url_params(query);
             let want: Vec<(String, String)> = want
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect();
-            assert_eq!(got, want, "{query}");
+            assert_eq!(url_params(query), want, "{query}");
         }
+    }
+
+    #[test]
+    fn splits_urls() {
+        let s = |u| split_url(u).unwrap();
+        assert_eq!(
+            s("http://orders:8080/orders/42"),
+            (
+                "orders:8080".into(),
+                "orders".into(),
+                8080,
+                "/orders/42".into()
+            )
+        );
+        assert_eq!(
+            s("http://10.0.0.1"),
+            ("10.0.0.1".into(), "10.0.0.1".into(), 80, "/".into())
+        );
+        assert_eq!(s("http://[::1]:81/x").1, "::1");
+        assert!(split_url("https://x/").is_err());
     }
 }

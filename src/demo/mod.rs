@@ -3,6 +3,7 @@
 //! traffic and a live table of the decisions.
 
 pub mod app;
+mod ebpf;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,9 @@ pub struct DemoArgs {
     /// Exit after the scripted traffic instead of running until Ctrl-C.
     #[arg(long)]
     once: bool,
-    /// Run the workloads in network namespaces with the eBPF redirect (needs root).
+    /// Run each workload in its own network namespace, app and sidecar in their own cgroups, with
+    /// the eBPF redirect on the app's cgroup: apps call plain http://<service>:8080 (needs root
+    /// and cgroup v2; --base-port does not apply).
     #[arg(long)]
     with_ebpf: bool,
 }
@@ -210,6 +213,25 @@ fn print_header() {
     println!("{}", "─".repeat(120));
 }
 
+/// One line of the decision table (from an in-process [`DecisionEvent`], or a child sidecar's
+/// JSON decision log line).
+#[derive(Debug, Clone)]
+struct Row {
+    who: String,
+    method: String,
+    path: String,
+    decision: String,
+    policy: String,
+    reason: String,
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "{:<20} {:<7} {:<24} {:<13} {:<32} {}",
+        r.who, r.method, r.path, r.decision, r.policy, r.reason
+    );
+}
+
 fn print_event(e: &DecisionEvent) {
     let policy = match (&e.policy, e.rule) {
         (Some(p), Some(r)) => format!("{p} #{r}"),
@@ -221,15 +243,14 @@ fn print_event(e: &DecisionEvent) {
     } else {
         policy
     };
-    println!(
-        "{:<20} {:<7} {:<24} {:<13} {:<32} {}",
-        format!("{} → {}", short(&e.peer), short(&e.workload)),
-        e.method,
-        e.path,
-        e.decision,
+    print_row(&Row {
+        who: format!("{} → {}", short(&e.peer), short(&e.workload)),
+        method: e.method.clone(),
+        path: e.path.clone(),
+        decision: e.decision.to_string(),
         policy,
-        e.reason
-    );
+        reason: e.reason.clone(),
+    });
 }
 
 async fn drain_events(events: &mut mpsc::UnboundedReceiver<DecisionEvent>, wait: Duration) {
@@ -241,9 +262,7 @@ async fn drain_events(events: &mut mpsc::UnboundedReceiver<DecisionEvent>, wait:
 
 pub fn run(args: DemoArgs) -> Result<()> {
     if args.with_ebpf {
-        bail!(
-            "--with-ebpf is not available yet (the eBPF redirect lands with its own milestone); run `meshgate demo` without it"
-        );
+        return ebpf::run(args);
     }
     check_ports(args.base_port)?;
     let temp;
@@ -333,8 +352,11 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         tokio::spawn(
             DemoApp {
                 name: name.to_string(),
-                upstream: Upstream::Sidecar(loopback(p.outbound)),
-                payments: "payments".to_string(),
+                upstream: Some(Upstream {
+                    via: Some(loopback(p.outbound)),
+                    resolve: Vec::new(),
+                }),
+                payments_url: "http://payments".to_string(),
             }
             .serve(listener),
         );
@@ -413,16 +435,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             .position(|w| *w == step.from)
             .expect("known workload") as u16;
         let outbound = loopback(ports_of(base, from).outbound);
-        let status = match call_via(
-            &Upstream::Sidecar(outbound),
-            step.method,
-            step.to,
-            step.path,
-            &[],
-            "",
-        )
-        .await
-        {
+        let status = match call_via(outbound, step.method, step.to, step.path, &[], "").await {
             Ok((status, _)) => status.to_string(),
             Err(e) => format!("error: {e}"),
         };

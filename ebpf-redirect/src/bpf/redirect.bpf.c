@@ -10,7 +10,7 @@
 //   cgroup/sendmsg4, cgroup/sendmsg6   the same decision for unconnected UDP (sendto): allow / deny
 //   sockops                            re-keys the original destination from socket cookie to 4-tuple
 //   cgroup_skb/ingress                 drops packets to the app's ports unless they come over loopback
-// Attached to the sidecar's cgroup:
+// Attached to the sidecar's cgroup (the same cgroup when the sidecar is exempt by uid):
 //   cgroup/getsockopt                  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) like netfilter
 //
 // Byte orders (the kernel mixes them): bpf_sock_addr.user_ip4/user_port network order;
@@ -72,6 +72,8 @@ struct config {
 	__u16 outbound_port;     // host order
 	__u16 inbound_port;      // host order (informational)
 	__u32 flags;
+	__u32 sidecar_uid;       // sockets of tasks with this uid are never redirected (u32 max = off)
+	__u32 pad;
 };
 
 struct policy_key {
@@ -229,8 +231,13 @@ static __always_inline int is_loopback6(const __u32 w[4])
 	return is_v4_mapped(w) && is_loopback4(w[3]);
 }
 
+// The sidecar's own sockets: by cgroup (sidecar in its own cgroup) or by uid (Istio's 1337
+// convention, for a sidecar sharing the app's cgroup, e.g. a Kubernetes pod cgroup). The uid is the
+// calling task's (connect/sendmsg run in the context of the task making the call).
 static __always_inline int is_sidecar(struct config *c)
 {
+	if (c->sidecar_uid != 0xffffffffu && (__u32)bpf_get_current_uid_gid() == c->sidecar_uid)
+		return 1;
 	return c->sidecar_cgroup_id != 0 && bpf_get_current_cgroup_id() == c->sidecar_cgroup_id;
 }
 
