@@ -134,6 +134,10 @@ pub struct ProxyArgs {
     /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable).
     #[arg(long = "probe-path")]
     probe_paths: Vec<String>,
+    /// Also answer the sidecar's own readiness (/meshgate/ready) and liveness (/meshgate/live)
+    /// on the probe listener, for kubelet probes of the sidecar container.
+    #[arg(long)]
+    probe_self: bool,
     /// Tunnel a local TCP port to a Service over mTLS (opaque L4), e.g.
     /// `127.0.0.1:15432=postgres:5432` (repeatable).
     #[arg(long = "tcp-forward")]
@@ -192,6 +196,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         admin: args.admin,
         probe: args.probe,
         probe_paths: args.probe_paths.clone(),
+        probe_self: args.probe_self,
         allow_tls12: args.allow_tls12,
         tcp_forwards: args.tcp_forwards.clone(),
         inbound_tcp_ports: args.inbound_tcp_ports.clone(),

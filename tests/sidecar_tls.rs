@@ -124,6 +124,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         admin: any,
         probe: any,
         probe_paths: vec![],
+        probe_self: false,
         allow_tls12: false,
         tcp_forwards: vec![],
         inbound_tcp_ports: vec![],

@@ -5,6 +5,11 @@
 //! listener forwards exactly the configured probe paths (GET/HEAD, no body) to the app and
 //! nothing else, so it opens no path around mTLS. The forwarded request is rebuilt from scratch:
 //! no caller header (such as a forged `x-meshgate-peer`) reaches the app.
+//!
+//! With `probe_self`, it also answers the sidecar's own `/meshgate/ready` and `/meshgate/live`:
+//! a kubelet cannot reach the admin port (loopback only, and it has `POST /shutdown`), yet it must
+//! see when the sidecar is ready before it starts the app. The `/meshgate/` prefix keeps these
+//! out of the app's paths.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,25 +25,46 @@ use tokio::sync::watch;
 
 use crate::http_util::{ProxyBody, boxed, local_response, strip_hop_by_hop};
 
+/// The sidecar's own readiness: the reasons it is not ready (empty = ready).
+pub type Readiness = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// Forwards probe paths to the app.
 #[derive(Clone)]
 pub struct ProbeForwarder {
     app: std::net::SocketAddr,
     paths: Arc<Vec<String>>,
     client: Client<HttpConnector, Empty<bytes::Bytes>>,
+    /// Answers `/meshgate/ready` and `/meshgate/live` when set.
+    readiness: Option<Readiness>,
 }
 
 impl ProbeForwarder {
-    pub fn new(app: std::net::SocketAddr, paths: Vec<String>) -> Self {
+    pub fn new(app: std::net::SocketAddr, paths: Vec<String>, readiness: Option<Readiness>) -> Self {
         Self {
             app,
             paths: Arc::new(paths),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            readiness,
         }
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let path = req.uri().path();
+        if let Some(readiness) = &self.readiness {
+            match path {
+                "/meshgate/live" => return local_response(StatusCode::OK, "live\n"),
+                "/meshgate/ready" => {
+                    // The reasons stay on the loopback admin `/ready`: this port is open to
+                    // anyone who can reach the pod.
+                    return if readiness().is_empty() {
+                        local_response(StatusCode::OK, "ready\n")
+                    } else {
+                        local_response(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    };
+                }
+                _ => {}
+            }
+        }
         if !self.paths.iter().any(|p| p == path) {
             return local_response(StatusCode::NOT_FOUND, "not a configured probe path\n");
         }

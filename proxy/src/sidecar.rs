@@ -50,6 +50,9 @@ pub struct SidecarConfig {
     pub probe: SocketAddr,
     /// Exact paths the probe listener forwards to the app (GET/HEAD only).
     pub probe_paths: Vec<String>,
+    /// The probe listener also answers the sidecar's own `/meshgate/ready` and `/meshgate/live`
+    /// (for kubelet probes of the sidecar container); binds it even without probe paths.
+    pub probe_self: bool,
     pub allow_tls12: bool,
     /// Local TCP ports whose connections are tunnelled to a Service (opaque L4).
     pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
@@ -144,7 +147,7 @@ impl Sidecar {
         let outbound_listener =
             crate::serve::bind(config.outbound, "outbound", "--outbound").await?;
         let admin_listener = crate::serve::bind(config.admin, "admin", "--admin").await?;
-        let probe_listener = if config.probe_paths.is_empty() {
+        let probe_listener = if config.probe_paths.is_empty() && !config.probe_self {
             None
         } else {
             Some(crate::serve::bind(config.probe, "health probes", "--probe").await?)
@@ -288,12 +291,17 @@ impl Sidecar {
         let mut tasks = JoinSet::new();
         tasks.spawn(inbound.serve(inbound_listener, shutdown.subscribe(), config.drain));
         tasks.spawn(outbound.serve(outbound_listener, shutdown.subscribe(), config.drain));
-        tasks.spawn(admin.serve(admin_listener));
+        tasks.spawn(admin.clone().serve(admin_listener));
         let probe_addr = probe_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound"));
         if let Some(listener) = probe_listener {
-            let probes = crate::probe::ProbeForwarder::new(config.app, config.probe_paths.clone());
+            let readiness: Option<crate::probe::Readiness> = config.probe_self.then(|| {
+                let admin = admin.clone();
+                Arc::new(move || admin.not_ready_reasons()) as crate::probe::Readiness
+            });
+            let probes =
+                crate::probe::ProbeForwarder::new(config.app, config.probe_paths.clone(), readiness);
             tasks.spawn(probes.serve(listener, shutdown.subscribe()));
         }
         tracing::info!(

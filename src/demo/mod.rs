@@ -380,6 +380,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             admin: loopback(p.admin),
             probe: loopback(0),
             probe_paths: vec![],
+            probe_self: false,
             allow_tls12: false,
             tcp_forwards: vec![],
             inbound_tcp_ports: vec![],

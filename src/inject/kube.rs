@@ -365,6 +365,7 @@ fn proxy_container(s: &Settings, port: u16, probe_paths: &[String]) -> Node {
         &format!("127.0.0.1:{ADMIN_PORT}"),
         "--probe",
         &format!("0.0.0.0:{PROBE_PORT}"),
+        "--probe-self",
     ]
     .map(str::to_owned)
     .to_vec();
@@ -373,7 +374,7 @@ fn proxy_container(s: &Settings, port: u16, probe_paths: &[String]) -> Node {
     }
     let ready = || {
         Node::map([
-            ("path", Node::str("/ready")),
+            ("path", Node::str("/meshgate/ready")),
             ("port", Node::int(PROBE_PORT)),
         ])
     };

@@ -362,6 +362,7 @@ impl TestMesh {
             admin: any,
             probe: any,
             probe_paths: vec!["/healthz".to_string()],
+            probe_self: true,
             allow_tls12: false,
             tcp_forwards: tcp_forwards.to_vec(),
             inbound_tcp_ports: inbound_tcp_ports.to_vec(),
