@@ -18,12 +18,12 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::otlp::OtlpReceiver;
+use support::privileged::{COMPOSE, cgroup2_mount, have};
 use support::{free_port, text};
 
 const PROJECT: &str = "meshgate-test";
@@ -32,18 +32,6 @@ const WORKLOADS: [&str; 3] = ["web", "orders", "payments"];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Skips (loudly) or, with `COMPOSE_TESTS=require`, fails.
-fn skip_or_fail(reason: &str) {
-    if std::env::var("COMPOSE_TESTS").as_deref() == Ok("require") {
-        panic!("compose test cannot run: {reason} (COMPOSE_TESTS=require)");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED compose demo test: {reason}\n*** needs root, dockerd running, docker-compose \
-         and curl; COMPOSE_TESTS=require turns this into a failure\n"
-    );
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -59,15 +47,6 @@ fn must(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed:\n{}", text(&out));
     out
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2")
-            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
-    })
 }
 
 /// `docker-compose` for the demo file, with this run's settings in the environment.
@@ -181,7 +160,7 @@ fn preconditions() -> Result<PathBuf, String> {
         return Err("not root".into());
     }
     for tool in ["docker", "docker-compose", "curl"] {
-        if !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")])) {
+        if !have(tool) {
             return Err(format!("{tool} is not installed"));
         }
     }
@@ -206,7 +185,7 @@ fn nix_is_root() -> bool {
 async fn compose_demo_mesh_allows_denies_applies_policy_live_and_traces() {
     let cgroup2 = match preconditions() {
         Ok(c) => c,
-        Err(reason) => return skip_or_fail(&reason),
+        Err(reason) => return COMPOSE.skip_or_fail(&reason),
     };
     // The pins must outlive the redirect init containers: they live in the host's bpffs.
     if !Path::new("/sys/fs/bpf/meshgate").exists() {

@@ -119,20 +119,6 @@ fn demo_names_a_taken_port_and_the_flag() {
     );
 }
 
-/// Skips (loudly) or, with `EBPF_TESTS=require`, fails — the rule of the privileged eBPF tests.
-fn ebpf_skip_or_fail(reason: &str) {
-    use std::io::Write;
-    if std::env::var("EBPF_TESTS").as_deref() == Ok("require") {
-        panic!("privileged eBPF test cannot run: {reason} (EBPF_TESTS=require)");
-    }
-    // Straight to the process's stderr: libtest does not capture it, so the skip is always seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED privileged eBPF test: {reason}\n*** run as root on Linux >= 5.9 with cgroup v2; \
-         EBPF_TESTS=require turns this into a failure\n"
-    );
-}
-
 /// Names of what the eBPF demo creates that still exist: netns, pins, cgroups.
 fn ebpf_demo_leftovers() -> Vec<String> {
     let mut left = Vec::new();
@@ -164,17 +150,17 @@ fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
     let pre = meshgate_ebpf::preflight();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return ebpf_skip_or_fail("`demo --with-ebpf` needs root");
+        return support::privileged::EBPF.skip_or_fail("`demo --with-ebpf` needs root");
     }
     if let Some(problem) = pre.problem() {
-        return ebpf_skip_or_fail(&problem.to_string());
+        return support::privileged::EBPF.skip_or_fail(&problem.to_string());
     }
     if !std::process::Command::new("ip")
         .arg("-V")
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        return ebpf_skip_or_fail("`ip` not found (apt-get install iproute2)");
+        return support::privileged::EBPF.skip_or_fail("`ip` not found (apt-get install iproute2)");
     }
     let started = std::time::Instant::now();
     let out = run(meshgate()

@@ -28,6 +28,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::privileged::{EBPF, cgroup2_mount, have};
+
 const A_IP: &str = "10.199.0.1";
 const B_IP: &str = "10.199.0.2";
 const EXT_IP: &str = "10.199.0.3";
@@ -36,36 +40,6 @@ const B_ID: &str = "spiffe://mesh.local/ns/test/sa/b";
 
 fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
-}
-
-/// Skips (loudly) or, with `EBPF_TESTS=require`, fails.
-fn skip_or_fail(reason: &str) {
-    if std::env::var("EBPF_TESTS").as_deref() == Ok("require") {
-        panic!("privileged eBPF test cannot run: {reason} (EBPF_TESTS=require)");
-    }
-    // Straight to the process's stderr: libtest does not capture it, so the skip is always seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED privileged eBPF test: {reason}\n*** run as root on Linux >= 5.9 with cgroup v2; \
-         EBPF_TESTS=require turns this into a failure\n"
-    );
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2")
-            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
-    })
 }
 
 /// Runs a command with a deadline; kills it when the deadline passes.
@@ -281,19 +255,19 @@ fn ok(o: &Output) -> String {
 fn setup(tag: &str) -> Option<Env> {
     let pre = meshgate_ebpf::preflight();
     if let Some(problem) = pre.problem() {
-        skip_or_fail(&problem.to_string());
+        EBPF.skip_or_fail(&problem.to_string());
         return None;
     }
     for tool in ["ip", "curl", "python3"] {
         if !have(tool) {
-            skip_or_fail(&format!(
+            EBPF.skip_or_fail(&format!(
                 "`{tool}` not found (apt-get install iproute2 curl python3)"
             ));
             return None;
         }
     }
     let Some(mount) = cgroup2_mount() else {
-        skip_or_fail("no cgroup2 mount");
+        EBPF.skip_or_fail("no cgroup2 mount");
         return None;
     };
     let id = format!("{}{tag}", std::process::id() % 100_000);

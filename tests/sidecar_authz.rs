@@ -306,7 +306,10 @@ async fn health_probes_reach_the_app_despite_default_deny_and_nothing_else_does(
     assert_eq!(send("POST", "/healthz", "").await.0, 405);
     assert_eq!(send("GET", "/healthz", "payload").await.0, 400);
     // The sidecar's own readiness for kubelet probes (`--probe-self`), without details.
-    assert_eq!(send("GET", "/meshgate/ready", "").await, (200, "ready\n".into()));
+    assert_eq!(
+        send("GET", "/meshgate/ready", "").await,
+        (200, "ready\n".into())
+    );
     assert_eq!(send("GET", "/meshgate/live", "").await.0, 200);
 }
 

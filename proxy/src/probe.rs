@@ -39,7 +39,11 @@ pub struct ProbeForwarder {
 }
 
 impl ProbeForwarder {
-    pub fn new(app: std::net::SocketAddr, paths: Vec<String>, readiness: Option<Readiness>) -> Self {
+    pub fn new(
+        app: std::net::SocketAddr,
+        paths: Vec<String>,
+        readiness: Option<Readiness>,
+    ) -> Self {
         Self {
             app,
             paths: Arc::new(paths),

@@ -300,8 +300,11 @@ impl Sidecar {
                 let admin = admin.clone();
                 Arc::new(move || admin.not_ready_reasons()) as crate::probe::Readiness
             });
-            let probes =
-                crate::probe::ProbeForwarder::new(config.app, config.probe_paths.clone(), readiness);
+            let probes = crate::probe::ProbeForwarder::new(
+                config.app,
+                config.probe_paths.clone(),
+                readiness,
+            );
             tasks.spawn(probes.serve(listener, shutdown.subscribe()));
         }
         tracing::info!(

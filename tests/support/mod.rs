@@ -4,6 +4,7 @@
 
 pub mod mesh;
 pub mod otlp;
+pub mod privileged;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
