@@ -188,7 +188,11 @@ async fn compose_demo_mesh_allows_denies_applies_policy_live_and_traces() {
         Err(reason) => return COMPOSE.skip_or_fail(&reason),
     };
     // The pins must outlive the redirect init containers: they live in the host's bpffs.
-    if !Path::new("/sys/fs/bpf/meshgate").exists() {
+    let bpffs_mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+    if !bpffs_mounted {
         let _ = Command::new("mount")
             .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
             .output();
