@@ -35,6 +35,27 @@ fn row<'a>(shown: &'a str, who: &str, method: &str, path: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no decision row for {who} {method} {path}:\n{shown}"))
 }
 
+/// One expected row of the decision table: who → whom, method, path as judged, decision, and
+/// something the row must name (policy/rule or reason).
+type ExpectedRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+fn assert_decision_rows(shown: &str, rows: &[ExpectedRow]) {
+    for &(who, method, path, decision, mention) in rows {
+        let line = row(shown, who, method, path);
+        assert!(
+            line.split_whitespace().nth(5) == Some(decision),
+            "{who} {method} {path}: expected {decision}: {line}"
+        );
+        assert!(line.contains(mention), "{line} should mention {mention}");
+    }
+}
+
 #[test]
 fn demo_runs_the_scenario_and_prints_the_decisions() {
     let shown = demo_output();
@@ -89,14 +110,7 @@ fn demo_runs_the_scenario_and_prints_the_decisions() {
             "shop/orders-readers #0",
         ),
     ];
-    for (who, method, path, decision, mention) in cases {
-        let line = row(&shown, who, method, path);
-        assert!(
-            line.split_whitespace().nth(5) == Some(decision),
-            "{who} {method} {path}: expected {decision}: {line}"
-        );
-        assert!(line.contains(mention), "{line} should mention {mention}");
-    }
+    assert_decision_rows(&shown, &cases);
     // web may not call payments: payments' sidecar denies it by identity, and says so.
     assert!(shown.contains("↳ web POST /charge → HTTP 403"), "{shown}");
     let denied = row(&shown, "web → payments", "POST", "/charge");
@@ -169,7 +183,7 @@ fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
     let elapsed = started.elapsed();
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
-    for (who, method, path, decision, mention) in [
+    let cases: [ExpectedRow; 6] = [
         (
             "web → orders",
             "GET",
@@ -212,14 +226,8 @@ fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
             "bad-request",
             "encoded '/'",
         ),
-    ] {
-        let line = row(&shown, who, method, path);
-        assert!(
-            line.split_whitespace().nth(5) == Some(decision),
-            "{who} {method} {path}: expected {decision}: {line}"
-        );
-        assert!(line.contains(mention), "{line} should mention {mention}");
-    }
+    ];
+    assert_decision_rows(&shown, &cases);
     // The apps named no proxy: plain URLs.
     assert!(
         shown.contains("↳ web GET http://orders:8080/orders/42 → HTTP 200"),

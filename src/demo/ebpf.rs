@@ -475,14 +475,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         println!("cleaned up what a previous run left behind (netns, cgroups, eBPF pins)");
     }
-    let temp;
-    let dir: PathBuf = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::tempdir().context("creating a temporary directory")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (_temp, dir) = super::state_dir(&args)?;
     std::fs::create_dir_all(dir.join("logs"))?;
     let mut lab = Lab {
         cg_root,

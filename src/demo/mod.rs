@@ -265,16 +265,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
         return ebpf::run(args);
     }
     check_ports(args.base_port)?;
-    let temp;
-    let dir: PathBuf = match &args.dir {
-        Some(d) => d.clone(),
-        None => {
-            temp = tempfile::tempdir().context("creating a temporary directory")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (_temp, dir) = state_dir(&args)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(demo(args, &dir))
+}
+
+/// Where the demo keeps its CA, policies and logs: `--dir`, or a temporary directory that lives
+/// as long as the returned guard.
+fn state_dir(args: &DemoArgs) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
+    Ok(match &args.dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let temp = tempfile::tempdir().context("creating a temporary directory")?;
+            let dir = temp.path().to_path_buf();
+            (Some(temp), dir)
+        }
+    })
 }
 
 async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
