@@ -335,6 +335,77 @@ fn deny_paths_match_case_insensitively() {
     }
 }
 
+/// At L4 a DENY rule drops its HTTP-only fields (it refuses more), an ALLOW rule keeps them (it
+/// matches nothing it did not name): a DENY on `/admin/*` must not fail open for a TCP tunnel.
+#[test]
+fn l4_requests_deny_rules_drop_http_fields_allow_rules_never_match_them() {
+    // (rule, request, DENY-compiled matches, ALLOW-compiled matches)
+    let cases: &[(&str, Req, bool, bool)] = &[
+        ("{to: [{paths: [\"/admin/*\"]}]}", tcp(WEB, 8080), true, false),
+        ("{to: [{notPaths: [\"/public/*\"]}]}", tcp(WEB, 8080), true, false),
+        ("{to: [{methods: [DELETE]}]}", tcp(WEB, 8080), true, false),
+        ("{to: [{notMethods: [GET]}]}", tcp(WEB, 8080), true, false),
+        (
+            "{when: [{header: x-tenant, values: [evil]}]}",
+            tcp(WEB, 8080),
+            true,
+            false,
+        ),
+        // identity and port fields still apply
+        (
+            "{from: [{principals: [\"*/sa/orders\"]}], to: [{paths: [\"/admin/*\"]}]}",
+            tcp(WEB, 8080),
+            false,
+            false,
+        ),
+        (
+            "{to: [{paths: [\"/admin/*\"], ports: [9090]}]}",
+            tcp(WEB, 8080),
+            false,
+            false,
+        ),
+        (
+            "{to: [{paths: [\"/admin/*\"], ports: [8080]}]}",
+            tcp(WEB, 8080),
+            true,
+            false,
+        ),
+        // HTTP requests are unaffected
+        ("{to: [{paths: [\"/admin/*\"]}]}", http(WEB, "GET", "/public/x"), false, false),
+        ("{to: [{paths: [\"/admin/*\"]}]}", http(WEB, "GET", "/admin/x"), true, true),
+    ];
+    for (rule, req, deny_want, allow_want) in cases {
+        let parsed: Rule = serde_saphyr::from_str(rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
+        let deny = RuleMatcher::compile(&parsed, PathCase::Insensitive).unwrap();
+        let allow = RuleMatcher::compile(&parsed, PathCase::Sensitive).unwrap();
+        assert_eq!(req.run(|r| deny.matches(r)), *deny_want, "DENY {rule}");
+        assert_eq!(req.run(|r| allow.matches(r)), *allow_want, "ALLOW {rule}");
+    }
+}
+
+/// The reported bypass: an identity-only ALLOW plus a DENY on `/admin/*` must deny an L4 tunnel
+/// from the allowed identity (it could otherwise send `GET /admin/...` through it).
+#[test]
+fn identity_only_allow_plus_path_deny_refuses_l4() {
+    let set = set_from(&format!(
+        "{}{}",
+        pol(
+            "allow-web",
+            "  action: ALLOW\n  rules: [{from: [{principals: [\"*/sa/web\"]}]}]"
+        ),
+        pol(
+            "no-admin",
+            "  action: DENY\n  rules: [{to: [{paths: [\"/admin/*\"]}]}]"
+        ),
+    ));
+    let snapshot = PolicySnapshot::compile(&set, &id(ORDERS));
+    let l4 = tcp(WEB, 8080).run(|r| snapshot.evaluate(r));
+    assert!(!l4.allowed, "{l4:?}");
+    assert_eq!(l4.policy.as_deref(), Some("shop/no-admin"));
+    let public = http(WEB, "GET", "/public/x").run(|r| snapshot.evaluate(r));
+    assert!(public.allowed, "{public:?}");
+}
+
 #[test]
 fn scope_table() {
     // (namespace, selector account, workload, applies)
@@ -572,10 +643,11 @@ fn decision_table() {
             tcp(WEB, 5432),
             (Allow, true, Some("shop/db"), Some(0), None, None),
         ),
+        // L4: a DENY with only HTTP fields drops them and denies the connection (fail closed)
         (
             format!("{deny_admin}{}", mesh_allow()),
             tcp(WEB, 8080),
-            (Allow, true, None, None, None, None),
+            (Deny, false, Some("shop/deny-admin"), Some(0), None, None),
         ),
     ];
     let workload = id(ORDERS.replace("orders", "api").as_str());

@@ -8,6 +8,7 @@ mod docsplit;
 mod index;
 pub mod load;
 mod matcher;
+pub mod method;
 pub mod model;
 pub mod path;
 pub mod pattern;
@@ -27,4 +28,5 @@ mod load_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
+pub use method::{MethodError, check_method};
 pub use path::{NormalizedPath, PathError, normalize_path};

@@ -155,6 +155,8 @@ fn refusals_with_file_and_line() {
         (rule("to: [{ paths: [\"/a/../b\"] }]"), 7, "normalized form"),
         (rule("to: [{ methods: [\"GET POST\"] }]"), 7, "RFC 9110"),
         (rule("to: [{ notMethods: [\"\"] }]"), 7, "RFC 9110"),
+        (rule("to: [{ methods: [\"delete\"] }]"), 7, "write \"DELETE\""),
+        (rule("to: [{ notMethods: [\"Get\"] }]"), 7, "canonical form"),
         (rule("to: [{ ports: [0] }]"), 7, "port 0"),
         (rule("to: [{ notPorts: [0] }]"), 7, "port 0"),
         (rule("to: [{ ports: [70000] }]"), 7, "not a port number"),

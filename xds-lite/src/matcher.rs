@@ -2,8 +2,14 @@
 //!
 //! A rule matches when (no source or any source matches) and (no operation or any operation
 //! matches) and every condition matches; inside a source or operation every non-empty field must
-//! match (`not*` = none-of). An L4 request (no method, no path, no headers) never satisfies a
-//! method, path or header condition.
+//! match (`not*` = none-of).
+//!
+//! An L4 request (an opaque TCP connection: no method, no path, no headers) is judged by the
+//! rule's kind ([`L4Http`]): an ALLOW rule's HTTP-only fields can never be satisfied, so the
+//! rule does not match (it grants nothing it did not name); a DENY rule's HTTP-only fields are
+//! dropped, so the rule matches on its identity and port fields alone (it refuses more, never
+//! less). A DENY written for `/admin/*` therefore refuses a TCP connection from the same peers to
+//! the same ports, as Istio does.
 
 use http::HeaderName;
 
@@ -19,6 +25,27 @@ use crate::pattern::{Pattern, PatternError};
 pub enum PathCase {
     Sensitive,
     Insensitive,
+}
+
+/// What a rule's HTTP-only fields (methods, paths, headers) mean for an L4 (TCP) request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum L4Http {
+    /// They cannot hold: the rule does not match (ALLOW and AUDIT rules).
+    #[default]
+    NeverMatch,
+    /// They are ignored: the rule matches on its other fields (DENY rules: fail closed).
+    Ignore,
+}
+
+impl PathCase {
+    /// DENY rules match paths case-insensitively and drop HTTP-only fields at L4; see the module
+    /// docs.
+    pub fn l4_http(self) -> L4Http {
+        match self {
+            PathCase::Sensitive => L4Http::NeverMatch,
+            PathCase::Insensitive => L4Http::Ignore,
+        }
+    }
 }
 
 /// Why a rule could not be compiled (only for sets that skipped validation).
@@ -52,6 +79,7 @@ pub struct OperationMatcher {
 /// A compiled `when` entry.
 #[derive(Debug, Clone)]
 pub struct ConditionMatcher {
+    l4: L4Http,
     header: HeaderName,
     values: Vec<Pattern>,
     not_values: Vec<Pattern>,
@@ -131,16 +159,17 @@ impl OperationMatcher {
     }
 
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
+        let l4_ignores_http = self.path_case.l4_http() == L4Http::Ignore;
         let method_ok = match req.method {
             Some(m) => any_of(&self.methods, |x| x == m) && none_of(&self.not_methods, |x| x == m),
-            None => self.methods.is_empty() && self.not_methods.is_empty(),
+            None => l4_ignores_http || (self.methods.is_empty() && self.not_methods.is_empty()),
         };
         let path_ok = match req.path {
             Some(path) => {
                 any_of(&self.paths, |p| self.path_matches(p, path))
                     && none_of(&self.not_paths, |p| self.path_matches(p, path))
             }
-            None => self.paths.is_empty() && self.not_paths.is_empty(),
+            None => l4_ignores_http || (self.paths.is_empty() && self.not_paths.is_empty()),
         };
         method_ok
             && path_ok
@@ -150,8 +179,9 @@ impl OperationMatcher {
 }
 
 impl ConditionMatcher {
-    fn compile(c: &Condition) -> Result<Self, CompileError> {
+    fn compile(c: &Condition, l4: L4Http) -> Result<Self, CompileError> {
         Ok(Self {
+            l4,
             header: HeaderName::from_bytes(c.header.as_bytes())
                 .map_err(|_| CompileError::HeaderName(c.header.clone()))?,
             values: patterns(&c.values, PathCase::Sensitive)?,
@@ -160,9 +190,10 @@ impl ConditionMatcher {
     }
 
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
-        // L4 requests carry no headers: a header condition cannot hold.
+        // L4 requests carry no headers: a header condition cannot hold (ALLOW) or is dropped
+        // (DENY).
         let Some(headers) = req.headers.filter(|_| req.method.is_some()) else {
-            return false;
+            return self.l4 == L4Http::Ignore;
         };
         let mut values = headers.get_all(&self.header).iter().peekable();
         if values.peek().is_none() {
@@ -197,7 +228,7 @@ impl RuleMatcher {
             conditions: rule
                 .when
                 .iter()
-                .map(ConditionMatcher::compile)
+                .map(|c| ConditionMatcher::compile(c, path_case.l4_http()))
                 .collect::<Result<_, _>>()?,
         })
     }

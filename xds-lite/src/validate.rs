@@ -158,6 +158,14 @@ fn check_operation(op: &Operation, out: &mut Vec<Problem>) {
                 m,
                 format!("method {m:?} is not an HTTP method token (RFC 9110), e.g. GET"),
             ));
+        } else if m.bytes().any(|b| b.is_ascii_lowercase()) {
+            out.push(Problem::at(
+                m,
+                format!(
+                    "method {m:?} is not in canonical form: the sidecar refuses requests whose method has lowercase letters, so this rule could never match; write {:?}",
+                    m.to_ascii_uppercase()
+                ),
+            ));
         }
     }
     for p in op.paths.iter().chain(&op.not_paths) {

@@ -1,6 +1,7 @@
 //! One request, judged exactly as the inbound sidecar judges it: the raw path is normalized first
 //! and a path that cannot be normalized is refused before any policy is consulted (the sidecar
-//! answers 400), so `test` and `explain` report that as a `deny` with reason "bad path".
+//! answers 400), so `test` and `explain` report that as a `deny` with reason "bad path"; so is a
+//! method the sidecar refuses (`delete`, `CONNECT`: reason "bad request").
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use meshgate_ca::SpiffeId;
 
 use crate::authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
 use crate::load::PolicySet;
+use crate::method::check_method;
 use crate::path::{NormalizedPath, PathError, normalize_path};
 use crate::validate::is_token;
 
@@ -99,6 +101,12 @@ impl Probe {
     /// Judges the probe against an already compiled snapshot (of the probe's workload).
     pub fn judge_with(&self, snapshot: &PolicySnapshot) -> Judgement {
         let normalized = normalize_path(&self.raw_path);
+        if let Err(e) = check_method(&self.method) {
+            return Judgement {
+                normalized,
+                decision: refused(snapshot, format!("bad request: {e}")),
+            };
+        }
         let decision = match &normalized {
             Ok(n) => snapshot.evaluate(&AuthzRequest {
                 peer: &self.peer,
@@ -107,7 +115,7 @@ impl Probe {
                 port: self.port,
                 headers: Some(&self.headers),
             }),
-            Err(e) => bad_path(snapshot, e),
+            Err(e) => refused(snapshot, format!("bad path: {e}")),
         };
         Judgement {
             normalized,
@@ -117,14 +125,14 @@ impl Probe {
 }
 
 /// The decision the sidecar's 400 amounts to: refused before any policy is consulted.
-fn bad_path(snapshot: &PolicySnapshot, e: &PathError) -> Decision {
+fn refused(snapshot: &PolicySnapshot, reason: String) -> Decision {
     Decision {
         kind: DecisionKind::Deny,
         allowed: false,
         policy: None,
         rule: None,
         version: Arc::from(snapshot.version()),
-        reason: format!("bad path: {e}"),
+        reason,
         audit_policy: None,
         dry_run_policy: None,
     }
