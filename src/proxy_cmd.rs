@@ -142,9 +142,15 @@ pub struct ProxyArgs {
     /// `127.0.0.1:15432=postgres:5432` (repeatable).
     #[arg(long = "tcp-forward")]
     tcp_forwards: Vec<meshgate_proxy::outbound::tcp::TcpForward>,
-    /// Extra app port that inbound L4 tunnels may reach besides the --app port (repeatable).
+    /// App port that inbound L4 tunnels (opaque TCP) may reach (repeatable). Never the --app
+    /// port: HTTP is authorized per request, so it cannot also be an opaque tunnel.
     #[arg(long = "inbound-tcp-port")]
     inbound_tcp_ports: Vec<u16>,
+    /// `Upgrade` protocol that may reach the app (repeatable; default: websocket). Others
+    /// (e.g. h2c) are removed from the request, which goes on without the upgrade: after a 101
+    /// the bytes are no longer judged per request.
+    #[arg(long = "allow-upgrade", default_values_t = ["websocket".to_string()])]
+    allowed_upgrades: Vec<String>,
     /// How long redirected connections may take to send their first bytes before they are
     /// handled as opaque TCP (server-speaks-first protocols).
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
@@ -172,6 +178,21 @@ pub struct ProxyArgs {
 }
 
 pub fn run(args: ProxyArgs) -> Result<()> {
+    if args.inbound_tcp_ports.contains(&args.app.port()) {
+        bail!(
+            "--inbound-tcp-port {} is the --app port, which carries HTTP: HTTP is authorized per request and cannot also be an opaque tunnel; serve the TCP protocol on another port",
+            args.app.port()
+        );
+    }
+    if let Some(bad) = args
+        .allowed_upgrades
+        .iter()
+        .find(|p| !meshgate_xds::validate::is_token(p) || p.eq_ignore_ascii_case("h2c"))
+    {
+        bail!(
+            "--allow-upgrade {bad:?}: not an allowable upgrade protocol (an RFC 9110 token, and never h2c, which would carry HTTP/2 streams no rule judges), e.g. websocket"
+        );
+    }
     let identity = args.identity.source()?;
     let config = SidecarConfig {
         app: args.app,
@@ -200,6 +221,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         allow_tls12: args.allow_tls12,
         tcp_forwards: args.tcp_forwards.clone(),
         inbound_tcp_ports: args.inbound_tcp_ports.clone(),
+        allowed_upgrades: args.allowed_upgrades.clone(),
         detect_timeout: args.detect_timeout,
         opaque_ports: args.opaque_ports.clone(),
         drain: args.drain,

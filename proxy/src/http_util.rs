@@ -138,15 +138,25 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 }
 
 /// Joins the caller's and the upstream's upgraded connections byte for byte until either side
-/// closes (WebSocket and any other `Upgrade` protocol).
-pub fn bridge_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// closes or `revoked` resolves (WebSocket and any other allowed `Upgrade` protocol).
+pub fn bridge_upgrade(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    revoked: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     tokio::spawn(async move {
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
                 let mut down = hyper_util::rt::TokioIo::new(down);
                 let mut up = hyper_util::rt::TokioIo::new(up);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+                        if let Err(e) = copied {
+                            tracing::debug!(error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    // Dropping both ends closes them.
+                    () = revoked => {}
                 }
             }
             Err(e) => {

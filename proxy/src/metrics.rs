@@ -45,6 +45,19 @@ pub struct TcpLabels {
     pub port: u16,
 }
 
+/// Labels of the request-hygiene counter: what the inbound path removed or refused before (or
+/// instead of) authorization.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HygieneLabels {
+    /// `identity_header` (a caller-sent header an app could read as the sidecar's identity
+    /// header, any spelling), `identity_trailer` (the same in request trailers),
+    /// `upgrade_refused` (an `Upgrade` protocol not on the allowlist, stripped),
+    /// `upgrade_revoked` (an upgraded connection closed by a policy change or cert expiry),
+    /// `bad_method`, `bad_host`, `tunnel_to_http_port`, `connection_limit`,
+    /// `source_connection_limit`, `idle_timeout`.
+    pub reason: &'static str,
+}
+
 /// Labels of the protocol detection counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
@@ -74,6 +87,7 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub protocol_detections: Family<DetectLabels, Counter>,
+    pub hygiene: Family<HygieneLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Family<DropLabels, Counter>,
     pub policy_swaps: Counter,
@@ -131,6 +145,12 @@ impl Default for Metrics {
             "Protocol detection outcomes on redirected outbound connections (timeout = server-speaks-first or slow client)",
             protocol_detections.clone(),
         );
+        let hygiene = Family::<HygieneLabels, Counter>::default();
+        registry.register(
+            "inbound_hygiene",
+            "Forged identity headers removed, refused upgrades and requests, revoked upgrades, shed connections",
+            hygiene.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "trace_spans_exported",
@@ -187,6 +207,7 @@ impl Default for Metrics {
             tls_handshake_failures,
             tcp_connections,
             protocol_detections,
+            hygiene,
             spans_exported,
             spans_dropped,
             policy_swaps,

@@ -58,6 +58,8 @@ pub struct SidecarConfig {
     pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
     /// Extra app ports that inbound L4 tunnels may reach (the app's own port always may).
     pub inbound_tcp_ports: Vec<u16>,
+    /// `Upgrade` protocols that may reach the app (lowercase tokens; `websocket` by default).
+    pub allowed_upgrades: Vec<String>,
     /// Protocol detection on redirected outbound connections.
     pub detect_timeout: Duration,
     /// Destination ports always treated as opaque TCP.
@@ -242,6 +244,10 @@ impl Sidecar {
                 app_port: config.app.port(),
                 telemetry: telemetry.clone(),
                 decisions: decisions.clone(),
+                swaps: policy.swaps(),
+                upgrades: crate::inbound::sanitize::UpgradePolicy::new(
+                    config.allowed_upgrades.iter().cloned(),
+                ),
             },
             forwarder: AppForwarder::new(config.app, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {
@@ -249,11 +255,8 @@ impl Sidecar {
                 swaps: policy.swaps(),
                 metrics: metrics.clone(),
                 app_host: config.app.ip(),
-                ports: Arc::new(
-                    std::iter::once(config.app.port())
-                        .chain(config.inbound_tcp_ports.iter().copied())
-                        .collect(),
-                ),
+                ports: Arc::new(config.inbound_tcp_ports.clone()),
+                http_port: config.app.port(),
             },
             metrics: metrics.clone(),
         };

@@ -2,8 +2,10 @@
 //!
 //! A tunnel is its own mTLS connection negotiated with ALPN `meshgate-tcp`, so the inbound side
 //! knows what it is from the handshake alone — no sniffing, no stall on server-speaks-first
-//! protocols (MySQL, SMTP). The client then sends one line, `MGTCP1 <port>\n`; the inbound sidecar
-//! authorizes the peer's identity for that port (rules with L7 conditions never match L4 traffic),
+//! protocols (MySQL, SMTP). Only ports declared TCP (`--inbound-tcp-port`) are reachable; the
+//! app's HTTP port never is (HTTP is judged per request). The client then sends one line, `MGTCP1 <port>\n`; the inbound sidecar
+//! authorizes the peer's identity for that port (ALLOW rules with HTTP conditions never match L4
+//! traffic; DENY rules drop their HTTP conditions and so refuse more),
 //! answers `OK\n` and splices bytes. The decision is re-checked at every policy swap: a
 //! connection that the new policy denies is closed and counted as `revoked`.
 
@@ -60,9 +62,13 @@ pub struct TunnelServer {
     pub metrics: Arc<Metrics>,
     /// The app's host; tunnels connect to `<app_host>:<port>`.
     pub app_host: std::net::IpAddr,
-    /// Ports a tunnel may target (the app's port plus `--inbound-tcp-port`s). Anything else —
-    /// the admin port, other local services — is refused before policy is even consulted.
+    /// Ports a tunnel may target (the `--inbound-tcp-port`s). Anything else — the admin port,
+    /// other local services — is refused before policy is even consulted.
     pub ports: Arc<Vec<u16>>,
+    /// The app's HTTP port. Never reachable as an opaque tunnel: bytes in a tunnel are judged by
+    /// identity and port only, so an HTTP request sent through one would skip per-request
+    /// authorization (method, path, headers) and header sanitizing.
+    pub http_port: u16,
 }
 
 impl TunnelServer {
@@ -90,6 +96,17 @@ impl TunnelServer {
             count(&self.metrics, "inbound", "error", 0);
             return;
         };
+        if port == self.http_port {
+            tracing::warn!(
+                event = "tunnel.http_port_refused",
+                peer.id = %peer,
+                port,
+                "tunnel to the app's HTTP port refused: HTTP is authorized per request (send HTTP through the mesh, or declare a TCP port with --inbound-tcp-port)"
+            );
+            crate::inbound::sanitize::count(&self.metrics, "tunnel_to_http_port", 1);
+            count(&self.metrics, "inbound", "deny", port);
+            return;
+        }
         if !self.ports.contains(&port) {
             tracing::warn!(event = "tunnel.port_refused", peer.id = %peer, port, "tunnel to a port this sidecar does not expose");
             count(&self.metrics, "inbound", "deny", port);

@@ -413,7 +413,7 @@ fn short_id(id: &str) -> String {
         .map_or_else(|| id.to_string(), |(_, sa)| sa.to_string())
 }
 
-/// A decision table row from a sidecar's JSON log line (`authz.decision`, `authz.bad_path`).
+/// A decision table row from a sidecar's JSON log line (`authz.decision`, `authz.bad_request`).
 fn row_from_log(line: &str) -> Option<Row> {
     if !line.contains("\"authz.") {
         return None;
@@ -441,7 +441,7 @@ fn row_from_log(line: &str) -> Option<Row> {
                 reason: s("reason"),
             })
         }
-        "authz.bad_path" => Some(Row {
+        "authz.bad_request" => Some(Row {
             who,
             method: s("http.request.method"),
             path: s("meshgate.path.original"),
@@ -785,7 +785,7 @@ mod tests {
             (r.who.as_str(), r.decision.as_str(), r.policy.as_str()),
             ("web → orders", "allow", "shop/orders-readers #0")
         );
-        let bad = r#"{"event":"authz.bad_path","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","meshgate.path.original":"/orders/..%2fadmin","reason":"encoded '/'"}"#;
+        let bad = r#"{"event":"authz.bad_request","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","meshgate.path.original":"/orders/..%2fadmin","reason":"encoded '/'"}"#;
         let r = row_from_log(bad).unwrap();
         assert_eq!(
             (r.path.as_str(), r.decision.as_str()),

@@ -390,6 +390,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             allow_tls12: false,
             tcp_forwards: vec![],
             inbound_tcp_ports: vec![],
+            allowed_upgrades: vec!["websocket".into()],
             detect_timeout: Duration::from_millis(500),
             opaque_ports: vec![],
             drain: Duration::from_secs(2),

@@ -366,6 +366,7 @@ impl TestMesh {
             allow_tls12: false,
             tcp_forwards: tcp_forwards.to_vec(),
             inbound_tcp_ports: inbound_tcp_ports.to_vec(),
+            allowed_upgrades: vec!["websocket".into()],
             detect_timeout: Duration::from_millis(300),
             opaque_ports: vec![],
             drain: Duration::from_secs(2),

@@ -341,8 +341,18 @@ fn deny_paths_match_case_insensitively() {
 fn l4_requests_deny_rules_drop_http_fields_allow_rules_never_match_them() {
     // (rule, request, DENY-compiled matches, ALLOW-compiled matches)
     let cases: &[(&str, Req, bool, bool)] = &[
-        ("{to: [{paths: [\"/admin/*\"]}]}", tcp(WEB, 8080), true, false),
-        ("{to: [{notPaths: [\"/public/*\"]}]}", tcp(WEB, 8080), true, false),
+        (
+            "{to: [{paths: [\"/admin/*\"]}]}",
+            tcp(WEB, 8080),
+            true,
+            false,
+        ),
+        (
+            "{to: [{notPaths: [\"/public/*\"]}]}",
+            tcp(WEB, 8080),
+            true,
+            false,
+        ),
         ("{to: [{methods: [DELETE]}]}", tcp(WEB, 8080), true, false),
         ("{to: [{notMethods: [GET]}]}", tcp(WEB, 8080), true, false),
         (
@@ -371,8 +381,18 @@ fn l4_requests_deny_rules_drop_http_fields_allow_rules_never_match_them() {
             false,
         ),
         // HTTP requests are unaffected
-        ("{to: [{paths: [\"/admin/*\"]}]}", http(WEB, "GET", "/public/x"), false, false),
-        ("{to: [{paths: [\"/admin/*\"]}]}", http(WEB, "GET", "/admin/x"), true, true),
+        (
+            "{to: [{paths: [\"/admin/*\"]}]}",
+            http(WEB, "GET", "/public/x"),
+            false,
+            false,
+        ),
+        (
+            "{to: [{paths: [\"/admin/*\"]}]}",
+            http(WEB, "GET", "/admin/x"),
+            true,
+            true,
+        ),
     ];
     for (rule, req, deny_want, allow_want) in cases {
         let parsed: Rule = serde_saphyr::from_str(rule).unwrap_or_else(|e| panic!("{rule}: {e}"));

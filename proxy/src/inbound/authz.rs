@@ -19,8 +19,10 @@ use meshgate_ca::SpiffeId;
 use meshgate_xds::{AuthzRequest, PolicySnapshot, normalize_path};
 use tower::{Layer, Service};
 
+use super::sanitize::{self, TrailerFilter, UpgradePolicy};
 use crate::http_util::{
-    PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER, error_response,
+    ORIG_PROTO_HEADER, PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER,
+    error_response,
 };
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
@@ -66,7 +68,16 @@ pub struct AuthzContext {
     pub telemetry: Arc<Telemetry>,
     /// Decision feed; events are built only while someone subscribes.
     pub decisions: tokio::sync::broadcast::Sender<DecisionEvent>,
+    /// Bumped at every policy swap: upgraded connections re-judge their request then.
+    pub swaps: tokio::sync::watch::Receiver<u64>,
+    /// Which `Upgrade` protocols may reach the app.
+    pub upgrades: UpgradePolicy,
 }
+
+/// Set by the outbound sidecar's `x-meshgate-orig-proto`: the caller spoke HTTP/1.1, so the app
+/// gets HTTP/1.1 again (read before the reserved headers are stripped).
+#[derive(Debug, Clone, Copy)]
+pub struct CarriedHttp1;
 
 /// Adds [`Authorize`] for one connection's peer.
 pub struct AuthorizeLayer {
@@ -103,8 +114,11 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S> Service<Request<Incoming>> for Authorize<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = std::convert::Infallible>
-        + Clone
+    S: Service<
+            Request<TrailerFilter>,
+            Response = Response<ProxyBody>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send,
@@ -145,43 +159,75 @@ where
             ],
         );
         let trace_id = Telemetry::trace_id(&inbound);
+        let bad_request = |reason: String, label: &'static str, body: &'static str| {
+            tracing::warn!(
+                event = "authz.bad_request",
+                meshgate.workload.id = %ctx.local_id,
+                peer.id = %peer.id,
+                http.request.method = %method,
+                meshgate.path.original = %original,
+                reason = %reason,
+                trace_id = %trace_id,
+                "request refused before authorization"
+            );
+            sanitize::count(&ctx.metrics, label, 1);
+            record(&ctx.metrics, "bad-request", "", started);
+            publish(
+                &ctx,
+                &peer,
+                &method,
+                &original,
+                "bad-request",
+                None,
+                None,
+                reason.clone(),
+                &trace_id,
+            );
+            let span = inbound.span();
+            span.set_attribute(KeyValue::new("meshgate.path.original", original.clone()));
+            span.set_attribute(KeyValue::new("http.response.status_code", 400));
+            span.set_attribute(KeyValue::new(DECISION_ATTRIBUTE, "deny"));
+            span.set_status(Status::error(format!("bad request: {reason}")));
+            span.end();
+            let resp = error_response(req.headers(), StatusCode::BAD_REQUEST, body);
+            Box::pin(async { Ok(resp) }) as Self::Future
+        };
 
+        if let Err(refusal) = sanitize::check(&req) {
+            return bad_request(refusal.to_string(), refusal.label(), "bad request\n");
+        }
         let normalized = match normalize_path(&original) {
             Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(
-                    event = "authz.bad_path",
-                    meshgate.workload.id = %ctx.local_id,
-                    peer.id = %peer.id,
-                    http.request.method = %method,
-                    meshgate.path.original = %original,
-                    reason = %e,
-                    trace_id = %trace_id,
-                    "request path cannot be normalized safely"
-                );
-                record(&ctx.metrics, "bad-request", "", started);
-                publish(
-                    &ctx,
-                    &peer,
-                    &method,
-                    &original,
-                    "bad-request",
-                    None,
-                    None,
-                    e.to_string(),
-                    &trace_id,
-                );
-                let span = inbound.span();
-                span.set_attribute(KeyValue::new("meshgate.path.original", original.clone()));
-                span.set_attribute(KeyValue::new("http.response.status_code", 400));
-                span.set_attribute(KeyValue::new(DECISION_ATTRIBUTE, "deny"));
-                span.set_status(Status::error(format!("bad request path: {e}")));
-                span.end();
-                let resp =
-                    error_response(req.headers(), StatusCode::BAD_REQUEST, "bad request path\n");
-                return Box::pin(async { Ok(resp) });
-            }
+            Err(e) => return bad_request(e.to_string(), "bad_path", "bad request path\n"),
         };
+        // Before the policy sees the headers and before the identity headers go in: nothing the
+        // caller sends may remove or shadow them (see `sanitize`).
+        let carried_http1 = req.headers_mut().remove(ORIG_PROTO_HEADER).is_some();
+        let asked = sanitize::asked_upgrade(&req);
+        let prepared = sanitize::prepare(req.headers_mut(), asked, &ctx.upgrades);
+        if prepared.stripped > 0 {
+            tracing::warn!(
+                event = "authz.forged_identity_header",
+                meshgate.workload.id = %ctx.local_id,
+                peer.id = %peer.id,
+                removed = prepared.stripped,
+                trace_id = %trace_id,
+                "caller sent headers an app could read as the sidecar's identity headers; removed"
+            );
+            sanitize::count(&ctx.metrics, "identity_header", prepared.stripped as u64);
+        }
+        if let Some(refused) = &prepared.refused_upgrade {
+            tracing::warn!(
+                event = "authz.upgrade_refused",
+                meshgate.workload.id = %ctx.local_id,
+                peer.id = %peer.id,
+                upgrade = ?refused,
+                allowed = ?ctx.upgrades.allowed(),
+                trace_id = %trace_id,
+                "Upgrade to a protocol that is not allowed was removed; the request goes on without it (allow it with --allow-upgrade)"
+            );
+            sanitize::count(&ctx.metrics, "upgrade_refused", 1);
+        }
         if normalized.changed {
             let pq = match &normalized.query {
                 Some(q) => format!("{}?{q}", normalized.path),
@@ -271,10 +317,18 @@ where
             return Box::pin(async { Ok(resp) });
         }
 
+        let reauthorize = prepared.upgrade.is_some().then(|| Reauthorize {
+            policy: ctx.policy.clone(),
+            swaps: ctx.swaps.clone(),
+            metrics: ctx.metrics.clone(),
+            local_id: ctx.local_id.clone(),
+            peer: peer.clone(),
+            method: method.clone(),
+            path: normalized.path.clone(),
+            port: ctx.app_port,
+            headers: req.headers().clone(),
+        });
         let headers = req.headers_mut();
-        headers.remove(PEER_ID_HEADER);
-        headers.remove(XFCC_HEADER);
-        headers.remove(POLICY_VERSION_HEADER);
         if let Ok(v) = HeaderValue::from_str(peer.id.as_str()) {
             headers.insert(PEER_ID_HEADER, v);
         }
@@ -286,6 +340,14 @@ where
         }
         // The app continues the trace from this sidecar's server span.
         ctx.telemetry.inject(&inbound, headers);
+        let (parts, body) = req.into_parts();
+        let mut req = Request::from_parts(parts, TrailerFilter::new(body, ctx.metrics.clone()));
+        if carried_http1 {
+            req.extensions_mut().insert(CarriedHttp1);
+        }
+        if let Some(reauthorize) = reauthorize {
+            req.extensions_mut().insert(reauthorize);
+        }
         let mut inner = self.inner.clone();
         let kind = decision.kind.as_str();
         Box::pin(async move {
@@ -304,6 +366,68 @@ where
             inbound.span().end();
             resp
         })
+    }
+}
+
+/// Re-judges an upgraded connection (WebSocket, …) for as long as it is open. TLS and the
+/// per-request decision cover only the request that asked for the upgrade; after the `101` the
+/// bytes flow unjudged, so the connection is closed when the original request would now be
+/// denied (a policy swap, e.g. `meshgate quarantine` of the caller) or when the certificate that
+/// authorized it expires — as L4 tunnels are.
+#[derive(Clone)]
+pub struct Reauthorize {
+    policy: Arc<ArcSwap<PolicySnapshot>>,
+    swaps: tokio::sync::watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    local_id: SpiffeId,
+    peer: Arc<PeerIdentity>,
+    method: String,
+    path: String,
+    port: u16,
+    headers: http::HeaderMap,
+}
+
+impl Reauthorize {
+    /// Resolves when the upgraded connection must close (logged and counted here).
+    pub async fn revoked(mut self) {
+        self.swaps.borrow_and_update();
+        let remaining =
+            (self.peer.not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let expiry =
+            tokio::time::sleep(std::time::Duration::try_from(remaining).unwrap_or_default());
+        tokio::pin!(expiry);
+        let reason = loop {
+            tokio::select! {
+                _ = &mut expiry => break "peer certificate expired".to_string(),
+                changed = self.swaps.changed() => {
+                    if changed.is_err() {
+                        // No more swaps can come: only expiry can end it now.
+                        (&mut expiry).await;
+                        break "peer certificate expired".to_string();
+                    }
+                    let decision = self.policy.load().evaluate(&AuthzRequest {
+                        peer: &self.peer.id,
+                        method: Some(&self.method),
+                        path: Some(&self.path),
+                        port: self.port,
+                        headers: Some(&self.headers),
+                    });
+                    if !decision.allowed {
+                        break format!("policy {} denies it: {}", decision.version, decision.reason);
+                    }
+                }
+            }
+        };
+        tracing::warn!(
+            event = "upgrade.revoked",
+            meshgate.workload.id = %self.local_id,
+            peer.id = %self.peer.id,
+            http.request.method = %self.method,
+            url.path = %self.path,
+            reason = %reason,
+            "closing the upgraded connection"
+        );
+        sanitize::count(&self.metrics, "upgrade_revoked", 1);
     }
 }
 

@@ -6,15 +6,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
+use super::authz::{CarriedHttp1, Reauthorize};
+use super::sanitize::TrailerFilter;
 use crate::http_util::{
-    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, requested_upgrade,
-    set_upgrade, strip_hop_by_hop,
+    ProxyBody, boxed, bridge_upgrade, error_response, requested_upgrade, set_upgrade,
+    strip_hop_by_hop,
 };
 
 /// Which HTTP the local app speaks.
@@ -28,13 +29,43 @@ pub enum AppProtocol {
     H2c,
 }
 
+/// Dials the app whatever the request URI names. The URI keeps the caller's authority, so the
+/// app sees one consistent virtual host: HTTP/1.1's `Host` and HTTP/2's `:authority` (which
+/// hyper takes from the URI) both carry what the caller asked for, as RFC 9113 §8.3.1 wants.
+#[derive(Clone)]
+pub struct AppConnector {
+    inner: HttpConnector,
+    app: Uri,
+}
+
+impl Service<Uri> for AppConnector {
+    type Response = <HttpConnector as Service<Uri>>::Response;
+    type Error = <HttpConnector as Service<Uri>>::Error;
+    type Future = <HttpConnector as Service<Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, _requested: Uri) -> Self::Future {
+        self.inner.call(self.app.clone())
+    }
+}
+
+type AppClient = Client<AppConnector, TrailerFilter>;
+
 /// Sends requests to the app at `app` (`host:port`), keeping the caller's `Host`.
+///
+/// HTTP/2 to the app is per caller connection ([`AppForwarder::for_connection`]): one shared
+/// h2c connection let a caller that opened streams with a zero flow-control window and never
+/// read starve every other caller's streams (connection-level flow control is shared).
 #[derive(Clone)]
 pub struct AppForwarder {
     app: String,
     protocol: AppProtocol,
-    http1: Client<HttpConnector, Incoming>,
-    h2c: Client<HttpConnector, Incoming>,
+    connector: AppConnector,
+    http1: AppClient,
+    h2c: AppClient,
 }
 
 impl AppForwarder {
@@ -43,20 +74,42 @@ impl AppForwarder {
         connector.set_nodelay(true);
         // A local app that does not accept within this is down; fail fast with 502.
         connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let connector = AppConnector {
+            inner: connector,
+            app: format!("http://{app}")
+                .parse()
+                .expect("a socket address forms a URI"),
+        };
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
+        let h2c = Self::h2c_client(&connector);
         Self {
             app: app.to_string(),
             protocol,
+            connector,
             http1,
             h2c,
         }
     }
+
+    fn h2c_client(connector: &AppConnector) -> AppClient {
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector.clone())
+    }
+
+    /// The forwarder for one caller connection: HTTP/1.1 connections to the app stay pooled
+    /// (one request at a time each, so callers cannot starve each other), HTTP/2 gets a pool of
+    /// its own, opened on first use and closed with the caller's connection.
+    pub fn for_connection(&self) -> Self {
+        let mut me = self.clone();
+        if self.protocol != AppProtocol::Http1 {
+            me.h2c = Self::h2c_client(&self.connector);
+        }
+        me
+    }
 }
 
-impl Service<Request<Incoming>> for AppForwarder {
+impl Service<Request<TrailerFilter>> for AppForwarder {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -65,9 +118,11 @@ impl Service<Request<Incoming>> for AppForwarder {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let carried_http1 = req.headers_mut().remove(ORIG_PROTO_HEADER).is_some();
+    fn call(&mut self, mut req: Request<TrailerFilter>) -> Self::Future {
+        let carried_http1 = req.extensions_mut().remove::<CarriedHttp1>().is_some();
+        let reauthorize = req.extensions_mut().remove::<Reauthorize>();
         // An Upgrade (WebSocket, …) is an HTTP/1.1 mechanism: it goes to the app over HTTP/1.1.
+        // Only upgrades the authorization layer kept (allowed protocols) are still here.
         let upgrade = requested_upgrade(&req);
         let downstream = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let use_h2 = upgrade.is_none()
@@ -76,20 +131,32 @@ impl Service<Request<Incoming>> for AppForwarder {
                 AppProtocol::H2c => true,
                 AppProtocol::Auto => req.version() == Version::HTTP_2 && !carried_http1,
             };
-        if !req.headers().contains_key(header::HOST)
-            && let Some(authority) = req.uri().authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
+        // The caller's authority (checked by the authorization layer) names the virtual host.
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| self.app.clone());
         strip_hop_by_hop(req.headers_mut());
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);
         }
         let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        *req.uri_mut() = format!("http://{}{pq}", self.app)
+        let uri = format!("http://{authority}{pq}")
             .parse::<Uri>()
+            .or_else(|_| format!("http://{}{pq}", self.app).parse::<Uri>())
             .expect("app address and path form a URI");
+        *req.uri_mut() = uri;
+        if use_h2 {
+            // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1).
+            req.headers_mut().remove(header::HOST);
+        } else if !req.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
         *req.version_mut() = if use_h2 {
             Version::HTTP_2
         } else {
@@ -109,10 +176,29 @@ impl Service<Request<Incoming>> for AppForwarder {
                     let (mut parts, body) = resp.into_parts();
                     let accepted = parts.headers.get(http::header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut parts.headers);
-                    if let (Some(down), Some(up), Some(protocol)) = (downstream, upstream, accepted)
-                    {
-                        set_upgrade(&mut parts.headers, protocol);
-                        bridge_upgrade(down, up);
+                    match (downstream, upstream, accepted) {
+                        (Some(down), Some(up), Some(protocol)) => {
+                            set_upgrade(&mut parts.headers, protocol);
+                            let revoked: Pin<Box<dyn Future<Output = ()> + Send>> =
+                                match reauthorize {
+                                    Some(r) => Box::pin(r.revoked()),
+                                    None => Box::pin(std::future::pending()),
+                                };
+                            bridge_upgrade(down, up, revoked);
+                        }
+                        (_, Some(_), _) => {
+                            // A 101 nobody asked for (or without a protocol): never bridge it.
+                            tracing::warn!(
+                                event = "inbound.unrequested_upgrade",
+                                "the app switched protocols without an allowed Upgrade request; answering 502"
+                            );
+                            return Ok(error_response(
+                                &request_headers,
+                                StatusCode::BAD_GATEWAY,
+                                "upstream unavailable\n",
+                            ));
+                        }
+                        _ => {}
                     }
                     Ok(Response::from_parts(parts, boxed(body)))
                 }

@@ -2,6 +2,7 @@
 
 pub mod authz;
 pub mod forward;
+pub mod sanitize;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +149,7 @@ impl Inbound {
                 self.authz.clone(),
                 peer_identity,
             ))
-            .service(self.forwarder.clone());
+            .service(self.forwarder.for_connection());
         let builder = crate::serve::http_server();
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));

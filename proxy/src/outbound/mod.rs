@@ -364,7 +364,7 @@ impl Outbound {
                 strip_hop_by_hop(&mut parts.headers);
                 if let (Some(up), Some(protocol)) = (upstream, accepted) {
                     set_upgrade(&mut parts.headers, protocol);
-                    bridge_upgrade(downstream, up);
+                    bridge_upgrade(downstream, up, std::future::pending());
                 }
                 Response::from_parts(parts, boxed(body))
             }
