@@ -31,7 +31,7 @@ pub struct LatencyLabels {
 pub struct TlsLabels {
     pub direction: &'static str,
     /// For failures: `plaintext`, `no_client_cert`, `cert_expired`, `unknown_issuer`,
-    /// `bad_cert`, `foreign_trust_domain`, `wrong_server_id`, `timeout`, `other`.
+    /// `bad_cert`, `bad_spiffe_id`, `foreign_trust_domain`, `wrong_server_id`, `timeout`, `other`.
     pub reason: &'static str,
 }
 

@@ -11,15 +11,97 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use meshgate_ca::tls::provider;
+use meshgate_ca::{SpiffeId, TrustDomain};
 use rustls::ServerConfig;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
 use crate::identity::Identity;
+
+/// A client certificate that chains to the bundle but does not carry a usable identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityRefused {
+    #[error("client certificate has no valid SPIFFE ID: {0}")]
+    BadSpiffeId(String),
+    #[error("client SPIFFE ID {0} is outside this trust domain")]
+    ForeignTrustDomain(SpiffeId),
+}
+
+/// Client verification of the inbound listener: the chain to the current bundle (webpki), then
+/// the SPIFFE ID of the leaf. Checking the ID inside the handshake means a certificate without
+/// one (or from another trust domain) is refused with a TLS alert the client can report, and
+/// counted, instead of a connection that completes and then closes without a word.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let refuse = |e: IdentityRefused| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        };
+        let info = meshgate_ca::cert::cert_info(end_entity)
+            .map_err(|e| refuse(IdentityRefused::BadSpiffeId(e.to_string())))?;
+        if !info.id.is_member_of(&self.trust_domain) {
+            return Err(refuse(IdentityRefused::ForeignTrustDomain(info.id)));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
 
 /// Why a handshake failed, as a metric label.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};
-    match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+    let error = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+    if let Some(Error::InvalidCertificate(CertificateError::Other(other))) = error
+        && let Some(refused) = other.0.downcast_ref::<IdentityRefused>()
+    {
+        return match refused {
+            IdentityRefused::BadSpiffeId(_) => "bad_spiffe_id",
+            IdentityRefused::ForeignTrustDomain(_) => "foreign_trust_domain",
+        };
+    }
+    match error {
         Some(Error::NoCertificatesPresented) => "no_client_cert",
         Some(Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
@@ -43,10 +125,14 @@ pub fn inbound_config(
     identity: &Identity,
     allow_tls12: bool,
 ) -> Result<ServerConfig, rustls::Error> {
-    let verifier =
+    let chain =
         WebPkiClientVerifier::builder_with_provider(identity.bundle().load().roots(), provider())
             .build()
             .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        chain,
+        trust_domain: identity.id().trust_domain(),
+    });
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {

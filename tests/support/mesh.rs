@@ -332,8 +332,20 @@ impl TestMesh {
         tcp_forwards: &[meshgate_proxy::outbound::tcp::TcpForward],
         inbound_tcp_ports: &[u16],
     ) {
-        let id = Self::id_of(name);
         let app = EchoApp::start().await;
+        self.add_in_front_of(name, app, tcp_forwards, inbound_tcp_ports)
+            .await;
+    }
+
+    /// Starts a workload whose sidecar fronts an app already listening at `app.addr`.
+    pub async fn add_in_front_of(
+        &mut self,
+        name: &str,
+        app: EchoApp,
+        tcp_forwards: &[meshgate_proxy::outbound::tcp::TcpForward],
+        inbound_tcp_ports: &[u16],
+    ) {
+        let id = Self::id_of(name);
         let mut telemetry = self.telemetry.clone();
         telemetry.service_name = Some(format!("{name}-sidecar"));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();

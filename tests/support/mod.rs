@@ -5,6 +5,7 @@
 pub mod mesh;
 pub mod otlp;
 pub mod privileged;
+pub mod recorder;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -171,6 +172,21 @@ impl TestCa {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> Svid {
+        self.sign_leaf_with_sans(
+            vec![SanType::URI(id.as_str().to_string().try_into().unwrap())],
+            not_before,
+            not_after,
+        )
+    }
+
+    /// A leaf chained to this CA with arbitrary SANs (e.g. none, or a URI that is not a SPIFFE
+    /// ID): a certificate the chain check accepts but the identity check must not.
+    pub fn sign_leaf_with_sans(
+        &self,
+        sans: Vec<SanType>,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Svid {
         let int_pem = std::fs::read_to_string(self.path("intermediate.pem")).unwrap();
         let int_key =
             KeyPair::from_pem(&std::fs::read_to_string(self.path("intermediate.key")).unwrap())
@@ -179,7 +195,7 @@ impl TestCa {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(id.as_str().to_string().try_into().unwrap())];
+        p.subject_alt_names = sans;
         p.is_ca = rcgen::IsCa::ExplicitNoCa;
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

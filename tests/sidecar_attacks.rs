@@ -1,0 +1,569 @@
+//! Enforcement integrity, tried as an attacker would: a caller with a valid SVID talks straight to
+//! the orders sidecar's mTLS port (raw HTTP/1.1, HTTP/2, L4 tunnels, upgrades) and the app behind
+//! it logs everything it receives. Whatever the spelling, protocol or listener, only authorized
+//! requests reach the app, and the identity headers it reads are the sidecar's alone.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_ca::tls;
+use rcgen::SanType;
+use support::mesh::{EchoApp, TestMesh};
+use support::recorder::{RecordingApp, Seen};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// orders admits web and billing by identity alone (no `to`), and denies `/admin` and DELETE
+/// for everyone: the shape in which the reported bypasses worked.
+const POLICY: &str = r#"
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: callers, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web", "spiffe://mesh.local/ns/shop/sa/billing"] }]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: no-admin, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: DENY
+  rules:
+    - to: [{ paths: ["/admin", "/admin/*"] }]
+    - to: [{ methods: ["DELETE"] }]
+"#;
+
+const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
+const FORGED: &str = "spiffe://mesh.local/ns/shop/sa/admin";
+
+struct Target {
+    mesh: TestMesh,
+    app: RecordingApp,
+    addr: SocketAddr,
+}
+
+impl Target {
+    async fn start() -> Self {
+        let mut mesh = TestMesh::new().await;
+        mesh.write_policy("orders.yaml", POLICY);
+        let app = RecordingApp::start().await;
+        mesh.add_in_front_of("orders", EchoApp { addr: app.addr }, &[], &[])
+            .await;
+        mesh.converge().await;
+        let addr = mesh.workload("orders").sidecar.inbound_addr;
+        Self { mesh, app, addr }
+    }
+
+    /// A connector presenting `name`'s SVID (valid until `ttl` from now).
+    fn client_for(&self, name: &str, alpn: &[&[u8]], ttl: Duration) -> tokio_rustls::TlsConnector {
+        let now = time::OffsetDateTime::now_utc();
+        let svid = self.mesh.ca.sign_leaf(
+            &TestMesh::id_of(name),
+            now - time::Duration::minutes(1),
+            now + ttl,
+        );
+        let config = support::mesh_client(
+            self.mesh.ca.bundle(),
+            &svid,
+            TestMesh::id_of("orders"),
+            alpn,
+        );
+        tokio_rustls::TlsConnector::from(config)
+    }
+
+    fn web(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        self.client_for("web", alpn, Duration::from_secs(3600))
+    }
+
+    async fn connect(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        connector
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Sends `raw` as web over HTTP/1.1 and returns the status of the answer.
+    async fn raw_h1(&self, raw: &str) -> u16 {
+        let mut tls = self.connect(&self.web(&[b"http/1.1"])).await;
+        tls.write_all(raw.as_bytes()).await.unwrap();
+        let head = read_head(&mut tls).await;
+        status_of(&head)
+    }
+
+    /// An HTTP/2 connection as `name`.
+    async fn h2(&self, name: &str) -> hyper::client::conn::http2::SendRequest<Body> {
+        let connector = self.client_for(name, &[b"h2"], Duration::from_secs(3600));
+        let tls = self.connect(&connector).await;
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn hygiene(&self, reason: &str) -> f64 {
+        self.mesh
+            .metric(
+                "orders",
+                "meshgate_inbound_hygiene_total",
+                &[&format!("reason=\"{reason}\"")],
+            )
+            .await
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
+
+/// Reads an HTTP/1.1 response head byte by byte (so nothing after it is consumed).
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+    });
+    read.await.expect("no response head within 10 s");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"))
+}
+
+/// A header name an app framework could read as a sidecar identity header (letters and digits,
+/// lowercased — the test's own statement of the rule, independent of the sidecar's code).
+fn reads_as_identity(name: &str) -> bool {
+    let folded: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    folded.starts_with("xmeshgate") || folded == "xforwardedclientcert"
+}
+
+/// The app must see exactly the sidecar's identity headers, once each, naming web; nothing else
+/// that reads as one, in headers or trailers.
+fn assert_identity_is_the_sidecars(seen: &Seen, case: &str) {
+    assert_eq!(seen.header("x-meshgate-peer"), vec![WEB], "{case}: {seen:?}");
+    let xfcc = seen.header("x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{case}: {seen:?}");
+    assert!(xfcc[0].ends_with(&format!("URI={WEB}")), "{case}: {seen:?}");
+    let own = [
+        "x-meshgate-peer",
+        "x-forwarded-client-cert",
+        "x-meshgate-policy-version",
+    ];
+    for (name, value) in &seen.headers {
+        assert!(
+            !reads_as_identity(name) || own.contains(&name.as_str()),
+            "{case}: forged header {name}: {value} reached the app"
+        );
+        assert!(!value.contains(FORGED), "{case}: {name}: {value}");
+    }
+    assert_eq!(seen.header("x-meshgate-policy-version").len(), 1);
+    for (name, value) in &seen.trailers {
+        assert!(
+            !reads_as_identity(name),
+            "{case}: forged trailer {name}: {value} reached the app"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_identity_headers_never_reach_the_app() {
+    let t = Target::start().await;
+    let h1_cases: &[(&str, String)] = &[
+        (
+            "identity headers listed in Connection",
+            "GET /public/a HTTP/1.1\r\nHost: orders\r\nConnection: x-meshgate-peer, x-forwarded-client-cert\r\n\r\n".into(),
+        ),
+        (
+            "Connection-listed plus a forged copy",
+            format!("GET /public/b HTTP/1.1\r\nHost: orders\r\nConnection: keep-alive, X-Meshgate-Peer\r\nx-meshgate-peer: {FORGED}\r\n\r\n"),
+        ),
+        (
+            "underscore and dot spellings (WSGI/CGI fold them)",
+            format!("GET /public/c HTTP/1.1\r\nHost: orders\r\nx_meshgate_peer: {FORGED}\r\nX_Forwarded_Client_Cert: By=x;URI={FORGED}\r\nx.meshgate.peer: {FORGED}\r\nX-MESHGATE-POLICY_VERSION: forged\r\n\r\n"),
+        ),
+        (
+            "chunked request with identity trailers",
+            format!("POST /public/d HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked\r\nTrailer: x-meshgate-peer, x_meshgate_peer, x-forwarded-client-cert\r\nTE: trailers\r\n\r\n5\r\nhello\r\n0\r\nx-meshgate-peer: {FORGED}\r\nx_meshgate_peer: {FORGED}\r\nx-forwarded-client-cert: URI={FORGED}\r\nx-innocent: yes\r\n\r\n"),
+        ),
+    ];
+    for (case, raw) in h1_cases {
+        t.app.clear();
+        let status = t.raw_h1(raw).await;
+        assert_eq!(status, 200, "{case}");
+        let seen = t.app.requests();
+        assert_eq!(seen.len(), 1, "{case}: {seen:?}");
+        assert_identity_is_the_sidecars(&seen[0], case);
+    }
+
+    // HTTP/2: forged headers in every spelling, and as trailers.
+    t.app.clear();
+    let mut h2 = t.h2("web").await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-meshgate-peer", FORGED.parse().unwrap());
+    trailers.insert("x_meshgate_peer", FORGED.parse().unwrap());
+    trailers.insert("x-forwarded-client-cert", FORGED.parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"hello"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post("https://orders/public/h2")
+        .header("x_meshgate_peer", FORGED)
+        .header("x-meshgate-peer", FORGED)
+        .header("x-forwarded-client-cert", format!("URI={FORGED}"))
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = t.app.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_identity_is_the_sidecars(&seen[0], "HTTP/2 headers and trailers");
+    assert!(t.hygiene("identity_header").await >= 6.0);
+    assert!(t.hygiene("identity_trailer").await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_method_spelling_escapes_a_deny() {
+    let t = Target::start().await;
+    // Controls: the canonical spellings are judged as the policy says.
+    assert_eq!(
+        t.raw_h1("GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+            .await,
+        200
+    );
+    assert_eq!(
+        t.raw_h1("DELETE /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+            .await,
+        403
+    );
+    t.app.clear();
+    for method in ["delete", "Delete", "dELETE", "get", "CONNECT"] {
+        let target = if method == "CONNECT" {
+            "orders:443"
+        } else {
+            "/public/x"
+        };
+        let status = t
+            .raw_h1(&format!(
+                "{method} {target} HTTP/1.1\r\nHost: orders\r\n\r\n"
+            ))
+            .await;
+        assert!(
+            matches!(status, 400 | 403),
+            "HTTP/1.1 {method}: {status}"
+        );
+    }
+    let mut h2 = t.h2("web").await;
+    for method in ["delete", "Delete", "post"] {
+        let req = http::Request::builder()
+            .method(http::Method::from_bytes(method.as_bytes()).unwrap())
+            .uri("https://orders/public/x")
+            .body(empty())
+            .unwrap();
+        let status = h2.send_request(req).await.unwrap().status();
+        assert!(
+            matches!(status.as_u16(), 400 | 403),
+            "HTTP/2 {method}: {status}"
+        );
+    }
+    let seen = t.app.requests();
+    assert!(seen.is_empty(), "non-canonical methods reached the app: {seen:?}");
+    assert!(t.hygiene("bad_method").await >= 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l4_tunnel_cannot_reach_the_http_port() {
+    let t = Target::start().await;
+    let connector = t.web(&[meshgate_proxy::tunnel::ALPN]);
+    let mut tls = t.connect(&connector).await;
+    let raw = format!(
+        "MGTCP1 {}\nGET /admin/users HTTP/1.1\r\nHost: orders\r\nx-meshgate-peer: {FORGED}\r\nConnection: close\r\n\r\n",
+        t.app.addr.port()
+    );
+    tls.write_all(raw.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.starts_with("OK"),
+        "the tunnel to the HTTP port was opened: {answer:?}"
+    );
+    assert!(t.app.requests().is_empty(), "{:?}", t.app.requests());
+    assert_eq!(t.hygiene("tunnel_to_http_port").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_smuggling_is_refused() {
+    let t = Target::start().await;
+    let mut tls = t.connect(&t.web(&[b"http/1.1"])).await;
+    tls.write_all(
+        b"GET /public/x HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tls).await;
+    let status = status_of(&head);
+    if status == 101 {
+        // What an attacker does next: HTTP/2 streams the sidecar would never judge.
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::delete("http://orders/admin/users")
+            .header("x-meshgate-peer", FORGED)
+            .body(empty())
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+    }
+    let seen = t.app.requests();
+    assert!(
+        seen.iter()
+            .all(|s| !s.after_h2c_upgrade && !s.path.starts_with("/admin")),
+        "smuggled requests reached the app: {seen:?}"
+    );
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].header("upgrade").is_empty(), "{seen:?}");
+    assert!(seen[0].header("http2-settings").is_empty(), "{seen:?}");
+    assert_eq!(t.hygiene("upgrade_refused").await, 1.0);
+}
+
+/// Opens a WebSocket-style upgrade as `connector`'s identity and checks that bytes echo.
+async fn open_upgrade(
+    t: &Target,
+    connector: &tokio_rustls::TlsConnector,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tls = t.connect(connector).await;
+    tls.write_all(
+        b"GET /public/ws HTTP/1.1\r\nHost: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tls).await;
+    assert_eq!(status_of(&head), 101, "{head}");
+    tls.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut echo))
+        .await
+        .expect("echo within 5 s")
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    tls
+}
+
+/// Waits until the connection is closed by the sidecar; returns how long that took.
+async fn closed_within(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    limit: Duration,
+) -> Duration {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the upgraded connection stayed open past {limit:?}");
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_are_closed_when_policy_denies_or_the_cert_expires() {
+    let t = Target::start().await;
+
+    // A policy swap that denies the caller (what `meshgate quarantine` publishes) closes it.
+    let mut ws = open_upgrade(&t, &t.web(&[b"http/1.1"])).await;
+    t.mesh.write_policy(
+        "quarantine.yaml",
+        "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: quarantine-web, namespace: meshgate }\nspec:\n  action: DENY\n  rules: [{ from: [{ principals: [\"spiffe://mesh.local/ns/shop/sa/web\"] }] }]\n",
+    );
+    t.mesh.converge().await;
+    closed_within(&mut ws, Duration::from_secs(5)).await;
+    let before = t.app.websocket_bytes();
+    let _ = ws.write_all(b"after").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(t.app.websocket_bytes(), before, "bytes reached the app after revocation");
+    assert_eq!(t.hygiene("upgrade_revoked").await, 1.0);
+
+    // A certificate that expires while the connection is open ends it at expiry. billing is not
+    // quarantined; its SVID is valid for 3 more seconds.
+    let short = t.client_for("billing", &[b"http/1.1"], Duration::from_secs(3));
+    let mut ws = open_upgrade(&t, &short).await;
+    let took = closed_within(&mut ws, Duration::from_secs(10)).await;
+    assert!(took >= Duration::from_millis(1000), "closed too early: {took:?}");
+    assert_eq!(t.hygiene("upgrade_revoked").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_caller_cannot_stall_another() {
+    let t = Target::start().await;
+    // The attacker opens streams for large bodies with a zero flow-control window and never
+    // reads them: the app's answers pile up in whatever connection carries them.
+    let connector = t.client_for("web", &[b"h2"], Duration::from_secs(3600));
+    let tls = t.connect(&connector).await;
+    let (mut attacker, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let req = http::Request::get(format!("https://orders/download/{}", 4_000_000 + i))
+            .body(empty())
+            .unwrap();
+        held.push(attacker.send_request(req).await.unwrap());
+    }
+    // Another identity on its own connection must still get whole bodies, promptly.
+    let mut victim = t.h2("billing").await;
+    for _ in 0..3 {
+        let req = http::Request::get("https://orders/download/1000000")
+            .body(empty())
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            let resp = victim.send_request(req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes().len()
+        })
+        .await
+        .expect("billing's download stalled behind web's unread streams");
+        assert_eq!(got, 1_000_000);
+    }
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_one_consistent_host() {
+    let t = Target::start().await;
+    // Duplicate Host (HTTP/1.1) and Host disagreeing with :authority (HTTP/2) are refused.
+    assert_eq!(
+        t.raw_h1("GET /public/x HTTP/1.1\r\nHost: orders\r\nHost: admin.internal\r\n\r\n")
+            .await,
+        400
+    );
+    let mut h2 = t.h2("web").await;
+    let req = http::Request::get("https://orders/public/x")
+        .header("host", "admin.internal")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    assert!(t.app.requests().is_empty(), "{:?}", t.app.requests());
+    assert_eq!(t.hygiene("bad_host").await, 2.0);
+
+    // HTTP/2 to the app carries the caller's authority as :authority and no divergent Host
+    // (strict servers such as python-h2 and hypercorn refuse that, RFC 9113 §8.3.1).
+    let req = http::Request::get("https://orders:8080/public/h2")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    let seen = t.app.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].version, "HTTP/2.0", "{seen:?}");
+    assert_eq!(seen[0].authority.as_deref(), Some("orders:8080"), "{seen:?}");
+    assert!(seen[0].header("host").is_empty(), "{seen:?}");
+
+    // HTTP/1.1 keeps the caller's Host.
+    t.app.clear();
+    assert_eq!(
+        t.raw_h1("GET /public/h1 HTTP/1.1\r\nHost: orders:8080\r\n\r\n")
+            .await,
+        200
+    );
+    assert_eq!(t.app.requests()[0].header("host"), vec!["orders:8080"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_without_a_valid_spiffe_id_is_refused_with_an_alert() {
+    let t = Target::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let cases: [(&str, Vec<SanType>); 3] = [
+        (
+            "https URI SAN",
+            vec![SanType::URI("https://mesh.local/ns/shop/sa/web".try_into().unwrap())],
+        ),
+        ("DNS SAN only", vec![SanType::DnsName("web.shop".try_into().unwrap())]),
+        (
+            "SPIFFE ID of another trust domain",
+            vec![SanType::URI("spiffe://other.domain/ns/shop/sa/web".try_into().unwrap())],
+        ),
+    ];
+    for (case, sans) in cases {
+        let svid = t.mesh.ca.sign_leaf_with_sans(
+            sans,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        let config = support::mesh_client(
+            t.mesh.ca.bundle(),
+            &svid,
+            TestMesh::id_of("orders"),
+            &[b"http/1.1"],
+        );
+        let tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+        // TLS 1.3: the client learns of the refusal on its first read after the handshake.
+        let outcome = match tokio_rustls::TlsConnector::from(config)
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+        {
+            Err(e) => Err(e),
+            Ok(mut s) => {
+                let _ = s
+                    .write_all(b"GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+                    .await;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.map(|_| buf)
+            }
+        };
+        let err = outcome.expect_err(case);
+        assert!(
+            err.to_string().to_ascii_lowercase().contains("alert"),
+            "{case}: expected a TLS alert, got {err}"
+        );
+    }
+    assert!(t.app.requests().is_empty());
+    let refused = |reason: &'static str| {
+        let t = &t;
+        async move {
+            t.mesh
+                .metric(
+                    "orders",
+                    "meshgate_tls_handshake_failures_total",
+                    &[&format!("reason=\"{reason}\"")],
+                )
+                .await
+        }
+    };
+    assert_eq!(refused("bad_spiffe_id").await, 2.0);
+    assert_eq!(refused("foreign_trust_domain").await, 1.0);
+}
