@@ -151,6 +151,16 @@ pub struct ProxyArgs {
     /// the bytes are no longer judged per request.
     #[arg(long = "allow-upgrade", default_values_t = ["websocket".to_string()])]
     allowed_upgrades: Vec<String>,
+    /// Most connections open at once on each listener; more are closed at accept and counted.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most inbound (mTLS) connections open at once from one source address.
+    #[arg(long, default_value_t = 2_000)]
+    max_connections_per_source: usize,
+    /// Close an inbound HTTP connection (HTTP/1.1 keep-alive or HTTP/2) after this long with no
+    /// bytes in either direction.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    idle_timeout: Duration,
     /// How long redirected connections may take to send their first bytes before they are
     /// handled as opaque TCP (server-speaks-first protocols).
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
@@ -222,6 +232,12 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         tcp_forwards: args.tcp_forwards.clone(),
         inbound_tcp_ports: args.inbound_tcp_ports.clone(),
         allowed_upgrades: args.allowed_upgrades.clone(),
+        limits: meshgate_proxy::serve::Limits {
+            connections: args.max_connections,
+            per_source: args.max_connections_per_source,
+            idle: args.idle_timeout,
+            ..Default::default()
+        },
         detect_timeout: args.detect_timeout,
         opaque_ports: args.opaque_ports.clone(),
         drain: args.drain,

@@ -52,7 +52,12 @@ struct Target {
 
 impl Target {
     async fn start() -> Self {
+        Self::with_limits(Default::default()).await
+    }
+
+    async fn with_limits(limits: meshgate_proxy::serve::Limits) -> Self {
         let mut mesh = TestMesh::new().await;
+        mesh.limits = limits;
         mesh.write_policy("orders.yaml", POLICY);
         let app = RecordingApp::start().await;
         mesh.add_in_front_of("orders", EchoApp { addr: app.addr }, &[], &[])
@@ -168,7 +173,11 @@ fn reads_as_identity(name: &str) -> bool {
 /// The app must see exactly the sidecar's identity headers, once each, naming web; nothing else
 /// that reads as one, in headers or trailers.
 fn assert_identity_is_the_sidecars(seen: &Seen, case: &str) {
-    assert_eq!(seen.header("x-meshgate-peer"), vec![WEB], "{case}: {seen:?}");
+    assert_eq!(
+        seen.header("x-meshgate-peer"),
+        vec![WEB],
+        "{case}: {seen:?}"
+    );
     let xfcc = seen.header("x-forwarded-client-cert");
     assert_eq!(xfcc.len(), 1, "{case}: {seen:?}");
     assert!(xfcc[0].ends_with(&format!("URI={WEB}")), "{case}: {seen:?}");
@@ -275,10 +284,7 @@ async fn no_method_spelling_escapes_a_deny() {
                 "{method} {target} HTTP/1.1\r\nHost: orders\r\n\r\n"
             ))
             .await;
-        assert!(
-            matches!(status, 400 | 403),
-            "HTTP/1.1 {method}: {status}"
-        );
+        assert!(matches!(status, 400 | 403), "HTTP/1.1 {method}: {status}");
     }
     let mut h2 = t.h2("web").await;
     for method in ["delete", "Delete", "post"] {
@@ -294,7 +300,10 @@ async fn no_method_spelling_escapes_a_deny() {
         );
     }
     let seen = t.app.requests();
-    assert!(seen.is_empty(), "non-canonical methods reached the app: {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "non-canonical methods reached the app: {seen:?}"
+    );
     assert!(t.hygiene("bad_method").await >= 8.0);
 }
 
@@ -395,7 +404,10 @@ async fn closed_within(
         }
     })
     .await;
-    assert!(closed.is_ok(), "the upgraded connection stayed open past {limit:?}");
+    assert!(
+        closed.is_ok(),
+        "the upgraded connection stayed open past {limit:?}"
+    );
     started.elapsed()
 }
 
@@ -414,7 +426,11 @@ async fn upgraded_connections_are_closed_when_policy_denies_or_the_cert_expires(
     let before = t.app.websocket_bytes();
     let _ = ws.write_all(b"after").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(t.app.websocket_bytes(), before, "bytes reached the app after revocation");
+    assert_eq!(
+        t.app.websocket_bytes(),
+        before,
+        "bytes reached the app after revocation"
+    );
     assert_eq!(t.hygiene("upgrade_revoked").await, 1.0);
 
     // A certificate that expires while the connection is open ends it at expiry. billing is not
@@ -422,7 +438,10 @@ async fn upgraded_connections_are_closed_when_policy_denies_or_the_cert_expires(
     let short = t.client_for("billing", &[b"http/1.1"], Duration::from_secs(3));
     let mut ws = open_upgrade(&t, &short).await;
     let took = closed_within(&mut ws, Duration::from_secs(10)).await;
-    assert!(took >= Duration::from_millis(1000), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1000),
+        "closed too early: {took:?}"
+    );
     assert_eq!(t.hygiene("upgrade_revoked").await, 2.0);
 }
 
@@ -490,7 +509,11 @@ async fn the_app_sees_one_consistent_host() {
     let seen = t.app.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].version, "HTTP/2.0", "{seen:?}");
-    assert_eq!(seen[0].authority.as_deref(), Some("orders:8080"), "{seen:?}");
+    assert_eq!(
+        seen[0].authority.as_deref(),
+        Some("orders:8080"),
+        "{seen:?}"
+    );
     assert!(seen[0].header("host").is_empty(), "{seen:?}");
 
     // HTTP/1.1 keeps the caller's Host.
@@ -510,12 +533,19 @@ async fn a_client_certificate_without_a_valid_spiffe_id_is_refused_with_an_alert
     let cases: [(&str, Vec<SanType>); 3] = [
         (
             "https URI SAN",
-            vec![SanType::URI("https://mesh.local/ns/shop/sa/web".try_into().unwrap())],
+            vec![SanType::URI(
+                "https://mesh.local/ns/shop/sa/web".try_into().unwrap(),
+            )],
         ),
-        ("DNS SAN only", vec![SanType::DnsName("web.shop".try_into().unwrap())]),
+        (
+            "DNS SAN only",
+            vec![SanType::DnsName("web.shop".try_into().unwrap())],
+        ),
         (
             "SPIFFE ID of another trust domain",
-            vec![SanType::URI("spiffe://other.domain/ns/shop/sa/web".try_into().unwrap())],
+            vec![SanType::URI(
+                "spiffe://other.domain/ns/shop/sa/web".try_into().unwrap(),
+            )],
         ),
     ];
     for (case, sans) in cases {
@@ -566,4 +596,135 @@ async fn a_client_certificate_without_a_valid_spiffe_id_is_refused_with_an_alert
     };
     assert_eq!(refused("bad_spiffe_id").await, 2.0);
     assert_eq!(refused("foreign_trust_domain").await, 1.0);
+}
+
+/// A TCP connection from `source` (another loopback address) that sends the first byte of a TLS
+/// handshake record and then nothing: it stays pending in the sidecar's handshake.
+async fn half_open(source: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(to).await.unwrap();
+    tcp.write_all(&[0x16]).await.unwrap();
+    tcp
+}
+
+/// True when the sidecar has closed `tcp` (EOF or reset) within `wait`.
+async fn closed_by_sidecar(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(wait, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_half_open_connections_leave_room_for_known_peers() {
+    let t = Target::with_limits(meshgate_proxy::serve::Limits {
+        connections: 100,
+        per_source: 10,
+        handshakes: 8,
+        idle: Duration::from_secs(600),
+    })
+    .await;
+    // 40 half-open handshakes from another address: past 8 pending, the oldest are shed.
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(half_open("127.0.0.2", t.addr).await);
+    }
+    // A known peer still gets in, at once, while the flood is open.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        t.raw_h1("GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+            .await,
+        200
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Of the 41 connections, 8 are pending now; each other one was shed from the handshake
+    // queue or, while shed ones were still closing, refused by the per-source cap (10). Each
+    // connection is handled in its own task: wait until all are accounted for.
+    let (mut shed, mut at_accept) = (0.0, 0.0);
+    for _ in 0..100 {
+        shed = t.hygiene("handshake_shed").await;
+        at_accept = t.hygiene("source_connection_limit").await;
+        if shed + at_accept >= 33.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        shed + at_accept,
+        33.0,
+        "shed {shed}, refused at accept {at_accept}"
+    );
+    assert!(shed >= 25.0, "{shed}");
+    // The oldest half-open connections were closed by the sidecar, not left to time out.
+    assert!(closed_by_sidecar(&mut flood[0], Duration::from_secs(2)).await);
+    let newest = flood.last_mut().unwrap();
+    assert!(!closed_by_sidecar(newest, Duration::from_millis(200)).await);
+
+    // Established connections count per source: the 11th from one address is refused at accept.
+    let connector = t.web(&[b"http/1.1"]);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(t.connect(&connector).await);
+    }
+    let tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let refused = match tokio::time::timeout(
+        Duration::from_secs(5),
+        connector.connect(tls::mesh_server_name(), tcp),
+    )
+    .await
+    .expect("an answer within 5 s")
+    {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s
+                .write_all(b"GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            matches!(s.read_to_end(&mut buf).await, Err(_) | Ok(0))
+        }
+    };
+    assert!(refused, "the 11th connection from one source was served");
+    assert_eq!(t.hygiene("source_connection_limit").await, at_accept + 1.0);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let t = Target::with_limits(meshgate_proxy::serve::Limits {
+        idle: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    // HTTP/2 keeps a connection open forever unless the sidecar closes it.
+    let connector = t.client_for("web", &[b"h2"], Duration::from_secs(3600));
+    let tls = t.connect(&connector).await;
+    let (mut idle, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let idle_conn = tokio::spawn(conn);
+    let req = http::Request::get("https://orders/public/x")
+        .body(empty())
+        .unwrap();
+    assert_eq!(idle.send_request(req).await.unwrap().status(), 200);
+
+    // A connection in use every 300 ms outlives the idle limit.
+    let mut busy = t.h2("billing").await;
+    for _ in 0..10 {
+        let req = http::Request::get("https://orders/public/busy")
+            .body(empty())
+            .unwrap();
+        assert_eq!(busy.send_request(req).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // By now (3 s) the quiet one has been closed.
+    let ended = tokio::time::timeout(Duration::from_secs(3), idle_conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
+    assert_eq!(t.hygiene("idle_timeout").await, 1.0);
 }

@@ -129,6 +129,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         tcp_forwards: vec![],
         inbound_tcp_ports: vec![],
         allowed_upgrades: vec!["websocket".into()],
+        limits: Default::default(),
         detect_timeout: Duration::from_millis(300),
         opaque_ports: vec![],
         drain: Duration::from_secs(1),

@@ -1,38 +1,162 @@
 //! The accept loop shared by the sidecar's listeners.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::Metrics;
 
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Caps and timeouts of the sidecar's listeners. Every listener has a connection cap; the
+/// inbound (mTLS) listener also caps connections per source address and connections still in
+/// their TLS handshake, and closes HTTP connections that stay silent for `idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections per listener; new ones beyond it are closed at accept and counted
+    /// (`connection_limit`).
+    pub connections: usize,
+    /// Open inbound connections from one source IP (`source_connection_limit`).
+    pub per_source: usize,
+    /// Inbound connections that have not completed their TLS handshake yet. When a new one
+    /// arrives and this many are pending, the *oldest* pending handshake is dropped
+    /// (`handshake_shed`): a real peer completes its handshake in milliseconds, a slowloris
+    /// never does, so a flood of half-open handshakes sheds itself and leaves room for known
+    /// peers instead of locking them out.
+    pub handshakes: usize,
+    /// An inbound HTTP connection with no bytes in either direction for this long is closed
+    /// (`idle_timeout`), HTTP/2 included: hyper has no idle timeout of its own. Upgraded
+    /// connections and L4 tunnels are not subject to it (they are re-authorized instead).
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 10_000,
+            per_source: 2_000,
+            handshakes: 512,
+            idle: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Open connections of one listener, in total and per source address.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place in its listener's count; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    open: Arc<Mutex<Open>>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("connection count lock");
+        open.total -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) =
+            open.by_source.entry(self.source)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// Takes a slot for a connection from `source`, or says which cap refused it.
+fn admit(open: &Arc<Mutex<Open>>, limits: &Limits, source: IpAddr) -> Result<Slot, &'static str> {
+    let mut o = open.lock().expect("connection count lock");
+    if o.total >= limits.connections {
+        return Err("connection_limit");
+    }
+    let from_source = o.by_source.entry(source).or_default();
+    if *from_source >= limits.per_source {
+        return Err("source_connection_limit");
+    }
+    *from_source += 1;
+    o.total += 1;
+    Ok(Slot {
+        open: open.clone(),
+        source,
+    })
+}
+
 /// Accepts connections until `shutdown` turns true, running `handle` for each in its own task;
 /// then stops accepting and gives connections registered with the watcher up to `drain` to finish.
-/// Accept errors (e.g. out of file descriptors) are logged and retried after a short pause rather
-/// than ending the listener.
+/// Connections beyond `limits` (in total, per source) are closed at once, logged and counted.
+/// Accept errors (e.g. out of file descriptors) are logged and retried after a growing pause with
+/// jitter rather than spinning or ending the listener.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     listener_name: &'static str,
+    limits: Limits,
+    metrics: Arc<Metrics>,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut failures = 0u32;
+    // Refusals are counted each time and logged once per burst, so a flood cannot flood the log.
+    let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    tokio::spawn(handle(tcp, peer, graceful.watcher()));
+                    failures = 0;
+                    match admit(&open, &limits, peer.ip()) {
+                        Ok(slot) => {
+                            let task = handle(tcp, peer, graceful.watcher());
+                            tokio::spawn(async move {
+                                task.await;
+                                drop(slot);
+                            });
+                        }
+                        Err(reason) => {
+                            drop(tcp);
+                            crate::inbound::sanitize::count(&metrics, reason, 1);
+                            if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                                last_refusal_log = Some(std::time::Instant::now());
+                                tracing::warn!(
+                                    event = "listener.connection_refused",
+                                    listener = listener_name,
+                                    peer.addr = %peer,
+                                    reason,
+                                    max_connections = limits.connections,
+                                    max_per_source = limits.per_source,
+                                    "connection refused: listener at its cap (raise --max-connections / --max-connections-per-source if this is legitimate load); further refusals are counted in meshgate_inbound_hygiene_total"
+                                );
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(event = "listener.accept_failed", listener = listener_name, error = %e);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures = failures.saturating_add(1);
+                    let pause = accept_backoff(failures);
+                    tracing::warn!(event = "listener.accept_failed", listener = listener_name, error = %e, retry_in_ms = pause.as_millis() as u64);
+                    tokio::time::sleep(pause).await;
                 }
             },
         }
@@ -47,6 +171,179 @@ pub async fn accept_loop<F, Fut>(
             listener = listener_name,
             "connections still open after the drain period; closing them"
         );
+    }
+}
+
+/// Connections still in their TLS handshake, oldest first (see [`Limits::handshakes`]).
+#[derive(Debug)]
+pub struct PendingHandshakes {
+    cap: usize,
+    queue: Mutex<HandshakeQueue>,
+}
+
+/// The pending handshakes (id, shed signal), oldest first, and the last id given out.
+#[derive(Debug, Default)]
+struct HandshakeQueue {
+    last_id: u64,
+    pending: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// A connection's place among the pending handshakes; leaves the queue on drop (handshake done
+/// or failed). `shed` resolves if the connection was dropped to make room.
+#[derive(Debug)]
+pub struct PendingHandshake {
+    queue: Arc<PendingHandshakes>,
+    id: u64,
+    pub shed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PendingHandshakes {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap: cap.max(1),
+            queue: Mutex::new(HandshakeQueue::default()),
+        })
+    }
+
+    /// Registers a new pending handshake; returns it and whether an older one was shed for it.
+    pub fn enter(self: &Arc<Self>) -> (PendingHandshake, bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut q = self.queue.lock().expect("handshake queue lock");
+        let mut shed = false;
+        while q.pending.len() >= self.cap {
+            if let Some((_, oldest)) = q.pending.pop_front() {
+                shed |= oldest.send(()).is_ok();
+            }
+        }
+        q.last_id += 1;
+        let id = q.last_id;
+        q.pending.push_back((id, tx));
+        (
+            PendingHandshake {
+                queue: self.clone(),
+                id,
+                shed: rx,
+            },
+            shed,
+        )
+    }
+}
+
+impl Drop for PendingHandshake {
+    fn drop(&mut self) {
+        let mut q = self.queue.queue.lock().expect("handshake queue lock");
+        if let Some(at) = q.pending.iter().position(|(id, _)| *id == self.id) {
+            q.pending.remove(at);
+        }
+    }
+}
+
+/// Pause after the `n`th accept failure in a row (EMFILE, ENFILE, ENOBUFS): 10 ms doubling to
+/// 1 s, with up to 50 % jitter so that listeners that failed together do not retry together.
+fn accept_backoff(n: u32) -> Duration {
+    let base = 10u64.saturating_mul(1 << n.min(7)).min(1000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    Duration::from_millis(base + nanos % (base / 2 + 1))
+}
+
+/// Records when an I/O stream last moved bytes, for [`idle`].
+#[derive(Debug, Clone)]
+pub struct Activity {
+    since: std::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
+/// An I/O stream that notes every read and write that moved bytes.
+#[derive(Debug)]
+pub struct IdleIo<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> IdleIo<T> {
+    /// Wraps `inner`; the returned [`Activity`] feeds [`idle`].
+    pub fn new(inner: T) -> (Self, Activity) {
+        let activity = Activity::new();
+        (
+            Self {
+                inner,
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once `activity` has been quiet for `limit`.
+pub async fn idle(activity: Activity, limit: Duration) {
+    loop {
+        let quiet = activity.quiet_for();
+        if quiet >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - quiet).await;
     }
 }
 

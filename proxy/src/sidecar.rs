@@ -58,6 +58,8 @@ pub struct SidecarConfig {
     pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
     /// Extra app ports that inbound L4 tunnels may reach (the app's own port always may).
     pub inbound_tcp_ports: Vec<u16>,
+    /// Connection caps and the idle timeout of the listeners.
+    pub limits: crate::serve::Limits,
     /// `Upgrade` protocols that may reach the app (lowercase tokens; `websocket` by default).
     pub allowed_upgrades: Vec<String>,
     /// Protocol detection on redirected outbound connections.
@@ -259,6 +261,8 @@ impl Sidecar {
                 http_port: config.app.port(),
             },
             metrics: metrics.clone(),
+            limits: config.limits,
+            handshakes: crate::serve::PendingHandshakes::new(config.limits.handshakes),
         };
         for (listener, forward) in tcp_listeners {
             tokio::spawn(crate::outbound::tcp::serve(
@@ -276,6 +280,10 @@ impl Sidecar {
             detection: crate::outbound::Detection {
                 timeout: config.detect_timeout,
                 opaque_ports: Arc::new(config.opaque_ports.clone()),
+            },
+            limits: crate::serve::Limits {
+                per_source: config.limits.connections,
+                ..config.limits
             },
         };
         let admin = Admin {

@@ -391,6 +391,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             tcp_forwards: vec![],
             inbound_tcp_ports: vec![],
             allowed_upgrades: vec!["websocket".into()],
+            limits: Default::default(),
             detect_timeout: Duration::from_millis(500),
             opaque_ports: vec![],
             drain: Duration::from_secs(2),

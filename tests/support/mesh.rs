@@ -211,6 +211,8 @@ pub struct TestMesh {
     /// The control plane, when [`start_control_plane`](Self::start_control_plane) ran; sidecars
     /// added afterwards stream their policy from it instead of reading the directory.
     pub control_plane: Option<meshgate_proxy::control_plane::RunningControlPlane>,
+    /// Connection caps and idle timeout of sidecars added from now on.
+    pub limits: meshgate_proxy::serve::Limits,
     cp_port: u16,
 }
 
@@ -245,6 +247,7 @@ impl TestMesh {
             workloads: BTreeMap::new(),
             telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
             control_plane: None,
+            limits: Default::default(),
             cp_port: 0,
         }
     }
@@ -379,6 +382,7 @@ impl TestMesh {
             tcp_forwards: tcp_forwards.to_vec(),
             inbound_tcp_ports: inbound_tcp_ports.to_vec(),
             allowed_upgrades: vec!["websocket".into()],
+            limits: self.limits,
             detect_timeout: Duration::from_millis(300),
             opaque_ports: vec![],
             drain: Duration::from_secs(2),

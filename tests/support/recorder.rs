@@ -64,7 +64,11 @@ type Handled = std::pin::Pin<
 >;
 
 /// [`handle`] boxed: requests on an h2c-upgraded connection are handled by the same function.
-fn handle_boxed(log: Arc<Mutex<Log>>, after_h2c_upgrade: bool, req: http::Request<Incoming>) -> Handled {
+fn handle_boxed(
+    log: Arc<Mutex<Log>>,
+    after_h2c_upgrade: bool,
+    req: http::Request<Incoming>,
+) -> Handled {
     Box::pin(handle(log, after_h2c_upgrade, req))
 }
 

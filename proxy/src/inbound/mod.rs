@@ -34,14 +34,18 @@ pub struct Inbound {
     pub forwarder: AppForwarder,
     pub tunnel: crate::tunnel::TunnelServer,
     pub metrics: Arc<Metrics>,
+    pub limits: crate::serve::Limits,
+    /// Connections still in their TLS handshake (`limits.handshakes`).
+    pub handshakes: Arc<crate::serve::PendingHandshakes>,
 }
 
-fn handshake_failed(
+/// Logs and counts a refused or failed handshake; the handshake produced no connection.
+fn handshake_failed<T>(
     metrics: &Metrics,
     peer: std::net::SocketAddr,
     reason: &'static str,
     detail: &str,
-) {
+) -> Option<T> {
     metrics
         .tls_handshake_failures
         .get_or_create(&TlsLabels {
@@ -50,6 +54,7 @@ fn handshake_failed(
         })
         .inc();
     tracing::warn!(event = "tls.handshake_refused", direction = "inbound", peer.addr = %peer, reason, detail, "inbound connection refused");
+    None
 }
 
 impl Inbound {
@@ -65,6 +70,8 @@ impl Inbound {
             shutdown,
             drain,
             "inbound",
+            self.limits,
+            self.metrics.clone(),
             move |tcp, peer, watcher| self.clone().connection(tcp, peer, watcher),
         )
         .await;
@@ -77,11 +84,42 @@ impl Inbound {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let _ = tcp.set_nodelay(true);
+        // Until its handshake completes a connection is one of the pending handshakes; at the
+        // cap the oldest is shed, so half-open floods cannot lock known peers out.
+        let (mut pending, shed_other) = self.handshakes.enter();
+        if shed_other {
+            crate::inbound::sanitize::count(&self.metrics, "handshake_shed", 1);
+        }
+        tokio::select! {
+            handshake = self.handshake(tcp, peer) => {
+                drop(pending);
+                if let Some((tls, id, not_after, activity)) = handshake {
+                    self.serve_authenticated(tls, peer, id, not_after, activity, watcher).await;
+                }
+            }
+            _ = &mut pending.shed => {
+                tracing::debug!(event = "inbound.handshake_shed", peer.addr = %peer, "pending handshake dropped to make room for newer connections");
+            }
+        }
+    }
+
+    /// Peeks for TLS, completes the handshake (client certificate with a SPIFFE ID of this
+    /// trust domain) within [`HANDSHAKE_TIMEOUT`]; failures are logged and counted here.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> Option<(
+        tokio_rustls::server::TlsStream<crate::serve::IdleIo<TcpStream>>,
+        meshgate_ca::SpiffeId,
+        time::OffsetDateTime,
+        crate::serve::Activity,
+    )> {
         // Plaintext on the mTLS port is refused before any TLS state is created, and counted.
         let mut first = [0u8; 1];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
-            Ok(Ok(0)) => return,
+            Ok(Ok(0)) => return None,
             Ok(Ok(_)) => {
                 return handshake_failed(
                     &self.metrics,
@@ -90,10 +128,11 @@ impl Inbound {
                     "first byte is not a TLS handshake record",
                 );
             }
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => return None,
             Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "no data"),
         }
         let acceptor = TlsAcceptor::from(self.tls.load_full());
+        let (tcp, activity) = crate::serve::IdleIo::new(tcp);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -136,6 +175,20 @@ impl Inbound {
             })
             .inc();
         tracing::debug!(event = "inbound.connection", peer.id = %id, peer.addr = %peer);
+        Some((tls, id, not_after, activity))
+    }
+
+    /// Serves an authenticated connection: an L4 tunnel (ALPN `meshgate-tcp`) or HTTP through
+    /// the authorization layer, until it ends or stays idle for `limits.idle`.
+    async fn serve_authenticated(
+        self,
+        tls: tokio_rustls::server::TlsStream<crate::serve::IdleIo<TcpStream>>,
+        peer: std::net::SocketAddr,
+        id: meshgate_ca::SpiffeId,
+        not_after: time::OffsetDateTime,
+        activity: crate::serve::Activity,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
         if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
             return self.tunnel.clone().serve(tls, id, not_after).await;
         }
@@ -153,8 +206,16 @@ impl Inbound {
         let builder = crate::serve::http_server();
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service));
-        if let Err(e) = watcher.watch(conn.into_owned()).await {
-            tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
+        tokio::select! {
+            ended = watcher.watch(conn.into_owned()) => {
+                if let Err(e) = ended {
+                    tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
+                }
+            }
+            () = crate::serve::idle(activity, self.limits.idle) => {
+                crate::inbound::sanitize::count(&self.metrics, "idle_timeout", 1);
+                tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, "closing an idle connection");
+            }
         }
     }
 }

@@ -125,6 +125,8 @@ pub struct Outbound {
     /// Client spans of every outbound request.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub detection: Detection,
+    /// Connection cap (the app is the only source: no per-source cap applies in practice).
+    pub limits: crate::serve::Limits,
 }
 
 impl Outbound {
@@ -140,6 +142,8 @@ impl Outbound {
             shutdown,
             drain,
             "outbound",
+            self.limits,
+            self.metrics.clone(),
             move |tcp, _peer, watcher| self.clone().connection(tcp, watcher),
         )
         .await;

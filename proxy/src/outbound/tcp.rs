@@ -107,6 +107,8 @@ pub async fn serve(
         shutdown,
         Duration::ZERO,
         "tcp-forward",
+        crate::serve::Limits::default(),
+        metrics.clone(),
         move |app, _peer, _watcher| {
             let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
             async move {
