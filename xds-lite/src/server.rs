@@ -48,6 +48,14 @@ pub struct SidecarStatus {
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
     pub last_nack: Option<String>,
+    /// Unix seconds of the last ACK or NACK; `None` while the stream has never answered a push.
+    ///
+    /// A stream that never answers is not a sidecar doing its job: a real sidecar ACKs each push
+    /// as soon as it is applied, and denies everything until its first policy is applied. So
+    /// `meshgate quarantine` and `meshgate status` judge containment on streams that have
+    /// answered and list the others as "not acknowledging" instead of waiting on them; any
+    /// workload with an SVID can open such a stream.
+    pub last_ack_at: Option<i64>,
     /// Why the latest version was not sent to this sidecar (too large), if it was not.
     pub push_refused: Option<String>,
 }
@@ -237,6 +245,7 @@ impl ControlPlane {
                 sent_version: None,
                 acked_version: None,
                 last_nack: None,
+                last_ack_at: None,
                 push_refused: None,
             },
         );
@@ -353,6 +362,7 @@ impl ControlPlane {
                         self.update(stream, |s| {
                             s.acked_version = Some(ack.version.clone());
                             s.last_nack = None;
+                            s.last_ack_at = Some(s.last_seen);
                         });
                     }
                     Some(error) => {
@@ -360,7 +370,8 @@ impl ControlPlane {
                         let error = sanitize_peer_text(error, MAX_NACK_ERROR_CHARS);
                         tracing::warn!(event = "control_plane.nack", peer.id = %peer, version = %ack.version, error = %error);
                         self.update(stream, |s| {
-                            s.last_nack = Some(format!("{}: {error}", ack.version))
+                            s.last_nack = Some(format!("{}: {error}", ack.version));
+                            s.last_ack_at = Some(s.last_seen);
                         });
                     }
                 }
