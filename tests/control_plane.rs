@@ -529,13 +529,7 @@ impl RawStream {
                 .unwrap();
         tokio::spawn(conn);
         let (lines, mut rx) = mpsc::channel(4);
-        let poll: Box<
-            dyn FnMut(
-                    &mut std::task::Context<'_>,
-                ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>>
-                + Send,
-        > = Box::new(move |cx| rx.poll_recv(cx));
-        let body = StreamBody::new(futures_util::stream::poll_fn(poll));
+        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
         let req = http::Request::post(format!("https://{addr}/v1/stream"))
             .header("content-type", "application/x-ndjson")
             .body(body)

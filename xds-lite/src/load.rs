@@ -26,6 +26,10 @@ pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// which stays under the 16 MiB push limit ([`crate::wire::MAX_PUSH_BYTES`]).
 pub const MAX_POLICY_DIR_BYTES: u64 = 8 * 1024 * 1024;
 
+// A file the per-file limit allows must fit the directory, and a directory's JSON the push.
+const _: () = assert!(MAX_POLICY_FILE_BYTES <= MAX_POLICY_DIR_BYTES);
+const _: () = assert!(2 * MAX_POLICY_DIR_BYTES <= crate::wire::MAX_PUSH_BYTES as u64);
+
 /// Every document of a policy directory, validated, with a content version.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
