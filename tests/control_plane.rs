@@ -743,3 +743,103 @@ async fn an_oversize_policy_file_is_refused_and_the_last_good_version_stays() {
         200
     );
 }
+
+/// A sidecar refuses a push over the 16 MiB limit without buffering it whole: it logs why,
+/// closes the stream and keeps the policy it had (a stand-in control plane sends a valid push,
+/// then an endless 17 MiB line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
+    let logs = captured_logs();
+    let mesh = TestMesh::new().await;
+    let cp_id =
+        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let cp_svid = mesh.ca.sign_leaf(&cp_id, now - hour, now + hour);
+    let resolver = Arc::new(tls::CertResolver::default());
+    resolver
+        .publish(
+            cp_svid.chain.clone(),
+            rustls_pki_types::PrivatePkcs8KeyDer::from(cp_svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut good_set = meshgate_xds::PolicySet::default();
+    good_set.update_version();
+    let good_version = good_set.version.clone();
+    let mut good =
+        serde_json::to_vec(&meshgate_xds::wire::Push::new(good_set, "n1".into())).unwrap();
+    good.push(b'\n');
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let service = hyper::service::service_fn(move |_req| {
+            let good = Bytes::from(good.clone());
+            async move {
+                let mut frames = vec![good];
+                frames.extend((0..17).map(|_| Bytes::from(vec![b'x'; 1024 * 1024])));
+                let stream = futures_util::stream::iter(
+                    frames
+                        .into_iter()
+                        .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+                );
+                Ok::<_, Infallible>(http::Response::new(StreamBody::new(stream)))
+            }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        // Keep the listener (and so the port) until the test ends.
+        std::future::pending::<()>().await;
+        drop(listener);
+    });
+
+    let svid = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("orders"), now - hour, now + hour);
+    let client_config = support::mesh_client(mesh.ca.bundle(), &svid, cp_id, &[b"h2"]);
+    let client = StreamClient::new(&format!("https://{addr}"), client_config).unwrap();
+    let (tx, mut applied) = mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(client.run(
+        move |set| {
+            let _ = tx.send(set.version.clone());
+            Ok(())
+        },
+        |_| {},
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(5), applied.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, good_version);
+    wait_until("the sidecar refuses the oversize push", async || {
+        String::from_utf8_lossy(&logs.lock().unwrap()).contains("16 MiB snapshot limit")
+    })
+    .await;
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("16 MiB snapshot limit"))
+        .unwrap();
+    assert!(
+        line.contains("the last good policy stays in force"),
+        "{line}"
+    );
+    assert!(
+        applied.try_recv().is_err(),
+        "nothing but the first push was applied"
+    );
+    task.abort();
+}
