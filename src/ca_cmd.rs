@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use crate::parse_duration;
 use clap::Subcommand;
 use meshgate_ca::authority::MIN_SVID_TTL;
+use meshgate_ca::limits::ConnectionLimits;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain, cert, fsutil};
 use rustls_pki_types::UnixTime;
@@ -72,6 +73,13 @@ pub enum CaCommand {
         /// containers: the first start creates it, restarts reuse it).
         #[arg(long, value_parser = parse_trust_domain)]
         init_trust_domain: Option<TrustDomain>,
+        /// Open connections at most; a quarter is kept for peers with a valid SVID (renewals).
+        /// Keep it well under `ulimit -n`.
+        #[arg(long, default_value_t = meshgate_ca::limits::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Unauthenticated connections per source IP at most.
+        #[arg(long, default_value_t = meshgate_ca::limits::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+        max_connections_per_ip: usize,
         #[command(flatten)]
         bootstrap: BootstrapArgs,
     },
@@ -170,6 +178,8 @@ pub fn run(command: CaCommand) -> Result<()> {
             svid_ttl,
             sans,
             init_trust_domain,
+            max_connections,
+            max_connections_per_ip,
             bootstrap,
         } => {
             if let Some(td) = &init_trust_domain {
@@ -182,7 +192,13 @@ pub fn run(command: CaCommand) -> Result<()> {
                 }
             }
             write_bootstrap(&dir, &bootstrap)?;
-            serve(&dir, listen, svid_ttl, sans)
+            let limits = ConnectionLimits {
+                max_connections,
+                reserved_for_peers: max_connections / 4,
+                max_connections_per_ip,
+                ..ConnectionLimits::default()
+            };
+            serve(&dir, listen, svid_ttl, sans, limits)
         }
         CaCommand::Inspect { cert, bundle } => inspect(&cert, bundle.as_deref()),
         CaCommand::Rotate { dir, finish } => rotate(&dir, finish),
@@ -259,7 +275,13 @@ fn token(dir: &Path, id: &SpiffeId, ttl: Duration, reusable: bool) -> Result<()>
     Ok(())
 }
 
-fn serve(dir: &Path, listen: SocketAddr, svid_ttl: Duration, sans: Vec<String>) -> Result<()> {
+fn serve(
+    dir: &Path,
+    listen: SocketAddr,
+    svid_ttl: Duration,
+    sans: Vec<String>,
+    limits: ConnectionLimits,
+) -> Result<()> {
     check_ttl(svid_ttl)?;
     let ca = CaDir::new(dir).open()?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -270,6 +292,7 @@ fn serve(dir: &Path, listen: SocketAddr, svid_ttl: Duration, sans: Vec<String>) 
             ServeOptions {
                 svid_ttl,
                 serving_hosts: sans,
+                limits,
             },
         )
         .await?;

@@ -96,10 +96,20 @@ pub fn status(args: StatusArgs) -> Result<()> {
     );
     let sidecars = report["sidecars"].as_array().cloned().unwrap_or_default();
     let mut drift = false;
+    let mut silent = Vec::new();
     for s in &sidecars {
         let in_sync = s["in_sync"].as_bool().unwrap_or(false);
         let connected = s["connected"].as_bool().unwrap_or(false);
-        drift |= connected && !in_sync;
+        // A stream that never answered a push is reported, not counted as drift: any workload
+        // with an SVID can open one, and it must not make the status of the mesh look failed.
+        if connected && s["last_ack_at"].is_null() {
+            silent.push(crate::quarantine_cmd::not_acknowledging(
+                s["id"].as_str().unwrap_or("?"),
+                now - s["connected_at"].as_i64().unwrap_or(now),
+            ));
+        } else {
+            drift |= connected && !in_sync;
+        }
         println!(
             "{:<45} {:<10} {:<18} {:<8} {:<10} {}",
             s["id"].as_str().unwrap_or("?"),
@@ -112,6 +122,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     if sidecars.is_empty() {
         println!("(no sidecar has connected)");
+    }
+    if !silent.is_empty() {
+        println!();
+        for line in &silent {
+            println!("{line}");
+        }
     }
     if drift {
         bail!("some connected sidecars have not acknowledged version {version}");

@@ -3,8 +3,13 @@
 //! Writes (or removes) one policy file in the root namespace `meshgate` whose only rule denies
 //! every request and connection from the identity. DENY is evaluated before any ALLOW, and every
 //! policy swap re-checks open L4 tunnels, so containment covers new requests, pooled connections
-//! and open tunnels alike. With `--control-plane`, waits until every connected sidecar has ACKed
-//! the new version and reports the time to containment.
+//! and open tunnels alike. With `--control-plane`, waits until every connected sidecar that
+//! acknowledges pushes has ACKed the new version and reports the time to containment.
+//!
+//! Streams that have never answered a push are listed as "not acknowledging" and not waited
+//! for: any workload with an SVID can open a stream that never ACKs, and must not be able to
+//! make an emergency containment look failed. A real sidecar on such a stream has never applied
+//! a policy, and a sidecar without a policy denies everything, so it is contained either way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -82,24 +87,84 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
         .build()?;
     runtime.block_on(async {
         loop {
-            let report: serde_json::Value = serde_json::from_str(&get(&url, Duration::from_secs(5)).await?)?;
-            let connected: Vec<&serde_json::Value> = report["sidecars"]
-                .as_array()
-                .map(|a| a.iter().filter(|s| s["connected"] == true).collect())
-                .unwrap_or_default();
-            let enforcing = connected.iter().filter(|s| s["acked_version"] == want.as_str()).count();
-            if report["version"] == want.as_str() && enforcing == connected.len() {
+            let report: serde_json::Value =
+                serde_json::from_str(&get(&url, Duration::from_secs(5)).await?)?;
+            let view = Containment::of(&report, &want);
+            if report["version"] == want.as_str() && view.lagging.is_empty() {
                 println!(
-                    "contained in {} ms: {enforcing}/{} connected sidecars enforce version {want}",
+                    "contained in {} ms: {}/{} acknowledging sidecars enforce version {want}",
                     started.elapsed().as_millis(),
-                    connected.len()
+                    view.enforcing,
+                    view.enforcing
                 );
+                for line in &view.silent {
+                    println!("{line}");
+                }
                 return Ok(());
             }
             if started.elapsed() > args.timeout {
-                bail!("after {:?}, {enforcing}/{} connected sidecars enforce version {want}; check `meshgate status`", args.timeout, connected.len());
+                let mut lines = view.lagging.clone();
+                lines.extend(view.silent.iter().cloned());
+                bail!(
+                    "after {:?}, {}/{} acknowledging sidecars enforce version {want}; check `meshgate status`:\n{}",
+                    args.timeout,
+                    view.enforcing,
+                    view.enforcing + view.lagging.len(),
+                    lines.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
+}
+
+/// One poll of the control plane's status, judged for containment at version `want`.
+struct Containment {
+    /// Acknowledging sidecars that ACKed `want`.
+    enforcing: usize,
+    /// Acknowledging sidecars not (yet) on `want`, one line each.
+    lagging: Vec<String>,
+    /// Connected streams that never answered a push, one "not acknowledging" line each.
+    silent: Vec<String>,
+}
+
+impl Containment {
+    fn of(report: &serde_json::Value, want: &str) -> Self {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut view = Self {
+            enforcing: 0,
+            lagging: Vec::new(),
+            silent: Vec::new(),
+        };
+        let sidecars = report["sidecars"].as_array().cloned().unwrap_or_default();
+        for s in sidecars.iter().filter(|s| s["connected"] == true) {
+            let id = s["id"].as_str().unwrap_or("?");
+            let connected_ago = now - s["connected_at"].as_i64().unwrap_or(now);
+            let Some(last_ack) = s["last_ack_at"].as_i64() else {
+                view.silent.push(not_acknowledging(id, connected_ago));
+                continue;
+            };
+            if s["acked_version"] == want {
+                view.enforcing += 1;
+            } else {
+                view.lagging.push(format!(
+                    "not yet enforcing: {id} (acked {}, last ack {}s ago{})",
+                    s["acked_version"].as_str().unwrap_or("nothing"),
+                    now - last_ack,
+                    s["last_nack"]
+                        .as_str()
+                        .map(|n| format!(", last NACK {n}"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        view
+    }
+}
+
+/// The report line of a stream that never answered a push.
+pub fn not_acknowledging(id: &str, connected_ago: i64) -> String {
+    format!(
+        "not acknowledging: {id} (connected {connected_ago}s ago, last ack never): not counted; a sidecar that never applied a policy denies everything"
+    )
 }

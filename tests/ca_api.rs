@@ -445,3 +445,211 @@ async fn curl_and_openssl_bootstrap_against_the_running_ca() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(out.stdout, ca.bundle_pem());
 }
+
+/// Whether the server closed `stream` within `wait` (EOF or error), or it is still open.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    streams: Vec<S>,
+    wait: Duration,
+) -> (Vec<S>, usize) {
+    use tokio::io::AsyncReadExt;
+    let mut set = tokio::task::JoinSet::new();
+    for mut s in streams {
+        set.spawn(async move {
+            let mut buf = [0u8; 256];
+            let closed = match tokio::time::timeout(wait, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => true,
+                Ok(Ok(n)) => panic!("the CA sent {n} bytes to a half-sent request"),
+                Err(_) => false,
+            };
+            (s, closed)
+        });
+    }
+    let (mut open, mut closed) = (Vec::new(), 0);
+    while let Some(done) = set.join_next().await {
+        match done.unwrap() {
+            (_, true) => closed += 1,
+            (s, false) => open.push(s),
+        }
+    }
+    (open, closed)
+}
+
+fn ip(s: &str) -> Option<std::net::IpAddr> {
+    Some(s.parse().unwrap())
+}
+
+/// The attack of the review, scaled down: half-sent connections from one source beyond its cap
+/// are refused at once; the admitted ones (half-sent TLS handshakes and half-sent HTTP headers)
+/// are held only until their deadline; while they are held, an anonymous client beyond the
+/// unauthenticated share is refused but a renewal over mTLS is served. Refusals and timeouts
+/// are counted in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_connections_cannot_stop_renewals() {
+    use tokio::io::AsyncWriteExt;
+    let deadline = Duration::from_secs(4);
+    let limits = meshgate_ca::limits::ConnectionLimits {
+        handshake_timeout: deadline,
+        probation_handshake_timeout: Duration::from_secs(2),
+        header_read_timeout: deadline,
+        body_timeout: deadline,
+        idle_timeout: deadline,
+        max_connections: 24,
+        reserved_for_peers: 8,
+        max_connections_per_ip: 6,
+    };
+    let ca = TestCa::start_with_limits(Duration::from_secs(3600), limits).await;
+    let now = time::OffsetDateTime::now_utc();
+    let current = ca.sign_leaf(
+        &id(WEB),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+
+    // 10 connections from 127.0.0.1 that send the first 5 bytes of a TLS record and stop.
+    let mut flood = Vec::new();
+    for _ in 0..10 {
+        let mut s = connect_from(ip("127.0.0.1"), ca.addr()).await;
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+        flood.push(s);
+    }
+    let (handshakes, refused) = closed_within(flood, Duration::from_millis(300)).await;
+    assert_eq!(refused, 4, "beyond the per-IP cap of 6, refused at once");
+    assert_eq!(handshakes.len(), 6);
+
+    // 10 more from two other sources: TLS done (no client certificate), HTTP headers half sent.
+    let bundle = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca.bundle()));
+    let anonymous = std::sync::Arc::new(meshgate_ca::tls::mesh_client_config(
+        bundle,
+        meshgate_ca::tls::ExpectedServer::Exact(meshgate_ca::authority::ca_server_id(&ca.td)),
+        None,
+        &[b"http/1.1"],
+    ));
+    let mut headers = Vec::new();
+    for source in ["127.0.0.3", "127.0.0.4"] {
+        for _ in 0..5 {
+            let tcp = connect_from(ip(source), ca.addr()).await;
+            let mut tls = tokio_rustls::TlsConnector::from(anonymous.clone())
+                .connect(meshgate_ca::tls::mesh_server_name(), tcp)
+                .await
+                .unwrap();
+            tls.write_all(b"POST /v1/svid HTTP/1.1\r\nhost: ca\r\n")
+                .await
+                .unwrap();
+            headers.push(tls);
+        }
+    }
+    // The unauthenticated share (24 - 8 = 16) is now held. A new anonymous client is refused
+    // right after its handshake, even with a valid join token...
+    let token = ca.token(&id(ADMIN), Duration::from_secs(60), false);
+    let anonymous_call = ca
+        .call_from(
+            ip("127.0.0.5"),
+            "POST",
+            "/v1/svid",
+            Some(&token),
+            csr_pem(&p256(), &[ADMIN]).into_bytes(),
+            None,
+        )
+        .await;
+    assert!(anonymous_call.is_err(), "{anonymous_call:?}");
+    // ...but a workload renewing with its current SVID is served.
+    let key = p256();
+    let renewed = ca
+        .call_from(
+            ip("127.0.0.2"),
+            "POST",
+            "/v1/svid/renew",
+            None,
+            csr_pem(&key, &[WEB]).into_bytes(),
+            Some(&current),
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed.status, 200, "{}", renewed.body);
+    assert_eq!(renewed.json()["spiffe_id"], WEB);
+
+    // The flood was still held open during the renewal...
+    let (handshakes, closed) = closed_within(handshakes, Duration::from_millis(10)).await;
+    assert_eq!(
+        closed, 0,
+        "half-sent handshakes closed before their deadline"
+    );
+    let (headers, closed) = closed_within(headers, Duration::from_millis(10)).await;
+    assert_eq!(closed, 0, "half-sent requests closed before their deadline");
+    // ...and every connection of it is closed at its deadline.
+    let (open, _) = closed_within(handshakes, deadline + Duration::from_secs(3)).await;
+    assert!(open.is_empty(), "{} handshakes still open", open.len());
+    let (open, _) = closed_within(headers, deadline + Duration::from_secs(3)).await;
+    assert!(
+        open.is_empty(),
+        "{} half-sent requests still open",
+        open.len()
+    );
+
+    let metrics = ca
+        .call_from(ip("127.0.0.2"), "GET", "/metrics", None, vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(metrics.status, 200);
+    let count = |name: &str, label: &str| support::mesh::sum_metric(&metrics.body, name, &[label]);
+    assert_eq!(
+        count("meshgate_ca_connections_refused_total", "per_ip_limit"),
+        4.0,
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        count(
+            "meshgate_ca_connections_refused_total",
+            "unauthenticated_over_share"
+        ),
+        1.0,
+        "{}",
+        metrics.body
+    );
+    assert_eq!(
+        count("meshgate_ca_connection_timeouts_total", "handshake"),
+        6.0
+    );
+    assert_eq!(
+        count("meshgate_ca_connection_timeouts_total", "header"),
+        10.0
+    );
+}
+
+/// A request whose body never completes is answered 408 at the body deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = meshgate_ca::limits::ConnectionLimits {
+        body_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let ca = TestCa::start_with_limits(Duration::from_secs(3600), limits).await;
+    let bundle = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca.bundle()));
+    let config = meshgate_ca::tls::mesh_client_config(
+        bundle,
+        meshgate_ca::tls::ExpectedServer::Exact(meshgate_ca::authority::ca_server_id(&ca.td)),
+        None,
+        &[b"http/1.1"],
+    );
+    let tcp = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(meshgate_ca::tls::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    let token = ca.token(&id(WEB), Duration::from_secs(60), false);
+    tls.write_all(
+        format!(
+            "POST /v1/svid HTTP/1.1\r\nhost: ca\r\nauthorization: Bearer {token}\r\ncontent-length: 900\r\n\r\n-----BEGIN"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+}

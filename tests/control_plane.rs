@@ -5,13 +5,20 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_ca::tls::{self, ExpectedServer};
 use meshgate_xds::client::StreamClient;
+use meshgate_xds::wire::LineBuffer;
 use support::mesh::TestMesh;
 use support::*;
+use tokio::sync::mpsc;
 
 fn orders_policy(methods: &str) -> String {
     format!(
@@ -396,7 +403,7 @@ async fn quarantine_cuts_an_identity_off_everywhere_and_lifts() {
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
     assert!(
-        shown.contains("contained in") && shown.contains("2/2 connected sidecars"),
+        shown.contains("contained in") && shown.contains("2/2 acknowledging sidecars"),
         "{shown}"
     );
     eprintln!("{}", shown.lines().last().unwrap_or_default());
@@ -483,5 +490,356 @@ async fn a_nacked_version_is_recorded_and_not_retried() {
         .unwrap()
         .unwrap();
     assert_ne!(first, second, "only a newer version is pushed");
+    task.abort();
+}
+
+/// A stream client that is no sidecar: it connects with a valid SVID, collects the pushes, and
+/// sends only the lines the test writes (nothing at all unless told to).
+struct RawStream {
+    pushes: mpsc::UnboundedReceiver<serde_json::Value>,
+    lines: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    /// The HTTP/2 client, kept so the connection stays open.
+    _http: Box<dyn std::any::Any + Send>,
+}
+
+impl RawStream {
+    async fn open(mesh: &TestMesh, name: &str) -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        let svid = mesh.ca.sign_leaf(
+            &TestMesh::id_of(name),
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        let config = support::mesh_client(
+            mesh.ca.bundle(),
+            &svid,
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
+                .unwrap(),
+            &[b"h2"],
+        );
+        let addr = mesh.control_plane.as_ref().unwrap().addr;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap();
+        let (mut http, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let (lines, mut rx) = mpsc::channel(4);
+        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let req = http::Request::post(format!("https://{addr}/v1/stream"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .unwrap();
+        let resp = http.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let (tx, pushes) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buffer = LineBuffer::default();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    for line in buffer.push(data, 1 << 24).unwrap() {
+                        let _ = tx.send(serde_json::from_slice(&line).unwrap());
+                    }
+                }
+            }
+        });
+        Self {
+            pushes,
+            lines,
+            _http: Box::new(http),
+        }
+    }
+
+    async fn next_push(&mut self) -> serde_json::Value {
+        tokio::time::timeout(Duration::from_secs(5), self.pushes.recv())
+            .await
+            .expect("a push within 5 s")
+            .expect("stream open")
+    }
+
+    async fn send_line(&self, json: serde_json::Value) {
+        let mut line = serde_json::to_vec(&json).unwrap();
+        line.push(b'\n');
+        self.lines
+            .send(Ok(Frame::data(Bytes::from(line))))
+            .await
+            .unwrap();
+    }
+}
+
+/// A workload with an SVID that opens a stream and never ACKs neither fails `meshgate status`
+/// nor makes `meshgate quarantine` report a failed containment: it is listed as not
+/// acknowledging, and containment is judged on the sidecars that do acknowledge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_acks_is_reported_and_does_not_block_containment() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.write_services();
+    mesh.converge().await;
+    let mut rogue = RawStream::open(&mesh, "rogue").await;
+    rogue.next_push().await;
+    let admin_url = format!("http://{}", mesh.control_plane.as_ref().unwrap().admin_addr);
+    let rogue_id = TestMesh::id_of("rogue").to_string();
+
+    let mut cmd = meshgate();
+    cmd.args(["status", "--control-plane", &admin_url]);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("not acknowledging: {rogue_id} (connected ")),
+        "{shown}"
+    );
+    assert!(shown.contains("last ack never"), "{shown}");
+
+    let web = TestMesh::id_of("web").to_string();
+    let mut cmd = meshgate();
+    cmd.args([
+        "quarantine",
+        &web,
+        "--timeout",
+        "10s",
+        "--control-plane",
+        &admin_url,
+        "--policy-dir",
+    ])
+    .arg(&mesh.policy_dir);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("contained in") && shown.contains("2/2 acknowledging sidecars"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("not acknowledging: {rogue_id} (connected ")),
+        "{shown}"
+    );
+    // The rogue stream was sent the quarantine too; it just never said so.
+    let push = rogue.next_push().await;
+    assert!(push.to_string().contains("quarantine-"), "{push}");
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        403,
+        "web is cut off by the real sidecars"
+    );
+}
+
+/// Log lines written in this test binary (every test's, at WARN and above, plain text as
+/// `meshgate` writes them by default).
+fn captured_logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct Writer(&'static Mutex<Vec<u8>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || Writer(logs))
+            .init();
+        logs
+    })
+}
+
+/// A NACK whose error text carries a newline and a forged JSON log record stays one log line,
+/// with the newline escaped; `meshgate status` shows it escaped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_cannot_forge_log_lines() {
+    let logs = captured_logs();
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    let mut stream = RawStream::open(&mesh, "orders").await;
+    let push = stream.next_push().await;
+    let forged =
+        "nack-7f3a\n{\"event\":\"control_plane.ack\",\"peer.id\":\"forged-7f3a\"}\r\u{1b}[2K";
+    stream
+        .send_line(serde_json::json!({
+            "nonce": push["nonce"],
+            "version": push["version"],
+            "error": forged,
+        }))
+        .await;
+    let mesh_ref = &mesh;
+    wait_until("the NACK is recorded", async || {
+        mesh_ref.cp_status().await["sidecars"][0]["last_nack"]
+            .as_str()
+            .is_some_and(|n| n.contains("nack-7f3a"))
+    })
+    .await;
+    let status = mesh.cp_status().await;
+    let kept = status["sidecars"][0]["last_nack"].as_str().unwrap();
+    assert!(!kept.chars().any(char::is_control), "{kept:?}");
+    assert!(kept.contains(r#"nack-7f3a\n{"event""#), "{kept:?}");
+
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("7f3a")).collect();
+    assert_eq!(lines.len(), 1, "one log line for the NACK: {lines:#?}");
+    assert!(lines[0].contains("control_plane.nack"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(r#"nack-7f3a\n{"event":"control_plane.ack""#),
+        "newline escaped: {}",
+        lines[0]
+    );
+    assert!(!lines[0].contains('\u{1b}'), "{}", lines[0]);
+}
+
+/// An oversize policy file (valid YAML, 5 MiB) is refused at the control plane with its name
+/// and the limit; the last good version stays served and enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_policy_file_is_refused_and_the_last_good_version_stays() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.write_services();
+    let good = mesh.converge().await;
+    let padding = format!("# {}\n", "x".repeat(1023)).repeat(5 * 1024);
+    mesh.write_policy(
+        "huge.yaml",
+        &format!(
+            "{}{padding}",
+            orders_policy(r#""GET", "POST""#).replace("orders-readers", "huge")
+        ),
+    );
+    let mesh_ref = &mesh;
+    wait_until("the control plane refuses the update", async || {
+        mesh_ref.cp_status().await["last_rejected"].is_string()
+    })
+    .await;
+    let status = mesh.cp_status().await;
+    let reason = status["last_rejected"].as_str().unwrap();
+    assert!(
+        reason
+            .contains("huge.yaml:0: policy file is 5.0 MiB, larger than the 4 MiB limit; split it"),
+        "{reason}"
+    );
+    assert_eq!(status["version"], good.as_str());
+    assert_eq!(
+        mesh.call("web", "POST", "orders", "/orders/1").await.status,
+        403,
+        "the refused file's ALLOW is not in force"
+    );
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/1").await.status,
+        200
+    );
+}
+
+/// A sidecar refuses a push over the 16 MiB limit without buffering it whole: it logs why,
+/// closes the stream and keeps the policy it had (a stand-in control plane sends a valid push,
+/// then an endless 17 MiB line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
+    let logs = captured_logs();
+    let mesh = TestMesh::new().await;
+    let cp_id =
+        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let cp_svid = mesh.ca.sign_leaf(&cp_id, now - hour, now + hour);
+    let resolver = Arc::new(tls::CertResolver::default());
+    resolver
+        .publish(
+            cp_svid.chain.clone(),
+            rustls_pki_types::PrivatePkcs8KeyDer::from(cp_svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut good_set = meshgate_xds::PolicySet::default();
+    good_set.update_version();
+    let good_version = good_set.version.clone();
+    let mut good =
+        serde_json::to_vec(&meshgate_xds::wire::Push::new(good_set, "n1".into())).unwrap();
+    good.push(b'\n');
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            .accept(tcp)
+            .await
+            .unwrap();
+        let service = hyper::service::service_fn(move |_req| {
+            let good = Bytes::from(good.clone());
+            async move {
+                let mut frames = vec![good];
+                frames.extend((0..17).map(|_| Bytes::from(vec![b'x'; 1024 * 1024])));
+                let stream = futures_util::stream::iter(
+                    frames
+                        .into_iter()
+                        .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+                );
+                Ok::<_, Infallible>(http::Response::new(StreamBody::new(stream)))
+            }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+        // Keep the listener (and so the port) until the test ends.
+        std::future::pending::<()>().await;
+        drop(listener);
+    });
+
+    let svid = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("orders"), now - hour, now + hour);
+    let client_config = support::mesh_client(mesh.ca.bundle(), &svid, cp_id, &[b"h2"]);
+    let client = StreamClient::new(&format!("https://{addr}"), client_config).unwrap();
+    let (tx, mut applied) = mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(client.run(
+        move |set| {
+            let _ = tx.send(set.version.clone());
+            Ok(())
+        },
+        |_| {},
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(5), applied.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, good_version);
+    wait_until("the sidecar refuses the oversize push", async || {
+        String::from_utf8_lossy(&logs.lock().unwrap()).contains("16 MiB snapshot limit")
+    })
+    .await;
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("16 MiB snapshot limit"))
+        .unwrap();
+    assert!(
+        line.contains("the last good policy stays in force"),
+        "{line}"
+    );
+    assert!(
+        applied.try_recv().is_err(),
+        "nothing but the first push was applied"
+    );
     task.abort();
 }

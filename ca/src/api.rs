@@ -35,5 +35,7 @@ pub const PATH_SVID: &str = "/v1/svid";
 pub const PATH_RENEW: &str = "/v1/svid/renew";
 pub const PATH_BUNDLE: &str = "/v1/bundle";
 pub const PATH_HEALTH: &str = "/healthz";
+/// Connection counters (refusals, timeouts, open connections) as OpenMetrics text.
+pub const PATH_METRICS: &str = "/metrics";
 /// Largest request body the CA reads (a P-256 CSR in PEM is well under 1 KiB).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;

@@ -8,6 +8,7 @@ pub mod api;
 pub mod authority;
 pub mod cert;
 pub mod fsutil;
+pub mod limits;
 pub mod service;
 pub mod spiffe;
 pub mod store;

@@ -5,6 +5,10 @@
 //! needs one, and it validates the chain itself so a bad certificate gets a readable refusal.
 //! Every issuance and every refusal is one structured log line (`event`, `id`, `serial`,
 //! `not_after`, `reason`).
+//!
+//! Every connection phase has a deadline and connections are capped per process and per source
+//! IP, with a share reserved for peers presenting a valid SVID (see [`crate::limits`]), so
+//! anonymous clients cannot hold the CA and stop renewals.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::{self, ErrorResponse, SvidResponse};
 use crate::authority::{Authority, CsrError, IssuedSvid};
 use crate::cert;
+use crate::limits::{AcceptBackoff, Admission, Admit, ConnectionLimits, Phase, Refusal, Slot};
 use crate::spiffe::SpiffeId;
 use crate::store::{LoadedCa, StoreError};
 use crate::tls::{self, CertResolver, DeferredClientVerifier, TrustBundle};
@@ -36,8 +41,12 @@ use crate::token::{self, NonceLedger, TokenError, TokenKey};
 
 /// How long the CA's own serving certificate lives; it is re-issued at half that.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Grace for a connection past its header or idle deadline to close cleanly before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Largest HTTP/1 header block read: 16 KiB (a CA request has a handful of short headers).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// HTTP/2 streams per connection at once: 16 (a sidecar makes one request at a time).
+const MAX_STREAMS: u32 = 16;
 
 /// Settings of `meshgate ca serve`.
 #[derive(Debug, Clone)]
@@ -46,6 +55,8 @@ pub struct ServeOptions {
     pub svid_ttl: Duration,
     /// DNS names / IPs put in the serving certificate besides the CA's SPIFFE ID.
     pub serving_hosts: Vec<String>,
+    /// Timeouts and connection caps ([`ConnectionLimits::default`] in production).
+    pub limits: ConnectionLimits,
 }
 
 /// A refusal: status, stable code, and a message saying what to fix.
@@ -184,6 +195,7 @@ struct CaState {
     ledger: Mutex<NonceLedger>,
     bundle: BundleSource,
     svid_ttl: Duration,
+    admission: Arc<Admission>,
 }
 
 /// A bound, not yet running CA service.
@@ -245,6 +257,7 @@ impl CaServer {
             },
             tokens: ca.tokens,
             svid_ttl: options.svid_ttl,
+            admission: Admission::new(options.limits.clone()),
         });
         let serving = Arc::new(CertResolver::default());
         refresh_serving_cert(&state.signer.get(), &serving, &serving_hosts)?;
@@ -290,6 +303,7 @@ impl CaServer {
             "CA serving"
         );
         let mut connections = JoinSet::new();
+        let mut backoff = AcceptBackoff::new();
         let mut refresh = tokio::time::interval(SERVING_CERT_TTL / 2);
         refresh.tick().await;
         tokio::pin!(shutdown);
@@ -303,11 +317,24 @@ impl CaServer {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        connections.spawn(serve_connection(acceptor.clone(), tcp, peer, state.clone()));
+                        backoff.reset();
+                        match state.admission.admit(peer.ip()) {
+                            Admit::Yes(slot) => {
+                                connections.spawn(serve_connection(acceptor.clone(), tcp, peer, state.clone(), slot, false));
+                            }
+                            Admit::Probation(slot) => {
+                                connections.spawn(serve_connection(acceptor.clone(), tcp, peer, state.clone(), slot, true));
+                            }
+                            // Dropping the stream closes it before any TLS work is spent on it.
+                            Admit::No(why) => state.admission.refused(peer, why),
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(event = "ca.accept_failed", error = %e);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // EMFILE and friends: retrying at once would spin; back off with jitter.
+                        state.admission.accept_failed();
+                        let pause = backoff.pause();
+                        tracing::warn!(event = "ca.accept_failed", error = %e, retry_in_ms = pause.as_millis() as u64, "cannot accept connections; if the error is \"too many open files\", raise `ulimit -n` or lower --max-connections");
+                        tokio::time::sleep(pause).await;
                     }
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -336,13 +363,23 @@ fn refresh_serving_cert(
         .map_err(|e| ServeError::ServingCert(e.to_string()))
 }
 
+/// Serves one connection, closing it at the first deadline it misses. `probation`: admitted
+/// beyond the unauthenticated share, so it is kept only if it authenticates.
 async fn serve_connection(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     state: Arc<CaState>,
+    mut slot: Slot,
+    probation: bool,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let limits = state.admission.limits.clone();
+    let handshake_timeout = if probation {
+        limits.probation_handshake_timeout
+    } else {
+        limits.handshake_timeout
+    };
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         // A connection closed before the ClientHello is a TCP health probe or a port scan,
         // not a failed client: keep it out of the warnings.
@@ -355,7 +392,9 @@ async fn serve_connection(
             return;
         }
         Err(_) => {
-            tracing::warn!(event = "tls.handshake_failed", peer.addr = %peer, error = "timed out");
+            state
+                .admission
+                .timed_out(peer, Phase::Handshake, handshake_timeout);
             return;
         }
     };
@@ -366,16 +405,116 @@ async fn serve_connection(
             .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
             .unwrap_or_default(),
     );
-    let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        let peer_chain = peer_chain.clone();
-        async move { Ok::<_, std::convert::Infallible>(state.handle(req, peer, &peer_chain).await) }
+    let authenticated = peer_chain
+        .split_first()
+        .is_some_and(|(leaf, intermediates)| {
+            state
+                .bundle
+                .get()
+                .verify_client(leaf, intermediates, UnixTime::now())
+                .is_ok()
+        });
+    if authenticated {
+        slot.authenticate();
+    } else if probation && slot.over_share() {
+        state
+            .admission
+            .refused(peer, Refusal::UnauthenticatedOverShare);
+        return;
+    }
+    let activity = Arc::new(Activity {
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        last: Mutex::new((std::time::Instant::now(), false)),
     });
-    if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-    {
-        tracing::debug!(peer.addr = %peer, error = %e, "connection ended with an error");
+    let admission = state.admission.clone();
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            let peer_chain = peer_chain.clone();
+            let busy = Busy::start(activity.clone());
+            async move {
+                let resp = state.handle(req, peer, &peer_chain).await;
+                drop(busy);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    // The watchdog: while no request is in flight, the connection must complete one within
+    // the header deadline (after the handshake) or the idle deadline (after a response). A
+    // half-sent request is never "in flight" (hyper has not finished its headers), so this
+    // bounds slow headers for HTTP/1 and HTTP/2 alike; bodies have their own deadline.
+    let tick =
+        (limits.header_read_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(10));
+    let mut watchdog = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer.addr = %peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = watchdog.tick() => {
+                let Some((phase, limit)) = activity.expired(&limits) else { continue };
+                admission.timed_out(peer, phase, limit);
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// What the watchdog of one connection needs: requests in flight, and when the last one ended
+/// (or the handshake, before the first) and whether any request was served yet.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: Mutex<(std::time::Instant, bool)>,
+}
+
+impl Activity {
+    /// The missed deadline, if the connection sits without a request past it.
+    fn expired(&self, limits: &ConnectionLimits) -> Option<(Phase, Duration)> {
+        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return None;
+        }
+        let (since, served) = *self.last.lock().expect("activity lock");
+        let (phase, limit) = if served {
+            (Phase::Idle, limits.idle_timeout)
+        } else {
+            (Phase::Header, limits.header_read_timeout)
+        };
+        (since.elapsed() >= limit).then_some((phase, limit))
+    }
+}
+
+/// One request in flight; when dropped (answered or abandoned) the idle clock restarts.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().expect("activity lock") = (std::time::Instant::now(), true);
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -402,15 +541,27 @@ impl CaState {
             (&Method::GET, api::PATH_HEALTH) => {
                 Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
             }
+            (&Method::GET, api::PATH_METRICS) => Ok(Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(self.admission.metrics.encode())))
+                .expect("valid response")),
             (&Method::POST, api::PATH_SVID) => self.bootstrap(req).await,
             (&Method::POST, api::PATH_RENEW) => self.renew(req, peer_chain).await,
-            (_, api::PATH_BUNDLE | api::PATH_HEALTH | api::PATH_SVID | api::PATH_RENEW) => {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    "use GET for /v1/bundle and /healthz, POST for /v1/svid and /v1/svid/renew",
-                ))
-            }
+            (
+                _,
+                api::PATH_BUNDLE
+                | api::PATH_HEALTH
+                | api::PATH_METRICS
+                | api::PATH_SVID
+                | api::PATH_RENEW,
+            ) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET for /v1/bundle, /healthz and /metrics, POST for /v1/svid and /v1/svid/renew",
+            )),
             _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -420,6 +571,10 @@ impl CaState {
         match result {
             Ok(resp) => resp,
             Err(e) => {
+                if e.code == "body_timeout" {
+                    let limit = self.admission.limits.body_timeout;
+                    self.admission.timed_out(peer, Phase::Body, limit);
+                }
                 tracing::warn!(
                     event = "svid.refused",
                     endpoint = %path,
@@ -460,7 +615,7 @@ impl CaState {
             api.id = id;
             api
         })?;
-        let csr = read_csr(req).await?;
+        let csr = self.read_csr(req).await?;
         let issued = self
             .signer
             .get()
@@ -510,7 +665,7 @@ impl CaState {
                 ),
             ));
         }
-        let csr = read_csr(req).await?;
+        let csr = self.read_csr(req).await?;
         let issued = authority
             .issue_for_csr(csr.as_ref(), &caller.id, self.svid_ttl)
             .map_err(|e| with_id(e.into(), &caller.id))?;
@@ -569,30 +724,44 @@ fn bearer_token(req: &Request<Incoming>) -> Result<String, ApiError> {
         .ok_or_else(missing)
 }
 
-async fn read_csr(
-    req: Request<Incoming>,
-) -> Result<CertificateSigningRequestDer<'static>, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "request body exceeds {} bytes; send one PEM CSR",
-                api::MAX_BODY_BYTES
-            ),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > api::MAX_BODY_BYTES as u64) {
-        return Err(too_large());
-    }
-    let body = Limited::new(req.into_body(), api::MAX_BODY_BYTES)
-        .collect()
+impl CaState {
+    /// Reads the CSR body: at most [`api::MAX_BODY_BYTES`], within the body deadline.
+    async fn read_csr(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<CertificateSigningRequestDer<'static>, ApiError> {
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "request body exceeds {} bytes; send one PEM CSR",
+                    api::MAX_BODY_BYTES
+                ),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > api::MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
+        let limit = self.admission.limits.body_timeout;
+        let collect = Limited::new(req.into_body(), api::MAX_BODY_BYTES).collect();
+        let body = tokio::time::timeout(limit, collect)
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms; send the CSR together with the request",
+                    limit.as_millis()
+                ),
+            )
+        })?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()
@@ -601,11 +770,12 @@ async fn read_csr(
             }
         })?
         .to_bytes();
-    CertificateSigningRequestDer::from_pem_slice(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "csr_malformed",
-            "request body must be one PEM \"CERTIFICATE REQUEST\" block",
-        )
-    })
+        CertificateSigningRequestDer::from_pem_slice(&body).map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "csr_malformed",
+                "request body must be one PEM \"CERTIFICATE REQUEST\" block",
+            )
+        })
+    }
 }

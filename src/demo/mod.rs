@@ -300,6 +300,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         ServeOptions {
             svid_ttl: Duration::from_secs(3600),
             serving_hosts: vec![],
+            limits: Default::default(),
         },
     )
     .await?;

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use meshgate_ca::authority::ca_server_id;
+use meshgate_ca::limits::ConnectionLimits;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
 use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain};
@@ -76,6 +77,8 @@ pub struct TestCa {
     pub dir: PathBuf,
     pub td: TrustDomain,
     pub svid_ttl: Duration,
+    /// Timeouts and caps of the service (production defaults unless a test shortens them).
+    pub limits: ConnectionLimits,
     addr: Option<SocketAddr>,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -92,6 +95,7 @@ impl TestCa {
             dir,
             td,
             svid_ttl: Duration::from_secs(3600),
+            limits: ConnectionLimits::default(),
             addr: None,
             running: None,
         }
@@ -101,6 +105,15 @@ impl TestCa {
     pub async fn start(svid_ttl: Duration) -> Self {
         let mut ca = Self::init();
         ca.svid_ttl = svid_ttl;
+        ca.serve().await;
+        ca
+    }
+
+    /// A fresh CA serving with the given timeouts and caps.
+    pub async fn start_with_limits(svid_ttl: Duration, limits: ConnectionLimits) -> Self {
+        let mut ca = Self::init();
+        ca.svid_ttl = svid_ttl;
+        ca.limits = limits;
         ca.serve().await;
         ca
     }
@@ -115,6 +128,7 @@ impl TestCa {
             ServeOptions {
                 svid_ttl: self.svid_ttl,
                 serving_hosts: vec![],
+                limits: self.limits.clone(),
             },
         )
         .await
@@ -240,6 +254,22 @@ impl TestCa {
         body: Vec<u8>,
         client: Option<&Svid>,
     ) -> ApiResponse {
+        self.call_from(None, method, path, bearer, body, client)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Like [`call`](Self::call), from a chosen loopback source address (any of 127.0.0.0/8,
+    /// to act as another host), failing instead of panicking when the CA closes the connection.
+    pub async fn call_from(
+        &self,
+        source: Option<std::net::IpAddr>,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Vec<u8>,
+        client: Option<&Svid>,
+    ) -> Result<ApiResponse, String> {
         let bundle = Arc::new(ArcSwap::from_pointee(self.bundle()));
         let resolver = client.map(|svid| {
             let r = Arc::new(CertResolver::default());
@@ -256,14 +286,14 @@ impl TestCa {
             resolver,
             &[b"http/1.1"],
         );
-        let tcp = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
+        let tcp = connect_from(source, self.addr()).await;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(tls::mesh_server_name(), tcp)
             .await
-            .unwrap();
+            .map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .unwrap();
+            .map_err(|e| format!("HTTP: {e}"))?;
         tokio::spawn(conn);
         let mut req = http::Request::builder()
             .method(method)
@@ -275,12 +305,33 @@ impl TestCa {
         let resp = sender
             .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
             .await
-            .unwrap();
+            .map_err(|e| format!("request: {e}"))?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        ApiResponse {
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("response body: {e}"))?
+            .to_bytes();
+        Ok(ApiResponse {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// A TCP connection to `addr`, from `source` (a loopback address other than 127.0.0.1 looks like
+/// another host to the server) or the default source.
+pub async fn connect_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> tokio::net::TcpStream {
+    match source {
+        None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
         }
     }
 }

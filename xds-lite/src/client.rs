@@ -16,10 +16,10 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::load::PolicySet;
-use crate::wire::{Ack, LineBuffer, Push, STREAM_PATH};
+use crate::wire::{
+    Ack, LineBuffer, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
+};
 
-/// Largest push accepted (a very large policy set is still far below this).
-const MAX_PUSH_LINE: usize = 64 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A stream client for one control plane.
@@ -122,11 +122,22 @@ impl StreamClient {
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            for line in lines.push(data, MAX_PUSH_LINE)? {
+            let batch = lines.push(data, MAX_PUSH_BYTES).map_err(|e| {
+                format!(
+                    "refused a push of {} MiB or more from the control plane: larger than the {} MiB snapshot limit; the last good policy stays in force. Shrink the policy set the control plane serves (split it per namespace, drop unused Services)",
+                    e.len / (1024 * 1024),
+                    e.limit / (1024 * 1024)
+                )
+            })?;
+            for line in batch {
                 let push: Push =
                     serde_json::from_slice(&line).map_err(|e| format!("undecodable push: {e}"))?;
                 let (nonce, version) = (push.nonce.clone(), push.version.clone());
-                let error = push.into_set().and_then(&mut *apply).err();
+                let error = push
+                    .into_set()
+                    .and_then(&mut *apply)
+                    .err()
+                    .map(|e| sanitize_peer_text(&e, MAX_NACK_ERROR_CHARS));
                 if let Some(e) = &error {
                     tracing::warn!(event = "control_plane.nack_sent", version = %version, error = %e);
                 }

@@ -17,6 +17,19 @@ use crate::model::{
 use crate::validate::{self, Problem};
 use crate::version::content_version;
 
+/// Largest policy file read: 4 MiB. Thousands of policies fit in one file under it; a larger file
+/// is a generated dump or an attack, and parsing it would cost the control plane (and every
+/// sidecar reading files) a multiple of its size in memory.
+pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Largest total of YAML in one policy directory: 8 MiB. Pushes carry at most this set in JSON,
+/// which stays under the 16 MiB push limit ([`crate::wire::MAX_PUSH_BYTES`]).
+pub const MAX_POLICY_DIR_BYTES: u64 = 8 * 1024 * 1024;
+
+// A file the per-file limit allows must fit the directory, and a directory's JSON the push.
+const _: () = assert!(MAX_POLICY_FILE_BYTES <= MAX_POLICY_DIR_BYTES);
+const _: () = assert!(2 * MAX_POLICY_DIR_BYTES <= crate::wire::MAX_PUSH_BYTES as u64);
+
 /// Every document of a policy directory, validated, with a content version.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
@@ -62,10 +75,66 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadErrors> {
         return Err(LoadErrors(loader.errors));
     }
     files.sort();
+    // Sizes first, so an oversize directory is refused before any of it is read.
+    let mut total = 0u64;
+    for file in &files {
+        total += std::fs::metadata(file).map_or(0, |m| m.len());
+    }
+    if total > MAX_POLICY_DIR_BYTES {
+        loader.error(
+            dir,
+            0,
+            format!(
+                "the policy directory holds {} of YAML, more than the {} limit; serve fewer or smaller documents (one control plane per cluster or namespace group)",
+                mib(total),
+                mib(MAX_POLICY_DIR_BYTES)
+            ),
+        );
+        return Err(LoadErrors(loader.errors));
+    }
     for file in &files {
         loader.parse_file(file);
     }
     loader.finish()
+}
+
+/// `n` bytes in MiB, for messages ("4 MiB", "50.3 MiB").
+fn mib(n: u64) -> String {
+    let m = n as f64 / (1024.0 * 1024.0);
+    if m.fract() == 0.0 {
+        format!("{m:.0} MiB")
+    } else {
+        format!("{m:.1} MiB")
+    }
+}
+
+/// Reads a policy file, refusing one above [`MAX_POLICY_FILE_BYTES`] without reading it whole
+/// (the size is checked again while reading, in case the file grows meanwhile).
+fn read_policy_file(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let too_large = |len: u64| {
+        format!(
+            "policy file is {}, larger than the {} limit; split it into several files (each document can live in its own file)",
+            mib(len),
+            mib(MAX_POLICY_FILE_BYTES)
+        )
+    };
+    let f = std::fs::File::open(file).map_err(|e| format!("cannot read file: {e}"))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot read file: {e}"))?
+        .len();
+    if len > MAX_POLICY_FILE_BYTES {
+        return Err(too_large(len));
+    }
+    let mut text = String::new();
+    f.take(MAX_POLICY_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if text.len() as u64 > MAX_POLICY_FILE_BYTES {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
 }
 
 /// Parses one file's documents into `set` (used for `--services FILE` too). On error `set` is
@@ -257,9 +326,9 @@ impl Loader {
     }
 
     fn parse_file(&mut self, file: &Path) {
-        let text = match std::fs::read_to_string(file) {
+        let text = match read_policy_file(file) {
             Ok(t) => t,
-            Err(e) => return self.error(file, 0, format!("cannot read file: {e}")),
+            Err(reason) => return self.error(file, 0, reason),
         };
         for doc in split_documents(&text) {
             self.parse_doc(file, &doc);

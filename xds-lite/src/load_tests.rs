@@ -384,3 +384,39 @@ spec:
     .unwrap();
     crate::load_dir(dir.path()).unwrap();
 }
+
+/// A valid document padded past the limit: refused by size, named with the file and the limit,
+/// without being parsed.
+#[test]
+fn oversize_files_and_directories_are_refused_with_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let padding = format!("# {}\n", "x".repeat(1023)).repeat(5 * 1024);
+    write(
+        dir.path(),
+        "big.yaml",
+        &format!("{}{padding}", policy("big", "")),
+    );
+    let errors = load_dir(dir.path()).unwrap_err();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    let text = errors.to_string();
+    assert!(
+        text.contains("big.yaml:0: policy file is 5.0 MiB, larger than the 4 MiB limit; split it"),
+        "{text}"
+    );
+
+    // Several files each under the per-file limit, together over the directory limit.
+    let dir = tempfile::tempdir().unwrap();
+    let padding = format!("# {}\n", "x".repeat(1023)).repeat(3 * 1024);
+    for n in 0..3 {
+        write(
+            dir.path(),
+            &format!("p{n}.yaml"),
+            &format!("{}{padding}", policy(&format!("p{n}"), "")),
+        );
+    }
+    let text = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(
+        text.contains("policy directory holds 9.0 MiB of YAML, more than the 8 MiB limit"),
+        "{text}"
+    );
+}

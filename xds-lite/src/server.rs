@@ -28,9 +28,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::load::PolicySet;
 use crate::scope::scope;
-use crate::wire::{Ack, LineBuffer, Push, STREAM_PATH};
+use crate::wire::{
+    Ack, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH,
+    sanitize_peer_text,
+};
 
-const MAX_ACK_LINE: usize = 64 * 1024;
+/// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the control plane knows about one sidecar stream.
@@ -45,6 +48,16 @@ pub struct SidecarStatus {
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
     pub last_nack: Option<String>,
+    /// Unix seconds of the last ACK or NACK; `None` while the stream has never answered a push.
+    ///
+    /// A stream that never answers is not a sidecar doing its job: a real sidecar ACKs each push
+    /// as soon as it is applied, and denies everything until its first policy is applied. So
+    /// `meshgate quarantine` and `meshgate status` judge containment on streams that have
+    /// answered and list the others as "not acknowledging" instead of waiting on them; any
+    /// workload with an SVID can open such a stream.
+    pub last_ack_at: Option<i64>,
+    /// Why the latest version was not sent to this sidecar (too large), if it was not.
+    pub push_refused: Option<String>,
 }
 
 /// The answer of the status endpoint.
@@ -232,6 +245,8 @@ impl ControlPlane {
                 sent_version: None,
                 acked_version: None,
                 last_nack: None,
+                last_ack_at: None,
+                push_refused: None,
             },
         );
         drop(sidecars);
@@ -275,14 +290,28 @@ impl ControlPlane {
                 let push = Push::new(scope(&set, &peer.id), nonce.clone());
                 let mut line = serde_json::to_vec(&push).expect("push serializes");
                 line.push(b'\n');
-                nonces
-                    .lock()
-                    .expect("lock")
-                    .insert(nonce, set.version.clone());
-                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
-                    break;
+                if line.len() > MAX_PUSH_BYTES {
+                    // Sidecars would refuse it anyway; say why here, where it can be fixed.
+                    let reason = format!(
+                        "the snapshot for {} is {} bytes, larger than the {MAX_PUSH_BYTES}-byte push limit; it was not sent and the sidecar keeps its last good policy. Shrink the policy set (split it per namespace, drop unused Services)",
+                        peer.id,
+                        line.len()
+                    );
+                    tracing::error!(event = "control_plane.push_too_large", peer.id = %peer.id, version = %set.version, bytes = line.len(), limit = MAX_PUSH_BYTES, "{reason}");
+                    self.update(stream, |s| s.push_refused = Some(reason));
+                } else {
+                    nonces
+                        .lock()
+                        .expect("lock")
+                        .insert(nonce, set.version.clone());
+                    if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                        break;
+                    }
+                    self.update(stream, |s| {
+                        s.sent_version = Some(set.version.clone());
+                        s.push_refused = None;
+                    });
                 }
-                self.update(stream, |s| s.sent_version = Some(set.version.clone()));
             }
             tokio::select! {
                 changed = current.changed() => if changed.is_err() { break },
@@ -310,8 +339,12 @@ impl ControlPlane {
             let Some(data) = frame.data_ref() else {
                 continue;
             };
-            let Ok(batch) = lines.push(data, MAX_ACK_LINE) else {
-                break;
+            let batch = match lines.push(data, MAX_ACK_BYTES) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(event = "control_plane.ack_too_large", peer.id = %peer, limit = e.limit, "closing the stream: an ACK line exceeds the limit");
+                    break;
+                }
             };
             for line in batch {
                 let Ok(ack) = serde_json::from_slice::<Ack>(&line) else {
@@ -320,7 +353,7 @@ impl ControlPlane {
                 };
                 let known = nonces.lock().expect("lock").remove(&ack.nonce);
                 if known.as_deref() != Some(ack.version.as_str()) {
-                    tracing::warn!(event = "control_plane.stale_ack", peer.id = %peer, nonce = %ack.nonce, "ACK for an unknown nonce ignored");
+                    tracing::warn!(event = "control_plane.stale_ack", peer.id = %peer, nonce = %sanitize_peer_text(&ack.nonce, 64), "ACK for an unknown nonce ignored");
                     continue;
                 }
                 match &ack.error {
@@ -329,12 +362,16 @@ impl ControlPlane {
                         self.update(stream, |s| {
                             s.acked_version = Some(ack.version.clone());
                             s.last_nack = None;
+                            s.last_ack_at = Some(s.last_seen);
                         });
                     }
                     Some(error) => {
+                        // Peer text: escaped and capped, so it stays one field of one log line.
+                        let error = sanitize_peer_text(error, MAX_NACK_ERROR_CHARS);
                         tracing::warn!(event = "control_plane.nack", peer.id = %peer, version = %ack.version, error = %error);
                         self.update(stream, |s| {
-                            s.last_nack = Some(format!("{}: {error}", ack.version))
+                            s.last_nack = Some(format!("{}: {error}", ack.version));
+                            s.last_ack_at = Some(s.last_seen);
                         });
                     }
                 }

@@ -75,26 +75,96 @@ impl Push {
     }
 }
 
+/// Largest push (one snapshot line) a sidecar accepts, and the control plane sends: 16 MiB.
+///
+/// A push is one workload's scoped view: its own policies plus every Service. The control plane
+/// refuses policy directories above [`crate::load::MAX_POLICY_DIR_BYTES`] (8 MiB of YAML), and
+/// JSON of the same documents is at most about twice that, so a valid mesh stays below this;
+/// anything larger is a bug or an attack, and buffering it would cost the sidecar its memory.
+pub const MAX_PUSH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest ACK/NACK line the control plane reads: 64 KiB. An ACK is a nonce and a version; a
+/// NACK adds an error text, which sidecars cap at [`MAX_NACK_ERROR_CHARS`].
+pub const MAX_ACK_BYTES: usize = 64 * 1024;
+
+/// Longest NACK error text that is sent, logged or kept for `meshgate status`: 4096 characters
+/// (a `file:line: reason` list of a few dozen problems). Longer texts are cut with a marker.
+pub const MAX_NACK_ERROR_CHARS: usize = 4096;
+
+/// A line longer than the limit of its direction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a line of {len} bytes or more exceeds the {limit}-byte limit")]
+pub struct LineTooLong {
+    /// Bytes of the line seen so far (at least; the rest was not read).
+    pub len: usize,
+    pub limit: usize,
+}
+
 /// Splits a byte stream into lines, keeping an incomplete tail for the next chunk; a line longer
 /// than `max` is an error (a peer cannot make us buffer without bound).
+///
+/// Linear in the bytes received: each chunk is scanned once for newlines (never the buffered
+/// tail again), and complete lines are removed from the buffer in one move per chunk. Rescanning
+/// the tail per chunk made a 50 MB push cost minutes of CPU.
 #[derive(Debug, Default)]
 pub struct LineBuffer {
     pending: Vec<u8>,
+    scanned: u64,
 }
 
 impl LineBuffer {
-    pub fn push(&mut self, chunk: &[u8], max: usize) -> Result<Vec<Vec<u8>>, String> {
-        self.pending.extend_from_slice(chunk);
+    pub fn push(&mut self, chunk: &[u8], max: usize) -> Result<Vec<Vec<u8>>, LineTooLong> {
         let mut lines = Vec::new();
-        while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=i).collect();
-            lines.push(line[..line.len() - 1].to_vec());
+        let mut line_start = 0;
+        let mut cursor = self.pending.len();
+        self.pending.extend_from_slice(chunk);
+        while let Some(i) = self.pending[cursor..].iter().position(|b| *b == b'\n') {
+            let end = cursor + i;
+            self.scanned += (i + 1) as u64;
+            if end - line_start > max {
+                return Err(self.too_long(end - line_start, max));
+            }
+            lines.push(self.pending[line_start..end].to_vec());
+            line_start = end + 1;
+            cursor = end + 1;
         }
+        self.scanned += (self.pending.len() - cursor) as u64;
+        self.pending.drain(..line_start);
         if self.pending.len() > max {
-            return Err(format!("line longer than {max} bytes"));
+            return Err(self.too_long(self.pending.len(), max));
         }
         Ok(lines)
     }
+
+    /// Bytes examined for newlines so far: equals the bytes received when the scan is linear.
+    pub fn scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    fn too_long(&mut self, len: usize, limit: usize) -> LineTooLong {
+        // The stream is abandoned after this; free the memory now.
+        self.pending = Vec::new();
+        LineTooLong { len, limit }
+    }
+}
+
+/// Peer-supplied text (a NACK's error) made safe for one log field or status line: control
+/// characters (newlines, escape sequences) are escaped as `\n`, `\u{1b}`…, so a peer cannot
+/// forge log lines or move a terminal's cursor, and the result is cut at `max` characters.
+pub fn sanitize_peer_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for (n, c) in text.chars().enumerate() {
+        if n >= max {
+            out.push_str("…(truncated)");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -110,6 +180,50 @@ mod tests {
         );
         assert_eq!(b.push(b":2}\n", 100).unwrap(), vec![b"{\"b\":2}".to_vec()]);
         assert!(b.push(&[b'x'; 200], 100).is_err());
+        // A complete line over the limit in one chunk is refused too.
+        let mut b = LineBuffer::default();
+        let mut long = vec![b'x'; 200];
+        long.push(b'\n');
+        assert_eq!(
+            b.push(&long, 100),
+            Err(LineTooLong {
+                len: 200,
+                limit: 100
+            })
+        );
+    }
+
+    /// A 20 MB line in 4 KiB chunks, then many short lines in one chunk: every byte is examined
+    /// once (the quadratic version examined ~50 GB for the long line).
+    #[test]
+    fn line_buffer_scans_each_byte_once() {
+        let mut b = LineBuffer::default();
+        let chunk = [b'x'; 4096];
+        let total = 20 * 1024 * 1024;
+        let mut fed = 0u64;
+        for _ in 0..total / chunk.len() {
+            assert!(b.push(&chunk, 32 * 1024 * 1024).unwrap().is_empty());
+            fed += chunk.len() as u64;
+        }
+        let lines = b.push(b"\n", 32 * 1024 * 1024).unwrap();
+        fed += 1;
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].len(), total);
+        assert_eq!(b.scanned(), fed);
+        let many = b"{}\n".repeat(100_000);
+        assert_eq!(b.push(&many, 1024).unwrap().len(), 100_000);
+        fed += many.len() as u64;
+        assert_eq!(b.scanned(), fed);
+    }
+
+    #[test]
+    fn peer_text_is_one_escaped_capped_field() {
+        let forged = "bad\n{\"event\":\"control_plane.ack\"}\r\u{1b}[2J";
+        let clean = sanitize_peer_text(forged, 100);
+        assert!(!clean.chars().any(char::is_control), "{clean}");
+        assert_eq!(clean, r#"bad\n{"event":"control_plane.ack"}\r\u{1b}[2J"#);
+        let long = "é".repeat(10);
+        assert_eq!(sanitize_peer_text(&long, 4), "éééé…(truncated)");
     }
 
     #[test]
