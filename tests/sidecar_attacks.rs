@@ -9,155 +9,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_ca::tls;
 use rcgen::SanType;
-use support::mesh::{EchoApp, TestMesh};
-use support::recorder::{RecordingApp, Seen};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-
-/// orders admits web and billing by identity alone (no `to`), and denies `/admin` and DELETE
-/// for everyone: the shape in which the reported bypasses worked.
-const POLICY: &str = r#"
-apiVersion: meshgate.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: callers, namespace: shop }
-spec:
-  selector: { account: orders }
-  action: ALLOW
-  rules:
-    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web", "spiffe://mesh.local/ns/shop/sa/billing"] }]
----
-apiVersion: meshgate.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: no-admin, namespace: shop }
-spec:
-  selector: { account: orders }
-  action: DENY
-  rules:
-    - to: [{ paths: ["/admin", "/admin/*"] }]
-    - to: [{ methods: ["DELETE"] }]
-"#;
-
-const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
-const FORGED: &str = "spiffe://mesh.local/ns/shop/sa/admin";
-
-struct Target {
-    mesh: TestMesh,
-    app: RecordingApp,
-    addr: SocketAddr,
-}
-
-impl Target {
-    async fn start() -> Self {
-        Self::with_limits(Default::default()).await
-    }
-
-    async fn with_limits(limits: meshgate_proxy::serve::Limits) -> Self {
-        let mut mesh = TestMesh::new().await;
-        mesh.limits = limits;
-        mesh.write_policy("orders.yaml", POLICY);
-        let app = RecordingApp::start().await;
-        mesh.add_in_front_of("orders", EchoApp { addr: app.addr }, &[], &[])
-            .await;
-        mesh.converge().await;
-        let addr = mesh.workload("orders").sidecar.inbound_addr;
-        Self { mesh, app, addr }
-    }
-
-    /// A connector presenting `name`'s SVID (valid until `ttl` from now).
-    fn client_for(&self, name: &str, alpn: &[&[u8]], ttl: Duration) -> tokio_rustls::TlsConnector {
-        let now = time::OffsetDateTime::now_utc();
-        let svid = self.mesh.ca.sign_leaf(
-            &TestMesh::id_of(name),
-            now - time::Duration::minutes(1),
-            now + ttl,
-        );
-        let config = support::mesh_client(
-            self.mesh.ca.bundle(),
-            &svid,
-            TestMesh::id_of("orders"),
-            alpn,
-        );
-        tokio_rustls::TlsConnector::from(config)
-    }
-
-    fn web(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        self.client_for("web", alpn, Duration::from_secs(3600))
-    }
-
-    async fn connect(
-        &self,
-        connector: &tokio_rustls::TlsConnector,
-    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        connector
-            .connect(tls::mesh_server_name(), tcp)
-            .await
-            .unwrap()
-    }
-
-    /// Sends `raw` as web over HTTP/1.1 and returns the status of the answer.
-    async fn raw_h1(&self, raw: &str) -> u16 {
-        let mut tls = self.connect(&self.web(&[b"http/1.1"])).await;
-        tls.write_all(raw.as_bytes()).await.unwrap();
-        let head = read_head(&mut tls).await;
-        status_of(&head)
-    }
-
-    /// An HTTP/2 connection as `name`.
-    async fn h2(&self, name: &str) -> hyper::client::conn::http2::SendRequest<Body> {
-        let connector = self.client_for(name, &[b"h2"], Duration::from_secs(3600));
-        let tls = self.connect(&connector).await;
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        sender
-    }
-
-    async fn hygiene(&self, reason: &str) -> f64 {
-        self.mesh
-            .metric(
-                "orders",
-                "meshgate_inbound_hygiene_total",
-                &[&format!("reason=\"{reason}\"")],
-            )
-            .await
-    }
-}
-
-type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
-
-fn empty() -> Body {
-    Full::new(Bytes::new()).boxed()
-}
-
-/// Reads an HTTP/1.1 response head byte by byte (so nothing after it is consumed).
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        while !head.ends_with(b"\r\n\r\n") {
-            match s.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-    });
-    read.await.expect("no response head within 10 s");
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-fn status_of(head: &str) -> u16 {
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"))
-}
+use support::attack::{FORGED, Target, WEB, empty, read_head, status_of};
+use support::mesh::TestMesh;
+use support::recorder::Seen;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A header name an app framework could read as a sidecar identity header (letters and digits,
 /// lowercased — the test's own statement of the rule, independent of the sidecar's code).
@@ -620,17 +480,25 @@ async fn closed_by_sidecar(tcp: &mut tokio::net::TcpStream, wait: Duration) -> b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_of_half_open_connections_leave_room_for_known_peers() {
     let t = Target::with_limits(meshgate_proxy::serve::Limits {
-        connections: 100,
-        per_source: 10,
         handshakes: 8,
-        idle: Duration::from_secs(600),
+        ..Default::default()
     })
     .await;
-    // 40 half-open handshakes from another address: past 8 pending, the oldest are shed.
+    // 40 half-open handshakes: past 8 pending, the oldest are shed.
     let mut flood = Vec::new();
     for _ in 0..40 {
         flood.push(half_open("127.0.0.2", t.addr).await);
     }
+    // Each connection is handled in its own task: wait until the sidecar has taken them all in.
+    let mut shed = 0.0;
+    for _ in 0..150 {
+        shed = t.hygiene("handshake_shed").await;
+        if shed >= 32.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shed, 32.0);
     // A known peer still gets in, at once, while the flood is open.
     let started = std::time::Instant::now();
     assert_eq!(
@@ -643,30 +511,23 @@ async fn floods_of_half_open_connections_leave_room_for_known_peers() {
         "{:?}",
         started.elapsed()
     );
-    // Of the 41 connections, 8 are pending now; each other one was shed from the handshake
-    // queue or, while shed ones were still closing, refused by the per-source cap (10). Each
-    // connection is handled in its own task: wait until all are accounted for.
-    let (mut shed, mut at_accept) = (0.0, 0.0);
-    for _ in 0..100 {
-        shed = t.hygiene("handshake_shed").await;
-        at_accept = t.hygiene("source_connection_limit").await;
-        if shed + at_accept >= 33.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        shed + at_accept,
-        33.0,
-        "shed {shed}, refused at accept {at_accept}"
-    );
-    assert!(shed >= 25.0, "{shed}");
+    // Its handshake shed the oldest flood connection.
+    assert_eq!(t.hygiene("handshake_shed").await, 33.0);
     // The oldest half-open connections were closed by the sidecar, not left to time out.
     assert!(closed_by_sidecar(&mut flood[0], Duration::from_secs(2)).await);
     let newest = flood.last_mut().unwrap();
     assert!(!closed_by_sidecar(newest, Duration::from_millis(200)).await);
+}
 
-    // Established connections count per source: the 11th from one address is refused at accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_source() {
+    let t = Target::with_limits(meshgate_proxy::serve::Limits {
+        per_source: 10,
+        ..Default::default()
+    })
+    .await;
+    // Established connections count per source: the 11th from one address is refused at accept,
+    // while another address is still served.
     let connector = t.web(&[b"http/1.1"]);
     let mut held = Vec::new();
     for _ in 0..10 {
@@ -690,8 +551,38 @@ async fn floods_of_half_open_connections_leave_room_for_known_peers() {
         }
     };
     assert!(refused, "the 11th connection from one source was served");
-    assert_eq!(t.hygiene("source_connection_limit").await, at_accept + 1.0);
+    assert_eq!(t.hygiene("source_connection_limit").await, 1.0);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = connector
+        .connect(
+            tls::mesh_server_name(),
+            socket.connect(t.addr).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    other
+        .write_all(b"GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status_of(&read_head(&mut other).await), 200);
+    // Closing connections frees the source's slots.
     drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        let tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+        if let Ok(mut s) = connector.connect(tls::mesh_server_name(), tcp).await
+            && s.write_all(b"GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\n")
+                .await
+                .is_ok()
+            && read_head(&mut s).await.starts_with("HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "slots were not freed when connections closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

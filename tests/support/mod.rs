@@ -2,6 +2,7 @@
 //! scenario. Everything is real: certificates from a real CA directory, TLS over real sockets.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod mesh;
 pub mod otlp;
 pub mod privileged;

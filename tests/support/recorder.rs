@@ -105,6 +105,7 @@ async fn handle(
         trailers: vec![],
         after_h2c_upgrade,
     };
+    let is_head = parts.method == http::Method::HEAD;
     let download = path
         .strip_prefix("/download/")
         .and_then(|n| n.parse::<u64>().ok());
@@ -183,6 +184,8 @@ async fn handle(
                 .body(full(Bytes::new()))
                 .unwrap())
         }
+        // hyper's HTTP/2 server would send a HEAD response's body: a well-behaved app does not.
+        _ if is_head => Ok(http::Response::new(full(Bytes::new()))),
         _ => Ok(http::Response::new(full("ok\n"))),
     }
 }
