@@ -619,3 +619,84 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
     assert_eq!(t.hygiene("idle_timeout").await, 1.0);
 }
+
+/// The classic request-smuggling spellings: whatever the sidecar makes of them, no request the
+/// policy denies (`/admin`, DELETE) and no forged identity reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_request_smuggling_reaches_nothing_denied() {
+    let t = Target::start().await;
+    let smuggled =
+        format!("GET /admin/users HTTP/1.1\r\nHost: orders\r\nx-meshgate-peer: {FORGED}\r\n\r\n");
+    let cases = [
+        // CL.TE and TE.CL
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked\r\nContent-Length: 60\r\n\r\n0\r\n\r\n{smuggled}"),
+        // two different Content-Lengths
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nContent-Length: 0\r\nContent-Length: 80\r\n\r\n{smuggled}"),
+        // obfuscated Transfer-Encoding
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        // obs-fold hiding a header, bare LF line endings
+        format!("GET /public/x HTTP/1.1\r\nHost: orders\r\nX-Fold: a\r\n x-meshgate-peer: {FORGED}\r\n\r\n"),
+        format!("GET /public/x HTTP/1.1\nHost: orders\nx-meshgate-peer: {FORGED}\n\n{smuggled}"),
+        // a chunk size that overflows, and a pipelined DELETE
+        format!("POST /public/x HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nx\r\n0\r\n\r\n{smuggled}"),
+        "GET /public/x HTTP/1.1\r\nHost: orders\r\n\r\nDELETE /public/x HTTP/1.1\r\nHost: orders\r\n\r\n".to_string(),
+    ];
+    for (i, raw) in cases.iter().enumerate() {
+        let mut tls = t.connect(&t.web(&[b"http/1.1"])).await;
+        let _ = tls.write_all(raw.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut answer)).await;
+        let seen = t.app.requests();
+        for s in &seen {
+            assert!(
+                !s.path.starts_with("/admin") && s.method != "DELETE",
+                "case {i}: a denied request reached the app: {s:?}\n{raw:?}"
+            );
+            assert!(
+                s.headers.iter().all(|(_, v)| !v.contains(FORGED)),
+                "case {i}: a forged identity reached the app: {s:?}"
+            );
+        }
+    }
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): streams opened and cancelled at once. The sidecar
+/// closes the connection once the resets pile up and keeps serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_does_not_take_the_sidecar_down() {
+    let t = Target::start().await;
+    let mut attacker = t.h2("web").await;
+    let mut cut_off = false;
+    for _ in 0..2_000 {
+        let req = http::Request::get("https://orders/download/1000000")
+            .body(empty())
+            .unwrap();
+        if attacker.ready().await.is_err() {
+            cut_off = true;
+            break;
+        }
+        // Sending and dropping the response future resets the stream at once.
+        let fut = attacker.send_request(req);
+        drop(fut);
+    }
+    let mut victim = t.h2("billing").await;
+    let req = http::Request::get("https://orders/public/ok")
+        .body(empty())
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), victim.send_request(req))
+        .await
+        .expect("the sidecar answers others within 5 s")
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    // The app saw only a bounded share of the cancelled streams.
+    let reached = t.app.requests().len();
+    assert!(
+        reached < 2_000,
+        "{reached} cancelled streams reached the app"
+    );
+    eprintln!("rapid reset: attacker cut off = {cut_off}, {reached} requests reached the app");
+}

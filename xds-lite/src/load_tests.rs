@@ -420,3 +420,27 @@ fn oversize_files_and_directories_are_refused_with_the_limit() {
         "{text}"
     );
 }
+
+/// A "billion laughs" document (nested aliases that would expand to 9^10 strings) is refused
+/// with a file:line error instead of being expanded (which would take minutes and gigabytes).
+#[test]
+fn alias_bombs_are_refused_without_expanding() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bomb = String::from(
+        "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: bomb, namespace: shop }\nspec:\n  action: ALLOW\n  rules:\n    - to:\n        - paths: &a0 [\"/lol\", \"/lol\", \"/lol\", \"/lol\", \"/lol\", \"/lol\", \"/lol\", \"/lol\", \"/lol\"]\n",
+    );
+    for i in 1..10 {
+        let prev = format!("*a{}", i - 1);
+        bomb.push_str(&format!(
+            "        - notPaths: &a{i} [{}]\n",
+            vec![prev.as_str(); 9].join(", ")
+        ));
+    }
+    write(dir.path(), "laughs.yaml", &bomb);
+    let text = load_dir(dir.path()).unwrap_err().to_string();
+    assert!(text.contains("laughs.yaml:"), "{text}");
+    assert!(
+        text.contains("budget"),
+        "refused for another reason: {text}"
+    );
+}

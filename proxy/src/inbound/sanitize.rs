@@ -14,8 +14,8 @@
 //! - **Canonical methods only** ([`meshgate_xds::check_method`]): `delete` would pass a DENY on
 //!   `DELETE` and reach a framework that treats it as DELETE.
 //! - **One valid Host**: duplicate or malformed `Host`, or a `Host` that disagrees with HTTP/2's
-//!   `:authority`, is refused (RFC 9112 §3.2, RFC 9113 §8.3.1): the app and the policy must not
-//!   disagree about which virtual host was asked for.
+//!   `:authority` or an HTTP/1.1 absolute-form target, is refused (RFC 9112 §3.2, RFC 9113
+//!   §8.3.1): the app and the policy must not disagree about which virtual host was asked for.
 //! - **Upgrades only to allowed protocols** ([`UpgradePolicy`]): after a `101` the bytes are no
 //!   longer judged per request, so an `Upgrade: h2c` honoured by the app would carry unjudged
 //!   HTTP/2 streams. Other protocols are stripped and the request goes on as a plain request.
@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Request;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use meshgate_xds::MethodError;
 
@@ -110,8 +110,8 @@ pub fn check<B>(req: &Request<B>) -> Result<(), Refusal> {
         if host.parse::<http::uri::Authority>().is_err() {
             return Err(Refusal::InvalidHost);
         }
-        if req.version() == Version::HTTP_2
-            && let Some(authority) = req.uri().authority()
+        // HTTP/2's `:authority`, or HTTP/1.1's absolute-form target, must name the same host.
+        if let Some(authority) = req.uri().authority()
             && !authority.as_str().eq_ignore_ascii_case(host)
         {
             return Err(Refusal::HostMismatch {
@@ -356,8 +356,8 @@ mod tests {
             }
             b.body(()).unwrap()
         };
-        let h1 = Version::HTTP_11;
-        let h2 = Version::HTTP_2;
+        let h1 = http::Version::HTTP_11;
+        let h2 = http::Version::HTTP_2;
         assert_eq!(check(&req("GET", h1, "/", &["orders"])), Ok(()));
         assert_eq!(check(&req("GET", h1, "/", &[])), Ok(()));
         assert!(matches!(
@@ -384,5 +384,13 @@ mod tests {
             check(&req("GET", h2, "https://orders/", &["admin"])),
             Err(Refusal::HostMismatch { .. })
         ));
+        assert!(matches!(
+            check(&req("GET", h1, "http://admin.internal/x", &["orders"])),
+            Err(Refusal::HostMismatch { .. })
+        ));
+        assert_eq!(
+            check(&req("GET", h1, "http://orders/x", &["orders"])),
+            Ok(())
+        );
     }
 }
