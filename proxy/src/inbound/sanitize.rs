@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn method_and_host_checks() {
-        let req = |method: &str, version: Version, uri: &str, hosts: &[&str]| {
+        let req = |method: &str, version: http::Version, uri: &str, hosts: &[&str]| {
             let mut b = Request::builder().method(method).version(version).uri(uri);
             for h in hosts {
                 b = b.header(header::HOST, *h);
