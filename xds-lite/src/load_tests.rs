@@ -433,7 +433,7 @@ fn alias_bombs_are_refused_without_expanding() {
         let prev = format!("*a{}", i - 1);
         bomb.push_str(&format!(
             "        - notPaths: &a{i} [{}]\n",
-            vec![prev.as_str(); 9].join(", ")
+            [prev.as_str(); 9].join(", ")
         ));
     }
     write(dir.path(), "laughs.yaml", &bomb);
