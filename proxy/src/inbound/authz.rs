@@ -203,7 +203,7 @@ where
         // Before the policy sees the headers and before the identity headers go in: nothing the
         // caller sends may remove or shadow them (see `sanitize`).
         let carried_http1 = req.headers_mut().remove(ORIG_PROTO_HEADER).is_some();
-        let asked = sanitize::asked_upgrade(&req);
+        let asked = crate::http_util::requested_upgrade(&req);
         let prepared = sanitize::prepare(req.headers_mut(), asked, &ctx.upgrades);
         if prepared.stripped > 0 {
             tracing::warn!(

@@ -30,7 +30,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use meshgate_xds::MethodError;
 
-use crate::http_util::{requested_upgrade, set_upgrade, strip_hop_by_hop};
+use crate::http_util::{set_upgrade, strip_hop_by_hop};
 use crate::metrics::{HygieneLabels, Metrics};
 
 /// Header names the sidecar alone sets for the app, as their letters and digits (lowercase).
@@ -207,11 +207,6 @@ pub fn prepare(
         upgrade,
         refused_upgrade,
     }
-}
-
-/// The upgrade a request asks for (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
-pub fn asked_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
-    requested_upgrade(req)
 }
 
 /// Counts one hygiene event.
