@@ -739,7 +739,7 @@ spec:
     - from: [{{ principals: ["spiffe://mesh.local/ns/shop/sa/nobody"] }}]
       to: [{{ paths: ["/canary-{i}/*"] }}]
 "#,
-        if i % 2 == 0 { "ALLOW" } else { "DENY" }
+        if i.is_multiple_of(2) { "ALLOW" } else { "DENY" }
     )
 }
 
