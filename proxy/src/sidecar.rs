@@ -250,6 +250,7 @@ impl Sidecar {
                 upgrades: crate::inbound::sanitize::UpgradePolicy::new(
                     config.allowed_upgrades.iter().cloned(),
                 ),
+                identity: identity.clone(),
             },
             forwarder: AppForwarder::new(config.app, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {

@@ -15,8 +15,8 @@ use meshgate_ca::{SpiffeId, TrustDomain};
 use rustls::ServerConfig;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 
 use crate::identity::Identity;
 
@@ -89,6 +89,29 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// The inbound certificate resolver: the workload's SVID, but only while it is valid. When the
+/// CA stays unreachable past the SVID's lifetime the identity client keeps the expired
+/// certificate (there is nothing better), and the plain resolver went on presenting it: a client
+/// that does not check expiry was served by a sidecar with no valid identity (found by
+/// `tests/chaos.rs`). Returning no certificate makes rustls refuse the handshake instead.
+struct ValidSvidOnly(Arc<Identity>);
+
+impl std::fmt::Debug for ValidSvidOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ValidSvidOnly").field(self.0.id()).finish()
+    }
+}
+
+impl ResolvesServerCert for ValidSvidOnly {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        if !self.0.is_ready() {
+            tracing::warn!(event = "tls.svid_expired", id = %self.0.id(), "refusing a handshake: this workload's SVID has expired");
+            return None;
+        }
+        self.0.resolver().resolve(hello)
+    }
+}
+
 /// Why a handshake failed, as a metric label.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error};
@@ -122,7 +145,7 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
 /// TLS 1.3 only unless `allow_tls12`, ALPN h2 + http/1.1 + meshgate-tcp (L4 tunnels), no
 /// resumption.
 pub fn inbound_config(
-    identity: &Identity,
+    identity: &Arc<Identity>,
     allow_tls12: bool,
 ) -> Result<ServerConfig, rustls::Error> {
     let chain =
@@ -141,7 +164,7 @@ pub fn inbound_config(
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(identity.resolver());
+        .with_cert_resolver(Arc::new(ValidSvidOnly(identity.clone())));
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.alpn_protocols = vec![

@@ -443,7 +443,28 @@ impl ProxyProcess {
         env: &[(&str, &str)],
         log: Option<&Path>,
     ) -> Self {
-        let (inbound, admin) = (free_port(), free_port());
+        Self::spawn_on(
+            files,
+            policies,
+            app,
+            (free_port(), free_port()),
+            extra,
+            env,
+            log,
+        )
+    }
+
+    /// Like [`spawn_with`](Self::spawn_with), on given `(inbound, admin)` ports (e.g. those of a
+    /// process that was killed, to restart "the same" sidecar).
+    pub fn spawn_on(
+        files: &Path,
+        policies: &Path,
+        app: &str,
+        (inbound, admin): (u16, u16),
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Self {
         let mut cmd = meshgate();
         cmd.envs(env.iter().copied());
         if let Some(log) = log {

@@ -72,6 +72,8 @@ pub struct AuthzContext {
     pub swaps: tokio::sync::watch::Receiver<u64>,
     /// Which `Upgrade` protocols may reach the app.
     pub upgrades: UpgradePolicy,
+    /// This workload's identity: requests are served only while its SVID is valid.
+    pub identity: Arc<crate::identity::Identity>,
 }
 
 /// Set by the outbound sidecar's `x-meshgate-orig-proto`: the caller spoke HTTP/1.1, so the app
@@ -159,6 +161,33 @@ where
             ],
         );
         let trace_id = Telemetry::trace_id(&inbound);
+        // This sidecar's own SVID has expired (the CA stayed unreachable past its lifetime).
+        // TLS checked it only when the connection opened, so a connection from before the
+        // expiry would otherwise go on being served by a workload with no valid identity (found
+        // by `tests/chaos.rs`; new handshakes are refused in `tls::inbound_config`). 503, not
+        // 403: the caller is not at fault and may try another endpoint.
+        if !ctx.identity.is_ready() {
+            tracing::warn!(
+                event = "authz.local_svid_expired",
+                meshgate.workload.id = %ctx.local_id,
+                peer.id = %peer.id,
+                http.request.method = %method,
+                meshgate.path.original = %original,
+                trace_id = %trace_id,
+                "request refused: this sidecar's SVID has expired"
+            );
+            record(&ctx.metrics, "error", "", started);
+            let span = inbound.span();
+            span.set_attribute(KeyValue::new("http.response.status_code", 503));
+            span.set_status(Status::error("this sidecar's SVID has expired"));
+            span.end();
+            let resp = error_response(
+                req.headers(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "meshgate: this sidecar's SVID has expired\n",
+            );
+            return Box::pin(async { Ok(resp) });
+        }
         let bad_request = |reason: String, label: &'static str, body: &'static str| {
             tracing::warn!(
                 event = "authz.bad_request",
