@@ -68,6 +68,15 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadErrors> {
     loader.finish()
 }
 
+/// Loads `text` as if it were the only file of a policy directory, reporting errors against
+/// `file` (which is not read). The same path as [`load_dir`] minus the file system: for callers
+/// that already hold the text (and the fuzz target `policy_load`).
+pub fn load_text(file: &Path, text: &str) -> Result<PolicySet, LoadErrors> {
+    let mut loader = Loader::default();
+    loader.parse_text(file, text);
+    loader.finish()
+}
+
 /// Parses one file's documents into `set` (used for `--services FILE` too). On error `set` is
 /// left unchanged.
 pub fn parse_file(path: &Path, set: &mut PolicySet) -> Result<(), LoadErrors> {
@@ -261,7 +270,11 @@ impl Loader {
             Ok(t) => t,
             Err(e) => return self.error(file, 0, format!("cannot read file: {e}")),
         };
-        for doc in split_documents(&text) {
+        self.parse_text(file, &text);
+    }
+
+    fn parse_text(&mut self, file: &Path, text: &str) {
+        for doc in split_documents(text) {
             self.parse_doc(file, &doc);
         }
     }
