@@ -83,17 +83,35 @@ pub struct LineBuffer {
 }
 
 impl LineBuffer {
+    /// Appends `chunk` and returns the lines it completes, without their `\n`. A line longer than
+    /// `max` bytes is an error however the stream was cut into chunks: whether it is still
+    /// incomplete or arrived whole within one chunk. After an error the stream must be dropped.
     pub fn push(&mut self, chunk: &[u8], max: usize) -> Result<Vec<Vec<u8>>, String> {
+        // What was pending holds no newline (an error clears it): only new bytes need scanning.
+        let mut scan = self.pending.len();
         self.pending.extend_from_slice(chunk);
         let mut lines = Vec::new();
-        while let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=i).collect();
-            lines.push(line[..line.len() - 1].to_vec());
+        let mut start = 0;
+        while let Some(i) = self.pending[scan..].iter().position(|b| *b == b'\n') {
+            let end = scan + i;
+            if end - start > max {
+                return Err(self.too_long(max));
+            }
+            lines.push(self.pending[start..end].to_vec());
+            start = end + 1;
+            scan = start;
         }
+        // One drain per chunk (not one per line), so a chunk of many short lines stays linear.
+        self.pending.drain(..start);
         if self.pending.len() > max {
-            return Err(format!("line longer than {max} bytes"));
+            return Err(self.too_long(max));
         }
         Ok(lines)
+    }
+
+    fn too_long(&mut self, max: usize) -> String {
+        self.pending.clear();
+        format!("line longer than {max} bytes")
     }
 }
 
@@ -110,6 +128,37 @@ mod tests {
         );
         assert_eq!(b.push(b":2}\n", 100).unwrap(), vec![b"{\"b\":2}".to_vec()]);
         assert!(b.push(&[b'x'; 200], 100).is_err());
+    }
+
+    /// Found by the `stream_decoder` fuzz target (fuzz/corpus/stream_decoder/regress-*): a line
+    /// longer than `max` was accepted when its newline arrived in the same chunk as the bytes
+    /// that made it too long, and refused only when the excess sat in the pending tail.
+    #[test]
+    fn line_buffer_refuses_a_long_line_whatever_the_chunking() {
+        let line = b"0123456789\n";
+        for cut in 0..=line.len() {
+            let mut b = LineBuffer::default();
+            let result = b
+                .push(&line[..cut], 5)
+                .and_then(|_| b.push(&line[cut..], 5));
+            assert!(result.is_err(), "cut at {cut}: {result:?}");
+        }
+        // The whole line in one chunk, after a line that is fine.
+        let mut b = LineBuffer::default();
+        assert!(b.push(b"ok\n0123456789\nok\n", 5).is_err());
+        // Exactly `max` bytes is fine, complete or pending.
+        let mut b = LineBuffer::default();
+        assert_eq!(b.push(b"01234\n56789", 5).unwrap(), vec![b"01234".to_vec()]);
+        assert_eq!(b.push(b"\n", 5).unwrap(), vec![b"56789".to_vec()]);
+    }
+
+    #[test]
+    fn line_buffer_keeps_empty_lines_and_cr() {
+        let mut b = LineBuffer::default();
+        let lines = b.push(b"\n\na\r\n", 5).unwrap();
+        assert_eq!(lines, vec![b"".to_vec(), b"".to_vec(), b"a\r".to_vec()]);
+        let many = vec![b'\n'; 100_000];
+        assert_eq!(b.push(&many, 5).unwrap().len(), 100_000);
     }
 
     #[test]
