@@ -104,6 +104,22 @@ fn load_text_agrees_with_a_one_file_directory() {
     assert!(err.0.iter().all(|v| v.file == file));
 }
 
+/// Found by the `policy_load` fuzz target (fuzz/corpus/policy_load/regress-bare-cr): YAML counts
+/// a lone CR as a line break, the loader's file lines do not, so the reported line could lie
+/// past the end of the file ("line 3" of a two-line file).
+#[test]
+fn bare_carriage_return_is_refused_at_its_line() {
+    let text = "apiVersion: meshgate.dev/v1 # a\rkind: MeshConfig\nspec: {";
+    let err = load_one(text).unwrap_err();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert_eq!(err[0].0, 1);
+    assert!(err[0].1.contains("carriage return"), "{err:?}");
+    let text = "# ok\r\n# ok\r\n# bad\r";
+    assert_eq!(load_one(text).unwrap_err()[0].0, 3);
+    // CRLF files still load.
+    assert!(load_one(&EXAMPLE.replace('\n', "\r\n")).is_ok());
+}
+
 #[test]
 fn empty_directory_is_valid() {
     let dir = tempfile::tempdir().unwrap();
