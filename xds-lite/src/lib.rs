@@ -27,6 +27,6 @@ mod hostile_paths_tests;
 mod load_tests;
 
 pub use authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
-pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, parse_file};
+pub use load::{LoadErrors, PolicySet, ValidationError, load_dir, load_text, parse_file};
 pub use method::{MethodError, check_method};
 pub use path::{NormalizedPath, PathError, normalize_path};

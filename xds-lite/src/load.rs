@@ -137,6 +137,15 @@ fn read_policy_file(file: &Path) -> Result<String, String> {
     Ok(text)
 }
 
+/// Loads `text` as if it were the only file of a policy directory, reporting errors against
+/// `file` (which is not read). The same path as [`load_dir`] minus the file system: for callers
+/// that already hold the text (and the fuzz target `policy_load`).
+pub fn load_text(file: &Path, text: &str) -> Result<PolicySet, LoadErrors> {
+    let mut loader = Loader::default();
+    loader.parse_text(file, text);
+    loader.finish()
+}
+
 /// Parses one file's documents into `set` (used for `--services FILE` too). On error `set` is
 /// left unchanged.
 pub fn parse_file(path: &Path, set: &mut PolicySet) -> Result<(), LoadErrors> {
@@ -330,7 +339,18 @@ impl Loader {
             Ok(t) => t,
             Err(reason) => return self.error(file, 0, reason),
         };
-        for doc in split_documents(&text) {
+        self.parse_text(file, &text);
+    }
+
+    fn parse_text(&mut self, file: &Path, text: &str) {
+        // YAML reads a lone CR as a line break; editors, diffs, `sed -n Np` and the document
+        // splitter do not, so every line number after one would be wrong (and text after it can
+        // hide from a reviewer's terminal). CRLF is fine.
+        if let Some(line) = bare_cr_line(text) {
+            let reason = "carriage return without a line feed: use LF or CRLF line endings";
+            return self.error(file, line, reason.to_string());
+        }
+        for doc in split_documents(text) {
             self.parse_doc(file, &doc);
         }
     }
@@ -452,6 +472,13 @@ impl Collect for MeshConfig {
         loader.mesh_config_at = Some(Origin(Some((file.to_path_buf(), doc.start_line))));
         loader.set.mesh_config = self;
     }
+}
+
+/// The 1-based line (counting LF) of the first CR that is not followed by LF.
+fn bare_cr_line(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let at = (0..bytes.len()).find(|&i| bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n'))?;
+    Some(1 + bytes[..at].iter().filter(|&&b| b == b'\n').count())
 }
 
 fn yaml_options() -> serde_saphyr::Options {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::load::{PolicySet, load_dir, parse_file};
+use crate::load::{PolicySet, load_dir, load_text, parse_file};
 use crate::model::{Action, DefaultAction, Mode, Protocol};
 
 const EXAMPLE: &str = r#"apiVersion: meshgate.dev/v1
@@ -89,6 +89,35 @@ fn documents_round_trip_through_serde() {
         json["spec"]["identity"],
         "spiffe://mesh.local/ns/shop/sa/orders"
     );
+}
+
+#[test]
+fn load_text_agrees_with_a_one_file_directory() {
+    let file = Path::new("p.yaml");
+    let set = load_text(file, EXAMPLE).unwrap();
+    assert_eq!(set.version, load_one(EXAMPLE).unwrap().version);
+    let bad = EXAMPLE.replace("action: ALLOW", "action: MAYBE");
+    let err = load_text(file, &bad).unwrap_err();
+    let want: Vec<(usize, String)> = load_one(&bad).unwrap_err();
+    let got: Vec<(usize, String)> = err.0.iter().map(|v| (v.line, v.reason.clone())).collect();
+    assert_eq!(got, want);
+    assert!(err.0.iter().all(|v| v.file == file));
+}
+
+/// Found by the `policy_load` fuzz target (fuzz/corpus/policy_load/regress-bare-cr): YAML counts
+/// a lone CR as a line break, the loader's file lines do not, so the reported line could lie
+/// past the end of the file ("line 3" of a two-line file).
+#[test]
+fn bare_carriage_return_is_refused_at_its_line() {
+    let text = "apiVersion: meshgate.dev/v1 # a\rkind: MeshConfig\nspec: {";
+    let err = load_one(text).unwrap_err();
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert_eq!(err[0].0, 1);
+    assert!(err[0].1.contains("carriage return"), "{err:?}");
+    let text = "# ok\r\n# ok\r\n# bad\r";
+    assert_eq!(load_one(text).unwrap_err()[0].0, 3);
+    // CRLF files still load.
+    assert!(load_one(&EXAMPLE.replace('\n', "\r\n")).is_ok());
 }
 
 #[test]

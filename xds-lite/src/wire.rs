@@ -226,6 +226,37 @@ mod tests {
         assert_eq!(sanitize_peer_text(&long, 4), "éééé…(truncated)");
     }
 
+    /// Found by the `stream_decoder` fuzz target (fuzz/corpus/stream_decoder/regress-*): a line
+    /// longer than `max` was accepted when its newline arrived in the same chunk as the bytes
+    /// that made it too long, and refused only when the excess sat in the pending tail.
+    #[test]
+    fn line_buffer_refuses_a_long_line_whatever_the_chunking() {
+        let line = b"0123456789\n";
+        for cut in 0..=line.len() {
+            let mut b = LineBuffer::default();
+            let result = b
+                .push(&line[..cut], 5)
+                .and_then(|_| b.push(&line[cut..], 5));
+            assert!(result.is_err(), "cut at {cut}: {result:?}");
+        }
+        // The whole line in one chunk, after a line that is fine.
+        let mut b = LineBuffer::default();
+        assert!(b.push(b"ok\n0123456789\nok\n", 5).is_err());
+        // Exactly `max` bytes is fine, complete or pending.
+        let mut b = LineBuffer::default();
+        assert_eq!(b.push(b"01234\n56789", 5).unwrap(), vec![b"01234".to_vec()]);
+        assert_eq!(b.push(b"\n", 5).unwrap(), vec![b"56789".to_vec()]);
+    }
+
+    #[test]
+    fn line_buffer_keeps_empty_lines_and_cr() {
+        let mut b = LineBuffer::default();
+        let lines = b.push(b"\n\na\r\n", 5).unwrap();
+        assert_eq!(lines, vec![b"".to_vec(), b"".to_vec(), b"a\r".to_vec()]);
+        let many = vec![b'\n'; 100_000];
+        assert_eq!(b.push(&many, 5).unwrap().len(), 100_000);
+    }
+
     #[test]
     fn ack_round_trip() {
         let nack = Ack {
