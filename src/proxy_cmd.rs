@@ -16,9 +16,11 @@ use crate::parse_duration;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AppProtocolArg {
-    /// HTTP/2 to the app for HTTP/2 callers (gRPC), HTTP/1.1 otherwise.
+    /// HTTP/2 (h2c) to the app for gRPC, HTTP/1.1 for everything else, whatever the caller speaks.
     Auto,
+    /// HTTP/1.1 only (gRPC callers get an error from the app).
     Http1,
+    /// HTTP/2 with prior knowledge for every request.
     H2c,
 }
 

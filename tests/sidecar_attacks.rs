@@ -320,7 +320,9 @@ async fn one_http2_caller_cannot_stall_another() {
     tokio::spawn(conn);
     let mut held = Vec::new();
     for i in 0..12 {
+        // gRPC, so that the app is reached over HTTP/2 (`--app-protocol auto`).
         let req = http::Request::get(format!("https://orders/download/{}", 4_000_000 + i))
+            .header("content-type", "application/grpc")
             .body(empty())
             .unwrap();
         held.push(attacker.send_request(req).await.unwrap());
@@ -329,6 +331,7 @@ async fn one_http2_caller_cannot_stall_another() {
     let mut victim = t.h2("billing").await;
     for _ in 0..3 {
         let req = http::Request::get("https://orders/download/1000000")
+            .header("content-type", "application/grpc")
             .body(empty())
             .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), async {
@@ -362,7 +365,9 @@ async fn the_app_sees_one_consistent_host() {
 
     // HTTP/2 to the app carries the caller's authority as :authority and no divergent Host
     // (strict servers such as python-h2 and hypercorn refuse that, RFC 9113 §8.3.1).
+    // (gRPC goes to the app as HTTP/2 under `--app-protocol auto`.)
     let req = http::Request::get("https://orders:8080/public/h2")
+        .header("content-type", "application/grpc")
         .body(empty())
         .unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 200);

@@ -75,8 +75,9 @@ async fn curl_and_openssl_against_the_inbound_port() {
     let web_files = || write_svid(work.path(), "web", &web);
     let url = format!("https://{inbound}/public/hello");
 
-    // HTTP/1.1 and HTTP/2 with a good client certificate.
-    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+    // HTTP/1.1 and HTTP/2 with a good client certificate; the app gets HTTP/1.1 either way
+    // (`--app-protocol auto` keeps HTTP/2 for gRPC).
+    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/1.1")] {
         let out = curl_async(
             Some(web_files()),
             vec![flag.into(), "--fail-with-body".into()],
@@ -180,4 +181,61 @@ async fn curl_and_openssl_against_the_inbound_port() {
     assert!(failures("plaintext").await >= 1.0);
     let foreign_refusals = failures("unknown_issuer").await + failures("bad_cert").await;
     assert!(foreign_refusals >= 1.0, "foreign CA refusal is counted");
+}
+
+/// An app that speaks HTTP/1.1 only (as Flask, Express and nginx's default do): hyper's HTTP/1
+/// server, which fails any HTTP/2 connection.
+async fn http1_only_app() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{} {:?}\n", req.uri().path(), req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_reaches_an_http1_only_app() {
+    require_tool("curl");
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", POLICY);
+    let app = http1_only_app().await;
+    mesh.add_in_front_of("orders", support::mesh::EchoApp { addr: app }, &[], &[])
+        .await;
+    mesh.converge().await;
+    let inbound = mesh.workload("orders").sidecar.inbound_addr;
+    let work = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let web = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    for flag in ["--http2", "--http1.1"] {
+        let out = curl_async(
+            Some(write_svid(work.path(), "web", &web)),
+            vec![flag.into(), "--fail-with-body".into()],
+            format!("https://{inbound}/public/hello"),
+        )
+        .await;
+        assert!(out.status.success(), "{flag}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "/public/hello HTTP/1.1\n",
+            "{flag}"
+        );
+    }
 }

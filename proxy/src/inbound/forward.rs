@@ -14,15 +14,17 @@ use tower::Service;
 use super::authz::{CarriedHttp1, Reauthorize};
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
-    ProxyBody, boxed, bridge_upgrade, error_response, requested_upgrade, set_upgrade,
+    ProxyBody, boxed, bridge_upgrade, error_response, is_grpc, requested_upgrade, set_upgrade,
     strip_hop_by_hop,
 };
 
 /// Which HTTP the local app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AppProtocol {
-    /// HTTP/2 (h2c) for requests that arrived as HTTP/2 from a client, HTTP/1.1 otherwise
-    /// (including HTTP/1.1 requests that a peer sidecar carried over HTTP/2).
+    /// HTTP/2 (h2c) for gRPC (which needs it), HTTP/1.1 for everything else, whatever the
+    /// caller spoke: most apps (Python, Node, nginx's default) speak only HTTP/1.1, and an HTTP/2
+    /// caller (curl and browsers pick h2 by ALPN) must not get a 502 from them. Apps that want
+    /// HTTP/2 for all traffic say `H2c`.
     #[default]
     Auto,
     Http1,
@@ -129,7 +131,9 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             && match self.protocol {
                 AppProtocol::Http1 => false,
                 AppProtocol::H2c => true,
-                AppProtocol::Auto => req.version() == Version::HTTP_2 && !carried_http1,
+                AppProtocol::Auto => {
+                    req.version() == Version::HTTP_2 && !carried_http1 && is_grpc(req.headers())
+                }
             };
         // The caller's authority (checked by the authorization layer) names the virtual host.
         let authority = req
