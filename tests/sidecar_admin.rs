@@ -217,3 +217,58 @@ async fn health_command_reports_readiness() {
         text(&out)
     );
 }
+
+/// `meshgate proxy` with static files refuses a key others can read (as every command that reads
+/// a key does), and a key that is not the certificate's says so in terms of the files.
+#[test]
+fn static_identity_files_are_checked_and_errors_name_them() {
+    let ca = TestCa::init();
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    issue_files(&ca, "spiffe://mesh.local/ns/shop/sa/orders", &a);
+    issue_files(&ca, "spiffe://mesh.local/ns/shop/sa/other", &b);
+    let policies = work.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let proxy = |cert: &std::path::Path, key: &std::path::Path| {
+        let mut cmd = meshgate();
+        cmd.args(["proxy", "--app", "127.0.0.1:9"])
+            .arg("--svid-cert")
+            .arg(cert)
+            .arg("--svid-key")
+            .arg(key)
+            .arg("--trust-bundle")
+            .arg(a.join("bundle.pem"))
+            .arg("--policy-dir")
+            .arg(&policies)
+            .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0"]);
+        let out = run(&mut cmd);
+        assert!(!out.status.success(), "started: {}", text(&out));
+        text(&out)
+    };
+
+    use std::os::unix::fs::PermissionsExt;
+    let open_key = a.join("key.pem");
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let said = proxy(&a.join("svid.pem"), &open_key);
+    assert!(
+        said.contains("must not be readable by group or others"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("chmod 600 {}", open_key.display())),
+        "{said}"
+    );
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let said = proxy(&a.join("svid.pem"), &b.join("key.pem"));
+    assert!(!said.contains("CA returned"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "{} must hold the private key of the first certificate in {}",
+            b.join("key.pem").display(),
+            a.join("svid.pem").display()
+        )),
+        "{said}"
+    );
+}

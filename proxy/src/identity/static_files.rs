@@ -38,10 +38,40 @@ impl IdentityFiles {
             IdentityError::Config(format!("{}: {e}", p.display()))
         };
         let chain = cert::certs_from_pem(&read(&self.cert)?).map_err(|e| config(&self.cert, &e))?;
-        let key = cert::key_from_pem(&read(&self.key)?).map_err(|e| config(&self.key, &e))?;
+        // The key file must be private to its owner, as everywhere meshgate reads a key.
+        let key_pem = meshgate_ca::fsutil::read_key_file(&self.key)
+            .map_err(|e| IdentityError::Config(e.to_string()))?;
+        let key = cert::key_from_pem(&key_pem).map_err(|e| config(&self.key, &e))?;
         let bundle =
             TrustBundle::from_pem(&read(&self.bundle)?).map_err(|e| config(&self.bundle, &e))?;
         Ok(Loaded { chain, key, bundle })
+    }
+
+    /// A set of files that loaded but does not form a usable SVID, said in terms of the files
+    /// (no CA is involved in file mode).
+    fn unusable(&self, e: IdentityError) -> IdentityError {
+        let IdentityError::BadSvid(reason) = e else {
+            return e;
+        };
+        let fix = if reason.contains("Key") || reason.contains("key") {
+            format!(
+                "{} must hold the private key of the first certificate in {}",
+                self.key.display(),
+                self.cert.display()
+            )
+        } else {
+            format!(
+                "{} must chain to a root in {} and be valid now",
+                self.cert.display(),
+                self.bundle.display()
+            )
+        };
+        IdentityError::Config(format!(
+            "the SVID files {} + {} (bundle {}) are unusable: {reason}; {fix}",
+            self.cert.display(),
+            self.key.display(),
+            self.bundle.display()
+        ))
     }
 
     fn stamp(&self) -> Vec<(Option<SystemTime>, u64)> {
@@ -61,7 +91,9 @@ impl IdentityFiles {
         let id = cert::spiffe_id_from_der(&loaded.chain[0])
             .map_err(|e| IdentityError::Config(format!("{}: {e}", self.cert.display())))?;
         let identity = Arc::new(Identity::new(id, loaded.bundle.clone()));
-        identity.publish(loaded.chain, loaded.key, loaded.bundle, 0)?;
+        identity
+            .publish(loaded.chain, loaded.key, loaded.bundle, 0)
+            .map_err(|e| self.unusable(e))?;
         let handle = identity.clone();
         tokio::spawn(async move {
             let mut reloads = 0;
@@ -74,7 +106,9 @@ impl IdentityFiles {
                 seen = now;
                 match self.read().and_then(|l| {
                     reloads += 1;
-                    handle.publish(l.chain, l.key, l.bundle, reloads)
+                    handle
+                        .publish(l.chain, l.key, l.bundle, reloads)
+                        .map_err(|e| self.unusable(e))
                 }) {
                     Ok(()) => {}
                     Err(e) => {
