@@ -64,7 +64,7 @@ pub fn run(command: ControlPlaneCommand) -> Result<()> {
 /// Show every sidecar known to a control plane: identity, acked version, last NACK, staleness.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The control plane's admin URL.
+    /// The control plane's admin listener: a URL or HOST:PORT.
     #[arg(long, default_value = "http://127.0.0.1:15011")]
     control_plane: String,
     /// Print the raw JSON.
@@ -72,13 +72,35 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// The `/status` URL of a control plane's admin listener given as `--control-plane`: a URL, or
+/// `HOST:PORT` without a scheme (plain HTTP is assumed: the admin listener has no TLS).
+pub fn status_url(admin: &str) -> String {
+    let admin = admin.trim_end_matches('/');
+    if admin.contains("://") {
+        format!("{admin}/status")
+    } else {
+        format!("http://{admin}/status")
+    }
+}
+
+/// Asks a control plane's admin listener for its status; when nothing answers, says where it
+/// looked and how to point elsewhere.
+pub async fn fetch_status(admin: &str) -> Result<String> {
+    let url = status_url(admin);
+    crate::health_cmd::get(&url, Duration::from_secs(5))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no control plane status at {url}: {e:#}; is `meshgate control-plane serve` running there? Point to its admin listener with --control-plane HOST:PORT (`meshgate demo` prints its own, e.g. 127.0.0.1:18002)"
+            )
+        })
+}
+
 pub fn status(args: StatusArgs) -> Result<()> {
-    let url = format!("{}/status", args.control_plane.trim_end_matches('/'));
     let body = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(crate::health_cmd::get(&url, Duration::from_secs(5)))
-        .with_context(|| format!("asking {url}"))?;
+        .block_on(fetch_status(&args.control_plane))?;
     if args.json {
         println!("{body}");
         return Ok(());

@@ -18,8 +18,6 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use meshgate_ca::{SpiffeId, cert, fsutil};
 
-use crate::health_cmd::get;
-
 #[derive(Debug, Args)]
 pub struct QuarantineArgs {
     /// The identity to cut off, e.g. spiffe://mesh.local/ns/shop/sa/web.
@@ -81,14 +79,13 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
     let want = meshgate_xds::load_dir(&args.policy_dir)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .version;
-    let url = format!("{}/status", admin.trim_end_matches('/'));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         loop {
             let report: serde_json::Value =
-                serde_json::from_str(&get(&url, Duration::from_secs(5)).await?)?;
+                serde_json::from_str(&crate::control_plane_cmd::fetch_status(&admin).await?)?;
             let view = Containment::of(&report, &want);
             if report["version"] == want.as_str() && view.lagging.is_empty() {
                 println!(

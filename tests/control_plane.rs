@@ -312,17 +312,24 @@ async fn each_sidecar_gets_only_its_own_resources_and_needs_a_valid_svid() {
 
 #[test]
 fn status_command_reports_an_unreachable_control_plane() {
-    let out = run(meshgate().args([
-        "status",
-        "--control-plane",
-        &format!("http://127.0.0.1:{}", free_port()),
-    ]));
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("asking http://127.0.0.1:"),
-        "{}",
-        text(&out)
-    );
+    // With or without a scheme: it says where it looked and how to point elsewhere.
+    let port = free_port();
+    for given in [
+        format!("http://127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}"),
+    ] {
+        let out = run(meshgate().args(["status", "--control-plane", &given]));
+        assert!(!out.status.success());
+        let said = text(&out);
+        assert!(
+            said.contains(&format!(
+                "no control plane status at http://127.0.0.1:{port}/status"
+            )),
+            "{said}"
+        );
+        assert!(said.contains("--control-plane HOST:PORT"), "{said}");
+        assert!(!said.contains("invalid URL"), "{said}");
+    }
 }
 
 /// PROTOCOL.md promises a stream can be watched with curl.
@@ -728,8 +735,7 @@ async fn an_oversize_policy_file_is_refused_and_the_last_good_version_stays() {
     let status = mesh.cp_status().await;
     let reason = status["last_rejected"].as_str().unwrap();
     assert!(
-        reason
-            .contains("huge.yaml:0: policy file is 5.0 MiB, larger than the 4 MiB limit; split it"),
+        reason.contains("huge.yaml: policy file is 5.0 MiB, larger than the 4 MiB limit; split it"),
         "{reason}"
     );
     assert_eq!(status["version"], good.as_str());

@@ -68,7 +68,7 @@ fn check_valid_and_invalid() {
     let missing = policy(&["check", "no-such-dir"]);
     assert_eq!(code(&missing), 1);
     assert!(
-        stderr(&missing).starts_with("no-such-dir:0: cannot read policy directory"),
+        stderr(&missing).starts_with("no-such-dir: policy directory does not exist; create it"),
         "{}",
         stderr(&missing)
     );

@@ -399,11 +399,8 @@ fn issue_identities(dir: &Path) -> Result<()> {
         std::fs::write(out.join("svid.pem"), issued.chain_pem())?;
         std::fs::write(out.join("bundle.pem"), &bundle)?;
         let key_path = out.join("key.pem");
-        std::fs::write(&key_path, key.serialize_pem())?;
-        std::fs::set_permissions(
-            &key_path,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
+        // Never readable by others, not even for a moment (the sidecar refuses such a key).
+        meshgate_ca::fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     }
     Ok(())
 }

@@ -265,7 +265,12 @@ impl TestMesh {
                 now + time::Duration::hours(2),
             );
             super::write_chain(&files.join("svid.pem"), &svid.chain);
-            std::fs::write(files.join("key.pem"), svid.key.serialize_pem()).unwrap();
+            meshgate_ca::fsutil::write_atomic(
+                &files.join("key.pem"),
+                svid.key.serialize_pem().as_bytes(),
+                0o600,
+            )
+            .unwrap();
             std::fs::write(files.join("bundle.pem"), self.ca.bundle_pem()).unwrap();
         }
         let cp = meshgate_proxy::control_plane::RunningControlPlane::start(

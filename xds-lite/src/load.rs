@@ -57,9 +57,19 @@ pub struct ValidationError {
     pub reason: String,
 }
 
+/// `file:line: reason`, or `file: reason` for a problem with the whole file or directory.
+impl std::fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file.display(), self.reason),
+            line => write!(f, "{}:{line}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
 /// All problems found (the directory is refused as a whole).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{}", .0.iter().map(|e| format!("{}:{}: {}", e.file.display(), e.line, e.reason)).collect::<Vec<_>>().join("\n"))]
+#[error("{}", .0.iter().map(ValidationError::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct LoadErrors(pub Vec<ValidationError>);
 
 /// Loads every `*.yaml`/`*.yml` file under `dir` (recursively, in sorted path order).
@@ -71,7 +81,16 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadErrors> {
     let mut files = Vec::new();
     let mut loader = Loader::default();
     if let Err(e) = collect_yaml_files(dir, &mut files) {
-        loader.error(dir, 0, format!("cannot read policy directory: {e}"));
+        let reason = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "policy directory does not exist; create it or point to another one".to_string()
+            }
+            std::io::ErrorKind::NotADirectory => {
+                "is a file, not a policy directory; give the directory that holds it".to_string()
+            }
+            _ => format!("cannot read policy directory: {e}"),
+        };
+        loader.error(dir, 0, reason);
         return Err(LoadErrors(loader.errors));
     }
     files.sort();
