@@ -102,8 +102,65 @@ fn pause() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Commands users of linkerd and istioctl type first, and ours for the same job.
+const FAMILIAR: &[(&str, &str)] = &[
+    (
+        "proxy-status",
+        "meshgate status (sidecars, acked policy version, drift)",
+    ),
+    (
+        "authz",
+        "meshgate policy explain --from ID --to ID --path P (why a request is allowed or denied)",
+    ),
+    (
+        "authorization",
+        "meshgate policy explain --from ID --to ID --path P",
+    ),
+    (
+        "analyze",
+        "meshgate policy check DIR (validation with file:line)",
+    ),
+    (
+        "viz",
+        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
+    ),
+    (
+        "dashboard",
+        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
+    ),
+    ("kube-inject", "meshgate inject FILE"),
+    (
+        "tap",
+        "meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
+    ),
+];
+
+/// For a command that only exists in linkerd/istioctl, the meshgate command that does its job.
+fn familiar_hint(args: &[String]) -> Option<String> {
+    let mut rest = args.iter().skip(1);
+    let first = loop {
+        let arg = rest.next()?;
+        if arg == "--log-format" {
+            rest.next(); // its value
+        } else if !arg.starts_with('-') {
+            break arg;
+        }
+    };
+    FAMILIAR
+        .iter()
+        .find(|(theirs, _)| theirs == first)
+        .map(|(theirs, ours)| {
+            format!("error: meshgate has no `{theirs}` command; the same job: {ours}\n\nFor the list of commands, try 'meshgate --help'.")
+        })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(hint) = familiar_hint(&args) {
+        eprintln!("{hint}");
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),

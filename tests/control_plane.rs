@@ -332,6 +332,26 @@ fn status_command_reports_an_unreachable_control_plane() {
     }
 }
 
+/// Commands linkerd and istioctl users type first point to ours instead of clap's guess
+/// (`proxy-status` → "a similar subcommand exists: 'proxy'").
+#[test]
+fn familiar_commands_from_other_meshes_point_to_ours() {
+    for (typed, ours) in [
+        (vec!["proxy-status"], "meshgate status"),
+        (
+            vec!["--log-format", "json", "authz"],
+            "meshgate policy explain",
+        ),
+        (vec!["dashboard"], "meshgate status"),
+    ] {
+        let out = run(meshgate().args(&typed));
+        assert_eq!(out.status.code(), Some(2), "{typed:?}");
+        let said = text(&out);
+        assert!(said.contains(ours), "{typed:?}: {said}");
+        assert!(!said.contains("similar subcommand"), "{typed:?}: {said}");
+    }
+}
+
 /// PROTOCOL.md promises a stream can be watched with curl.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_can_watch_a_stream() {
