@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -67,7 +68,8 @@ pub struct AppForwarder {
     protocol: AppProtocol,
     connector: AppConnector,
     http1: AppClient,
-    h2c: AppClient,
+    /// This caller connection's HTTP/2 pool, made on first use (most connections never need it).
+    h2c: Arc<OnceLock<AppClient>>,
 }
 
 impl AppForwarder {
@@ -83,7 +85,7 @@ impl AppForwarder {
                 .expect("a socket address forms a URI"),
         };
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let h2c = Self::h2c_client(&connector);
+        let h2c = Arc::default();
         Self {
             app: app.to_string(),
             protocol,
@@ -104,9 +106,7 @@ impl AppForwarder {
     /// its own, opened on first use and closed with the caller's connection.
     pub fn for_connection(&self) -> Self {
         let mut me = self.clone();
-        if self.protocol != AppProtocol::Http1 {
-            me.h2c = Self::h2c_client(&self.connector);
-        }
+        me.h2c = Arc::default();
         me
     }
 }
@@ -167,7 +167,9 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             Version::HTTP_11
         };
         let client = if use_h2 {
-            self.h2c.clone()
+            self.h2c
+                .get_or_init(|| Self::h2c_client(&self.connector))
+                .clone()
         } else {
             self.http1.clone()
         };
