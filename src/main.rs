@@ -80,6 +80,42 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))
 }
 
+/// The demo's logging: everything (at `MESHGATE_LOG`, default info) to `file`, warnings and errors
+/// to the terminal, so its decision table is not buried under the parts' INFO lines.
+fn init_demo_logging(format: LogFormat, file: &std::path::Path) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    if let Some(parent) = file.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let log = std::fs::File::create(file).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write the demo log {}: {e}; choose another with --log-file",
+            file.display()
+        )
+    })?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let to_file = tracing_subscriber::fmt::layer()
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false);
+    let to_file = match format {
+        LogFormat::Text => to_file.boxed(),
+        LogFormat::Json => to_file.json().flatten_event(true).boxed(),
+    }
+    .with_filter(filter);
+    let to_terminal = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(tracing_subscriber::filter::LevelFilter::WARN);
+    tracing_subscriber::registry()
+        .with(to_file)
+        .with(to_terminal)
+        .init();
+    Ok(())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -161,7 +197,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = Cli::parse_from(args);
-    init_logging(cli.log_format);
+    match &cli.command {
+        // The eBPF demo's parts are processes with logs of their own.
+        Command::Demo(args) if !args.with_ebpf => {
+            if let Err(e) = init_demo_logging(cli.log_format, &demo::log_path(args)) {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+        _ => init_logging(cli.log_format),
+    }
     let result = match cli.command {
         Command::Ca { command } => ca_cmd::run(command).map(|()| ExitCode::SUCCESS),
         Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),

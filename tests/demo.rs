@@ -9,9 +9,10 @@ use support::*;
 fn demo_output() -> String {
     for attempt in 0..5 {
         let base = 20000 + (free_port() % 20000) / 100 * 100 + attempt;
+        // Default log level: the parts' INFO lines go to the log file, not the terminal.
         let out = run(meshgate()
             .args(["demo", "--once", "--base-port", &base.to_string()])
-            .env("MESHGATE_LOG", "warn"));
+            .env_remove("MESHGATE_LOG"));
         let shown = text(&out);
         if shown.contains("is taken") {
             continue;
@@ -59,6 +60,28 @@ fn assert_decision_rows(shown: &str, rows: &[ExpectedRow]) {
 #[test]
 fn demo_runs_the_scenario_and_prints_the_decisions() {
     let shown = demo_output();
+    // A quiet terminal: no log lines between the table's rows, not even at shutdown; the full
+    // log is in a file the demo names and that still exists after it exited.
+    for level in [" INFO ", " WARN ", " ERROR "] {
+        assert!(
+            !shown.contains(level),
+            "log lines on the terminal:\n{shown}"
+        );
+    }
+    let log = shown
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("log "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the demo names no log file:\n{shown}"));
+    let logged = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    assert!(logged.contains("event=\"authz.decision\""), "{logged}");
+    assert!(
+        !logged
+            .lines()
+            .any(|l| l.contains("trace_id= ") || l.ends_with("trace_id=")),
+        "empty trace_id in {log}"
+    );
+    let _ = std::fs::remove_file(log);
     let cases = [
         (
             "web → orders",

@@ -219,6 +219,7 @@ impl PolicySource {
         state: Arc<PolicyState>,
         metrics: Arc<Metrics>,
         interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
         on_update: impl Fn(&PolicySet) + Send + Sync + 'static,
     ) -> Result<(), String> {
         let workload = identity.id().clone();
@@ -244,7 +245,7 @@ impl PolicySource {
                 state.set_connected(false);
                 let connected_state = state.clone();
                 let connected_metrics = metrics.clone();
-                tokio::spawn(client.run(
+                let stream = client.run(
                     move |set| {
                         state.install(set, &workload, &metrics, &on_update);
                         Ok(())
@@ -255,7 +256,15 @@ impl PolicySource {
                     },
                     Duration::from_millis(500),
                     Duration::from_secs(30),
-                ));
+                );
+                // The stream ends with the sidecar: a sidecar that is stopping does not warn that
+                // the control plane went away.
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stream => {}
+                        _ = stop.wait_for(|stopping| *stopping) => {}
+                    }
+                });
             }
         }
         Ok(())

@@ -188,6 +188,8 @@ impl Sidecar {
         // pooled connection outlives the certificate it was authenticated with: peers refuse
         // requests on a connection whose certificate has expired).
         let current_routes = Arc::new(std::sync::Mutex::new(Vec::<Route>::new()));
+        // Stops the policy stream and the listeners alike.
+        let (shutdown, _) = watch::channel(false);
         {
             let (routes, identity, metrics, current) = (
                 routes.clone(),
@@ -204,6 +206,7 @@ impl Sidecar {
                     policy.clone(),
                     metrics.clone(),
                     config.poll_interval,
+                    shutdown.subscribe(),
                     move |set| {
                         let next = routes_from(set);
                         let mut current = current.lock().expect("routes lock");
@@ -235,7 +238,6 @@ impl Sidecar {
             });
         }
 
-        let (shutdown, _) = watch::channel(false);
         let (decisions, _) = tokio::sync::broadcast::channel(1024);
         let inbound = Inbound {
             tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,

@@ -46,15 +46,20 @@ pub struct DemoArgs {
     base_port: u16,
     /// Keep the CA and policies here instead of a temporary directory.
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
     /// Exit after the scripted traffic instead of running until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Where the demo's own log goes (CA, control plane and sidecars, at `MESHGATE_LOG` level,
+    /// default info); the terminal shows warnings only. Default: `DIR/meshgate.log` with --dir,
+    /// else `meshgate-demo-<pid>.log` in the temporary directory (kept after exit).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
     /// Run each workload in its own network namespace, app and sidecar in their own cgroups, with
     /// the eBPF redirect on the app's cgroup: apps call plain http://<service>:8080 (needs root
     /// and cgroup v2; --base-port does not apply).
     #[arg(long)]
-    with_ebpf: bool,
+    pub with_ebpf: bool,
 }
 
 /// The ports of one workload.
@@ -283,11 +288,27 @@ fn state_dir(args: &DemoArgs) -> Result<(Option<tempfile::TempDir>, PathBuf)> {
     })
 }
 
+/// The demo's log file (see [`DemoArgs::log_file`]): outside a temporary state directory, so
+/// that a file the demo names still exists after it exits.
+pub fn log_path(args: &DemoArgs) -> PathBuf {
+    match (&args.log_file, &args.dir) {
+        (Some(file), _) => file.clone(),
+        (None, Some(dir)) => dir.join("meshgate.log"),
+        (None, None) => {
+            std::env::temp_dir().join(format!("meshgate-demo-{}.log", std::process::id()))
+        }
+    }
+}
+
 async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     let base = args.base_port;
     println!(
         "meshgate demo — a local mesh: web → orders → payments (state in {})",
         dir.display()
+    );
+    println!(
+        "  log           {} (the terminal shows warnings only)",
+        log_path(&args).display()
     );
 
     // CA.

@@ -173,7 +173,7 @@ where
                 peer.id = %peer.id,
                 http.request.method = %method,
                 meshgate.path.original = %original,
-                trace_id = %trace_id,
+                trace_id = (!trace_id.is_empty()).then_some(trace_id.as_str()),
                 "request refused: this sidecar's SVID has expired"
             );
             record(&ctx.metrics, "error", "", started);
@@ -189,14 +189,16 @@ where
             return Box::pin(async { Ok(resp) });
         }
         let bad_request = |reason: String, label: &'static str, body: &'static str| {
-            tracing::warn!(
+            // A decision like any other (refused before the policy): logged at the level of
+            // `authz.decision`.
+            tracing::info!(
                 event = "authz.bad_request",
                 meshgate.workload.id = %ctx.local_id,
                 peer.id = %peer.id,
                 http.request.method = %method,
                 meshgate.path.original = %original,
                 reason = %reason,
-                trace_id = %trace_id,
+                trace_id = (!trace_id.is_empty()).then_some(trace_id.as_str()),
                 "request refused before authorization"
             );
             sanitize::count(&ctx.metrics, label, 1);
@@ -240,7 +242,7 @@ where
                 meshgate.workload.id = %ctx.local_id,
                 peer.id = %peer.id,
                 removed = prepared.stripped,
-                trace_id = %trace_id,
+                trace_id = (!trace_id.is_empty()).then_some(trace_id.as_str()),
                 "caller sent headers an app could read as the sidecar's identity headers; removed"
             );
             sanitize::count(&ctx.metrics, "identity_header", prepared.stripped as u64);
@@ -252,7 +254,7 @@ where
                 peer.id = %peer.id,
                 upgrade = ?refused,
                 allowed = ?ctx.upgrades.allowed(),
-                trace_id = %trace_id,
+                trace_id = (!trace_id.is_empty()).then_some(trace_id.as_str()),
                 "Upgrade to a protocol that is not allowed was removed; the request goes on without it (allow it with --allow-upgrade)"
             );
             sanitize::count(&ctx.metrics, "upgrade_refused", 1);
@@ -320,7 +322,7 @@ where
             reason = %decision.reason,
             audit_policy = decision.audit_policy.as_deref(),
             dry_run_policy = decision.dry_run_policy.as_deref(),
-            trace_id = %trace_id,
+            trace_id = (!trace_id.is_empty()).then_some(trace_id.as_str()),
         );
         inbound
             .span()
