@@ -90,11 +90,18 @@ fn call(web_port: u16, method: &str, url: &str) -> Relayed {
         &format!("url={url}"),
         "--data-urlencode",
         &format!("method={method}"),
+        "-w",
+        "\n%{http_code}",
     ]));
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = shown.rsplit_once('\n').unwrap_or((&shown, ""));
+    let answer: serde_json::Value = serde_json::from_str(json)
         .unwrap_or_else(|e| panic!("{method} {url}: not JSON ({e}): {}", text(&out)));
+    let status = answer["status"].as_u64().unwrap_or(0) as u16;
+    // /call answers with the callee's status as its own, so curl alone tells 200 from 403.
+    assert_eq!(code, status.to_string(), "{method} {url}: {shown}");
     Relayed {
-        status: answer["status"].as_u64().unwrap_or(0) as u16,
+        status,
         body: answer["body"].clone(),
     }
 }

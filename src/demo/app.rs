@@ -159,7 +159,8 @@ async fn call_at(
 
 impl DemoApp {
     /// `GET /call?url=http://orders:8080/orders/1&method=GET`: this app makes the call and
-    /// answers with the status and body it got, so a user can try what its identity may do.
+    /// answers with the status it got (as its own HTTP status, so `curl -f` and `-w %{http_code}`
+    /// tell 200 from 403) and the body, so a user can try what its identity may do.
     async fn call(&self, upstream: &Upstream, query: &str) -> Response<Full<Bytes>> {
         let params: std::collections::HashMap<String, String> =
             url_params(query).into_iter().collect();
@@ -172,7 +173,7 @@ impl DemoApp {
         };
         match call_url(upstream, method, url, &[], "").await {
             Ok((status, body)) => json(
-                StatusCode::OK,
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                 serde_json::json!({
                     "from": self.name, "method": method, "url": url, "status": status,
                     "body": serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
