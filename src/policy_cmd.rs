@@ -41,11 +41,12 @@ pub enum PolicyCommand {
         /// SPIFFE ID of the workload whose sidecar judges the request.
         #[arg(long)]
         to: String,
-        #[arg(long)]
-        method: String,
+        /// HTTP method; omit with --path to explain an L4 (TCP) connection to --port.
+        #[arg(long, requires = "path")]
+        method: Option<String>,
         /// Request path as sent (normalized before judging).
-        #[arg(long)]
-        path: String,
+        #[arg(long, requires = "method")]
+        path: Option<String>,
         /// Destination port of the workload's app.
         #[arg(long, default_value_t = DEFAULT_PORT)]
         port: u16,
@@ -95,7 +96,14 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
                 Ok(s) => s,
                 Err(code) => return Ok(code),
             };
-            let probe = Probe::new(&from, &to, &method, &path, port, &headers)?;
+            let probe = Probe::new(
+                &from,
+                &to,
+                method.as_deref(),
+                path.as_deref(),
+                port,
+                &headers,
+            )?;
             println!("{}", explain(&set, &probe));
             Ok(ExitCode::SUCCESS)
         }

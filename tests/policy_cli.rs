@@ -313,3 +313,82 @@ fn suggest_round_trip_allows_every_observed_flow() {
     assert!(yaml.contains("      - /orders/1\n"), "{yaml}");
     assert!(!yaml.contains("payments-observed"), "{yaml}");
 }
+
+/// `explain` and `test` judge L4 (TCP) connections too (no method, no path), and explaining an
+/// HTTP request on a port a Service declares `protocol: tcp` says L7 rules do not apply there.
+#[test]
+fn explain_and_test_handle_l4_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("db.yaml"),
+        r#"apiVersion: meshgate.dev/v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  identity: spiffe://mesh.local/ns/shop/sa/db
+  hosts: [db]
+  ports: [{ port: 5432, protocol: tcp }]
+  endpoints: ["127.0.0.1:5432"]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: db-clients, namespace: shop }
+spec:
+  selector: { account: db }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/orders"] }]
+      to: [{ ports: [5432] }]
+"#,
+    )
+    .unwrap();
+    let db = "spiffe://mesh.local/ns/shop/sa/db";
+    let explain = |from: &str, extra: &[&str]| {
+        let mut args = vec![
+            "explain",
+            policies.to_str().unwrap(),
+            "--from",
+            from,
+            "--to",
+            db,
+        ];
+        args.extend_from_slice(extra);
+        policy(&args)
+    };
+    let ok = explain(ORDERS, &["--port", "5432"]);
+    assert_eq!(code(&ok), 0, "{}", stderr(&ok));
+    let out = stdout(&ok);
+    assert!(
+        out.contains("request: TCP connection (L4) to port 5432"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l == "decision: allow"), "{out}");
+    assert!(!out.contains("normalized path"), "{out}");
+    let denied = stdout(&explain(WEB, &["--port", "5432"]));
+    assert!(denied.lines().any(|l| l == "decision: deny"), "{denied}");
+    let http = stdout(&explain(
+        ORDERS,
+        &["--port", "5432", "--method", "GET", "--path", "/"],
+    ));
+    assert!(
+        http.contains("note: Service shop/db declares port 5432 `protocol: tcp`"),
+        "{http}"
+    );
+    // Half an HTTP request is refused with the fix.
+    let half = explain(ORDERS, &["--port", "5432", "--method", "GET"]);
+    assert_eq!(code(&half), 2, "{}", stderr(&half));
+    assert!(stderr(&half).contains("--path"), "{}", stderr(&half));
+
+    let cases = dir.path().join("cases.yaml");
+    std::fs::write(
+        &cases,
+        format!(
+            "cases:\n  - {{ name: orders reaches the db, from: \"{ORDERS}\", to: \"{db}\", port: 5432, expect: allow, policy: shop/db-clients, rule: 0 }}\n  - {{ name: web does not, from: \"{WEB}\", to: \"{db}\", port: 5432, expect: deny }}\n"
+        ),
+    )
+    .unwrap();
+    let ran = policy(&["test", policies.to_str().unwrap(), cases.to_str().unwrap()]);
+    assert_eq!(code(&ran), 0, "{}{}", stdout(&ran), stderr(&ran));
+}

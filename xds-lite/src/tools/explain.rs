@@ -23,16 +23,32 @@ pub struct Explanation {
     pub probe: Probe,
     pub judgement: Judgement,
     pub deciding_rule: Option<DecidingRule>,
+    /// The Service (`namespace/name`) that declares the probe's port `protocol: tcp` for the
+    /// workload, when the probe is an HTTP request: such a request never reaches L7 rules.
+    pub tcp_service: Option<String>,
 }
 
 /// Judges `probe` against `set` and looks up the rule that decided.
 pub fn explain(set: &PolicySet, probe: &Probe) -> Explanation {
     let judgement = probe.judge(set);
     let deciding_rule = find_rule(set, &judgement.decision);
+    let tcp_service = probe.http.as_ref().and_then(|_| {
+        set.services
+            .iter()
+            .find(|s| {
+                s.spec.identity == probe.workload
+                    && s.spec
+                        .ports
+                        .iter()
+                        .any(|p| p.port == probe.port && p.protocol == crate::model::Protocol::Tcp)
+            })
+            .map(|s| s.metadata.key())
+    });
     Explanation {
         probe: probe.clone(),
         judgement,
         deciding_rule,
+        tcp_service,
     }
 }
 
@@ -71,15 +87,32 @@ impl fmt::Display for Explanation {
         let p = &self.probe;
         let d = &self.judgement.decision;
         writeln!(f, "workload: {}", p.workload)?;
-        writeln!(
-            f,
-            "request: {} {} port {} from {}",
-            p.method, p.raw_path, p.port, p.peer
-        )?;
-        writeln!(f, "path: {}", p.raw_path)?;
+        match &p.http {
+            Some((method, raw_path)) => {
+                writeln!(
+                    f,
+                    "request: {method} {raw_path} port {} from {}",
+                    p.port, p.peer
+                )?;
+                writeln!(f, "path: {raw_path}")?;
+            }
+            None => writeln!(
+                f,
+                "request: TCP connection (L4) to port {} from {} — ALLOW rules with method/path/header conditions do not match it; DENY rules match on identity and port alone",
+                p.port, p.peer
+            )?,
+        }
+        if let Some(service) = &self.tcp_service {
+            writeln!(
+                f,
+                "note: Service {service} declares port {} `protocol: tcp`: the sidecar carries it as an opaque L4 tunnel, so no method/path/header rule applies there",
+                p.port
+            )?;
+        }
         match &self.judgement.normalized {
-            Ok(n) => writeln!(f, "normalized path: {}", n.path)?,
-            Err(e) => writeln!(f, "normalized path: refused ({e}): the sidecar answers 400")?,
+            Some(Ok(n)) => writeln!(f, "normalized path: {}", n.path)?,
+            Some(Err(e)) => writeln!(f, "normalized path: refused ({e}): the sidecar answers 400")?,
+            None => {}
         }
         writeln!(f, "decision: {}", d.kind.as_str())?;
         match (&d.policy, d.rule, &self.deciding_rule) {

@@ -32,6 +32,12 @@ pub enum ProbeError {
     HeaderName(String),
     #[error("header {0:?} has a value that is not a valid HTTP header value")]
     HeaderValue(String),
+    #[error(
+        "an HTTP request needs both a method and a path; give neither for an L4 (TCP) connection"
+    )]
+    HalfHttp,
+    #[error("an L4 (TCP) connection carries no headers; drop them or give a method and a path")]
+    L4Headers,
 }
 
 /// A fully parsed request description: who calls which workload with what.
@@ -40,17 +46,17 @@ pub struct Probe {
     pub peer: SpiffeId,
     /// The workload whose sidecar judges the request.
     pub workload: SpiffeId,
-    pub method: String,
-    /// The path as the caller sent it (before normalization).
-    pub raw_path: String,
+    /// The HTTP request: method and the path as the caller sent it (before normalization);
+    /// `None` for an L4 (TCP) connection, which only identity and port rules judge.
+    pub http: Option<(String, String)>,
     pub port: u16,
     pub headers: HeaderMap,
 }
 
-/// The outcome of a probe: the normalization result and the decision.
+/// The outcome of a probe: the normalization result (none for L4) and the decision.
 #[derive(Debug, Clone)]
 pub struct Judgement {
-    pub normalized: Result<NormalizedPath, PathError>,
+    pub normalized: Option<Result<NormalizedPath, PathError>>,
     pub decision: Decision,
 }
 
@@ -68,14 +74,22 @@ impl Probe {
     pub fn new(
         from: &str,
         to: &str,
-        method: &str,
-        path: &str,
+        method: Option<&str>,
+        path: Option<&str>,
         port: u16,
         headers: &[(String, String)],
     ) -> Result<Self, ProbeError> {
-        if !is_token(method) {
-            return Err(ProbeError::Method(method.to_string()));
-        }
+        let http = match (method, path) {
+            (Some(method), Some(path)) => {
+                if !is_token(method) {
+                    return Err(ProbeError::Method(method.to_string()));
+                }
+                Some((method.to_string(), path.to_string()))
+            }
+            (None, None) if !headers.is_empty() => return Err(ProbeError::L4Headers),
+            (None, None) => None,
+            _ => return Err(ProbeError::HalfHttp),
+        };
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             let name = HeaderName::from_bytes(k.as_bytes())
@@ -86,8 +100,7 @@ impl Probe {
         Ok(Self {
             peer: parse_id("from", from)?,
             workload: parse_id("to", to)?,
-            method: method.to_string(),
-            raw_path: path.to_string(),
+            http,
             port,
             headers: map,
         })
@@ -100,17 +113,29 @@ impl Probe {
 
     /// Judges the probe against an already compiled snapshot (of the probe's workload).
     pub fn judge_with(&self, snapshot: &PolicySnapshot) -> Judgement {
-        let normalized = normalize_path(&self.raw_path);
-        if let Err(e) = check_method(&self.method) {
+        let Some((method, raw_path)) = &self.http else {
             return Judgement {
-                normalized,
+                normalized: None,
+                decision: snapshot.evaluate(&AuthzRequest {
+                    peer: &self.peer,
+                    method: None,
+                    path: None,
+                    port: self.port,
+                    headers: None,
+                }),
+            };
+        };
+        let normalized = normalize_path(raw_path);
+        if let Err(e) = check_method(method) {
+            return Judgement {
+                normalized: Some(normalized),
                 decision: refused(snapshot, format!("bad request: {e}")),
             };
         }
         let decision = match &normalized {
             Ok(n) => snapshot.evaluate(&AuthzRequest {
                 peer: &self.peer,
-                method: Some(&self.method),
+                method: Some(method),
                 path: Some(&n.path),
                 port: self.port,
                 headers: Some(&self.headers),
@@ -118,7 +143,7 @@ impl Probe {
             Err(e) => refused(snapshot, format!("bad path: {e}")),
         };
         Judgement {
-            normalized,
+            normalized: Some(normalized),
             decision,
         }
     }

@@ -27,9 +27,12 @@ pub struct Case {
     pub from: String,
     /// The workload whose sidecar judges the request.
     pub to: String,
-    pub method: String,
+    /// With `path`, an HTTP request; without both, an L4 (TCP) connection to `port`.
+    #[serde(default)]
+    pub method: Option<String>,
     /// As sent by the caller; normalized before judging.
-    pub path: String,
+    #[serde(default)]
+    pub path: Option<String>,
     #[serde(default = "default_port")]
     pub port: u16,
     #[serde(default)]
@@ -127,11 +130,17 @@ pub fn run_cases(set: &PolicySet, file: &CasesFile) -> Result<Vec<CaseResult>, C
         .iter()
         .map(|c| {
             let headers: Vec<(String, String)> = c.headers.clone().into_iter().collect();
-            Probe::new(&c.from, &c.to, &c.method, &c.path, c.port, &headers).map_err(|source| {
-                CasesError::Case {
-                    name: c.name.clone(),
-                    source,
-                }
+            Probe::new(
+                &c.from,
+                &c.to,
+                c.method.as_deref(),
+                c.path.as_deref(),
+                c.port,
+                &headers,
+            )
+            .map_err(|source| CasesError::Case {
+                name: c.name.clone(),
+                source,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
