@@ -172,6 +172,13 @@ fn test(dir: &Path, cases: &Path) -> Result<ExitCode> {
 fn read_log(path: &Path) -> Result<FlowLog> {
     let log = read_flows(path)?;
     let s = log.stats;
+    if s.used == 0 {
+        anyhow::bail!(
+            "{}: no decision found ({s} of {} lines); give the sidecars' JSON decision log: run them with MESHGATE_LOG_FORMAT=json and save their output, e.g. `docker-compose logs --no-color orders-proxy > orders.log` or `kubectl logs POD -c meshgate-proxy > orders.log`",
+            path.display(),
+            s.lines
+        );
+    }
     if s.malformed + s.incomplete > 0 {
         eprintln!("{}: {s}", path.display());
     }

@@ -392,3 +392,42 @@ spec:
     let ran = policy(&["test", policies.to_str().unwrap(), cases.to_str().unwrap()]);
     assert_eq!(code(&ran), 0, "{}{}", stdout(&ran), stderr(&ran));
 }
+
+/// `suggest` reads `docker-compose logs` and `kubectl logs --prefix` output as it comes (a
+/// collector prefix before each JSON line), and never exits 0 having read no decision.
+#[test]
+fn suggest_reads_collector_logs_and_refuses_input_without_decisions() {
+    let plain = std::fs::read_to_string(fixtures().join("flows.jsonl")).unwrap();
+    let want = stdout(&policy(&["suggest", "--from", "flows.jsonl"]));
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, prefix) in [
+        ("compose.log", "orders-proxy_1  | "),
+        ("kubectl.log", "[pod/orders-7d9/meshgate-proxy] "),
+    ] {
+        let prefixed: String = plain.lines().map(|l| format!("{prefix}{l}\n")).collect();
+        let file = tmp.path().join(name);
+        std::fs::write(&file, prefixed).unwrap();
+        let out = policy(&["suggest", "--from", file.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "{name}: {}", stderr(&out));
+        assert_eq!(stdout(&out), want, "{name}");
+    }
+    let text_log = tmp.path().join("text.log");
+    std::fs::write(
+        &text_log,
+        "2026-12-01T10:00:00Z  INFO meshgate_proxy::inbound::authz: event=\"authz.decision\" decision=allow\n",
+    )
+    .unwrap();
+    let out = policy(&["suggest", "--from", text_log.to_str().unwrap()]);
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("no decision found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("MESHGATE_LOG_FORMAT=json"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+}

@@ -99,7 +99,7 @@ pub fn parse_flows(text: &str) -> FlowLog {
     let mut log = FlowLog::default();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         log.stats.lines += 1;
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+        let Some(value) = json_of(line) else {
             log.stats.malformed += 1;
             continue;
         };
@@ -128,6 +128,21 @@ pub fn parse_flows(text: &str) -> FlowLog {
         }
     }
     log
+}
+
+/// The JSON object of a log line: the whole line, or what follows a log collector's prefix
+/// (`docker-compose logs`: `orders-proxy_1  | {…}`; `kubectl logs --prefix`: `[pod/x/c] {…}`).
+fn json_of(line: &str) -> Option<serde_json::Value> {
+    if let Ok(value) = serde_json::from_str(line) {
+        return Some(value);
+    }
+    let start = line.find('{')?;
+    let prefix = line[..start].trim_end();
+    let collector = prefix.ends_with('|') || (prefix.starts_with('[') && prefix.ends_with(']'));
+    if !collector {
+        return None;
+    }
+    serde_json::from_str(&line[start..]).ok()
 }
 
 fn flow_of(entry: LogLine) -> Option<ObservedFlow> {
