@@ -32,6 +32,40 @@ impl RawDoc<'_> {
     }
 }
 
+impl RawDoc<'_> {
+    /// The file line of each item of the block sequence under the first `rules:` key, in order
+    /// (empty for a flow-style `rules: [...]` or none), so a problem with rule N can point at it.
+    pub fn rule_lines(&self) -> Vec<usize> {
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let mut lines = self.text.lines().enumerate();
+        let Some((_, key)) = lines.find(|(_, l)| l.trim_start().starts_with("rules:")) else {
+            return Vec::new();
+        };
+        if !key.trim_start()["rules:".len()..].trim().is_empty() {
+            return Vec::new();
+        }
+        let key_indent = indent(key);
+        let mut item_indent = None;
+        let mut out = Vec::new();
+        for (i, l) in lines {
+            let t = l.trim_start();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let at = indent(l);
+            let is_item = t == "-" || t.starts_with("- ");
+            if at < key_indent || (at == key_indent && !is_item) {
+                break;
+            }
+            if is_item && item_indent.is_none_or(|want| want == at) {
+                item_indent = Some(at);
+                out.push(self.first_line + i);
+            }
+        }
+        out
+    }
+}
+
 fn is_marker(line: &str) -> bool {
     line == "---" || line.starts_with("--- ") || line.starts_with("---\t")
 }
@@ -113,6 +147,16 @@ mod tests {
                 .collect();
             assert_eq!(&got, want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn rule_lines_point_at_each_rule() {
+        let input = "kind: AuthorizationPolicy\nspec:\n  rules:\n    - from: [a]\n      to:\n        - paths: [x]\n    # note\n    - to: [b]\n  action: ALLOW\n";
+        assert_eq!(split_documents(input)[0].rule_lines(), vec![4, 8]);
+        let same_indent = "spec:\n  rules:\n  - {}\n  - to: [b]\n  action: DENY\n";
+        assert_eq!(split_documents(same_indent)[0].rule_lines(), vec![3, 4]);
+        let flow = "spec:\n  rules: [{}, {}]\n";
+        assert!(split_documents(flow)[0].rule_lines().is_empty());
     }
 
     #[test]

@@ -231,6 +231,8 @@ struct Loader {
     /// (kind, namespace/name) → where it was first defined.
     seen: HashMap<(&'static str, String), Origin>,
     mesh_config_at: Option<Origin>,
+    /// Policy `namespace/name` → the file line of each of its rules (block style only).
+    rule_lines: HashMap<String, Vec<usize>>,
     errors: Vec<ValidationError>,
 }
 
@@ -324,9 +326,18 @@ impl Loader {
                                 .filter(|p| tcp.contains(p))
                                 .collect()
                         };
+                        // Point at the rule itself when its line is known.
+                        let at_rule = origin.clone().map(|(file, line)| {
+                            let rule_line = self
+                                .rule_lines
+                                .get(&policy.metadata.key())
+                                .and_then(|lines| lines.get(index))
+                                .copied();
+                            (file, rule_line.unwrap_or(line))
+                        });
                         for port in opaque {
                             problems.push((
-                                origin.clone(),
+                                at_rule.clone(),
                                 format!(
                                     "policy {}: rule {index} has method/path/header conditions, which can never match port {port}: Service {} declares it `protocol: tcp` (opaque). Use a ports-only rule for L4 traffic, or declare the port http",
                                     policy.metadata.key(),
@@ -454,6 +465,9 @@ impl Collect for AuthorizationPolicy {
     }
     fn file_into(self, loader: &mut Loader, file: &Path, doc: &RawDoc<'_>) {
         loader.check_unique(&self, file, doc);
+        loader
+            .rule_lines
+            .insert(self.metadata.key(), doc.rule_lines());
         loader.set.policies.push(self);
     }
 }

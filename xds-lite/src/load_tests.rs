@@ -400,7 +400,7 @@ spec:
     let errors = crate::load_dir(dir.path()).unwrap_err();
     assert_eq!(errors.0.len(), 1, "{errors}");
     let e = &errors.0[0];
-    assert_eq!(e.line, 10, "points at the policy document");
+    assert_eq!(e.line, 18, "points at the offending rule");
     assert!(
         e.reason.contains("rule 1")
             && e.reason.contains("5432")
