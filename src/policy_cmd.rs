@@ -140,6 +140,9 @@ fn check(dir: &Path) -> Result<ExitCode> {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
+    for warning in meshgate_xds::tools::lint::warnings(&set) {
+        eprintln!("{warning}");
+    }
     println!(
         "ok: {} policies, {} services, {} network policies, version {}",
         set.policies.len(),

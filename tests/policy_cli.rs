@@ -431,3 +431,76 @@ fn suggest_reads_collector_logs_and_refuses_input_without_decisions() {
     );
     assert!(stdout(&out).is_empty(), "{}", stdout(&out));
 }
+
+/// `check` warns (exit 0) about rules that load but cannot do what they look like: principals
+/// in another trust domain or naming no workload, and a DENY with only HTTP conditions that
+/// would also deny a workload's TCP ports; `explain` notes a `--to` nothing knows.
+#[test]
+fn check_warns_about_rules_that_cannot_do_what_they_look_like() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        r#"apiVersion: meshgate.dev/v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  identity: spiffe://mesh.local/ns/shop/sa/db
+  hosts: [db]
+  ports: [{ port: 8080, protocol: http }, { port: 5432, protocol: tcp }]
+  endpoints: ["127.0.0.1:15006"]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: no-debug, namespace: shop }
+spec:
+  selector: { account: db }
+  action: DENY
+  rules:
+    - to: [{ paths: ["/debug/*"] }]
+    - from: [{ principals: ["spiffe://other.td/ns/shop/sa/web", "spiffe://mesh.local/web"] }]
+"#,
+    )
+    .unwrap();
+    let out = policy(&["check", dir.path().to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let warned = stderr(&out);
+    for expected in [
+        "warning: policy shop/no-debug rule 0: this DENY rule has method/path/header conditions and no `ports`",
+        "warning: policy shop/no-debug rule 1: principal \"spiffe://other.td/ns/shop/sa/web\" is in trust domain \"other.td\"",
+        "warning: policy shop/no-debug rule 1: principal \"spiffe://mesh.local/web\" names no workload",
+    ] {
+        assert!(
+            warned.contains(expected),
+            "missing {expected:?} in\n{warned}"
+        );
+    }
+    assert_eq!(warned.lines().count(), 3, "{warned}");
+    // The shipped fixtures draw no warning.
+    assert!(stderr(&policy(&["check", "valid"])).is_empty());
+
+    let typo = policy(&[
+        "explain",
+        "valid",
+        "--from",
+        WEB,
+        "--to",
+        "spiffe://mesh.local/ns/shop/sa/ordres",
+        "--method",
+        "GET",
+        "--path",
+        "/",
+    ]);
+    assert!(
+        stdout(&typo).contains("note: no policy selects this workload and no Service declares it"),
+        "{}",
+        stdout(&typo)
+    );
+    let known = policy(&[
+        "explain", "valid", "--from", WEB, "--to", ORDERS, "--method", "GET", "--path", "/",
+    ]);
+    assert!(
+        !stdout(&known).contains("note: no policy selects"),
+        "{}",
+        stdout(&known)
+    );
+}

@@ -336,10 +336,16 @@ impl Loader {
                             (file, rule_line.unwrap_or(line))
                         });
                         for port in opaque {
+                            // At L4 an ALLOW's HTTP conditions never hold; a DENY drops them.
+                            let effect = if policy.spec.action == crate::model::Action::Deny {
+                                "which TCP traffic does not carry: at L4 this DENY would drop them and deny every connection it matches on"
+                            } else {
+                                "which can never match"
+                            };
                             problems.push((
                                 at_rule.clone(),
                                 format!(
-                                    "policy {}: rule {index} has method/path/header conditions, which can never match port {port}: Service {} declares it `protocol: tcp` (opaque). Use a ports-only rule for L4 traffic, or declare the port http",
+                                    "policy {}: rule {index} has method/path/header conditions, {effect} port {port}: Service {} declares it `protocol: tcp` (opaque). Use a ports-only rule for L4 traffic, or declare the port http",
                                     policy.metadata.key(),
                                     service.metadata.key()
                                 ),

@@ -26,6 +26,8 @@ pub struct Explanation {
     /// The Service (`namespace/name`) that declares the probe's port `protocol: tcp` for the
     /// workload, when the probe is an HTTP request: such a request never reaches L7 rules.
     pub tcp_service: Option<String>,
+    /// No policy selects the workload and no Service declares it: probably a mistyped `--to`.
+    pub unknown_workload: bool,
 }
 
 /// Judges `probe` against `set` and looks up the rule that decided.
@@ -44,11 +46,20 @@ pub fn explain(set: &PolicySet, probe: &Probe) -> Explanation {
             })
             .map(|s| s.metadata.key())
     });
+    let unknown_workload = !set
+        .policies
+        .iter()
+        .any(|p| crate::authz::applies_to(p, &probe.workload))
+        && !set
+            .services
+            .iter()
+            .any(|s| s.spec.identity == probe.workload);
     Explanation {
         probe: probe.clone(),
         judgement,
         deciding_rule,
         tcp_service,
+        unknown_workload,
     }
 }
 
@@ -87,6 +98,12 @@ impl fmt::Display for Explanation {
         let p = &self.probe;
         let d = &self.judgement.decision;
         writeln!(f, "workload: {}", p.workload)?;
+        if self.unknown_workload {
+            writeln!(
+                f,
+                "note: no policy selects this workload and no Service declares it: is --to right? (the mesh default decides for it)"
+            )?;
+        }
         match &p.http {
             Some((method, raw_path)) => {
                 writeln!(

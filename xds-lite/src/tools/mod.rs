@@ -5,6 +5,7 @@
 pub mod diff;
 pub mod explain;
 pub mod flows;
+pub mod lint;
 pub mod probe;
 pub mod suggest;
 pub mod test_cases;
