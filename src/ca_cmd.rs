@@ -25,9 +25,12 @@ fn parse_trust_domain(s: &str) -> Result<TrustDomain, String> {
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Create a root CA (ECDSA P-256, 10 years) and a signing intermediate (1 year) in DIR.
+    #[command(after_help = "Example:\n  meshgate ca init --dir ./ca --trust-domain mesh.local")]
     Init {
+        /// Directory of the CA (created; keys are written 0600).
         #[arg(long)]
         dir: PathBuf,
+        /// Trust domain of every SPIFFE ID this CA issues.
         #[arg(long, default_value = "mesh.local", value_parser = parse_trust_domain)]
         trust_domain: TrustDomain,
         /// Replace an existing CA (every SVID it issued stops verifying).
@@ -35,22 +38,35 @@ pub enum CaCommand {
         force: bool,
     },
     /// Issue an SVID offline: writes OUT/svid.pem (leaf + chain), OUT/key.pem, OUT/bundle.pem.
+    #[command(
+        after_help = "Example:\n  meshgate ca issue --dir ./ca --id spiffe://mesh.local/ns/shop/sa/web --out ./web --ttl 24h"
+    )]
     Issue {
+        /// Directory of the CA (`meshgate ca init`).
         #[arg(long)]
         dir: PathBuf,
+        /// SPIFFE ID of the SVID, spiffe://TD/ns/NAMESPACE/sa/ACCOUNT.
         #[arg(long, value_parser = parse_id)]
         id: SpiffeId,
+        /// Directory to write svid.pem, key.pem (0600) and bundle.pem into.
         #[arg(long)]
         out: PathBuf,
+        /// Lifetime of the SVID.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
     },
     /// Mint a join token bound to one SPIFFE ID and print it on stdout.
+    #[command(
+        after_help = "Example:\n  meshgate ca token --dir ./ca --id spiffe://mesh.local/ns/shop/sa/web --ttl 10m"
+    )]
     Token {
+        /// Directory of the CA (`meshgate ca init`).
         #[arg(long)]
         dir: PathBuf,
+        /// The only SPIFFE ID the token can bootstrap.
         #[arg(long, value_parser = parse_id)]
         id: SpiffeId,
+        /// How long the token can be used.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         ttl: Duration,
         /// Allow the token to bootstrap several workloads until it expires (default: single use).
@@ -58,9 +74,14 @@ pub enum CaCommand {
         reusable: bool,
     },
     /// Serve the issuing API over HTTPS (POST /v1/svid, POST /v1/svid/renew, GET /v1/bundle).
+    #[command(
+        after_help = "Example:\n  meshgate ca serve --dir ./ca --listen 0.0.0.0:15012 --svid-ttl 1h"
+    )]
     Serve {
+        /// Directory of the CA (`meshgate ca init`, or created with --init-trust-domain).
         #[arg(long)]
         dir: PathBuf,
+        /// Address of the HTTPS API.
         #[arg(long, default_value = "127.0.0.1:15012")]
         listen: SocketAddr,
         /// Lifetime of issued SVIDs (workloads renew at half-life).
@@ -85,7 +106,11 @@ pub enum CaCommand {
     },
     /// Rotate the root: a new root and intermediate sign from now on; the bundle keeps the old
     /// roots until `--finish`, so nothing issued so far stops verifying and nothing restarts.
+    #[command(
+        after_help = "Example:\n  meshgate ca rotate --dir ./ca            # new root + intermediate, old roots kept in the bundle\n  meshgate ca rotate --dir ./ca --finish   # one SVID TTL later: drop the old roots"
+    )]
     Rotate {
+        /// Directory of the CA.
         #[arg(long)]
         dir: PathBuf,
         /// End the rotation: drop every root but the current one from the bundle (only after all
@@ -94,6 +119,9 @@ pub enum CaCommand {
         finish: bool,
     },
     /// Print a certificate's SPIFFE ID, serial, validity and chain status.
+    #[command(
+        after_help = "Example:\n  meshgate ca inspect ./web/svid.pem --bundle ./ca/bundle.pem"
+    )]
     Inspect {
         /// PEM file: leaf first, then any intermediates.
         cert: PathBuf,

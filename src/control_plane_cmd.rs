@@ -15,6 +15,9 @@ use crate::proxy_cmd::IdentityArgs;
 #[derive(Debug, Subcommand)]
 pub enum ControlPlaneCommand {
     /// Serve the policies of a directory to sidecars (HTTP/2 over mTLS, one stream per sidecar).
+    #[command(
+        after_help = "Example:\n  meshgate control-plane serve --policy-dir ./policies --ca https://ca:15012 --ca-bundle root.pem --token $TOKEN"
+    )]
     Serve(ServeArgs),
 }
 
@@ -23,6 +26,7 @@ pub struct ServeArgs {
     /// Directory of policy-as-code YAML files (watched; SIGHUP reloads at once).
     #[arg(long)]
     policy_dir: PathBuf,
+    /// mTLS listener for sidecars' policy streams.
     #[arg(long, default_value = "0.0.0.0:15010")]
     listen: SocketAddr,
     /// Plaintext admin listener (`/status`, `/ready`, `/live`); keep it on loopback.

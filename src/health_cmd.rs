@@ -21,6 +21,7 @@ pub struct HealthArgs {
         default_value = "http://127.0.0.1:15000/ready"
     )]
     url: String,
+    /// How long to wait for the answer.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     timeout: Duration,
 }

@@ -40,8 +40,14 @@ enum Command {
         command: ca_cmd::CaCommand,
     },
     /// The sidecar: inbound mTLS + per-request authorization, outbound mTLS.
+    #[command(
+        after_help = "Example:\n  meshgate proxy --app 127.0.0.1:8080 --ca https://ca:15012 --ca-bundle root.pem --token $TOKEN --control-plane https://control-plane:15010"
+    )]
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Start a whole local mesh (CA, web → orders → payments with sidecars) and show its decisions.
+    #[command(
+        after_help = "Example:\n  meshgate demo            # until Ctrl-C\n  meshgate demo --once     # the scripted traffic, then exit"
+    )]
     Demo(demo::DemoArgs),
     /// The demo's HTTP app alone (for containers and `demo --with-ebpf`).
     #[command(hide = true)]
@@ -52,10 +58,15 @@ enum Command {
         command: control_plane_cmd::ControlPlaneCommand,
     },
     /// Every sidecar a control plane knows: identity, acked version, last NACK (drift).
+    #[command(after_help = "Example:\n  meshgate status --control-plane 127.0.0.1:15011")]
     Status(control_plane_cmd::StatusArgs),
     /// Emergency mesh-wide DENY for one identity (and `--lift` to undo it).
+    #[command(
+        after_help = "Example:\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --control-plane 127.0.0.1:15011\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --lift"
+    )]
     Quarantine(quarantine_cmd::QuarantineArgs),
     /// Check an HTTP health endpoint (for container HEALTHCHECKs; exit 0 when healthy).
+    #[command(after_help = "Example:\n  meshgate health http://127.0.0.1:15000/ready")]
     Health(health_cmd::HealthArgs),
     /// Policy-as-code tools: check, test, explain, diff, suggest.
     Policy {
@@ -67,6 +78,9 @@ enum Command {
     Pause,
     /// Add the meshgate sidecar, redirect init and identity bootstrap to docker-compose or
     /// Kubernetes manifests.
+    #[command(
+        after_help = "Example:\n  meshgate inject docker-compose.yml -o docker-compose.mesh.yml\n  meshgate inject deployment.yaml --dry-run"
+    )]
     Inject(inject::InjectArgs),
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
@@ -231,5 +245,64 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument a user can see has help text, and every command's help ends
+    /// with an example.
+    #[test]
+    fn every_flag_has_help_and_every_command_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name()).trim().to_string();
+            if cmd.is_hide_set() {
+                return;
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path}: --{id} has no help"));
+                }
+            }
+            let subcommands: Vec<_> = cmd
+                .get_subcommands()
+                .filter(|c| c.get_name() != "help")
+                .collect();
+            if subcommands.is_empty() {
+                let after = cmd
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if !after.contains("Example") {
+                    missing.push(format!("{path}: no example"));
+                }
+                // Every example parses: the help never shows a command that cannot run.
+                for line in after.lines().map(str::trim) {
+                    let line = line.strip_prefix("sudo ").unwrap_or(line);
+                    if !line.starts_with("meshgate ") {
+                        continue;
+                    }
+                    // The command without its comment or output redirection.
+                    let command = line.split(" #").next().unwrap_or(line);
+                    let command = command.split(" > ").next().unwrap_or(command);
+                    let words: Vec<&str> = command.split_whitespace().collect();
+                    if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(&words) {
+                        missing.push(format!("{path}: example `{line}` does not parse: {e}"));
+                    }
+                }
+            }
+            for sub in subcommands {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }

@@ -29,11 +29,27 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy directory (exit 1 with `file:line: reason` lines on stderr).
-    Check { dir: PathBuf },
+    #[command(after_help = "Example:\n  meshgate policy check ./policies")]
+    Check {
+        /// Policy directory (recursive *.yaml / *.yml).
+        dir: PathBuf,
+    },
     /// Run table-driven decision tests (a YAML `cases:` list) against a policy directory.
-    Test { dir: PathBuf, cases: PathBuf },
+    #[command(
+        after_help = "Example:\n  meshgate policy test ./policies cases.yaml\n\ncases.yaml:\n  cases:\n    - { name: web reads orders, from: \"spiffe://mesh.local/ns/shop/sa/web\", to: \"spiffe://mesh.local/ns/shop/sa/orders\", method: GET, path: /orders/1, expect: allow }\n    - { name: db over TCP, from: \"spiffe://mesh.local/ns/shop/sa/orders\", to: \"spiffe://mesh.local/ns/shop/sa/db\", port: 5432, expect: allow }"
+    )]
+    Test {
+        /// Policy directory.
+        dir: PathBuf,
+        /// YAML file with a `cases:` list (name, from, to, method + path or none for L4, port, headers, expect, policy, rule).
+        cases: PathBuf,
+    },
     /// Explain the decision for one request: deciding policy and rule, version, reason.
+    #[command(
+        after_help = "Example:\n  meshgate policy explain ./policies --from spiffe://mesh.local/ns/shop/sa/web --to spiffe://mesh.local/ns/shop/sa/orders --method GET --path /orders/1"
+    )]
     Explain {
+        /// Policy directory.
         dir: PathBuf,
         /// Caller SPIFFE ID.
         #[arg(long)]
@@ -55,8 +71,13 @@ pub enum PolicyCommand {
         headers: Vec<(String, String)>,
     },
     /// Show which requests change decision between two policy directories (exit 2 on change).
+    #[command(
+        after_help = "Example:\n  meshgate policy diff ./policies ./policies-next --flows orders.log"
+    )]
     Diff {
+        /// Policy directory in force now.
         old: PathBuf,
+        /// Policy directory proposed.
         new: PathBuf,
         /// Also replay observed decisions (sidecar JSON access log).
         #[arg(long)]
@@ -66,6 +87,9 @@ pub enum PolicyCommand {
         port: u16,
     },
     /// Suggest least-privilege ALLOW policies from observed decisions (YAML on stdout).
+    #[command(
+        after_help = "Example:\n  meshgate policy suggest --from orders.log --min-count 3 > observed.yaml"
+    )]
     Suggest {
         /// Sidecar JSON access log (`meshgate proxy --log-format json`).
         #[arg(long)]

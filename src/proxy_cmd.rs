@@ -124,10 +124,13 @@ pub struct ProxyArgs {
     #[arg(long)]
     services: Option<PathBuf>,
 
+    /// mTLS listener for callers (other sidecars).
     #[arg(long, default_value = "0.0.0.0:15006")]
     inbound: SocketAddr,
+    /// Plain HTTP listener for the local app's outgoing calls (or its HTTP proxy).
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound: SocketAddr,
+    /// Admin listener (/ready, /live, /config, /identity, /metrics, POST /shutdown); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
     /// Plaintext health-probe listener (only with --probe-path).

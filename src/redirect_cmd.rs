@@ -15,6 +15,9 @@ fn parse_rule(s: &str) -> Result<Rule, String> {
 pub enum RedirectCommand {
     /// Attach the redirect and L3/L4 enforcement to a workload's cgroup v2 (pinned in bpffs;
     /// running it again only rewrites the configuration).
+    #[command(
+        after_help = "Example:\n  sudo meshgate redirect attach --cgroup /sys/fs/cgroup/meshgate/shop-orders/app --app-ports 8080 --mesh 10.0.0.0/8"
+    )]
     Attach {
         /// The app's cgroup v2 directory (its processes get redirected; its ports guarded).
         #[arg(long, required_unless_present = "pod", conflicts_with = "pod")]
@@ -73,12 +76,20 @@ pub enum RedirectCommand {
         no_ingress_enforce: bool,
     },
     /// Detach everything attached for a cgroup (removes the pins).
+    #[command(
+        after_help = "Example:\n  sudo meshgate redirect detach --cgroup /sys/fs/cgroup/meshgate/shop-orders/app"
+    )]
     Detach {
+        /// The workload's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
     },
     /// Print what is attached and the counters (every attachment without --cgroup).
+    #[command(
+        after_help = "Example:\n  sudo meshgate redirect status --cgroup /sys/fs/cgroup/meshgate/shop-orders/app"
+    )]
     Status {
+        /// The workload's cgroup v2 directory (default: every attachment).
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
