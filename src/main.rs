@@ -2,6 +2,7 @@
 //! done by the library crates.
 
 mod ca_cmd;
+mod check_cmd;
 mod control_plane_cmd;
 mod demo;
 mod health_cmd;
@@ -57,6 +58,12 @@ enum Command {
         #[command(subcommand)]
         command: control_plane_cmd::ControlPlaneCommand,
     },
+    /// Preflight: this host (kernel, privileges, cgroup v2, bpffs, Docker) and, given their
+    /// addresses, a running mesh (CA, trust bundle, control plane, sidecars in sync).
+    #[command(
+        after_help = "Example:\n  meshgate check\n  meshgate check --control-plane 127.0.0.1:15011 --ca https://127.0.0.1:15012 --ca-bundle ./ca/bundle.pem"
+    )]
+    Check(check_cmd::CheckArgs),
     /// Every sidecar a control plane knows: identity, acked version, last NACK (drift).
     #[command(after_help = "Example:\n  meshgate status --control-plane 127.0.0.1:15011")]
     Status(control_plane_cmd::StatusArgs),
@@ -231,6 +238,7 @@ fn main() -> ExitCode {
             control_plane_cmd::run(command).map(|()| ExitCode::SUCCESS)
         }
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => check_cmd::run(args),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),

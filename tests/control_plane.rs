@@ -869,3 +869,88 @@ async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
     );
     task.abort();
 }
+
+/// `meshgate check` against a running mesh: CA reachable and proving its identity, trust bundle
+/// valid, control plane serving, sidecars in sync — and ✖ lines with the fix when it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_healthy_mesh_and_names_the_fix_otherwise() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.add("orders").await;
+    mesh.converge().await;
+    let admin = mesh.control_plane.as_ref().unwrap().admin_addr.to_string();
+    let mut cmd = meshgate();
+    cmd.args([
+        "check",
+        "--skip-host",
+        "--control-plane",
+        &admin,
+        "--ca",
+        &mesh.ca.url(),
+        "--ca-bundle",
+    ])
+    .arg(mesh.ca.path("bundle.pem"));
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    for line in [
+        "✔ trust bundle: ",
+        "answers and proves its identity against the bundle",
+        "✔ control plane serving policy version",
+        "✔ 2 connected sidecars in sync",
+        "all checks passed",
+    ] {
+        assert!(shown.contains(line), "missing {line:?} in\n{shown}");
+    }
+    assert!(!shown.contains('✖'), "{shown}");
+
+    // Nothing listening, and a bundle that is not the CA's: ✖ with the fix, exit 1.
+    let other = TestCa::init();
+    let mut cmd = meshgate();
+    cmd.args([
+        "check",
+        "--skip-host",
+        "--control-plane",
+        &format!("127.0.0.1:{}", free_port()),
+        "--ca",
+        &mesh.ca.url(),
+        "--ca-bundle",
+    ])
+    .arg(other.path("bundle.pem"));
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert_eq!(shown.matches('✖').count(), 2, "{shown}");
+    assert_eq!(shown.matches("    fix: ").count(), 2, "{shown}");
+    assert!(shown.contains("is --ca-bundle its bundle.pem?"), "{shown}");
+}
+
+/// `meshgate check` on this host: one ✔/✖/ℹ line per check, a fix under every ✖.
+#[test]
+fn check_reports_on_this_host() {
+    let out = run(meshgate().arg("check"));
+    let shown = text(&out);
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.first(), Some(&"this host:"), "{shown}");
+    for what in [
+        "kernel ",
+        "privileges for eBPF",
+        "cgroup v2",
+        "bpffs",
+        "kernel BTF",
+        "Docker",
+    ] {
+        assert!(
+            lines.iter().any(
+                |l| (l.starts_with('✔') || l.starts_with('✖') || l.starts_with('ℹ'))
+                    && l.contains(what)
+            ),
+            "no line about {what:?} in\n{shown}"
+        );
+    }
+    let failed = lines.iter().filter(|l| l.starts_with('✖')).count();
+    assert_eq!(shown.matches("    fix: ").count(), failed, "{shown}");
+    assert_eq!(out.status.success(), failed == 0, "{shown}");
+}

@@ -47,6 +47,13 @@ pub fn spiffe_id_from_der(der: &[u8]) -> Result<SpiffeId, CertError> {
 }
 
 /// Parses the fields meshgate uses from a DER certificate.
+/// The end of any certificate's validity (roots included, which carry no SPIFFE ID).
+pub fn not_after(der: &[u8]) -> Result<OffsetDateTime, CertError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
 pub fn cert_info(der: &[u8]) -> Result<CertInfo, CertError> {
     let (rest, cert) =
         X509Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
