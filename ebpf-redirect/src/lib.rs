@@ -1078,3 +1078,34 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod prebuilt_tests {
+    /// The committed object (used when clang is absent) stands in only for the source it was
+    /// built from, and a build with the same clang reproduces it byte for byte.
+    #[test]
+    fn the_prebuilt_object_is_this_source_built() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/prebuilt");
+        let refresh = "refresh it with `MESHGATE_BPF_REFRESH_PREBUILT=1 cargo build -p meshgate-ebpf` and commit prebuilt/";
+        let recorded = std::fs::read_to_string(format!("{dir}/SOURCE_HASH")).unwrap();
+        assert_eq!(
+            recorded.trim(),
+            env!("MESHGATE_BPF_SOURCE_HASH"),
+            "src/bpf/redirect.bpf.c changed since prebuilt/redirect.bpf.o was made: {refresh}"
+        );
+        let built_with = env!("MESHGATE_BPF_BUILT_WITH");
+        let prebuilt_with = std::fs::read_to_string(format!("{dir}/CLANG_VERSION")).unwrap();
+        if built_with == prebuilt_with.trim() {
+            let committed = std::fs::read(format!("{dir}/redirect.bpf.o")).unwrap();
+            assert!(
+                super::OBJ == committed.as_slice(),
+                "{built_with} builds other bytes than prebuilt/redirect.bpf.o: {refresh}"
+            );
+        } else {
+            eprintln!(
+                "*** NOTE: built with {built_with:?}, prebuilt with {:?}: the source hash matches, the bytes were not compared",
+                prebuilt_with.trim()
+            );
+        }
+    }
+}
