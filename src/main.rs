@@ -242,9 +242,7 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),
-        Command::Inject(args) => inject::run(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(anyhow::Error::from),
+        Command::Inject(args) => inject::run(args).map_err(anyhow::Error::from),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -425,7 +425,7 @@ fn dry_run_prints_a_diff_and_writes_nothing() {
     std::fs::copy(fixtures().join("deployment.yaml"), &input).unwrap();
     let before = std::fs::read(&input).unwrap();
     let target = dir.path().join("out.yaml");
-    let diff = ok_stdout(inject(
+    let out = inject(
         &[
             "--dry-run",
             "-o",
@@ -433,7 +433,15 @@ fn dry_run_prints_a_diff_and_writes_nothing() {
             input.to_str().unwrap(),
         ],
         None,
-    ));
+    );
+    // Like `diff`: 1 when there are changes.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = String::from_utf8(out.stdout).unwrap();
     assert!(
         diff.lines()
             .any(|l| l.starts_with("+  ") && l.contains("name: meshgate-proxy")),
@@ -487,4 +495,42 @@ fn the_compose_demo_is_the_injected_example() {
         let i = cmd.iter().position(|a| a == "--app-ports").unwrap();
         assert_eq!(cmd[i + 1], "8080", "{svc}");
     }
+}
+
+/// A service that publishes ports without `meshgate.io/public` gets a warning (its app port will
+/// answer only through the sidecar); `--dry-run` exits 0 when nothing would change.
+#[test]
+fn published_ports_without_public_warn_and_a_clean_dry_run_exits_0() {
+    let mesh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/compose/mesh.yml");
+    let text = std::fs::read_to_string(&mesh).unwrap();
+    let quiet = inject(&["-"], Some(&text));
+    assert!(quiet.status.success());
+    assert!(
+        !String::from_utf8_lossy(&quiet.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    let private = text.replace(", meshgate.io/public: \"true\"", "");
+    assert_ne!(private, text);
+    let warned = inject(&["-"], Some(&private));
+    assert!(warned.status.success());
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(
+        stderr.contains("publishes ports (127.0.0.1:${MESHGATE_WEB_PORT:-8080}:8080)")
+            && stderr.contains("meshgate.io/public: \"true\""),
+        "{stderr}"
+    );
+
+    let injected = String::from_utf8(quiet.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docker-compose.yml");
+    std::fs::write(&file, &injected).unwrap();
+    let again = inject(&["--dry-run", file.to_str().unwrap()], None);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(again.stdout.is_empty());
 }

@@ -211,6 +211,12 @@ fn plan_service(
             ));
         }
     };
+    if !public && let Some(published) = svc.get("ports") {
+        eprintln!(
+            "warning: {object} publishes ports ({}) but its app port will answer only through its sidecar (the redirect guards it); if it is an edge service that outside clients call directly, label it meshgate.io/public: \"true\"",
+            published_list(published)
+        );
+    }
     Ok(Some(Plan {
         name: name.to_owned(),
         namespace,
@@ -219,6 +225,18 @@ fn plan_service(
         port,
         public,
     }))
+}
+
+/// A compose `ports` value as one line for a message.
+fn published_list(ports: &Node) -> String {
+    match ports {
+        Node::Seq(items) | Node::Flow(items) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| "…".to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.as_str().unwrap_or("…").to_string(),
+    }
 }
 
 /// The first `expose` entry, else the container side of the first `ports` entry.

@@ -140,8 +140,9 @@ impl Settings {
     }
 }
 
-/// Runs `meshgate inject`.
-pub fn run(args: InjectArgs) -> Result<(), InjectError> {
+/// Runs `meshgate inject`. With `--dry-run` the exit code is `diff`'s: 0 when nothing would
+/// change, 1 when the diff printed is not empty (so CI can tell "not injected yet").
+pub fn run(args: InjectArgs) -> Result<std::process::ExitCode, InjectError> {
     let (name, input) = read_input(&args.file)?;
     let settings = Settings {
         image: args.image,
@@ -152,7 +153,7 @@ pub fn run(args: InjectArgs) -> Result<(), InjectError> {
     let output = inject_text(&name, &input, &settings)?;
     if args.dry_run && output == input {
         eprintln!("{name}: nothing to inject (already injected, opted out, or no workloads)");
-        return Ok(());
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     if args.dry_run {
         let diff = similar::TextDiff::from_lines(&input, &output)
@@ -161,9 +162,9 @@ pub fn run(args: InjectArgs) -> Result<(), InjectError> {
             .header(&name, &format!("{name} (injected)"))
             .to_string();
         print!("{diff}");
-        return Ok(());
+        return Ok(std::process::ExitCode::FAILURE);
     }
-    match args.output {
+    let written = match args.output {
         Some(path) => std::fs::write(&path, output).map_err(|source| InjectError::Io {
             action: "write",
             path: path.display().to_string(),
@@ -176,7 +177,8 @@ pub fn run(args: InjectArgs) -> Result<(), InjectError> {
                 path: "stdout".into(),
                 source,
             }),
-    }
+    };
+    written.map(|()| std::process::ExitCode::SUCCESS)
 }
 
 fn read_input(file: &str) -> Result<(String, String), InjectError> {
