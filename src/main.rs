@@ -248,15 +248,44 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// An error and its causes on one line, each cause once: many error types already print their
+/// source in their own message, and `{:#}` would repeat it ("…(os error 2): …(os error 2)").
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let said = io.to_string();
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read x.yaml: {source}")]
+        struct Read {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::from(Read { source: io }).context("loading cases");
+        let text = super::error_text(&e);
+        assert_eq!(text, format!("loading cases: cannot read x.yaml: {said}"));
+        assert_eq!(text.matches(&said).count(), 1);
+    }
 
     /// Every flag and argument a user can see has help text, and every command's help ends
     /// with an example.

@@ -504,3 +504,13 @@ spec:
         stdout(&known)
     );
 }
+
+/// An error names its cause once ("… (os error 2)", not "… (os error 2): … (os error 2)").
+#[test]
+fn errors_do_not_repeat_their_cause() {
+    let out = policy(&["test", "valid", "no-such-cases.yaml"]);
+    assert_eq!(code(&out), 1);
+    let said = stderr(&out);
+    assert!(said.contains("cannot read no-such-cases.yaml"), "{said}");
+    assert_eq!(said.matches("(os error 2)").count(), 1, "{said}");
+}
