@@ -262,6 +262,7 @@ impl Sidecar {
                 app_host: config.app.ip(),
                 ports: Arc::new(config.inbound_tcp_ports.clone()),
                 http_port: config.app.port(),
+                workload: workload.clone(),
             },
             metrics: metrics.clone(),
             limits: config.limits,

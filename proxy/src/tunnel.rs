@@ -69,6 +69,8 @@ pub struct TunnelServer {
     /// identity and port only, so an HTTP request sent through one would skip per-request
     /// authorization (method, path, headers) and header sanitizing.
     pub http_port: u16,
+    /// This workload's ID, for decision logs (the same fields as HTTP decisions).
+    pub workload: SpiffeId,
 }
 
 impl TunnelServer {
@@ -116,6 +118,7 @@ impl TunnelServer {
         tracing::info!(
             event = "authz.decision",
             layer = "l4",
+            meshgate.workload.id = %self.workload,
             peer.id = %peer,
             port,
             decision = decision.kind.as_str(),
