@@ -293,10 +293,13 @@ async fn ca_checks(url: &str, bundle_path: &std::path::Path) -> Vec<Line> {
             format!("CA URL: {e}"),
             "give --ca https://HOST:PORT",
         )),
-        Ok(ca) => match tokio::time::timeout(Duration::from_secs(10), ca.bundle()).await {
-            Ok(Ok(_)) => out.push(Line::ok(format!(
-                "CA at {url} answers and proves its identity against the bundle"
-            ))),
+        Ok(ca) => match tokio::time::timeout(Duration::from_secs(10), ca.bundle_and_date()).await {
+            Ok(Ok((_, date))) => {
+                out.push(Line::ok(format!(
+                    "CA at {url} answers and proves its identity against the bundle"
+                )));
+                out.push(clock_skew(date.as_deref()));
+            }
             Ok(Err(e)) => out.push(Line::fail(
                 format!("CA at {url}: {e}"),
                 "is `meshgate ca serve` running there, and is --ca-bundle its bundle.pem?",
@@ -338,5 +341,70 @@ pub fn run(args: CheckArgs) -> Result<std::process::ExitCode> {
     } else {
         println!("all checks passed");
         Ok(std::process::ExitCode::SUCCESS)
+    }
+}
+
+/// HTTP's `Date` format (RFC 9110 §5.6.7, IMF-fixdate).
+const HTTP_DATE: &str =
+    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT";
+
+/// Clocks further apart than this make fresh SVIDs look not-yet-valid or expired to peers.
+const MAX_SKEW: time::Duration = time::Duration::seconds(5);
+
+/// This host's clock against the CA's `Date` header (one-second resolution).
+fn clock_skew(date: Option<&str>) -> Line {
+    let Some(date) = date else {
+        return Line::info("clock skew unknown: the CA sent no Date header");
+    };
+    let format = time::format_description::parse_borrowed::<2>(HTTP_DATE)
+        .expect("a valid format description");
+    let Ok(theirs) = time::PrimitiveDateTime::parse(date, &format) else {
+        return Line::info(format!(
+            "clock skew unknown: unreadable Date header {date:?}"
+        ));
+    };
+    let skew = time::OffsetDateTime::now_utc() - theirs.assume_utc();
+    // The header is whole seconds: up to one second of difference is rounding.
+    if skew.abs() <= MAX_SKEW + time::Duration::seconds(1) {
+        Line::ok(format!(
+            "clock within {}s of the CA's",
+            skew.whole_seconds().abs()
+        ))
+    } else {
+        Line::fail(
+            format!(
+                "clock {}s {} the CA's: SVIDs may look not yet valid or expired",
+                skew.whole_seconds().abs(),
+                if skew.is_positive() {
+                    "ahead of"
+                } else {
+                    "behind"
+                }
+            ),
+            "synchronize both clocks (NTP: `timedatectl set-ntp true` or chrony)",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_skew_against_the_ca_date() {
+        let format = time::format_description::parse_borrowed::<2>(HTTP_DATE).unwrap();
+        let at = |offset: i64| {
+            (time::OffsetDateTime::now_utc() + time::Duration::seconds(offset))
+                .format(&format)
+                .unwrap()
+        };
+        assert_eq!(clock_skew(Some(&at(0))).ok, Some(true));
+        assert_eq!(clock_skew(Some(&at(-3))).ok, Some(true));
+        let behind = clock_skew(Some(&at(60)));
+        assert_eq!(behind.ok, Some(false));
+        assert!(behind.what.contains("behind the CA's"), "{}", behind.what);
+        assert_eq!(clock_skew(Some(&at(-60))).ok, Some(false));
+        assert_eq!(clock_skew(Some("yesterday")).ok, None);
+        assert_eq!(clock_skew(None).ok, None);
     }
 }

@@ -898,6 +898,7 @@ async fn check_reports_a_healthy_mesh_and_names_the_fix_otherwise() {
     for line in [
         "✔ trust bundle: ",
         "answers and proves its identity against the bundle",
+        "✔ clock within ",
         "✔ control plane serving policy version",
         "✔ 2 connected sidecars in sync",
         "all checks passed",

@@ -95,7 +95,7 @@ impl CaEndpoint {
 
     /// `POST /v1/svid` with a join token.
     pub async fn bootstrap(&self, token: &str, csr_pem: &str) -> Result<SvidResponse, CaCallError> {
-        let body = self
+        let (body, _) = self
             .call(
                 Method::POST,
                 api::PATH_SVID,
@@ -113,7 +113,7 @@ impl CaEndpoint {
         current: Arc<CertResolver>,
         csr_pem: &str,
     ) -> Result<SvidResponse, CaCallError> {
-        let body = self
+        let (body, _) = self
             .call(
                 Method::POST,
                 api::PATH_RENEW,
@@ -129,6 +129,14 @@ impl CaEndpoint {
     pub async fn bundle(&self) -> Result<Bytes, CaCallError> {
         self.call(Method::GET, api::PATH_BUNDLE, None, String::new(), None)
             .await
+            .map(|(body, _)| body)
+    }
+
+    /// `GET /v1/bundle`, returning the CA's `Date` header too (clock-skew checks: SVID validity
+    /// is judged by each side's clock).
+    pub async fn bundle_and_date(&self) -> Result<(Bytes, Option<String>), CaCallError> {
+        self.call(Method::GET, api::PATH_BUNDLE, None, String::new(), None)
+            .await
     }
 
     async fn call(
@@ -138,7 +146,7 @@ impl CaEndpoint {
         bearer: Option<&str>,
         body: String,
         client_cert: Option<Arc<CertResolver>>,
-    ) -> Result<Bytes, CaCallError> {
+    ) -> Result<(Bytes, Option<String>), CaCallError> {
         tokio::time::timeout(
             CALL_TIMEOUT,
             self.call_inner(method, path, bearer, body, client_cert),
@@ -154,7 +162,7 @@ impl CaEndpoint {
         bearer: Option<&str>,
         body: String,
         client_cert: Option<Arc<CertResolver>>,
-    ) -> Result<Bytes, CaCallError> {
+    ) -> Result<(Bytes, Option<String>), CaCallError> {
         let config = tls::mesh_client_config(
             self.bundle.clone(),
             ExpectedServer::Exact(self.expected.clone()),
@@ -193,13 +201,18 @@ impl CaEndpoint {
             .await
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
+        let date = resp
+            .headers()
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_string);
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(|e| self.unreachable(e))?
             .to_bytes();
         if status.is_success() {
-            return Ok(bytes);
+            return Ok((bytes, date));
         }
         let refusal: ErrorResponse = serde_json::from_slice(&bytes).unwrap_or(ErrorResponse {
             error: "unknown".into(),
