@@ -379,8 +379,10 @@ impl Drop for Slot {
 }
 
 /// Exponential backoff with jitter for a failing `accept()` (EMFILE/ENFILE: out of file
-/// descriptors): retrying at once would spin a core while nothing can be accepted anyway.
-pub(crate) struct AcceptBackoff {
+/// descriptors): retrying at once would spin a core while nothing can be accepted anyway. Used
+/// by every listener of the CA and of the sidecar.
+#[derive(Debug)]
+pub struct AcceptBackoff {
     next: Duration,
 }
 
@@ -388,20 +390,26 @@ pub(crate) struct AcceptBackoff {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl AcceptBackoff {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             next: ACCEPT_BACKOFF_MIN,
         }
     }
 
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = ACCEPT_BACKOFF_MIN;
     }
 
     /// The pause before the next attempt: between half and all of the current step (jitter, so
     /// several CA replicas do not retry in lockstep), then the step doubles.
-    pub(crate) fn pause(&mut self) -> Duration {
+    pub fn pause(&mut self) -> Duration {
         let mut random = [0u8; 4];
         crate::tls::random_bytes(&mut random);
         let fraction = f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX);

@@ -117,7 +117,7 @@ pub async fn accept_loop<F, Fut>(
 {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Mutex::new(Open::default()));
-    let mut failures = 0u32;
+    let mut backoff = meshgate_ca::limits::AcceptBackoff::new();
     // Refusals are counted each time and logged once per burst, so a flood cannot flood the log.
     let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
@@ -125,7 +125,7 @@ pub async fn accept_loop<F, Fut>(
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    failures = 0;
+                    backoff.reset();
                     match admit(&open, &limits, peer.ip()) {
                         Ok(slot) => {
                             let task = handle(tcp, peer, graceful.watcher());
@@ -153,8 +153,7 @@ pub async fn accept_loop<F, Fut>(
                     }
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    let pause = accept_backoff(failures);
+                    let pause = backoff.pause();
                     tracing::warn!(event = "listener.accept_failed", listener = listener_name, error = %e, retry_in_ms = pause.as_millis() as u64);
                     tokio::time::sleep(pause).await;
                 }
@@ -236,16 +235,6 @@ impl Drop for PendingHandshake {
             q.pending.remove(at);
         }
     }
-}
-
-/// Pause after the `n`th accept failure in a row (EMFILE, ENFILE, ENOBUFS): 10 ms doubling to
-/// 1 s, with up to 50 % jitter so that listeners that failed together do not retry together.
-fn accept_backoff(n: u32) -> Duration {
-    let base = 10u64.saturating_mul(1 << n.min(7)).min(1000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
-    Duration::from_millis(base + nanos % (base / 2 + 1))
 }
 
 /// Records when an I/O stream last moved bytes, for [`idle`].

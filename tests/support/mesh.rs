@@ -26,6 +26,25 @@ pub struct EchoApp {
     pub addr: SocketAddr,
 }
 
+/// A body of `n` zero bytes streamed in chunks of `chunk` bytes, never held whole (the test apps'
+/// `GET /download/<n>`).
+pub fn download(
+    n: u64,
+    chunk: usize,
+) -> http_body_util::combinators::BoxBody<Bytes, std::io::Error> {
+    let chunk = Bytes::from(vec![0u8; chunk]);
+    let chunks = n.div_ceil(chunk.len() as u64);
+    let stream = futures_util::stream::iter((0..chunks).map(move |i| {
+        let len = if i + 1 == chunks {
+            (n - i * chunk.len() as u64) as usize
+        } else {
+            chunk.len()
+        };
+        Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
+    }));
+    StreamBody::new(stream).boxed()
+}
+
 async fn echo(
     req: http::Request<Incoming>,
 ) -> Result<
@@ -41,17 +60,7 @@ async fn echo(
         .strip_prefix("/download/")
         .and_then(|n| n.parse::<u64>().ok())
     {
-        let chunk = Bytes::from(vec![0u8; 64 * 1024]);
-        let chunks = n.div_ceil(chunk.len() as u64);
-        let stream = futures_util::stream::iter((0..chunks).map(move |i| {
-            let len = if i + 1 == chunks {
-                (n - i * chunk.len() as u64) as usize
-            } else {
-                chunk.len()
-            };
-            Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
-        }));
-        return Ok(http::Response::new(StreamBody::new(stream).boxed()));
+        return Ok(http::Response::new(download(n, 64 * 1024)));
     }
     if let Some(protocol) = req.headers().get("upgrade").cloned() {
         // Accept any Upgrade and echo bytes on the switched connection (a WebSocket stand-in).

@@ -7,8 +7,8 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -124,17 +124,7 @@ async fn handle(
     log.lock().unwrap().requests.push(seen);
 
     if let Some(n) = download {
-        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
-        let chunks = n.div_ceil(chunk.len() as u64);
-        let stream = futures_util::stream::iter((0..chunks).map(move |i| {
-            let len = if i + 1 == chunks {
-                (n - i * chunk.len() as u64) as usize
-            } else {
-                chunk.len()
-            };
-            Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
-        }));
-        return Ok(http::Response::new(StreamBody::new(stream).boxed()));
+        return Ok(http::Response::new(super::mesh::download(n, 16 * 1024)));
     }
     match (upgrade.as_deref(), on_upgrade) {
         (Some("h2c"), Some(on_upgrade)) => {
