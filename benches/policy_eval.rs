@@ -8,10 +8,10 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use meshgate_ca::SpiffeId;
-use meshgate_xds::model::{
+use meshgate_policy::model::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Metadata, Mode, Operation, Rule, Source,
 };
-use meshgate_xds::{AuthzRequest, PolicySet, PolicySnapshot};
+use meshgate_policy::{AuthzRequest, PolicySet, PolicySnapshot};
 
 const WORKLOAD: &str = "spiffe://mesh.local/ns/shop/sa/orders";
 /// Rules per policy: a realistic mix of policy count and rule count.

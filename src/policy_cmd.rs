@@ -1,5 +1,5 @@
 //! `meshgate policy …`: policy-as-code tools for operators and CI. Argument parsing and printing
-//! only; the logic lives in `meshgate_xds::tools`.
+//! only; the logic lives in `meshgate_policy_tools`.
 //!
 //! Exit codes: 0 success (for `diff`: no change), 1 invalid input or failed tests, 2 `diff`
 //! found changes (so CI can gate on it).
@@ -9,13 +9,13 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use meshgate_xds::tools::diff::{FlowDiff, diff_flows, diff_sets};
-use meshgate_xds::tools::explain::explain;
-use meshgate_xds::tools::flows::{FlowLog, read_flows};
-use meshgate_xds::tools::probe::{DEFAULT_PORT, Probe};
-use meshgate_xds::tools::suggest::{SuggestOptions, suggest, to_yaml};
-use meshgate_xds::tools::test_cases::{load_cases, run_cases};
-use meshgate_xds::{PolicySet, load_dir};
+use meshgate_policy::{PolicySet, load_dir};
+use meshgate_policy_tools::diff::{FlowDiff, diff_flows, diff_sets};
+use meshgate_policy_tools::explain::explain;
+use meshgate_policy_tools::flows::{FlowLog, read_flows};
+use meshgate_policy_tools::probe::{DEFAULT_PORT, Probe};
+use meshgate_policy_tools::suggest::{SuggestOptions, suggest, to_yaml};
+use meshgate_policy_tools::test_cases::{load_cases, run_cases};
 
 /// `diff` found request classes or flows whose decision changes.
 const EXIT_CHANGED: u8 = 2;
@@ -164,7 +164,7 @@ fn check(dir: &Path) -> Result<ExitCode> {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    for warning in meshgate_xds::tools::lint::warnings(&set) {
+    for warning in meshgate_policy_tools::lint::warnings(&set) {
         eprintln!("{warning}");
     }
     println!(

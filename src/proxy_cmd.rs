@@ -202,7 +202,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
     if let Some(bad) = args
         .allowed_upgrades
         .iter()
-        .find(|p| !meshgate_xds::validate::is_token(p) || p.eq_ignore_ascii_case("h2c"))
+        .find(|p| !meshgate_policy::validate::is_token(p) || p.eq_ignore_ascii_case("h2c"))
     {
         bail!(
             "--allow-upgrade {bad:?}: not an allowable upgrade protocol (an RFC 9110 token, and never h2c, which would carry HTTP/2 streams no rule judges), e.g. websocket"

@@ -61,7 +61,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
         );
         fsutil::write_atomic(&file, doc.as_bytes(), 0o644)
             .with_context(|| format!("writing {}", file.display()))?;
-        if let Err(e) = meshgate_xds::load_dir(&args.policy_dir) {
+        if let Err(e) = meshgate_policy::load_dir(&args.policy_dir) {
             let _ = std::fs::remove_file(&file);
             bail!(
                 "the policy directory does not validate, so the quarantine would not apply; fix it first:\n{e}"
@@ -76,7 +76,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
     let Some(admin) = args.control_plane else {
         return Ok(());
     };
-    let want = meshgate_xds::load_dir(&args.policy_dir)
+    let want = meshgate_policy::load_dir(&args.policy_dir)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .version;
     let runtime = tokio::runtime::Builder::new_current_thread()

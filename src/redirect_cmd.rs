@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use meshgate_ca::SpiffeId;
 use meshgate_ebpf::{AttachConfig, Attachment, Rule};
 
 fn parse_rule(s: &str) -> Result<Rule, String> {
@@ -12,6 +13,8 @@ fn parse_rule(s: &str) -> Result<Rule, String> {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum RedirectCommand {
     /// Attach the redirect and L3/L4 enforcement to a workload's cgroup v2 (pinned in bpffs;
     /// running it again only rewrites the configuration).
@@ -65,8 +68,13 @@ pub enum RedirectCommand {
         /// are IPs) from a policy file or directory.
         #[arg(long)]
         network_policy: Option<PathBuf>,
-        /// Only NetworkPolicies whose selector names this account (plus those without selector).
-        #[arg(long)]
+        /// The workload's SPIFFE ID: only the NetworkPolicies that apply to it are read (its
+        /// namespace or the root namespace `meshgate`, and a selector naming its account or
+        /// none). Without it, every NetworkPolicy in --network-policy is read.
+        #[arg(long, value_name = "SPIFFE_ID", requires = "network_policy")]
+        identity: Option<String>,
+        /// Replaced by --identity: NetworkPolicies are scoped by namespace and account.
+        #[arg(long, hide = true)]
         account: Option<String>,
         /// Let every non-mesh destination through (no egress allowlist enforcement).
         #[arg(long)]
@@ -111,6 +119,7 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             mesh,
             egress_allow,
             network_policy,
+            identity,
             account,
             no_egress_enforce,
             no_ingress_enforce,
@@ -141,9 +150,18 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             }
             cfg.mesh = mesh;
             cfg.egress_allow = egress_allow;
+            if let Some(account) = account {
+                anyhow::bail!(
+                    "--account was replaced by --identity, because NetworkPolicies are scoped by namespace and account: use --identity spiffe://<trust domain>/ns/<namespace>/sa/{account}"
+                );
+            }
             if let Some(path) = &network_policy {
-                let rules = meshgate_ebpf::from_policy(path, account.as_deref())
-                    .map_err(anyhow::Error::msg)
+                let identity = identity
+                    .as_deref()
+                    .map(SpiffeId::parse)
+                    .transpose()
+                    .context("--identity must be the workload's SPIFFE ID (spiffe://<trust domain>/ns/<namespace>/sa/<account>)")?;
+                let rules = meshgate_ebpf::from_policy(path, identity.as_ref())
                     .with_context(|| format!("reading {}", path.display()))?;
                 cfg.egress_allow.extend(rules.egress_allow);
                 cfg.mesh.extend(rules.mesh);

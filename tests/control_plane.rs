@@ -194,7 +194,7 @@ async fn first_push(
     url: String,
     mesh: &TestMesh,
     svid: &Svid,
-) -> Result<meshgate_xds::PolicySet, String> {
+) -> Result<meshgate_policy::PolicySet, String> {
     let config = support::mesh_client(
         mesh.ca.bundle(),
         svid,
@@ -795,7 +795,7 @@ async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let mut good_set = meshgate_xds::PolicySet::default();
+    let mut good_set = meshgate_policy::PolicySet::default();
     good_set.update_version();
     let good_version = good_set.version.clone();
     let mut good =

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use meshgate_xds::tools::probe::Probe;
+use meshgate_policy_tools::probe::Probe;
 use support::attack::{Target, empty, read_head, status_of};
 use support::mesh::TestMesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -235,7 +235,7 @@ async fn what_the_app_receives_is_what_the_policy_allows() {
     let t = Target::start().await;
     t.mesh.write_policy("orders.yaml", POLICY);
     t.mesh.converge().await;
-    let set = meshgate_xds::load_dir(&t.mesh.policy_dir).unwrap();
+    let set = meshgate_policy::load_dir(&t.mesh.policy_dir).unwrap();
     let orders = TestMesh::id_of("orders");
     let mut rng = Rng(seed);
     let (mut allowed, mut refused, mut upgraded) = (0, 0, 0);

@@ -504,8 +504,8 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
             "8080".into(),
             "--network-policy".into(),
             pol.display().to_string(),
-            "--account".into(),
-            account.into(),
+            "--identity".into(),
+            format!("spiffe://mesh.local/ns/test/sa/{account}"),
         ]
     };
     let args_a = attach_args(&app_a, env.cg("pod-a/sidecar"), "a");

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use meshgate_ca::SpiffeId;
-use meshgate_xds::tools::flows::read_flows;
-use meshgate_xds::{AuthzRequest, DecisionKind, PolicySnapshot, load_dir};
+use meshgate_policy::{AuthzRequest, DecisionKind, PolicySnapshot, load_dir};
+use meshgate_policy_tools::flows::read_flows;
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
@@ -184,7 +184,7 @@ fn explain_allow_and_deny() {
     ]);
     assert_eq!(code(&bad_path), 0);
     let out = stdout(&bad_path);
-    assert!(out.contains("\ndecision: deny\n"), "{out}");
+    assert!(out.contains("\ndecision: bad-request\n"), "{out}");
     assert!(out.contains("\npolicy: none\n"), "{out}");
     assert!(out.contains("\nreason: bad path: "), "{out}");
 

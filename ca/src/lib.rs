@@ -10,7 +10,9 @@ pub mod cert;
 pub mod fsutil;
 pub mod limits;
 pub mod service;
-pub mod spiffe;
+/// SPIFFE IDs live in `meshgate-spiffe` (no I/O, so the policy crates share them); re-exported
+/// here because everything identity-related is reached through this crate.
+pub use meshgate_spiffe as spiffe;
 pub mod store;
 pub mod tls;
 pub mod token;

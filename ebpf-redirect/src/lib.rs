@@ -39,7 +39,7 @@ mod rules;
 mod sys;
 
 pub use env::{Preflight, own_pod_cgroup, preflight};
-pub use rules::{PolicyRules, Rule, from_policy, loopback};
+pub use rules::{PolicyRules, PolicyRulesError, Rule, from_policy, loopback};
 
 /// Where everything is pinned: one directory per attached cgroup.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/meshgate";

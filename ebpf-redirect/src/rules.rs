@@ -6,6 +6,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use ipnet::IpNet;
+use meshgate_policy::scope::network_policy_applies;
+use meshgate_spiffe::SpiffeId;
 
 /// A destination rule: a CIDR and a port (0 = every port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,24 +100,30 @@ pub struct PolicyRules {
     pub mesh: Vec<Rule>,
 }
 
+/// Why a policy file or directory gave no rules.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyRulesError(#[from] pub meshgate_policy::LoadErrors);
+
 /// Reads `NetworkPolicy` egress allowlists and `Service` IP hosts from a policy file or
-/// directory (validated exactly as the sidecar validates it). `account` filters NetworkPolicies by
-/// `selector.account` (policies without a selector always apply).
-pub fn from_policy(path: &Path, account: Option<&str>) -> Result<PolicyRules, String> {
+/// directory (validated exactly as the sidecar validates it). With `workload`, only the
+/// NetworkPolicies that apply to it are read — the scoping rule of every other document
+/// ([`meshgate_policy::scope::network_policy_applies`]: its namespace or the root namespace, and
+/// a selector naming its account or none); without, every NetworkPolicy.
+pub fn from_policy(
+    path: &Path,
+    workload: Option<&SpiffeId>,
+) -> Result<PolicyRules, PolicyRulesError> {
     let set = if path.is_dir() {
-        meshgate_xds::load_dir(path).map_err(|e| e.to_string())?
+        meshgate_policy::load_dir(path)?
     } else {
-        let mut set = meshgate_xds::PolicySet::default();
-        meshgate_xds::parse_file(path, &mut set).map_err(|e| e.to_string())?;
+        let mut set = meshgate_policy::PolicySet::default();
+        meshgate_policy::parse_file(path, &mut set)?;
         set
     };
     let mut out = PolicyRules::default();
     for np in &set.network_policies {
-        let applies = match (&np.spec.selector, account) {
-            (None, _) | (_, None) => true,
-            (Some(sel), Some(acc)) => sel.account == acc,
-        };
-        if !applies {
+        if workload.is_some_and(|w| !network_policy_applies(np, w)) {
             continue;
         }
         for rule in &np.spec.egress {
@@ -179,11 +187,21 @@ mod tests {
             "apiVersion: meshgate.dev/v1\nkind: NetworkPolicy\nmetadata: { name: n, namespace: shop }\nspec:\n  egress:\n    - to: [\"10.9.0.0/16\"]\n      ports: [443, 80]\n    - to: [\"192.0.2.1/32\"]\n---\napiVersion: meshgate.dev/v1\nkind: NetworkPolicy\nmetadata: { name: other, namespace: shop }\nspec:\n  selector: { account: db }\n  egress:\n    - to: [\"10.8.0.0/16\"]\n---\napiVersion: meshgate.dev/v1\nkind: Service\nmetadata: { name: orders, namespace: shop }\nspec:\n  identity: spiffe://mesh.local/ns/shop/sa/orders\n  hosts: [orders, 10.199.0.2]\n  endpoints: [\"10.199.0.2:15006\"]\n",
         )
         .unwrap();
-        let r = from_policy(dir.path(), Some("web")).unwrap();
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        let r = from_policy(dir.path(), Some(&id("spiffe://mesh.local/ns/shop/sa/web"))).unwrap();
         let allow: Vec<String> = r.egress_allow.iter().map(Rule::to_string).collect();
         assert_eq!(allow, ["10.9.0.0/16:80", "10.9.0.0/16:443", "192.0.2.1/32"]);
         assert_eq!(r.mesh[0].to_string(), "10.199.0.2/32");
         let all = from_policy(dir.path(), None).unwrap();
         assert_eq!(all.egress_allow.len(), 4);
+        // Scoped by namespace too: `web` in another namespace gets none of shop's rules, and
+        // `db` in shop gets the unselected policy and its own.
+        let other = from_policy(
+            dir.path(),
+            Some(&id("spiffe://mesh.local/ns/billing/sa/web")),
+        );
+        assert!(other.unwrap().egress_allow.is_empty());
+        let db = from_policy(dir.path(), Some(&id("spiffe://mesh.local/ns/shop/sa/db"))).unwrap();
+        assert_eq!(db.egress_allow.len(), 4);
     }
 }

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshgate_xds::path::{MAX_TARGET_LEN, normalize_path};
+use meshgate_policy::path::{MAX_TARGET_LEN, normalize_path};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else {

@@ -9,7 +9,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use meshgate_ca::SpiffeId;
 use meshgate_xds::wire::Push;
-use meshgate_xds::{AuthzRequest, PolicySnapshot, load_text};
+use meshgate_policy::{AuthzRequest, PolicySnapshot, load_text};
 
 /// Bigger inputs only make each run slower; the structure that matters fits in this.
 const MAX_INPUT: usize = 16 * 1024;
@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = snapshot.dump();
 
         // What the control plane sends this workload decodes to the same set on the sidecar.
-        let scoped = meshgate_xds::scope::scope(&set, workload);
+        let scoped = meshgate_policy::scope::scope(&set, workload);
         let push = Push::new(scoped.clone(), "nonce".into());
         let line = serde_json::to_vec(&push).expect("a push serializes");
         let back: Push = serde_json::from_slice(&line).unwrap_or_else(|e| {

@@ -48,7 +48,16 @@ pub fn error_response(
     status: StatusCode,
     body: &'static str,
 ) -> Response<ProxyBody> {
-    if !is_grpc(request_headers) {
+    error_response_for(is_grpc(request_headers), status, body)
+}
+
+/// [`error_response`] when the request is gone: `grpc` says whether it was a gRPC request.
+pub fn error_response_for(
+    grpc: bool,
+    status: StatusCode,
+    body: &'static str,
+) -> Response<ProxyBody> {
+    if !grpc {
         return local_response(status, body);
     }
     let code = match status {

@@ -221,6 +221,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts `n` request-hygiene events (`meshgate_inbound_hygiene_total{reason}`): what the
+    /// inbound path removed or refused before (or instead of) authorization.
+    pub fn count_hygiene(&self, reason: &'static str, n: u64) {
+        self.hygiene
+            .get_or_create(&HygieneLabels { reason })
+            .inc_by(n);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use meshgate_ca::SpiffeId;
-use meshgate_xds::{LoadErrors, PolicySet, PolicySnapshot, load_dir, parse_file};
+use meshgate_policy::{LoadErrors, PolicySet, PolicySnapshot, load_dir, parse_file};
 
 use crate::metrics::Metrics;
 

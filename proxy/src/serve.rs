@@ -136,7 +136,7 @@ pub async fn accept_loop<F, Fut>(
                         }
                         Err(reason) => {
                             drop(tcp);
-                            crate::inbound::sanitize::count(&metrics, reason, 1);
+                            metrics.count_hygiene(reason, 1);
                             if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                                 last_refusal_log = Some(std::time::Instant::now());
                                 tracing::warn!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshgate_xds::PolicySet;
+use meshgate_policy::PolicySet;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -103,7 +103,7 @@ pub struct Sidecar {
     pub identity: Arc<Identity>,
     pub policy: Arc<PolicyState>,
     pub metrics: Arc<Metrics>,
-    decisions: tokio::sync::broadcast::Sender<crate::inbound::authz::DecisionEvent>,
+    decisions: crate::decision::DecisionSink,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -135,7 +135,7 @@ pub fn routes_from(set: &PolicySet) -> Vec<Route> {
                     .spec
                     .ports
                     .iter()
-                    .filter(|p| p.protocol == meshgate_xds::model::Protocol::Tcp)
+                    .filter(|p| p.protocol == meshgate_policy::model::Protocol::Tcp)
                     .map(|p| p.port)
                     .collect(),
             }
@@ -238,22 +238,21 @@ impl Sidecar {
             });
         }
 
-        let (decisions, _) = tokio::sync::broadcast::channel(1024);
+        let decisions = crate::decision::DecisionSink::new(metrics.clone(), telemetry.clone());
         let inbound = Inbound {
             tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,
-            authz: AuthzContext {
+            authz: Arc::new(AuthzContext {
                 policy: policy.snapshot.clone(),
                 metrics: metrics.clone(),
                 local_id: workload.clone(),
                 app_port: config.app.port(),
-                telemetry: telemetry.clone(),
-                decisions: decisions.clone(),
+                sink: decisions.clone(),
                 swaps: policy.swaps(),
                 upgrades: crate::inbound::sanitize::UpgradePolicy::new(
                     config.allowed_upgrades.iter().cloned(),
                 ),
                 identity: identity.clone(),
-            },
+            }),
             forwarder: AppForwarder::new(config.app, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {
                 policy: policy.snapshot.clone(),
@@ -263,6 +262,7 @@ impl Sidecar {
                 ports: Arc::new(config.inbound_tcp_ports.clone()),
                 http_port: config.app.port(),
                 workload: workload.clone(),
+                sink: decisions.clone(),
             },
             metrics: metrics.clone(),
             limits: config.limits,
@@ -356,9 +356,7 @@ impl Sidecar {
     }
 
     /// Every inbound authorization decision from now on.
-    pub fn decisions(
-        &self,
-    ) -> tokio::sync::broadcast::Receiver<crate::inbound::authz::DecisionEvent> {
+    pub fn decisions(&self) -> tokio::sync::broadcast::Receiver<meshgate_policy::DecisionRecord> {
         self.decisions.subscribe()
     }
 

@@ -164,7 +164,10 @@ impl ShouldSample for KeepDenials {
 fn is_denial(span: &SpanData) -> bool {
     span.attributes.iter().any(|kv| {
         kv.key.as_str() == DECISION_ATTRIBUTE
-            && matches!(kv.value.as_str().as_ref(), "deny" | "dry-run-deny")
+            && matches!(
+                kv.value.as_str().as_ref(),
+                "deny" | "dry-run-deny" | "bad-request"
+            )
     })
 }
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshgate_ca::SpiffeId;
-use meshgate_xds::{AuthzRequest, PolicySnapshot};
+use meshgate_policy::record::Layer as DecisionLayer;
+use meshgate_policy::{DecisionRecord, PolicySnapshot, judge};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -69,19 +70,15 @@ pub struct TunnelServer {
     /// identity and port only, so an HTTP request sent through one would skip per-request
     /// authorization (method, path, headers) and header sanitizing.
     pub http_port: u16,
-    /// This workload's ID, for decision logs (the same fields as HTTP decisions).
+    /// This workload's ID, for decision records (the same type as HTTP decisions).
     pub workload: SpiffeId,
+    /// Where decisions are written.
+    pub sink: crate::decision::DecisionSink,
 }
 
 impl TunnelServer {
-    fn allowed(&self, peer: &SpiffeId, port: u16) -> (bool, meshgate_xds::Decision) {
-        let decision = self.policy.load().evaluate(&AuthzRequest {
-            peer,
-            method: None,
-            path: None,
-            port,
-            headers: None,
-        });
+    fn allowed(&self, peer: &SpiffeId, port: u16) -> (bool, meshgate_policy::Decision) {
+        let decision = judge(&self.policy.load(), peer, port, None).decision;
         (decision.allowed, decision)
     }
 
@@ -105,7 +102,7 @@ impl TunnelServer {
                 port,
                 "tunnel to the app's HTTP port refused: HTTP is authorized per request (send HTTP through the mesh, or declare a TCP port with --inbound-tcp-port)"
             );
-            crate::inbound::sanitize::count(&self.metrics, "tunnel_to_http_port", 1);
+            self.metrics.count_hygiene("tunnel_to_http_port", 1);
             count(&self.metrics, "inbound", "deny", port);
             return;
         }
@@ -115,20 +112,15 @@ impl TunnelServer {
             return;
         }
         let (allowed, decision) = self.allowed(&peer, port);
-        tracing::info!(
-            event = "authz.decision",
-            layer = "l4",
-            meshgate.workload.id = %self.workload,
-            peer.id = %peer,
+        // Logged, counted (`allow`/`deny`) and published in one place, like HTTP decisions.
+        self.sink.tunnel(&DecisionRecord::new(
+            DecisionLayer::L4,
+            &self.workload,
+            &peer,
             port,
-            decision = decision.kind.as_str(),
-            policy = decision.policy.as_deref().unwrap_or(""),
-            rule = decision.rule,
-            policy.version = %decision.version,
-            reason = %decision.reason,
-        );
+            &decision,
+        ));
         if !allowed {
-            count(&self.metrics, "inbound", "deny", port);
             return;
         }
         let mut app = match TcpStream::connect((self.app_host, port)).await {
@@ -142,7 +134,6 @@ impl TunnelServer {
         if stream.get_mut().write_all(b"OK\n").await.is_err() {
             return;
         }
-        count(&self.metrics, "inbound", "allow", port);
         let mut swaps = self.swaps.clone();
         swaps.borrow_and_update();
         let copy = tokio::io::copy_bidirectional(&mut stream, &mut app);

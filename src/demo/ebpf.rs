@@ -405,49 +405,18 @@ fn issue_identities(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn short_id(id: &str) -> String {
-    id.rsplit_once("/sa/")
-        .map_or_else(|| id.to_string(), |(_, sa)| sa.to_string())
-}
-
-/// A decision table row from a sidecar's JSON log line (`authz.decision`, `authz.bad_request`).
+/// A decision table row from a sidecar's JSON decision log line (parsed as the
+/// [`meshgate_policy::DecisionRecord`] the sidecar wrote).
 fn row_from_log(line: &str) -> Option<Row> {
-    if !line.contains("\"authz.") {
+    if !line.contains(meshgate_policy::record::DECISION_EVENT) {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let who = format!(
-        "{} → {}",
-        short_id(&s("peer.id")),
-        short_id(&s("meshgate.workload.id"))
-    );
-    match s("event").as_str() {
-        "authz.decision" => {
-            let policy = match (s("policy"), v.get("rule").and_then(|r| r.as_u64())) {
-                (p, _) if p.is_empty() => "-".to_string(),
-                (p, Some(r)) => format!("{p} #{r}"),
-                (p, None) => p,
-            };
-            Some(Row {
-                who,
-                method: s("http.request.method"),
-                path: s("url.path"),
-                decision: s("decision"),
-                policy,
-                reason: s("reason"),
-            })
-        }
-        "authz.bad_request" => Some(Row {
-            who,
-            method: s("http.request.method"),
-            path: s("meshgate.path.original"),
-            decision: "bad-request".to_string(),
-            policy: "(path normalization)".to_string(),
-            reason: s("reason"),
-        }),
-        _ => None,
+    if v.get("event")?.as_str()? != meshgate_policy::record::DECISION_EVENT {
+        return None;
     }
+    let record: meshgate_policy::DecisionRecord = serde_json::from_value(v).ok()?;
+    Some(Row::from(&record))
 }
 
 fn resolve_args() -> Vec<String> {
@@ -776,13 +745,13 @@ mod tests {
 
     #[test]
     fn decision_rows_come_from_json_log_lines() {
-        let line = r#"{"timestamp":"x","level":"INFO","event":"authz.decision","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","url.path":"/orders/42","decision":"allow","policy":"shop/orders-readers","rule":0,"reason":"allowed"}"#;
+        let line = r#"{"timestamp":"x","level":"INFO","event":"authz.decision","layer":"l7","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":8080,"http.request.method":"GET","url.path":"/orders/42","decision":"allow","policy":"shop/orders-readers","rule":0,"policy.version":"v","reason":"allowed"}"#;
         let r = row_from_log(line).unwrap();
         assert_eq!(
             (r.who.as_str(), r.decision.as_str(), r.policy.as_str()),
             ("web → orders", "allow", "shop/orders-readers #0")
         );
-        let bad = r#"{"event":"authz.bad_request","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","meshgate.path.original":"/orders/..%2fadmin","reason":"encoded '/'"}"#;
+        let bad = r#"{"event":"authz.decision","layer":"l7","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":8080,"http.request.method":"GET","meshgate.path.original":"/orders/..%2fadmin","decision":"bad-request","policy.version":"v","reason":"bad path: encoded '/'"}"#;
         let r = row_from_log(bad).unwrap();
         assert_eq!(
             (r.path.as_str(), r.decision.as_str()),

@@ -13,10 +13,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::{CaDir, TrustDomain};
+use meshgate_policy::{DecisionKind, DecisionRecord};
 use meshgate_proxy::control_plane::{ControlPlaneConfig, RunningControlPlane};
 use meshgate_proxy::identity::{Backoff, IdentityConfig};
 use meshgate_proxy::inbound::AppProtocol;
-use meshgate_proxy::inbound::authz::DecisionEvent;
 use meshgate_proxy::policy::{PolicyFiles, PolicySource};
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use meshgate_proxy::telemetry::TelemetryConfig;
@@ -218,7 +218,7 @@ fn print_header() {
     println!("{}", "─".repeat(120));
 }
 
-/// One line of the decision table (from an in-process [`DecisionEvent`], or a child sidecar's
+/// One line of the decision table (from an in-process [`DecisionRecord`], or a child sidecar's
 /// JSON decision log line).
 #[derive(Debug, Clone)]
 struct Row {
@@ -237,28 +237,35 @@ fn print_row(r: &Row) {
     );
 }
 
-fn print_event(e: &DecisionEvent) {
-    let policy = match (&e.policy, e.rule) {
-        (Some(p), Some(r)) => format!("{p} #{r}"),
-        (Some(p), None) => p.clone(),
-        _ => "-".to_string(),
-    };
-    let policy = if e.decision == "bad-request" {
-        "(path normalization)".to_string()
-    } else {
-        policy
-    };
-    print_row(&Row {
-        who: format!("{} → {}", short(&e.peer), short(&e.workload)),
-        method: e.method.clone(),
-        path: e.path.clone(),
-        decision: e.decision.to_string(),
-        policy,
-        reason: e.reason.clone(),
-    });
+impl From<&DecisionRecord> for Row {
+    fn from(e: &DecisionRecord) -> Self {
+        let policy = match (&e.policy, e.rule) {
+            _ if e.decision == DecisionKind::BadRequest => "(path normalization)".to_string(),
+            (Some(p), Some(r)) => format!("{p} #{r}"),
+            (Some(p), None) => p.clone(),
+            _ => "-".to_string(),
+        };
+        Row {
+            who: format!("{} → {}", short(&e.peer), short(&e.workload)),
+            method: e.method.clone().unwrap_or_else(|| "(tcp)".to_string()),
+            // What was judged; what was sent when it could not be judged.
+            path: e
+                .path
+                .clone()
+                .or_else(|| e.original.clone())
+                .unwrap_or_else(|| format!(":{}", e.port)),
+            decision: e.decision.as_str().to_string(),
+            policy,
+            reason: e.reason.clone(),
+        }
+    }
 }
 
-async fn drain_events(events: &mut mpsc::UnboundedReceiver<DecisionEvent>, wait: Duration) {
+fn print_event(e: &DecisionRecord) {
+    print_row(&Row::from(e));
+}
+
+async fn drain_events(events: &mut mpsc::UnboundedReceiver<DecisionRecord>, wait: Duration) {
     tokio::time::sleep(wait).await;
     while let Ok(e) = events.try_recv() {
         print_event(&e);
@@ -370,7 +377,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     );
 
     // Workloads: app + sidecar each.
-    let (events_tx, mut events) = mpsc::unbounded_channel::<DecisionEvent>();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<DecisionRecord>();
     let mut sidecars = Vec::new();
     for (i, name) in WORKLOADS.iter().enumerate() {
         let p = ports_of(base, i as u16);

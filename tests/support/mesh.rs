@@ -440,7 +440,7 @@ impl TestMesh {
 
     /// Waits until every sidecar runs the policy version the directory holds now.
     pub async fn converge(&self) -> String {
-        let want = meshgate_xds::load_dir(&self.policy_dir)
+        let want = meshgate_policy::load_dir(&self.policy_dir)
             .unwrap_or_else(|e| panic!("test policy invalid: {e}"))
             .version;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -15,10 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
-use crate::load::PolicySet;
 use crate::wire::{
     Ack, LineBuffer, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
 };
+use meshgate_policy::PolicySet;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -26,12 +26,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::load::PolicySet;
-use crate::scope::scope;
 use crate::wire::{
     Ack, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH,
     sanitize_peer_text,
 };
+use meshgate_policy::PolicySet;
+use meshgate_policy::scope::scope;
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

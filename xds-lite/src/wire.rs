@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::PolicySet;
-use crate::model::{AuthorizationPolicy, MeshConfig, NetworkPolicy, Service};
+use meshgate_policy::PolicySet;
+use meshgate_policy::model::{AuthorizationPolicy, MeshConfig, NetworkPolicy, Service};
 
 /// The one resource type of the stream: everything one workload needs, state of the world.
 pub const SNAPSHOT_TYPE: &str = "meshgate.dev/v1/WorkloadSnapshot";
@@ -78,10 +78,13 @@ impl Push {
 /// Largest push (one snapshot line) a sidecar accepts, and the control plane sends: 16 MiB.
 ///
 /// A push is one workload's scoped view: its own policies plus every Service. The control plane
-/// refuses policy directories above [`crate::load::MAX_POLICY_DIR_BYTES`] (8 MiB of YAML), and
+/// refuses policy directories above [`meshgate_policy::load::MAX_POLICY_DIR_BYTES`] (8 MiB of YAML), and
 /// JSON of the same documents is at most about twice that, so a valid mesh stays below this;
 /// anything larger is a bug or an attack, and buffering it would cost the sidecar its memory.
 pub const MAX_PUSH_BYTES: usize = 16 * 1024 * 1024;
+
+// A policy directory the loader accepts, as JSON, fits one push.
+const _: () = assert!(2 * meshgate_policy::load::MAX_POLICY_DIR_BYTES <= MAX_PUSH_BYTES as u64);
 
 /// Largest ACK/NACK line the control plane reads: 64 KiB. An ACK is a nonce and a version; a
 /// NACK adds an error text, which sidecars cap at [`MAX_NACK_ERROR_CHARS`].

@@ -12,7 +12,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use super::authz::{CarriedHttp1, Reauthorize};
+use super::authz::Reauthorize;
+use super::normalize::CarriedHttp1;
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
     ProxyBody, boxed, bridge_upgrade, error_response, is_grpc, requested_upgrade, set_upgrade,

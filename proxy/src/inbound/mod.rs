@@ -1,7 +1,24 @@
-//! The inbound listener: mTLS termination, peer identity, authorization, forwarding to the app.
+//! The inbound listener: mTLS termination (the caller's SPIFFE ID checked in the handshake),
+//! then, per request, a pipeline of tower layers:
+//!
+//! ```text
+//! Observe  →  Normalize  →  Authorize  →  AppForwarder
+//! (span,      (Host,        (judge: method,   (HTTP/1.1 or h2c
+//!  decision    hop-by-hop,   path, policy;     to the app)
+//!  written,    identity      identity headers
+//!  errors →    headers,      added)
+//!  responses)  upgrades)
+//! ```
+//!
+//! Each inner layer either passes the request on or returns an [`error::InboundError`] carrying
+//! its decision; [`observe::Observe`] writes every decision once and maps errors to responses.
+//! Opaque TCP (ALPN `meshgate-tcp`) goes to the L4 tunnel server instead.
 
 pub mod authz;
+pub mod error;
 pub mod forward;
+pub mod normalize;
+pub mod observe;
 pub mod sanitize;
 
 use std::sync::Arc;
@@ -30,7 +47,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 #[derive(Clone)]
 pub struct Inbound {
     pub tls: Arc<ArcSwap<ServerConfig>>,
-    pub authz: AuthzContext,
+    pub authz: Arc<AuthzContext>,
     pub forwarder: AppForwarder,
     pub tunnel: crate::tunnel::TunnelServer,
     pub metrics: Arc<Metrics>,
@@ -88,7 +105,7 @@ impl Inbound {
         // cap the oldest is shed, so half-open floods cannot lock known peers out.
         let (mut pending, shed_other) = self.handshakes.enter();
         if shed_other {
-            crate::inbound::sanitize::count(&self.metrics, "handshake_shed", 1);
+            self.metrics.count_hygiene("handshake_shed", 1);
         }
         tokio::select! {
             handshake = self.handshake(tcp, peer) => {
@@ -198,6 +215,14 @@ impl Inbound {
             not_after,
         });
         let service = ServiceBuilder::new()
+            .layer(observe::ObserveLayer::new(
+                self.authz.clone(),
+                peer_identity.clone(),
+            ))
+            .layer(normalize::NormalizeLayer::new(
+                self.authz.clone(),
+                peer_identity.clone(),
+            ))
             .layer(authz::AuthorizeLayer::new(
                 self.authz.clone(),
                 peer_identity,
@@ -213,7 +238,7 @@ impl Inbound {
                 }
             }
             () = crate::serve::idle(activity, self.limits.idle) => {
-                crate::inbound::sanitize::count(&self.metrics, "idle_timeout", 1);
+                self.metrics.count_hygiene("idle_timeout", 1);
                 tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, "closing an idle connection");
             }
         }

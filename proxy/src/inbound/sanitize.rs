@@ -11,8 +11,9 @@
 //! - **Hop-by-hop headers first.** Headers named in `Connection` are removed *before* the
 //!   sidecar inserts its identity headers; stripping them afterwards let a caller list
 //!   `x-meshgate-peer` in `Connection` and delete the real one.
-//! - **Canonical methods only** ([`meshgate_xds::check_method`]): `delete` would pass a DENY on
-//!   `DELETE` and reach a framework that treats it as DELETE.
+//! - **Canonical methods only** ([`meshgate_policy::check_method`], applied by
+//!   [`meshgate_policy::judge()`] so `policy explain` refuses the same methods): `delete` would
+//!   pass a DENY on `DELETE` and reach a framework that treats it as DELETE.
 //! - **One valid Host**: duplicate or malformed `Host`, or a `Host` that disagrees with HTTP/2's
 //!   `:authority` or an HTTP/1.1 absolute-form target, is refused (RFC 9112 §3.2, RFC 9113
 //!   §8.3.1): the app and the policy must not disagree about which virtual host was asked for.
@@ -28,10 +29,9 @@ use bytes::Bytes;
 use http::Request;
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use meshgate_xds::MethodError;
 
 use crate::http_util::{set_upgrade, strip_hop_by_hop};
-use crate::metrics::{HygieneLabels, Metrics};
+use crate::metrics::Metrics;
 
 /// Header names the sidecar alone sets for the app, as their letters and digits (lowercase).
 /// `x-meshgate-` covers the peer ID and the policy version header and any later one.
@@ -75,8 +75,6 @@ pub fn strip_reserved(headers: &mut HeaderMap) -> usize {
 /// Why a request is refused with 400 before authorization.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error(transparent)]
-    Method(#[from] MethodError),
     #[error("more than one Host header")]
     DuplicateHost,
     #[error("Host header is not a valid authority")]
@@ -89,15 +87,15 @@ impl Refusal {
     /// The hygiene counter label.
     pub fn label(&self) -> &'static str {
         match self {
-            Refusal::Method(_) => "bad_method",
-            _ => "bad_host",
+            Refusal::DuplicateHost | Refusal::InvalidHost | Refusal::HostMismatch { .. } => {
+                "bad_host"
+            }
         }
     }
 }
 
-/// Checks method and Host of a request (see the module docs).
+/// Checks the Host of a request (see the module docs).
 pub fn check<B>(req: &Request<B>) -> Result<(), Refusal> {
-    meshgate_xds::check_method(req.method().as_str())?;
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -209,14 +207,6 @@ pub fn prepare(
     }
 }
 
-/// Counts one hygiene event.
-pub fn count(metrics: &Metrics, reason: &'static str, n: u64) {
-    metrics
-        .hygiene
-        .get_or_create(&HygieneLabels { reason })
-        .inc_by(n);
-}
-
 /// The request body on its way to the app: the caller's body with reserved identity headers
 /// removed from its trailers (HTTP/1.1 chunked trailers and HTTP/2 trailers alike), so that a
 /// forged identity cannot arrive after the headers were sanitized.
@@ -252,7 +242,8 @@ impl Body for TrailerFilter {
                         removed = stripped,
                         "caller sent identity headers as trailers; removed"
                     );
-                    count(&self.metrics, "identity_trailer", stripped as u64);
+                    self.metrics
+                        .count_hygiene("identity_trailer", stripped as u64);
                 }
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
@@ -343,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn method_and_host_checks() {
+    fn host_checks() {
         let req = |method: &str, version: http::Version, uri: &str, hosts: &[&str]| {
             let mut b = Request::builder().method(method).version(version).uri(uri);
             for h in hosts {
@@ -355,14 +346,6 @@ mod tests {
         let h2 = http::Version::HTTP_2;
         assert_eq!(check(&req("GET", h1, "/", &["orders"])), Ok(()));
         assert_eq!(check(&req("GET", h1, "/", &[])), Ok(()));
-        assert!(matches!(
-            check(&req("delete", h1, "/", &["orders"])),
-            Err(Refusal::Method(_))
-        ));
-        assert!(matches!(
-            check(&req("CONNECT", h1, "orders:443", &["orders"])),
-            Err(Refusal::Method(_))
-        ));
         assert_eq!(
             check(&req("GET", h1, "/", &["orders", "admin"])),
             Err(Refusal::DuplicateHost)

@@ -6,6 +6,8 @@
 //! that names a workload (CSRs, certificates, tokens, policy principals) goes through
 //! [`SpiffeId::parse`], so a malformed ID cannot slip in through a side door.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 

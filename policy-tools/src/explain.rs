@@ -4,10 +4,10 @@
 
 use std::fmt;
 
-use crate::authz::Decision;
-use crate::load::PolicySet;
-use crate::model::{Action, Mode, Rule};
-use crate::tools::probe::{Judgement, Probe};
+use crate::probe::{Judgement, Probe};
+use meshgate_policy::authz::Decision;
+use meshgate_policy::load::PolicySet;
+use meshgate_policy::model::{Action, Mode, Rule};
 
 /// The deciding rule, as written in its policy.
 #[derive(Debug, Clone)]
@@ -39,17 +39,16 @@ pub fn explain(set: &PolicySet, probe: &Probe) -> Explanation {
             .iter()
             .find(|s| {
                 s.spec.identity == probe.workload
-                    && s.spec
-                        .ports
-                        .iter()
-                        .any(|p| p.port == probe.port && p.protocol == crate::model::Protocol::Tcp)
+                    && s.spec.ports.iter().any(|p| {
+                        p.port == probe.port && p.protocol == meshgate_policy::model::Protocol::Tcp
+                    })
             })
             .map(|s| s.metadata.key())
     });
     let unknown_workload = !set
         .policies
         .iter()
-        .any(|p| crate::authz::applies_to(p, &probe.workload))
+        .any(|p| meshgate_policy::scope::applies_to(p, &probe.workload))
         && !set
             .services
             .iter()

@@ -1,3 +1,7 @@
+//! Which documents apply to which workload — the one place this is decided, for the evaluator
+//! ([`crate::authz::PolicySnapshot::compile`]), the loader's cross-checks, the control plane's
+//! per-sidecar scope and the eBPF egress allowlist.
+//!
 //! What one sidecar is allowed to know: the control plane sends each sidecar only the policies
 //! and network policies that select its own SPIFFE ID — never the whole mesh's policy — plus the
 //! mesh's Services.
@@ -8,24 +12,37 @@
 //! with a logged, counted and traced decision naming the caller. Service names, hosts and
 //! identities are discovery data (DNS already reveals them), not policy.
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::applies_to;
-use crate::load::PolicySet;
-use crate::model::{NetworkPolicy, ROOT_NAMESPACE};
+use crate::model::{AuthorizationPolicy, NetworkPolicy, ROOT_NAMESPACE, Selector};
+use crate::set::PolicySet;
 
-fn network_policy_applies(np: &NetworkPolicy, workload: &SpiffeId) -> bool {
-    let ns = np.metadata.namespace.as_str();
-    let selected = |account: &str| {
-        np.spec
-            .selector
-            .as_ref()
-            .is_none_or(|s| s.account == account)
-    };
+/// The scoping rule, written once (README, "Policy": scope): a document in namespace `ns` applies
+/// to the workloads of that namespace, or of every namespace when `ns` is the root namespace
+/// `meshgate`; a `selector` narrows it to one service account. An ID that is not of the
+/// `/ns/<ns>/sa/<sa>` form can only be named by a root-namespace document without a selector.
+fn selects(ns: &str, selector: Option<&Selector>, workload: &SpiffeId) -> bool {
     match workload.namespace_and_account() {
-        Some((w_ns, w_sa)) => (ns == w_ns || ns == ROOT_NAMESPACE) && selected(w_sa),
-        None => ns == ROOT_NAMESPACE && np.spec.selector.is_none(),
+        Some((w_ns, w_sa)) => {
+            (ns == w_ns || ns == ROOT_NAMESPACE) && selector.is_none_or(|s| s.account == w_sa)
+        }
+        None => ns == ROOT_NAMESPACE && selector.is_none(),
     }
+}
+
+/// True when `policy` is enforced by `workload`'s sidecar.
+pub fn applies_to(policy: &AuthorizationPolicy, workload: &SpiffeId) -> bool {
+    selects(
+        &policy.metadata.namespace,
+        policy.spec.selector.as_ref(),
+        workload,
+    )
+}
+
+/// True when `np` constrains `workload`'s traffic: what the control plane sends its sidecar and
+/// what `meshgate redirect attach` loads into the workload's eBPF egress allowlist.
+pub fn network_policy_applies(np: &NetworkPolicy, workload: &SpiffeId) -> bool {
+    selects(&np.metadata.namespace, np.spec.selector.as_ref(), workload)
 }
 
 /// The part of `set` that `workload`'s sidecar receives, with the set's version.

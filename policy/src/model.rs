@@ -11,7 +11,7 @@
 //! [`crate::validate`] when a directory is loaded.
 
 use ipnet::IpNet;
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 use serde::{Deserialize, Serialize};
 
 /// The only `apiVersion` understood; a future `v2` must be refused, not half-read.

@@ -1,7 +1,7 @@
 //! Known path-confusion bypasses against "allow `/public/*`, deny `/admin/*`": normalization alone,
 //! then normalization + a real compiled snapshot.
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
 use crate::authz::{AuthzRequest, PolicySnapshot};
 use crate::load::load_dir;

@@ -13,9 +13,9 @@
 
 use http::HeaderName;
 
-use crate::authz::AuthzRequest;
 use crate::model::{Condition, Operation, Rule, Source};
 use crate::pattern::{Pattern, PatternError};
+use crate::request::AuthzRequest;
 
 /// How paths are compared. DENY rules compare ASCII-case-insensitively so that an app that
 /// routes case-insensitively (IIS, some Spring setups) cannot be reached at `/ADMIN` past a DENY

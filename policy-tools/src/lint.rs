@@ -3,10 +3,10 @@
 //! caller of this mesh; a DENY rule with only HTTP conditions also denies L4 tunnels (it drops
 //! those conditions at L4). Warnings never fail the check: the policy is valid, just suspicious.
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::load::PolicySet;
-use crate::model::{Action, Protocol};
+use meshgate_policy::load::PolicySet;
+use meshgate_policy::model::{Action, Protocol};
 
 /// One warning, about one rule of one policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub fn warnings(set: &PolicySet) -> Vec<Warning> {
             let tcp_ports: Vec<u16> = set
                 .services
                 .iter()
-                .filter(|s| crate::authz::applies_to(policy, &s.spec.identity))
+                .filter(|s| meshgate_policy::scope::applies_to(policy, &s.spec.identity))
                 .flat_map(|s| s.spec.ports.iter())
                 .filter(|p| p.protocol == Protocol::Tcp)
                 .map(|p| p.port)

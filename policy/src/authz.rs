@@ -17,25 +17,14 @@
 
 use std::sync::Arc;
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
 use crate::index::{RuleIndex, RuleRef};
-use crate::load::PolicySet;
 use crate::matcher::{PathCase, RuleMatcher};
-use crate::model::{Action, AuthorizationPolicy, DefaultAction, Mode, ROOT_NAMESPACE};
-
-/// What a request is judged on. `method`/`path` are `None` for L4 (TCP) connections: rules with
-/// L7 conditions never match those.
-#[derive(Debug, Clone, Copy)]
-pub struct AuthzRequest<'a> {
-    pub peer: &'a SpiffeId,
-    pub method: Option<&'a str>,
-    /// Already normalized (see [`crate::path::normalize_path`]).
-    pub path: Option<&'a str>,
-    /// The destination port of the workload's app.
-    pub port: u16,
-    pub headers: Option<&'a http::HeaderMap>,
-}
+use crate::model::{Action, AuthorizationPolicy, DefaultAction, Mode};
+pub use crate::request::AuthzRequest;
+use crate::scope::applies_to;
+use crate::set::PolicySet;
 
 /// The decision label used in logs, metrics and traces (and read back from test cases and access
 /// logs by the policy tools, hence `Deserialize`).
@@ -50,16 +39,20 @@ pub enum DecisionKind {
     Audit,
     /// Allowed, but a dry-run policy would have denied it.
     DryRunDeny,
+    /// Refused before any policy was consulted: a method or a path the sidecar does not forward
+    /// (see [`crate::judge()`]; the sidecar answers 400).
+    BadRequest,
 }
 
 impl DecisionKind {
-    /// `allow` | `deny` | `audit` | `dry-run-deny`.
+    /// `allow` | `deny` | `audit` | `dry-run-deny` | `bad-request`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Allow => "allow",
             Self::Deny => "deny",
             Self::Audit => "audit",
             Self::DryRunDeny => "dry-run-deny",
+            Self::BadRequest => "bad-request",
         }
     }
 }
@@ -122,23 +115,6 @@ pub struct PolicySnapshot {
     /// Sorted by `namespace/name`; [`RuleRef::policy`] indexes this.
     policies: Vec<CompiledPolicy>,
     groups: Groups,
-}
-
-/// True when `policy` is enforced by `workload`'s sidecar (README, "Policy": scope).
-pub fn applies_to(policy: &AuthorizationPolicy, workload: &SpiffeId) -> bool {
-    let ns = policy.metadata.namespace.as_str();
-    let selected = |account: &str| {
-        policy
-            .spec
-            .selector
-            .as_ref()
-            .is_none_or(|s| s.account == account)
-    };
-    match workload.namespace_and_account() {
-        Some((w_ns, w_sa)) => (ns == w_ns || ns == ROOT_NAMESPACE) && selected(w_sa),
-        // Not a /ns/<ns>/sa/<sa> ID: only mesh-wide policies without a selector can name it.
-        None => ns == ROOT_NAMESPACE && policy.spec.selector.is_none(),
-    }
 }
 
 impl CompiledPolicy {

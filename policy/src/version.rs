@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 
-use crate::load::PolicySet;
 use crate::model::{Metadata, Resource};
+use crate::set::PolicySet;
 
 /// Hex digits kept: 64 bits, plenty to tell versions apart, short enough for logs and metrics.
 const VERSION_HEX_LEN: usize = 16;
@@ -39,4 +39,11 @@ pub fn content_version(set: &PolicySet) -> String {
     let mut hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     hex.truncate(VERSION_HEX_LEN);
     hex
+}
+
+impl PolicySet {
+    /// Recomputes [`PolicySet::version`] from the content (after building a set in code).
+    pub fn update_version(&mut self) {
+        self.version = content_version(self);
+    }
 }

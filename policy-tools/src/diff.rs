@@ -13,14 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
-use crate::load::PolicySet;
-use crate::model::{AuthorizationPolicy, ROOT_NAMESPACE};
-use crate::pattern::Pattern;
-use crate::tools::flows::ObservedFlow;
-use crate::tools::probe::DEFAULT_PORT;
+use crate::flows::ObservedFlow;
+use crate::probe::DEFAULT_PORT;
+use meshgate_policy::authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
+use meshgate_policy::load::PolicySet;
+use meshgate_policy::model::{AuthorizationPolicy, ROOT_NAMESPACE};
+use meshgate_policy::pattern::Pattern;
 
 /// Methods tried when nobody mentions them, to catch "any method" rules changing.
 const UNMENTIONED_METHODS: &[&str] = &["PATCH", "PROPFIND", "X-UNMENTIONED"];

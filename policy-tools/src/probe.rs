@@ -1,18 +1,17 @@
-//! One request, judged exactly as the inbound sidecar judges it: the raw path is normalized first
-//! and a path that cannot be normalized is refused before any policy is consulted (the sidecar
-//! answers 400), so `test` and `explain` report that as a `deny` with reason "bad path"; so is a
-//! method the sidecar refuses (`delete`, `CONNECT`: reason "bad request").
-
-use std::sync::Arc;
+//! One request described on the command line (or in a test case), judged by
+//! [`meshgate_policy::judge()`] — the function the inbound sidecar calls — so `test` and
+//! `explain` can never disagree with a sidecar: a method the sidecar refuses (`delete`,
+//! `CONNECT`: reason "bad request") or a path it cannot normalize (reason "bad path") is a
+//! `bad-request` decision, as in the sidecar's logs and metrics (it answers 400).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::{AuthzRequest, Decision, DecisionKind, PolicySnapshot};
-use crate::load::PolicySet;
-use crate::method::check_method;
-use crate::path::{NormalizedPath, PathError, normalize_path};
-use crate::validate::is_token;
+use meshgate_policy::authz::{Decision, PolicySnapshot};
+use meshgate_policy::judge::{HttpRequest, Refusal, judge};
+use meshgate_policy::load::PolicySet;
+use meshgate_policy::path::{NormalizedPath, PathError, normalize_path};
+use meshgate_policy::validate::is_token;
 
 /// The app port assumed when none is given (what the sample apps and docs use).
 pub const DEFAULT_PORT: u16 = 8080;
@@ -113,53 +112,25 @@ impl Probe {
 
     /// Judges the probe against an already compiled snapshot (of the probe's workload).
     pub fn judge_with(&self, snapshot: &PolicySnapshot) -> Judgement {
-        let Some((method, raw_path)) = &self.http else {
-            return Judgement {
-                normalized: None,
-                decision: snapshot.evaluate(&AuthzRequest {
-                    peer: &self.peer,
-                    method: None,
-                    path: None,
-                    port: self.port,
-                    headers: None,
-                }),
-            };
-        };
-        let normalized = normalize_path(raw_path);
-        if let Err(e) = check_method(method) {
-            return Judgement {
-                normalized: Some(normalized),
-                decision: refused(snapshot, format!("bad request: {e}")),
-            };
-        }
-        let decision = match &normalized {
-            Ok(n) => snapshot.evaluate(&AuthzRequest {
-                peer: &self.peer,
-                method: Some(method),
-                path: Some(&n.path),
-                port: self.port,
-                headers: Some(&self.headers),
-            }),
-            Err(e) => refused(snapshot, format!("bad path: {e}")),
+        let http = self.http.as_ref().map(|(method, target)| HttpRequest {
+            method,
+            target,
+            headers: &self.headers,
+        });
+        let judged = judge(snapshot, &self.peer, self.port, http);
+        let normalized = match (judged.normalized, judged.refusal) {
+            (Some(n), _) => Some(Ok(n)),
+            (None, Some(Refusal::Path(e))) => Some(Err(e)),
+            // L4, or a method refused before the path was looked at: the path as sent.
+            (None, Some(Refusal::Method(_))) => {
+                self.http.as_ref().map(|(_, target)| normalize_path(target))
+            }
+            (None, None) => None,
         };
         Judgement {
-            normalized: Some(normalized),
-            decision,
+            normalized,
+            decision: judged.decision,
         }
-    }
-}
-
-/// The decision the sidecar's 400 amounts to: refused before any policy is consulted.
-fn refused(snapshot: &PolicySnapshot, reason: String) -> Decision {
-    Decision {
-        kind: DecisionKind::Deny,
-        allowed: false,
-        policy: None,
-        rule: None,
-        version: Arc::from(snapshot.version()),
-        reason,
-        audit_policy: None,
-        dry_run_policy: None,
     }
 }
 

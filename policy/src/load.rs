@@ -14,8 +14,8 @@ use crate::docsplit::{RawDoc, split_documents};
 use crate::model::{
     API_VERSION, AuthorizationPolicy, MeshConfig, NetworkPolicy, Resource, Service,
 };
+pub use crate::set::PolicySet;
 use crate::validate::{self, Problem};
-use crate::version::content_version;
 
 /// Largest policy file read: 4 MiB. Thousands of policies fit in one file under it; a larger file
 /// is a generated dump or an attack, and parsing it would cost the control plane (and every
@@ -23,30 +23,12 @@ use crate::version::content_version;
 pub const MAX_POLICY_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Largest total of YAML in one policy directory: 8 MiB. Pushes carry at most this set in JSON,
-/// which stays under the 16 MiB push limit ([`crate::wire::MAX_PUSH_BYTES`]).
+/// which stays under the 16 MiB push limit of the control-plane stream (`meshgate_xds::wire`).
 pub const MAX_POLICY_DIR_BYTES: u64 = 8 * 1024 * 1024;
 
-// A file the per-file limit allows must fit the directory, and a directory's JSON the push.
+// A file the per-file limit allows must fit the directory (and `meshgate-xds` checks that a
+// directory's JSON fits a push).
 const _: () = assert!(MAX_POLICY_FILE_BYTES <= MAX_POLICY_DIR_BYTES);
-const _: () = assert!(2 * MAX_POLICY_DIR_BYTES <= crate::wire::MAX_PUSH_BYTES as u64);
-
-/// Every document of a policy directory, validated, with a content version.
-#[derive(Debug, Clone, Default)]
-pub struct PolicySet {
-    pub policies: Vec<AuthorizationPolicy>,
-    pub services: Vec<Service>,
-    pub network_policies: Vec<NetworkPolicy>,
-    pub mesh_config: MeshConfig,
-    /// Short hash of the documents' content: equal content, equal version.
-    pub version: String,
-}
-
-impl PolicySet {
-    /// Recomputes [`PolicySet::version`] from the content (after building a set in code).
-    pub fn update_version(&mut self) {
-        self.version = content_version(self);
-    }
-}
 
 /// One problem found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,7 +277,7 @@ impl Loader {
                 .get(&(AuthorizationPolicy::KIND, policy.metadata.key()))
                 .and_then(|o| o.0.clone());
             for service in &self.set.services {
-                if !crate::authz::applies_to(policy, &service.spec.identity) {
+                if !crate::scope::applies_to(policy, &service.spec.identity) {
                     continue;
                 }
                 let tcp: Vec<u16> = service

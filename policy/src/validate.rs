@@ -11,7 +11,7 @@
 //! - port 0, CIDRs with host bits set, malformed endpoints, names that could not appear in a
 //!   SPIFFE ID segment, a MeshConfig outside the root namespace or with a bad trust domain.
 
-use meshgate_ca::{SpiffeId, TrustDomain};
+use meshgate_spiffe::{SpiffeId, TrustDomain};
 
 use crate::model::{
     AuthorizationPolicy, MeshConfig, Metadata, NetworkPolicy, Operation, ROOT_NAMESPACE, Rule,

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::authz::{Decision, DecisionKind};
-use crate::load::PolicySet;
-use crate::tools::probe::{DEFAULT_PORT, Probe, ProbeError, describe_hit};
+use crate::probe::{DEFAULT_PORT, Probe, ProbeError, describe_hit};
+use meshgate_policy::authz::{Decision, DecisionKind};
+use meshgate_policy::load::PolicySet;
 
 /// The cases file: `cases: [...]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,9 +72,11 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
-    /// True when the decision kind and any expected policy/rule match.
+    /// True when the decision kind and any expected policy/rule match. `deny` is met by a
+    /// `bad-request` too: both refuse the request (expect `bad-request` to insist on the 400).
     pub fn passed(&self) -> bool {
-        self.got.kind == self.case.expect
+        (self.got.kind == self.case.expect
+            || self.case.expect == DecisionKind::Deny && self.got.kind == DecisionKind::BadRequest)
             && self
                 .case
                 .policy

@@ -1,12 +1,13 @@
 //! Evaluator tests: matchers, scope, decision order, AUDIT, dry-run, L4, index determinism.
 
 use http::{HeaderMap, HeaderValue};
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::{AuthzRequest, DRY_RUN_NO_ALLOW, DecisionKind, PolicySnapshot, applies_to};
+use crate::authz::{AuthzRequest, DRY_RUN_NO_ALLOW, DecisionKind, PolicySnapshot};
 use crate::load::{PolicySet, load_dir};
 use crate::matcher::{PathCase, RuleMatcher};
 use crate::model::{AuthorizationPolicy, Rule};
+use crate::scope::applies_to;
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";

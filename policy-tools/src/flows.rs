@@ -10,10 +10,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 use serde::Deserialize;
 
-use crate::authz::DecisionKind;
+use meshgate_policy::authz::DecisionKind;
 
 /// The fields of one decision line that the tools use. Deliberately *not*
 /// `deny_unknown_fields`: log lines carry timestamps, levels, targets, span fields and whatever

@@ -2,6 +2,8 @@
 //! suggest`. They reuse the loader, validator, evaluator and path normalizer as they are, so a tool
 //! can never disagree with what a sidecar decides; the CLI only parses arguments and prints.
 
+#![forbid(unsafe_code)]
+
 pub mod diff;
 pub mod explain;
 pub mod flows;

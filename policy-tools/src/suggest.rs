@@ -10,15 +10,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::DecisionKind;
-use crate::model::{
+use crate::flows::ObservedFlow;
+use meshgate_policy::authz::DecisionKind;
+use meshgate_policy::model::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Metadata, Mode, Operation, Rule,
     Selector, Source,
 };
-use crate::tools::flows::ObservedFlow;
-use crate::validate::{check_path_pattern, is_token};
+use meshgate_policy::validate::{check_path_pattern, is_token};
 
 /// Generalizes a set of observed (normalized) paths into patterns, as simply as can be explained:
 /// walking the path tree from the top, a prefix `/a/` under which the observed paths have at

@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
-use meshgate_ca::SpiffeId;
+use meshgate_spiffe::SpiffeId;
 
-use crate::authz::{AuthzRequest, DecisionKind, PolicySnapshot};
-use crate::load::{PolicySet, load_dir};
-use crate::tools::diff::{diff_flows, diff_sets};
-use crate::tools::flows::ObservedFlow;
-use crate::tools::suggest::{SuggestOptions, generalize_paths, suggest, to_yaml};
-use crate::tools::test_cases::{parse_cases, run_cases};
+use crate::diff::{diff_flows, diff_sets};
+use crate::flows::ObservedFlow;
+use crate::suggest::{SuggestOptions, generalize_paths, suggest, to_yaml};
+use crate::test_cases::{parse_cases, run_cases};
+use meshgate_policy::authz::{AuthzRequest, DecisionKind, PolicySnapshot};
+use meshgate_policy::load::{PolicySet, load_dir};
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";

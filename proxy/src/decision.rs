@@ -1,0 +1,271 @@
+//! Where authorization decisions are written — once each, in one place.
+//!
+//! The inbound layers and the L4 tunnel server build a [`DecisionRecord`] at the point they
+//! decide and hand it to a [`DecisionSink`], which writes the same value to the log line
+//! (`event = "authz.decision"`, one field per record field, under the record's serde names so the
+//! policy tools read it back as the same type), the trace span, the metrics and the decision
+//! feed. Nothing else logs or counts decisions, so the four can never disagree (a bad path was
+//! once `bad-request` in metrics and `deny` in the span).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshgate_policy::DecisionRecord;
+use meshgate_policy::record::{DECISION_EVENT, Layer};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
+use tokio::sync::broadcast;
+
+use crate::metrics::{LatencyLabels, Metrics, RequestLabels, TcpLabels};
+use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
+
+/// Writes decisions to the log, spans, metrics and the decision feed.
+#[derive(Clone)]
+pub struct DecisionSink {
+    metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
+    /// Records are cloned into it only while someone subscribes (`meshgate demo`).
+    feed: broadcast::Sender<DecisionRecord>,
+}
+
+impl DecisionSink {
+    pub fn new(metrics: Arc<Metrics>, telemetry: Arc<Telemetry>) -> Self {
+        let (feed, _) = broadcast::channel(1024);
+        Self {
+            metrics,
+            telemetry,
+            feed,
+        }
+    }
+
+    /// Every decision from now on (a slow subscriber misses the oldest, never blocks traffic).
+    pub fn subscribe(&self) -> broadcast::Receiver<DecisionRecord> {
+        self.feed.subscribe()
+    }
+
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// An HTTP decision: the log line, a `meshgate.authz` child span of the request's server span
+    /// (`server`), the decision on the server span, the request counter and latency (since
+    /// `started`), the feed.
+    pub fn http(&self, record: &DecisionRecord, server: &opentelemetry::Context, started: Instant) {
+        log(record);
+        self.span(record, server);
+        let decision = record.decision.as_str();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: "inbound",
+                decision,
+                policy: record.policy.clone().unwrap_or_default(),
+            })
+            .inc();
+        observe_latency(&self.metrics, decision, started);
+        self.publish(record);
+    }
+
+    /// An L4 tunnel decision: the log line, the tunnel counter, the feed.
+    pub fn tunnel(&self, record: &DecisionRecord) {
+        log(record);
+        self.metrics
+            .tcp_connections
+            .get_or_create(&TcpLabels {
+                direction: "inbound",
+                decision: if record.allowed() { "allow" } else { "deny" },
+                port: record.port,
+            })
+            .inc();
+        self.publish(record);
+    }
+
+    fn publish(&self, record: &DecisionRecord) {
+        if self.feed.receiver_count() > 0 {
+            let _ = self.feed.send(record.clone());
+        }
+    }
+
+    /// The decision as a `meshgate.authz` span (ended at once: deciding is all it covers) and as
+    /// attributes of the server span. Refusals mark both as errors with the reason.
+    fn span(&self, record: &DecisionRecord, server: &opentelemetry::Context) {
+        if !self.telemetry.enabled() {
+            return;
+        }
+        let decision = record.decision.as_str();
+        let mut attributes = vec![
+            KeyValue::new("meshgate.peer.id", record.peer.to_string()),
+            KeyValue::new(DECISION_ATTRIBUTE, decision),
+            KeyValue::new(
+                "meshgate.policy.name",
+                record.policy.clone().unwrap_or_default(),
+            ),
+            KeyValue::new("meshgate.policy.version", record.version.clone()),
+            KeyValue::new("meshgate.workload.id", record.workload.to_string()),
+            KeyValue::new("meshgate.decision.reason", record.reason.clone()),
+        ];
+        let optional = [
+            ("http.request.method", &record.method),
+            ("url.path", &record.path),
+            ("meshgate.path.original", &record.original),
+            ("meshgate.audit.policy", &record.audit_policy),
+            ("meshgate.dry_run.policy", &record.dry_run_policy),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                attributes.push(KeyValue::new(key, value.clone()));
+            }
+        }
+        if let Some(rule) = record.rule {
+            attributes.push(KeyValue::new("meshgate.policy.rule", rule as i64));
+        }
+        let authz = self
+            .telemetry
+            .span("meshgate.authz", SpanKind::Internal, server, attributes);
+        let server_span = server.span();
+        server_span.set_attribute(KeyValue::new(DECISION_ATTRIBUTE, decision));
+        if let Some(path) = &record.path {
+            server_span.set_attribute(KeyValue::new("url.path", path.clone()));
+        }
+        if let Some(original) = &record.original {
+            server_span.set_attribute(KeyValue::new("meshgate.path.original", original.clone()));
+        }
+        if !record.allowed() {
+            authz
+                .span()
+                .set_status(Status::error(record.reason.clone()));
+        }
+        authz.span().end();
+    }
+}
+
+/// The request counter and latency of a request that ended without a decision (this sidecar
+/// could not serve it: `error`).
+pub fn count_undecided(metrics: &Metrics, started: Instant) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "inbound",
+            decision: "error",
+            policy: String::new(),
+        })
+        .inc();
+    observe_latency(metrics, "error", started);
+}
+
+fn observe_latency(metrics: &Metrics, decision: &'static str, started: Instant) {
+    metrics
+        .request_duration
+        .get_or_create(&LatencyLabels {
+            direction: "inbound",
+            decision,
+        })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// The decision log line: every field of the record under its serde name.
+fn log(r: &DecisionRecord) {
+    let layer = match r.layer {
+        Layer::L7 => "l7",
+        Layer::L4 => "l4",
+    };
+    tracing::info!(
+        event = DECISION_EVENT,
+        layer,
+        meshgate.workload.id = %r.workload,
+        peer.id = %r.peer,
+        peer.addr = r.peer_addr.as_deref(),
+        port = r.port,
+        http.request.method = r.method.as_deref(),
+        url.path = r.path.as_deref(),
+        meshgate.path.original = r.original.as_deref(),
+        decision = r.decision.as_str(),
+        policy = r.policy.as_deref(),
+        rule = r.rule,
+        policy.version = %r.version,
+        reason = %r.reason,
+        audit_policy = r.audit_policy.as_deref(),
+        dry_run_policy = r.dry_run_policy.as_deref(),
+        trace_id = r.trace_id.as_deref(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    /// A `MakeWriter` collecting everything written.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(record: &DecisionRecord) -> DecisionRecord {
+        let out = Captured::default();
+        let writer = out.clone();
+        // The format `meshgate --log-format json` installs.
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log(record));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(value["event"], DECISION_EVENT);
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The log line reads back as the record that was written, field for field, for each kind
+    /// of record: the tools that parse logs see exactly what the sidecar decided.
+    #[test]
+    fn log_line_round_trips() {
+        let id = |s: &str| meshgate_ca::SpiffeId::parse(s).unwrap();
+        let decision = meshgate_policy::Decision::bad_request("v1", "bad path: x".into());
+        let mut bad = DecisionRecord::new(
+            Layer::L7,
+            &id("spiffe://mesh.local/ns/shop/sa/orders"),
+            &id("spiffe://mesh.local/ns/shop/sa/web"),
+            8080,
+            &decision,
+        );
+        bad.method = Some("GET".into());
+        bad.original = Some("/a/..%2fb".into());
+        bad.peer_addr = Some("127.0.0.1:4000".into());
+        assert_eq!(logged(&bad), bad);
+
+        let mut full = bad.clone();
+        full.decision = meshgate_policy::DecisionKind::DryRunDeny;
+        full.path = Some("/b".into());
+        full.policy = Some("shop/p".into());
+        full.rule = Some(3);
+        full.audit_policy = Some("shop/a".into());
+        full.dry_run_policy = Some("shop/d".into());
+        full.trace_id = Some("0af7651916cd43dd8448eb211c80319c".into());
+        assert_eq!(logged(&full), full);
+
+        let mut l4 = DecisionRecord::new(
+            Layer::L4,
+            &id("spiffe://mesh.local/ns/shop/sa/db"),
+            &id("spiffe://mesh.local/ns/shop/sa/orders"),
+            5432,
+            &meshgate_policy::Decision::bad_request("v1", "r".into()),
+        );
+        l4.decision = meshgate_policy::DecisionKind::Deny;
+        assert_eq!(logged(&l4), l4);
+    }
+}

@@ -1,0 +1,169 @@
+//! The outermost inbound layer: one server span per request, and the one place a request's
+//! decision is written ([`crate::decision::DecisionSink::http`]) and its error turned into a
+//! response ([`InboundError::into_response`]).
+//!
+//! Inner layers decide; this layer records. An allowed request's [`DecisionRecord`] comes back
+//! in the response's extensions, a refused one inside the [`InboundError`], so every request is
+//! written exactly once, with its latency, whatever layer decided.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use meshgate_policy::{DecisionKind, DecisionRecord};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
+use tower::{Layer, Service};
+
+use super::authz::{AuthzContext, PeerIdentity};
+use super::error::InboundError;
+use crate::http_util::{ProxyBody, is_grpc};
+use crate::telemetry::Telemetry;
+
+/// The request's server span, for the inner layers (the app continues the trace from it).
+#[derive(Clone)]
+pub struct RequestSpan {
+    pub cx: opentelemetry::Context,
+    /// Its W3C trace ID, when tracing is on (for log lines).
+    pub trace_id: Option<String>,
+}
+
+/// Adds [`Observe`].
+pub struct ObserveLayer {
+    ctx: Arc<AuthzContext>,
+    peer: Arc<PeerIdentity>,
+}
+
+impl ObserveLayer {
+    pub fn new(ctx: Arc<AuthzContext>, peer: Arc<PeerIdentity>) -> Self {
+        Self { ctx, peer }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            ctx: self.ctx.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    ctx: Arc<AuthzContext>,
+    peer: Arc<PeerIdentity>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<Request<Incoming>> for Observe<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = InboundError>
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner layers are ready when the forwarder is, which never fails: their errors
+        // are per request, from `call`.
+        self.inner.poll_ready(cx).map(|_| Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
+        let sink = self.ctx.sink.clone();
+        let grpc = is_grpc(req.headers());
+        let server = if sink.telemetry().enabled() {
+            // Its parent is the caller's trace context.
+            let parent = sink.telemetry().extract(req.headers());
+            sink.telemetry().span(
+                "meshgate.inbound",
+                SpanKind::Server,
+                &parent,
+                vec![
+                    KeyValue::new("http.request.method", req.method().as_str().to_string()),
+                    KeyValue::new("url.scheme", "https"),
+                    KeyValue::new("network.protocol.version", protocol_version(req.version())),
+                    KeyValue::new("client.address", self.peer.addr.ip().to_string()),
+                    KeyValue::new("client.port", i64::from(self.peer.addr.port())),
+                    KeyValue::new("meshgate.peer.id", self.peer.id.to_string()),
+                    KeyValue::new("meshgate.workload.id", self.ctx.local_id.to_string()),
+                ],
+            )
+        } else {
+            opentelemetry::Context::new()
+        };
+        let trace_id = Some(Telemetry::trace_id(&server)).filter(|t| !t.is_empty());
+        req.extensions_mut().insert(RequestSpan {
+            cx: server.clone(),
+            trace_id: trace_id.clone(),
+        });
+        let ctx = self.ctx.clone();
+        let peer = self.peer.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let (resp, record) = match call.await {
+                Ok(mut resp) => {
+                    let record = resp.extensions_mut().remove::<DecisionRecord>();
+                    (resp, record)
+                }
+                Err(e) => {
+                    let record = e.record().cloned();
+                    if record.is_none() {
+                        tracing::warn!(
+                            event = "authz.local_svid_expired",
+                            meshgate.workload.id = %ctx.local_id,
+                            peer.id = %peer.id,
+                            trace_id = trace_id.as_deref(),
+                            "request refused: this sidecar's SVID has expired"
+                        );
+                    }
+                    (e.into_response(grpc), record)
+                }
+            };
+            match &record {
+                Some(record) => sink.http(record, &server, started),
+                None => crate::decision::count_undecided(sink.metrics(), started),
+            }
+            let span = server.span();
+            let status = resp.status();
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            ));
+            if status.is_server_error() {
+                span.set_status(Status::error(status.to_string()));
+            } else if let Some(record) = record
+                .as_ref()
+                .filter(|r| r.decision == DecisionKind::BadRequest)
+            {
+                span.set_status(Status::error(record.reason.clone()));
+            }
+            span.end();
+            Ok(resp)
+        })
+    }
+}
+
+/// `1.1` / `2` as OpenTelemetry's `network.protocol.version` wants it.
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
+}
