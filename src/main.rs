@@ -6,7 +6,7 @@ mod check_cmd;
 mod control_plane_cmd;
 mod demo;
 mod health_cmd;
-mod inject;
+mod inject_cmd;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
@@ -88,7 +88,7 @@ enum Command {
     #[command(
         after_help = "Example:\n  meshgate inject docker-compose.yml -o docker-compose.mesh.yml\n  meshgate inject deployment.yaml --dry-run"
     )]
-    Inject(inject::InjectArgs),
+    Inject(inject_cmd::InjectArgs),
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
         #[command(subcommand)]
@@ -242,7 +242,7 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),
-        Command::Inject(args) => inject::run(args).map_err(anyhow::Error::from),
+        Command::Inject(args) => inject_cmd::run(args).map_err(anyhow::Error::from),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {

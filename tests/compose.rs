@@ -23,7 +23,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::otlp::OtlpReceiver;
-use support::privileged::{COMPOSE, cgroup2_mount, have};
+use support::privileged::{COMPOSE, have};
 use support::{free_port, text};
 
 const PROJECT: &str = "meshgate-test";
@@ -174,7 +174,11 @@ fn preconditions() -> Result<PathBuf, String> {
     if !succeeds(Command::new("docker").arg("info")) {
         return Err("no Docker engine answers (start dockerd)".into());
     }
-    cgroup2_mount().ok_or_else(|| "no cgroup v2 mount".to_string())
+    meshgate_ebpf::preflight()
+        .cgroup2_mounts
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no cgroup v2 mount".to_string())
 }
 
 fn nix_is_root() -> bool {

@@ -22,15 +22,14 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::privileged::{EBPF, cgroup2_mount, have};
+use meshgate_ebpf::sandbox::{self, Sandbox};
+use support::privileged::{EBPF, have};
 
 const A_IP: &str = "10.199.0.1";
 const B_IP: &str = "10.199.0.2";
@@ -76,23 +75,18 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Everything the test creates; removed on drop, also when an assertion fails.
+/// Everything the test creates; removed on drop, also when an assertion fails (the sandbox
+/// kills what runs in its cgroups, detaches their eBPF programs, deletes namespaces and cgroups).
 struct Env {
-    id: String,
     dir: tempfile::TempDir,
-    cg_root: PathBuf,
-    netns: [String; 2],
     children: Vec<(String, Child)>,
-    attached: Vec<PathBuf>,
+    netns: [String; 2],
+    sandbox: Sandbox,
 }
 
 impl Env {
-    fn ns_path(&self, pod: usize) -> PathBuf {
-        Path::new("/run/netns").join(&self.netns[pod])
-    }
-
     fn cg(&self, rel: &str) -> PathBuf {
-        self.cg_root.join(rel)
+        self.sandbox.cgroup_root().join(rel)
     }
 
     /// A command that runs inside `pod`'s network namespace, in cgroup `cg` (relative to the test
@@ -103,36 +97,8 @@ impl Env {
 
     /// [`Env::in_pod`], then (after joining) switch to `uid` (and the same gid).
     fn in_pod_as(&self, pod: usize, cg: &str, program: &str, uid: Option<u32>) -> Command {
-        let procs = std::ffi::CString::new(
-            self.cg(cg)
-                .join("cgroup.procs")
-                .to_string_lossy()
-                .into_owned(),
-        )
-        .unwrap();
-        let ns = File::open(self.ns_path(pod)).expect("open netns");
         let mut cmd = Command::new(program);
-        // SAFETY: the closure only makes async-signal-safe calls (open, write, close, setns).
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(uid) = uid
-                    && (libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(uid) != 0
-                        || libc::setuid(uid) != 0)
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        sandbox::enter(&mut cmd, &self.netns[pod], &self.cg(cg), uid).expect("enter pod");
         cmd
     }
 
@@ -215,34 +181,9 @@ impl Drop for Env {
                 );
             }
         }
-        for cg in &self.attached {
-            let _ = meshgate_ebpf::detach(cg);
+        if let Err(e) = self.sandbox.cleanup() {
+            eprintln!("{e}");
         }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for leaf in [
-            "pod-a/shared/init",
-            "pod-a/shared",
-            "pod-a/app",
-            "pod-a/sidecar",
-            "pod-a/other",
-            "pod-b/app",
-            "pod-b/sidecar",
-            "pod-b/ext",
-            "pod-a",
-            "pod-b",
-            "",
-        ] {
-            let d = self.cg(leaf);
-            for _ in 0..50 {
-                if !d.exists() || std::fs::remove_dir(&d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        let _ = &self.id;
     }
 }
 
@@ -266,11 +207,8 @@ fn setup(tag: &str) -> Option<Env> {
             return None;
         }
     }
-    let Some(mount) = cgroup2_mount() else {
-        EBPF.skip_or_fail("no cgroup2 mount");
-        return None;
-    };
     let id = format!("{}{tag}", std::process::id() % 100_000);
+    let sandbox = Sandbox::create(&format!("mgt{id}")).expect("sandbox");
     let dir = tempfile::tempdir().unwrap();
     // Readable by the test's non-root (uid 1337) processes.
     std::fs::set_permissions(
@@ -278,14 +216,6 @@ fn setup(tag: &str) -> Option<Env> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let env = Env {
-        dir,
-        cg_root: mount.join(format!("meshgate-test-{id}")),
-        netns: [format!("mgt{id}-a"), format!("mgt{id}-b")],
-        children: Vec::new(),
-        attached: Vec::new(),
-        id: id.clone(),
-    };
     for leaf in [
         "pod-a/app",
         "pod-a/sidecar",
@@ -294,29 +224,21 @@ fn setup(tag: &str) -> Option<Env> {
         "pod-b/sidecar",
         "pod-b/ext",
     ] {
-        std::fs::create_dir_all(env.cg(leaf)).unwrap();
+        sandbox.cgroup(leaf).unwrap();
     }
-    let [na, nb] = &env.netns;
+    let na = sandbox.netns("a").unwrap();
+    let nb = sandbox.netns("b").unwrap();
     let (va, vb) = (format!("mgt{id}a"), format!("mgt{id}b"));
-    let script = format!(
-        "set -e
-        ip netns add {na}
-        ip netns add {nb}
-        ip link add {va} netns {na} type veth peer name {vb} netns {nb}
-        ip -n {na} addr add {A_IP}/24 dev {va}
-        ip -n {nb} addr add {B_IP}/24 dev {vb}
-        ip -n {nb} addr add {EXT_IP}/24 dev {vb}
-        ip -n {na} link set lo up
-        ip -n {nb} link set lo up
-        ip -n {na} link set {va} up
-        ip -n {nb} link set {vb} up"
-    );
-    let out = output_within(
-        Command::new("sh").args(["-c", &script]),
-        Duration::from_secs(20),
-    );
-    assert!(out.status.success(), "netns setup: {}", text(&out));
-    Some(env)
+    sandbox.veth((&na, &va), (&nb, &vb)).unwrap();
+    sandbox.addr(&na, &va, &format!("{A_IP}/24")).unwrap();
+    sandbox.addr(&nb, &vb, &format!("{B_IP}/24")).unwrap();
+    sandbox.addr(&nb, &vb, &format!("{EXT_IP}/24")).unwrap();
+    Some(Env {
+        dir,
+        children: Vec::new(),
+        netns: [na, nb],
+        sandbox,
+    })
 }
 
 const APP: &str = r#"
@@ -511,11 +433,9 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     let args_a = attach_args(&app_a, env.cg("pod-a/sidecar"), "a");
     let args_b = attach_args(&app_b, env.cg("pod-b/sidecar"), "b");
     let started = Instant::now();
-    env.attached.push(app_a.clone());
     let out = ok(&env.redirect(&args_a.iter().map(String::as_str).collect::<Vec<_>>()));
     let attach_ms = started.elapsed().as_secs_f64() * 1e3;
     assert!(out.contains("attached to"), "{out}");
-    env.attached.push(app_b.clone());
     ok(&env.redirect(&args_b.iter().map(String::as_str).collect::<Vec<_>>()));
     let pins_a = meshgate_ebpf::pin_dir_for(&app_a).unwrap();
     let pins_b = meshgate_ebpf::pin_dir_for(&app_b).unwrap();
@@ -697,7 +617,6 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
         let out = ok(&env.redirect(&["detach", "--cgroup", &app.display().to_string()]));
         assert!(out.contains("detached"), "{out}");
     }
-    env.attached.clear();
     assert!(!pins_a.exists() && !pins_b.exists());
     let direct = ok(&env.curl(0, "pod-a/app", &format!("http://{B_IP}:8080/after")));
     assert!(
@@ -740,7 +659,7 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
 fn pod_cgroup_with_sidecar_exempt_by_uid() {
     let Some(mut env) = setup("u") else { return };
     const UID: u32 = 1337;
-    std::fs::create_dir_all(env.cg("pod-a/shared/init")).unwrap();
+    env.sandbox.cgroup("pod-a/shared/init").unwrap();
     let app_py = env.dir.path().join("app.py");
     std::fs::write(&app_py, APP).unwrap();
     // B's app (the real destination) and, in pod A, a stand-in for the sidecar's outbound
@@ -774,7 +693,6 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
 
     // Attach from inside the pod, as an init container would: --pod = parent of its own cgroup.
     let pod = env.cg("pod-a/shared");
-    env.attached.push(pod.clone());
     let out = ok(&output_within(
         env.in_pod(0, "pod-a/shared/init", env!("CARGO_BIN_EXE_meshgate"))
             .args([
@@ -864,5 +782,4 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
         text(&same)
     );
     ok(&env.redirect(&["detach", "--cgroup", &pod.display().to_string()]));
-    env.attached.clear();
 }

@@ -36,6 +36,7 @@ use aya::programs::{CgroupSkb, CgroupSockAddr, CgroupSockopt, SockOps};
 
 mod env;
 mod rules;
+pub mod sandbox;
 mod sys;
 
 pub use env::{Preflight, own_pod_cgroup, preflight};

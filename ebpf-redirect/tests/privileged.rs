@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use meshgate_ebpf::sandbox::Sandbox;
 use meshgate_ebpf::{AttachConfig, Counters, Error, attach, detach, pin_dir_for, preflight};
 
 fn cgroup2_mount() -> Option<PathBuf> {
@@ -27,27 +28,17 @@ fn runnable() -> Option<PathBuf> {
     None
 }
 
-struct Cgroups(Vec<PathBuf>);
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for cg in self.0.iter().rev() {
-            let _ = detach(cg);
-            let _ = std::fs::remove_dir(cg);
-        }
-    }
-}
-
 #[test]
 fn attach_is_idempotent_refuses_foreign_programs_and_detaches() {
-    let Some(mount) = runnable() else { return };
-    let root = mount.join(format!("meshgate-loader-test-{}", std::process::id()));
-    let app = root.join("app");
-    let sidecar = root.join("sidecar");
-    let cgs = Cgroups(vec![root.clone(), app.clone(), sidecar.clone()]);
-    for cg in &cgs.0 {
-        std::fs::create_dir_all(cg).unwrap();
+    if runnable().is_none() {
+        return;
     }
+    // Removed (detached first) on drop, also when an assertion fails.
+    let mut sandbox =
+        Sandbox::create(&format!("meshgate-loader-test-{}", std::process::id())).unwrap();
+    let root = sandbox.cgroup_root().to_path_buf();
+    let app = sandbox.cgroup("app").unwrap();
+    let sidecar = sandbox.cgroup("sidecar").unwrap();
 
     let mut cfg = AttachConfig::new(&app, 15001, 15006);
     cfg.sidecar_cgroup = Some(sidecar.clone());
@@ -109,6 +100,6 @@ fn attach_is_idempotent_refuses_foreign_programs_and_detaches() {
     detach(&app).unwrap();
     assert!(!again.pin_dir.exists());
     assert!(matches!(detach(&app), Err(Error::NotAttached { .. })));
-    drop(cgs);
+    sandbox.cleanup().unwrap();
     assert!(!root.exists());
 }

@@ -12,11 +12,8 @@
 //! run if a previous one crashed.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use meshgate_ca::{CaDir, SpiffeId, TrustDomain};
+use meshgate_ebpf::sandbox::{self, Sandbox};
 use tokio::sync::mpsc;
 
 use super::{DemoArgs, Row, SAMPLE_POLICIES, SCRIPT, WORKLOADS, id_of, print_header, print_row};
 
-/// Prefix of every name this demo creates (netns, cgroup directory, pins).
+/// The demo's sandbox: the prefix of every name it creates (netns, cgroup directory, pins).
 const PREFIX: &str = "mgdemo";
-/// The namespace holding the bridge all pods are plugged into.
-const NET_NS: &str = "mgdemo-net";
 const APP_PORT: u16 = 8080;
 const INBOUND_PORT: u16 = 15006;
 const OUTBOUND_PORT: u16 = 15001;
@@ -44,6 +40,7 @@ fn ip_of(index: usize) -> String {
     format!("10.198.0.{}", index + 2)
 }
 
+/// The name [`Sandbox::netns`] gives `name`'s namespace.
 fn netns_of(name: &str) -> String {
     format!("{PREFIX}-{name}")
 }
@@ -67,7 +64,7 @@ fn requirements_problem(euid: u32, has_cgroup2: bool) -> Option<String> {
     })
 }
 
-fn require_root_and_cgroup2() -> Result<PathBuf> {
+fn require_root_and_cgroup2() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let mounts = meshgate_ebpf::preflight().cgroup2_mounts;
@@ -85,25 +82,7 @@ fn require_root_and_cgroup2() -> Result<PathBuf> {
             "`meshgate demo --with-ebpf` needs the `ip` tool (iproute2) for its network namespaces: apt-get install iproute2"
         );
     }
-    Ok(mounts[0].clone())
-}
-
-fn sh(script: &str) -> Result<()> {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .context("running sh")?;
-    if !out.status.success() {
-        bail!(
-            "network setup failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     Ok(())
-}
-
-fn netns_exists(name: &str) -> bool {
-    Path::new("/run/netns").join(name).exists()
 }
 
 /// Every process this run started, with where its output goes.
@@ -117,46 +96,26 @@ struct Proc {
 
 /// What this run created; torn down by [`Lab::teardown`] (and by Drop if a panic skips it).
 struct Lab {
-    cg_root: PathBuf,
+    sandbox: Sandbox,
     dir: PathBuf,
     procs: Vec<Proc>,
     torn_down: bool,
-    _lock: File,
 }
 
 impl Lab {
     fn app_cg(&self, name: &str) -> PathBuf {
-        self.cg_root.join(name).join("app")
+        self.sandbox.cgroup_root().join(name).join("app")
     }
 
     fn sidecar_cg(&self, name: &str) -> PathBuf {
-        self.cg_root.join(name).join("sidecar")
+        self.sandbox.cgroup_root().join(name).join("sidecar")
     }
 
     /// A command run inside `name`'s pod: cgroup `leaf` first, then the netns, then exec. The
     /// child gets its own process group (Ctrl-C reaches only the demo, which stops it in order)
     /// and dies with the demo if the demo is killed.
     fn in_pod(&self, name: &str, leaf: &Path, mut cmd: Command) -> Result<Command> {
-        let procs = CString::new(leaf.join("cgroup.procs").to_string_lossy().into_owned())?;
-        let ns_path = Path::new("/run/netns").join(netns_of(name));
-        let ns = File::open(&ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
-        // SAFETY: the closure only makes async-signal-safe calls (prctl, setpgid, open, write,
-        // close, setns) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                libc::setpgid(0, 0);
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        sandbox::enter(&mut cmd, &netns_of(name), leaf, None)?;
         Ok(cmd)
     }
 
@@ -266,9 +225,11 @@ impl Lab {
             }
         }
         self.procs.clear();
-        let left = remove_everything(&self.cg_root);
-        let _ = std::fs::remove_file(LOCK);
-        left
+        match self.sandbox.cleanup() {
+            Err(sandbox::Error::Incomplete { left }) => left,
+            Err(e) => vec![e.to_string()],
+            Ok(()) => Vec::new(),
+        }
     }
 }
 
@@ -278,92 +239,6 @@ impl Drop for Lab {
             let _ = self.teardown();
         }
     }
-}
-
-/// Kills whatever runs in the demo's cgroups, detaches the eBPF programs of the app cgroups,
-/// deletes the namespaces (the veths and the bridge go with them) and the cgroups. Safe to run
-/// when nothing exists. Returns what is still there afterwards.
-fn remove_everything(cg_root: &Path) -> Vec<String> {
-    let mut left = Vec::new();
-    let leaves: Vec<PathBuf> = WORKLOADS
-        .iter()
-        .flat_map(|w| ["app", "sidecar"].map(|l| cg_root.join(w).join(l)))
-        .collect();
-    // 1. Processes (a crashed run's children, or anyone who joined the cgroups).
-    for leaf in &leaves {
-        if !leaf.exists() {
-            continue;
-        }
-        let kill = leaf.join("cgroup.kill");
-        if kill.exists() {
-            let _ = std::fs::write(&kill, "1");
-        } else if let Ok(procs) = std::fs::read_to_string(leaf.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: kill has no memory preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-    // 2. eBPF: the pins of the app cgroups (found by metadata if the cgroup is gone).
-    for w in WORKLOADS {
-        let app = cg_root.join(w).join("app");
-        match meshgate_ebpf::detach(&app) {
-            Ok(_) | Err(meshgate_ebpf::Error::NotAttached { .. }) => {}
-            Err(e) => left.push(format!("eBPF pins of {}: {e}", app.display())),
-        }
-    }
-    // 3. Network namespaces.
-    for ns in std::iter::once(NET_NS.to_string()).chain(WORKLOADS.iter().map(|w| netns_of(w))) {
-        if netns_exists(&ns) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-            if netns_exists(&ns) {
-                left.push(format!("netns {ns}"));
-            }
-        }
-    }
-    // 4. Cgroups, leaves first (a killed process leaves its cgroup a moment later).
-    let dirs = leaves
-        .iter()
-        .cloned()
-        .chain(WORKLOADS.iter().map(|w| cg_root.join(w)))
-        .chain(std::iter::once(cg_root.to_path_buf()));
-    for d in dirs {
-        let until = Instant::now() + Duration::from_secs(3);
-        while d.exists() && std::fs::remove_dir(&d).is_err() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if d.exists() {
-            left.push(format!("cgroup {}", d.display()));
-        }
-    }
-    left
-}
-
-/// Was anything of a previous run left behind?
-fn leftovers(cg_root: &Path) -> bool {
-    cg_root.exists()
-        || netns_exists(NET_NS)
-        || WORKLOADS.iter().any(|w| netns_exists(&netns_of(w)))
-        || std::fs::read_dir(meshgate_ebpf::PIN_ROOT).is_ok_and(|mut d| {
-            d.any(|e| {
-                e.is_ok_and(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{PREFIX}_"))
-                })
-            })
-        })
-}
-
-fn take_lock() -> Result<File> {
-    let f = File::create(LOCK).with_context(|| format!("creating {LOCK}"))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "another `meshgate demo --with-ebpf` is running (it holds {LOCK}); stop it first (Ctrl-C)"
-        );
-    }
-    Ok(f)
 }
 
 fn services_yaml() -> String {
@@ -428,27 +303,20 @@ fn resolve_args() -> Vec<String> {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let mount = require_root_and_cgroup2()?;
-    let lock = take_lock()?;
-    let cg_root = mount.join(PREFIX);
-    if leftovers(&cg_root) {
-        let left = remove_everything(&cg_root);
-        if !left.is_empty() {
-            bail!(
-                "a previous `meshgate demo --with-ebpf` left things behind that cannot be removed: {}",
-                left.join(", ")
-            );
-        }
+    require_root_and_cgroup2()?;
+    // The names are fixed: the sandbox's lock keeps a second run from tearing down the first one.
+    let sandbox = Sandbox::create_with_lock(PREFIX, LOCK)
+        .context("`meshgate demo --with-ebpf` cannot start")?;
+    if sandbox.cleaned_leftovers() {
         println!("cleaned up what a previous run left behind (netns, cgroups, eBPF pins)");
     }
     let (_temp, dir) = super::state_dir(&args)?;
     std::fs::create_dir_all(dir.join("logs"))?;
     let mut lab = Lab {
-        cg_root,
+        sandbox,
         dir: dir.clone(),
         procs: Vec::new(),
         torn_down: false,
-        _lock: lock,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -517,30 +385,15 @@ async fn scenario(
     );
 
     // Network: a bridge in its own namespace, one namespace + veth per workload.
-    let mut script = format!(
-        "set -e
-        ip netns add {NET_NS}
-        ip -n {NET_NS} link set lo up
-        ip -n {NET_NS} link add br0 type bridge
-        ip -n {NET_NS} addr add 10.198.0.1/24 dev br0
-        ip -n {NET_NS} link set br0 up
-        "
-    );
+    let net = lab.sandbox.netns("net")?;
+    lab.sandbox.bridge(&net, "br0", "10.198.0.1/24")?;
     for (i, w) in WORKLOADS.iter().enumerate() {
-        let ns = netns_of(w);
-        script.push_str(&format!(
-            "ip netns add {ns}
-            ip -n {NET_NS} link add {w} type veth peer name eth0 netns {ns}
-            ip -n {NET_NS} link set {w} master br0 up
-            ip -n {ns} addr add {ip}/24 dev eth0
-            ip -n {ns} link set eth0 up
-            ip -n {ns} link set lo up
-            ",
-            ip = ip_of(i)
-        ));
+        let ns = lab.sandbox.netns(w)?;
+        lab.sandbox.veth((&net, w), (&ns, "eth0"))?;
+        lab.sandbox.plug(&net, w, "br0")?;
+        lab.sandbox.addr(&ns, "eth0", &format!("{}/24", ip_of(i)))?;
     }
-    sh(&script)?;
-    println!("  network       bridge br0 in netns {NET_NS}, 10.198.0.0/24");
+    println!("  network       bridge br0 in netns {net}, 10.198.0.0/24");
 
     // Identities, policies (the samples plus Services whose hosts are the pods' names and IPs).
     issue_identities(&dir)?;
@@ -554,9 +407,8 @@ async fn scenario(
     // Cgroups and the eBPF redirect on each app cgroup (before anything runs in it).
     let attach_started = Instant::now();
     for w in WORKLOADS {
-        for leaf in [lab.app_cg(w), lab.sidecar_cg(w)] {
-            std::fs::create_dir_all(&leaf)
-                .with_context(|| format!("creating cgroup {}", leaf.display()))?;
+        for leaf in ["app", "sidecar"] {
+            lab.sandbox.cgroup(&format!("{w}/{leaf}"))?;
         }
         let mut cfg = meshgate_ebpf::AttachConfig::new(lab.app_cg(w), OUTBOUND_PORT, INBOUND_PORT);
         cfg.sidecar_cgroup = Some(lab.sidecar_cg(w));

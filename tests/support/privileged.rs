@@ -2,7 +2,6 @@
 //! loudly where they cannot, and fail instead of skipping where CI says they must run.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// One kind of privileged test and the variable that makes its skip a failure.
@@ -43,17 +42,6 @@ impl Gate {
             self.env
         );
     }
-}
-
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on
-/// pure v2 ones).
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2")
-            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
-    })
 }
 
 /// True when `tool` is on PATH.

@@ -6,8 +6,8 @@
 //! the redirect tell the app's sockets from the sidecar's. The layout lives in one function,
 //! [`inject_service`], so it is easy to change.
 
-use super::yaml::{Node, Scalar, Style};
-use super::{InjectError, Settings, VERSION};
+use crate::yaml::{Node, Scalar, Style};
+use crate::{InjectError, Settings, VERSION};
 
 const DEFAULT_CA_URL: &str = "https://ca:15012";
 const DEFAULT_CP_URL: &str = "https://control-plane:15010";
@@ -524,8 +524,8 @@ fn key(k: &str) -> Scalar {
 
 #[cfg(test)]
 mod tests {
-    use super::super::yaml;
     use super::*;
+    use crate::yaml;
 
     #[test]
     fn port_discovery_order() {

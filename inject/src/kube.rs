@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use super::yaml::Node;
-use super::{InjectError, Settings, VERSION};
+use crate::yaml::Node;
+use crate::{InjectError, Settings, VERSION};
 
 /// Sidecar ports (README, "Sidecar") and the probe listener.
 const INBOUND_PORT: u16 = 15006;
@@ -501,8 +501,8 @@ fn pod_volumes(account: &str) -> [Node; 3] {
 
 #[cfg(test)]
 mod tests {
-    use super::super::yaml;
     use super::*;
+    use crate::yaml;
 
     fn settings() -> Settings {
         Settings {

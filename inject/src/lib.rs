@@ -1,11 +1,17 @@
-//! `meshgate inject`: adds the sidecar, the eBPF redirect and the identity bootstrap to
+//! meshgate-inject: adds the meshgate sidecar, the eBPF redirect and the identity bootstrap to
 //! docker-compose files or Kubernetes manifests (like `linkerd inject` / `istioctl kube-inject`).
+//!
+//! It is the library behind `meshgate inject` and is meant for any other caller that injects
+//! workloads, such as a future Kubernetes admission webhook: [`inject_text`] transforms a text in
+//! memory; [`run`] does what the CLI does (read a file or stdin, inject, write or diff).
 //!
 //! The whole input is read and transformed in memory before anything is written, so a refusal
 //! (something inject does not understand) leaves no half-written output. Kubernetes documents that
 //! need no change are copied byte for byte (comments included); changed documents and compose files
 //! are re-emitted from an order-preserving tree (`yaml`), so the user's keys and order survive but
 //! comments inside them do not.
+
+#![forbid(unsafe_code)]
 
 mod compose;
 mod kube;
@@ -14,41 +20,16 @@ mod yaml;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use clap::Args;
-
 use yaml::Node;
 
 /// The crate version written into `meshgate.io/injected`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Add the meshgate sidecar, redirect init and identity bootstrap to docker-compose or Kubernetes
-/// manifests.
-#[derive(Debug, Args)]
-pub struct InjectArgs {
-    /// A docker-compose file or Kubernetes YAML (multi-document); `-` reads stdin.
-    #[arg(default_value = "-")]
-    pub file: String,
-    /// Write the injected YAML here instead of stdout.
-    #[arg(short, long)]
-    pub output: Option<PathBuf>,
-    /// Write nothing; print a unified diff of what inject would change.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Container image of the meshgate binary (sidecar, redirect, pause).
-    #[arg(long, default_value = "meshgate:local")]
-    pub image: String,
-    /// SPIFFE trust domain of the workload identities.
-    #[arg(long, default_value = "mesh.local")]
-    pub trust_domain: String,
-    /// URL of `meshgate ca serve` [default: https://ca:15012 (compose),
-    /// https://meshgate-ca.meshgate.svc:15012 (Kubernetes)].
-    #[arg(long)]
-    pub ca_url: Option<String>,
-    /// URL of the control plane [default: https://control-plane:15010 (compose),
-    /// https://meshgate-control-plane.meshgate.svc:15010 (Kubernetes)].
-    #[arg(long)]
-    pub control_plane_url: Option<String>,
-}
+/// The meshgate image used when none is given.
+pub const DEFAULT_IMAGE: &str = "meshgate:local";
+
+/// The SPIFFE trust domain used when none is given.
+pub const DEFAULT_TRUST_DOMAIN: &str = "mesh.local";
 
 /// Why inject refused or failed. Each message names the object and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -140,66 +121,133 @@ impl Settings {
     }
 }
 
-/// Runs `meshgate inject`. With `--dry-run` the exit code is `diff`'s: 0 when nothing would
-/// change, 1 when the diff printed is not empty (so CI can tell "not injected yet").
-pub fn run(args: InjectArgs) -> Result<std::process::ExitCode, InjectError> {
-    let (name, input) = read_input(&args.file)?;
-    let settings = Settings {
-        image: args.image,
-        trust_domain: args.trust_domain,
-        ca_url: args.ca_url,
-        control_plane_url: args.control_plane_url,
-    };
-    let output = inject_text(&name, &input, &settings)?;
-    if args.dry_run && output == input {
-        eprintln!("{name}: nothing to inject (already injected, opted out, or no workloads)");
-        return Ok(std::process::ExitCode::SUCCESS);
+impl Default for Settings {
+    /// [`DEFAULT_IMAGE`], [`DEFAULT_TRUST_DOMAIN`], and the default CA and control-plane URLs.
+    fn default() -> Self {
+        Settings {
+            image: DEFAULT_IMAGE.into(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            ca_url: None,
+            control_plane_url: None,
+        }
     }
-    if args.dry_run {
+}
+
+/// Where [`run`] reads the manifests from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Standard input (named `stdin` in messages).
+    Stdin,
+    /// A file.
+    File(PathBuf),
+}
+
+impl Input {
+    /// `-` is stdin, anything else a file (the CLI's convention).
+    pub fn from_arg(arg: &str) -> Self {
+        if arg == "-" {
+            Input::Stdin
+        } else {
+            Input::File(arg.into())
+        }
+    }
+
+    /// The input's name in messages and diff headers.
+    pub fn name(&self) -> String {
+        match self {
+            Input::Stdin => "stdin".into(),
+            Input::File(path) => path.display().to_string(),
+        }
+    }
+
+    /// Reads the whole input as UTF-8.
+    pub fn read(&self) -> Result<String, InjectError> {
+        let mut s = String::new();
+        let read = match self {
+            Input::Stdin => std::io::stdin().read_to_string(&mut s).map(drop),
+            Input::File(path) => std::fs::read_to_string(path).map(|text| s = text),
+        };
+        read.map_err(|source| InjectError::Io {
+            action: "read",
+            path: self.name(),
+            source,
+        })?;
+        Ok(s)
+    }
+}
+
+/// Where [`run`] writes the injected manifests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Standard output.
+    Stdout,
+    /// A file (created or replaced).
+    File(PathBuf),
+}
+
+impl Output {
+    /// Writes `text` whole.
+    pub fn write(&self, text: &str) -> Result<(), InjectError> {
+        let (written, path) = match self {
+            Output::Stdout => (
+                std::io::stdout().write_all(text.as_bytes()),
+                "stdout".to_string(),
+            ),
+            Output::File(path) => (std::fs::write(path, text), path.display().to_string()),
+        };
+        written.map_err(|source| InjectError::Io {
+            action: "write",
+            path,
+            source,
+        })
+    }
+}
+
+/// One injection run: what to read, where to write, and how to inject.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The docker-compose file or Kubernetes YAML (multi-document).
+    pub input: Input,
+    /// Where the injected YAML goes (unused with `dry_run`).
+    pub output: Output,
+    /// Write nothing; return the unified diff of what would change.
+    pub dry_run: bool,
+    /// Where the injected workloads find the mesh, and what they run.
+    pub settings: Settings,
+}
+
+/// What [`run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The injected text was written to [`Options::output`].
+    Written,
+    /// Dry run: nothing would change (already injected, opted out, or no workloads).
+    Unchanged {
+        /// The input's name.
+        input: String,
+    },
+    /// Dry run: the unified diff of what inject would change (never empty).
+    Diff(String),
+}
+
+/// Reads [`Options::input`], injects it, and writes the result to [`Options::output`] or, with
+/// [`Options::dry_run`], returns the diff instead of writing anything.
+pub fn run(options: &Options) -> Result<Outcome, InjectError> {
+    let name = options.input.name();
+    let input = options.input.read()?;
+    let output = inject_text(&name, &input, &options.settings)?;
+    if options.dry_run && output == input {
+        return Ok(Outcome::Unchanged { input: name });
+    }
+    if options.dry_run {
         let diff = similar::TextDiff::from_lines(&input, &output)
             .unified_diff()
             .context_radius(3)
             .header(&name, &format!("{name} (injected)"))
             .to_string();
-        print!("{diff}");
-        return Ok(std::process::ExitCode::FAILURE);
+        return Ok(Outcome::Diff(diff));
     }
-    let written = match args.output {
-        Some(path) => std::fs::write(&path, output).map_err(|source| InjectError::Io {
-            action: "write",
-            path: path.display().to_string(),
-            source,
-        }),
-        None => std::io::stdout()
-            .write_all(output.as_bytes())
-            .map_err(|source| InjectError::Io {
-                action: "write",
-                path: "stdout".into(),
-                source,
-            }),
-    };
-    written.map(|()| std::process::ExitCode::SUCCESS)
-}
-
-fn read_input(file: &str) -> Result<(String, String), InjectError> {
-    if file == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|source| InjectError::Io {
-                action: "read",
-                path: "stdin".into(),
-                source,
-            })?;
-        Ok(("stdin".into(), s))
-    } else {
-        let s = std::fs::read_to_string(file).map_err(|source| InjectError::Io {
-            action: "read",
-            path: file.into(),
-            source,
-        })?;
-        Ok((file.into(), s))
-    }
+    options.output.write(&output).map(|()| Outcome::Written)
 }
 
 /// One document of a YAML stream: its `---` line (empty for an implicit first document) and its
@@ -311,12 +359,7 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings {
-            image: "meshgate:local".into(),
-            trust_domain: "mesh.local".into(),
-            ca_url: None,
-            control_plane_url: None,
-        }
+        Settings::default()
     }
 
     #[test]
