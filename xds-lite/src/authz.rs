@@ -1,6 +1,6 @@
 //! Compiled, indexed authorization for one workload.
 //!
-//! Semantics (README, "Policy"):
+//! Semantics (docs/policy.md, "Evaluation order"):
 //! 1. enforce-mode DENY policies first: any matching rule denies;
 //! 2. then enforce-mode ALLOW: if any selects the workload, the request must match one of them;
 //! 3. otherwise the mesh default applies (`MeshConfig.defaultAction`, DENY unless configured);
@@ -124,7 +124,7 @@ pub struct PolicySnapshot {
     groups: Groups,
 }
 
-/// True when `policy` is enforced by `workload`'s sidecar (README, "Policy": scope).
+/// True when `policy` is enforced by `workload`'s sidecar (docs/policy.md, "Scope").
 pub fn applies_to(policy: &AuthorizationPolicy, workload: &SpiffeId) -> bool {
     let ns = policy.metadata.namespace.as_str();
     let selected = |account: &str| {
