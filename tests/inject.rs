@@ -535,18 +535,19 @@ fn published_ports_without_public_warn_and_a_clean_dry_run_exits_0() {
     assert!(again.stdout.is_empty());
 }
 
-/// README's snippet for an existing compose file (the CA and the control plane) plus the user's
-/// own service injects cleanly: the documented way in works.
+/// The operations guide's snippet for an existing compose file (the CA and the control plane)
+/// plus the user's own service injects cleanly: the documented way in works.
 #[test]
-fn the_readme_snippet_makes_an_existing_compose_file_injectable() {
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
-    let start = readme
+fn the_documented_snippet_makes_an_existing_compose_file_injectable() {
+    let guide = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+    )
+    .unwrap();
+    let start = guide
         .find("```yaml\nservices:\n  ca:\n")
-        .expect("README has the CA + control plane snippet")
+        .expect("docs/operations.md has the CA + control plane snippet")
         + "```yaml\n".len();
-    let snippet = &readme[start..start + readme[start..].find("```").unwrap()];
+    let snippet = &guide[start..start + guide[start..].find("```").unwrap()];
     let app = "  shop:\n    image: nginx\n    labels: { meshgate.io/app-port: \"80\" }\n";
     let compose = snippet.replacen("services:\n", &format!("services:\n{app}"), 1);
     let plain = inject(

@@ -1,4 +1,4 @@
-//! Wire types of the CA's HTTPS API (JSON). Documented in README ("CA API").
+//! Wire types of the CA's HTTPS API (JSON). Documented in docs/operations.md ("Serving").
 
 use serde::{Deserialize, Serialize};
 

@@ -273,7 +273,7 @@ fn role_service(services: &[(Scalar, Node)], role: &str) -> Result<String, Injec
             InjectError::refused(
                 "the compose file",
                 format!("has no service labelled meshgate.io/role: {role}, and injected sidecars need the mesh's {role}"),
-                format!("add the mesh's {role} service (see the README's Inject section) with the label meshgate.io/role: {role}"),
+                format!("add the mesh's {role} service (see docs/operations.md, \"Injecting an existing compose file\") with the label meshgate.io/role: {role}"),
             )
         })
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use crate::yaml::Node;
 use crate::{InjectError, Settings, VERSION};
 
-/// Sidecar ports (README, "Sidecar") and the probe listener.
+/// Sidecar ports (docs/operations.md, "Sidecars") and the probe listener.
 const INBOUND_PORT: u16 = 15006;
 const OUTBOUND_PORT: u16 = 15001;
 const ADMIN_PORT: u16 = 15000;

@@ -1,6 +1,6 @@
 //! Compiled, indexed authorization for one workload.
 //!
-//! Semantics (README, "Policy"):
+//! Semantics (docs/policy.md, "Evaluation order"):
 //! 1. enforce-mode DENY policies first: any matching rule denies;
 //! 2. then enforce-mode ALLOW: if any selects the workload, the request must match one of them;
 //! 3. otherwise the mesh default applies (`MeshConfig.defaultAction`, DENY unless configured);

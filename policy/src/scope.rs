@@ -30,7 +30,7 @@ fn selects(ns: &str, selector: Option<&Selector>, workload: &SpiffeId) -> bool {
     }
 }
 
-/// True when `policy` is enforced by `workload`'s sidecar.
+/// True when `policy` is enforced by `workload`'s sidecar (docs/policy.md, "Scope").
 pub fn applies_to(policy: &AuthorizationPolicy, workload: &SpiffeId) -> bool {
     selects(
         &policy.metadata.namespace,

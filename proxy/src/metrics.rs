@@ -1,5 +1,5 @@
 //! Prometheus metrics of the sidecar, served as OpenMetrics text on the admin listener.
-//! Names and labels are documented in README ("Metrics").
+//! Names and labels are documented in docs/operations.md ("Metrics").
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
