@@ -17,7 +17,7 @@ use meshgate_spiffe::SpiffeId;
 use crate::model::{AuthorizationPolicy, NetworkPolicy, ROOT_NAMESPACE, Selector};
 use crate::set::PolicySet;
 
-/// The scoping rule, written once (README, "Policy": scope): a document in namespace `ns` applies
+/// The scoping rule, written once (docs/policy.md, "Scope"): a document in namespace `ns` applies
 /// to the workloads of that namespace, or of every namespace when `ns` is the root namespace
 /// `meshgate`; a `selector` narrows it to one service account. An ID that is not of the
 /// `/ns/<ns>/sa/<sa>` form can only be named by a root-namespace document without a selector.
