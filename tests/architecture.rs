@@ -215,3 +215,23 @@ fn policy_links_no_runtime_http_stack_or_tls() {
         }
     }
 }
+
+/// The sidecar, the CA and the policy tools build without eBPF (no aya, no clang-built object):
+/// the sidecar's eBPF counters are the Cargo feature `ebpf`, on by default.
+#[test]
+fn sidecar_ca_and_policy_tools_build_without_ebpf() {
+    let sidecar = dependency_names_with("meshgate-proxy", &["--no-default-features"]);
+    assert!(sidecar.contains("hyper"), "cargo tree output not understood: {sidecar:?}");
+    for package in ["meshgate-ca", "meshgate-policy-tools", "meshgate-xds"] {
+        let deps = dependency_names(package);
+        assert!(!deps.contains("aya"), "{package} depends on aya");
+    }
+    for banned in ["aya", "meshgate_ebpf"] {
+        assert!(
+            !sidecar.contains(banned),
+            "meshgate-proxy without default features depends on {banned}"
+        );
+    }
+    let default = dependency_names("meshgate-proxy");
+    assert!(default.contains("meshgate_ebpf"), "the `ebpf` feature is on by default on Linux");
+}

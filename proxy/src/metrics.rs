@@ -243,33 +243,7 @@ impl Metrics {
     pub fn encode_with_ebpf(&self, pins: Option<&std::path::Path>) -> String {
         let mut text = self.encode();
         let Some(pins) = pins else { return text };
-        let mut extra = String::from(
-            "# HELP meshgate_ebpf_attached 1 when the workload's eBPF redirect counters could be read.\n# TYPE meshgate_ebpf_attached gauge\n",
-        );
-        match meshgate_ebpf::Counters::read_pinned(pins) {
-            Ok(snapshot) => {
-                extra.push_str("meshgate_ebpf_attached 1\n");
-                extra.push_str("# HELP meshgate_ebpf_verdicts eBPF redirect verdicts (connections; denied_ingress counts packets).\n# TYPE meshgate_ebpf_verdicts counter\n");
-                for (verdict, count) in snapshot.totals() {
-                    extra.push_str(&format!(
-                        "meshgate_ebpf_verdicts_total{{verdict=\"{verdict}\"}} {count}\n"
-                    ));
-                }
-                extra.push_str("# HELP meshgate_ebpf_port_verdicts eBPF redirect verdicts by destination port.\n# TYPE meshgate_ebpf_port_verdicts counter\n");
-                for p in &snapshot.per_port {
-                    extra.push_str(&format!(
-                        "meshgate_ebpf_port_verdicts_total{{verdict=\"{}\",port=\"{}\"}} {}\n",
-                        p.verdict.as_str(),
-                        p.port,
-                        p.count
-                    ));
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "eBPF counters not readable");
-                extra.push_str("meshgate_ebpf_attached 0\n");
-            }
-        }
+        let extra = ebpf_counters(pins);
         match text.rfind("# EOF") {
             Some(at) => text.insert_str(at, &extra),
             None => text.push_str(&extra),
@@ -286,4 +260,55 @@ impl Metrics {
             })
             .set(1);
     }
+}
+
+/// Where the eBPF redirect pinned the counters of the workload attached at `cgroup`.
+#[cfg(all(feature = "ebpf", target_os = "linux"))]
+pub fn ebpf_pins(cgroup: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    meshgate_ebpf::pin_dir_for(cgroup).map_err(|e| e.to_string())
+}
+
+/// Built without eBPF support: `--ebpf-cgroup` cannot be served.
+#[cfg(not(all(feature = "ebpf", target_os = "linux")))]
+pub fn ebpf_pins(_cgroup: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    Err("this sidecar was built without eBPF support (Cargo feature `ebpf`, Linux only): rebuild with it, or drop --ebpf-cgroup".to_string())
+}
+
+/// The eBPF counters as OpenMetrics text.
+#[cfg(all(feature = "ebpf", target_os = "linux"))]
+fn ebpf_counters(pins: &std::path::Path) -> String {
+    let mut extra = String::from(
+        "# HELP meshgate_ebpf_attached 1 when the workload's eBPF redirect counters could be read.\n# TYPE meshgate_ebpf_attached gauge\n",
+    );
+    match meshgate_ebpf::Counters::read_pinned(pins) {
+        Ok(snapshot) => {
+            extra.push_str("meshgate_ebpf_attached 1\n");
+            extra.push_str("# HELP meshgate_ebpf_verdicts eBPF redirect verdicts (connections; denied_ingress counts packets).\n# TYPE meshgate_ebpf_verdicts counter\n");
+            for (verdict, count) in snapshot.totals() {
+                extra.push_str(&format!(
+                    "meshgate_ebpf_verdicts_total{{verdict=\"{verdict}\"}} {count}\n"
+                ));
+            }
+            extra.push_str("# HELP meshgate_ebpf_port_verdicts eBPF redirect verdicts by destination port.\n# TYPE meshgate_ebpf_port_verdicts counter\n");
+            for p in &snapshot.per_port {
+                extra.push_str(&format!(
+                    "meshgate_ebpf_port_verdicts_total{{verdict=\"{}\",port=\"{}\"}} {}\n",
+                    p.verdict.as_str(),
+                    p.port,
+                    p.count
+                ));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF counters not readable");
+            extra.push_str("meshgate_ebpf_attached 0\n");
+        }
+    }
+    extra
+}
+
+/// Without eBPF support there are no pins to read (`ebpf_pins` refused them already).
+#[cfg(not(all(feature = "ebpf", target_os = "linux")))]
+fn ebpf_counters(_pins: &std::path::Path) -> String {
+    String::new()
 }

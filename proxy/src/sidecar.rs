@@ -165,10 +165,7 @@ impl Sidecar {
         }
         let metrics = Arc::new(Metrics::default());
         let ebpf_pins = match &config.ebpf_cgroup {
-            Some(cgroup) => Some(
-                meshgate_ebpf::pin_dir_for(cgroup)
-                    .map_err(|e| SidecarError::Ebpf(e.to_string()))?,
-            ),
+            Some(cgroup) => Some(crate::metrics::ebpf_pins(cgroup).map_err(SidecarError::Ebpf)?),
             None => None,
         };
 
