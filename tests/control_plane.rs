@@ -201,7 +201,7 @@ async fn first_push(
         meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, config)?;
+    let client = StreamClient::new(&url, config).map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(
         move |set| {

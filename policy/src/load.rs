@@ -509,14 +509,12 @@ fn yaml_options() -> serde_saphyr::Options {
 /// serde-saphyr's message without its own (document-relative) position, which would contradict
 /// the file line we report.
 fn yaml_reason(e: &serde_saphyr::Error) -> String {
-    let msg = e.without_snippet().to_string();
-    let msg = match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg,
-    };
-    // Ports are the only u16 fields; say so instead of naming a Rust type.
-    if msg.starts_with("invalid u16") {
-        return "not a port number: use 1-65535".to_string();
-    }
-    msg
+    use serde_saphyr::MessageFormatter;
+    // The message alone: the line is reported separately (`file:line:`), and the renderer's
+    // location suffix would repeat it. Control characters never reach a terminal.
+    serde_saphyr::DefaultMessageFormatter
+        .format_message(e.without_snippet())
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }

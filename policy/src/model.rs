@@ -261,8 +261,10 @@ pub struct Operation {
     pub not_paths: Vec<String>,
     /// Destination ports of the workload's app.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(deserialize_with = "ports::list")]
     pub ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(deserialize_with = "ports::list")]
     pub not_ports: Vec<u16>,
 }
 
@@ -303,6 +305,7 @@ pub struct ServiceSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
+    #[serde(deserialize_with = "ports::one")]
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -341,6 +344,7 @@ pub struct EgressRule {
     pub to: Vec<IpNet>,
     /// Empty = every port.
     #[serde(default)]
+    #[serde(deserialize_with = "ports::list")]
     pub ports: Vec<u16>,
 }
 
@@ -352,6 +356,7 @@ pub struct IngressRule {
     pub from: Vec<IpNet>,
     /// Empty = every port.
     #[serde(default)]
+    #[serde(deserialize_with = "ports::list")]
     pub ports: Vec<u16>,
 }
 
@@ -410,4 +415,25 @@ pub enum DefaultAction {
     #[default]
     Deny,
     Allow,
+}
+
+/// Port fields: a number that is not a port is refused with what to write instead, rather than
+/// serde's "invalid u16" (which names a Rust type, not a port).
+mod ports {
+    use serde::Deserialize;
+    use serde::de::{Deserializer, Error};
+
+    const NOT_A_PORT: &str = "not a port number: use 1-65535";
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        let n = u64::deserialize(d).map_err(|_| D::Error::custom(NOT_A_PORT))?;
+        u16::try_from(n).map_err(|_| D::Error::custom(NOT_A_PORT))
+    }
+
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        let list = Vec::<u64>::deserialize(d)?;
+        list.into_iter()
+            .map(|n| u16::try_from(n).map_err(|_| D::Error::custom(NOT_A_PORT)))
+            .collect()
+    }
 }

@@ -241,7 +241,8 @@ impl PolicySource {
                     Some(identity.resolver()),
                     &[b"h2"],
                 );
-                let client = meshgate_xds::client::StreamClient::new(&url, Arc::new(tls))?;
+                let client = meshgate_xds::client::StreamClient::new(&url, Arc::new(tls))
+                    .map_err(|e| e.to_string())?;
                 state.set_connected(false);
                 let connected_state = state.clone();
                 let connected_metrics = metrics.clone();

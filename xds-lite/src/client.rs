@@ -22,6 +22,14 @@ use meshgate_policy::PolicySet;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A control-plane URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("control plane URL {url:?}: {reason} (e.g. https://control-plane:15010)")]
+pub struct BadControlPlaneUrl {
+    pub url: String,
+    pub reason: String,
+}
+
 /// A stream client for one control plane.
 pub struct StreamClient {
     authority: String,
@@ -31,18 +39,20 @@ pub struct StreamClient {
 impl StreamClient {
     /// `url` is `https://host:port`; `tls` verifies the control plane's SPIFFE ID and presents
     /// the workload's SVID (offering ALPN `h2`).
-    pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
+    pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, BadControlPlaneUrl> {
+        let bad = |reason: String| BadControlPlaneUrl {
+            url: url.to_string(),
+            reason,
+        };
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("control plane URL {url:?}: {e}"))?;
+            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
         if uri.scheme_str() != Some("https") {
-            return Err(format!(
-                "control plane URL {url:?} must start with https://"
-            ));
+            return Err(bad("it must start with https://".to_string()));
         }
         let host = uri
             .host()
-            .ok_or_else(|| format!("control plane URL {url:?} has no host"))?;
+            .ok_or_else(|| bad("it has no host".to_string()))?;
         Ok(Self {
             authority: format!("{host}:{}", uri.port_u16().unwrap_or(15010)),
             tls: TlsConnector::from(tls),
@@ -135,6 +145,7 @@ impl StreamClient {
                 let (nonce, version) = (push.nonce.clone(), push.version.clone());
                 let error = push
                     .into_set()
+                    .map_err(|e| e.to_string())
                     .and_then(&mut *apply)
                     .err()
                     .map(|e| sanitize_peer_text(&e, MAX_NACK_ERROR_CHARS));

@@ -61,9 +61,9 @@ impl Push {
     }
 
     /// The pushed resources as a policy set (for compiling on the sidecar).
-    pub fn into_set(self) -> Result<PolicySet, String> {
+    pub fn into_set(self) -> Result<PolicySet, UnknownResourceType> {
         if self.type_url != SNAPSHOT_TYPE {
-            return Err(format!("unknown resource type {:?}", self.type_url));
+            return Err(UnknownResourceType(self.type_url));
         }
         Ok(PolicySet {
             policies: self.resources.policies,
@@ -74,6 +74,13 @@ impl Push {
         })
     }
 }
+
+/// A push of a resource type this sidecar does not know (a newer control plane): NACKed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown resource type {0:?}: this sidecar understands {SNAPSHOT_TYPE:?} only (upgrade the sidecar)"
+)]
+pub struct UnknownResourceType(pub String);
 
 /// Largest push (one snapshot line) a sidecar accepts, and the control plane sends: 16 MiB.
 ///
