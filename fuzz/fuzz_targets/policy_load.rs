@@ -8,8 +8,8 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use meshgate_ca::SpiffeId;
-use meshgate_xds::wire::Push;
 use meshgate_policy::{AuthzRequest, PolicySnapshot, load_text};
+use meshgate_xds::wire::Push;
 
 /// Bigger inputs only make each run slower; the structure that matters fits in this.
 const MAX_INPUT: usize = 16 * 1024;
