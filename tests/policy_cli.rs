@@ -238,7 +238,7 @@ fn diff_replays_observed_flows() {
     );
     assert_eq!(
         stderr(&out),
-        "flows.jsonl: 7 decision lines used; skipped 1 malformed, 0 incomplete, 1 L4\n"
+        "flows.jsonl: 7 decision lines used; skipped 1 malformed, 0 incomplete, 1 L4, 0 bad requests\n"
     );
 
     // The reverse change allows them again.

@@ -1,8 +1,10 @@
 //! Observed decisions read back from sidecar access logs (`meshgate proxy --log-format json`), the
 //! real traffic that `diff --flows` replays and `suggest` learns from.
 //!
-//! The file is whatever the sidecar wrote to stderr, so it mixes decision lines with every other
-//! log line: parsing is lenient. Lines that are not JSON are skipped and counted as malformed,
+//! Each decision line is read as the [`DecisionRecord`] the sidecar wrote (the same serde type),
+//! so a field renamed on one side cannot silently empty the other. The file is whatever the
+//! sidecar wrote to stderr, so it mixes decision lines with every other log line: parsing is
+//! lenient. Lines that are not JSON are skipped and counted as malformed,
 //! JSON lines that are not `authz.decision` events are skipped silently, and decision lines that
 //! lack what a flow needs (older sidecars did not log `meshgate.workload.id`) are counted as
 //! incomplete, so the operator learns how much of the log was actually used.
@@ -10,30 +12,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use meshgate_spiffe::SpiffeId;
-use serde::Deserialize;
-
+use meshgate_policy::DecisionRecord;
 use meshgate_policy::authz::DecisionKind;
-
-/// The fields of one decision line that the tools use. Deliberately *not*
-/// `deny_unknown_fields`: log lines carry timestamps, levels, targets, span fields and whatever
-/// a later sidecar adds, none of which may make a line unreadable.
-#[derive(Debug, Deserialize)]
-struct LogLine {
-    #[serde(default, rename = "meshgate.workload.id")]
-    workload: Option<String>,
-    #[serde(default, rename = "peer.id")]
-    peer: Option<String>,
-    #[serde(default, rename = "http.request.method")]
-    method: Option<String>,
-    #[serde(default, rename = "url.path")]
-    path: Option<String>,
-    /// Read as text and converted afterwards, so an unknown label makes the line incomplete.
-    #[serde(default)]
-    decision: Option<String>,
-    #[serde(default)]
-    layer: Option<String>,
-}
+use meshgate_policy::record::DECISION_EVENT;
+use meshgate_spiffe::SpiffeId;
 
 /// One observed L7 request: who called which workload with what, and what was decided.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,14 +40,16 @@ pub struct FlowStats {
     pub incomplete: usize,
     /// L4 (TCP tunnel) decision lines: no method or path to learn from.
     pub l4: usize,
+    /// Requests refused before they were judged (`bad-request`): no judged path.
+    pub bad_requests: usize,
 }
 
 impl fmt::Display for FlowStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} decision lines used; skipped {} malformed, {} incomplete, {} L4",
-            self.used, self.malformed, self.incomplete, self.l4
+            "{} decision lines used; skipped {} malformed, {} incomplete, {} L4, {} bad requests",
+            self.used, self.malformed, self.incomplete, self.l4, self.bad_requests
         )
     }
 }
@@ -108,15 +92,21 @@ pub fn parse_flows(text: &str) -> FlowLog {
             continue;
         };
         // Other events may use the same field names with other shapes: look at `event` first.
-        if object.get("event").and_then(|e| e.as_str()) != Some("authz.decision") {
+        if object.get("event").and_then(|e| e.as_str()) != Some(DECISION_EVENT) {
             continue;
         }
-        let Ok(entry) = serde_json::from_value::<LogLine>(value) else {
+        // L4 lines first, whatever else they lack: they have no method or path to learn from.
+        if object.get("layer").and_then(|l| l.as_str()) == Some("l4") {
+            log.stats.l4 += 1;
+            continue;
+        }
+        // The very type the sidecar wrote (`meshgate_policy::DecisionRecord`).
+        let Ok(entry) = serde_json::from_value::<DecisionRecord>(value) else {
             log.stats.incomplete += 1;
             continue;
         };
-        if entry.layer.as_deref() == Some("l4") {
-            log.stats.l4 += 1;
+        if entry.decision == DecisionKind::BadRequest {
+            log.stats.bad_requests += 1;
             continue;
         }
         match flow_of(entry) {
@@ -145,13 +135,15 @@ fn json_of(line: &str) -> Option<serde_json::Value> {
     serde_json::from_str(&line[start..]).ok()
 }
 
-fn flow_of(entry: LogLine) -> Option<ObservedFlow> {
+/// A flow from an L7 decision; `None` for a request refused before it was judged (no path was
+/// judged, so there is nothing to learn or replay).
+fn flow_of(entry: DecisionRecord) -> Option<ObservedFlow> {
     Some(ObservedFlow {
-        workload: SpiffeId::parse(entry.workload.as_deref()?).ok()?,
-        peer: SpiffeId::parse(entry.peer.as_deref()?).ok()?,
+        workload: entry.workload,
+        peer: entry.peer,
         method: entry.method?,
         path: entry.path?,
-        decision: serde_json::from_value(serde_json::Value::String(entry.decision?)).ok()?,
+        decision: entry.decision,
     })
 }
 
@@ -168,17 +160,19 @@ not json at all
 {"event":"authz.decision","layer":"l4","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":5432,"decision":"deny"}
 {"event":"authz.decision","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","url.path":"/x","decision":"allow"}
 {"event":"authz.decision","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","http.request.method":"GET","url.path":"/x","decision":"maybe"}
+{"event":"authz.decision","layer":"l7","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":8080,"http.request.method":"GET","meshgate.path.original":"/a%2fb","decision":"bad-request","policy.version":"v","reason":"bad path: x"}
 [1,2]
 "#;
         let log = parse_flows(text);
         assert_eq!(
             log.stats,
             FlowStats {
-                lines: 7,
+                lines: 8,
                 used: 1,
                 malformed: 2,
                 incomplete: 2,
-                l4: 1
+                l4: 1,
+                bad_requests: 1,
             }
         );
         assert_eq!(log.flows[0].path, "/orders/1");

@@ -25,10 +25,18 @@ pub enum Layer {
     L4,
 }
 
+impl Layer {
+    fn l7() -> Self {
+        Layer::L7
+    }
+}
+
 /// One decision, as logged, traced, counted and published. Not `deny_unknown_fields`: a log
 /// line carries a timestamp, a level and whatever a later sidecar adds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
+    /// `l7` when absent: sidecars before 0.1 logged `layer` on L4 lines only.
+    #[serde(default = "Layer::l7")]
     pub layer: Layer,
     /// The workload whose sidecar decided.
     #[serde(rename = "meshgate.workload.id")]
@@ -38,7 +46,8 @@ pub struct DecisionRecord {
     pub peer: SpiffeId,
     #[serde(rename = "peer.addr", default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
-    /// The app port the request or tunnel was for.
+    /// The app port the request or tunnel was for (0 when an older sidecar did not log it).
+    #[serde(default)]
     pub port: u16,
     #[serde(
         rename = "http.request.method",
