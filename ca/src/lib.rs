@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod authority;
+pub mod backoff;
 pub mod cert;
 pub mod fsutil;
 pub mod limits;

@@ -378,47 +378,6 @@ impl Drop for Slot {
     }
 }
 
-/// Exponential backoff with jitter for a failing `accept()` (EMFILE/ENFILE: out of file
-/// descriptors): retrying at once would spin a core while nothing can be accepted anyway. Used
-/// by every listener of the CA and of the sidecar.
-#[derive(Debug)]
-pub struct AcceptBackoff {
-    next: Duration,
-}
-
-/// First retry after a failed accept: 10 ms; doubled per failure up to 1 s.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-impl Default for AcceptBackoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl AcceptBackoff {
-    pub fn new() -> Self {
-        Self {
-            next: ACCEPT_BACKOFF_MIN,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = ACCEPT_BACKOFF_MIN;
-    }
-
-    /// The pause before the next attempt: between half and all of the current step (jitter, so
-    /// several CA replicas do not retry in lockstep), then the step doubles.
-    pub fn pause(&mut self) -> Duration {
-        let mut random = [0u8; 4];
-        crate::tls::random_bytes(&mut random);
-        let fraction = f64::from(u32::from_le_bytes(random)) / f64::from(u32::MAX);
-        let pause = self.next.mul_f64(0.5 + fraction / 2.0);
-        self.next = (self.next * 2).min(ACCEPT_BACKOFF_MAX);
-        pause
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,17 +418,5 @@ mod tests {
         drop(q);
         drop(s1);
         assert!(matches!(a.admit(ip1), Admit::Yes(_)));
-    }
-
-    #[test]
-    fn accept_backoff_grows_with_jitter_and_is_capped() {
-        let mut b = AcceptBackoff::new();
-        let first = b.pause();
-        assert!(first >= ACCEPT_BACKOFF_MIN / 2 && first <= ACCEPT_BACKOFF_MIN);
-        for _ in 0..20 {
-            assert!(b.pause() <= ACCEPT_BACKOFF_MAX);
-        }
-        b.reset();
-        assert!(b.pause() <= ACCEPT_BACKOFF_MIN);
     }
 }

@@ -32,8 +32,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, ErrorResponse, SvidResponse};
 use crate::authority::{Authority, CsrError, IssuedSvid};
+use crate::backoff::Backoff;
 use crate::cert;
-use crate::limits::{AcceptBackoff, Admission, Admit, ConnectionLimits, Phase, Refusal, Slot};
+use crate::limits::{Admission, Admit, ConnectionLimits, Phase, Refusal, Slot};
 use crate::spiffe::SpiffeId;
 use crate::store::{LoadedCa, StoreError};
 use crate::tls::{self, CertResolver, DeferredClientVerifier, TrustBundle};
@@ -303,7 +304,7 @@ impl CaServer {
             "CA serving"
         );
         let mut connections = JoinSet::new();
-        let mut backoff = AcceptBackoff::new();
+        let mut backoff = Backoff::for_accept();
         let mut refresh = tokio::time::interval(SERVING_CERT_TTL / 2);
         refresh.tick().await;
         tokio::pin!(shutdown);

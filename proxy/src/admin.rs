@@ -148,11 +148,12 @@ impl Admin {
     /// Serves until shutdown.
     pub async fn serve(self, listener: TcpListener) {
         let mut shutdown = self.shutdown.subscribe();
+        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
+                accepted = backoff.accept(&listener, "admin") => {
+                    let (tcp, _) = accepted;
                     let this = self.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {

@@ -120,11 +120,12 @@ impl RunningControlPlane {
 }
 
 async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+            accepted = backoff.accept(&listener, "control-plane admin") => {
+                let (tcp, _) = accepted;
                 let cp = cp.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

@@ -108,11 +108,12 @@ impl ProbeForwarder {
 
     /// Serves until shutdown.
     pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = listener.accept() => {
-                    let Ok((tcp, _)) = accepted else { continue };
+                accepted = backoff.accept(&listener, "probe") => {
+                    let (tcp, _) = accepted;
                     let this = self.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {

@@ -117,7 +117,7 @@ pub async fn accept_loop<F, Fut>(
 {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Mutex::new(Open::default()));
-    let mut backoff = meshgate_ca::limits::AcceptBackoff::new();
+    let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
     // Refusals are counted each time and logged once per burst, so a flood cannot flood the log.
     let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {

@@ -242,10 +242,9 @@ impl DemoApp {
 
     /// Serves on `listener` forever.
     pub async fn serve(self, listener: TcpListener) {
+        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
+            let (tcp, _) = backoff.accept(&listener, "demo app").await;
             let app = self.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {

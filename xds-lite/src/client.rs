@@ -7,6 +7,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshgate_ca::backoff::Backoff;
+
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
@@ -68,17 +70,15 @@ impl StreamClient {
         initial_backoff: Duration,
         max_backoff: Duration,
     ) {
-        let mut backoff = initial_backoff;
+        let mut backoff = Backoff::new(initial_backoff, max_backoff);
         loop {
-            let result = self
-                .session(&mut apply, &connected, &mut backoff, initial_backoff)
-                .await;
+            let result = self.session(&mut apply, &connected, &mut backoff).await;
             connected(false);
+            let pause = backoff.pause();
             if let Err(e) = result {
-                tracing::warn!(event = "control_plane.disconnected", control_plane = %self.authority, error = %e, retry_in_ms = backoff.as_millis() as u64, "keeping the last good policy");
+                tracing::warn!(event = "control_plane.disconnected", control_plane = %self.authority, error = %e, retry_in_ms = pause.as_millis() as u64, "keeping the last good policy");
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(max_backoff);
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -86,8 +86,7 @@ impl StreamClient {
         &self,
         apply: &mut (impl FnMut(PolicySet) -> Result<(), String> + Send),
         connected: &(impl Fn(bool) + Send),
-        backoff: &mut Duration,
-        initial_backoff: Duration,
+        backoff: &mut Backoff,
     ) -> Result<(), String> {
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -123,7 +122,7 @@ impl StreamClient {
             return Err(format!("control plane answered {}", resp.status()));
         }
         connected(true);
-        *backoff = initial_backoff;
+        backoff.reset();
         tracing::info!(event = "control_plane.connected", control_plane = %self.authority);
         let mut body = resp.into_body();
         let mut lines = LineBuffer::default();

@@ -157,11 +157,12 @@ impl ControlPlane {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut connections = tokio::task::JoinSet::new();
+        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-                accepted = listener.accept() => {
-                    let Ok((tcp, addr)) = accepted else { continue };
+                accepted = backoff.accept(&listener, "control plane") => {
+                    let (tcp, addr) = accepted;
                     let (cp, tls) = (self.clone(), tls.clone());
                     connections.spawn(async move { cp.connection(tcp, addr, tls).await });
                 }

@@ -41,11 +41,18 @@ pub enum IdentityError {
     Key(String),
 }
 
-/// Retry pacing when the CA cannot be reached.
+/// Retry pacing when the CA cannot be reached (jittered: [`meshgate_ca::backoff::Backoff`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub initial: Duration,
     pub max: Duration,
+}
+
+impl Backoff {
+    /// The pacing state of one retry loop.
+    fn pacing(&self) -> meshgate_ca::backoff::Backoff {
+        meshgate_ca::backoff::Backoff::new(self.initial, self.max)
+    }
 }
 
 impl Default for Backoff {
@@ -287,15 +294,15 @@ impl IdentityClient {
     /// Obtains the first SVID, retrying with backoff while the CA is unreachable. A refusal
     /// (bad token, wrong ID) is returned at once: retrying cannot fix it.
     pub async fn bootstrap(&self) -> Result<(), IdentityError> {
-        let mut delay = self.config.backoff.initial;
+        let mut backoff = self.config.backoff.pacing();
         loop {
             let (key, csr) = key_and_csr(&self.identity.id)?;
             match self.endpoint.bootstrap(&self.token, &csr).await {
                 Ok(resp) => return self.install(resp, key, 0),
                 Err(e) if e.is_transient() => {
+                    let delay = backoff.pause();
                     tracing::warn!(event = "identity.bootstrap_retry", id = %self.identity.id, error = %e, retry_in_ms = delay.as_millis() as u64);
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(self.config.backoff.max);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -337,7 +344,7 @@ impl IdentityClient {
 
     /// Keeps the SVID and bundle fresh forever. Call after [`bootstrap`](Self::bootstrap).
     pub async fn run(self) {
-        let mut backoff = self.config.backoff.initial;
+        let mut backoff = self.config.backoff.pacing();
         let mut next_renewal = self.next_renewal();
         let mut bundle_tick = tokio::time::interval(self.config.bundle_refresh);
         bundle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -347,10 +354,11 @@ impl IdentityClient {
                 _ = tokio::time::sleep_until(next_renewal) => {
                     match self.renew_once().await {
                         Ok(()) => {
-                            backoff = self.config.backoff.initial;
+                            backoff.reset();
                             next_renewal = self.next_renewal();
                         }
                         Err(e) => {
+                            let retry_in = backoff.pause();
                             // Keep serving the current certificate while it is valid.
                             let still_valid = self.identity.is_ready();
                             tracing::warn!(
@@ -358,7 +366,7 @@ impl IdentityClient {
                                 id = %self.identity.id,
                                 error = %e,
                                 still_valid,
-                                retry_in_ms = backoff.as_millis() as u64,
+                                retry_in_ms = retry_in.as_millis() as u64,
                                 "renewal failed; keeping the current SVID"
                             );
                             if !still_valid {
@@ -372,8 +380,7 @@ impl IdentityClient {
                                 }
                             }
                             self.identity.note_error(&e.to_string());
-                            next_renewal = tokio::time::Instant::now() + backoff;
-                            backoff = (backoff * 2).min(self.config.backoff.max);
+                            next_renewal = tokio::time::Instant::now() + retry_in;
                         }
                     }
                 }
