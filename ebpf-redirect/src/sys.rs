@@ -1,11 +1,14 @@
 //! The few raw `bpf(2)` calls aya 0.14 does not expose in the shape needed here: link creation and
 //! pinning for every cgroup program type (aya's `CgroupSockoptLink` cannot become an `FdLink`),
-//! link → program id, and `BPF_PROG_QUERY` to find programs someone else attached.
+//! link → program id, and `BPF_PROG_QUERY` to find programs someone else attached. The argument
+//! and info structs are the kernel's, from aya-obj's generated bindings.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+
+use aya_obj::generated::{bpf_attr, bpf_link_info, bpf_prog_info};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -24,35 +27,26 @@ pub const ATTACH_SENDMSG4: u32 = 14;
 pub const ATTACH_SENDMSG6: u32 = 15;
 pub const ATTACH_GETSOCKOPT: u32 = 21;
 
-#[repr(C, align(8))]
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new() -> Self {
-        Attr([0; 128])
-    }
-    fn u32_at(&mut self, off: usize, v: u32) -> &mut Self {
-        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u64_at(&mut self, off: usize, v: u64) -> &mut Self {
-        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn get_u32(&self, off: usize) -> u32 {
-        u32::from_ne_bytes(self.0[off..off + 4].try_into().unwrap())
-    }
+/// A zeroed `union bpf_attr` (the kernel's own layout, from aya-obj's generated bindings, so no
+/// offset is counted by hand). Zero is what the kernel expects in every field a command does not
+/// use, and in the tail beyond what it knows — which is why callers set fields one by one:
+/// assigning a whole member struct would copy its padding, which is not zero, and the kernel
+/// answers EINVAL to non-zero bytes past a command's last field.
+fn attr() -> bpf_attr {
+    // SAFETY: `bpf_attr` is a C union of integers and arrays of integers: all-zero bytes are a
+    // valid value of it.
+    unsafe { std::mem::zeroed() }
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a zero-initialized, 8-aligned buffer at least as large as every field the
-    // kernel reads for these commands; the kernel copies at most `size` bytes.
+fn bpf(cmd: libc::c_long, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialized `bpf_attr` and we pass its exact size; the kernel
+    // reads and writes at most that many bytes, and only the member `cmd` uses.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr.0.as_mut_ptr(),
-            attr.0.len() as libc::c_uint,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
         )
     };
     if rc < 0 {
@@ -76,10 +70,10 @@ fn cpath(path: &Path) -> io::Result<CString> {
 /// `BPF_LINK_CREATE` for a cgroup program: flags 0 (cgroup links are always multi-attach; passing
 /// `BPF_F_ALLOW_MULTI` here gives EINVAL, which is what aya's `AllowMultiple` does).
 pub fn link_create(prog: impl AsFd, target: impl AsFd, attach_type: u32) -> io::Result<OwnedFd> {
-    let mut a = Attr::new();
-    a.u32_at(0, prog.as_fd().as_raw_fd() as u32)
-        .u32_at(4, target.as_fd().as_raw_fd() as u32)
-        .u32_at(8, attach_type);
+    let mut a = attr();
+    a.link_create.__bindgen_anon_1.prog_fd = prog.as_fd().as_raw_fd() as u32;
+    a.link_create.__bindgen_anon_2.target_fd = target.as_fd().as_raw_fd() as u32;
+    a.link_create.attach_type = attach_type;
     bpf(BPF_LINK_CREATE, &mut a).map(fd_from)
 }
 
@@ -87,70 +81,81 @@ pub fn link_create(prog: impl AsFd, target: impl AsFd, attach_type: u32) -> io::
 /// releases the link asynchronously, so a detach that only unpins can return while the program
 /// still runs for a moment.
 pub fn link_detach(link: impl AsFd) -> io::Result<()> {
-    let mut a = Attr::new();
-    a.u32_at(0, link.as_fd().as_raw_fd() as u32);
+    let mut a = attr();
+    a.link_detach.link_fd = link.as_fd().as_raw_fd() as u32;
     bpf(BPF_LINK_DETACH, &mut a).map(|_| ())
 }
 
 pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
     let p = cpath(path)?;
-    let mut a = Attr::new();
-    a.u64_at(0, p.as_ptr() as u64)
-        .u32_at(8, fd.as_fd().as_raw_fd() as u32);
+    let mut a = attr();
+    a.__bindgen_anon_4.pathname = p.as_ptr() as u64;
+    a.__bindgen_anon_4.bpf_fd = fd.as_fd().as_raw_fd() as u32;
     bpf(BPF_OBJ_PIN, &mut a).map(|_| ())
 }
 
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let p = cpath(path)?;
-    let mut a = Attr::new();
-    a.u64_at(0, p.as_ptr() as u64);
+    let mut a = attr();
+    a.__bindgen_anon_4.pathname = p.as_ptr() as u64;
     bpf(BPF_OBJ_GET, &mut a).map(fd_from)
 }
 
-fn obj_info(fd: impl AsFd, buf: &mut [u8]) -> io::Result<()> {
-    let mut a = Attr::new();
-    a.u32_at(0, fd.as_fd().as_raw_fd() as u32)
-        .u32_at(4, buf.len() as u32)
-        .u64_at(8, buf.as_mut_ptr() as u64);
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (`bpf_link_info`, `bpf_prog_info`: plain C structs).
+fn obj_info<T: Copy>(fd: impl AsFd, info: &mut T) -> io::Result<()> {
+    let mut a = attr();
+    a.info.bpf_fd = fd.as_fd().as_raw_fd() as u32;
+    a.info.info_len = std::mem::size_of::<T>() as u32;
+    a.info.info = info as *mut T as u64;
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).map(|_| ())
+}
+
+/// A zeroed info struct for [`obj_info`].
+fn zeroed_info<T: Copy>() -> T {
+    // SAFETY: only instantiated with `bpf_link_info` / `bpf_prog_info`, C structs (and unions)
+    // of integers and integer arrays, for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
 }
 
 /// `(link id, program id)` of a link.
 pub fn link_ids(link: impl AsFd) -> io::Result<(u32, u32)> {
-    let mut info = [0u8; 16];
+    let mut info: bpf_link_info = zeroed_info();
     obj_info(link, &mut info)?;
-    Ok((
-        u32::from_ne_bytes(info[4..8].try_into().unwrap()),
-        u32::from_ne_bytes(info[8..12].try_into().unwrap()),
-    ))
+    Ok((info.id, info.prog_id))
 }
 
 /// The name of a loaded program, by id (empty if it is gone).
 pub fn prog_name(id: u32) -> String {
-    let mut a = Attr::new();
-    a.u32_at(0, id);
+    let mut a = attr();
+    a.__bindgen_anon_6.__bindgen_anon_1.prog_id = id;
     let Ok(fd) = bpf(BPF_PROG_GET_FD_BY_ID, &mut a).map(fd_from) else {
         return String::new();
     };
-    let mut info = [0u8; 80];
+    let mut info: bpf_prog_info = zeroed_info();
     if obj_info(&fd, &mut info).is_err() {
         return String::new();
     }
-    let name = &info[64..80];
-    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    String::from_utf8_lossy(&name[..end]).into_owned()
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&name).into_owned()
 }
 
 /// Ids of the programs attached directly to a cgroup for one attach type.
 pub fn prog_query(cgroup: impl AsFd, attach_type: u32) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
-    let mut a = Attr::new();
-    a.u32_at(0, cgroup.as_fd().as_raw_fd() as u32)
-        .u32_at(4, attach_type)
-        .u64_at(16, ids.as_mut_ptr() as u64)
-        .u32_at(24, ids.len() as u32);
+    let mut a = attr();
+    // `prog_ids` points to `ids`, which outlives the call and holds `prog_cnt` entries.
+    a.query.__bindgen_anon_1.target_fd = cgroup.as_fd().as_raw_fd() as u32;
+    a.query.attach_type = attach_type;
+    a.query.prog_ids = ids.as_mut_ptr() as u64;
+    a.query.__bindgen_anon_2.prog_cnt = ids.len() as u32;
     bpf(BPF_PROG_QUERY, &mut a)?;
-    let n = a.get_u32(24) as usize;
+    // SAFETY: the kernel wrote the number of programs back into the `query` member.
+    let n = unsafe { a.query.__bindgen_anon_2.prog_cnt } as usize;
     ids.truncate(n.min(64));
     Ok(ids)
 }
