@@ -134,6 +134,19 @@ fn signing_error(e: rcgen::Error) -> CsrError {
     CsrError::Signing(e.to_string())
 }
 
+/// Why a CA directory's intermediate cannot sign.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadAuthorityError {
+    #[error("intermediate key: {0}")]
+    Key(String),
+    #[error("intermediate certificate: {0}")]
+    Certificate(String),
+    #[error(
+        "intermediate key does not match the intermediate certificate (restore both files from the same backup, or `meshgate ca rotate`)"
+    )]
+    KeyMismatch,
+}
+
 impl Authority {
     /// Creates a new root (10 years) and signing intermediate (1 year) for `td`, with P-256 keys.
     pub fn create(td: &TrustDomain) -> Result<CaMaterial, rcgen::Error> {
@@ -159,19 +172,22 @@ impl Authority {
     }
 
     /// Loads the signing intermediate from PEM.
-    pub fn load(td: TrustDomain, intermediate_pem: &str, key_pem: &str) -> Result<Self, String> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("intermediate key: {e}"))?;
+    pub fn load(
+        td: TrustDomain,
+        intermediate_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, LoadAuthorityError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| LoadAuthorityError::Key(e.to_string()))?;
+        let bad_cert = |e: &dyn std::fmt::Display| LoadAuthorityError::Certificate(e.to_string());
         let der = cert::certs_from_pem(intermediate_pem.as_bytes())
-            .map_err(|e| format!("intermediate certificate: {e}"))?
+            .map_err(|e| bad_cert(&e))?
             .remove(0);
-        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| format!("intermediate certificate: {e}"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad_cert(&e))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err("intermediate key does not match the intermediate certificate".into());
+            return Err(LoadAuthorityError::KeyMismatch);
         }
         let intermediate_not_after = parsed.validity().not_after.to_datetime();
-        let issuer = Issuer::from_ca_cert_der(&der, key)
-            .map_err(|e| format!("intermediate certificate: {e}"))?;
+        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad_cert(&e))?;
         Ok(Self {
             trust_domain: td,
             issuer,

@@ -308,12 +308,11 @@ impl CaDir {
                 reason: "not a PEM file".into(),
             }
         })?;
-        let authority = Authority::load(td, &intermediate_pem, &key_pem).map_err(|reason| {
-            StoreError::Invalid {
+        let authority =
+            Authority::load(td, &intermediate_pem, &key_pem).map_err(|e| StoreError::Invalid {
                 path: self.display(),
-                reason,
-            }
-        })?;
+                reason: e.to_string(),
+            })?;
         Ok(authority)
     }
 

@@ -56,6 +56,14 @@ pub struct CaEndpoint {
     bundle: SharedTrustBundle,
 }
 
+/// A CA URL that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CA URL {url:?}: {reason} (e.g. https://ca:15012)")]
+pub struct BadCaUrl {
+    pub url: String,
+    pub reason: String,
+}
+
 impl CaEndpoint {
     /// `url` is `https://host:port`; the CA must present `spiffe://<td>/ns/meshgate/sa/ca` with a
     /// chain to `bundle` (the bundle is read at each call, so a refreshed bundle applies at once).
@@ -63,14 +71,20 @@ impl CaEndpoint {
         url: &str,
         trust_domain: &meshgate_ca::TrustDomain,
         bundle: SharedTrustBundle,
-    ) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("CA URL {url:?}: {e}"))?;
+    ) -> Result<Self, BadCaUrl> {
+        let bad = |reason: String| BadCaUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
         if uri.scheme_str() != Some("https") {
-            return Err(format!("CA URL {url:?} must start with https://"));
+            return Err(bad("it must start with https://".to_string()));
         }
         let host = uri
             .host()
-            .ok_or_else(|| format!("CA URL {url:?} has no host"))?;
+            .ok_or_else(|| bad("it has no host".to_string()))?;
         let port = uri.port_u16().unwrap_or(15012);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let authority = if host.contains(':') {

@@ -277,7 +277,7 @@ impl IdentityClient {
         let identity = Arc::new(Identity::new(claims.id.clone(), bundle));
         let endpoint =
             CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), identity.bundle())
-                .map_err(IdentityError::Config)?;
+                .map_err(|e| IdentityError::Config(e.to_string()))?;
         Ok(Self {
             identity,
             endpoint,
