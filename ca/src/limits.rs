@@ -378,6 +378,97 @@ impl Drop for Slot {
     }
 }
 
+/// A listener's cap on open connections, in total and per source address: the accept loops of
+/// the sidecar and of the control plane admit through it (the CA's own [`Admission`] adds a
+/// share reserved for authenticated peers on top of the same idea).
+#[derive(Debug, Clone)]
+pub struct ConnectionCap {
+    total: usize,
+    per_source: usize,
+    open: Arc<Mutex<OpenConnections>>,
+}
+
+/// Open connections of one listener, in total and per source address.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// Why [`ConnectionCap::admit`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapRefusal {
+    /// The listener holds its total cap.
+    Total,
+    /// The source address holds its per-source cap.
+    PerSource,
+}
+
+impl CapRefusal {
+    /// The metric label: `connection_limit` | `source_connection_limit`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CapRefusal::Total => "connection_limit",
+            CapRefusal::PerSource => "source_connection_limit",
+        }
+    }
+}
+
+/// A connection's place under its listener's cap; released on drop.
+#[derive(Debug)]
+pub struct CapSlot {
+    open: Arc<Mutex<OpenConnections>>,
+    source: IpAddr,
+}
+
+impl Drop for CapSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) =
+            open.by_source.entry(self.source)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+impl ConnectionCap {
+    pub fn new(total: usize, per_source: usize) -> Self {
+        Self {
+            total,
+            per_source,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for a connection from `source`, or which cap refused it.
+    pub fn admit(&self, source: IpAddr) -> Result<CapSlot, CapRefusal> {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if o.total >= self.total {
+            return Err(CapRefusal::Total);
+        }
+        let from_source = o.by_source.entry(source).or_default();
+        if *from_source >= self.per_source {
+            return Err(CapRefusal::PerSource);
+        }
+        *from_source += 1;
+        o.total += 1;
+        Ok(CapSlot {
+            open: self.open.clone(),
+            source,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,5 +509,21 @@ mod tests {
         drop(q);
         drop(s1);
         assert!(matches!(a.admit(ip1), Admit::Yes(_)));
+    }
+
+    #[test]
+    fn connection_cap_counts_total_and_per_source_and_releases_on_drop() {
+        let cap = ConnectionCap::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = cap.admit(a).unwrap();
+        let _a2 = cap.admit(a).unwrap();
+        assert_eq!(cap.admit(a).unwrap_err(), CapRefusal::PerSource);
+        let _b1 = cap.admit(b).unwrap();
+        assert_eq!(cap.admit(b).unwrap_err(), CapRefusal::Total);
+        assert_eq!(cap.open(), 3);
+        drop(a1);
+        assert_eq!(cap.open(), 2);
+        assert!(cap.admit(a).is_ok(), "a released slot is reusable");
     }
 }

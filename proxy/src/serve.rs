@@ -1,8 +1,7 @@
 //! The accept loop shared by the sidecar's listeners.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,53 +49,6 @@ impl Default for Limits {
     }
 }
 
-/// Open connections of one listener, in total and per source address.
-#[derive(Debug, Default)]
-struct Open {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-/// A connection's place in its listener's count; released on drop.
-#[derive(Debug)]
-pub struct Slot {
-    open: Arc<Mutex<Open>>,
-    source: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().expect("connection count lock");
-        open.total -= 1;
-        if let std::collections::hash_map::Entry::Occupied(mut e) =
-            open.by_source.entry(self.source)
-        {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
-
-/// Takes a slot for a connection from `source`, or says which cap refused it.
-fn admit(open: &Arc<Mutex<Open>>, limits: &Limits, source: IpAddr) -> Result<Slot, &'static str> {
-    let mut o = open.lock().expect("connection count lock");
-    if o.total >= limits.connections {
-        return Err("connection_limit");
-    }
-    let from_source = o.by_source.entry(source).or_default();
-    if *from_source >= limits.per_source {
-        return Err("source_connection_limit");
-    }
-    *from_source += 1;
-    o.total += 1;
-    Ok(Slot {
-        open: open.clone(),
-        source,
-    })
-}
-
 /// Accepts connections until `shutdown` turns true, running `handle` for each in its own task;
 /// then stops accepting and gives connections registered with the watcher up to `drain` to finish.
 /// Connections beyond `limits` (in total, per source) are closed at once, logged and counted.
@@ -116,48 +68,42 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let open = Arc::new(Mutex::new(Open::default()));
+    let cap = meshgate_ca::limits::ConnectionCap::new(limits.connections, limits.per_source);
     let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
     // Refusals are counted each time and logged once per burst, so a flood cannot flood the log.
     let mut last_refusal_log: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    backoff.reset();
-                    match admit(&open, &limits, peer.ip()) {
-                        Ok(slot) => {
-                            let task = handle(tcp, peer, graceful.watcher());
-                            tokio::spawn(async move {
-                                task.await;
-                                drop(slot);
-                            });
-                        }
-                        Err(reason) => {
-                            drop(tcp);
-                            metrics.count_hygiene(reason, 1);
-                            if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                                last_refusal_log = Some(std::time::Instant::now());
-                                tracing::warn!(
-                                    event = "listener.connection_refused",
-                                    listener = listener_name,
-                                    peer.addr = %peer,
-                                    reason,
-                                    max_connections = limits.connections,
-                                    max_per_source = limits.per_source,
-                                    "connection refused: listener at its cap (raise --max-connections / --max-connections-per-source if this is legitimate load); further refusals are counted in meshgate_inbound_hygiene_total"
-                                );
-                            }
+            accepted = backoff.accept(&listener, listener_name) => {
+                let (tcp, peer) = accepted;
+                match cap.admit(peer.ip()) {
+                    Ok(slot) => {
+                        let task = handle(tcp, peer, graceful.watcher());
+                        tokio::spawn(async move {
+                            task.await;
+                            drop(slot);
+                        });
+                    }
+                    Err(reason) => {
+                        drop(tcp);
+                        let reason = reason.label();
+                        metrics.count_hygiene(reason, 1);
+                        if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            last_refusal_log = Some(std::time::Instant::now());
+                            tracing::warn!(
+                                event = "listener.connection_refused",
+                                listener = listener_name,
+                                peer.addr = %peer,
+                                reason,
+                                max_connections = limits.connections,
+                                max_per_source = limits.per_source,
+                                "connection refused: listener at its cap (raise --max-connections / --max-connections-per-source if this is legitimate load); further refusals are counted in meshgate_inbound_hygiene_total"
+                            );
                         }
                     }
                 }
-                Err(e) => {
-                    let pause = backoff.pause();
-                    tracing::warn!(event = "listener.accept_failed", listener = listener_name, error = %e, retry_in_ms = pause.as_millis() as u64);
-                    tokio::time::sleep(pause).await;
-                }
-            },
+            }
         }
     }
     drop(listener);

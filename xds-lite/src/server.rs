@@ -20,6 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshgate_ca::limits::ConnectionCap;
 use meshgate_ca::{SpiffeId, TrustDomain, cert};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -68,7 +69,17 @@ pub struct StatusReport {
     /// Reasons the latest update was refused (`file:line: reason`), if it was.
     pub last_rejected: Option<String>,
     pub sidecars: Vec<serde_json::Value>,
+    /// Connections closed at accept because a cap was reached (see [`MAX_STREAMS`]).
+    #[serde(default)]
+    pub refused_connections: u64,
 }
+
+/// Sidecar connections one control plane holds at most: 10 000 (one long-lived stream per
+/// sidecar). Beyond it new connections are closed at accept, before any TLS work, and counted.
+pub const MAX_STREAMS: usize = 10_000;
+/// Connections from one source address: 1 024 (a node's pods share no address in Kubernetes;
+/// behind NAT a node's sidecars do).
+pub const MAX_STREAMS_PER_SOURCE: usize = 1_024;
 
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -81,17 +92,27 @@ pub struct ControlPlane {
     rejected: Mutex<Option<String>>,
     sidecars: Mutex<BTreeMap<u64, SidecarStatus>>,
     next_stream: AtomicU64,
+    /// Caps on open connections (a flood of half-open connections cannot exhaust the process).
+    cap: ConnectionCap,
+    refused: AtomicU64,
 }
 
 impl ControlPlane {
     /// A control plane for sidecars of `trust_domain`; it serves nothing until [`publish`](Self::publish).
     pub fn new(trust_domain: TrustDomain) -> Arc<Self> {
+        Self::with_caps(trust_domain, MAX_STREAMS, MAX_STREAMS_PER_SOURCE)
+    }
+
+    /// [`ControlPlane::new`] with other connection caps (total, per source address).
+    pub fn with_caps(trust_domain: TrustDomain, total: usize, per_source: usize) -> Arc<Self> {
         Arc::new(Self {
             trust_domain,
             current: watch::channel(None).0,
             rejected: Mutex::new(None),
             sidecars: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
+            cap: ConnectionCap::new(total, per_source),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -136,6 +157,7 @@ impl ControlPlane {
             })
             .collect();
         StatusReport {
+            refused_connections: self.refused.load(Ordering::Relaxed),
             version,
             last_rejected: self.rejected.lock().expect("lock").clone(),
             sidecars,
@@ -163,8 +185,22 @@ impl ControlPlane {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
                 accepted = backoff.accept(&listener, "control plane") => {
                     let (tcp, addr) = accepted;
+                    let slot = match self.cap.admit(addr.ip()) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            drop(tcp);
+                            // Logged once per 1024 refusals: a flood must not become a log flood.
+                            if self.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(1024) {
+                                tracing::warn!(event = "control_plane.connection_refused", peer.addr = %addr, reason = refusal.label(), refused_total = self.refused.load(Ordering::Relaxed), "connection refused: the control plane holds its connection cap (see `meshgate status`: refused_connections)");
+                            }
+                            continue;
+                        }
+                    };
                     let (cp, tls) = (self.clone(), tls.clone());
-                    connections.spawn(async move { cp.connection(tcp, addr, tls).await });
+                    connections.spawn(async move {
+                        cp.connection(tcp, addr, tls).await;
+                        drop(slot);
+                    });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
