@@ -1,9 +1,7 @@
 //! `meshgate demo`, README's "run it" command: the whole scripted scenario and its decisions, and
 //! the clear failure when a port is taken.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// Runs `meshgate demo --once`, retrying on another port range if one happens to be busy.
 fn demo_output() -> String {
@@ -187,17 +185,18 @@ fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
     let pre = meshgate_ebpf::preflight();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return support::privileged::EBPF.skip_or_fail("`demo --with-ebpf` needs root");
+        return crate::support::privileged::EBPF.skip_or_fail("`demo --with-ebpf` needs root");
     }
     if let Some(problem) = pre.problem() {
-        return support::privileged::EBPF.skip_or_fail(&problem.to_string());
+        return crate::support::privileged::EBPF.skip_or_fail(&problem.to_string());
     }
     if !std::process::Command::new("ip")
         .arg("-V")
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        return support::privileged::EBPF.skip_or_fail("`ip` not found (apt-get install iproute2)");
+        return crate::support::privileged::EBPF
+            .skip_or_fail("`ip` not found (apt-get install iproute2)");
     }
     let started = std::time::Instant::now();
     let out = run(meshgate()

@@ -2,12 +2,10 @@
 //! connection while the policy file is rewritten 100 times; no request fails, and every allowed
 //! request was allowed by the policy version that judged it.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::mesh::TestMesh;
+use crate::support::mesh::TestMesh;
 
 fn policy(prefix: &str) -> String {
     format!(

@@ -1,10 +1,8 @@
 //! README's "run it" command, end to end, as a newcomer runs it.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn ca_quickstart_script_issues_a_verifiable_svid() {

@@ -1,12 +1,10 @@
 //! 1 GiB up and 1 GiB down through a real `meshgate proxy` process with curl; the sidecar's
 //! peak memory (VmHWM) must stay flat, proving bodies stream and are never buffered whole.
 
-mod support;
-
 use std::process::Command;
 
-use support::mesh::EchoApp;
-use support::*;
+use crate::support::mesh::EchoApp;
+use crate::support::*;
 
 const GIB: u64 = 1024 * 1024 * 1024;
 

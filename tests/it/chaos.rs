@@ -6,21 +6,19 @@
 //! Every wait polls a condition with a deadline and every request has a time limit, so a hang is
 //! a failure, not a stuck test. Everything listens on loopback.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::mesh::{EchoApp, TestMesh, admin};
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_proxy::identity::IdentityStatus;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use support::mesh::{EchoApp, TestMesh, admin};
-use support::*;
 use time::OffsetDateTime;
 
 /// Longest any single request may take: longer counts as a hang and fails the test.

@@ -26,10 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
-
+use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
-use support::privileged::{EBPF, have};
 
 const A_IP: &str = "10.199.0.1";
 const B_IP: &str = "10.199.0.2";
