@@ -162,6 +162,11 @@ fn policy_crates_forbid_unsafe() {
 
 /// `cargo tree` of a package's normal dependencies (offline: everything is in Cargo.lock).
 fn dependency_names(package: &str) -> BTreeSet<String> {
+    dependency_names_with(package, &[])
+}
+
+/// [`dependency_names`] with extra `cargo tree` arguments (e.g. `--no-default-features`).
+fn dependency_names_with(package: &str, extra: &[&str]) -> BTreeSet<String> {
     let out = std::process::Command::new(env!("CARGO"))
         .args([
             "tree",
@@ -174,12 +179,13 @@ fn dependency_names(package: &str) -> BTreeSet<String> {
             package,
         ])
         .args(["--format", "{lib}"])
+        .args(extra)
         .current_dir(root())
         .output()
         .expect("cargo tree runs");
     assert!(
         out.status.success(),
-        "cargo tree -p {package}: {}",
+        "cargo tree -p {package} {extra:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout)
@@ -221,7 +227,10 @@ fn policy_links_no_runtime_http_stack_or_tls() {
 #[test]
 fn sidecar_ca_and_policy_tools_build_without_ebpf() {
     let sidecar = dependency_names_with("meshgate-proxy", &["--no-default-features"]);
-    assert!(sidecar.contains("hyper"), "cargo tree output not understood: {sidecar:?}");
+    assert!(
+        sidecar.contains("hyper"),
+        "cargo tree output not understood: {sidecar:?}"
+    );
     for package in ["meshgate-ca", "meshgate-policy-tools", "meshgate-xds"] {
         let deps = dependency_names(package);
         assert!(!deps.contains("aya"), "{package} depends on aya");
@@ -233,5 +242,8 @@ fn sidecar_ca_and_policy_tools_build_without_ebpf() {
         );
     }
     let default = dependency_names("meshgate-proxy");
-    assert!(default.contains("meshgate_ebpf"), "the `ebpf` feature is on by default on Linux");
+    assert!(
+        default.contains("meshgate_ebpf"),
+        "the `ebpf` feature is on by default on Linux"
+    );
 }
