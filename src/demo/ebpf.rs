@@ -448,7 +448,7 @@ async fn scenario(
             .arg(lab.app_cg(w))
             .env(
                 "MESHGATE_LOG",
-                "warn,meshgate_proxy::inbound::authz=info,meshgate_proxy::sidecar=info",
+                "warn,meshgate_proxy::decision=info,meshgate_proxy::sidecar=info",
             )
             .env_remove("MESHGATE_LOG_FORMAT");
         let sidecar = lab.in_pod(w, &lab.sidecar_cg(w), sidecar)?;
