@@ -326,6 +326,7 @@ async fn h2_get(
 /// not to a client that would accept any certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_outage_past_half_the_svid_ttl_then_past_expiry() {
+    let _heavy = crate::support::heavy_async().await;
     const TTL: Duration = Duration::from_secs(8);
     let test_started = Instant::now();
     let mut mesh = TestMesh::with_svid_ttl(TTL).await;
@@ -529,6 +530,7 @@ async fn ca_outage_past_half_the_svid_ttl_then_past_expiry() {
 /// while the loop still sees no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_stopped_and_restarted_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("readers.yaml", &readers(&["/orders/*", "/admin/*"]));
@@ -609,6 +611,7 @@ async fn control_plane_stopped_and_restarted_under_load() {
 /// everything is 200 again within a bounded time after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callee_sidecar_killed_and_restarted_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     require_tool("curl");
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;
@@ -746,6 +749,7 @@ spec:
 /// last version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_policy_swaps_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     const VERSIONS: usize = 1000;
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;

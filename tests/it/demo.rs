@@ -57,6 +57,7 @@ fn assert_decision_rows(shown: &str, rows: &[ExpectedRow]) {
 
 #[test]
 fn demo_runs_the_scenario_and_prints_the_decisions() {
+    let _heavy = crate::support::heavy();
     let shown = demo_output();
     // A quiet terminal: no log lines between the table's rows, not even at shutdown; the full
     // log is in a file the demo names and that still exists after it exited.
@@ -182,6 +183,7 @@ fn ebpf_demo_leftovers() -> Vec<String> {
 /// nothing is left behind.
 #[test]
 fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
+    let _heavy = crate::support::heavy();
     let pre = meshgate_ebpf::preflight();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

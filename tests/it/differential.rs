@@ -221,6 +221,7 @@ async fn send(t: &Target, case: &Case, id: usize) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_app_receives_is_what_the_policy_allows() {
+    let _heavy = crate::support::heavy_async().await;
     let seed: u64 = std::env::var("DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

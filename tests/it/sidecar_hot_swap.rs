@@ -24,6 +24,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewriting_the_policy_100_times_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     let mut mesh = TestMesh::new().await;
     mesh.add("web").await;
     mesh.add("orders").await;

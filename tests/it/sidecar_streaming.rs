@@ -31,6 +31,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_each_way_with_flat_memory() {
+    let _heavy = crate::support::heavy_async().await;
     require_tool("curl");
     let ca = TestCa::init();
     let base = ca.tmp.path().to_path_buf();
