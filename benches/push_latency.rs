@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench push_latency`
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

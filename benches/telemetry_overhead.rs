@@ -7,7 +7,7 @@
 //!
 //! `cargo bench --bench telemetry_overhead`
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::time::{Duration, Instant};

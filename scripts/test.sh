@@ -3,7 +3,7 @@
 # with sudo), then runs every test of the workspace. Extra arguments go to `cargo test`.
 #
 #   scripts/test.sh                 # everything
-#   scripts/test.sh --test sidecar_attacks
+#   scripts/test.sh --test it sidecar_attacks
 #
 # The privileged suites (eBPF as root, the compose mesh on a Docker engine) skip loudly where
 # they cannot run; EBPF_TESTS=require / COMPOSE_TESTS=require make a skip fail (CI sets both).

@@ -93,7 +93,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// CA stays unreachable past the SVID's lifetime the identity client keeps the expired
 /// certificate (there is nothing better), and the plain resolver went on presenting it: a client
 /// that does not check expiry was served by a sidecar with no valid identity (found by
-/// `tests/chaos.rs`). Returning no certificate makes rustls refuse the handshake instead.
+/// `tests/it/chaos.rs`). Returning no certificate makes rustls refuse the handshake instead.
 struct ValidSvidOnly(Arc<Identity>);
 
 impl std::fmt::Debug for ValidSvidOnly {

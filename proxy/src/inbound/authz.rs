@@ -120,7 +120,7 @@ where
         // This sidecar's own SVID has expired (the CA stayed unreachable past its lifetime).
         // TLS checked it only when the connection opened, so a connection from before the
         // expiry would otherwise go on being served by a workload with no valid identity (found
-        // by `tests/chaos.rs`; new handshakes are refused in `tls::inbound_config`).
+        // by `tests/it/chaos.rs`; new handshakes are refused in `tls::inbound_config`).
         if !ctx.identity.is_ready() {
             return Box::pin(std::future::ready(Err(InboundError::LocalIdentityExpired)));
         }

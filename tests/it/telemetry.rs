@@ -3,13 +3,11 @@
 //! new trace when the caller sends none, denials always exported even when sampling drops
 //! everything else, and the export counters.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::mesh::TestMesh;
+use crate::support::otlp::{OtlpReceiver, ReceivedSpan};
 use meshgate_proxy::telemetry::{SamplerChoice, TelemetryConfig};
-use support::mesh::TestMesh;
-use support::otlp::{OtlpReceiver, ReceivedSpan};
 
 const POLICIES: &str = r#"
 apiVersion: meshgate.dev/v1
@@ -265,7 +263,7 @@ async fn sampling_never_hides_a_denial() {
 /// whose trace ids match the exported spans.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_configured_process_logs_json_decisions_with_trace_ids() {
-    use support::*;
+    use crate::support::*;
     require_tool("curl");
     let receiver = OtlpReceiver::start().await;
     let ca = TestCa::init();
@@ -278,7 +276,7 @@ async fn env_configured_process_logs_json_decisions_with_trace_ids() {
     let policies = base.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("p.yaml"), POLICIES).unwrap();
-    let app = support::mesh::EchoApp::start().await;
+    let app = crate::support::mesh::EchoApp::start().await;
     let log = base.join("proxy.log");
     let endpoint = format!("http://{}", receiver.addr);
     let proxy = ProxyProcess::spawn_with(

@@ -11,15 +11,13 @@
 //! The requests come from a seeded generator: `DIFF_SEED` and `DIFF_CASES` pick another seed or a
 //! longer run by hand (CI runs the default 400 cases).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::attack::{Target, empty, read_head, status_of};
+use crate::support::mesh::TestMesh;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use meshgate_policy_tools::probe::Probe;
-use support::attack::{Target, empty, read_head, status_of};
-use support::mesh::TestMesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// web may GET/POST/PUT under /public (and with `x-tenant: blue` anywhere but /admin), billing
@@ -223,6 +221,7 @@ async fn send(t: &Target, case: &Case, id: usize) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_app_receives_is_what_the_policy_allows() {
+    let _heavy = crate::support::heavy_async().await;
     let seed: u64 = std::env::var("DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -1,13 +1,12 @@
 //! README's "run it" command, end to end, as a newcomer runs it.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn ca_quickstart_script_issues_a_verifiable_svid() {
+    let _heavy = crate::support::heavy();
     require_tool("openssl");
     require_tool("curl");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

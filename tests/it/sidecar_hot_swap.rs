@@ -2,12 +2,10 @@
 //! connection while the policy file is rewritten 100 times; no request fails, and every allowed
 //! request was allowed by the policy version that judged it.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::mesh::TestMesh;
+use crate::support::mesh::TestMesh;
 
 fn policy(prefix: &str) -> String {
     format!(
@@ -26,6 +24,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewriting_the_policy_100_times_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     let mut mesh = TestMesh::new().await;
     mesh.add("web").await;
     mesh.add("orders").await;

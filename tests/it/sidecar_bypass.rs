@@ -1,10 +1,8 @@
 //! Path-normalization bypasses through a real sidecar: with a policy that allows `/public/*` and
 //! denies `/admin/*`, no hostile spelling of an admin path may reach the app as an admin path.
 
-mod support;
-
+use crate::support::mesh::TestMesh;
 use meshgate_ca::tls::{self};
-use support::mesh::TestMesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POLICY: &str = r#"
@@ -113,7 +111,7 @@ async fn orders_and_web_client() -> (TestMesh, std::net::SocketAddr, tokio_rustl
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),
     );
-    let config = support::mesh_client(
+    let config = crate::support::mesh_client(
         mesh.ca.bundle(),
         &web,
         TestMesh::id_of("orders"),

@@ -6,21 +6,19 @@
 //! Every wait polls a condition with a deadline and every request has a time limit, so a hang is
 //! a failure, not a stuck test. Everything listens on loopback.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::mesh::{EchoApp, TestMesh, admin};
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_proxy::identity::IdentityStatus;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use support::mesh::{EchoApp, TestMesh, admin};
-use support::*;
 use time::OffsetDateTime;
 
 /// Longest any single request may take: longer counts as a hang and fails the test.
@@ -328,6 +326,7 @@ async fn h2_get(
 /// not to a client that would accept any certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_outage_past_half_the_svid_ttl_then_past_expiry() {
+    let _heavy = crate::support::heavy_async().await;
     const TTL: Duration = Duration::from_secs(8);
     let test_started = Instant::now();
     let mut mesh = TestMesh::with_svid_ttl(TTL).await;
@@ -531,6 +530,7 @@ async fn ca_outage_past_half_the_svid_ttl_then_past_expiry() {
 /// while the loop still sees no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_stopped_and_restarted_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("readers.yaml", &readers(&["/orders/*", "/admin/*"]));
@@ -611,6 +611,7 @@ async fn control_plane_stopped_and_restarted_under_load() {
 /// everything is 200 again within a bounded time after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callee_sidecar_killed_and_restarted_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     require_tool("curl");
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;
@@ -748,6 +749,7 @@ spec:
 /// last version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_policy_swaps_under_load() {
+    let _heavy = crate::support::heavy_async().await;
     const VERSIONS: usize = 1000;
     let test_started = Instant::now();
     let mut mesh = TestMesh::new().await;

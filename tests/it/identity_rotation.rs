@@ -1,19 +1,17 @@
 //! The identity client against a real CA: rotation without dropped handshakes or connections,
 //! recovery from a CA outage, and live trust-bundle refresh.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use arc_swap::ArcSwap;
 use meshgate_ca::tls::{self, CertResolver, ExpectedServer};
 use meshgate_proxy::identity::{Backoff, Identity, IdentityClient, IdentityConfig};
 use rustls_pki_types::PrivatePkcs8KeyDer;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};

@@ -2,13 +2,11 @@
 //! by identity and port, refused for other identities and unexposed ports, and cut when a policy
 //! change revokes it.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::free_port;
+use crate::support::mesh::TestMesh;
 use meshgate_proxy::outbound::tcp::TcpForward;
-use support::free_port;
-use support::mesh::TestMesh;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -2,21 +2,19 @@
 //! certificate files rotated under a running sidecar, and a trust-bundle change that swaps the
 //! whole server config (a new root is accepted without a restart).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::mesh::EchoApp;
+use crate::support::*;
 use meshgate_ca::tls;
 use meshgate_proxy::identity::static_files::IdentityFiles;
 use meshgate_proxy::inbound::AppProtocol;
 use meshgate_proxy::policy::PolicyFiles;
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use rustls::HandshakeKind;
-use support::mesh::EchoApp;
-use support::*;
 
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
@@ -44,7 +42,7 @@ fn issue(ca: &TestCa, out: &Path) {
 /// A client presenting `svid`, trusting `roots`, with rustls' default (enabled) resumption so
 /// that the server's refusal to resume is what the test observes.
 fn client(roots: meshgate_ca::TrustBundle, svid: &Svid) -> tokio_rustls::TlsConnector {
-    let mut config = Arc::unwrap_or_clone(support::mesh_client(
+    let mut config = Arc::unwrap_or_clone(crate::support::mesh_client(
         roots,
         svid,
         id(ORDERS),

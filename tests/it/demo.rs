@@ -1,9 +1,7 @@
 //! `meshgate demo`, README's "run it" command: the whole scripted scenario and its decisions, and
 //! the clear failure when a port is taken.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// Runs `meshgate demo --once`, retrying on another port range if one happens to be busy.
 fn demo_output() -> String {
@@ -59,6 +57,7 @@ fn assert_decision_rows(shown: &str, rows: &[ExpectedRow]) {
 
 #[test]
 fn demo_runs_the_scenario_and_prints_the_decisions() {
+    let _heavy = crate::support::heavy();
     let shown = demo_output();
     // A quiet terminal: no log lines between the table's rows, not even at shutdown; the full
     // log is in a file the demo names and that still exists after it exited.
@@ -184,20 +183,22 @@ fn ebpf_demo_leftovers() -> Vec<String> {
 /// nothing is left behind.
 #[test]
 fn demo_with_ebpf_redirects_the_apps_and_cleans_up() {
+    let _heavy = crate::support::heavy();
     let pre = meshgate_ebpf::preflight();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return support::privileged::EBPF.skip_or_fail("`demo --with-ebpf` needs root");
+        return crate::support::privileged::EBPF.skip_or_fail("`demo --with-ebpf` needs root");
     }
     if let Some(problem) = pre.problem() {
-        return support::privileged::EBPF.skip_or_fail(&problem.to_string());
+        return crate::support::privileged::EBPF.skip_or_fail(&problem.to_string());
     }
     if !std::process::Command::new("ip")
         .arg("-V")
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        return support::privileged::EBPF.skip_or_fail("`ip` not found (apt-get install iproute2)");
+        return crate::support::privileged::EBPF
+            .skip_or_fail("`ip` not found (apt-get install iproute2)");
     }
     let started = std::time::Instant::now();
     let out = run(meshgate()

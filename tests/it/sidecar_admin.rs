@@ -2,13 +2,11 @@
 //! update refused with file:line while the last good policy keeps enforcing, `POST /shutdown`,
 //! and `SIGHUP` reloading a real `meshgate proxy` process at once.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::mesh::{TestMesh, admin};
-use support::*;
+use crate::support::mesh::{TestMesh, admin};
+use crate::support::*;
 
 fn allow(path: &str) -> String {
     format!(

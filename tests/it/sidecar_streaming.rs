@@ -1,12 +1,10 @@
 //! 1 GiB up and 1 GiB down through a real `meshgate proxy` process with curl; the sidecar's
 //! peak memory (VmHWM) must stay flat, proving bodies stream and are never buffered whole.
 
-mod support;
-
 use std::process::Command;
 
-use support::mesh::EchoApp;
-use support::*;
+use crate::support::mesh::EchoApp;
+use crate::support::*;
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -33,6 +31,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gib_each_way_with_flat_memory() {
+    let _heavy = crate::support::heavy_async().await;
     require_tool("curl");
     let ca = TestCa::init();
     let base = ca.tmp.path().to_path_buf();

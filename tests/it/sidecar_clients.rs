@@ -4,14 +4,12 @@
 //! curl cannot check a SPIFFE ID (it verifies DNS names, and SVIDs carry none), so curl runs with
 //! `-k` here; the server side is verified separately with `openssl s_client -verify_return_error`.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::mesh::TestMesh;
-use support::*;
+use crate::support::mesh::TestMesh;
+use crate::support::*;
 
 const POLICY: &str = r#"
 apiVersion: meshgate.dev/v1
@@ -214,8 +212,13 @@ async fn an_http2_caller_reaches_an_http1_only_app() {
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("orders.yaml", POLICY);
     let app = http1_only_app().await;
-    mesh.add_in_front_of("orders", support::mesh::EchoApp { addr: app }, &[], &[])
-        .await;
+    mesh.add_in_front_of(
+        "orders",
+        crate::support::mesh::EchoApp { addr: app },
+        &[],
+        &[],
+    )
+    .await;
     mesh.converge().await;
     let inbound = mesh.workload("orders").sidecar.inbound_addr;
     let work = tempfile::tempdir().unwrap();

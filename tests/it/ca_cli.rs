@@ -1,11 +1,9 @@
 //! `meshgate ca …` as a user runs it, with the system's openssl checking the results.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 

@@ -1,12 +1,10 @@
 //! The CA's HTTPS API: issuance, and each refusal with its status, code and message.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use rcgen::{BasicConstraints, IsCa, KeyPair, PublicKeyData, SanType};
-use support::*;
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ADMIN: &str = "spiffe://mesh.local/ns/shop/sa/admin";
@@ -591,7 +589,8 @@ async fn a_flood_of_half_sent_connections_cannot_stop_renewals() {
         .await
         .unwrap();
     assert_eq!(metrics.status, 200);
-    let count = |name: &str, label: &str| support::mesh::sum_metric(&metrics.body, name, &[label]);
+    let count =
+        |name: &str, label: &str| crate::support::mesh::sum_metric(&metrics.body, name, &[label]);
     assert_eq!(
         count("meshgate_ca_connections_refused_total", "per_ip_limit"),
         4.0,

@@ -2,14 +2,12 @@
 //! it was authenticated with (the receiving sidecar re-checks expiry per request), and sidecars
 //! retire pooled connections when their SVID rotates, so legitimate traffic never sees a denial.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::mesh::TestMesh;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use meshgate_ca::tls::{self};
-use support::mesh::TestMesh;
 
 const POLICY: &str = r#"
 apiVersion: meshgate.dev/v1
@@ -36,7 +34,8 @@ async fn a_connection_cannot_outlive_its_certificate() {
         now - time::Duration::minutes(1),
         now + time::Duration::seconds(3),
     );
-    let config = support::mesh_client(mesh.ca.bundle(), &web, TestMesh::id_of("orders"), &[b"h2"]);
+    let config =
+        crate::support::mesh_client(mesh.ca.bundle(), &web, TestMesh::id_of("orders"), &[b"h2"]);
     let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
         .await
         .unwrap();

@@ -2,13 +2,11 @@
 //! the running CA follows by itself, workloads pick up the two-root bundle by themselves, old and
 //! new SVIDs verify each other during the overlap, and `--finish` retires the old root.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use meshgate_proxy::identity::{Backoff, IdentityClient, IdentityConfig};
 use rustls_pki_types::UnixTime;
-use support::*;
 
 fn config(ca: &TestCa, name: &str) -> IdentityConfig {
     IdentityConfig {

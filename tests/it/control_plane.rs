@@ -3,12 +3,12 @@
 //! version stays enforced, sidecars keeping their snapshot while it is gone and reconverging when
 //! it is back, per-identity scoping, and no stream without a valid SVID.
 
-mod support;
-
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::support::mesh::TestMesh;
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -16,8 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_ca::tls::{self, ExpectedServer};
 use meshgate_xds::client::StreamClient;
 use meshgate_xds::wire::LineBuffer;
-use support::mesh::TestMesh;
-use support::*;
 use tokio::sync::mpsc;
 
 fn orders_policy(methods: &str) -> String {
@@ -195,7 +193,7 @@ async fn first_push(
     mesh: &TestMesh,
     svid: &Svid,
 ) -> Result<meshgate_policy::PolicySet, String> {
-    let config = support::mesh_client(
+    let config = crate::support::mesh_client(
         mesh.ca.bundle(),
         svid,
         meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
@@ -473,7 +471,7 @@ async fn a_nacked_version_is_recorded_and_not_retried() {
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),
     );
-    let config = support::mesh_client(
+    let config = crate::support::mesh_client(
         mesh.ca.bundle(),
         &svid,
         meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
@@ -537,7 +535,7 @@ impl RawStream {
             now - time::Duration::minutes(1),
             now + time::Duration::hours(1),
         );
-        let config = support::mesh_client(
+        let config = crate::support::mesh_client(
             mesh.ca.bundle(),
             &svid,
             meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
@@ -833,7 +831,7 @@ async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
     let svid = mesh
         .ca
         .sign_leaf(&TestMesh::id_of("orders"), now - hour, now + hour);
-    let client_config = support::mesh_client(mesh.ca.bundle(), &svid, cp_id, &[b"h2"]);
+    let client_config = crate::support::mesh_client(mesh.ca.bundle(), &svid, cp_id, &[b"h2"]);
     let client = StreamClient::new(&format!("https://{addr}"), client_config).unwrap();
     let (tx, mut applied) = mpsc::unbounded_channel::<String>();
     let task = tokio::spawn(client.run(

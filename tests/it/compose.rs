@@ -16,15 +16,13 @@
 //! Without them the test is skipped with a loud message; `COMPOSE_TESTS=require` (set by
 //! `.ci/run`) turns the skip into a failure.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::otlp::OtlpReceiver;
-use support::privileged::{COMPOSE, have};
-use support::{free_port, text};
+use crate::support::otlp::OtlpReceiver;
+use crate::support::privileged::{COMPOSE, have};
+use crate::support::{free_port, text};
 
 const PROJECT: &str = "meshgate-test";
 const IMAGE: &str = "meshgate:test";
@@ -151,7 +149,7 @@ fn remove_redirects(cgroup2: &Path) {
     for w in WORKLOADS {
         let app = cgroup2.join(format!("meshgate/shop-{w}/app"));
         if app.exists() {
-            let _ = support::meshgate()
+            let _ = crate::support::meshgate()
                 .args(["redirect", "detach", "--cgroup"])
                 .arg(&app)
                 .output();
@@ -194,6 +192,7 @@ fn nix_is_root() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_demo_mesh_allows_denies_applies_policy_live_and_traces() {
+    let _heavy = crate::support::heavy_async().await;
     let cgroup2 = match preconditions() {
         Ok(c) => c,
         Err(reason) => return COMPOSE.skip_or_fail(&reason),

@@ -26,10 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
-
+use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
-use support::privileged::{EBPF, have};
 
 const A_IP: &str = "10.199.0.1";
 const B_IP: &str = "10.199.0.2";
@@ -321,6 +319,7 @@ fn metric(metrics: &str, name: &str, labels: &[&str]) -> u64 {
 
 #[test]
 fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
+    let _heavy = crate::support::heavy();
     let Some(mut env) = setup("r") else { return };
     let t0 = Instant::now();
     let d = env.dir.path().to_path_buf();
@@ -657,6 +656,7 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
 /// 127.0.0.1:15001, the uid-1337 process reaches the address directly and is not egress-enforced.
 #[test]
 fn pod_cgroup_with_sidecar_exempt_by_uid() {
+    let _heavy = crate::support::heavy();
     let Some(mut env) = setup("u") else { return };
     const UID: u32 = 1337;
     env.sandbox.cgroup("pod-a/shared/init").unwrap();

@@ -1,10 +1,8 @@
 //! gRPC through two sidecars with a real gRPC client (tonic): unary and server streaming, with
 //! status trailers carried end to end over h2c → mTLS HTTP/2 → h2c.
 
-mod support;
-
+use crate::support::mesh::TestMesh;
 use bytes::{Buf, BufMut, Bytes};
-use support::mesh::TestMesh;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 

@@ -28,6 +28,25 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// One heavy or privileged test at a time in this process. All integration tests share one test
+/// binary, so libtest runs them as threads of one process; the tests that start whole meshes
+/// under load, run the real CLI's demo, build a Docker image or create network namespaces and
+/// attach eBPF programs hold this for their whole run, so they never overlap each other (light
+/// tests still run alongside). A `tokio` mutex: no poisoning (a failed test releases it as it
+/// unwinds), and async tests can hold it across `.await`.
+static HEAVY: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+/// Takes the heavy-test lock in a plain `#[test]` (never call it inside an async runtime).
+pub fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+/// Takes the heavy-test lock in a `#[tokio::test]`.
+pub async fn heavy_async() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
 /// The `meshgate` binary built for this test run.
 pub fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))

@@ -3,20 +3,18 @@
 //! it logs everything it receives. Whatever the spelling, protocol or listener, only authorized
 //! requests reach the app, and the identity headers it reads are the sidecar's alone.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::attack::{FORGED, Target, WEB, empty, read_head, status_of};
+use crate::support::mesh::TestMesh;
+use crate::support::recorder::Seen;
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshgate_ca::tls;
 use rcgen::SanType;
-use support::attack::{FORGED, Target, WEB, empty, read_head, status_of};
-use support::mesh::TestMesh;
-use support::recorder::Seen;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A header name an app framework could read as a sidecar identity header (letters and digits,
@@ -419,7 +417,7 @@ async fn a_client_certificate_without_a_valid_spiffe_id_is_refused_with_an_alert
             now - time::Duration::minutes(1),
             now + time::Duration::hours(1),
         );
-        let config = support::mesh_client(
+        let config = crate::support::mesh_client(
             t.mesh.ca.bundle(),
             &svid,
             TestMesh::id_of("orders"),

@@ -2,7 +2,7 @@
 //!
 //! Golden files: `tests/fixtures/inject/<case>.yaml` is the input, `<case>.injected.yaml` the
 //! expected output, compared byte for byte. After an intended change to the output, regenerate
-//! them with `MESHGATE_BLESS=1 cargo test --test inject` and review the diff before committing.
+//! them with `MESHGATE_BLESS=1 cargo test --test it inject::` and review the diff before committing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -465,7 +465,7 @@ fn writes_the_output_file() {
     assert_eq!(std::fs::read_to_string(&target).unwrap(), golden("job"));
 }
 
-/// The compose demo that CI runs (tests/compose.rs) is exactly what `meshgate inject` makes of
+/// The compose demo that CI runs (tests/it/compose.rs) is exactly what `meshgate inject` makes of
 /// `examples/compose/mesh.yml`: regenerate it with the command in the message.
 #[test]
 fn the_compose_demo_is_the_injected_example() {

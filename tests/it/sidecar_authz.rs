@@ -1,9 +1,7 @@
 //! Scenarios through real sidecars: web → orders with identity/method/path policy, DENY over
 //! ALLOW, dry-run, default deny, and outbound verification of the server's SPIFFE ID.
 
-mod support;
-
-use support::mesh::TestMesh;
+use crate::support::mesh::TestMesh;
 
 const POLICIES: &str = r#"
 apiVersion: meshgate.dev/v1

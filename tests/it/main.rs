@@ -1,0 +1,31 @@
+//! The integration tests: one test binary, one module per scenario, sharing the harness in
+//! `support/` (built once, linked once).
+
+mod support;
+
+mod architecture;
+mod ca_api;
+mod ca_cli;
+mod ca_rotation;
+mod chaos;
+mod compose;
+mod control_plane;
+mod demo;
+mod differential;
+mod ebpf_redirect;
+mod identity_rotation;
+mod inject;
+mod policy_cli;
+mod quickstart;
+mod sidecar_admin;
+mod sidecar_attacks;
+mod sidecar_authz;
+mod sidecar_bypass;
+mod sidecar_clients;
+mod sidecar_grpc;
+mod sidecar_hot_swap;
+mod sidecar_rotation;
+mod sidecar_streaming;
+mod sidecar_tcp;
+mod sidecar_tls;
+mod telemetry;
