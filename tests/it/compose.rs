@@ -193,6 +193,7 @@ fn nix_is_root() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_demo_mesh_allows_denies_applies_policy_live_and_traces() {
     let _heavy = crate::support::heavy_async().await;
+    let _machine = crate::support::machine_lock("compose").await;
     let cgroup2 = match preconditions() {
         Ok(c) => c,
         Err(reason) => return COMPOSE.skip_or_fail(&reason),

@@ -203,9 +203,22 @@ async fn ca_outage_keeps_the_valid_svid_and_recovers() {
     let server = spawn_mtls_server(identity.clone()).await;
     let mesh_client = MeshClient::new(&ca);
 
-    // CA down across the renewal point (8–10 s into a 20 s SVID).
+    // CA down across the renewal point (8–10 s into a 20 s SVID): wait for the failed renewal to
+    // be reported (an event, not a fixed sleep), at most until just before the SVID expires.
     ca.stop().await;
-    sleep(Duration::from_secs(12)).await;
+    let failed = tokio::time::timeout(Duration::from_secs(16), async {
+        loop {
+            if identity.status().unwrap().last_error.is_some() {
+                break;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        failed.is_ok(),
+        "the renewal at 8–10 s was attempted and failed"
+    );
     let during = identity.status().unwrap();
     assert_eq!(during.serial, first.serial, "no renewal can have happened");
     assert!(

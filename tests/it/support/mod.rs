@@ -47,6 +47,36 @@ pub async fn heavy_async() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
 }
 
+/// A lock shared by every test process on this machine, for tests that use machine-wide names
+/// (the compose test: one Docker daemon, a fixed project name, image tag and cgroup paths). Two
+/// test runs at once (two worktrees, a CI clone) would otherwise tear down each other's
+/// containers; the second one waits. Released when the returned file is dropped (or the
+/// process exits).
+pub async fn machine_lock(name: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("meshgate-test-{name}.lock"));
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("lock file {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor this function owns; it blocks until the lock is free.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        file
+    })
+    .await
+    .expect("lock task")
+}
+
 /// The `meshgate` binary built for this test run.
 pub fn meshgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshgate"))
