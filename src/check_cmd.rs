@@ -221,6 +221,19 @@ async fn mesh_checks(args: &CheckArgs) -> Vec<Line> {
                         "see `meshgate status` for their last NACK; a sidecar that refuses a version names the problem",
                     ));
                 }
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let overdue = overdue_renewals(&connected, now);
+                if overdue.is_empty() {
+                    out.push(Line::ok(format!(
+                        "{} connected sidecars hold SVIDs renewed on time",
+                        connected.len()
+                    )));
+                } else {
+                    out.push(Line::fail(
+                        format!("SVIDs about to expire unrenewed: {}", overdue.join(", ")),
+                        "the sidecar cannot reach the CA: check its `/identity` admin endpoint (last error) and the CA (`meshgate check --ca`); it renews at half its SVID lifetime",
+                    ));
+                }
             }
         }
     }
@@ -406,5 +419,56 @@ mod tests {
         assert_eq!(clock_skew(Some(&at(-60))).ok, Some(false));
         assert_eq!(clock_skew(Some("yesterday")).ok, None);
         assert_eq!(clock_skew(None).ok, None);
+    }
+}
+
+/// Connected sidecars whose SVID has less than a quarter of its life left, or none. A sidecar
+/// renews at 40–50 % of its SVID's lifetime and reopens its control-plane stream with the new
+/// one, so on a healthy stream at least half of the life it started with is left; a quarter
+/// means renewals have been failing for a while. (The stream's start stands for the SVID's
+/// issue time: it opened right after the renewal.)
+fn overdue_renewals(connected: &[&serde_json::Value], now: i64) -> Vec<String> {
+    connected
+        .iter()
+        .filter_map(|s| {
+            let not_after = s["svid_not_after"].as_i64()?;
+            let since = s["connected_at"].as_i64()?;
+            let left = not_after - now;
+            let life = (not_after - since).max(1);
+            (left * 4 < life).then(|| {
+                format!(
+                    "{} ({})",
+                    s["id"].as_str().unwrap_or("?"),
+                    if left <= 0 {
+                        "expired".to_string()
+                    } else {
+                        format!("{left} s left")
+                    }
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod svid_tests {
+    use super::overdue_renewals;
+
+    #[test]
+    fn a_quarter_of_the_life_left_is_overdue() {
+        let s = |id: &str, connected_at: i64, not_after: i64| serde_json::json!({"id": id, "connected_at": connected_at, "svid_not_after": not_after});
+        let fresh = s("spiffe://m/ns/a/sa/fresh", 1000, 4600);
+        let late = s("spiffe://m/ns/a/sa/late", 1000, 1800);
+        let gone = s("spiffe://m/ns/a/sa/gone", 0, 1000);
+        let old = serde_json::json!({"id": "spiffe://m/ns/a/sa/old", "connected_at": 1000});
+        let all = [&fresh, &late, &gone, &old];
+        let overdue = overdue_renewals(&all, 1700);
+        assert_eq!(
+            overdue,
+            [
+                "spiffe://m/ns/a/sa/late (100 s left)",
+                "spiffe://m/ns/a/sa/gone (expired)"
+            ]
+        );
     }
 }

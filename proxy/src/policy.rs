@@ -242,7 +242,8 @@ impl PolicySource {
                     &[b"h2"],
                 );
                 let client = meshgate_xds::client::StreamClient::new(&url, Arc::new(tls))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| e.to_string())?
+                    .reconnect_on(identity.svid_changes());
                 state.set_connected(false);
                 let connected_state = state.clone();
                 let connected_metrics = metrics.clone();

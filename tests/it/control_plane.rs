@@ -899,6 +899,7 @@ async fn check_reports_a_healthy_mesh_and_names_the_fix_otherwise() {
         "✔ clock within ",
         "✔ control plane serving policy version",
         "✔ 2 connected sidecars in sync",
+        "✔ 2 connected sidecars hold SVIDs renewed on time",
         "all checks passed",
     ] {
         assert!(shown.contains(line), "missing {line:?} in\n{shown}");
@@ -952,4 +953,81 @@ fn check_reports_on_this_host() {
     let failed = lines.iter().filter(|l| l.starts_with('✖')).count();
     assert_eq!(shown.matches("    fix: ").count(), failed, "{shown}");
     assert_eq!(out.status.success(), failed == 0, "{shown}");
+}
+
+/// A sidecar reopens its control-plane stream with each renewed SVID, so the control plane
+/// always knows the SVID in use; when renewals stop (the CA is gone), `meshgate check` names the
+/// sidecars whose SVIDs are about to expire unrenewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_follow_renewals_and_check_flags_overdue_svids() {
+    const TTL: Duration = Duration::from_secs(8);
+    let mut mesh = TestMesh::with_svid_ttl(TTL).await;
+    mesh.write_policy("orders.yaml", &orders_policy("GET"));
+    mesh.start_control_plane().await;
+    mesh.add("web").await;
+    mesh.converge().await;
+    let svid_of_stream = |status: &serde_json::Value| {
+        status["sidecars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["connected"].as_bool() == Some(true))
+            .filter_map(|s| s["svid_not_after"].as_i64())
+            .max()
+    };
+    let first = svid_of_stream(&mesh.cp_status().await).expect("a connected stream");
+    // Renewal at 40–50 % of 8 s: the stream is reopened with the new SVID.
+    let renewed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = svid_of_stream(&mesh.cp_status().await);
+            if now.is_some_and(|n| n > first) {
+                return now.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the stream is reopened with the renewed SVID");
+    assert!(renewed > first);
+    // Reopened at the renewal, not only when the old SVID expired and the control plane closed
+    // the stream.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        now < first - 1,
+        "the stream was reopened only at the old SVID's expiry (now {now}, expiry {first})"
+    );
+
+    let check = |mesh: &TestMesh| {
+        let mut cmd = meshgate();
+        cmd.args(["check", "--skip-host", "--control-plane"])
+            .arg(mesh.control_plane.as_ref().unwrap().admin_addr.to_string());
+        cmd
+    };
+    let out = run_async(check(&mesh)).await;
+    let shown = text(&out);
+    assert!(
+        shown.contains("✔ 1 connected sidecars hold SVIDs renewed on time"),
+        "{shown}"
+    );
+
+    // The CA goes away: renewals fail, and past three quarters of the SVID's life check says so.
+    mesh.ca.stop().await;
+    let flagged = tokio::time::timeout(TTL, async {
+        loop {
+            let out = run_async(check(&mesh)).await;
+            let shown = text(&out);
+            if shown.contains("✖ SVIDs about to expire unrenewed: spiffe://") {
+                return (out.status.code(), shown);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await
+    .expect("check flags the SVID before it expires");
+    assert_eq!(flagged.0, Some(1), "{}", flagged.1);
+    assert!(
+        flagged.1.contains("/identity"),
+        "the fix names where to look: {}",
+        flagged.1
+    );
 }

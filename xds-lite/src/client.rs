@@ -36,6 +36,14 @@ pub struct BadControlPlaneUrl {
 pub struct StreamClient {
     authority: String,
     tls: TlsConnector,
+    /// Bumped when the workload's SVID is renewed: the stream is reopened with the new one.
+    renewals: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+/// How a stream session ended without an error.
+enum SessionEnd {
+    /// The SVID was renewed: reconnect at once, presenting it.
+    Renewed,
 }
 
 impl StreamClient {
@@ -58,7 +66,17 @@ impl StreamClient {
         Ok(Self {
             authority: format!("{host}:{}", uri.port_u16().unwrap_or(15010)),
             tls: TlsConnector::from(tls),
+            renewals: None,
         })
+    }
+
+    /// Reopens the stream whenever `renewals` changes (the sidecar's SVID generation), so the
+    /// control plane always knows the SVID in use (`meshgate check` warns when one is about to
+    /// expire unrenewed) and the stream never outlives a certificate it no longer needs.
+    pub fn reconnect_on(mut self, mut renewals: tokio::sync::watch::Receiver<u64>) -> Self {
+        renewals.borrow_and_update();
+        self.renewals = Some(renewals);
+        self
     }
 
     /// Runs forever. `apply` installs a pushed set (its error becomes the NACK); `connected`
@@ -71,9 +89,16 @@ impl StreamClient {
         max_backoff: Duration,
     ) {
         let mut backoff = Backoff::new(initial_backoff, max_backoff);
+        let mut renewals = self.renewals.clone();
         loop {
-            let result = self.session(&mut apply, &connected, &mut backoff).await;
+            let result = self
+                .session(&mut apply, &connected, &mut backoff, renewals.as_mut())
+                .await;
             connected(false);
+            if let Ok(SessionEnd::Renewed) = result {
+                tracing::debug!(event = "control_plane.reconnect", control_plane = %self.authority, "SVID renewed: reopening the stream with it");
+                continue;
+            }
             let pause = backoff.pause();
             if let Err(e) = result {
                 tracing::warn!(event = "control_plane.disconnected", control_plane = %self.authority, error = %e, retry_in_ms = pause.as_millis() as u64, "keeping the last good policy");
@@ -87,7 +112,8 @@ impl StreamClient {
         apply: &mut (impl FnMut(PolicySet) -> Result<(), String> + Send),
         connected: &(impl Fn(bool) + Send),
         backoff: &mut Backoff,
-    ) -> Result<(), String> {
+        mut renewals: Option<&mut tokio::sync::watch::Receiver<u64>>,
+    ) -> Result<SessionEnd, String> {
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::TcpStream::connect(&self.authority),
@@ -126,7 +152,18 @@ impl StreamClient {
         tracing::info!(event = "control_plane.connected", control_plane = %self.authority);
         let mut body = resp.into_body();
         let mut lines = LineBuffer::default();
-        while let Some(frame) = body.frame().await {
+        loop {
+            let renewed = async {
+                match renewals.as_deref_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                true = renewed => return Ok(SessionEnd::Renewed),
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| format!("stream: {e}"))?;
             let Some(data) = frame.data_ref() else {
                 continue;

@@ -57,6 +57,10 @@ pub struct SidecarStatus {
     /// answered and list the others as "not acknowledging" instead of waiting on them; any
     /// workload with an SVID can open such a stream.
     pub last_ack_at: Option<i64>,
+    /// Unix seconds when the SVID this stream was opened with expires. Sidecars reopen their
+    /// stream with each renewed SVID, so on a connected stream this is the sidecar's current
+    /// SVID; `meshgate check` warns when a renewal is overdue.
+    pub svid_not_after: i64,
     /// Why the latest version was not sent to this sidecar (too large), if it was not.
     pub push_refused: Option<String>,
 }
@@ -283,6 +287,7 @@ impl ControlPlane {
                 acked_version: None,
                 last_nack: None,
                 last_ack_at: None,
+                svid_not_after: peer.not_after.unix_timestamp(),
                 push_refused: None,
             },
         );
