@@ -74,7 +74,7 @@ pub struct DecisionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<usize>,
     #[serde(rename = "policy.version")]
-    pub version: String,
+    pub version: std::sync::Arc<str>,
     pub reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_policy: Option<String>,
@@ -106,7 +106,7 @@ impl DecisionRecord {
             decision: decision.kind,
             policy: decision.policy.clone(),
             rule: decision.rule,
-            version: decision.version.to_string(),
+            version: decision.version.clone(),
             reason: decision.reason.clone(),
             audit_policy: decision.audit_policy.clone(),
             dry_run_policy: decision.dry_run_policy.clone(),

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Longest SPIFFE ID accepted, in bytes (SPIFFE ID standard: URIs up to 2048 bytes).
 pub const MAX_ID_LEN: usize = 2048;
@@ -97,7 +98,9 @@ impl FromStr for TrustDomain {
 /// A validated workload SPIFFE ID (`spiffe://<trust-domain>/<path>`), with a non-empty path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    uri: String,
+    /// Shared: an ID is cloned into every decision record, span and log line, and a clone must
+    /// not cost an allocation per request.
+    uri: Arc<str>,
     /// Byte length of `spiffe://<td>`, so the trust domain and path are slices of `uri`.
     td_end: usize,
 }
@@ -140,7 +143,7 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            uri: s.to_string(),
+            uri: Arc::from(s),
             td_end: SCHEME.len() + td.len(),
         })
     }

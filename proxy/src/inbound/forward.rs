@@ -16,7 +16,7 @@ use super::authz::Reauthorize;
 use super::normalize::CarriedHttp1;
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
-    ProxyBody, boxed, bridge_upgrade, error_response, is_grpc, requested_upgrade, set_upgrade,
+    ProxyBody, boxed, bridge_upgrade, error_response_for, is_grpc, requested_upgrade, set_upgrade,
     strip_hop_by_hop,
 };
 
@@ -148,12 +148,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);
         }
-        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = format!("http://{authority}{pq}")
-            .parse::<Uri>()
-            .or_else(|_| format!("http://{}{pq}", self.app).parse::<Uri>())
-            .expect("app address and path form a URI");
-        *req.uri_mut() = uri;
+        *req.uri_mut() = app_uri(req.uri(), &authority, &self.app);
         if use_h2 {
             // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1).
             req.headers_mut().remove(header::HOST);
@@ -174,7 +169,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
         } else {
             self.http1.clone()
         };
-        let request_headers = req.headers().clone();
+        let grpc = is_grpc(req.headers());
         Box::pin(async move {
             match client.request(req).await {
                 Ok(mut resp) => {
@@ -199,8 +194,8 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                                 event = "inbound.unrequested_upgrade",
                                 "the app switched protocols without an allowed Upgrade request; answering 502"
                             );
-                            return Ok(error_response(
-                                &request_headers,
+                            return Ok(error_response_for(
+                                grpc,
                                 StatusCode::BAD_GATEWAY,
                                 "upstream unavailable\n",
                             ));
@@ -211,8 +206,8 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                 }
                 Err(e) => {
                     tracing::warn!(event = "inbound.app_unavailable", error = %e, "local app did not answer");
-                    Ok(error_response(
-                        &request_headers,
+                    Ok(error_response_for(
+                        grpc,
                         StatusCode::BAD_GATEWAY,
                         "upstream unavailable\n",
                     ))
@@ -220,4 +215,23 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             }
         })
     }
+}
+
+/// `http://<authority><path?query>` for the request to the app, built from the parsed parts (no
+/// string round trip per request); the app's own address when the caller's authority is not
+/// usable in a URI.
+fn app_uri(caller: &Uri, authority: &str, app: &str) -> Uri {
+    let path_and_query = caller
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let authority = authority
+        .parse::<http::uri::Authority>()
+        .or_else(|_| app.parse::<http::uri::Authority>())
+        .expect("the app address is a valid authority");
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }

@@ -21,8 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http_util::{
-    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, host_without_port,
-    requested_upgrade, set_upgrade, strip_hop_by_hop,
+    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, error_response_for,
+    host_without_port, is_grpc, requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -199,6 +199,10 @@ impl Outbound {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         use opentelemetry::KeyValue;
         use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
+        if !self.telemetry.enabled() {
+            // No span to build: skip the attributes' allocations on every request.
+            return self.route(req).await;
+        }
         let parent = self.telemetry.extract(req.headers());
         let server = req
             .headers()
@@ -287,7 +291,7 @@ impl Outbound {
             }
         }
         *req.version_mut() = Version::HTTP_2;
-        let request_headers = req.headers().clone();
+        let grpc = is_grpc(req.headers());
         match entry.client.request(req).await {
             Ok(resp) => {
                 self.record("forwarded", &entry.route.name, started);
@@ -304,8 +308,8 @@ impl Outbound {
                     "could not reach a verified sidecar of the Service"
                 );
                 self.record("error", &entry.route.name, started);
-                error_response(
-                    &request_headers,
+                error_response_for(
+                    grpc,
                     StatusCode::BAD_GATEWAY,
                     "meshgate: upstream unavailable\n",
                 )
