@@ -6,15 +6,17 @@
 //! memory; [`run`] does what the CLI does (read a file or stdin, inject, write or diff).
 //!
 //! The whole input is read and transformed in memory before anything is written, so a refusal
-//! (something inject does not understand) leaves no half-written output. Kubernetes documents that
-//! need no change are copied byte for byte (comments included); changed documents and compose files
-//! are re-emitted from an order-preserving tree (`yaml`), so the user's keys and order survive but
-//! comments inside them do not.
+//! (something inject does not understand) leaves no half-written output. Documents that need no
+//! change are copied byte for byte (comments included); in a changed document (a compose file, a
+//! Kubernetes workload) every mapping entry inject leaves alone — a compose service, a top-level
+//! key, a container's unrelated settings — is copied byte for byte too (`verbatim`), and only
+//! changed or added entries are emitted from the order-preserving tree (`yaml`).
 
 #![forbid(unsafe_code)]
 
 mod compose;
 mod kube;
+mod verbatim;
 mod yaml;
 
 use std::io::{Read, Write};
@@ -283,8 +285,40 @@ fn split_documents(text: &str) -> Vec<Segment<'_>> {
 
 /// Injects a whole input text and returns the new text (equal to `input` when nothing changes).
 pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, InjectError> {
+    inject_with(name, input, s, true)
+}
+
+/// The text of a changed document: spliced from its source when that holds exactly the data of
+/// the re-emitted tree (see `verbatim`), else re-emitted whole.
+fn render(
+    source: &str,
+    original: &Node,
+    doc: &Node,
+    located: &yaml::Located,
+    crlf: bool,
+) -> String {
+    let emitted = yaml::emit(doc);
+    let spliced = verbatim::splice(source, original, doc, located).filter(|text| {
+        matches!((yaml::parse(text), yaml::parse(&emitted)), (Ok(a), Ok(b)) if yaml::same_data(&a, &b))
+    });
+    match spliced {
+        Some(text) => text,
+        None if crlf => emitted.replace('\n', "\r\n"),
+        None => emitted,
+    }
+}
+
+/// [`inject_text`]; with `keep_verbatim` false every changed document is re-emitted whole (the
+/// output before format-preserving injection, kept for tests that compare the two).
+fn inject_with(
+    name: &str,
+    input: &str,
+    s: &Settings,
+    keep_verbatim: bool,
+) -> Result<String, InjectError> {
     let segments = split_documents(input);
     let mut docs = Vec::with_capacity(segments.len());
+    let mut located = Vec::with_capacity(segments.len());
     for seg in &segments {
         let rest = seg.marker.trim_start_matches('-').trim();
         if !rest.is_empty() && !rest.starts_with('#') {
@@ -296,12 +330,14 @@ pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, Inje
                 ),
             });
         }
-        let doc = yaml::parse(seg.body).map_err(|e| InjectError::Yaml {
+        let (doc, loc) = yaml::parse_located(seg.body).map_err(|e| InjectError::Yaml {
             input: name.into(),
             detail: e.to_string(),
         })?;
         docs.push(doc);
+        located.push(loc);
     }
+    let originals = docs.clone();
 
     let present: Vec<usize> = (0..docs.len()).filter(|&i| !docs[i].is_null()).collect();
     let is_compose = present.len() == 1
@@ -325,15 +361,23 @@ pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, Inje
     // Rewritten documents follow the file's line endings.
     let crlf = input.contains("\r\n");
     let mut out = String::with_capacity(input.len() * 2);
-    for ((seg, doc), changed) in segments.iter().zip(&docs).zip(changed) {
+    for (i, seg) in segments.iter().enumerate() {
         out.push_str(seg.marker);
         // A document is only changed when it has content, so its marker line ends with a newline.
-        if changed && crlf {
-            out.push_str(&yaml::emit(doc).replace('\n', "\r\n"));
-        } else if changed {
-            out.push_str(&yaml::emit(doc));
-        } else {
+        if !changed[i] {
             out.push_str(seg.body);
+        } else if keep_verbatim {
+            out.push_str(&render(
+                seg.body,
+                &originals[i],
+                &docs[i],
+                &located[i],
+                crlf,
+            ));
+        } else if crlf {
+            out.push_str(&yaml::emit(&docs[i]).replace('\n', "\r\n"));
+        } else {
+            out.push_str(&yaml::emit(&docs[i]));
         }
     }
     Ok(out)
