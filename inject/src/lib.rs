@@ -420,6 +420,108 @@ mod tests {
         assert_eq!(inject_text("x", &out, &settings()).unwrap(), out);
     }
 
+    /// Every document of a stream, read by this crate's parser and by serde-saphyr.
+    fn read_back(text: &str) -> (Vec<Node>, Vec<serde_json::Value>) {
+        let docs = split_documents(text)
+            .iter()
+            .map(|seg| yaml::parse(seg.body).unwrap_or_else(|e| panic!("{e}\n{text}")))
+            .collect();
+        let values = serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        (docs, values)
+    }
+
+    /// The format-preserving output holds exactly the data of the fully re-emitted one, and a
+    /// second run leaves it alone.
+    fn assert_same_as_reemitted(name: &str, input: &str) -> String {
+        let s = settings();
+        let kept = inject_text(name, input, &s).unwrap();
+        let emitted = inject_with(name, input, &s, false).unwrap();
+        let (kept_docs, kept_values) = read_back(&kept);
+        let (emitted_docs, emitted_values) = read_back(&emitted);
+        assert_eq!(kept_docs.len(), emitted_docs.len(), "{name}");
+        for (a, b) in kept_docs.iter().zip(&emitted_docs) {
+            assert!(
+                yaml::same_data(a, b),
+                "{name}: trees differ\n--- kept:\n{kept}\n--- re-emitted:\n{emitted}"
+            );
+        }
+        assert_eq!(kept_values, emitted_values, "{name}");
+        assert_eq!(
+            inject_text(name, &kept, &s).unwrap(),
+            kept,
+            "{name}: not idempotent"
+        );
+        kept
+    }
+
+    #[test]
+    fn every_fixture_reads_back_as_the_reemitted_output() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut inputs = vec![root.join("examples/compose/mesh.yml")];
+        for entry in std::fs::read_dir(root.join("tests/fixtures/inject")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".yaml") && !name.ends_with(".injected.yaml") {
+                inputs.push(path);
+            }
+        }
+        assert!(inputs.len() > 5, "{inputs:?}");
+        for path in inputs {
+            let input = std::fs::read_to_string(&path).unwrap();
+            assert_same_as_reemitted(&path.display().to_string(), &input);
+        }
+    }
+
+    const MESH: &str = "services:\n  ca:\n    image: m\n    command: [ca]\n    labels: {meshgate.io/role: ca}\n  cp:\n    image: m\n    labels: {meshgate.io/role: control-plane}\n";
+
+    #[test]
+    fn untouched_services_keep_comments_quoting_and_indentation() {
+        let keep = "    # the database: not meshed\n    db:\n        image:   'postgres:17'   # pinned\n        labels:\n            meshgate.io/inject: \"disabled\"\n        command: |\n            set -e\n            exec postgres\n            # not a comment: the script's last line\n";
+        let input = format!(
+            "# header\nservices:\n    ca:\n        image: m\n        command: [ca]\n        labels: {{meshgate.io/role: ca}}\n    cp:\n        image: m\n        labels: {{meshgate.io/role: control-plane}}\n\n{keep}\n    web:\n        image: web  # the app\n        expose: ['80']\n"
+        );
+        let out = assert_same_as_reemitted("x", &input);
+        assert!(out.starts_with("# header\nservices:\n"), "{out}");
+        assert!(out.contains(&format!("\n\n{keep}    web-pod:\n")), "{out}");
+        // cp needs no change; ca gets --token-for; new services use the file's 4-space step.
+        assert!(
+            out.contains(
+                "    cp:\n        image: m\n        labels: {meshgate.io/role: control-plane}\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("\n    web-proxy:\n        image: meshgate:local\n"),
+            "{out}"
+        );
+        assert!(out.contains("\n        image: web  # the app\n"), "{out}");
+    }
+
+    #[test]
+    fn splices_survive_odd_endings_and_aliases() {
+        for input in [
+            // No line break at the end.
+            format!("{MESH}  web:\n    image: w\n    expose: ['80']"),
+            // CRLF.
+            format!("{MESH}  web:\n    image: w\n    expose: ['80']\n").replace('\n', "\r\n"),
+            // A keep-chomped literal right before a service that changes.
+            format!(
+                "{MESH}  job:\n    image: j\n    labels: {{meshgate.io/inject: disabled}}\n    command: |+\n      run\n\n  web:\n    image: w\n    expose: ['80']\n"
+            ),
+            // An unchanged service aliasing an anchor defined in a service that changes.
+            format!(
+                "{MESH}  web:\n    image: &img w\n    expose: ['80']\n  copy:\n    image: *img\n    labels: {{meshgate.io/inject: disabled}}\n"
+            ),
+            // Merge keys and anchors in unchanged and changed entries.
+            format!(
+                "x-base: &base\n  image: b\n{MESH}  web:\n    <<: *base\n    expose: ['80']\n  other:\n    <<: *base\n    labels: {{meshgate.io/inject: disabled}}\n"
+            ),
+        ] {
+            let out = assert_same_as_reemitted("x", &input);
+            assert!(out.contains("web-proxy"), "{out}");
+        }
+    }
+
     #[test]
     fn unknown_input_is_refused() {
         let s = settings();
