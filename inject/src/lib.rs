@@ -6,15 +6,17 @@
 //! memory; [`run`] does what the CLI does (read a file or stdin, inject, write or diff).
 //!
 //! The whole input is read and transformed in memory before anything is written, so a refusal
-//! (something inject does not understand) leaves no half-written output. Kubernetes documents that
-//! need no change are copied byte for byte (comments included); changed documents and compose files
-//! are re-emitted from an order-preserving tree (`yaml`), so the user's keys and order survive but
-//! comments inside them do not.
+//! (something inject does not understand) leaves no half-written output. Documents that need no
+//! change are copied byte for byte (comments included); in a changed document (a compose file, a
+//! Kubernetes workload) every mapping entry inject leaves alone — a compose service, a top-level
+//! key, a container's unrelated settings — is copied byte for byte too (`verbatim`), and only
+//! changed or added entries are emitted from the order-preserving tree (`yaml`).
 
 #![forbid(unsafe_code)]
 
 mod compose;
 mod kube;
+mod verbatim;
 mod yaml;
 
 use std::io::{Read, Write};
@@ -283,8 +285,40 @@ fn split_documents(text: &str) -> Vec<Segment<'_>> {
 
 /// Injects a whole input text and returns the new text (equal to `input` when nothing changes).
 pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, InjectError> {
+    inject_with(name, input, s, true)
+}
+
+/// The text of a changed document: spliced from its source when that holds exactly the data of
+/// the re-emitted tree (see `verbatim`), else re-emitted whole.
+fn render(
+    source: &str,
+    original: &Node,
+    doc: &Node,
+    located: &yaml::Located,
+    crlf: bool,
+) -> String {
+    let emitted = yaml::emit(doc);
+    let spliced = verbatim::splice(source, original, doc, located).filter(|text| {
+        matches!((yaml::parse(text), yaml::parse(&emitted)), (Ok(a), Ok(b)) if yaml::same_data(&a, &b))
+    });
+    match spliced {
+        Some(text) => text,
+        None if crlf => emitted.replace('\n', "\r\n"),
+        None => emitted,
+    }
+}
+
+/// [`inject_text`]; with `keep_verbatim` false every changed document is re-emitted whole (the
+/// output before format-preserving injection, kept for tests that compare the two).
+fn inject_with(
+    name: &str,
+    input: &str,
+    s: &Settings,
+    keep_verbatim: bool,
+) -> Result<String, InjectError> {
     let segments = split_documents(input);
     let mut docs = Vec::with_capacity(segments.len());
+    let mut located = Vec::with_capacity(segments.len());
     for seg in &segments {
         let rest = seg.marker.trim_start_matches('-').trim();
         if !rest.is_empty() && !rest.starts_with('#') {
@@ -296,12 +330,14 @@ pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, Inje
                 ),
             });
         }
-        let doc = yaml::parse(seg.body).map_err(|e| InjectError::Yaml {
+        let (doc, loc) = yaml::parse_located(seg.body).map_err(|e| InjectError::Yaml {
             input: name.into(),
             detail: e.to_string(),
         })?;
         docs.push(doc);
+        located.push(loc);
     }
+    let originals = docs.clone();
 
     let present: Vec<usize> = (0..docs.len()).filter(|&i| !docs[i].is_null()).collect();
     let is_compose = present.len() == 1
@@ -325,15 +361,23 @@ pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, Inje
     // Rewritten documents follow the file's line endings.
     let crlf = input.contains("\r\n");
     let mut out = String::with_capacity(input.len() * 2);
-    for ((seg, doc), changed) in segments.iter().zip(&docs).zip(changed) {
+    for (i, seg) in segments.iter().enumerate() {
         out.push_str(seg.marker);
         // A document is only changed when it has content, so its marker line ends with a newline.
-        if changed && crlf {
-            out.push_str(&yaml::emit(doc).replace('\n', "\r\n"));
-        } else if changed {
-            out.push_str(&yaml::emit(doc));
-        } else {
+        if !changed[i] {
             out.push_str(seg.body);
+        } else if keep_verbatim {
+            out.push_str(&render(
+                seg.body,
+                &originals[i],
+                &docs[i],
+                &located[i],
+                crlf,
+            ));
+        } else if crlf {
+            out.push_str(&yaml::emit(&docs[i]).replace('\n', "\r\n"));
+        } else {
+            out.push_str(&yaml::emit(&docs[i]));
         }
     }
     Ok(out)
@@ -374,6 +418,108 @@ mod tests {
         );
         assert!(out.ends_with("---\r\nkind: Service # as is\r\n"));
         assert_eq!(inject_text("x", &out, &settings()).unwrap(), out);
+    }
+
+    /// Every document of a stream, read by this crate's parser and by serde-saphyr.
+    fn read_back(text: &str) -> (Vec<Node>, Vec<serde_json::Value>) {
+        let docs = split_documents(text)
+            .iter()
+            .map(|seg| yaml::parse(seg.body).unwrap_or_else(|e| panic!("{e}\n{text}")))
+            .collect();
+        let values = serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        (docs, values)
+    }
+
+    /// The format-preserving output holds exactly the data of the fully re-emitted one, and a
+    /// second run leaves it alone.
+    fn assert_same_as_reemitted(name: &str, input: &str) -> String {
+        let s = settings();
+        let kept = inject_text(name, input, &s).unwrap();
+        let emitted = inject_with(name, input, &s, false).unwrap();
+        let (kept_docs, kept_values) = read_back(&kept);
+        let (emitted_docs, emitted_values) = read_back(&emitted);
+        assert_eq!(kept_docs.len(), emitted_docs.len(), "{name}");
+        for (a, b) in kept_docs.iter().zip(&emitted_docs) {
+            assert!(
+                yaml::same_data(a, b),
+                "{name}: trees differ\n--- kept:\n{kept}\n--- re-emitted:\n{emitted}"
+            );
+        }
+        assert_eq!(kept_values, emitted_values, "{name}");
+        assert_eq!(
+            inject_text(name, &kept, &s).unwrap(),
+            kept,
+            "{name}: not idempotent"
+        );
+        kept
+    }
+
+    #[test]
+    fn every_fixture_reads_back_as_the_reemitted_output() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut inputs = vec![root.join("examples/compose/mesh.yml")];
+        for entry in std::fs::read_dir(root.join("tests/fixtures/inject")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".yaml") && !name.ends_with(".injected.yaml") {
+                inputs.push(path);
+            }
+        }
+        assert!(inputs.len() > 5, "{inputs:?}");
+        for path in inputs {
+            let input = std::fs::read_to_string(&path).unwrap();
+            assert_same_as_reemitted(&path.display().to_string(), &input);
+        }
+    }
+
+    const MESH: &str = "services:\n  ca:\n    image: m\n    command: [ca]\n    labels: {meshgate.io/role: ca}\n  cp:\n    image: m\n    labels: {meshgate.io/role: control-plane}\n";
+
+    #[test]
+    fn untouched_services_keep_comments_quoting_and_indentation() {
+        let keep = "    # the database: not meshed\n    db:\n        image:   'postgres:17'   # pinned\n        labels:\n            meshgate.io/inject: \"disabled\"\n        command: |\n            set -e\n            exec postgres\n            # not a comment: the script's last line\n";
+        let input = format!(
+            "# header\nservices:\n    ca:\n        image: m\n        command: [ca]\n        labels: {{meshgate.io/role: ca}}\n    cp:\n        image: m\n        labels: {{meshgate.io/role: control-plane}}\n\n{keep}\n    web:\n        image: web  # the app\n        expose: ['80']\n"
+        );
+        let out = assert_same_as_reemitted("x", &input);
+        assert!(out.starts_with("# header\nservices:\n"), "{out}");
+        assert!(out.contains(&format!("\n\n{keep}    web-pod:\n")), "{out}");
+        // cp needs no change; ca gets --token-for; new services use the file's 4-space step.
+        assert!(
+            out.contains(
+                "    cp:\n        image: m\n        labels: {meshgate.io/role: control-plane}\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("\n    web-proxy:\n        image: meshgate:local\n"),
+            "{out}"
+        );
+        assert!(out.contains("\n        image: web  # the app\n"), "{out}");
+    }
+
+    #[test]
+    fn splices_survive_odd_endings_and_aliases() {
+        for input in [
+            // No line break at the end.
+            format!("{MESH}  web:\n    image: w\n    expose: ['80']"),
+            // CRLF.
+            format!("{MESH}  web:\n    image: w\n    expose: ['80']\n").replace('\n', "\r\n"),
+            // A keep-chomped literal right before a service that changes.
+            format!(
+                "{MESH}  job:\n    image: j\n    labels: {{meshgate.io/inject: disabled}}\n    command: |+\n      run\n\n  web:\n    image: w\n    expose: ['80']\n"
+            ),
+            // An unchanged service aliasing an anchor defined in a service that changes.
+            format!(
+                "{MESH}  web:\n    image: &img w\n    expose: ['80']\n  copy:\n    image: *img\n    labels: {{meshgate.io/inject: disabled}}\n"
+            ),
+            // Merge keys and anchors in unchanged and changed entries.
+            format!(
+                "x-base: &base\n  image: b\n{MESH}  web:\n    <<: *base\n    expose: ['80']\n  other:\n    <<: *base\n    labels: {{meshgate.io/inject: disabled}}\n"
+            ),
+        ] {
+            let out = assert_same_as_reemitted("x", &input);
+            assert!(out.contains("web-proxy"), "{out}");
+        }
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! must stay distinct). So we read serde-saphyr's parser events (`granit_parser`) into a tree that
 //! keeps key order and each scalar's source text and quoting, and emit it with a tiny block-style
 //! emitter. Anchors and aliases are expanded and `<<` merge keys resolved, so the tree is plain data;
-//! comments are not kept (documents that inject leaves alone are copied byte for byte instead).
+//! comments are not kept in the tree. [`parse_located`] also records where each entry of a block
+//! mapping sits in the source ([`Layout`]), so `verbatim` can copy the entries inject leaves alone
+//! byte for byte instead of re-emitting them.
 
 use std::collections::HashMap;
 
-use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, StructureStyle, Tag};
+use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle, Span, StructureStyle, Tag};
 
 /// How a scalar is written back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,50 +215,203 @@ fn is_null(s: &str) -> bool {
     matches!(s, "" | "~" | "null" | "Null" | "NULL")
 }
 
+/// A position in the source: 0-based line and 0-based column (in characters).
+pub type Pos = (usize, usize);
+
+/// Where the entries of a block mapping are in the source text.
+///
+/// Recorded only for mappings whose entries can be cut out line by line: block style, no anchor or
+/// tag on the mapping, every key a plain or quoted scalar alone at the start of its line, all at
+/// one indentation, no duplicate keys and no `<<` merge key. Anything else has no layout, and
+/// `verbatim` re-emits it whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The column of the keys.
+    pub indent: usize,
+    /// The entries, in source order.
+    pub entries: Vec<EntryLayout>,
+}
+
+/// One entry of a [`Layout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryLayout {
+    /// The key's text.
+    pub key: String,
+    /// The 0-based line of the key.
+    pub line: usize,
+    /// The column (in characters) just after the key's last character.
+    pub key_end: usize,
+    /// The layout of the value, when it is a mapping that has one.
+    pub child: Option<Layout>,
+}
+
+/// The source positions of a parsed document: the top-level mapping's layout, and every alias
+/// with the position of the anchor it refers to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Located {
+    /// The layout of the document's top-level mapping, if it has one.
+    pub layout: Option<Layout>,
+    /// `(alias, its anchor's definition)` for every alias in the document.
+    pub aliases: Vec<(Pos, Pos)>,
+}
+
 /// Parses one YAML document (an empty text gives a null scalar).
 pub fn parse(text: &str) -> Result<Node, YamlError> {
-    let mut docs = parse_all(text)?;
+    parse_located(text).map(|(node, _)| node)
+}
+
+/// Parses one YAML document and records where its mappings' entries are in `text`.
+pub fn parse_located(text: &str) -> Result<(Node, Located), YamlError> {
+    let mut b = Builder::new(text);
+    b.run(text)?;
+    let mut docs = b.docs;
     match docs.len() {
-        0 => Ok(Node::Scalar(Scalar {
-            text: String::new(),
-            style: Style::Plain,
-        })),
-        1 => Ok(docs.remove(0)),
+        0 => Ok((
+            Node::Scalar(Scalar {
+                text: String::new(),
+                style: Style::Plain,
+            }),
+            Located::default(),
+        )),
+        1 => Ok((
+            docs.remove(0),
+            Located {
+                layout: b.doc_layout,
+                aliases: b.aliases,
+            },
+        )),
         n => Err(YamlError::Unsupported(format!(
             "expected one YAML document, found {n}"
         ))),
     }
 }
 
-/// Parses every document of a YAML stream.
-pub fn parse_all(text: &str) -> Result<Vec<Node>, YamlError> {
-    let mut b = Builder::default();
-    for ev in Parser::new_from_str(text) {
-        let (ev, span) = ev.map_err(|e| YamlError::Syntax(e.to_string()))?;
-        b.event(ev).map_err(|e| match e {
-            YamlError::Unsupported(m) => {
-                YamlError::Unsupported(format!("{m} (line {})", span.start.line()))
-            }
-            e => e,
-        })?;
-    }
-    Ok(b.docs)
+/// A mapping being filled: its node, anchor id, the key waiting for its value, and its layout
+/// (`None` once something makes it unfit for line-by-line copying).
+struct Open {
+    node: Node,
+    anchor: usize,
+    pending: Option<Scalar>,
+    layout: Option<Layout>,
 }
 
 /// Builds nodes from parser events.
-#[derive(Default)]
-struct Builder {
-    /// Open collections: the node being filled, its anchor id, and a key waiting for its value.
-    stack: Vec<(Node, usize, Option<Scalar>)>,
+struct Builder<'t> {
+    /// The source's lines, to check that keys stand alone at the start of theirs.
+    lines: Vec<&'t str>,
+    /// Open collections.
+    stack: Vec<Open>,
     anchors: HashMap<usize, Node>,
+    /// Where each anchor was defined.
+    anchor_pos: HashMap<usize, Pos>,
+    aliases: Vec<(Pos, Pos)>,
     docs: Vec<Node>,
+    /// The layout of the (last) document's top-level mapping.
+    doc_layout: Option<Layout>,
 }
 
-impl Builder {
-    fn event(&mut self, ev: Event<'_>) -> Result<(), YamlError> {
+fn pos(span: &Span) -> Pos {
+    (span.start.line().saturating_sub(1), span.start.col())
+}
+
+impl<'t> Builder<'t> {
+    fn new(text: &'t str) -> Self {
+        Builder {
+            lines: text.split('\n').collect(),
+            stack: Vec::new(),
+            anchors: HashMap::new(),
+            anchor_pos: HashMap::new(),
+            aliases: Vec::new(),
+            docs: Vec::new(),
+            doc_layout: None,
+        }
+    }
+
+    fn run(&mut self, text: &str) -> Result<(), YamlError> {
+        for ev in Parser::new_from_str(text) {
+            let (ev, span) = ev.map_err(|e| YamlError::Syntax(e.to_string()))?;
+            self.event(ev, &span).map_err(|e| match e {
+                YamlError::Unsupported(m) => {
+                    YamlError::Unsupported(format!("{m} (line {})", span.start.line()))
+                }
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the next finished node is a key of the innermost open mapping.
+    fn expects_key(&self) -> bool {
+        matches!(
+            self.stack.last(),
+            Some(Open {
+                node: Node::Map(_),
+                pending: None,
+                ..
+            })
+        )
+    }
+
+    /// Records a scalar key's position in the innermost mapping's layout, or drops the layout when
+    /// the key cannot be cut out line by line.
+    fn record_key(&mut self, key: Option<(&str, ScalarStyle, usize, bool)>, span: &Span) {
+        let lines = &self.lines;
+        let Some(open) = self.stack.last_mut() else {
+            return;
+        };
+        let Some(layout) = open.layout.as_mut() else {
+            return;
+        };
+        let (line, col) = pos(span);
+        let alone = lines
+            .get(line)
+            .is_some_and(|l| l.chars().take(col).all(|c| c == ' '));
+        let fits = match key {
+            Some((text, style, anchor, tagged)) => {
+                alone
+                    && anchor == 0
+                    && !tagged
+                    && span.end.line() == span.start.line()
+                    && matches!(
+                        style,
+                        ScalarStyle::Plain | ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted
+                    )
+                    && !(style == ScalarStyle::Plain && text == "<<")
+                    && (layout.entries.is_empty() || layout.indent == col)
+                    && !layout.entries.iter().any(|e| e.key == text)
+            }
+            None => false,
+        };
+        match key {
+            Some((text, ..)) if fits => {
+                layout.indent = col;
+                layout.entries.push(EntryLayout {
+                    key: text.to_owned(),
+                    line,
+                    key_end: span.end.col(),
+                    child: None,
+                });
+            }
+            _ => open.layout = None,
+        }
+    }
+
+    fn event(&mut self, ev: Event<'_>, span: &Span) -> Result<(), YamlError> {
+        if let Some(id) = ev.anchor_id()
+            && ev.is_node()
+        {
+            self.anchor_pos.insert(id, pos(span));
+        }
+        let is_key = self.expects_key();
+        if is_key && !matches!(ev, Event::Scalar(..)) && ev.is_node() {
+            self.record_key(None, span);
+        }
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 check_tag(tag.as_deref())?;
+                if is_key {
+                    self.record_key(Some((&text, style, anchor, tag.is_some())), span);
+                }
                 let style = match (style, tag.as_deref()) {
                     (_, Some(t)) if t.is_yaml_core_schema_tag("str") => Style::Quoted,
                     (ScalarStyle::Plain, _) => Style::Plain,
@@ -278,23 +433,44 @@ impl Builder {
                     StructureStyle::Flow => Node::Flow(Vec::new()),
                     StructureStyle::Block => Node::Seq(Vec::new()),
                 };
-                self.stack.push((seq, anchor, None));
+                self.stack.push(Open {
+                    node: seq,
+                    anchor,
+                    pending: None,
+                    layout: None,
+                });
                 Ok(())
             }
-            Event::MappingStart(_, anchor, tag) => {
+            Event::MappingStart(style, anchor, tag) => {
                 check_tag(tag.as_deref())?;
-                self.stack.push((Node::Map(Vec::new()), anchor, None));
+                let layout =
+                    (style == StructureStyle::Block && anchor == 0 && tag.is_none()).then(|| {
+                        Layout {
+                            indent: 0,
+                            entries: Vec::new(),
+                        }
+                    });
+                self.stack.push(Open {
+                    node: Node::Map(Vec::new()),
+                    anchor,
+                    pending: None,
+                    layout,
+                });
                 Ok(())
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (node, anchor, _) = self.stack.pop().expect("balanced events");
-                let node = resolve_merges(node)?;
-                self.finish(node, anchor)
+                let open = self.stack.pop().expect("balanced events");
+                let node = resolve_merges(open.node)?;
+                let layout = open.layout.filter(|l| !l.entries.is_empty());
+                self.finish_with(node, open.anchor, layout)
             }
             Event::Alias(id) => {
                 let node = self.anchors.get(&id).cloned().ok_or_else(|| {
                     YamlError::Unsupported("alias to an unknown anchor".to_owned())
                 })?;
+                if let Some(&def) = self.anchor_pos.get(&id) {
+                    self.aliases.push((pos(span), def));
+                }
                 self.finish(node, 0)
             }
             // Stream/document markers, comments and anchor metadata carry no data.
@@ -304,14 +480,33 @@ impl Builder {
 
     /// Places a finished node into its parent (or as a document).
     fn finish(&mut self, node: Node, anchor: usize) -> Result<(), YamlError> {
+        self.finish_with(node, anchor, None)
+    }
+
+    /// [`Self::finish`] for a node with the layout of its entries.
+    fn finish_with(
+        &mut self,
+        node: Node,
+        anchor: usize,
+        layout: Option<Layout>,
+    ) -> Result<(), YamlError> {
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
         }
-        match self.stack.last_mut() {
-            None => self.docs.push(node),
-            Some((Node::Seq(items) | Node::Flow(items), _, _)) => items.push(node),
-            Some((Node::Map(entries), _, pending)) => match pending.take() {
-                Some(k) => entries.push((k, node)),
+        let Some(open) = self.stack.last_mut() else {
+            self.docs.push(node);
+            self.doc_layout = layout;
+            return Ok(());
+        };
+        match (&mut open.node, &mut open.pending) {
+            (Node::Seq(items) | Node::Flow(items), _) => items.push(node),
+            (Node::Map(entries), pending) => match pending.take() {
+                Some(k) => {
+                    entries.push((k, node));
+                    if let Some(entry) = open.layout.as_mut().and_then(|l| l.entries.last_mut()) {
+                        entry.child = layout;
+                    }
+                }
                 None => match node {
                     Node::Scalar(k) => *pending = Some(k),
                     _ => {
@@ -321,7 +516,7 @@ impl Builder {
                     }
                 },
             },
-            Some((Node::Scalar(_), _, _)) => unreachable!("scalars are never open"),
+            (Node::Scalar(_), _) => unreachable!("scalars are never open"),
         }
         Ok(())
     }
@@ -389,28 +584,48 @@ fn resolve_merges(node: Node) -> Result<Node, YamlError> {
 pub fn emit(node: &Node) -> String {
     let mut out = String::new();
     match node {
-        Node::Map(e) if !e.is_empty() => emit_map(&mut out, e, 0, false),
-        Node::Seq(i) | Node::Flow(i) if !i.is_empty() => emit_seq(&mut out, i, 0, false),
+        Node::Map(e) if !e.is_empty() => emit_map(&mut out, e, 0, false, 2),
+        Node::Seq(i) | Node::Flow(i) if !i.is_empty() => emit_seq(&mut out, i, 0, false, 2),
         other => {
-            emit_inline(&mut out, other, 0);
+            emit_inline(&mut out, other, 0, 2);
             out.push('\n');
         }
     }
     out
 }
 
-fn emit_map(out: &mut String, entries: &[(Scalar, Node)], indent: usize, first_inline: bool) {
+/// Writes one mapping entry in block style with its key at column `indent`; nested mappings and
+/// sequences are indented `step` more than their key (the file's own indentation).
+pub fn emit_entry(k: &Scalar, v: &Node, indent: usize, step: usize) -> String {
+    let mut out = String::new();
+    emit_map(
+        &mut out,
+        std::slice::from_ref(&(k.clone(), v.clone())),
+        indent,
+        false,
+        step,
+    );
+    out
+}
+
+fn emit_map(
+    out: &mut String,
+    entries: &[(Scalar, Node)],
+    indent: usize,
+    first_inline: bool,
+    step: usize,
+) {
     for (i, (k, v)) in entries.iter().enumerate() {
         if i > 0 || !first_inline {
             out.push_str(&" ".repeat(indent));
         }
         out.push_str(&scalar_inline(k));
         out.push(':');
-        emit_value(out, v, indent);
+        emit_value(out, v, indent, step);
     }
 }
 
-fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool) {
+fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool, step: usize) {
     for (i, item) in items.iter().enumerate() {
         if i > 0 || !first_inline {
             out.push_str(&" ".repeat(indent));
@@ -419,11 +634,11 @@ fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool)
         match item {
             Node::Map(e) if !e.is_empty() => {
                 out.push(' ');
-                emit_map(out, e, indent + 2, true);
+                emit_map(out, e, indent + 2, true, step);
             }
             Node::Seq(s) | Node::Flow(s) if !s.is_empty() && flow_line(item).is_none() => {
                 out.push(' ');
-                emit_seq(out, s, indent + 2, true);
+                emit_seq(out, s, indent + 2, true, step);
             }
             other => {
                 // An empty plain scalar is a null item written as a bare `-`.
@@ -431,7 +646,7 @@ fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool)
                 if !bare {
                     out.push(' ');
                 }
-                emit_inline(out, other, indent);
+                emit_inline(out, other, indent, step);
                 out.push('\n');
             }
         }
@@ -439,27 +654,27 @@ fn emit_seq(out: &mut String, items: &[Node], indent: usize, first_inline: bool)
 }
 
 /// The value after `key:` (at the key's indent).
-fn emit_value(out: &mut String, v: &Node, indent: usize) {
+fn emit_value(out: &mut String, v: &Node, indent: usize, step: usize) {
     match v {
         Node::Map(e) if !e.is_empty() => {
             out.push('\n');
-            emit_map(out, e, indent + 2, false);
+            emit_map(out, e, indent + step, false, step);
         }
         Node::Seq(s) | Node::Flow(s) if !s.is_empty() && flow_line(v).is_none() => {
             out.push('\n');
-            emit_seq(out, s, indent + 2, false);
+            emit_seq(out, s, indent + step, false, step);
         }
         Node::Scalar(s) if s.style == Style::Plain && s.text.is_empty() => out.push('\n'),
         other => {
             out.push(' ');
-            emit_inline(out, other, indent);
+            emit_inline(out, other, indent, step);
             out.push('\n');
         }
     }
 }
 
-/// A scalar, `{}` or `[]` on the current line; literal blocks continue at `indent + 2`.
-fn emit_inline(out: &mut String, node: &Node, indent: usize) {
+/// A scalar, `{}` or `[]` on the current line; literal blocks continue at `indent + step`.
+fn emit_inline(out: &mut String, node: &Node, indent: usize, step: usize) {
     match node {
         Node::Map(_) => out.push_str("{}"),
         Node::Seq(_) | Node::Flow(_) => {
@@ -473,7 +688,7 @@ fn emit_inline(out: &mut String, node: &Node, indent: usize) {
                 for line in body.split('\n') {
                     out.push('\n');
                     if !line.is_empty() {
-                        out.push_str(&" ".repeat(indent + 2));
+                        out.push_str(&" ".repeat(indent + step));
                         out.push_str(line);
                     }
                 }
@@ -481,6 +696,30 @@ fn emit_inline(out: &mut String, node: &Node, indent: usize) {
             _ => out.push_str(&scalar_inline(s)),
         },
     }
+}
+
+/// Whether two trees hold the same data: a flow sequence equals a block one, and scalars compare by
+/// text and type — quoted, single-quoted and block scalars are all strings, and a plain scalar
+/// equals a string only when it reads back as that string.
+pub fn same_data(a: &Node, b: &Node) -> bool {
+    match (a, b) {
+        (Node::Scalar(x), Node::Scalar(y)) => same_scalar(x, y),
+        (Node::Seq(x) | Node::Flow(x), Node::Seq(y) | Node::Flow(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_data(a, b))
+        }
+        (Node::Map(x), Node::Map(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((ka, va), (kb, vb))| same_scalar(ka, kb) && same_data(va, vb))
+        }
+        _ => false,
+    }
+}
+
+fn same_scalar(x: &Scalar, y: &Scalar) -> bool {
+    let (px, py) = (x.style == Style::Plain, y.style == Style::Plain);
+    x.text == y.text && (px == py || plain_ok(&x.text))
 }
 
 /// A flow sequence of scalars as `[a, b]`, when it was written that way and fits on a line.

@@ -565,3 +565,106 @@ fn the_documented_snippet_makes_an_existing_compose_file_injectable() {
         "{out}"
     );
 }
+
+/// Services inject leaves alone, written with comments, 4-space indentation and quoting.
+const UNTOUCHED: &str = "    # The database is not meshed.
+    db:
+        image:   'postgres:17'   # pinned
+        environment:
+            POSTGRES_PASSWORD: \"example\"
+        labels:
+            meshgate.io/inject: \"disabled\"
+
+    control-plane:
+        image: meshgate:local
+        command: [control-plane, serve]
+        labels: {meshgate.io/role: control-plane}   # the mesh's control plane
+";
+
+/// A compose file where only `ca` (one more `--token-for`) and `web` (injected) change.
+fn odd_compose() -> String {
+    format!(
+        "# Shop, written by hand.\nservices:\n    ca:\n        image: meshgate:local\n        command: [ca, serve]\n        labels: {{meshgate.io/role: ca}}\n\n{UNTOUCHED}\n    web:\n        image: shop/web\n        expose: [\"3000\"]\n"
+    )
+}
+
+#[test]
+fn untouched_compose_services_stay_byte_for_byte() {
+    let input = odd_compose();
+    let out = ok_stdout(inject(&["-"], Some(&input)));
+    assert!(
+        out.starts_with("# Shop, written by hand.\nservices:\n    ca:\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(UNTOUCHED),
+        "untouched services changed:\n{out}"
+    );
+    assert!(
+        out.contains("\n    web-proxy:\n        image: meshgate:local\n"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docker-compose.yml");
+    std::fs::write(&file, &input).unwrap();
+    let dry = inject(&["--dry-run", file.to_str().unwrap()], None);
+    assert_eq!(
+        dry.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let diff = String::from_utf8(dry.stdout).unwrap();
+    let changed: Vec<&str> = diff
+        .lines()
+        .filter(|l| {
+            (l.starts_with('+') || l.starts_with('-'))
+                && !l.starts_with("+++")
+                && !l.starts_with("---")
+        })
+        .collect();
+    assert!(!changed.is_empty(), "{diff}");
+    // Only ca's command and web's port move are removed lines: nothing of the untouched services
+    // (or of the header) is rewritten; everything added is the injection's.
+    let removed: Vec<&str> = changed
+        .iter()
+        .filter(|l| l.starts_with('-'))
+        .copied()
+        .collect();
+    assert_eq!(
+        removed,
+        [
+            "-        command: [ca, serve]",
+            "-        expose: [\"3000\"]"
+        ],
+        "{diff}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), input);
+}
+
+#[test]
+fn a_file_that_needs_no_change_has_an_empty_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docker-compose.yml");
+    // Already injected, with the user's comments and indentation intact.
+    let injected = ok_stdout(inject(&["-"], Some(&odd_compose())));
+    std::fs::write(&file, &injected).unwrap();
+    // And a file with nothing to inject at all.
+    let plain = dir.path().join("plain.yml");
+    std::fs::write(&plain, format!("# nothing to mesh\nservices:\n{UNTOUCHED}")).unwrap();
+    for f in [&file, &plain] {
+        let dry = inject(&["--dry-run", f.to_str().unwrap()], None);
+        assert_eq!(
+            dry.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&dry.stderr)
+        );
+        assert!(
+            dry.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&dry.stdout)
+        );
+    }
+}
