@@ -552,13 +552,19 @@ impl ProxyProcess {
     pub async fn ready(&self) {
         let url = format!("http://127.0.0.1:{}/ready", self.admin);
         for _ in 0..100 {
-            if Command::new("curl")
-                .args(["-sf", &url])
-                .output()
-                .unwrap()
-                .status
-                .success()
-            {
+            // curl is a blocking child process: run it off the async runtime's worker threads.
+            let url = url.clone();
+            let up = tokio::task::spawn_blocking(move || {
+                Command::new("curl")
+                    .args(["-sf", &url])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            })
+            .await
+            .unwrap();
+            if up {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
