@@ -331,12 +331,14 @@ EOF
 quiet_pattern='ci-from-clean-clone|cargo test|cargo build|rustc'
 wait_for_quiet() {
   [ "$wait_quiet" != 0 ] || return 0
-  local deadline=$(( $(date +%s) + wait_quiet * 60 )) others
+  # One budget for the whole run: after it is spent, rounds start without waiting.
+  [ -n "${quiet_deadline:-}" ] || quiet_deadline=$(( $(date +%s) + wait_quiet * 60 ))
+  local deadline=$quiet_deadline others
   while :; do
     others=$(pgrep -f "$quiet_pattern" | grep -vx -e "$$" -e "$BASHPID" || true)
     [ -z "$others" ] && { log "machine quiet"; return 0; }
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      log "machine not quiet after $wait_quiet min; measuring anyway"
+      log "machine not quiet (waiting budget of $wait_quiet min spent); measuring anyway"
       echo "not quiet" >>"$work/quiet"
       return 0
     fi
