@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Open N mutual-TLS connections to HOST:PORT and hold them idle until killed.
+
+Prints "ready OPENED FAILED" on stdout once every handshake has been tried. Standard library only.
+"""
+import argparse
+import signal
+import socket
+import ssl
+import sys
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--cert", required=True, help="client certificate chain (PEM, leaf first)")
+    ap.add_argument("--key", required=True)
+    ap.add_argument("-n", type=int, default=1000)
+    args = ap.parse_args()
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(args.cert, args.key)
+    ctx.set_alpn_protocols(["http/1.1"])
+
+    conns, failed = [], 0
+    for _ in range(args.n):
+        try:
+            s = socket.create_connection((args.host, args.port), timeout=10)
+            conns.append(ctx.wrap_socket(s))
+        except OSError:
+            failed += 1
+    # TLS 1.3: the server checks the client certificate after our Finished; give it a moment,
+    # then make sure none of the connections was refused (a refusal arrives as an alert/EOF).
+    time.sleep(0.5)
+    alive = 0
+    for c in conns:
+        c.setblocking(False)
+        try:
+            data = c.recv(1)
+            if data == b"":
+                failed += 1
+                continue
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        except (ssl.SSLError, OSError):
+            failed += 1
+            continue
+        alive += 1
+    print(f"ready {alive} {failed}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Turn run.sh's results (TSV: round, scenario, proxy, metric, value) into Markdown tables.
+
+Each figure is the median over rounds; a latency figure is "added over the direct path", taken
+per round (proxy minus direct in the same round) before the median. Ratios are to the best peer
+(nginx or HAProxy) of the same run: below 1.00× is better than the best peer for costs
+(latency, CPU, memory), above 1.00× is better for rates (RPS, handshakes/s).
+"""
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+PEERS = ["nginx", "haproxy"]
+ROWS = ["nginx", "haproxy", "meshgate", "meshgate-info", "meshgate-json"]
+LABEL = {
+    "direct": "direct (no proxy)",
+    "nginx": "nginx",
+    "haproxy": "HAProxy",
+    "meshgate": "meshgate (MESHGATE_LOG=warn)",
+    "meshgate-info": "meshgate (default log level, text)",
+    "meshgate-json": "meshgate (default log level, JSON)",
+}
+
+
+def oha(path):
+    with open(path) as f:
+        d = json.load(f)
+    lat = d.get("latencyPercentiles", {})
+    codes = d.get("statusCodeDistribution", {}) or {}
+    ok = sum(v for k, v in codes.items() if str(k) == "200")
+    other = sum(v for k, v in codes.items() if str(k) != "200")
+    errors = sum((d.get("errorDistribution") or {}).values())
+    total_time = d["summary"].get("total") or 0
+    return {
+        "p50": (lat.get("p50") or 0) * 1e6,
+        "p90": (lat.get("p90") or 0) * 1e6,
+        "p99": (lat.get("p99") or 0) * 1e6,
+        "rps": ok / total_time if total_time else d["summary"].get("requestsPerSec", 0),
+        "ok": ok,
+        "bad": other + errors,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--clk-tck", type=int, default=100)
+    ap.add_argument("--idle-n", type=int, default=1000)
+    ap.add_argument("--meta", action="append", default=[])
+    ap.add_argument("--json")
+    a = ap.parse_args()
+
+    raw = defaultdict(dict)  # (round, scenario, proxy) -> metric -> value
+    for line in open(a.results):
+        r, scen, proxy, metric, value = line.rstrip("\n").split("\t")
+        raw[(int(r), scen, proxy)][metric] = value
+    rounds = sorted({k[0] for k in raw})
+    warnings = []
+
+    # per round figures
+    per = defaultdict(lambda: defaultdict(list))  # (scenario, proxy) -> figure -> [per round]
+    for r in rounds:
+        for scen in ("inbound", "mesh"):
+            direct_lat = raw.get((r, scen, "direct"), {}).get("lat")
+            dl = oha(direct_lat) if direct_lat else None
+            for proxy in ["direct"] + ROWS:
+                m = raw.get((r, scen, proxy))
+                if not m:
+                    continue
+                lat, sat = oha(m["lat"]), oha(m["sat"])
+                for o, what in ((lat, "fixed rate"), (sat, "saturation")):
+                    if o["bad"]:
+                        warnings.append(f"round {r} {scen} {proxy} {what}: {o['bad']} non-200 responses or errors")
+                f = per[(scen, proxy)]
+                for q in ("p50", "p90", "p99"):
+                    f[q].append(lat[q])
+                    if dl and proxy != "direct":
+                        f["added_" + q].append(lat[q] - dl[q])
+                f["rps"].append(sat["rps"])
+                us = 1e6 / a.clk_tck
+                if sat["ok"]:
+                    cin = int(m.get("cpu_in_ticks", 0)) * us / sat["ok"]
+                    f["cpu_in"].append(cin)
+                    if "cpu_out_ticks" in m:
+                        cout = int(m["cpu_out_ticks"]) * us / sat["ok"]
+                        f["cpu_out"].append(cout)
+                        f["cpu_both"].append(cin + cout)
+        for proxy in ROWS:
+            m = raw.get((r, "handshake", proxy))
+            if m:
+                o = oha(m["sat"])
+                if o["bad"]:
+                    warnings.append(f"round {r} handshake {proxy}: {o['bad']} non-200 responses or errors")
+                per[("handshake", proxy)]["hs"].append(o["rps"])
+                if o["ok"]:
+                    per[("handshake", proxy)]["cpu_hs"].append(int(m["cpu_in_ticks"]) * 1e6 / a.clk_tck / o["ok"])
+            m = raw.get((r, "rss", proxy))
+            if m:
+                fresh, idle, opened = int(m["fresh_kib"]), int(m["idle_kib"]), int(m["idle_opened"])
+                per[("rss", proxy)]["fresh_mib"].append(fresh / 1024)
+                if opened:
+                    per[("rss", proxy)]["idle_kib_per_conn"].append((idle - fresh) / opened)
+                if opened != a.idle_n:
+                    warnings.append(f"round {r} rss {proxy}: only {opened} of {a.idle_n} idle connections open")
+
+    med = {k: {fig: statistics.median(v) for fig, v in f.items() if v} for k, f in per.items()}
+
+    def fig(scen, proxy, name):
+        return med.get((scen, proxy), {}).get(name)
+
+    def best_peer(scen, name, higher_better):
+        vals = [fig(scen, p, name) for p in PEERS if fig(scen, p, name) is not None]
+        if not vals:
+            return None
+        return max(vals) if higher_better else min(vals)
+
+    def cell(scen, proxy, name, unit, higher_better=False, digits=0):
+        v = fig(scen, proxy, name)
+        if v is None:
+            return "–"
+        s = f"{v:,.{digits}f}{unit}"
+        b = best_peer(scen, name, higher_better)
+        if b is not None and b > 0 and (v > 0 or higher_better):
+            s += f" ({v / b:.2f}×)"
+        return s
+
+    out = []
+    meta = dict(m.split("=", 1) for m in a.meta)
+    out.append(f"Rounds: {len(rounds)} (figures are medians over rounds), {meta.get('duration_s', '?')} s per run; "
+               f"{meta.get('pinning', '')}; machine quiet: {meta.get('machine_quiet', '?')}. "
+               "Ratios: to the best peer (nginx or HAProxy) of this run.\n")
+
+    out.append(f"### 1. Inbound: client (mTLS, HTTP/1.1) → proxy (client-cert check + path ACL) → app\n")
+    out.append(f"Latency at a fixed {meta.get('rate', '?')} req/s (`-c {meta.get('lat_conns', '?')}`, latency-corrected), "
+               f"added over the direct path; saturation closed loop `-c {meta.get('sat_conns', '?')}`; CPU of the proxy process(es) per request at saturation.\n")
+    out.append("| proxy | added p50 | added p90 | added p99 | saturation RPS | CPU µs/request |")
+    out.append("|---|---|---|---|---|---|")
+    d = "direct"
+    out.append(f"| {LABEL[d]} | p50 {fig('inbound', d, 'p50') or 0:.0f} µs | p90 {fig('inbound', d, 'p90') or 0:.0f} µs | "
+               f"p99 {fig('inbound', d, 'p99') or 0:.0f} µs | {fig('inbound', d, 'rps') or 0:,.0f} | (app {fig('inbound', d, 'cpu_in') or 0:.1f}) |")
+    for p in ROWS:
+        out.append(f"| {LABEL[p]} | {cell('inbound', p, 'added_p50', ' µs')} | {cell('inbound', p, 'added_p90', ' µs')} | "
+                   f"{cell('inbound', p, 'added_p99', ' µs')} | {cell('inbound', p, 'rps', '', True)} | "
+                   f"{cell('inbound', p, 'cpu_in', '', digits=1)} |")
+    out.append("")
+
+    out.append("### 2. Mesh path: client (plain HTTP/1.1) → outbound proxy → mTLS → inbound proxy (ACL) → app\n")
+    out.append("Between the proxies: nginx HTTP/1.1 with upstream keep-alive, HAProxy HTTP/2 (ALPN h2), meshgate HTTP/2. "
+               "CPU per request of each proxy process at saturation (outbound + inbound = the pair).\n")
+    out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    out.append(f"| {LABEL[d]} | p50 {fig('mesh', d, 'p50') or 0:.0f} µs | p90 {fig('mesh', d, 'p90') or 0:.0f} µs | "
+               f"p99 {fig('mesh', d, 'p99') or 0:.0f} µs | {fig('mesh', d, 'rps') or 0:,.0f} | – | (app {fig('mesh', d, 'cpu_in') or 0:.1f}) | – |")
+    for p in ROWS:
+        out.append(f"| {LABEL[p]} | {cell('mesh', p, 'added_p50', ' µs')} | {cell('mesh', p, 'added_p90', ' µs')} | "
+                   f"{cell('mesh', p, 'added_p99', ' µs')} | {cell('mesh', p, 'rps', '', True)} | "
+                   f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "
+                   f"{cell('mesh', p, 'cpu_both', '', digits=1)} |")
+    out.append("")
+
+    out.append("### 3. Handshakes: a new mTLS connection per request (TLS 1.3, no resumption), closed loop\n")
+    out.append(f"`--disable-keepalive -c {meta.get('hs_conns', '?')}` against the inbound proxy; the load generator does a full "
+               "client-certificate handshake too, so the rate may be bounded by the client: CPU µs per handshake of the proxy is the fairer figure.\n")
+    out.append("| proxy | handshakes/s | proxy CPU µs per handshake+request |")
+    out.append("|---|---|---|")
+    for p in ROWS:
+        out.append(f"| {LABEL[p]} | {cell('handshake', p, 'hs', '', True)} | {cell('handshake', p, 'cpu_hs', '', digits=0)} |")
+    out.append("")
+
+    out.append(f"### 4. Memory of the inbound proxy (VmRSS, process tree)\n")
+    out.append(f"Fresh: right after start, before any traffic. Idle connections: {a.idle_n} mTLS connections opened and held "
+               "without a request; (RSS with them − fresh) / connections.\n")
+    out.append("| proxy | RSS fresh | RSS per idle mTLS connection |")
+    out.append("|---|---|---|")
+    for p in ROWS:
+        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} |")
+    out.append("")
+
+    out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")
+    out.append("| configuration | inbound added p50 | inbound saturation RPS | inbound CPU µs/req | mesh saturation RPS | mesh CPU µs/req pair | handshakes/s |")
+    out.append("|---|---|---|---|---|---|---|")
+    base = "meshgate"
+    checks = [("inbound", "added_p50", False), ("inbound", "rps", True), ("inbound", "cpu_in", False),
+              ("mesh", "rps", True), ("mesh", "cpu_both", False), ("handshake", "hs", True)]
+    for p in ("meshgate", "meshgate-info", "meshgate-json"):
+        cells = []
+        for scen, name, hb in checks:
+            v, b = fig(scen, p, name), fig(scen, base, name)
+            if v is None or not b:
+                cells.append("–")
+                continue
+            ratio = v / b
+            worse = (ratio < 1 / 1.1) if hb else (ratio > 1.1)
+            cells.append(f"{ratio:.2f}×" + (" ✗" if worse and p != base else ""))
+        out.append(f"| {LABEL[p]} | " + " | ".join(cells) + " |")
+    out.append("\n✗ = more than 10 % worse than MESHGATE_LOG=warn.")
+    if warnings:
+        out.append("\nWarnings:\n" + "\n".join(f"- {w}" for w in warnings))
+    print("\n".join(out))
+
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "medians": {f"{s}/{p}": v for (s, p), v in med.items()},
+                       "per_round": {f"{s}/{p}": v for (s, p), v in per.items()},
+                       "warnings": warnings}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

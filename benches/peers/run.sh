@@ -1,0 +1,442 @@
+#!/usr/bin/env bash
+# meshgate vs nginx and HAProxy, same machine, same app, equivalent configurations.
+#
+#   benches/peers/run.sh [--quick] [--rounds N] [--duration SECONDS] [--json FILE]
+#                        [--meshgate PATH] [--base-port PORT] [--wait-quiet MINUTES] [--keep]
+#
+# Installs nothing: it checks for oha, nginx, haproxy, openssl, python3, taskset and a release
+# meshgate binary and says how to get what is missing. Everything it writes goes to a temporary
+# directory (removed on exit unless --keep); every process it starts is stopped on exit.
+# What it measures and how to read the tables: benches/peers/README.md.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+rounds=3
+dur=10
+warm=2
+quick=0
+json_out=""
+mg=${MESHGATE_BIN:-}
+base=19000
+wait_quiet=0
+keep=0
+rate=1000
+lat_conns=16
+sat_conns=64
+hs_conns=16
+idle_n=1000
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick=1; rounds=1; dur=1; warm=0.5; shift ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --duration) dur=$2; shift 2 ;;
+    --json) json_out=$2; shift 2 ;;
+    --meshgate) mg=$2; shift 2 ;;
+    --base-port) base=$2; shift 2 ;;
+    --wait-quiet) wait_quiet=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+# ---------------------------------------------------------------- tools (nothing is installed)
+missing=0
+need() { # NAME HOW-TO-GET-IT
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "missing: $1 — install it with: $2" >&2
+    missing=1
+  fi
+}
+need oha "cargo install oha --locked   (then make sure ~/.cargo/bin is on PATH)"
+need nginx "apt-get install nginx-light   (any nginx ≥ 1.18 with the ssl module)"
+need haproxy "apt-get install haproxy   (≥ 2.4 for HTTP/2 to servers)"
+need openssl "apt-get install openssl"
+need python3 "apt-get install python3"
+need taskset "apt-get install util-linux"
+if [ -z "$mg" ]; then
+  mg=${CARGO_TARGET_DIR:-$repo/target}/release/meshgate
+fi
+if [ ! -x "$mg" ]; then
+  echo "missing: meshgate release binary at $mg — build it with: cargo build --release -p meshgate" \
+       "(or pass --meshgate PATH / MESHGATE_BIN)" >&2
+  missing=1
+fi
+[ "$missing" = 0 ] || exit 1
+
+# ---------------------------------------------------------------- CPU pinning
+# The load generator on one core, the app and every proxy on another (they share it, as a
+# sidecar shares its pod's CPU): CLIENT_CPU / SERVER_CPU override.
+ncpu=$(nproc)
+if [ "$ncpu" -ge 2 ]; then
+  client_cpu=${CLIENT_CPU:-0}
+  server_cpu=${SERVER_CPU:-1}
+  pin_client=(taskset -c "$client_cpu")
+  pin_server=(taskset -c "$server_cpu")
+  pinning="client on CPU $client_cpu; app and proxies on CPU $server_cpu"
+else
+  pin_client=()
+  pin_server=()
+  pinning="not pinned (1 CPU)"
+fi
+
+# ---------------------------------------------------------------- work dir and cleanup
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-peers.XXXXXX")
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  for p in "${pids[@]:-}"; do
+    [ -n "$p" ] && wait "$p" 2>/dev/null || true
+  done
+  if [ "$keep" = 1 ]; then echo "kept: $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- identities and certificates
+td=mesh.local
+client_id=spiffe://$td/ns/bench/sa/client
+app_id=spiffe://$td/ns/bench/sa/app
+peer_dns=app.bench.$td   # the name nginx/HAProxy outbound verify on the inbound's certificate
+certs=$work/certs
+mkdir -p "$certs"
+"$mg" ca init --dir "$work/ca" --trust-domain "$td" >/dev/null 2>&1 || die "meshgate ca init failed"
+# meshgate sidecars: SVIDs straight from the CA (static files; no CA server during the run).
+"$mg" ca issue --dir "$work/ca" --id "$app_id" --out "$work/svid-app" --ttl 24h >/dev/null 2>&1
+"$mg" ca issue --dir "$work/ca" --id "$client_id" --out "$work/svid-client" --ttl 24h >/dev/null 2>&1
+cp "$work/ca/root.pem" "$certs/root.pem"
+# The load generator's client certificate and the peers' inbound certificate are signed by the
+# same intermediate with openssl (P-256, like the SVIDs): the client certificate carries the
+# SPIFFE ID as its URI SAN (what meshgate checks) and as its subject CN (what nginx and HAProxy
+# can check); the peers' server certificate adds a DNS name their outbound side verifies.
+leaf() { # NAME SUBJECT SAN
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$2" \
+    -keyout "$certs/$1.key" -out "$certs/$1.csr" 2>"$certs/$1.err" || die "openssl req: $(cat "$certs/$1.err")"
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=$3" >"$certs/$1.ext"
+  openssl x509 -req -in "$certs/$1.csr" -CA "$work/ca/intermediate.pem" \
+    -CAkey "$work/ca/intermediate.key" -CAcreateserial -days 2 -sha256 \
+    -extfile "$certs/$1.ext" -out "$certs/$1.pem" 2>"$certs/$1.err" || die "openssl x509: $(cat "$certs/$1.err")"
+  cat "$certs/$1.pem" "$work/ca/intermediate.pem" >"$certs/$1-chain.pem"
+  cat "$certs/$1-chain.pem" "$certs/$1.key" >"$certs/$1-full.pem"
+  chmod 600 "$certs/$1.key" "$certs/$1-full.pem"
+}
+leaf client "/O=meshgate/CN=${client_id//\//\\/}" "URI:$client_id"
+leaf peer-in "/O=meshgate/CN=$peer_dns" "URI:$app_id,DNS:$peer_dns"
+
+# ---------------------------------------------------------------- configurations
+render() { # TEMPLATE OUT KEY=VALUE...
+  local tmpl=$1 out=$2 expr=() kv
+  shift 2
+  for kv in "$@"; do expr+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+  sed "${expr[@]}" "$here/$tmpl" >"$out"
+  if grep -q '@[A-Z_]*@' "$out"; then die "unfilled placeholder in $out"; fi
+}
+app_port=$base
+chmod 711 "$work" # nginx workers (user nobody when started as root) read the www files
+mkdir -p "$work/www/api" "$work/www/admin"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/api/data"
+echo admin >"$work/www/admin/index.html"
+cp "$work/www/admin/index.html" "$work/www/admin.html"
+client_id_re=$(printf '%s' "$client_id" | sed 's/[.]/\\\\./g')
+common=(DIR="$work" CERTS="$certs" APP_PORT="$app_port" CLIENT_ID="$client_id"
+        CLIENT_ID_RE="$client_id_re" APP_ID="$app_id" PEER_DNS="$peer_dns")
+render nginx-app.conf.tmpl "$work/nginx-app.conf" "${common[@]}"
+render nginx-inbound.conf.tmpl "$work/nginx-in.conf" "${common[@]}" IN_PORT=$((base + 10))
+render nginx-outbound.conf.tmpl "$work/nginx-out.conf" "${common[@]}" IN_PORT=$((base + 10)) OUT_PORT=$((base + 11))
+render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" "${common[@]}" IN_PORT=$((base + 20))
+render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" "${common[@]}" IN_PORT=$((base + 20)) OUT_PORT=$((base + 21))
+mkdir -p "$work/policy"
+render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
+
+# The proxies. meshgate runs three times: MESHGATE_LOG=warn (quiet, like the peers with access
+# logs off), the default level (info, text), and the default level with --log-format json; the
+# logs go to files in the work dir.
+proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
+declare -A in_port out_port in_pid out_pid
+in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
+in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
+k=0
+for v in meshgate meshgate-info meshgate-json; do
+  in_port[$v]=$((base + 30 + 10 * k)); out_port[$v]=$((base + 34 + 10 * k))
+  render meshgate-services.yaml.tmpl "$work/services-$v.yaml" "${common[@]}" IN_PORT=${in_port[$v]}
+  k=$((k + 1))
+done
+
+# ---------------------------------------------------------------- process control
+start_bg() { # LOGFILE ENV... -- CMD... ; sets $started
+  local logf=$1; shift
+  local envs=()
+  while [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  env "${envs[@]}" "${pin_server[@]}" "$@" >"$logf" 2>&1 &
+  started=$!
+  pids+=("$started")
+}
+wait_port() { # PORT PID NAME
+  local i
+  for i in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    kill -0 "$2" 2>/dev/null || die "$3 exited at start (log in $work)"
+    sleep 0.1
+  done
+  die "$3 did not listen on $1"
+}
+wait_ready() { # ADMIN_PORT PID NAME
+  local i
+  for i in $(seq 100); do
+    if python3 - "$1" <<'EOF' 2>/dev/null; then return 0; fi
+import sys, urllib.request
+sys.exit(0 if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=1).status == 200 else 1)
+EOF
+    kill -0 "$2" 2>/dev/null || die "$3 exited at start (log in $work/$3*.log)"
+    sleep 0.1
+  done
+  die "$3 not ready on admin port $1"
+}
+start_meshgate() { # VARIANT
+  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=()
+  case $v in
+    meshgate) lvl=(MESHGATE_LOG=warn) ;;
+    meshgate-info) lvl=(MESHGATE_LOG=info) ;;
+    meshgate-json) lvl=(MESHGATE_LOG=info); fmt=(--log-format json) ;;
+  esac
+  # Inbound sidecar (the app's): mTLS listener ip, its own outbound and admin ports unused.
+  start_bg "$work/$v-in.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app_port \
+    --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
+    --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
+    --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) --no-tracing
+  in_pid[$v]=$started
+  # Outbound sidecar (the client's): plain HTTP listener op → mTLS/HTTP2 → the inbound sidecar.
+  start_bg "$work/$v-out.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app_port \
+    --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
+    --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" \
+    --services "$work/services-$v.yaml" \
+    --inbound 127.0.0.1:$((op - 1)) --outbound 127.0.0.1:$op --admin 127.0.0.1:$((op + 1)) --no-tracing
+  out_pid[$v]=$started
+  wait_ready $((ip + 2)) "${in_pid[$v]}" "$v-in"
+  wait_ready $((op + 1)) "${out_pid[$v]}" "$v-out"
+}
+start_all() {
+  start_bg "$work/app.log" -- nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf"
+  app_pid=$started
+  wait_port "$app_port" "$app_pid" app
+  start_bg "$work/nginx-in.log" -- nginx -p "$work" -e "$work/nginx-in-error.log" -c "$work/nginx-in.conf"
+  in_pid[nginx]=$started
+  start_bg "$work/nginx-out.log" -- nginx -p "$work" -e "$work/nginx-out-error.log" -c "$work/nginx-out.conf"
+  out_pid[nginx]=$started
+  start_bg "$work/haproxy-in.log" -- haproxy -db -f "$work/haproxy-in.cfg"
+  in_pid[haproxy]=$started
+  start_bg "$work/haproxy-out.log" -- haproxy -db -f "$work/haproxy-out.cfg"
+  out_pid[haproxy]=$started
+  local p
+  for p in nginx haproxy; do
+    wait_port "${in_port[$p]}" "${in_pid[$p]}" "$p-in"
+    wait_port "${out_port[$p]}" "${out_pid[$p]}" "$p-out"
+  done
+  for p in meshgate meshgate-info meshgate-json; do start_meshgate "$p"; done
+  sleep 0.5 # let nginx workers settle before reading their RSS
+}
+stop_all() {
+  local p
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+
+# A process and its children (nginx: master + worker).
+tree() { echo "$1"; pgrep -P "$1" || true; }
+cpu_ticks() { # PID → utime+stime of the process tree, in clock ticks
+  local t=0 p f
+  for p in $(tree "$1"); do
+    f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
+    set -- $f
+    t=$((t + ${12} + ${13}))
+  done
+  echo "$t"
+}
+rss_kib() { # PID → VmRSS of the process tree, KiB
+  local t=0 p v
+  for p in $(tree "$1"); do
+    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+clk_tck=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------- measurements
+results=$work/results.tsv
+: >"$results"
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"; } # round scenario proxy metric value
+
+tls_args=(--cert "$certs/client-chain.pem" --key "$certs/client.key" --insecure)
+oha_run() { # OUT-JSON DURATION ARGS...
+  local out=$1 d=$2; shift 2
+  "${pin_client[@]}" oha --no-tui --output-format json -z "${d}s" -w "$@" >"$out" 2>"$out.err" \
+    || die "oha failed: $* ($(head -c 300 "$out.err"))"
+}
+url_in() { # PROXY PATH → URL of the inbound side (direct: the app)
+  if [ "$1" = direct ]; then echo "http://127.0.0.1:$app_port$2"; else echo "https://127.0.0.1:${in_port[$1]}$2"; fi
+}
+url_out() { # PROXY PATH → URL of the outbound side (direct: the app)
+  if [ "$1" = direct ]; then echo "http://127.0.0.1:$app_port$2"; else echo "http://127.0.0.1:${out_port[$1]}$2"; fi
+}
+targs() { [ "$1" = direct ] || printf '%s\n' "${tls_args[@]}"; }
+
+# Equivalence check before measuring: every proxy allows /api/data for the client identity and
+# refuses /admin and paths outside /api/; the inbound side refuses a caller without a certificate.
+check_acl() {
+  local p code
+  for p in "${proxies[@]}"; do
+    for path_code in /api/data=200 /admin=403 /other=403; do
+      code=$(python3 - "${in_port[$p]}" "${path_code%=*}" "$certs/client-chain.pem" "$certs/client.key" <<'EOF'
+import http.client, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=5)
+c.request("GET", sys.argv[2]); r = c.getresponse(); body = r.read(); print(r.status, len(body))
+EOF
+)
+      [ "${code%% *}" = "${path_code#*=}" ] || die "$p inbound: GET ${path_code%=*} gave $code, expected ${path_code#*=}"
+      [ "$path_code" != /api/data=200 ] || [ "${code#* }" = 1024 ] || die "$p inbound: /api/data body is not 1 KiB ($code)"
+      code=$(python3 - "${out_port[$p]}" "${path_code%=*}" <<'EOF'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=5)
+c.request("GET", sys.argv[2], headers={"Host": "app"}); r = c.getresponse(); r.read(); print(r.status)
+EOF
+)
+      [ "$code" = "${path_code#*=}" ] || die "$p mesh path: GET ${path_code%=*} gave $code, expected ${path_code#*=}"
+    done
+    if python3 - "${in_port[$p]}" <<'EOF' 2>/dev/null; then die "$p inbound: served a caller without a client certificate"; fi
+import http.client, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=5)
+c.request("GET", "/api/data"); r = c.getresponse(); r.read(); sys.exit(0 if r.status == 200 else 1)
+EOF
+  done
+  log "ACL check passed: /api/data 200, /admin 403, /other 403, no client certificate refused (inbound and mesh path, every proxy)"
+}
+
+quiet_pattern='ci-from-clean-clone|cargo test|cargo build|rustc'
+wait_for_quiet() {
+  [ "$wait_quiet" != 0 ] || return 0
+  # One budget for the whole run: after it is spent, rounds start without waiting.
+  [ -n "${quiet_deadline:-}" ] || quiet_deadline=$(( $(date +%s) + wait_quiet * 60 ))
+  local deadline=$quiet_deadline others
+  while :; do
+    others=$(pgrep -f "$quiet_pattern" | grep -vx -e "$$" -e "$BASHPID" || true)
+    [ -z "$others" ] && { log "machine quiet"; return 0; }
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      log "machine not quiet (waiting budget of $wait_quiet min spent); measuring anyway"
+      echo "not quiet" >>"$work/quiet"
+      return 0
+    fi
+    log "waiting for a quiet machine (busy: $(echo "$others" | wc -l) processes)"
+    sleep 20
+  done
+}
+
+# Order of proxies within a scenario rotates with the round, so no proxy always runs first.
+order() { # ROUND WITH-DIRECT(0/1)
+  local list=() i n
+  [ "$2" = 1 ] && list=(direct)
+  list+=("${proxies[@]}")
+  n=${#list[@]}
+  for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
+}
+
+run_round() {
+  local r=$1 p before after t0 pi po
+  start_all
+  [ "$r" = 1 ] && check_acl
+  # RSS: fresh, then with 1000 idle mTLS connections (inbound side).
+  for p in $(order "$r" 0); do
+    pi=${in_pid[$p]}
+    before=$(rss_kib "$pi")
+    record "$r" rss "$p" fresh_kib "$before"
+    "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$idle_n" \
+      --cert "$certs/client-chain.pem" --key "$certs/client.key" >"$work/idle-$p.out" 2>&1 &
+    local ipid=$! i
+    for i in $(seq 600); do grep -q ready "$work/idle-$p.out" 2>/dev/null && break; sleep 0.1; done
+    sleep 1
+    after=$(rss_kib "$pi")
+    kill "$ipid" 2>/dev/null || true; wait "$ipid" 2>/dev/null || true
+    read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
+    record "$r" rss "$p" idle_kib "$after"
+    record "$r" rss "$p" idle_opened "$opened"
+    [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed"
+    sleep 0.5
+  done
+  # Warm-up: each path once, closed loop, not recorded.
+  for p in "${proxies[@]}"; do
+    oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
+    oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
+  done
+  # 1. inbound: fixed-rate latency, then saturation with CPU per request.
+  for p in $(order "$r" 1); do
+    oha_run "$work/r$r-inbound-lat-$p.json" "$dur" -q "$rate" --latency-correction -c "$lat_conns" \
+      --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
+    record "$r" inbound "$p" lat "$work/r$r-inbound-lat-$p.json"
+  done
+  for p in $(order "$r" 1); do
+    [ "$p" = direct ] && pi=$app_pid || pi=${in_pid[$p]}
+    t0=$(cpu_ticks "$pi")
+    oha_run "$work/r$r-inbound-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
+    record "$r" inbound "$p" sat "$work/r$r-inbound-sat-$p.json"
+    record "$r" inbound "$p" cpu_in_ticks $(( $(cpu_ticks "$pi") - t0 ))
+  done
+  # 2. mesh path: client → outbound proxy → mTLS → inbound proxy → app.
+  for p in $(order "$r" 1); do
+    oha_run "$work/r$r-mesh-lat-$p.json" "$dur" -q "$rate" --latency-correction -c "$lat_conns" \
+      --http-version 1.1 --host app "$(url_out "$p" /api/data)"
+    record "$r" mesh "$p" lat "$work/r$r-mesh-lat-$p.json"
+  done
+  for p in $(order "$r" 1); do
+    local ti to
+    if [ "$p" = direct ]; then ti=$(cpu_ticks "$app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
+    oha_run "$work/r$r-mesh-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
+    record "$r" mesh "$p" sat "$work/r$r-mesh-sat-$p.json"
+    if [ "$p" = direct ]; then
+      record "$r" mesh "$p" cpu_in_ticks $(( $(cpu_ticks "$app_pid") - ti ))
+    else
+      record "$r" mesh "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - ti ))
+      record "$r" mesh "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
+    fi
+  done
+  # 4. handshakes: a new mTLS connection per request, closed loop.
+  for p in $(order "$r" 0); do
+    t0=$(cpu_ticks "${in_pid[$p]}")
+    oha_run "$work/r$r-handshake-$p.json" "$dur" -c "$hs_conns" --disable-keepalive --http-version 1.1 \
+      "${tls_args[@]}" "$(url_in "$p" /api/data)"
+    record "$r" handshake "$p" sat "$work/r$r-handshake-$p.json"
+    record "$r" handshake "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - t0 ))
+  done
+  stop_all
+}
+
+log "meshgate vs nginx and HAProxy: $rounds round(s) of ${dur}s runs; $pinning; work dir $work"
+started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+for ((r = 1; r <= rounds; r++)); do
+  wait_for_quiet
+  log "round $r/$rounds"
+  run_round "$r"
+done
+
+quiet_note="quiet"
+if [ "$wait_quiet" = 0 ]; then quiet_note="not checked"; elif [ -s "$work/quiet" ]; then quiet_note="NOT quiet for $(wc -l <"$work/quiet") round(s)"; fi
+python3 "$here/report.py" "$results" --clk-tck "$clk_tck" --idle-n "$idle_n" \
+  --meta "started=$started_at" --meta "rounds=$rounds" --meta "duration_s=$dur" \
+  --meta "pinning=$pinning" --meta "machine_quiet=$quiet_note" --meta "rate=$rate" \
+  --meta "lat_conns=$lat_conns" --meta "sat_conns=$sat_conns" --meta "hs_conns=$hs_conns" \
+  ${json_out:+--json "$json_out"}
