@@ -12,11 +12,6 @@ mod proxy_cmd;
 mod quarantine_cmd;
 mod redirect_cmd;
 
-/// See the `mimalloc` feature in Cargo.toml (and BENCHMARKS.md for its measured effect).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -145,13 +140,15 @@ fn init_demo_logging(format: LogFormat, file: &std::path::Path) -> anyhow::Resul
 /// Logs to stderr through a background writer thread: a request thread formats its decision
 /// line and hands it over instead of waiting on a `write(2)` to a pipe or terminal (a
 /// synchronous write per decision cost 14 % of a sidecar's saturation throughput). Lines are
-/// never dropped: when 128k lines are pending, loggers wait for the writer. The returned guard
+/// never dropped: when 8192 lines are pending, loggers wait for the writer (a bounded buffer:
+/// the default 128k-line one costs resident memory in every sidecar). The returned guard
 /// flushes what is pending when it is dropped (at the end of `main`).
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(8192)
         .thread_name("meshgate-log")
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
