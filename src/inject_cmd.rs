@@ -33,31 +33,86 @@ pub struct InjectArgs {
     /// https://meshgate-control-plane.meshgate.svc:15010 (Kubernetes)].
     #[arg(long)]
     pub control_plane_url: Option<String>,
+    /// Kubernetes: the cluster's pod address range, redirected through the sidecar (repeatable).
+    #[arg(long = "pod-cidr", value_parser = parse_cidr, default_values_t = ["10.244.0.0/16".to_string()])]
+    pub pod_cidrs: Vec<String>,
+    /// Kubernetes: the cluster's Service (ClusterIP) range, redirected through the sidecar; its
+    /// port 53 (DNS) and its first address's 443 (the API server) stay direct (repeatable).
+    #[arg(long = "service-cidr", value_parser = parse_cidr, default_values_t = ["10.96.0.0/12".to_string()])]
+    pub service_cidrs: Vec<String>,
+    /// Kubernetes: the cluster's DNS domain (Service host names NAME.NAMESPACE.svc.DOMAIN).
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Kubernetes: enforce an egress allowlist outside the cluster's ranges (CIDR or CIDR:PORT,
+    /// repeatable); without it, connections outside the cluster's ranges go direct.
+    #[arg(long = "egress-allow", value_parser = parse_rule)]
+    pub egress_allow: Vec<String>,
+    /// Kubernetes: the CA bundle (PEM, e.g. from `meshgate ca init`): adds the ConfigMap
+    /// meshgate-ca-bundle to every namespace with injected pods.
+    #[arg(long)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Kubernetes: write the meshgate Service documents for the Services that select injected
+    /// pods to this file (add it to the control plane's policy directory).
+    #[arg(long)]
+    pub services_out: Option<PathBuf>,
 }
 
-impl From<InjectArgs> for Options {
-    fn from(args: InjectArgs) -> Self {
-        Options {
+/// The redirect's own syntax, checked here so a typo fails at inject time, not in the pod.
+fn parse_rule(s: &str) -> Result<String, String> {
+    s.parse::<meshgate_ebpf::Rule>().map(|_| s.to_owned())
+}
+
+fn parse_cidr(s: &str) -> Result<String, String> {
+    s.parse::<ipnet::IpNet>()
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?} is not a CIDR ({e}); write it like 10.244.0.0/16"))
+}
+
+impl TryFrom<InjectArgs> for Options {
+    type Error = InjectError;
+
+    fn try_from(args: InjectArgs) -> Result<Self, InjectError> {
+        let ca_bundle = match &args.ca_bundle {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| InjectError::Io {
+                        action: "read",
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Ok(Options {
             input: Input::from_arg(&args.file),
             output: args.output.map_or(
                 meshgate_inject::Output::Stdout,
                 meshgate_inject::Output::File,
             ),
             dry_run: args.dry_run,
+            services_out: args.services_out,
             settings: meshgate_inject::Settings {
                 image: args.image,
                 trust_domain: args.trust_domain,
                 ca_url: args.ca_url,
                 control_plane_url: args.control_plane_url,
+                kube: meshgate_inject::KubeSettings {
+                    pod_cidrs: args.pod_cidrs,
+                    service_cidrs: args.service_cidrs,
+                    cluster_domain: args.cluster_domain,
+                    egress_allow: args.egress_allow,
+                    ca_bundle,
+                },
             },
-        }
+        })
     }
 }
 
 /// Runs `meshgate inject`. With `--dry-run` the exit code is `diff`'s: 0 when nothing would
 /// change, 1 when the diff printed is not empty (so CI can tell "not injected yet").
 pub fn run(args: InjectArgs) -> Result<ExitCode, InjectError> {
-    match meshgate_inject::run(&Options::from(args))? {
+    match meshgate_inject::run(&Options::try_from(args)?)? {
         Outcome::Written => Ok(ExitCode::SUCCESS),
         Outcome::Unchanged { input } => {
             eprintln!("{input}: nothing to inject (already injected, opted out, or no workloads)");

@@ -101,6 +101,37 @@ pub struct Settings {
     pub ca_url: Option<String>,
     /// Control-plane URL override.
     pub control_plane_url: Option<String>,
+    /// Kubernetes only: the cluster's address ranges and egress.
+    pub kube: KubeSettings,
+}
+
+/// What injection needs to know about the Kubernetes cluster.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// Pod address ranges: redirected through the sidecar (kubeadm/kind: 10.244.0.0/16).
+    pub pod_cidrs: Vec<String>,
+    /// Service (ClusterIP) ranges: redirected through the sidecar (kubeadm/kind: 10.96.0.0/12).
+    pub service_cidrs: Vec<String>,
+    /// The cluster's DNS domain (`cluster.local`).
+    pub cluster_domain: String,
+    /// Egress allowlist outside the cluster's ranges (CIDR[:PORT]); empty: everything outside
+    /// the cluster's ranges goes direct.
+    pub egress_allow: Vec<String>,
+    /// The CA bundle (PEM): when set, a ConfigMap `meshgate-ca-bundle` is added for every
+    /// namespace with injected pods that the input does not already carry one for.
+    pub ca_bundle: Option<String>,
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            pod_cidrs: vec!["10.244.0.0/16".into()],
+            service_cidrs: vec!["10.96.0.0/12".into()],
+            cluster_domain: "cluster.local".into(),
+            egress_allow: Vec::new(),
+            ca_bundle: None,
+        }
+    }
 }
 
 impl Settings {
@@ -131,6 +162,7 @@ impl Default for Settings {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             ca_url: None,
             control_plane_url: None,
+            kube: KubeSettings::default(),
         }
     }
 }
@@ -214,6 +246,9 @@ pub struct Options {
     pub output: Output,
     /// Write nothing; return the unified diff of what would change.
     pub dry_run: bool,
+    /// Kubernetes: write the meshgate Service documents for the Services that select injected
+    /// pods here (also with `dry_run`: they are not part of the input).
+    pub services_out: Option<PathBuf>,
     /// Where the injected workloads find the mesh, and what they run.
     pub settings: Settings,
 }
@@ -237,7 +272,24 @@ pub enum Outcome {
 pub fn run(options: &Options) -> Result<Outcome, InjectError> {
     let name = options.input.name();
     let input = options.input.read()?;
-    let output = inject_text(&name, &input, &options.settings)?;
+    let injected = inject_full(&name, &input, &options.settings)?;
+    for w in &injected.warnings {
+        eprintln!("warning: {w}");
+    }
+    match (&options.services_out, injected.mesh_services.is_empty()) {
+        (Some(path), _) => {
+            std::fs::write(path, &injected.mesh_services).map_err(|source| InjectError::Io {
+                action: "write",
+                path: path.display().to_string(),
+                source,
+            })?
+        }
+        (None, false) => eprintln!(
+            "warning: {name}: Kubernetes Services select injected pods, and callers' sidecars route to them only with meshgate Service documents (identity, hosts, ports, endpoint): write them with --services-out <file> and add that file to the policy directory (the control plane's meshgate-policies ConfigMap)"
+        ),
+        (None, true) => {}
+    }
+    let output = injected.text;
     if options.dry_run && output == input {
         return Ok(Outcome::Unchanged { input: name });
     }
@@ -284,7 +336,25 @@ fn split_documents(text: &str) -> Vec<Segment<'_>> {
 }
 
 /// Injects a whole input text and returns the new text (equal to `input` when nothing changes).
+/// Warnings and meshgate Service documents are dropped: [`inject_full`] returns them.
 pub fn inject_text(name: &str, input: &str, s: &Settings) -> Result<String, InjectError> {
+    inject_with(name, input, s, true).map(|i| i.text)
+}
+
+/// What injecting one input produced.
+#[derive(Debug, Clone, Default)]
+pub struct Injected {
+    /// The injected text (equal to the input when nothing changes).
+    pub text: String,
+    /// Kubernetes: meshgate `Service` documents (YAML, `---`-separated) for the Kubernetes
+    /// Services that select injected pods; empty when there are none.
+    pub mesh_services: String,
+    /// What injection cannot make work, one line each.
+    pub warnings: Vec<String>,
+}
+
+/// [`inject_text`], with the warnings and the meshgate Service documents.
+pub fn inject_full(name: &str, input: &str, s: &Settings) -> Result<Injected, InjectError> {
     inject_with(name, input, s, true)
 }
 
@@ -315,7 +385,7 @@ fn inject_with(
     input: &str,
     s: &Settings,
     keep_verbatim: bool,
-) -> Result<String, InjectError> {
+) -> Result<Injected, InjectError> {
     let segments = split_documents(input);
     let mut docs = Vec::with_capacity(segments.len());
     let mut located = Vec::with_capacity(segments.len());
@@ -343,16 +413,15 @@ fn inject_with(
     let is_compose = present.len() == 1
         && matches!(docs[present[0]].get("services"), Some(Node::Map(_)))
         && docs[present[0]].get("kind").is_none();
+    let mut report = None;
     let changed: Vec<bool> = if is_compose {
         let i = present[0];
         let mut changed = vec![false; docs.len()];
         changed[i] = compose::inject(&mut docs[i], s)?;
         changed
     } else if !present.is_empty() && present.iter().all(|&i| docs[i].get("kind").is_some()) {
-        let mut changed = Vec::with_capacity(docs.len());
-        for doc in docs.iter_mut() {
-            changed.push(!doc.is_null() && kube::inject_object(doc, s)?);
-        }
+        let (changed, r) = kube::inject_stream(&mut docs, s)?;
+        report = Some(r);
         changed
     } else {
         return Err(InjectError::UnknownFormat { input: name.into() });
@@ -380,7 +449,45 @@ fn inject_with(
             out.push_str(&yaml::emit(&docs[i]));
         }
     }
-    Ok(out)
+    let mut injected = Injected::default();
+    if let Some(report) = report {
+        let missing: Vec<&String> = report
+            .namespaces
+            .iter()
+            .filter(|ns| !report.bundles_present.contains(*ns))
+            .collect();
+        match &s.kube.ca_bundle {
+            Some(pem) => {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                for ns in missing {
+                    if !out.is_empty() && !out.ends_with('\n') {
+                        out.push_str(eol);
+                    }
+                    let doc = yaml::emit(&kube::ca_bundle_configmap(ns, pem));
+                    out.push_str(&format!("---{eol}{}", doc.replace('\n', eol)));
+                }
+            }
+            None if !missing.is_empty() => {
+                let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+                injected.warnings.push(format!(
+                    "injected pods in namespace(s) {} mount the CA bundle from the ConfigMap {}: add it with `meshgate inject --ca-bundle <bundle.pem>`, or create it in each namespace with `kubectl -n <namespace> create configmap {} --from-file=ca-bundle.pem=<bundle.pem>`",
+                    list.join(", "),
+                    kube::CA_BUNDLE_CONFIGMAP,
+                    kube::CA_BUNDLE_CONFIGMAP
+                ));
+            }
+            None => {}
+        }
+        injected.mesh_services = report
+            .mesh_services
+            .iter()
+            .map(yaml::emit)
+            .collect::<Vec<_>>()
+            .join("---\n");
+        injected.warnings.splice(0..0, report.warnings);
+    }
+    injected.text = out;
+    Ok(injected)
 }
 
 #[cfg(test)]
@@ -435,7 +542,7 @@ mod tests {
     fn assert_same_as_reemitted(name: &str, input: &str) -> String {
         let s = settings();
         let kept = inject_text(name, input, &s).unwrap();
-        let emitted = inject_with(name, input, &s, false).unwrap();
+        let emitted = inject_with(name, input, &s, false).unwrap().text;
         let (kept_docs, kept_values) = read_back(&kept);
         let (emitted_docs, emitted_values) = read_back(&emitted);
         assert_eq!(kept_docs.len(), emitted_docs.len(), "{name}");

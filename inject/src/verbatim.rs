@@ -97,6 +97,23 @@ impl Splicer<'_> {
                     self.copy(key_line, key_line + 1);
                     self.map(before, v, child, key_line + 1, entry_end);
                 }
+                // A block sequence that only gained items at its end (a Service's new port):
+                // its source is kept, comments included, and the new items follow it.
+                (_, Some(Node::Seq(old_items)), Node::Seq(new_items))
+                    if new_items.len() > old_items.len()
+                        && new_items[..old_items.len()] == old_items[..]
+                        && self.key_line_alone(key_line, e.key_end)
+                        && self.aliases_resolve(key_line, entry_end) =>
+                {
+                    match self.dash_column(key_line + 1, entry_end) {
+                        Some(column) => {
+                            self.copy(key_line, entry_end);
+                            self.copied.push((key_line, entry_end));
+                            self.append_items(k, &new_items[old_items.len()..], column);
+                        }
+                        None => self.emit(k, v, layout.indent),
+                    }
+                }
                 _ => self.emit(k, v, layout.indent),
             }
         }
@@ -141,6 +158,35 @@ impl Splicer<'_> {
                 ((start..end).contains(&def.0) && def < alias)
                     || self.copied.iter().any(|&(a, b)| (a..b).contains(&def.0))
             })
+    }
+
+    /// The column of the first block-sequence dash in lines `start..end`.
+    fn dash_column(&self, start: usize, end: usize) -> Option<usize> {
+        self.lines[start..end].iter().find_map(|line| {
+            let text = line.trim_end_matches(['\n', '\r']);
+            let rest = text.trim_start_matches(' ');
+            (rest == "-" || rest.starts_with("- ")).then(|| text.len() - rest.len())
+        })
+    }
+
+    /// Emits sequence items so their dashes sit at `column`, as the source's items do.
+    fn append_items(&mut self, k: &yaml::Scalar, items: &[Node], column: usize) {
+        let text = yaml::emit_entry(k, &Node::Seq(items.to_vec()), 0, self.step);
+        let mut lines = text.split_inclusive('\n').skip(1).peekable();
+        let emitted = lines
+            .peek()
+            .map_or(0, |l| l.len() - l.trim_start_matches(' ').len());
+        for line in lines {
+            let spaces = line.len() - line.trim_start_matches(' ').len();
+            let line = &line[spaces.min(emitted)..];
+            self.line_break();
+            self.out.push_str(&" ".repeat(column));
+            if self.crlf {
+                self.out.push_str(&line.replace('\n', "\r\n"));
+            } else {
+                self.out.push_str(line);
+            }
+        }
     }
 
     fn copy(&mut self, start: usize, end: usize) {

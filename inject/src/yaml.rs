@@ -150,6 +150,17 @@ impl Node {
         }
     }
 
+    /// Replaces the entry `old` of a mapping by `new: v` at the same position (appends when
+    /// `old` is missing), so a rewritten key does not move below its siblings.
+    pub fn replace_entry(&mut self, old: &str, new: &str, v: Node) {
+        if let Node::Map(entries) = self {
+            match entries.iter().position(|(ek, _)| ek.text == old) {
+                Some(i) => entries[i] = (key(new), v),
+                None => entries.push((key(new), v)),
+            }
+        }
+    }
+
     /// Removes `k` from a mapping and returns its value.
     pub fn remove(&mut self, k: &str) -> Option<Node> {
         match self {

@@ -305,10 +305,21 @@ pub struct ServiceSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
+    /// The port callers address (a Kubernetes Service's `port`).
     #[serde(deserialize_with = "ports::one")]
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The app's port behind the callee's sidecar when it differs from `port` (a Kubernetes
+    /// Service's `targetPort`): the caller's sidecar asks for this port, so the callee serves and
+    /// judges the port its app really listens on.
+    #[serde(
+        rename = "targetPort",
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ports::some"
+    )]
+    pub target_port: Option<u16>,
 }
 
 /// `tcp` is opaque: only L4 rules (identity, port) can apply to it.
@@ -428,6 +439,10 @@ mod ports {
     pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
         let n = u64::deserialize(d).map_err(|_| D::Error::custom(NOT_A_PORT))?;
         u16::try_from(n).map_err(|_| D::Error::custom(NOT_A_PORT))
+    }
+
+    pub fn some<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        one(d).map(Some)
     }
 
     pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {

@@ -236,6 +236,12 @@ pub fn service(s: &Service) -> Vec<Problem> {
                 "ports: port 0 is not a port".to_string(),
             ));
         }
+        if p.target_port == Some(0) {
+            out.push(Problem::at(
+                "targetPort",
+                "ports: targetPort 0 is not a port; remove it to use `port`".to_string(),
+            ));
+        }
     }
     for e in &s.spec.endpoints {
         if let Err(reason) = check_endpoint(e) {

@@ -157,9 +157,20 @@ fn kubernetes_outputs_have_the_sidecar_redirect_and_identity() {
             .iter()
             .filter_map(Value::as_str)
             .collect();
+        // HTTP ports are served per request, opaque ones (PostgreSQL) as L4 tunnels.
         let app = format!("127.0.0.1:{port}");
+        let served = if port == "5432" {
+            ["--inbound-tcp-port", port]
+        } else {
+            ["--app", app.as_str()]
+        };
         assert!(
-            args.windows(2).any(|w| w == ["--app", app.as_str()]),
+            args.windows(2).any(|w| w == served),
+            "{case}: {served:?} not in {args:?}"
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--token-file", "/var/run/meshgate/bootstrap/token"]),
             "{case}: {args:?}"
         );
         let redirect = init_container(spec, "meshgate-redirect");
@@ -184,18 +195,41 @@ fn kubernetes_outputs_have_the_sidecar_redirect_and_identity() {
                 "{case}: volume {v} missing from {volumes:?}"
             );
         }
+        // The identity comes from a projected ServiceAccount token, not a per-workload Secret.
+        let bootstrap = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "meshgate-bootstrap")
+            .unwrap();
+        let token = &bootstrap["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], "meshgate-ca", "{case}");
+        assert_eq!(token["path"], "token", "{case}");
+        assert!(
+            token["expirationSeconds"].as_u64().unwrap() >= 600,
+            "{case}"
+        );
     }
 }
 
 #[test]
-fn http_probes_on_the_app_port_go_through_the_sidecar() {
+fn probes_on_guarded_ports_go_through_the_sidecar() {
     let docs = parse_docs(&golden("deployment"));
     let spec = pod_spec(&docs[0]);
     let web = &spec["containers"][0];
     assert_eq!(web["livenessProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(
+        web["livenessProbe"]["httpGet"]["path"],
+        "/meshgate/probe/http/3000/healthz"
+    );
     assert_eq!(web["readinessProbe"]["httpGet"]["port"], 15020);
-    // tcpSocket probes and probes on other ports are left alone.
-    assert_eq!(web["startupProbe"]["tcpSocket"]["port"], 3000);
+    // A tcpSocket probe becomes the sidecar's TCP check of the same port.
+    assert!(web["startupProbe"].get("tcpSocket").is_none());
+    assert_eq!(
+        web["startupProbe"]["httpGet"]["path"],
+        "/meshgate/probe/tcp/3000"
+    );
+    // A probe on a port that is not meshed (no containerPort) is left alone.
     assert_eq!(
         spec["containers"][1]["readinessProbe"]["httpGet"]["port"],
         2020
@@ -208,7 +242,14 @@ fn http_probes_on_the_app_port_go_through_the_sidecar() {
         .filter_map(Value::as_str)
         .collect();
     assert!(
-        args.ends_with(&["--probe-path", "/healthz", "--probe-path", "/ready"]),
+        args.ends_with(&[
+            "--probe-path",
+            "3000:/healthz",
+            "--probe-path",
+            "3000:/ready",
+            "--probe-tcp",
+            "3000"
+        ]),
         "{args:?}"
     );
     let original: Value = serde_json::from_str(
@@ -217,8 +258,9 @@ fn http_probes_on_the_app_port_go_through_the_sidecar() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(original["web"]["livenessProbe"]["port"], "http");
-    assert_eq!(original["web"]["readinessProbe"]["port"], 3000);
+    assert_eq!(original["web"]["livenessProbe"]["httpGet"]["port"], "http");
+    assert_eq!(original["web"]["readinessProbe"]["httpGet"]["port"], 3000);
+    assert_eq!(original["web"]["startupProbe"]["tcpSocket"]["port"], 3000);
 }
 
 #[test]
@@ -228,11 +270,22 @@ fn untouched_documents_pass_through_byte_for_byte() {
     let docs_in: Vec<&str> = input.split("\n---\n").collect();
     let docs_out: Vec<&str> = out.split("\n---\n").collect();
     assert_eq!(docs_in.len(), docs_out.len());
-    // The Service (with its comment), the ConfigMap and the opted-out Deployment are unchanged.
-    for i in [0, 1, 3] {
+    // The ConfigMap and the opted-out Deployment are unchanged.
+    for i in [1, 3] {
         assert_eq!(docs_in[i], docs_out[i], "document {i}");
     }
     assert_ne!(docs_in[2], docs_out[2]);
+    // The Service that selects the injected Deployment gains the mesh port and keeps its comment.
+    assert!(
+        docs_out[0].starts_with(docs_in[0].trim_end()),
+        "{}",
+        docs_out[0]
+    );
+    assert!(
+        docs_out[0].contains("name: meshgate-mesh"),
+        "{}",
+        docs_out[0]
+    );
 }
 
 #[test]
@@ -347,25 +400,7 @@ const COMPOSE_MESH: &str = "services:
 #[test]
 fn refuses_what_it_does_not_understand() {
     // (case, extra flags, input on stdin, what the message must name)
-    let cases: [(&str, &[&str], String, &[&str]); 9] = [
-        (
-            "DaemonSet",
-            &[],
-            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: node-agent}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: a}]\n".into(),
-            &["DaemonSet/node-agent", "not supported yet"],
-        ),
-        (
-            "hostNetwork pod",
-            &[],
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: sniffer}\nspec:\n  hostNetwork: true\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
-            &["Pod/sniffer", "hostNetwork"],
-        ),
-        (
-            "pod without a port",
-            &[],
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: quiet}\nspec:\n  containers: [{name: a, image: a}]\n".into(),
-            &["Pod/quiet", "meshgate.io/app-port"],
-        ),
+    let cases: [(&str, &[&str], String, &[&str]); 8] = [
         (
             "compose network_mode host",
             &[],
@@ -385,6 +420,18 @@ fn refuses_what_it_does_not_understand() {
             &["compose file", "meshgate.io/role: ca"],
         ),
         ("not a manifest", &[], "just: data\n".into(), &["stdin", "cannot tell"]),
+        (
+            "bad port annotation",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {meshgate.io/skip-inbound-ports: \"80,http\"}}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/p", "meshgate.io/skip-inbound-ports", "\"http\""],
+        ),
+        (
+            "app port on a sidecar port",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 15006}]}]\n".into(),
+            &["Pod/p", "15006", "meshgate.io/skip-inbound-ports"],
+        ),
         (
             "container name collision",
             &[],
@@ -667,4 +714,126 @@ fn a_file_that_needs_no_change_has_an_empty_dry_run() {
             String::from_utf8_lossy(&dry.stdout)
         );
     }
+}
+
+/// What injection cannot make work is said on stderr; the CA bundle ConfigMap and the meshgate
+/// Service documents are produced on request, and a second run adds nothing.
+#[test]
+fn kubernetes_warnings_bundle_and_mesh_services() {
+    let input = "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: node-agent, namespace: ops}
+spec:
+  template:
+    spec:
+      hostNetwork: true
+      containers: [{name: a, image: a}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: loadgen, namespace: shop}
+spec:
+  schedule: '*/5 * * * *'
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          serviceAccountName: loadgen
+          restartPolicy: Never
+          containers: [{name: gen, image: gen}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: dns-cache, namespace: shop}
+spec:
+  template:
+    metadata: {labels: {app: dns-cache}}
+    spec:
+      serviceAccountName: dns-cache
+      containers:
+        - name: cache
+          image: cache
+          ports: [{containerPort: 8053, protocol: UDP}, {name: metrics, containerPort: 9153}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns-cache, namespace: shop}
+spec:
+  selector: {app: dns-cache}
+  ports: [{name: http-metrics, port: 80, targetPort: metrics}]
+";
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let services = dir.path().join("mesh-services.yaml");
+    let out = inject(
+        &[
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+            "--services-out",
+            services.to_str().unwrap(),
+            "-",
+        ],
+        Some(input),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let text = ok_stdout(out);
+    for needle in [
+        "DaemonSet/node-agent: not injected: it uses hostNetwork",
+        "CronJob/loadgen: no containerPort to mesh: injected as outbound-only",
+        "Deployment/dns-cache: container cache port 8053/UDP is not meshed",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
+    let docs = parse_docs(&text);
+    let cron = &docs[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    assert_eq!(
+        init_container(cron, "meshgate-proxy")["restartPolicy"],
+        "Always"
+    );
+    let bundles: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "meshgate-ca-bundle")
+        .collect();
+    assert_eq!(bundles.len(), 1, "one bundle, for namespace shop: {text}");
+    assert_eq!(bundles[0]["metadata"]["namespace"], "shop");
+    assert!(
+        bundles[0]["data"]["ca-bundle.pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let svc = &docs[3];
+    let mesh_port = svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "meshgate-mesh")
+        .expect("mesh port added to the Service");
+    assert_eq!(mesh_port["port"], 15006);
+    // The meshgate Service documents load as policy and name the callee's identity.
+    let mesh = std::fs::read_to_string(&services).unwrap();
+    let set = meshgate_policy::load::load_text(&services, &mesh)
+        .unwrap_or_else(|e| panic!("{e:?}\n{mesh}"));
+    drop(set);
+    let mesh_docs = parse_docs(&mesh);
+    assert_eq!(mesh_docs.len(), 1, "{mesh}");
+    let spec = &mesh_docs[0]["spec"];
+    assert_eq!(spec["identity"], "spiffe://mesh.local/ns/shop/sa/dns-cache");
+    assert_eq!(spec["ports"][0]["port"], 80);
+    assert_eq!(spec["ports"][0]["targetPort"], 9153);
+    assert_eq!(
+        spec["endpoints"][0],
+        "dns-cache.shop.svc.cluster.local:15006"
+    );
+    // Idempotent: the bundle is not added twice, nothing else changes.
+    let again = ok_stdout(inject(
+        &["--ca-bundle", bundle.to_str().unwrap(), "-"],
+        Some(&text),
+    ));
+    assert_eq!(again, text);
 }
