@@ -16,6 +16,7 @@ use clap::Args;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -97,6 +98,48 @@ pub async fn call_url(
     call_at(target, method, &authority, &path, headers, body)
         .await
         .map_err(|e| format!("{url} ({target}): {e}"))
+}
+
+/// The gRPC health check path the kubelet's `grpc` probe calls.
+const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// Answers `grpc.health.v1.Health/Check` with SERVING, so the demo app also stands for a gRPC
+/// server under a kubelet `grpc` probe (the pod emulation test probes it through the sidecar).
+fn grpc_serving() -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .header("content-type", "application/grpc")
+        .body(BodyExt::boxed(GrpcServing { sent: 0 }))
+        .expect("valid response")
+}
+
+/// The body of [`grpc_serving`]: one message, then the `grpc-status: 0` trailers (a body that
+/// ends with its data frame would end the HTTP/2 stream before the trailers).
+struct GrpcServing {
+    sent: u8,
+}
+
+impl hyper::body::Body for GrpcServing {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.sent += 1;
+        std::task::Poll::Ready(match self.sent {
+            // One length-prefixed message: HealthCheckResponse { status: SERVING (1) }.
+            1 => Some(Ok(hyper::body::Frame::data(Bytes::from_static(&[
+                0, 0, 0, 0, 2, 0x08, 0x01,
+            ])))),
+            2 => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Some(Ok(hyper::body::Frame::trailers(trailers)))
+            }
+            _ => None,
+        })
+    }
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
@@ -249,7 +292,14 @@ impl DemoApp {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move {
+                        let response = if req.uri().path() == GRPC_HEALTH_CHECK {
+                            grpc_serving()
+                        } else {
+                            app.handle(req).await.map(BodyExt::boxed)
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), service)

@@ -40,7 +40,7 @@ fn meshgate() -> Command {
 }
 
 /// Runs a command with a deadline; kills it when the deadline passes.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+pub(crate) fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -64,7 +64,7 @@ fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     out
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
         o.status.code(),
