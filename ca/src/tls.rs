@@ -90,6 +90,23 @@ impl TrustBundle {
         cert::certs_to_pem(&self.certs)
     }
 
+    /// The one trust domain the roots are for (see [`cert::trust_domain_of_ca`]); an error if
+    /// a root names none, or roots name different ones.
+    pub fn trust_domain(&self) -> Result<crate::spiffe::TrustDomain, String> {
+        let mut found: Option<crate::spiffe::TrustDomain> = None;
+        for (i, der) in self.certs.iter().enumerate() {
+            let td = cert::trust_domain_of_ca(der)
+                .map_err(|e| format!("root #{} names no trust domain: {e}", i + 1))?;
+            match &found {
+                Some(seen) if *seen != td => {
+                    return Err(format!("roots name two trust domains, {seen} and {td}"));
+                }
+                _ => found = Some(td),
+            }
+        }
+        found.ok_or_else(|| "the bundle holds no root".to_string())
+    }
+
     /// Verifies a client chain against these roots (validity, signature chain, clientAuth EKU)
     /// and returns the client's identity.
     pub fn verify_client(
