@@ -137,7 +137,7 @@ pub enum CaCommand {
 
 /// Hands workloads what they need to join, through a directory they mount: the trust bundle
 /// and one join token per identity. For docker-compose, where there is no Secret store; in
-/// Kubernetes, Secrets made with `meshgate ca token` do this job.
+/// Kubernetes, pods use projected ServiceAccount tokens instead (`--k8s-issuer`).
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
     /// Write BOOTSTRAP_DIR/bundle.pem and BOOTSTRAP_DIR/tokens/<ns>.<sa>.token for every

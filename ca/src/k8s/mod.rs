@@ -190,12 +190,22 @@ impl K8sVerifier {
                     .fetches
                     .get_or_create(&ResultLabel { result: "error" })
                     .inc();
-                tracing::warn!(
-                    event = "k8s.jwks_fetch_failed",
-                    error = %e,
-                    have_keys = self.keys.load().is_some(),
-                    "cannot fetch the cluster's ServiceAccount signing keys; keeping the last good set"
-                );
+                if self.keys.load().is_some() {
+                    tracing::warn!(
+                        event = "k8s.jwks_fetch_failed",
+                        error = %e,
+                        have_keys = true,
+                        "cannot refresh the cluster's ServiceAccount signing keys; keeping the last good set"
+                    );
+                } else {
+                    tracing::warn!(
+                        event = "k8s.jwks_fetch_failed",
+                        error = %e,
+                        have_keys = false,
+                        "cannot fetch the cluster's ServiceAccount signing keys; ServiceAccount tokens are refused (503) until they arrive. \
+                         Check --k8s-issuer (or --k8s-jwks-url), --k8s-api-ca, --k8s-api-token-file and the CA's RBAC (system:service-account-issuer-discovery)"
+                    );
+                }
                 Err(e)
             }
         }
