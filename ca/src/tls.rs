@@ -416,3 +416,42 @@ pub fn mesh_client_config(
 pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("mesh.invalid").expect("a valid DNS name")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::Authority;
+    use crate::spiffe::TrustDomain;
+
+    fn root(td: &str) -> String {
+        Authority::create(&TrustDomain::new(td).unwrap())
+            .unwrap()
+            .root_pem
+    }
+
+    /// A workload holding only the CA bundle and a ServiceAccount token learns its trust domain
+    /// from the roots; a bundle that does not say, or says two things, is an error, not a guess.
+    #[test]
+    fn trust_domain_of_the_bundle() {
+        let one = TrustBundle::from_pem(root("mesh.local").as_bytes()).unwrap();
+        assert_eq!(one.trust_domain().unwrap().as_str(), "mesh.local");
+        let rotated = format!("{}{}", root("mesh.local"), root("mesh.local"));
+        let rotated = TrustBundle::from_pem(rotated.as_bytes()).unwrap();
+        assert_eq!(rotated.trust_domain().unwrap().as_str(), "mesh.local");
+        let mixed = format!("{}{}", root("mesh.local"), root("other.example"));
+        let err = TrustBundle::from_pem(mixed.as_bytes())
+            .unwrap()
+            .trust_domain()
+            .unwrap_err();
+        assert!(err.contains("two trust domains"), "{err}");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let plain = params.self_signed(&key).unwrap().pem();
+        let err = TrustBundle::from_pem(plain.as_bytes())
+            .unwrap()
+            .trust_domain()
+            .unwrap_err();
+        assert!(err.contains("names no trust domain"), "{err}");
+    }
+}

@@ -311,6 +311,53 @@ async fn key_set_rotation_outage_and_misconfiguration() {
     assert!(plain.is_err_and(|e| e.to_string().contains("https://")));
 }
 
+/// The background refresh: a CA that starts while the API server fails refuses tokens with 503
+/// (not as invalid) and accepts them once the keys arrive, then re-fetches periodically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_arrive_after_a_failed_start_and_are_refreshed_periodically() {
+    let key = Signer::ec("k");
+    let issuer = Issuer::start(vec![key.jwk()]).await;
+    issuer.set_failing(true);
+    let v = verifier(K8sConfig {
+        refresh_interval: Duration::from_millis(300),
+        ..issuer.config()
+    });
+    let refresh = tokio::spawn(v.clone().run_refresh());
+    let token = key.sign(&projected_claims(&issuer.url, "shop", "web", 600));
+    let err = v.verify(&token, now()).await.unwrap_err();
+    assert_eq!(err.code(), "k8s_keys_unavailable", "{err}");
+    assert!(
+        err.to_string().contains("500"),
+        "the reason is quoted: {err}"
+    );
+
+    issuer.set_failing(false);
+    let started = std::time::Instant::now();
+    let accepted = loop {
+        match v.verify(&token, now()).await {
+            Ok(t) => break t,
+            Err(e) => {
+                assert_eq!(e.code(), "k8s_keys_unavailable", "{e}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "keys never arrived: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(accepted.service_account, "web");
+    let fetched = issuer.fetches();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while issuer.fetches() < fetched + 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the key set is re-fetched every refresh interval");
+    refresh.abort();
+}
+
 /// A CA without --k8s-issuer says so when it gets a ServiceAccount token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_without_k8s_issuer_names_the_flag() {

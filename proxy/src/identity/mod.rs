@@ -535,6 +535,28 @@ mod tests {
         );
     }
 
+    /// The ID a workload asks for: a join token names it; a ServiceAccount token names the
+    /// namespace and account, the CA bundle the trust domain.
+    #[test]
+    fn requested_id_from_either_token() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let td = meshgate_ca::TrustDomain::new("mesh.local").unwrap();
+        let ca = meshgate_ca::Authority::create(&td).unwrap();
+        let bundle = TrustBundle::from_pem(ca.root_pem.as_bytes()).unwrap();
+        let web = SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/web").unwrap();
+        let key = meshgate_ca::token::TokenKey::from_secret(&[7; 32]);
+        let (join, _) = key.mint(&web, Duration::from_secs(60), false);
+        assert_eq!(requested_id(&join, &bundle).unwrap(), web);
+        // A JWT's parts are base64url; only the payload is read here (nothing is verified).
+        let payload = serde_json::json!({"sub": "system:serviceaccount:shop:web"}).to_string();
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", B64.encode(payload));
+        assert_eq!(requested_id(&jwt, &bundle).unwrap(), web);
+        let not_sa = serde_json::json!({"sub": "system:admin"}).to_string();
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", B64.encode(not_sa));
+        assert!(requested_id(&jwt, &bundle).is_err());
+    }
+
     #[test]
     fn csr_asks_for_exactly_the_id() {
         let id = SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/web").unwrap();
