@@ -541,6 +541,22 @@ async fn sidecar_bootstraps_from_a_projected_token_with_a_real_ca_process() {
     )
     .await
     .assert_refused(403, "id_mismatch", "spiffe://mesh.local/ns/shop/sa/web");
+    // Not spent: the pod's token bootstraps again until it expires (a restarted sidecar).
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let again = ca
+        .call(
+            "POST",
+            "/v1/svid",
+            Some(&web_token),
+            csr_pem(&key, &["spiffe://mesh.local/ns/shop/sa/web"]).into_bytes(),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(
+        again.json()["spiffe_id"],
+        "spiffe://mesh.local/ns/shop/sa/web"
+    );
     // Join tokens keep working on the same CA.
     ca.bootstrap(&id("spiffe://mesh.local/ns/shop/sa/orders"))
         .await;
