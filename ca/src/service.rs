@@ -793,7 +793,7 @@ fn bearer_token(req: &Request<Incoming>) -> Result<String, ApiError> {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "token_missing",
-            "send the join token as `Authorization: Bearer <token>` (mint one with `meshgate ca token`)",
+            "send the join token as `Authorization: Bearer <token>` (mint one with `meshgate ca token`), or the pod's projected ServiceAccount token to a CA started with --k8s-issuer",
         )
     };
     let value = req
