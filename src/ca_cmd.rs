@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use crate::parse_duration;
 use clap::Subcommand;
 use meshgate_ca::authority::MIN_SVID_TTL;
+use meshgate_ca::k8s::K8sConfig;
 use meshgate_ca::limits::ConnectionLimits;
 use meshgate_ca::service::{CaServer, ServeOptions};
 use meshgate_ca::{CaDir, SpiffeId, TrustBundle, TrustDomain, cert, fsutil};
@@ -103,6 +104,9 @@ pub enum CaCommand {
         max_connections_per_ip: usize,
         #[command(flatten)]
         bootstrap: BootstrapArgs,
+        // Boxed: the Kubernetes flags would make every other variant as large.
+        #[command(flatten)]
+        k8s: Box<K8sArgs>,
     },
     /// Rotate the root: a new root and intermediate sign from now on; the bundle keeps the old
     /// roots until `--finish`, so nothing issued so far stops verifying and nothing restarts.
@@ -133,7 +137,7 @@ pub enum CaCommand {
 
 /// Hands workloads what they need to join, through a directory they mount: the trust bundle
 /// and one join token per identity. For docker-compose, where there is no Secret store; in
-/// Kubernetes, Secrets made with `meshgate ca token` do this job.
+/// Kubernetes, pods use projected ServiceAccount tokens instead (`--k8s-issuer`).
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
     /// Write BOOTSTRAP_DIR/bundle.pem and BOOTSTRAP_DIR/tokens/<ns>.<sa>.token for every
@@ -147,6 +151,72 @@ pub struct BootstrapArgs {
     /// Lifetime of the tokens in the bootstrap directory.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     bootstrap_token_ttl: Duration,
+}
+
+/// Kubernetes ServiceAccount tokens as bootstrap credentials (instead of join tokens).
+#[derive(Debug, clap::Args)]
+pub struct K8sArgs {
+    /// Accept Kubernetes projected ServiceAccount tokens at /v1/svid from this cluster: its
+    /// service-account issuer, which tokens' `iss` must equal (e.g.
+    /// https://kubernetes.default.svc.cluster.local; `kubectl get --raw
+    /// /.well-known/openid-configuration` shows it). Issues spiffe://<td>/ns/<ns>/sa/<sa>.
+    #[arg(long, value_name = "URL")]
+    k8s_issuer: Option<String>,
+    /// Audience the tokens must carry (the `audience` of the projected token volume).
+    #[arg(long, value_name = "AUD", default_value = meshgate_ca::k8s::DEFAULT_AUDIENCE, requires = "k8s_issuer")]
+    k8s_audience: String,
+    /// The cluster's JWKS (signing keys) URL [default: `jwks_uri` of the OIDC discovery
+    /// document at <issuer>/.well-known/openid-configuration].
+    #[arg(long, value_name = "URL", requires = "k8s_issuer")]
+    k8s_jwks_url: Option<String>,
+    /// PEM roots to verify the discovery/JWKS server with [default: the in-cluster
+    /// /var/run/secrets/kubernetes.io/serviceaccount/ca.crt when present].
+    #[arg(long, value_name = "FILE", requires = "k8s_issuer")]
+    k8s_api_ca: Option<PathBuf>,
+    /// Bearer token for the discovery/JWKS fetches, re-read at each fetch [default: the
+    /// in-cluster /var/run/secrets/kubernetes.io/serviceaccount/token when present and
+    /// --k8s-api-ca is not given: the pod's API token is only sent to the cluster's API server].
+    #[arg(long, value_name = "FILE", requires = "k8s_issuer")]
+    k8s_api_token_file: Option<PathBuf>,
+}
+
+impl K8sArgs {
+    /// The verifier configuration, or `None` without `--k8s-issuer`.
+    fn config(&self) -> Result<Option<K8sConfig>> {
+        let Some(issuer) = &self.k8s_issuer else {
+            return Ok(None);
+        };
+        let in_cluster_ca = Path::new(meshgate_ca::k8s::IN_CLUSTER_CA);
+        let (roots, token_file) = match &self.k8s_api_ca {
+            Some(ca) => (ca.clone(), self.k8s_api_token_file.clone()),
+            None if in_cluster_ca.exists() => {
+                let in_cluster_token = Path::new(meshgate_ca::k8s::IN_CLUSTER_TOKEN);
+                let token = self.k8s_api_token_file.clone().or_else(|| {
+                    in_cluster_token
+                        .exists()
+                        .then(|| in_cluster_token.to_path_buf())
+                });
+                (in_cluster_ca.to_path_buf(), token)
+            }
+            None => bail!(
+                "--k8s-issuer needs the roots that sign the issuer's HTTPS certificate: pass --k8s-api-ca FILE \
+                 (the cluster CA, e.g. from the kubeconfig; for a public issuer such as EKS or GKE, the system bundle \
+                 /etc/ssl/certs/ca-certificates.crt); in a pod, {} is used when present",
+                meshgate_ca::k8s::IN_CLUSTER_CA
+            ),
+        };
+        let api_ca_pem = std::fs::read(&roots)
+            .with_context(|| format!("reading --k8s-api-ca {}", roots.display()))?;
+        Ok(Some(K8sConfig {
+            issuer: issuer.clone(),
+            audience: self.k8s_audience.clone(),
+            jwks_url: self.k8s_jwks_url.clone(),
+            api_ca_pem,
+            api_token_file: token_file,
+            refresh_interval: meshgate_ca::k8s::REFRESH_INTERVAL,
+            refetch_min_gap: meshgate_ca::k8s::REFETCH_MIN_GAP,
+        }))
+    }
 }
 
 /// Writes the bootstrap directory described by `args` (nothing without `--bootstrap-dir`).
@@ -209,6 +279,7 @@ pub fn run(command: CaCommand) -> Result<()> {
             max_connections,
             max_connections_per_ip,
             bootstrap,
+            k8s,
         } => {
             if let Some(td) = &init_trust_domain {
                 let ca = CaDir::new(&dir);
@@ -226,7 +297,8 @@ pub fn run(command: CaCommand) -> Result<()> {
                 max_connections_per_ip,
                 ..ConnectionLimits::default()
             };
-            serve(&dir, listen, svid_ttl, sans, limits)
+            let k8s = k8s.config()?;
+            serve(&dir, listen, svid_ttl, sans, limits, k8s)
         }
         CaCommand::Inspect { cert, bundle } => inspect(&cert, bundle.as_deref()),
         CaCommand::Rotate { dir, finish } => rotate(&dir, finish),
@@ -309,6 +381,7 @@ fn serve(
     svid_ttl: Duration,
     sans: Vec<String>,
     limits: ConnectionLimits,
+    k8s: Option<K8sConfig>,
 ) -> Result<()> {
     check_ttl(svid_ttl)?;
     let ca = CaDir::new(dir).open()?;
@@ -321,6 +394,7 @@ fn serve(
                 svid_ttl,
                 serving_hosts: sans,
                 limits,
+                k8s,
             },
         )
         .await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use meshgate_proxy::identity::static_files::IdentityFiles;
-use meshgate_proxy::identity::{Backoff, IdentityConfig};
+use meshgate_proxy::identity::{Backoff, BootstrapToken, IdentityConfig};
 use meshgate_proxy::inbound::AppProtocol;
 use meshgate_proxy::policy::{PolicyFiles, PolicySource};
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
@@ -46,32 +46,26 @@ pub struct IdentityArgs {
     /// Join token from `meshgate ca token` (prefer the environment: command lines are visible in ps).
     #[arg(long, env = "MESHGATE_TOKEN", hide_env_values = true, requires = "ca")]
     token: Option<String>,
-    /// Read the join token from this file (a mounted Secret or a shared bootstrap volume).
+    /// Read the bootstrap token from this file, again before every bootstrap attempt: a join
+    /// token (a mounted Secret or a shared bootstrap volume) or a Kubernetes projected
+    /// ServiceAccount token (which kubelet rewrites), for a CA started with --k8s-issuer.
     #[arg(long, requires = "ca", conflicts_with = "token")]
     token_file: Option<PathBuf>,
 }
 
 impl IdentityArgs {
-    /// The join token from `--token`/`MESHGATE_TOKEN` or `--token-file`.
-    fn join_token(&self) -> Result<String> {
-        if let Some(token) = &self.token {
-            return Ok(token.clone());
-        }
-        let Some(path) = &self.token_file else {
-            bail!(
-                "a CA-issued identity needs a join token: --token, MESHGATE_TOKEN or --token-file"
-            );
+    /// The bootstrap token from `--token`/`MESHGATE_TOKEN` or `--token-file` (checked readable
+    /// now, so a wrong path fails at start; re-read by the identity client at each attempt).
+    fn bootstrap_token(&self) -> Result<BootstrapToken> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => BootstrapToken::Value(token.clone()),
+            (None, Some(path)) => BootstrapToken::File(path.clone()),
+            (None, None) => bail!(
+                "a CA-issued identity needs a bootstrap token: --token, MESHGATE_TOKEN or --token-file (a join token, or a projected ServiceAccount token)"
+            ),
         };
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the join token from {}", path.display()))?;
-        let token = token.trim();
-        if token.is_empty() {
-            bail!(
-                "{} is empty: write a token from `meshgate ca token` into it",
-                path.display()
-            );
-        }
-        Ok(token.to_string())
+        token.read()?;
+        Ok(token)
     }
 
     /// The identity source these flags describe.
@@ -88,7 +82,7 @@ impl IdentityArgs {
                     ca_url: url.clone(),
                     ca_bundle_pem: std::fs::read(&bundle_path)
                         .with_context(|| format!("reading {}", bundle_path.display()))?,
-                    token: self.join_token()?,
+                    token: self.bootstrap_token()?,
                     bundle_refresh: Duration::from_secs(60),
                     backoff: Backoff::default(),
                 })

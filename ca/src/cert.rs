@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::spiffe::{SpiffeId, SpiffeIdError};
+use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Why a certificate does not name a workload.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,24 @@ fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, CertError
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// The trust domain a CA certificate (root or intermediate) is for: its single URI SAN
+/// `spiffe://<td>` (how meshgate CA certificates name it). Lets a workload that holds only the
+/// CA bundle and a ServiceAccount token know its own trust domain.
+pub fn trust_domain_of_ca(der: &[u8]) -> Result<TrustDomain, CertError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertError::Malformed(e.to_string()))?;
+    let uris = uri_sans(&cert)?;
+    let uri = match uris.as_slice() {
+        [] => return Err(CertError::NoUriSan),
+        [one] => *one,
+        many => return Err(CertError::SeveralUriSans(many.len())),
+    };
+    let td = uri
+        .strip_prefix("spiffe://")
+        .ok_or(SpiffeIdError::WrongScheme)?;
+    Ok(TrustDomain::new(td)?)
 }
 
 /// Lowercase hex of `bytes`.

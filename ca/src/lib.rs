@@ -9,6 +9,7 @@ pub mod authority;
 pub mod backoff;
 pub mod cert;
 pub mod fsutil;
+pub mod k8s;
 pub mod limits;
 pub mod service;
 /// SPIFFE IDs live in `meshgate-spiffe` (no I/O, so the policy crates share them); re-exported

@@ -162,6 +162,16 @@ pub(crate) struct CaMetrics {
     timeouts: Family<PhaseLabels, Counter>,
     open: Gauge,
     accept_errors: Counter,
+    /// Refused API requests by error code (`token_expired`, `token_wrong_audience`, …).
+    svid_refusals: Family<CodeLabels, Counter>,
+    /// Handles of the ServiceAccount key set (stay zero unless `--k8s-issuer` is set).
+    pub(crate) jwks: crate::k8s::JwksMetrics,
+}
+
+/// The `code` label of `meshgate_ca_svid_refusals_total`: the `error` of the JSON answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
 }
 
 impl CaMetrics {
@@ -191,13 +201,37 @@ impl CaMetrics {
             "Failed accept() calls (e.g. EMFILE: out of file descriptors)",
             accept_errors.clone(),
         );
+        let svid_refusals = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "meshgate_ca_svid_refusals",
+            "Refused API requests (bootstrap, renewal, …) by error code",
+            svid_refusals.clone(),
+        );
+        let jwks = crate::k8s::JwksMetrics::default();
+        registry.register(
+            "meshgate_ca_k8s_jwks_keys",
+            "Usable keys in the cluster's ServiceAccount key set (JWKS) the CA holds",
+            jwks.keys.clone(),
+        );
+        registry.register(
+            "meshgate_ca_k8s_jwks_fetches",
+            "Fetches of the cluster's ServiceAccount key set, by result (ok | error)",
+            jwks.fetches.clone(),
+        );
         Self {
             registry,
             refused,
             timeouts,
             open,
             accept_errors,
+            svid_refusals,
+            jwks,
         }
+    }
+
+    /// Counts one refused API request.
+    pub(crate) fn svid_refused(&self, code: &'static str) {
+        self.svid_refusals.get_or_create(&CodeLabels { code }).inc();
     }
 
     pub(crate) fn encode(&self) -> String {

@@ -34,6 +34,7 @@ use crate::api::{self, ErrorResponse, SvidResponse};
 use crate::authority::{Authority, CsrError, IssuedSvid};
 use crate::backoff::Backoff;
 use crate::cert;
+use crate::k8s::{K8sConfig, K8sConfigError, K8sTokenError, K8sVerifier};
 use crate::limits::{Admission, Admit, ConnectionLimits, Phase, Refusal, Slot};
 use crate::spiffe::SpiffeId;
 use crate::store::{LoadedCa, StoreError};
@@ -58,6 +59,9 @@ pub struct ServeOptions {
     pub serving_hosts: Vec<String>,
     /// Timeouts and connection caps ([`ConnectionLimits::default`] in production).
     pub limits: ConnectionLimits,
+    /// Accept Kubernetes ServiceAccount tokens at `/v1/svid` (`--k8s-issuer`); `None`: join
+    /// tokens only.
+    pub k8s: Option<K8sConfig>,
 }
 
 /// A refusal: status, stable code, and a message saying what to fix.
@@ -93,6 +97,18 @@ impl From<TokenError> for ApiError {
             }
         };
         Self::new(StatusCode::UNAUTHORIZED, code, e)
+    }
+}
+
+impl From<K8sTokenError> for ApiError {
+    fn from(e: K8sTokenError) -> Self {
+        // Missing keys are the CA's problem and may resolve by themselves: 503, which sidecars
+        // retry. Everything else is about the token: 401, final.
+        let status = match e {
+            K8sTokenError::KeysUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        Self::new(status, e.code(), e)
     }
 }
 
@@ -197,6 +213,8 @@ struct CaState {
     bundle: BundleSource,
     svid_ttl: Duration,
     admission: Arc<Admission>,
+    /// ServiceAccount-token verification, when enabled.
+    k8s: Option<Arc<K8sVerifier>>,
 }
 
 /// A bound, not yet running CA service.
@@ -222,6 +240,8 @@ pub enum ServeError {
     },
     #[error("cannot issue the CA's serving certificate: {0}")]
     ServingCert(String),
+    #[error(transparent)]
+    K8s(#[from] K8sConfigError),
 }
 
 impl CaServer {
@@ -248,6 +268,11 @@ impl CaServer {
         }
         serving_hosts.sort();
         serving_hosts.dedup();
+        let admission = Admission::new(options.limits.clone());
+        let k8s = options
+            .k8s
+            .map(|config| K8sVerifier::new(config, admission.metrics.jwks.clone()))
+            .transpose()?;
         let state = Arc::new(CaState {
             ledger: Mutex::new(ca.dir.ledger()?),
             bundle: BundleSource::new(ca.dir.clone())?,
@@ -258,7 +283,8 @@ impl CaServer {
             },
             tokens: ca.tokens,
             svid_ttl: options.svid_ttl,
-            admission: Admission::new(options.limits.clone()),
+            admission,
+            k8s,
         });
         let serving = Arc::new(CertResolver::default());
         refresh_serving_cert(&state.signer.get(), &serving, &serving_hosts)?;
@@ -303,6 +329,12 @@ impl CaServer {
             svid_ttl_secs = state.svid_ttl.as_secs(),
             "CA serving"
         );
+        // The key set is fetched in the background: an unreachable API server must not keep
+        // the CA (and every renewal) down; ServiceAccount tokens wait for the keys instead.
+        let jwks_refresh = state.k8s.as_ref().map(|k8s| {
+            tracing::info!(event = "k8s.enabled", issuer = %k8s.issuer(), "accepting Kubernetes ServiceAccount tokens");
+            tokio::spawn(k8s.clone().run_refresh())
+        });
         let mut connections = JoinSet::new();
         let mut backoff = Backoff::for_accept();
         let mut refresh = tokio::time::interval(SERVING_CERT_TTL / 2);
@@ -342,6 +374,9 @@ impl CaServer {
             }
         }
         connections.abort_all();
+        if let Some(task) = jwks_refresh {
+            task.abort();
+        }
         tracing::info!(event = "ca.stopped", "CA stopped");
     }
 }
@@ -576,6 +611,7 @@ impl CaState {
                     let limit = self.admission.limits.body_timeout;
                     self.admission.timed_out(peer, Phase::Body, limit);
                 }
+                self.admission.metrics.svid_refused(e.code);
                 tracing::warn!(
                     event = "svid.refused",
                     endpoint = %path,
@@ -604,9 +640,12 @@ impl CaState {
             .expect("valid response")
     }
 
-    /// `POST /v1/svid`: join token + CSR → SVID.
+    /// `POST /v1/svid`: join token (or Kubernetes ServiceAccount token) + CSR → SVID.
     async fn bootstrap(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let token = bearer_token(&req)?;
+        if crate::k8s::looks_like_jwt(&token) {
+            return self.bootstrap_service_account(req, &token).await;
+        }
         let claims = self.tokens.verify(&token, token::now_unix()).map_err(|e| {
             let id = match &e {
                 TokenError::Expired { id, .. } | TokenError::AlreadyUsed { id } => Some(id.clone()),
@@ -629,6 +668,50 @@ impl CaState {
             .expect("ledger lock")
             .spend(&claims)
             .map_err(|e| with_id(e.into(), &claims.id))?;
+        Ok(self.issued_response(api::PATH_SVID, issued))
+    }
+
+    /// `POST /v1/svid` with a ServiceAccount token: the ID comes from the verified claims only,
+    /// and the CSR must ask for exactly that ID. Nothing is spent: the token stays good until it
+    /// expires (kubelet hands the pod a new one well before), so a restarted sidecar can join
+    /// again with what its pod holds.
+    async fn bootstrap_service_account(
+        &self,
+        req: Request<Incoming>,
+        token: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let Some(k8s) = &self.k8s else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "sa_token_disabled",
+                "this looks like a Kubernetes ServiceAccount token, but this CA does not accept them: start `meshgate ca serve` with --k8s-issuer <the cluster's service-account issuer> (or give the workload a join token from `meshgate ca token`)",
+            ));
+        };
+        let sa = k8s.verify(token, token::now_unix()).await?;
+        let authority = self.signer.get();
+        let id = authority
+            .trust_domain()
+            .workload_id(&sa.namespace, &sa.service_account)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "token_claims_invalid",
+                    format!("the token's ServiceAccount makes no valid SPIFFE ID: {e}"),
+                )
+            })?;
+        let csr = self.read_csr(req).await.map_err(|e| with_id(e, &id))?;
+        let issued = authority
+            .issue_for_csr(csr.as_ref(), &id, self.svid_ttl)
+            .map_err(|e| with_id(e.into(), &id))?;
+        tracing::info!(
+            event = "k8s.token_accepted",
+            id = %id,
+            pod = %format_args!("{}/{}", sa.namespace, sa.pod_name),
+            pod_uid = %sa.pod_uid,
+            kid = %sa.kid,
+            token_exp = sa.exp,
+            "ServiceAccount token verified"
+        );
         Ok(self.issued_response(api::PATH_SVID, issued))
     }
 
@@ -710,7 +793,7 @@ fn bearer_token(req: &Request<Incoming>) -> Result<String, ApiError> {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "token_missing",
-            "send the join token as `Authorization: Bearer <token>` (mint one with `meshgate ca token`)",
+            "send the join token as `Authorization: Bearer <token>` (mint one with `meshgate ca token`), or the pod's projected ServiceAccount token to a CA started with --k8s-issuer",
         )
     };
     let value = req

@@ -90,6 +90,23 @@ impl TrustBundle {
         cert::certs_to_pem(&self.certs)
     }
 
+    /// The one trust domain the roots are for (see [`cert::trust_domain_of_ca`]); an error if
+    /// a root names none, or roots name different ones.
+    pub fn trust_domain(&self) -> Result<crate::spiffe::TrustDomain, String> {
+        let mut found: Option<crate::spiffe::TrustDomain> = None;
+        for (i, der) in self.certs.iter().enumerate() {
+            let td = cert::trust_domain_of_ca(der)
+                .map_err(|e| format!("root #{} names no trust domain: {e}", i + 1))?;
+            match &found {
+                Some(seen) if *seen != td => {
+                    return Err(format!("roots name two trust domains, {seen} and {td}"));
+                }
+                _ => found = Some(td),
+            }
+        }
+        found.ok_or_else(|| "the bundle holds no root".to_string())
+    }
+
     /// Verifies a client chain against these roots (validity, signature chain, clientAuth EKU)
     /// and returns the client's identity.
     pub fn verify_client(
@@ -398,4 +415,43 @@ pub fn mesh_client_config(
 /// Placeholder server name for mesh connections: identity is checked by SPIFFE ID, not by name.
 pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("mesh.invalid").expect("a valid DNS name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::Authority;
+    use crate::spiffe::TrustDomain;
+
+    fn root(td: &str) -> String {
+        Authority::create(&TrustDomain::new(td).unwrap())
+            .unwrap()
+            .root_pem
+    }
+
+    /// A workload holding only the CA bundle and a ServiceAccount token learns its trust domain
+    /// from the roots; a bundle that does not say, or says two things, is an error, not a guess.
+    #[test]
+    fn trust_domain_of_the_bundle() {
+        let one = TrustBundle::from_pem(root("mesh.local").as_bytes()).unwrap();
+        assert_eq!(one.trust_domain().unwrap().as_str(), "mesh.local");
+        let rotated = format!("{}{}", root("mesh.local"), root("mesh.local"));
+        let rotated = TrustBundle::from_pem(rotated.as_bytes()).unwrap();
+        assert_eq!(rotated.trust_domain().unwrap().as_str(), "mesh.local");
+        let mixed = format!("{}{}", root("mesh.local"), root("other.example"));
+        let err = TrustBundle::from_pem(mixed.as_bytes())
+            .unwrap()
+            .trust_domain()
+            .unwrap_err();
+        assert!(err.contains("two trust domains"), "{err}");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let plain = params.self_signed(&key).unwrap().pem();
+        let err = TrustBundle::from_pem(plain.as_bytes())
+            .unwrap()
+            .trust_domain()
+            .unwrap_err();
+        assert!(err.contains("names no trust domain"), "{err}");
+    }
 }

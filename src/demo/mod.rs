@@ -329,6 +329,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             svid_ttl: Duration::from_secs(3600),
             serving_hosts: vec![],
             limits: Default::default(),
+            k8s: None,
         },
     )
     .await?;
@@ -363,7 +364,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         identity: IdentitySource::Ca(IdentityConfig {
             ca_url: ca_url.clone(),
             ca_bundle_pem: std::fs::read(ca_dir.bundle_path())?,
-            token: cp_token,
+            token: cp_token.into(),
             bundle_refresh: Duration::from_secs(60),
             backoff: Backoff::default(),
         }),
@@ -403,7 +404,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: ca_url.clone(),
                 ca_bundle_pem: std::fs::read(ca_dir.bundle_path())?,
-                token,
+                token: token.into(),
                 bundle_refresh: Duration::from_secs(60),
                 backoff: Backoff::default(),
             }),

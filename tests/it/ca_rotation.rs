@@ -12,11 +12,13 @@ fn config(ca: &TestCa, name: &str) -> IdentityConfig {
     IdentityConfig {
         ca_url: ca.url(),
         ca_bundle_pem: ca.bundle_pem(),
-        token: ca.token(
-            &id(&format!("spiffe://mesh.local/ns/shop/sa/{name}")),
-            Duration::from_secs(60),
-            false,
-        ),
+        token: ca
+            .token(
+                &id(&format!("spiffe://mesh.local/ns/shop/sa/{name}")),
+                Duration::from_secs(60),
+                false,
+            )
+            .into(),
         bundle_refresh: Duration::from_millis(200),
         backoff: Backoff {
             initial: Duration::from_millis(100),

@@ -23,7 +23,7 @@ fn client_config(ca: &TestCa, token: String, bundle_refresh: Duration) -> Identi
     IdentityConfig {
         ca_url: ca.url(),
         ca_bundle_pem: ca.bundle_pem(),
-        token,
+        token: token.into(),
         bundle_refresh,
         backoff: Backoff {
             initial: Duration::from_millis(200),

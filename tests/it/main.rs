@@ -6,6 +6,7 @@ mod support;
 mod architecture;
 mod ca_api;
 mod ca_cli;
+mod ca_k8s;
 mod ca_rotation;
 mod chaos;
 mod compose;

@@ -1,5 +1,6 @@
-//! The workload side of identity: obtain an SVID from the CA with a join token, keep it fresh, and
-//! publish it (and the trust bundle) to TLS without ever dropping a connection.
+//! The workload side of identity: obtain an SVID from the CA with a join token or a Kubernetes
+//! ServiceAccount token, keep it fresh, and publish it (and the trust bundle) to TLS without ever
+//! dropping a connection.
 //!
 //! Rules this module keeps, because other meshes learned them the hard way:
 //! - the private key is generated here and never sent anywhere; each renewal uses a new key;
@@ -9,7 +10,8 @@
 pub mod ca_client;
 pub mod static_files;
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -31,6 +33,8 @@ pub use ca_client::{CaCallError, CaEndpoint};
 pub enum IdentityError {
     #[error("join token: {0}")]
     Token(#[from] meshgate_ca::token::TokenError),
+    #[error("{0}")]
+    ServiceAccountToken(#[from] meshgate_ca::k8s::K8sTokenError),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -64,6 +68,80 @@ impl Default for Backoff {
     }
 }
 
+/// The credential a workload bootstraps with: a join token (`mgjt1.…`, from `meshgate ca
+/// token`) or a Kubernetes projected ServiceAccount token (a JWT); the CA tells them apart.
+#[derive(Clone)]
+pub enum BootstrapToken {
+    /// A fixed value (`--token`, `MESHGATE_TOKEN`).
+    Value(String),
+    /// A file, read again before every bootstrap attempt (`--token-file`): kubelet rewrites a
+    /// projected token before it expires, so the value read at start goes stale while, say,
+    /// the CA is down.
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for BootstrapToken {
+    /// Never prints the token itself: it is a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Value(_) => f.write_str("Value(<redacted>)"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+impl From<String> for BootstrapToken {
+    fn from(token: String) -> Self {
+        Self::Value(token)
+    }
+}
+
+impl BootstrapToken {
+    /// The token now (the file's current content, trimmed).
+    pub fn read(&self) -> Result<String, IdentityError> {
+        match self {
+            Self::Value(token) => Ok(token.trim().to_string()),
+            Self::File(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    IdentityError::Config(format!(
+                        "reading the bootstrap token from {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(IdentityError::Config(format!(
+                        "{} is empty: write a join token from `meshgate ca token` into it, or mount a projected ServiceAccount token there",
+                        path.display()
+                    )));
+                }
+                Ok(token.to_string())
+            }
+        }
+    }
+}
+
+/// The SPIFFE ID to put in the CSR for `token`. Read **without** verification (the workload
+/// holds no keys): a join token names its ID; a ServiceAccount token names a namespace and
+/// account, and the trust domain is the one the CA's roots carry. The CA issues from what it
+/// verifies and refuses a CSR asking for anything else, so a wrong guess here only fails.
+pub fn requested_id(token: &str, bundle: &TrustBundle) -> Result<SpiffeId, IdentityError> {
+    if meshgate_ca::k8s::looks_like_jwt(token) {
+        let (namespace, account) = meshgate_ca::k8s::peek_service_account(token)?;
+        let td = bundle.trust_domain().map_err(|e| {
+            IdentityError::Config(format!(
+                "a ServiceAccount token names no trust domain, and the CA bundle does not either ({e}); use the bundle of `meshgate ca serve` (its bundle.pem)"
+            ))
+        })?;
+        return td.workload_id(&namespace, &account).map_err(|e| {
+            IdentityError::Config(format!(
+                "ServiceAccount {namespace}/{account} makes no valid SPIFFE ID: {e}"
+            ))
+        });
+    }
+    Ok(TokenClaims::peek(token)?.id)
+}
+
 /// How the identity client finds and talks to the CA.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -71,8 +149,8 @@ pub struct IdentityConfig {
     pub ca_url: String,
     /// Roots that the CA's serving certificate chains to (replaced by the CA's bundle once fetched).
     pub ca_bundle_pem: Vec<u8>,
-    /// Join token from `meshgate ca token`; it also names the ID to ask for.
-    pub token: String,
+    /// Join token or ServiceAccount token; it also names the ID to ask for.
+    pub token: BootstrapToken,
     /// How often the trust bundle is re-fetched between renewals.
     pub bundle_refresh: Duration,
     pub backoff: Backoff,
@@ -233,7 +311,9 @@ impl Identity {
 pub struct IdentityClient {
     identity: Arc<Identity>,
     endpoint: CaEndpoint,
-    token: String,
+    /// The last token read successfully: used when the file cannot be read for a moment
+    /// (kubelet swaps it by symlink, a read can race the swap).
+    last_token: Mutex<String>,
     config: IdentityConfig,
 }
 
@@ -271,19 +351,39 @@ pub fn renewal_delay(not_after: OffsetDateTime, now: OffsetDateTime) -> Duration
 impl IdentityClient {
     /// Prepares the client; the token names the ID (it is verified by the CA, not here).
     pub fn new(config: IdentityConfig) -> Result<Self, IdentityError> {
-        let claims = TokenClaims::peek(&config.token)?;
+        let token = config.token.read()?;
         let bundle = TrustBundle::from_pem(&config.ca_bundle_pem)
             .map_err(|e| IdentityError::Config(format!("CA bundle: {e}")))?;
-        let identity = Arc::new(Identity::new(claims.id.clone(), bundle));
-        let endpoint =
-            CaEndpoint::new(&config.ca_url, &claims.id.trust_domain(), identity.bundle())
-                .map_err(|e| IdentityError::Config(e.to_string()))?;
+        let id = requested_id(&token, &bundle)?;
+        let identity = Arc::new(Identity::new(id.clone(), bundle));
+        let endpoint = CaEndpoint::new(&config.ca_url, &id.trust_domain(), identity.bundle())
+            .map_err(|e| IdentityError::Config(e.to_string()))?;
         Ok(Self {
             identity,
             endpoint,
-            token: config.token.clone(),
+            last_token: Mutex::new(token),
             config,
         })
+    }
+
+    /// The token to bootstrap with now: the file re-read, or the last good value if it cannot
+    /// be read this instant.
+    fn current_token(&self) -> String {
+        let mut last = self.last_token.lock().expect("token lock");
+        match self.config.token.read() {
+            Ok(token) => *last = token,
+            Err(e) => {
+                tracing::warn!(event = "identity.token_unreadable", error = %e, "using the token read before")
+            }
+        }
+        last.clone()
+    }
+
+    /// True when the token may bootstrap again after the SVID expired: ServiceAccount tokens
+    /// (reusable until they expire, and the file is kept fresh) and reusable join tokens.
+    fn may_bootstrap_again(token: &str) -> bool {
+        meshgate_ca::k8s::looks_like_jwt(token)
+            || TokenClaims::peek(token).is_ok_and(|claims| claims.reusable)
     }
 
     /// The shared identity handle.
@@ -297,7 +397,7 @@ impl IdentityClient {
         let mut backoff = self.config.backoff.pacing();
         loop {
             let (key, csr) = key_and_csr(&self.identity.id)?;
-            match self.endpoint.bootstrap(&self.token, &csr).await {
+            match self.endpoint.bootstrap(&self.current_token(), &csr).await {
                 Ok(resp) => return self.install(resp, key, 0),
                 Err(e) if e.is_transient() => {
                     let delay = backoff.pause();
@@ -371,8 +471,7 @@ impl IdentityClient {
                             );
                             if !still_valid {
                                 tracing::error!(event = "identity.expired", id = %self.identity.id, "SVID expired and could not be renewed: the workload has no valid identity");
-                                if let Ok(claims) = TokenClaims::peek(&self.token)
-                                    && claims.reusable
+                                if Self::may_bootstrap_again(&self.current_token())
                                     && self.bootstrap_once().await
                                 {
                                     next_renewal = self.next_renewal();
@@ -397,7 +496,7 @@ impl IdentityClient {
         let Ok((key, csr)) = key_and_csr(&self.identity.id) else {
             return false;
         };
-        match self.endpoint.bootstrap(&self.token, &csr).await {
+        match self.endpoint.bootstrap(&self.current_token(), &csr).await {
             Ok(resp) => self.install(resp, key, 0).is_ok(),
             Err(_) => false,
         }
@@ -434,6 +533,28 @@ mod tests {
             renewal_delay(now - time::Duration::seconds(5), now),
             Duration::ZERO
         );
+    }
+
+    /// The ID a workload asks for: a join token names it; a ServiceAccount token names the
+    /// namespace and account, the CA bundle the trust domain.
+    #[test]
+    fn requested_id_from_either_token() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+        let td = meshgate_ca::TrustDomain::new("mesh.local").unwrap();
+        let ca = meshgate_ca::Authority::create(&td).unwrap();
+        let bundle = TrustBundle::from_pem(ca.root_pem.as_bytes()).unwrap();
+        let web = SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/web").unwrap();
+        let key = meshgate_ca::token::TokenKey::from_secret(&[7; 32]);
+        let (join, _) = key.mint(&web, Duration::from_secs(60), false);
+        assert_eq!(requested_id(&join, &bundle).unwrap(), web);
+        // A JWT's parts are base64url; only the payload is read here (nothing is verified).
+        let payload = serde_json::json!({"sub": "system:serviceaccount:shop:web"}).to_string();
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", B64.encode(payload));
+        assert_eq!(requested_id(&jwt, &bundle).unwrap(), web);
+        let not_sa = serde_json::json!({"sub": "system:admin"}).to_string();
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", B64.encode(not_sa));
+        assert!(requested_id(&jwt, &bundle).is_err());
     }
 
     #[test]

@@ -372,7 +372,7 @@ impl TestMesh {
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: self.ca.url(),
                 ca_bundle_pem: self.ca.bundle_pem(),
-                token: self.ca.token(&id, Duration::from_secs(60), false),
+                token: self.ca.token(&id, Duration::from_secs(60), false).into(),
                 bundle_refresh: Duration::from_secs(60),
                 backoff: Backoff::default(),
             }),

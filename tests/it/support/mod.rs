@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod attack;
+pub mod k8s;
 pub mod mesh;
 pub mod otlp;
 pub mod privileged;
@@ -179,6 +180,7 @@ impl TestCa {
                 svid_ttl: self.svid_ttl,
                 serving_hosts: vec![],
                 limits: self.limits.clone(),
+                k8s: None,
             },
         )
         .await
@@ -201,6 +203,12 @@ impl TestCa {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("CA is not serving")
+    }
+
+    /// Points [`call`](Self::call) and [`url`](Self::url) at this CA directory served by another
+    /// process (`meshgate ca serve --dir` on `addr`).
+    pub fn served_by_process_at(&mut self, addr: SocketAddr) {
+        self.addr = Some(addr);
     }
 
     pub fn url(&self) -> String {
