@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::ebpf_redirect::{output_within, text};
+use crate::support::k8s::{Issuer, Signer, projected_claims};
 use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
 
@@ -271,6 +272,67 @@ impl Drop for Cluster {
     }
 }
 
+/// The fake ServiceAccount issuer (`support::k8s::Issuer`) served inside the node's network
+/// namespace, where the CA runs: a thread of its own enters the namespace and runs the server on a
+/// runtime of its own (a socket belongs to the namespace of the thread that created it).
+struct NodeIssuer {
+    url: String,
+    ca_pem: PathBuf,
+    api_token: PathBuf,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeIssuer {
+    fn start(node: &str, keys: Vec<Value>) -> Self {
+        use std::os::fd::AsRawFd;
+        let ns = File::open(format!("/run/netns/{node}")).expect("node netns");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns with an open namespace fd changes only this thread's namespace.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let issuer = rt.block_on(Issuer::start(keys));
+            ready_tx
+                .send((
+                    issuer.url.clone(),
+                    issuer.ca_pem.clone(),
+                    issuer.api_token.clone(),
+                ))
+                .unwrap();
+            // Serve until the test drops this (or ends).
+            rt.block_on(async {
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            });
+            drop(issuer);
+        });
+        let (url, ca_pem, api_token) = ready_rx.recv().expect("issuer started");
+        NodeIssuer {
+            url,
+            ca_pem,
+            api_token,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NodeIssuer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn run_ip(netns: &str, args: &[&str]) {
     let mut all = vec!["-n", netns];
     all.extend(args);
@@ -407,37 +469,34 @@ fn injected_pods_run_as_the_kubelet_would() {
         .filter(|v| !v.is_null())
         .collect();
 
+    // The cluster's ServiceAccount issuer (OIDC discovery + JWKS over HTTPS) on the node; every
+    // workload proves itself with a projected token it signs, as kubelet would mount it.
+    let signer = Signer::rsa("cluster-key-1");
+    let issuer = NodeIssuer::start(&c.node, vec![signer.jwk()]);
+    let token = |namespace: &str, account: &str| -> String {
+        signer.sign(&projected_claims(&issuer.url, namespace, account, 600))
+    };
+
     // The node runs the CA and the control plane where the pods' names point.
     let mut ca = c.on_node("node/ca", env!("CARGO_BIN_EXE_meshgate"));
-    ca.args(["ca", "serve", "--dir"]).arg(d.join("ca")).args([
-        "--listen",
-        &format!("{NODE_IP}:15012"),
-        "--san",
-        "meshgate-ca.meshgate.svc",
-        "--san",
-        NODE_IP,
-    ]);
+    ca.args(["ca", "serve", "--dir"])
+        .arg(d.join("ca"))
+        .args([
+            "--listen",
+            &format!("{NODE_IP}:15012"),
+            "--san",
+            "meshgate-ca.meshgate.svc",
+            "--san",
+            NODE_IP,
+            "--k8s-issuer",
+            &issuer.url,
+            "--k8s-api-ca",
+        ])
+        .arg(&issuer.ca_pem)
+        .arg("--k8s-api-token-file")
+        .arg(&issuer.api_token);
     c.spawn("ca", ca);
-    let token = |spiffe: &str| -> String {
-        ok(&output_within(
-            meshgate()
-                .args([
-                    "ca",
-                    "token",
-                    "--reusable",
-                    "--ttl",
-                    "10m",
-                    "--id",
-                    spiffe,
-                    "--dir",
-                ])
-                .arg(d.join("ca")),
-            Duration::from_secs(10),
-        ))
-        .trim()
-        .to_owned()
-    };
-    let cp_token = token("spiffe://mesh.local/ns/meshgate/sa/control-plane");
+    let cp_token = token("meshgate", "control-plane");
     let mut cp = c.on_node("node/control-plane", env!("CARGO_BIN_EXE_meshgate"));
     cp.args(["control-plane", "serve", "--policy-dir"])
         .arg(&policies)
@@ -468,11 +527,7 @@ fn injected_pods_run_as_the_kubelet_would() {
         let root = d.join(format!("pod-{name}"));
         let bootstrap = root.join("bootstrap");
         std::fs::create_dir_all(&bootstrap).unwrap();
-        std::fs::write(
-            bootstrap.join("token"),
-            token(&format!("spiffe://mesh.local/ns/shop/sa/{name}")),
-        )
-        .unwrap();
+        std::fs::write(bootstrap.join("token"), token("shop", name)).unwrap();
         std::fs::write(bootstrap.join("ca-bundle.pem"), &bundle).unwrap();
         for p in [&root, &bootstrap] {
             std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
