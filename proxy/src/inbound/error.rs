@@ -22,7 +22,7 @@ pub enum InboundError {
     /// open: 403.
     Forbidden(Box<DecisionRecord>),
     /// The calling sidecar named an app port (`x-meshgate-app-port`) this sidecar does not
-    /// serve (no such `--app`): 421 Misdirected Request (RFC 9110 §15.5.20), "this server cannot
+    /// serve (no such `--app`, and several apps to choose from): 421 Misdirected Request (RFC 9110 §15.5.20), "this server cannot
     /// answer for that target" — not 404, which the app itself answers for paths, so a caller
     /// can tell a mesh misconfiguration (the Service declares a port the workload does not
     /// serve) from a missing page.

@@ -7,7 +7,7 @@
 //!   caller sends can remove or shadow the headers the sidecar adds after authorization;
 //! - an `Upgrade` survives only to an allowed protocol;
 //! - the outbound sidecar's HTTP/1.1 marker and app port are read and removed (an app port this
-//!   sidecar does not serve: 421).
+//!   sidecar, with several apps, does not serve: 421).
 //!
 //! Method and path checks are part of judging ([`meshgate_policy::judge()`]), so that
 //! `policy explain` refuses exactly what the sidecar refuses; the method is checked here too

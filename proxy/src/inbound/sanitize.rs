@@ -132,8 +132,8 @@ pub enum AppPortRefusal {
     /// Not exactly one decimal port number: a broken or hostile peer (400).
     #[error("x-meshgate-app-port is not exactly one port number")]
     Malformed,
-    /// A port with no `--app` here (421): the Service declares a port the workload does not
-    /// serve.
+    /// A port with no `--app` here, while there are several (421): the Service declares a port
+    /// the workload does not serve, and which app was meant cannot be known.
     #[error(
         "x-meshgate-app-port {0} is not an app port of this sidecar (serve it with another --app, or remove it from the Service's ports)"
     )]
@@ -151,8 +151,9 @@ impl AppPortRefusal {
 }
 
 /// Which of `ports` (the `--app` ports, default first) the calling sidecar's
-/// `x-meshgate-app-port` names: its index, 0 when the header is absent. A scan of a few ports,
-/// no allocation: this runs on every request.
+/// `x-meshgate-app-port` names: its index, 0 when the header is absent (or names another port
+/// while there is only one app). A scan of a few ports, no allocation: this runs on every
+/// request.
 pub fn target_app(headers: &HeaderMap, ports: &[u16]) -> Result<usize, AppPortRefusal> {
     let mut values = headers.get_all(APP_PORT_HEADER).iter();
     let Some(value) = values.next() else {
@@ -170,10 +171,14 @@ pub fn target_app(headers: &HeaderMap, ports: &[u16]) -> Result<usize, AppPortRe
         .ok()
         .filter(|p| *p != 0)
         .ok_or(AppPortRefusal::Malformed)?;
-    ports
-        .iter()
-        .position(|p| *p == port)
-        .ok_or(AppPortRefusal::NotServed(port))
+    match ports.iter().position(|p| *p == port) {
+        Some(index) => Ok(index),
+        // One app serves every request, whatever port the caller addressed, as before a
+        // sidecar could serve several: a Service whose port differs from the app's (80 in front
+        // of 8080) keeps working. The request is judged for the app's own port.
+        None if ports.len() == 1 => Ok(0),
+        None => Err(AppPortRefusal::NotServed(port)),
+    }
 }
 
 /// Which `Upgrade` protocols may pass (case-insensitive tokens, e.g. `websocket`).
@@ -387,6 +392,16 @@ mod tests {
                 h.append(APP_PORT_HEADER, HeaderValue::from_static(v));
             }
             assert_eq!(target_app(&h, &ports), want, "{values:?}");
+        }
+        // With one app, any well-formed port reaches it; a malformed one is still refused.
+        for (value, want) in [
+            ("7070", Ok(0)),
+            ("8080", Ok(0)),
+            ("x", Err(AppPortRefusal::Malformed)),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(APP_PORT_HEADER, HeaderValue::from_static(value));
+            assert_eq!(target_app(&h, &[8080]), want, "one app, {value}");
         }
         // Other spellings are not read (they are stripped as reserved headers instead).
         let mut h = HeaderMap::new();

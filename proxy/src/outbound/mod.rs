@@ -126,8 +126,8 @@ impl RouteTable {
 /// serves its default app. Only declared ports are sent because the port an app addresses is
 /// not always an app port of the callee: a Kubernetes Service port (`frontend:80`, reaching
 /// `targetPort` 8080) or an explicit proxy's own port would name a port the callee does not
-/// serve and be refused (421), where the callee's default app is what the caller meant. So a
-/// Service without `ports` behaves as before: one app per workload.
+/// serve, refused (421) by a callee with several apps where its default app is what the caller
+/// meant. So a Service without `ports` behaves as before: one app per workload.
 pub fn app_port_for(
     declared: &[u16],
     host_port: Option<u16>,
