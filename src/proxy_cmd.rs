@@ -106,7 +106,7 @@ pub struct ProxyArgs {
     /// A local HTTP app the sidecar protects (HOST:PORT; repeatable, one per port). The first is
     /// the default: it serves requests whose calling sidecar names no app port (the port the
     /// caller addressed, sent only when the Service declares it in `ports`).
-    #[arg(long = "app", required = true)]
+    #[arg(long = "app", required = true, value_name = "HOST:PORT")]
     apps: Vec<SocketAddr>,
     /// Which HTTP the apps speak (one setting for every --app).
     #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
@@ -148,12 +148,12 @@ pub struct ProxyArgs {
     probe_self: bool,
     /// Local port the probe listener may test with a TCP connect to 127.0.0.1:PORT, at
     /// GET /meshgate/probe/tcp/PORT[?timeout=SECONDS] (kubelet tcpSocket probes; repeatable).
-    #[arg(long = "probe-tcp")]
+    #[arg(long = "probe-tcp", value_name = "PORT")]
     probe_tcp: Vec<u16>,
     /// Local port the probe listener may ask grpc.health.v1.Health/Check over h2c, at
     /// GET /meshgate/probe/grpc/PORT[?service=NAME][&timeout=SECONDS] (kubelet grpc probes;
     /// 200 only when SERVING; repeatable).
-    #[arg(long = "probe-grpc")]
+    #[arg(long = "probe-grpc", value_name = "PORT")]
     probe_grpc: Vec<u16>,
     /// Tunnel a local TCP port to a Service over mTLS (opaque L4), e.g.
     /// `127.0.0.1:15432=postgres:5432` (repeatable).

@@ -29,6 +29,19 @@ async fn closed_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// One call from web's app to orders.
+struct Case<'a> {
+    host: &'a str,
+    path: &'a str,
+    /// Headers the calling app adds.
+    headers: Vec<(&'a str, &'a str)>,
+    status: u16,
+    /// The app behind orders' sidecar that must see the request (the other must not).
+    reached: Option<&'a RecordingApp>,
+    /// The port the decision was made for.
+    port: u16,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sidecar_serves_every_app_port_each_judged_for_its_own_port() {
     let mut mesh = TestMesh::new().await;
@@ -69,76 +82,113 @@ spec:
     mesh.converge().await;
     let mut decisions = mesh.workload("orders").sidecar.decisions();
 
-    let smuggle_a = pa.to_string();
-    let smuggle_b = pb.to_string();
-    let cases: Vec<(
-        String,
-        &str,
-        Vec<(&str, &str)>,
-        u16,
-        Option<&RecordingApp>,
-        u16,
-    )> = vec![
-        // (Host, path, headers the caller's app adds, status, app reached, port judged)
-        (format!("orders:{pa}"), "/a", vec![], 200, Some(&a), pa),
-        (format!("orders:{pb}"), "/open/b", vec![], 200, Some(&b), pb),
+    let (smuggle_a, smuggle_b) = (pa.to_string(), pb.to_string());
+    let (a_port, b_port) = (format!("orders:{pa}"), format!("orders:{pb}"));
+    let unserved_port = format!("orders:{unserved}");
+    // The smuggled headers are what the caller's *app* adds; `port` is the port judged.
+    let cases = [
+        Case {
+            host: &a_port,
+            path: "/a",
+            headers: vec![],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
+        Case {
+            host: &b_port,
+            path: "/open/b",
+            headers: vec![],
+            status: 200,
+            reached: Some(&b),
+            port: pb,
+        },
         // B's other paths are not allowed on B's port, though they are on A's.
-        (format!("orders:{pb}"), "/b", vec![], 403, None, pb),
+        Case {
+            host: &b_port,
+            path: "/b",
+            headers: vec![],
+            status: 403,
+            reached: None,
+            port: pb,
+        },
         // No port: the default (first) app.
-        ("orders".into(), "/a", vec![], 200, Some(&a), pa),
+        Case {
+            host: "orders",
+            path: "/a",
+            headers: vec![],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
         // A port the Service does not declare is not named: the default app.
-        ("orders:1".into(), "/a", vec![], 200, Some(&a), pa),
+        Case {
+            host: "orders:1",
+            path: "/a",
+            headers: vec![],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
         // The caller's app cannot pick the port: its sidecar drops the header and names the
-        // port the app really addressed.
-        (
-            format!("orders:{pb}"),
-            "/b",
-            vec![("x-meshgate-app-port", smuggle_a.as_str())],
-            403,
-            None,
-            pb,
-        ),
-        (
-            format!("orders:{pa}"),
-            "/open/a",
-            vec![("x-meshgate-app-port", smuggle_b.as_str())],
-            200,
-            Some(&a),
-            pa,
-        ),
-        (
-            "orders".into(),
-            "/open/a",
-            vec![("X-Meshgate-App-Port", smuggle_b.as_str())],
-            200,
-            Some(&a),
-            pa,
-        ),
+        // port the app really addressed (or none).
+        Case {
+            host: &b_port,
+            path: "/b",
+            headers: vec![("x-meshgate-app-port", &smuggle_a)],
+            status: 403,
+            reached: None,
+            port: pb,
+        },
+        Case {
+            host: &a_port,
+            path: "/open/a",
+            headers: vec![("x-meshgate-app-port", &smuggle_b)],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
+        Case {
+            host: "orders",
+            path: "/open/a",
+            headers: vec![("X-Meshgate-App-Port", &smuggle_b)],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
         // Another spelling is not read as the port either (the callee strips it as reserved).
-        (
-            "orders".into(),
-            "/open/a",
-            vec![("x_meshgate_app_port", smuggle_b.as_str())],
-            200,
-            Some(&a),
-            pa,
-        ),
+        Case {
+            host: "orders",
+            path: "/open/a",
+            headers: vec![("x_meshgate_app_port", &smuggle_b)],
+            status: 200,
+            reached: Some(&a),
+            port: pa,
+        },
         // Declared but served by no --app: refused by the callee, the apps see nothing.
-        (
-            format!("orders:{unserved}"),
-            "/a",
-            vec![],
-            421,
-            None,
-            unserved,
-        ),
+        Case {
+            host: &unserved_port,
+            path: "/a",
+            headers: vec![],
+            status: 421,
+            reached: None,
+            port: unserved,
+        },
     ];
-    for (host, path, headers, status, reached, port) in cases {
+    for Case {
+        host,
+        path,
+        headers,
+        status,
+        reached,
+        port,
+    } in cases
+    {
         a.clear();
         b.clear();
         let case = format!("Host {host} {path} {headers:?}");
         let answer = mesh
-            .call_with("web", "GET", &host, path, Bytes::new(), &headers)
+            .call_with("web", "GET", host, path, Bytes::new(), &headers)
             .await;
         assert_eq!(answer.status, status, "{case}: {}", answer.body);
         for app in [&a, &b] {
@@ -418,4 +468,37 @@ async fn kubelet_probes_of_every_kind_pass_through_the_probe_listener() {
         assert!(body.contains(says), "{path}: {body}");
     }
     drop(silent);
+}
+
+/// The CLI refuses app lists the inbound could not route (before anything starts), naming the
+/// fix.
+#[test]
+fn app_lists_the_inbound_cannot_route_are_refused() {
+    use crate::support::{meshgate, run, text};
+    for (extra, says) in [
+        (
+            &["--app", "127.0.0.1:8080", "--app", "127.0.0.2:8080"][..],
+            "share port 8080: the calling sidecar names an app by its port alone",
+        ),
+        (
+            &[
+                "--app",
+                "127.0.0.1:8080",
+                "--app",
+                "127.0.0.1:9090",
+                "--inbound-tcp-port",
+                "9090",
+            ][..],
+            "--inbound-tcp-port 9090 is also an --app port",
+        ),
+    ] {
+        let mut cmd = meshgate();
+        cmd.arg("proxy")
+            .args(extra)
+            .args(["--ca", "https://127.0.0.1:9", "--ca-bundle", "/nonexistent"])
+            .args(["--policy-dir", "/nonexistent"]);
+        let out = run(&mut cmd);
+        assert!(!out.status.success(), "{extra:?} started: {}", text(&out));
+        assert!(text(&out).contains(says), "{extra:?}: {}", text(&out));
+    }
 }
