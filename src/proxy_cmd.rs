@@ -139,7 +139,9 @@ pub struct ProxyArgs {
     /// --probe-grpc).
     #[arg(long, default_value = "0.0.0.0:15020")]
     probe: SocketAddr,
-    /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable).
+    /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable):
+    /// PATH is served at PATH by the default --app; APP_PORT:PATH at
+    /// /meshgate/probe/http/APP_PORT/PATH by the --app on APP_PORT.
     #[arg(long = "probe-path")]
     probe_paths: Vec<String>,
     /// Also answer the sidecar's own readiness (/meshgate/ready) and liveness (/meshgate/live)

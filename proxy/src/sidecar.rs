@@ -51,7 +51,8 @@ pub struct SidecarConfig {
     /// Plaintext probe listener; bound only when something is to be probed through it
     /// (`probe_paths`, `probe_self`, `probe_tcp` or `probe_grpc`).
     pub probe: SocketAddr,
-    /// Exact paths the probe listener forwards to the app (GET/HEAD only).
+    /// Exact paths the probe listener forwards to an app (GET/HEAD only): `PATH` for the default
+    /// app, `PORT:PATH` for the `--app` on PORT (at `/meshgate/probe/http/PORT/PATH`).
     pub probe_paths: Vec<String>,
     /// The probe listener also answers the sidecar's own `/meshgate/ready` and `/meshgate/live`
     /// (for kubelet probes of the sidecar container); binds it even without probe paths.
@@ -102,6 +103,8 @@ pub enum SidecarError {
     Ebpf(String),
     #[error("--app: {0}")]
     Apps(String),
+    #[error("{0}")]
+    Probe(String),
 }
 
 /// A running sidecar.
@@ -190,6 +193,14 @@ impl Sidecar {
     /// identity, loads the policy, then serves.
     pub async fn start(config: SidecarConfig) -> Result<Self, SidecarError> {
         check_apps(&config.apps, &config.inbound_tcp_ports).map_err(SidecarError::Apps)?;
+        let probe_targets = crate::probe::ProbeTargets {
+            paths: config.probe_paths.clone(),
+            tcp: config.probe_tcp.clone(),
+            grpc: config.probe_grpc.clone(),
+        };
+        probe_targets
+            .check(&config.apps)
+            .map_err(SidecarError::Probe)?;
         let default_app = config.apps[0];
         let inbound_listener = crate::serve::bind(config.inbound, "inbound", "--inbound").await?;
         let outbound_listener =
@@ -360,15 +371,8 @@ impl Sidecar {
                 let admin = admin.clone();
                 Arc::new(move || admin.not_ready_reasons()) as crate::probe::Readiness
             });
-            let probes = crate::probe::ProbeForwarder::new(
-                default_app,
-                crate::probe::ProbeTargets {
-                    paths: config.probe_paths.clone(),
-                    tcp: config.probe_tcp.clone(),
-                    grpc: config.probe_grpc.clone(),
-                },
-                readiness,
-            );
+            let probes = crate::probe::ProbeForwarder::new(&config.apps, probe_targets, readiness)
+                .map_err(SidecarError::Probe)?;
             tasks.spawn(probes.serve(listener, shutdown.subscribe()));
         }
         tracing::info!(

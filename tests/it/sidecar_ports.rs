@@ -366,7 +366,14 @@ async fn kubelet_probes_of_every_kind_pass_through_the_probe_listener() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_port = silent.local_addr().unwrap().port();
     let (tcp_ports, grpc_ports) = (vec![up_port, down_port], vec![health.port, silent_port]);
+    // A second app port with an HTTP probe of its own (the harness gives the default app
+    // `--probe-path /healthz`).
+    let second = RecordingApp::start().await;
+    let sp = second.addr.port();
+    let second_addr = second.addr;
     mesh.add_configured("orders", EchoApp::start().await, move |config| {
+        config.apps.push(second_addr);
+        config.probe_paths.push(format!("{sp}:/ready"));
         config.probe_tcp = tcp_ports;
         config.probe_grpc = grpc_ports;
     })
@@ -434,11 +441,25 @@ async fn kubelet_probes_of_every_kind_pass_through_the_probe_listener() {
             404,
             "not a configured probe path",
         ),
+        // httpGet probes: each path on the app it was given for.
+        ("/healthz".to_string(), 200, "/healthz"),
+        (format!("/meshgate/probe/http/{sp}/ready?deep=1"), 200, ""),
+        (
+            format!("/meshgate/probe/http/{sp}/healthz"),
+            404,
+            "not a configured probe path",
+        ),
+        ("/ready".to_string(), 404, "not a configured probe path"),
     ] {
         let (got, body) = admin(probes, "GET", &path).await;
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(says), "{path}: {body}");
     }
+
+    let seen = second.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/ready?deep=1");
+    assert_eq!(seen[0].header("user-agent"), vec!["meshgate-probe"]);
 
     // An open port that does not answer gRPC fails within the probe's timeout (1 s default).
     let started = Instant::now();

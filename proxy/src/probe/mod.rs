@@ -6,6 +6,9 @@
 //! nothing else, so it opens no path around mTLS. The forwarded request is rebuilt from scratch:
 //! no caller header (such as a forged `x-meshgate-peer`) reaches the app.
 //!
+//! A probe path of another `--app` (`--probe-path PORT:PATH`) is served at
+//! `/meshgate/probe/http/PORT/PATH`, since two apps may both have a `/healthz`.
+//!
 //! Kubelet `tcpSocket` and `grpc` probes need the app port itself, which takes only mTLS once
 //! meshed. For ports enabled with `--probe-tcp` / `--probe-grpc` this listener runs the check on
 //! the kubelet's behalf against `127.0.0.1:<port>` and answers 200 or 503 (with the reason):
@@ -47,7 +50,9 @@ pub type Readiness = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 /// What the probe listener may reach.
 #[derive(Debug, Clone, Default)]
 pub struct ProbeTargets {
-    /// Exact app paths forwarded to the default app (GET/HEAD).
+    /// Exact app paths forwarded to an app (GET/HEAD), as `--probe-path` takes them: `PATH`
+    /// for the default app, served at `PATH`; `PORT:PATH` for the `--app` on PORT, served at
+    /// `/meshgate/probe/http/PORT/PATH` (a kubelet `httpGet` probe on another app port).
     pub paths: Vec<String>,
     /// Local ports `/meshgate/probe/tcp/<port>` may connect to.
     pub tcp: Vec<u16>,
@@ -55,18 +60,73 @@ pub struct ProbeTargets {
     pub grpc: Vec<u16>,
 }
 
+impl ProbeTargets {
+    /// Refuses a probe path that is malformed or names a port with no `--app` (`apps`, the
+    /// default first), so a typo fails at start rather than as a pod that never gets ready.
+    pub fn check(&self, apps: &[std::net::SocketAddr]) -> Result<(), String> {
+        let ports: Vec<u16> = apps.iter().map(|a| a.port()).collect();
+        for path in &self.paths {
+            ProbePath::parse(path, &ports)?;
+        }
+        Ok(())
+    }
+}
+
 /// Prefixes of the checks made on the kubelet's behalf.
 const TCP_PROBE: &str = "/meshgate/probe/tcp/";
 const GRPC_PROBE: &str = "/meshgate/probe/grpc/";
+/// Prefix of the probe paths of apps other than the default one (`--probe-path PORT:PATH`).
+const HTTP_PROBE: &str = "/meshgate/probe/http/";
 /// The kubelet's default `timeoutSeconds`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest check a caller may ask for (`timeout=`).
 const MAX_TIMEOUT_SECS: u64 = 60;
 
-/// Forwards probe paths to the app and runs TCP and gRPC health checks.
+/// One `--probe-path`: `port` is `None` for the default app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProbePath {
+    port: Option<u16>,
+    path: String,
+}
+
+impl ProbePath {
+    /// `PATH` or `PORT:PATH`; `PORT` must be an `--app` port.
+    fn parse(value: &str, app_ports: &[u16]) -> Result<Self, String> {
+        let (port, path) = match value.split_once(':') {
+            Some((port, path)) if !value.starts_with('/') => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| app_ports.contains(p))
+                    .ok_or_else(|| {
+                        format!(
+                            "--probe-path {value}: {port} is not an --app port (give PATH for the default app or APP_PORT:PATH, e.g. {}:/healthz)",
+                            app_ports[0]
+                        )
+                    })?;
+                (Some(port), path)
+            }
+            _ => (None, value),
+        };
+        if !path.starts_with('/') || path.contains('?') {
+            return Err(format!(
+                "--probe-path {value}: the path must start with / and carry no query, e.g. /healthz or {}:/healthz",
+                app_ports[0]
+            ));
+        }
+        Ok(Self {
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Forwards probe paths to the apps and runs TCP and gRPC health checks.
 #[derive(Clone)]
 pub struct ProbeForwarder {
-    app: std::net::SocketAddr,
+    /// The `--app`s, the default first.
+    apps: Arc<[std::net::SocketAddr]>,
+    paths: Arc<[ProbePath]>,
     targets: Arc<ProbeTargets>,
     client: Client<HttpConnector, Empty<bytes::Bytes>>,
     /// Answers `/meshgate/ready` and `/meshgate/live` when set.
@@ -74,16 +134,48 @@ pub struct ProbeForwarder {
 }
 
 impl ProbeForwarder {
+    /// `apps` are the `--app`s (not empty, the default first); a `PORT:PATH` probe path must
+    /// name one of their ports.
     pub fn new(
-        app: std::net::SocketAddr,
+        apps: &[std::net::SocketAddr],
         targets: ProbeTargets,
         readiness: Option<Readiness>,
-    ) -> Self {
-        Self {
-            app,
+    ) -> Result<Self, String> {
+        let ports: Vec<u16> = apps.iter().map(|a| a.port()).collect();
+        let paths = targets
+            .paths
+            .iter()
+            .map(|p| ProbePath::parse(p, &ports))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            apps: apps.into(),
+            paths,
             targets: Arc::new(targets),
             client: Client::builder(TokioExecutor::new()).build_http(),
             readiness,
+        })
+    }
+
+    /// The app and path a probe path names, if it is a configured one.
+    fn forwarded(&self, path: &str) -> Option<(std::net::SocketAddr, String)> {
+        if let Some(rest) = path.strip_prefix(HTTP_PROBE) {
+            let slash = rest.find('/')?;
+            let (port, app_path) = rest.split_at(slash);
+            if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let port: u16 = port.parse().ok()?;
+            self.paths
+                .iter()
+                .any(|p| p.port == Some(port) && p.path == app_path)
+                .then(|| self.apps.iter().find(|a| a.port() == port).copied())
+                .flatten()
+                .map(|app| (app, app_path.to_string()))
+        } else {
+            self.paths
+                .iter()
+                .any(|p| p.port.is_none() && p.path == path)
+                .then(|| (self.apps[0], path.to_string()))
         }
     }
 
@@ -104,9 +196,10 @@ impl ProbeForwarder {
                 _ => {}
             }
         }
+        // A check run here, or (Err) the app and path a probe path is forwarded to.
         let check = if let Some(port) = path.strip_prefix(TCP_PROBE) {
             match enabled(port, &self.targets.tcp) {
-                Some(port) => Some(Check::Tcp(port)),
+                Some(port) => Ok(Check::Tcp(port)),
                 None => {
                     return local_response(
                         StatusCode::NOT_FOUND,
@@ -116,7 +209,7 @@ impl ProbeForwarder {
             }
         } else if let Some(port) = path.strip_prefix(GRPC_PROBE) {
             match enabled(port, &self.targets.grpc) {
-                Some(port) => Some(Check::Grpc(port)),
+                Some(port) => Ok(Check::Grpc(port)),
                 None => {
                     return local_response(
                         StatusCode::NOT_FOUND,
@@ -124,10 +217,11 @@ impl ProbeForwarder {
                     );
                 }
             }
-        } else if self.targets.paths.iter().any(|p| p == path) {
-            None
         } else {
-            return local_response(StatusCode::NOT_FOUND, "not a configured probe path\n");
+            let Some(target) = self.forwarded(path) else {
+                return local_response(StatusCode::NOT_FOUND, "not a configured probe path\n");
+            };
+            Err(target)
         };
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return local_response(StatusCode::METHOD_NOT_ALLOWED, "probes use GET or HEAD\n");
@@ -140,19 +234,24 @@ impl ProbeForwarder {
         if has_body {
             return local_response(StatusCode::BAD_REQUEST, "probes carry no body\n");
         }
-        if let Some(check) = check {
-            return match CheckParams::parse(req.uri().query(), matches!(check, Check::Grpc(_))) {
-                Ok(params) => check.run(&params).await,
-                Err(reason) => text(StatusCode::BAD_REQUEST, reason),
-            };
-        }
+        let (app, app_path) = match check {
+            Ok(check) => {
+                let grpc = matches!(check, Check::Grpc(_));
+                return match CheckParams::parse(req.uri().query(), grpc) {
+                    Ok(params) => check.run(&params).await,
+                    Err(reason) => text(StatusCode::BAD_REQUEST, reason),
+                };
+            }
+            Err(target) => target,
+        };
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let forwarded = Request::builder()
             .method(req.method().clone())
-            .uri(format!(
-                "http://{}{}",
-                self.app,
-                req.uri().path_and_query().map_or("/", |p| p.as_str())
-            ))
+            .uri(format!("http://{app}{app_path}{query}"))
             .header(header::USER_AGENT, "meshgate-probe")
             .body(Empty::new())
             .expect("valid probe request");
@@ -356,6 +455,52 @@ mod tests {
             (Some("service=a b"), true),
         ] {
             assert!(CheckParams::parse(query, grpc).is_err(), "{query:?}");
+        }
+    }
+
+    #[test]
+    fn probe_paths_for_each_app() {
+        let apps: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:8080".parse().unwrap(),
+            "127.0.0.1:9090".parse().unwrap(),
+        ];
+        let targets = ProbeTargets {
+            paths: vec!["/healthz".into(), "9090:/-/ready".into()],
+            ..Default::default()
+        };
+        let probes = ProbeForwarder::new(&apps, targets, None).unwrap();
+        for (path, want) in [
+            ("/healthz", Some((apps[0], "/healthz"))),
+            (
+                "/meshgate/probe/http/9090/-/ready",
+                Some((apps[1], "/-/ready")),
+            ),
+            // Each path only on the app it was given for.
+            ("/-/ready", None),
+            ("/meshgate/probe/http/8080/-/ready", None),
+            ("/meshgate/probe/http/9090/healthz", None),
+            ("/meshgate/probe/http/8080/healthz", None),
+            ("/meshgate/probe/http/9090", None),
+            ("/meshgate/probe/http/+9090/-/ready", None),
+        ] {
+            let got = probes.forwarded(path);
+            assert_eq!(got, want.map(|(app, p)| (app, p.to_string())), "{path}");
+        }
+        for (bad, says) in [
+            ("7070:/x", "7070 is not an --app port"),
+            ("x:/x", "x is not an --app port"),
+            ("healthz", "must start with /"),
+            ("9090:healthz", "must start with /"),
+            ("/healthz?full=1", "no query"),
+        ] {
+            let targets = ProbeTargets {
+                paths: vec![bad.into()],
+                ..Default::default()
+            };
+            let err = ProbeForwarder::new(&apps, targets, None)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(err.contains(says), "{bad}: {err}");
         }
     }
 
