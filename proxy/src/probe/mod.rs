@@ -108,12 +108,15 @@ impl ProbePath {
             }
             _ => (None, value),
         };
-        if !path.starts_with('/') || path.contains('?') {
+        if !path.starts_with('/') {
             return Err(format!(
-                "--probe-path {value}: the path must start with / and carry no query, e.g. /healthz or {}:/healthz",
+                "--probe-path {value}: the path must start with /, e.g. /healthz or {}:/healthz",
                 app_ports[0]
             ));
         }
+        // A kubelet `httpGet.path` may carry a query: the path is matched, the query the
+        // kubelet sends is forwarded as it comes.
+        let path = path.split_once('?').map_or(path, |(path, _)| path);
         Ok(Self {
             port,
             path: path.to_string(),
@@ -465,7 +468,11 @@ mod tests {
             "127.0.0.1:9090".parse().unwrap(),
         ];
         let targets = ProbeTargets {
-            paths: vec!["/healthz".into(), "9090:/-/ready".into()],
+            paths: vec![
+                "/healthz".into(),
+                "9090:/-/ready".into(),
+                "/live?full=1".into(),
+            ],
             ..Default::default()
         };
         let probes = ProbeForwarder::new(&apps, targets, None).unwrap();
@@ -475,6 +482,8 @@ mod tests {
                 "/meshgate/probe/http/9090/-/ready",
                 Some((apps[1], "/-/ready")),
             ),
+            // A query in the flag (from a kubelet `httpGet.path`) is not part of the match.
+            ("/live", Some((apps[0], "/live"))),
             // Each path only on the app it was given for.
             ("/-/ready", None),
             ("/meshgate/probe/http/8080/-/ready", None),
@@ -491,7 +500,6 @@ mod tests {
             ("x:/x", "x is not an --app port"),
             ("healthz", "must start with /"),
             ("9090:healthz", "must start with /"),
-            ("/healthz?full=1", "no query"),
         ] {
             let targets = ProbeTargets {
                 paths: vec![bad.into()],
