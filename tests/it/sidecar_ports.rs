@@ -523,3 +523,41 @@ fn app_lists_the_inbound_cannot_route_are_refused() {
         assert!(text(&out).contains(says), "{extra:?}: {}", text(&out));
     }
 }
+
+/// A peer holding a valid SVID can send `x-meshgate-app-port` itself (it talks to the mTLS port
+/// directly): a malformed or repeated one is refused (400, counted); a well-formed one only picks
+/// an app (here the only one), and the app never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_naming_the_app_port_itself_gets_nothing_more() {
+    let t = crate::support::attack::Target::start().await;
+    for (headers, status) in [
+        ("x-meshgate-app-port: 7070\r\n", 200),
+        ("x-meshgate-app-port: 7070x\r\n", 400),
+        ("x-meshgate-app-port: 0\r\n", 400),
+        (
+            "x-meshgate-app-port: 7070\r\nx-meshgate-app-port: 7071\r\n",
+            400,
+        ),
+    ] {
+        t.app.clear();
+        let got = t
+            .raw_h1(&format!("GET /x HTTP/1.1\r\nHost: orders\r\n{headers}\r\n"))
+            .await;
+        assert_eq!(got, status, "{headers:?}");
+        let seen = t.app.requests();
+        assert_eq!(
+            seen.len(),
+            usize::from(status == 200),
+            "{headers:?}: {seen:?}"
+        );
+        for request in &seen {
+            assert!(
+                request.header("x-meshgate-app-port").is_empty(),
+                "{request:?}"
+            );
+        }
+    }
+    assert_eq!(t.hygiene("bad_app_port").await, 3.0);
+    // The well-formed one was consumed as routing, not counted as a forged identity header.
+    assert_eq!(t.hygiene("identity_header").await, 0.0);
+}
