@@ -97,10 +97,12 @@ impl IdentityArgs {
 /// Run the sidecar of one workload.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// The local app the sidecar protects (HOST:PORT).
-    #[arg(long)]
-    app: SocketAddr,
-    /// Which HTTP the app speaks.
+    /// A local HTTP app the sidecar protects (HOST:PORT; repeatable, one per port). The first is
+    /// the default: it serves requests whose calling sidecar names no app port (the port the
+    /// caller addressed, sent only when the Service declares it in `ports`).
+    #[arg(long = "app", required = true, value_name = "HOST:PORT")]
+    apps: Vec<SocketAddr>,
+    /// Which HTTP the apps speak (one setting for every --app).
     #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
     app_protocol: AppProtocolArg,
 
@@ -127,21 +129,33 @@ pub struct ProxyArgs {
     /// Admin listener (/ready, /live, /config, /identity, /metrics, POST /shutdown); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
-    /// Plaintext health-probe listener (only with --probe-path).
+    /// Plaintext health-probe listener (only with --probe-path, --probe-self, --probe-tcp or
+    /// --probe-grpc).
     #[arg(long, default_value = "0.0.0.0:15020")]
     probe: SocketAddr,
-    /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable).
+    /// App path that health probes may reach without mTLS (GET/HEAD, exact match; repeatable):
+    /// PATH is served at PATH by the default --app; APP_PORT:PATH at
+    /// /meshgate/probe/http/APP_PORT/PATH by the --app on APP_PORT.
     #[arg(long = "probe-path")]
     probe_paths: Vec<String>,
     /// Also answer the sidecar's own readiness (/meshgate/ready) and liveness (/meshgate/live)
     /// on the probe listener, for kubelet probes of the sidecar container.
     #[arg(long)]
     probe_self: bool,
+    /// Local port the probe listener may test with a TCP connect to 127.0.0.1:PORT, at
+    /// GET /meshgate/probe/tcp/PORT[?timeout=SECONDS] (kubelet tcpSocket probes; repeatable).
+    #[arg(long = "probe-tcp", value_name = "PORT")]
+    probe_tcp: Vec<u16>,
+    /// Local port the probe listener may ask grpc.health.v1.Health/Check over h2c, at
+    /// GET /meshgate/probe/grpc/PORT[?service=NAME][&timeout=SECONDS] (kubelet grpc probes;
+    /// 200 only when SERVING; repeatable).
+    #[arg(long = "probe-grpc", value_name = "PORT")]
+    probe_grpc: Vec<u16>,
     /// Tunnel a local TCP port to a Service over mTLS (opaque L4), e.g.
     /// `127.0.0.1:15432=postgres:5432` (repeatable).
     #[arg(long = "tcp-forward")]
     tcp_forwards: Vec<meshgate_proxy::outbound::tcp::TcpForward>,
-    /// App port that inbound L4 tunnels (opaque TCP) may reach (repeatable). Never the --app
+    /// App port that inbound L4 tunnels (opaque TCP) may reach (repeatable). Never an --app
     /// port: HTTP is authorized per request, so it cannot also be an opaque tunnel.
     #[arg(long = "inbound-tcp-port")]
     inbound_tcp_ports: Vec<u16>,
@@ -187,11 +201,8 @@ pub struct ProxyArgs {
 }
 
 pub fn run(args: ProxyArgs) -> Result<()> {
-    if args.inbound_tcp_ports.contains(&args.app.port()) {
-        bail!(
-            "--inbound-tcp-port {} is the --app port, which carries HTTP: HTTP is authorized per request and cannot also be an opaque tunnel; serve the TCP protocol on another port",
-            args.app.port()
-        );
+    if let Err(e) = meshgate_proxy::sidecar::check_apps(&args.apps, &args.inbound_tcp_ports) {
+        bail!("{e}");
     }
     if let Some(bad) = args
         .allowed_upgrades
@@ -204,7 +215,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
     }
     let identity = args.identity.source()?;
     let config = SidecarConfig {
-        app: args.app,
+        apps: args.apps.clone(),
         app_protocol: match args.app_protocol {
             AppProtocolArg::Auto => AppProtocol::Auto,
             AppProtocolArg::Http1 => AppProtocol::Http1,
@@ -227,6 +238,8 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         probe: args.probe,
         probe_paths: args.probe_paths.clone(),
         probe_self: args.probe_self,
+        probe_tcp: args.probe_tcp.clone(),
+        probe_grpc: args.probe_grpc.clone(),
         allow_tls12: args.allow_tls12,
         tcp_forwards: args.tcp_forwards.clone(),
         inbound_tcp_ports: args.inbound_tcp_ports.clone(),

@@ -19,6 +19,15 @@ pub const POLICY_VERSION_HEADER: &str = "x-meshgate-policy-version";
 /// Set by the outbound sidecar when it carries an HTTP/1.1 request over HTTP/2, so that the
 /// inbound sidecar speaks HTTP/1.1 to its app again.
 pub const ORIG_PROTO_HEADER: &str = "x-meshgate-orig-proto";
+/// Which of the callee's app ports (`--app`) a request is for: one decimal port. Set by the
+/// outbound sidecar only (after removing any copy the app sent), from the port the app
+/// addressed, and only for a port the Service declares; read and removed by the inbound sidecar
+/// before authorization, so the app never sees it. Absent = the callee's first `--app`.
+///
+/// It is a routing hint, not a credential: a caller holding a valid SVID could set it itself,
+/// and that only chooses which of the callee's app ports it talks to — exactly what it could
+/// choose by addressing that port — and the request is then judged for *that* port.
+pub const APP_PORT_HEADER: &str = "x-meshgate-app-port";
 
 /// A small generated response (errors and denials); the body is generic on purpose.
 pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -63,8 +72,10 @@ pub fn error_response_for(
     let code = match status {
         StatusCode::BAD_REQUEST => "3", // INVALID_ARGUMENT
         StatusCode::FORBIDDEN => "7",   // PERMISSION_DENIED
+        // No app on that port: like the 404 → UNIMPLEMENTED of gRPC's HTTP mapping.
+        StatusCode::MISDIRECTED_REQUEST => "12",
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
-        _ => "2",                       // UNKNOWN
+        _ => "2",                                                          // UNKNOWN
     };
     Response::builder()
         .status(StatusCode::OK)
@@ -191,6 +202,18 @@ pub fn host_without_port(authority: &str) -> String {
     host.to_ascii_lowercase()
 }
 
+/// The port of `host[:port]` / `[v6]:port`, if it names one.
+pub fn port_of(authority: &str) -> Option<u16> {
+    let rest = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.1.strip_prefix(':')?,
+        None => authority.rsplit_once(':')?.1,
+    };
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.parse().ok().filter(|p| *p != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +248,23 @@ mod tests {
             ("10.0.0.1", "10.0.0.1"),
         ] {
             assert_eq!(host_without_port(input), want);
+        }
+    }
+
+    #[test]
+    fn port_of_an_authority() {
+        for (input, want) in [
+            ("orders:8080", Some(8080)),
+            ("orders", None),
+            ("orders:", None),
+            ("orders:0", None),
+            ("orders:65536", None),
+            ("orders:+80", None),
+            ("[::1]:9090", Some(9090)),
+            ("[::1]", None),
+            ("10.0.0.1:80", Some(80)),
+        ] {
+            assert_eq!(port_of(input), want, "{input}");
         }
     }
 }

@@ -53,7 +53,9 @@ pub struct HygieneLabels {
     /// header, any spelling), `identity_trailer` (the same in request trailers),
     /// `upgrade_refused` (an `Upgrade` protocol not on the allowlist, stripped),
     /// `upgrade_revoked` (an upgraded connection closed by a policy change or cert expiry),
-    /// `bad_method`, `bad_host`, `tunnel_to_http_port`, `connection_limit`,
+    /// `bad_method`, `bad_host`, `bad_app_port` (a malformed `x-meshgate-app-port`),
+    /// `unknown_app_port` (an app port with no `--app` here), `tunnel_to_http_port`,
+    /// `connection_limit`,
     /// `source_connection_limit`, `idle_timeout`.
     pub reason: &'static str,
 }

@@ -39,20 +39,30 @@ impl IdentitySource {
 /// Everything `meshgate proxy` is told.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
-    pub app: SocketAddr,
+    /// The HTTP apps the inbound serves (`--app`, repeatable): the first is the default, for
+    /// requests whose calling sidecar names no app port. Ports must differ.
+    pub apps: Vec<SocketAddr>,
     pub app_protocol: AppProtocol,
     pub identity: IdentitySource,
     pub policy: PolicySource,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
-    /// Plaintext probe listener; bound only when `probe_paths` is not empty.
+    /// Plaintext probe listener; bound only when something is to be probed through it
+    /// (`probe_paths`, `probe_self`, `probe_tcp` or `probe_grpc`).
     pub probe: SocketAddr,
-    /// Exact paths the probe listener forwards to the app (GET/HEAD only).
+    /// Exact paths the probe listener forwards to an app (GET/HEAD only): `PATH` for the default
+    /// app, `PORT:PATH` for the `--app` on PORT (at `/meshgate/probe/http/PORT/PATH`).
     pub probe_paths: Vec<String>,
     /// The probe listener also answers the sidecar's own `/meshgate/ready` and `/meshgate/live`
     /// (for kubelet probes of the sidecar container); binds it even without probe paths.
     pub probe_self: bool,
+    /// Local ports the probe listener may test with a TCP connect
+    /// (`/meshgate/probe/tcp/<port>`, for kubelet `tcpSocket` probes).
+    pub probe_tcp: Vec<u16>,
+    /// Local ports the probe listener may ask `grpc.health.v1.Health/Check`
+    /// (`/meshgate/probe/grpc/<port>`, for kubelet `grpc` probes).
+    pub probe_grpc: Vec<u16>,
     pub allow_tls12: bool,
     /// Local TCP ports whose connections are tunnelled to a Service (opaque L4).
     pub tcp_forwards: Vec<crate::outbound::tcp::TcpForward>,
@@ -91,6 +101,10 @@ pub enum SidecarError {
     PolicySource(String),
     #[error("--ebpf-cgroup: {0}")]
     Ebpf(String),
+    #[error("--app: {0}")]
+    Apps(String),
+    #[error("{0}")]
+    Probe(String),
 }
 
 /// A running sidecar.
@@ -106,6 +120,30 @@ pub struct Sidecar {
     decisions: crate::decision::DecisionSink,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+}
+
+/// The `--app` list must name at least one app and each port once: the calling sidecar names an
+/// app by port alone. No app port may also be an inbound TCP port (HTTP is authorized per
+/// request, so it cannot also be an opaque tunnel).
+pub fn check_apps(apps: &[SocketAddr], inbound_tcp_ports: &[u16]) -> Result<(), String> {
+    if apps.is_empty() {
+        return Err("no app to serve: give at least one --app HOST:PORT".into());
+    }
+    for (i, app) in apps.iter().enumerate() {
+        if let Some(other) = apps[..i].iter().find(|a| a.port() == app.port()) {
+            return Err(format!(
+                "{other} and {app} share port {}: the calling sidecar names an app by its port alone, so each --app needs its own port",
+                app.port()
+            ));
+        }
+        if inbound_tcp_ports.contains(&app.port()) {
+            return Err(format!(
+                "--inbound-tcp-port {} is also an --app port, which carries HTTP: HTTP is authorized per request and cannot also be an opaque tunnel; serve the TCP protocol on another port",
+                app.port()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Outbound routes from the `Service` documents: each is reachable by its listed hosts, its
@@ -138,6 +176,13 @@ pub fn routes_from(set: &PolicySet) -> Vec<Route> {
                     .filter(|p| p.protocol == meshgate_policy::model::Protocol::Tcp)
                     .map(|p| p.port)
                     .collect(),
+                http_ports: svc
+                    .spec
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol != meshgate_policy::model::Protocol::Tcp)
+                    .map(|p| p.port)
+                    .collect(),
             }
         })
         .collect()
@@ -147,11 +192,25 @@ impl Sidecar {
     /// Binds every listener first (so a taken port fails fast, naming the flag), obtains the
     /// identity, loads the policy, then serves.
     pub async fn start(config: SidecarConfig) -> Result<Self, SidecarError> {
+        check_apps(&config.apps, &config.inbound_tcp_ports).map_err(SidecarError::Apps)?;
+        let probe_targets = crate::probe::ProbeTargets {
+            paths: config.probe_paths.clone(),
+            tcp: config.probe_tcp.clone(),
+            grpc: config.probe_grpc.clone(),
+        };
+        probe_targets
+            .check(&config.apps)
+            .map_err(SidecarError::Probe)?;
+        let default_app = config.apps[0];
         let inbound_listener = crate::serve::bind(config.inbound, "inbound", "--inbound").await?;
         let outbound_listener =
             crate::serve::bind(config.outbound, "outbound", "--outbound").await?;
         let admin_listener = crate::serve::bind(config.admin, "admin", "--admin").await?;
-        let probe_listener = if config.probe_paths.is_empty() && !config.probe_self {
+        let probe_listener = if config.probe_paths.is_empty()
+            && !config.probe_self
+            && config.probe_tcp.is_empty()
+            && config.probe_grpc.is_empty()
+        {
             None
         } else {
             Some(crate::serve::bind(config.probe, "health probes", "--probe").await?)
@@ -242,7 +301,7 @@ impl Sidecar {
                 policy: policy.snapshot.clone(),
                 metrics: metrics.clone(),
                 local_id: workload.clone(),
-                app_port: config.app.port(),
+                app_ports: config.apps.iter().map(SocketAddr::port).collect(),
                 sink: decisions.clone(),
                 swaps: policy.swaps(),
                 upgrades: crate::inbound::sanitize::UpgradePolicy::new(
@@ -250,14 +309,14 @@ impl Sidecar {
                 ),
                 identity: identity.clone(),
             }),
-            forwarder: AppForwarder::new(config.app, config.app_protocol),
+            forwarder: AppForwarder::new(&config.apps, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {
                 policy: policy.snapshot.clone(),
                 swaps: policy.swaps(),
                 metrics: metrics.clone(),
-                app_host: config.app.ip(),
+                app_host: default_app.ip(),
                 ports: Arc::new(config.inbound_tcp_ports.clone()),
-                http_port: config.app.port(),
+                http_ports: config.apps.iter().map(SocketAddr::port).collect(),
                 workload: workload.clone(),
                 sink: decisions.clone(),
             },
@@ -312,11 +371,8 @@ impl Sidecar {
                 let admin = admin.clone();
                 Arc::new(move || admin.not_ready_reasons()) as crate::probe::Readiness
             });
-            let probes = crate::probe::ProbeForwarder::new(
-                config.app,
-                config.probe_paths.clone(),
-                readiness,
-            );
+            let probes = crate::probe::ProbeForwarder::new(&config.apps, probe_targets, readiness)
+                .map_err(SidecarError::Probe)?;
             tasks.spawn(probes.serve(listener, shutdown.subscribe()));
         }
         tracing::info!(
@@ -324,7 +380,7 @@ impl Sidecar {
             inbound = %sidecar_addrs.0,
             outbound = %sidecar_addrs.1,
             admin = %sidecar_addrs.2,
-            app = %config.app,
+            apps = ?config.apps,
             "sidecar serving"
         );
         Ok(Self {
@@ -360,5 +416,33 @@ impl Sidecar {
     /// A receiver that turns true when shutdown starts.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_apps;
+
+    #[test]
+    fn app_lists() {
+        let a = |s: &str| s.parse().unwrap();
+        assert!(check_apps(&[a("127.0.0.1:8080")], &[]).is_ok());
+        assert!(check_apps(&[a("127.0.0.1:8080"), a("127.0.0.1:9090")], &[5432]).is_ok());
+        for (apps, tcp, says) in [
+            (vec![], vec![], "at least one --app"),
+            (
+                vec![a("127.0.0.1:8080"), a("127.0.0.2:8080")],
+                vec![],
+                "share port 8080",
+            ),
+            (
+                vec![a("127.0.0.1:8080"), a("127.0.0.1:9090")],
+                vec![9090],
+                "--inbound-tcp-port 9090 is also an --app port",
+            ),
+        ] {
+            let err = check_apps(&apps, &tcp).unwrap_err();
+            assert!(err.contains(says), "{apps:?} {tcp:?}: {err}");
+        }
     }
 }

@@ -66,10 +66,10 @@ pub struct TunnelServer {
     /// Ports a tunnel may target (the `--inbound-tcp-port`s). Anything else — the admin port,
     /// other local services — is refused before policy is even consulted.
     pub ports: Arc<Vec<u16>>,
-    /// The app's HTTP port. Never reachable as an opaque tunnel: bytes in a tunnel are judged by
-    /// identity and port only, so an HTTP request sent through one would skip per-request
-    /// authorization (method, path, headers) and header sanitizing.
-    pub http_port: u16,
+    /// The apps' HTTP ports (every `--app`). Never reachable as an opaque tunnel: bytes in a
+    /// tunnel are judged by identity and port only, so an HTTP request sent through one would
+    /// skip per-request authorization (method, path, headers) and header sanitizing.
+    pub http_ports: Arc<[u16]>,
     /// This workload's ID, for decision records (the same type as HTTP decisions).
     pub workload: SpiffeId,
     /// Where decisions are written.
@@ -95,12 +95,12 @@ impl TunnelServer {
             count(&self.metrics, "inbound", "error", 0);
             return;
         };
-        if port == self.http_port {
+        if self.http_ports.contains(&port) {
             tracing::warn!(
                 event = "tunnel.http_port_refused",
                 peer.id = %peer,
                 port,
-                "tunnel to the app's HTTP port refused: HTTP is authorized per request (send HTTP through the mesh, or declare a TCP port with --inbound-tcp-port)"
+                "tunnel to an app's HTTP port refused: HTTP is authorized per request (send HTTP through the mesh, or declare a TCP port with --inbound-tcp-port)"
             );
             self.metrics.count_hygiene("tunnel_to_http_port", 1);
             count(&self.metrics, "inbound", "deny", port);

@@ -399,7 +399,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         let id = meshgate_ca::SpiffeId::parse(&id_of(name)).expect("valid ID");
         let (token, _) = token_key.mint(&id, Duration::from_secs(300), false);
         let sidecar = Sidecar::start(SidecarConfig {
-            app: loopback(p.app),
+            apps: vec![loopback(p.app)],
             app_protocol: AppProtocol::Auto,
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: ca_url.clone(),
@@ -417,6 +417,8 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             probe: loopback(0),
             probe_paths: vec![],
             probe_self: false,
+            probe_tcp: vec![],
+            probe_grpc: vec![],
             allow_tls12: false,
             tcp_forwards: vec![],
             inbound_tcp_ports: vec![],

@@ -7,7 +7,9 @@
 //! `ip netns exec`, which hides the cgroup2 mount). Proven, in order:
 //! 1. A's app calls `http://10.199.0.2:8080/` by plain address: redirected through both sidecars
 //!    (B's app sees `x-meshgate-peer` = A's SPIFFE ID; both sidecars' /metrics count it; the eBPF
-//!    counters show the redirect and the SO_ORIGINAL_DST answer).
+//!    counters show the redirect and the SO_ORIGINAL_DST answer). B's sidecar serves two app
+//!    ports (8080, 8081): the port A's app addressed picks the app, from the `Host` port or,
+//!    when the `Host` names none, from the redirected connection's original destination.
 //! 2. A process in A outside the app cgroup dialing B's app port directly is dropped by B's
 //!    ingress guard, and the drop is counted (B's sidecar port stays reachable: only the app port
 //!    is closed).
@@ -111,8 +113,14 @@ impl Env {
     }
 
     fn curl(&self, pod: usize, cg: &str, url: &str) -> Output {
+        self.curl_with(pod, cg, url, &[])
+    }
+
+    fn curl_with(&self, pod: usize, cg: &str, url: &str, args: &[&str]) -> Output {
         output_within(
-            self.in_pod(pod, cg, "curl").args(["-sS", "-m", "5", url]),
+            self.in_pod(pod, cg, "curl")
+                .args(["-sS", "-m", "5", url])
+                .args(args),
             Duration::from_secs(8),
         )
     }
@@ -292,7 +300,7 @@ metadata: {{ name: b, namespace: test }}
 spec:
   identity: {B_ID}
   hosts: ["b", "{B_IP}"]
-  ports: [{{ port: 8080 }}]
+  ports: [{{ port: 8080 }}, {{ port: 8081 }}]
   endpoints: ["{B_IP}:15006"]
 ---
 apiVersion: meshgate.dev/v1
@@ -347,6 +355,8 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     std::fs::write(&app_py, APP).unwrap();
     for (name, pod, cg, ip, port) in [
         ("app-b", 1, "pod-b/app", "0.0.0.0", "8080"),
+        // B's second app port.
+        ("app-b2", 1, "pod-b/app", "0.0.0.0", "8081"),
         ("ext", 1, "pod-b/ext", EXT_IP, "9000"),
         ("app-a", 0, "pod-a/app", "0.0.0.0", "8080"),
     ] {
@@ -382,6 +392,9 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
             .arg("--ebpf-cgroup")
             .arg(env.cg(if pod == 0 { "pod-a/app" } else { "pod-b/app" }))
             .env("MESHGATE_LOG", "info");
+        if pod == 1 {
+            cmd.args(["--app", "127.0.0.1:8081"]);
+        }
         env.spawn(name, cmd);
     }
     for pod in [0, 1] {
@@ -397,6 +410,11 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
                 .success()
         });
     }
+    env.wait_until("second app up", Duration::from_secs(20), || {
+        env.curl(1, "pod-b/ext", "http://127.0.0.1:8081/")
+            .status
+            .success()
+    });
     env.wait_until("external server up", Duration::from_secs(20), || {
         env.curl(1, "pod-b/ext", &format!("http://{EXT_IP}:9000/"))
             .status
@@ -410,7 +428,7 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     // Attach both pods (the CLI exits; the pins keep the programs attached).
     let app_a = env.cg("pod-a/app");
     let app_b = env.cg("pod-b/app");
-    let attach_args = |app: &Path, sidecar: PathBuf, account: &str| -> Vec<String> {
+    let attach_args = |app: &Path, sidecar: PathBuf, account: &str, ports: &str| -> Vec<String> {
         vec![
             "attach".into(),
             "--cgroup".into(),
@@ -422,15 +440,15 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
             "--inbound-port".into(),
             "15006".into(),
             "--app-ports".into(),
-            "8080".into(),
+            ports.into(),
             "--network-policy".into(),
             pol.display().to_string(),
             "--identity".into(),
             format!("spiffe://mesh.local/ns/test/sa/{account}"),
         ]
     };
-    let args_a = attach_args(&app_a, env.cg("pod-a/sidecar"), "a");
-    let args_b = attach_args(&app_b, env.cg("pod-b/sidecar"), "b");
+    let args_a = attach_args(&app_a, env.cg("pod-a/sidecar"), "a", "8080");
+    let args_b = attach_args(&app_b, env.cg("pod-b/sidecar"), "b", "8080,8081");
     let started = Instant::now();
     let out = ok(&env.redirect(&args_a.iter().map(String::as_str).collect::<Vec<_>>()));
     let attach_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -448,6 +466,32 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
         json["peer"], "127.0.0.1",
         "B's app is reached only by its sidecar: {body}"
     );
+    // B's sidecar serves two app ports: the port A's app addressed picks the app, from the
+    // Host port or, when the Host names none, from the redirected connection's original
+    // destination (SO_ORIGINAL_DST, answered by the eBPF getsockopt program).
+    for (url, host, want) in [
+        (format!("http://{B_IP}:8081/second"), None, "app-b2"),
+        (
+            format!("http://{B_IP}:8081/second"),
+            Some("Host: b"),
+            "app-b2",
+        ),
+        (
+            format!("http://{B_IP}:8080/first"),
+            Some("Host: b"),
+            "app-b",
+        ),
+    ] {
+        let args: Vec<&str> = host.iter().flat_map(|h| ["-H", *h]).collect();
+        let body = ok(&env.curl_with(0, "pod-a/app", &url, &args));
+        let json: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(json["app"], want, "{url} {host:?}: {body}");
+        assert_eq!(json["headers"]["x-meshgate-peer"], A_ID, "{body}");
+        assert!(
+            json["headers"].get("x-meshgate-app-port").is_none(),
+            "{body}"
+        );
+    }
     let metrics_a = ok(&env.curl(0, "pod-a/other", "http://127.0.0.1:15000/metrics"));
     let metrics_b = ok(&env.curl(1, "pod-b/ext", "http://127.0.0.1:15000/metrics"));
     assert!(

@@ -106,7 +106,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
     let app = EchoApp::start().await;
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let sidecar = Sidecar::start(SidecarConfig {
-        app: app.addr,
+        apps: vec![app.addr],
         app_protocol: AppProtocol::Auto,
         identity: IdentitySource::Files(IdentityFiles {
             cert: files.join("svid.pem"),
@@ -123,6 +123,8 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         probe: any,
         probe_paths: vec![],
         probe_self: false,
+        probe_tcp: vec![],
+        probe_grpc: vec![],
         allow_tls12: false,
         tcp_forwards: vec![],
         inbound_tcp_ports: vec![],

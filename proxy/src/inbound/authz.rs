@@ -26,7 +26,7 @@ use opentelemetry::trace::TraceContextExt;
 use tower::{Layer, Service};
 
 use super::error::InboundError;
-use super::normalize::{AllowedUpgrade, target};
+use super::normalize::{AllowedUpgrade, TargetApp, target};
 use super::observe::RequestSpan;
 use super::sanitize::{TrailerFilter, UpgradePolicy};
 use crate::decision::DecisionSink;
@@ -49,8 +49,9 @@ pub struct AuthzContext {
     pub metrics: Arc<Metrics>,
     /// This workload's ID (for the XFCC `By=` field and every decision).
     pub local_id: SpiffeId,
-    /// The app's port, judged against `ports` in rules.
-    pub app_port: u16,
+    /// The app ports (`--app`), the default one first. A request is judged against `ports` in
+    /// rules with the port of the app it is for.
+    pub app_ports: Box<[u16]>,
     /// Where decisions are written (log, spans, metrics, decision feed).
     pub sink: DecisionSink,
     /// Bumped at every policy swap: upgraded connections re-judge their request then.
@@ -59,6 +60,13 @@ pub struct AuthzContext {
     pub upgrades: UpgradePolicy,
     /// This workload's identity: requests are served only while its SVID is valid.
     pub identity: Arc<crate::identity::Identity>,
+}
+
+impl AuthzContext {
+    /// The default app's port (requests that name no app port).
+    pub fn default_port(&self) -> u16 {
+        self.app_ports[0]
+    }
 }
 
 /// Adds [`Authorize`] for one connection's peer.
@@ -127,11 +135,15 @@ where
         let span = req.extensions_mut().remove::<RequestSpan>();
         let original = target(&req).to_string();
         let method = req.method().as_str().to_string();
+        let port = req
+            .extensions()
+            .get::<TargetApp>()
+            .map_or_else(|| ctx.default_port(), |t| t.port);
         let snapshot = ctx.policy.load();
         let judged = judge(
             &snapshot,
             &peer.id,
-            ctx.app_port,
+            port,
             Some(HttpRequest {
                 method: &method,
                 target: &original,
@@ -153,13 +165,8 @@ where
                 meshgate_ca::cert::rfc3339(peer.not_after)
             );
         }
-        let mut record = DecisionRecord::new(
-            DecisionLayer::L7,
-            &ctx.local_id,
-            &peer.id,
-            ctx.app_port,
-            &decision,
-        );
+        let mut record =
+            DecisionRecord::new(DecisionLayer::L7, &ctx.local_id, &peer.id, port, &decision);
         record.peer_addr = Some(peer.addr.to_string());
         record.method = Some(method.clone());
         record.trace_id = span.as_ref().and_then(|s| s.trace_id.clone());
@@ -204,7 +211,7 @@ where
                 peer: peer.clone(),
                 method,
                 path: normalized.path.clone(),
-                port: ctx.app_port,
+                port,
                 headers: req.headers().clone(),
             });
         let headers = req.headers_mut();

@@ -21,6 +21,12 @@ pub enum InboundError {
     /// Denied by policy, or the caller's certificate expired while its connection stayed
     /// open: 403.
     Forbidden(Box<DecisionRecord>),
+    /// The calling sidecar named an app port (`x-meshgate-app-port`) this sidecar does not
+    /// serve (no such `--app`, and several apps to choose from): 421 Misdirected Request (RFC 9110 §15.5.20), "this server cannot
+    /// answer for that target" — not 404, which the app itself answers for paths, so a caller
+    /// can tell a mesh misconfiguration (the Service declares a port the workload does not
+    /// serve) from a missing page.
+    MisdirectedPort(Box<DecisionRecord>),
     /// This sidecar's own SVID has expired (the CA stayed unreachable past its lifetime): 503,
     /// not 403 — the caller is not at fault and may try another endpoint.
     LocalIdentityExpired,
@@ -31,6 +37,7 @@ impl InboundError {
         match self {
             InboundError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             InboundError::Forbidden(_) => StatusCode::FORBIDDEN,
+            InboundError::MisdirectedPort(_) => StatusCode::MISDIRECTED_REQUEST,
             InboundError::LocalIdentityExpired => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -38,9 +45,9 @@ impl InboundError {
     /// The decision behind the error, if one was made.
     pub fn record(&self) -> Option<&DecisionRecord> {
         match self {
-            InboundError::BadRequest { record, .. } | InboundError::Forbidden(record) => {
-                Some(record)
-            }
+            InboundError::BadRequest { record, .. }
+            | InboundError::Forbidden(record)
+            | InboundError::MisdirectedPort(record) => Some(record),
             InboundError::LocalIdentityExpired => None,
         }
     }
@@ -50,6 +57,7 @@ impl InboundError {
         let body = match &self {
             InboundError::BadRequest { body, .. } => body,
             InboundError::Forbidden(_) => "forbidden\n",
+            InboundError::MisdirectedPort(_) => "meshgate: no app on that port here\n",
             InboundError::LocalIdentityExpired => "meshgate: this sidecar's SVID has expired\n",
         };
         error_response_for(grpc, self.status(), body)

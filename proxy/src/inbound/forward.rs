@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
 use super::authz::Reauthorize;
-use super::normalize::CarriedHttp1;
+use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
     ProxyBody, boxed, bridge_upgrade, error_response_for, is_grpc, requested_upgrade, set_upgrade,
@@ -58,42 +58,63 @@ impl Service<Uri> for AppConnector {
 
 type AppClient = Client<AppConnector, TrailerFilter>;
 
-/// Sends requests to the app at `app` (`host:port`), keeping the caller's `Host`.
+/// One `--app`: where it listens and its pooled HTTP/1.1 client. Each app has its own clients:
+/// hyper's pool is keyed by the request's authority (the caller's `Host`), which is the same
+/// whichever app a request is for, so a shared pool would reuse one app's connection for another.
+struct App {
+    addr: String,
+    connector: AppConnector,
+    http1: AppClient,
+}
+
+/// Sends requests to the apps (`host:port` each, the default first), keeping the caller's `Host`.
 ///
-/// HTTP/2 to the app is per caller connection ([`AppForwarder::for_connection`]): one shared
+/// HTTP/2 to an app is per caller connection ([`AppForwarder::for_connection`]): one shared
 /// h2c connection let a caller that opened streams with a zero flow-control window and never
 /// read starve every other caller's streams (connection-level flow control is shared).
 #[derive(Clone)]
 pub struct AppForwarder {
-    app: String,
+    apps: Arc<[App]>,
     protocol: AppProtocol,
-    connector: AppConnector,
-    http1: AppClient,
-    /// This caller connection's HTTP/2 pool, made on first use (most connections never need it).
-    h2c: Arc<OnceLock<AppClient>>,
+    /// This caller connection's HTTP/2 pool per app, made on first use (most connections never
+    /// need one).
+    h2c: Arc<[OnceLock<AppClient>]>,
 }
 
 impl AppForwarder {
-    pub fn new(app: std::net::SocketAddr, protocol: AppProtocol) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // A local app that does not accept within this is down; fail fast with 502.
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
-        let connector = AppConnector {
-            inner: connector,
-            app: format!("http://{app}")
-                .parse()
-                .expect("a socket address forms a URI"),
-        };
-        let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let h2c = Arc::default();
+    /// `apps` must not be empty: the first is the default.
+    pub fn new(apps: &[std::net::SocketAddr], protocol: AppProtocol) -> Self {
+        assert!(!apps.is_empty(), "a sidecar serves at least one app");
+        let apps: Arc<[App]> = apps
+            .iter()
+            .map(|app| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                // A local app that does not accept within this is down; fail fast with 502.
+                connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+                let connector = AppConnector {
+                    inner: connector,
+                    app: format!("http://{app}")
+                        .parse()
+                        .expect("a socket address forms a URI"),
+                };
+                App {
+                    addr: app.to_string(),
+                    http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+                    connector,
+                }
+            })
+            .collect();
+        let h2c = Self::fresh_h2c(apps.len());
         Self {
-            app: app.to_string(),
+            apps,
             protocol,
-            connector,
-            http1,
             h2c,
         }
+    }
+
+    fn fresh_h2c(apps: usize) -> Arc<[OnceLock<AppClient>]> {
+        (0..apps).map(|_| OnceLock::new()).collect()
     }
 
     fn h2c_client(connector: &AppConnector) -> AppClient {
@@ -102,12 +123,12 @@ impl AppForwarder {
             .build(connector.clone())
     }
 
-    /// The forwarder for one caller connection: HTTP/1.1 connections to the app stay pooled
+    /// The forwarder for one caller connection: HTTP/1.1 connections to the apps stay pooled
     /// (one request at a time each, so callers cannot starve each other), HTTP/2 gets a pool of
-    /// its own, opened on first use and closed with the caller's connection.
+    /// its own per app, opened on first use and closed with the caller's connection.
     pub fn for_connection(&self) -> Self {
         let mut me = self.clone();
-        me.h2c = Arc::default();
+        me.h2c = Self::fresh_h2c(self.apps.len());
         me
     }
 }
@@ -123,6 +144,12 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
 
     fn call(&mut self, mut req: Request<TrailerFilter>) -> Self::Future {
         let carried_http1 = req.extensions_mut().remove::<CarriedHttp1>().is_some();
+        // Normalize checked that the index names one of the apps.
+        let index = req
+            .extensions_mut()
+            .remove::<TargetApp>()
+            .map_or(0, |t| t.index);
+        let app = &self.apps[index];
         let reauthorize = req.extensions_mut().remove::<Reauthorize>();
         // An Upgrade (WebSocket, …) is an HTTP/1.1 mechanism: it goes to the app over HTTP/1.1.
         // Only upgrades the authorization layer kept (allowed protocols) are still here.
@@ -143,12 +170,12 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| self.app.clone());
+            .unwrap_or_else(|| app.addr.clone());
         strip_hop_by_hop(req.headers_mut());
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);
         }
-        *req.uri_mut() = app_uri(req.uri(), &authority, &self.app);
+        *req.uri_mut() = app_uri(req.uri(), &authority, &app.addr);
         if use_h2 {
             // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1).
             req.headers_mut().remove(header::HOST);
@@ -163,11 +190,11 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             Version::HTTP_11
         };
         let client = if use_h2 {
-            self.h2c
-                .get_or_init(|| Self::h2c_client(&self.connector))
+            self.h2c[index]
+                .get_or_init(|| Self::h2c_client(&app.connector))
                 .clone()
         } else {
-            self.http1.clone()
+            app.http1.clone()
         };
         let grpc = is_grpc(req.headers());
         Box::pin(async move {

@@ -6,7 +6,8 @@
 //! - hop-by-hop headers and every caller-sent identity header are removed, so nothing the
 //!   caller sends can remove or shadow the headers the sidecar adds after authorization;
 //! - an `Upgrade` survives only to an allowed protocol;
-//! - the outbound sidecar's HTTP/1.1 marker is read and removed.
+//! - the outbound sidecar's HTTP/1.1 marker and app port are read and removed (an app port this
+//!   sidecar, with several apps, does not serve: 421).
 //!
 //! Method and path checks are part of judging ([`meshgate_policy::judge()`]), so that
 //! `policy explain` refuses exactly what the sidecar refuses; the method is checked here too
@@ -26,13 +27,23 @@ use tower::{Layer, Service};
 use super::authz::{AuthzContext, PeerIdentity};
 use super::error::InboundError;
 use super::observe::RequestSpan;
-use super::sanitize;
-use crate::http_util::{ORIG_PROTO_HEADER, ProxyBody};
+use super::sanitize::{self, AppPortRefusal};
+use crate::http_util::{APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody};
 
 /// Set by the outbound sidecar's `x-meshgate-orig-proto`: the caller spoke HTTP/1.1, so the app
 /// gets HTTP/1.1 again (read before the reserved headers are stripped).
 #[derive(Debug, Clone, Copy)]
 pub struct CarriedHttp1;
+
+/// The request is for one of the sidecar's other `--app`s (named by the calling sidecar's
+/// `x-meshgate-app-port`); absent means the default (first) app. Read by authorization (the port
+/// judged) and by the forwarder (the app dialled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetApp {
+    /// Index into the `--app` list.
+    pub index: usize,
+    pub port: u16,
+}
 
 /// The request asked for an allowed upgrade (WebSocket, …): once authorized, the upgraded
 /// connection is re-judged for as long as it stays open.
@@ -101,7 +112,7 @@ where
                 .err()
                 .map(|r| (r.to_string(), r.label())),
         };
-        if let Some((reason, label)) = refusal {
+        let refused = |req: &Request<Incoming>, port: u16, reason: String, label: &'static str| {
             ctx.metrics.count_hygiene(label, 1);
             let snapshot = ctx.policy.load();
             let decision = Decision::bad_request(snapshot.version(), reason);
@@ -109,17 +120,46 @@ where
                 DecisionLayer::L7,
                 &ctx.local_id,
                 &self.peer.id,
-                ctx.app_port,
+                port,
                 &decision,
             );
             record.peer_addr = Some(self.peer.addr.to_string());
             record.method = Some(req.method().as_str().to_string());
-            record.original = Some(target(&req).to_string());
-            record.trace_id = trace_id;
+            record.original = Some(target(req).to_string());
+            record.trace_id = trace_id.clone();
+            Box::new(record)
+        };
+        if let Some((reason, label)) = refusal {
+            let record = refused(&req, ctx.default_port(), reason, label);
             return Either::Right(std::future::ready(Err(InboundError::BadRequest {
-                record: Box::new(record),
+                record,
                 body: "bad request\n",
             })));
+        }
+        // Which app (read before the reserved headers are stripped, which would count it as a
+        // forgery): the calling sidecar names it, the default one otherwise.
+        let app = match sanitize::target_app(req.headers(), &ctx.app_ports) {
+            Ok(app) => app,
+            Err(e) => {
+                let (port, error): (u16, fn(Box<DecisionRecord>) -> InboundError) = match e {
+                    AppPortRefusal::NotServed(port) => (port, InboundError::MisdirectedPort),
+                    AppPortRefusal::Malformed => {
+                        (ctx.default_port(), |record| InboundError::BadRequest {
+                            record,
+                            body: "bad request\n",
+                        })
+                    }
+                };
+                let record = refused(&req, port, e.to_string(), e.label());
+                return Either::Right(std::future::ready(Err(error(record))));
+            }
+        };
+        req.headers_mut().remove(APP_PORT_HEADER);
+        if app != 0 {
+            req.extensions_mut().insert(TargetApp {
+                index: app,
+                port: ctx.app_ports[app],
+            });
         }
         if req.headers_mut().remove(ORIG_PROTO_HEADER).is_some() {
             req.extensions_mut().insert(CarriedHttp1);

@@ -17,6 +17,11 @@
 //! - **One valid Host**: duplicate or malformed `Host`, or a `Host` that disagrees with HTTP/2's
 //!   `:authority` or an HTTP/1.1 absolute-form target, is refused (RFC 9112 §3.2, RFC 9113
 //!   §8.3.1): the app and the policy must not disagree about which virtual host was asked for.
+//! - **The app port comes from the calling sidecar** ([`target_app`]): `x-meshgate-app-port` is
+//!   read before the reserved headers are stripped (so the app never sees it), must be one port
+//!   number, and must be one of this sidecar's `--app` ports; the request is then judged for
+//!   that port. Only the exact name is read: a caller's app cannot smuggle it past its own
+//!   sidecar, which removes it and sets its own, and other spellings are stripped as reserved.
 //! - **Upgrades only to allowed protocols** ([`UpgradePolicy`]): after a `101` the bytes are no
 //!   longer judged per request, so an `Upgrade: h2c` honoured by the app would carry unjudged
 //!   HTTP/2 streams. Other protocols are stripped and the request goes on as a plain request.
@@ -30,7 +35,7 @@ use http::Request;
 use http::header::{self, HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::http_util::{set_upgrade, strip_hop_by_hop};
+use crate::http_util::{APP_PORT_HEADER, set_upgrade, strip_hop_by_hop};
 use crate::metrics::Metrics;
 
 /// Header names the sidecar alone sets for the app, as their letters and digits (lowercase).
@@ -119,6 +124,61 @@ pub fn check<B>(req: &Request<B>) -> Result<(), Refusal> {
         }
     }
     Ok(())
+}
+
+/// Why the app port a calling sidecar named cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppPortRefusal {
+    /// Not exactly one decimal port number: a broken or hostile peer (400).
+    #[error("x-meshgate-app-port is not exactly one port number")]
+    Malformed,
+    /// A port with no `--app` here, while there are several (421): the Service declares a port
+    /// the workload does not serve, and which app was meant cannot be known.
+    #[error(
+        "x-meshgate-app-port {0} is not an app port of this sidecar (serve it with another --app, or remove it from the Service's ports)"
+    )]
+    NotServed(u16),
+}
+
+impl AppPortRefusal {
+    /// The hygiene counter label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AppPortRefusal::Malformed => "bad_app_port",
+            AppPortRefusal::NotServed(_) => "unknown_app_port",
+        }
+    }
+}
+
+/// Which of `ports` (the `--app` ports, default first) the calling sidecar's
+/// `x-meshgate-app-port` names: its index, 0 when the header is absent (or names another port
+/// while there is only one app). A scan of a few ports, no allocation: this runs on every
+/// request.
+pub fn target_app(headers: &HeaderMap, ports: &[u16]) -> Result<usize, AppPortRefusal> {
+    let mut values = headers.get_all(APP_PORT_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(0);
+    };
+    if values.next().is_some() {
+        return Err(AppPortRefusal::Malformed);
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 5 || !bytes.iter().all(u8::is_ascii_digit) {
+        return Err(AppPortRefusal::Malformed);
+    }
+    let port = bytes.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(AppPortRefusal::Malformed)?;
+    match ports.iter().position(|p| *p == port) {
+        Some(index) => Ok(index),
+        // One app serves every request, whatever port the caller addressed, as before a
+        // sidecar could serve several: a Service whose port differs from the app's (80 in front
+        // of 8080) keeps working. The request is judged for the app's own port.
+        None if ports.len() == 1 => Ok(0),
+        None => Err(AppPortRefusal::NotServed(port)),
+    }
 }
 
 /// Which `Upgrade` protocols may pass (case-insensitive tokens, e.g. `websocket`).
@@ -308,6 +368,46 @@ mod tests {
         assert!(done.stripped >= 1, "{done:?}");
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn the_app_port_a_calling_sidecar_names() {
+        let ports = [8080, 9090];
+        for (values, want) in [
+            (&[][..], Ok(0)),
+            (&["8080"][..], Ok(0)),
+            (&["9090"][..], Ok(1)),
+            (&["7070"][..], Err(AppPortRefusal::NotServed(7070))),
+            (&["9090", "9090"][..], Err(AppPortRefusal::Malformed)),
+            (&[""][..], Err(AppPortRefusal::Malformed)),
+            (&["0"][..], Err(AppPortRefusal::Malformed)),
+            (&["65536"][..], Err(AppPortRefusal::Malformed)),
+            (&["009090"][..], Err(AppPortRefusal::Malformed)),
+            (&["+9090"][..], Err(AppPortRefusal::Malformed)),
+            (&["9090 "][..], Err(AppPortRefusal::Malformed)),
+            (&["9090,8080"][..], Err(AppPortRefusal::Malformed)),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(APP_PORT_HEADER, HeaderValue::from_static(v));
+            }
+            assert_eq!(target_app(&h, &ports), want, "{values:?}");
+        }
+        // With one app, any well-formed port reaches it; a malformed one is still refused.
+        for (value, want) in [
+            ("7070", Ok(0)),
+            ("8080", Ok(0)),
+            ("x", Err(AppPortRefusal::Malformed)),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(APP_PORT_HEADER, HeaderValue::from_static(value));
+            assert_eq!(target_app(&h, &[8080]), want, "one app, {value}");
+        }
+        // Other spellings are not read (they are stripped as reserved headers instead).
+        let mut h = HeaderMap::new();
+        h.insert("x_meshgate_app_port", HeaderValue::from_static("9090"));
+        assert_eq!(target_app(&h, &ports), Ok(0));
+        assert!(is_reserved(b"x_meshgate_app_port"));
     }
 
     #[test]

@@ -21,8 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::http_util::{
-    ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response, error_response_for,
-    host_without_port, is_grpc, requested_upgrade, set_upgrade, strip_hop_by_hop,
+    APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response,
+    error_response_for, host_without_port, is_grpc, port_of, requested_upgrade, set_upgrade,
+    strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -40,10 +41,15 @@ pub struct Route {
     pub endpoints: Vec<String>,
     /// Ports the Service declares `protocol: tcp`: redirected traffic to them skips detection.
     pub opaque_ports: Vec<u16>,
+    /// Ports the Service declares `http` or `grpc`: the only ports named to the callee's sidecar
+    /// (`x-meshgate-app-port`), see [`app_port_for`].
+    pub http_ports: Vec<u16>,
 }
 
 struct RouteEntry {
     route: Route,
+    /// `http_ports` with their header values, built once (no allocation per request).
+    port_values: Vec<(u16, HeaderValue)>,
     connector: MeshConnector,
     client: Client<MeshConnector, Incoming>,
 }
@@ -70,7 +76,13 @@ impl RouteTable {
                 .http2_only(true)
                 .pool_idle_timeout(Duration::from_secs(90))
                 .build(connector.clone());
+            let port_values = route
+                .http_ports
+                .iter()
+                .map(|p| (*p, HeaderValue::from(*p)))
+                .collect();
             let entry = Arc::new(RouteEntry {
+                port_values,
                 route,
                 connector,
                 client,
@@ -106,6 +118,22 @@ impl RouteTable {
         routes.dedup();
         routes
     }
+}
+
+/// Which of the callee's app ports to name in `x-meshgate-app-port`: the port the app addressed —
+/// the `Host`/`:authority` port, else the redirected connection's original destination port —
+/// when the Service declares it (`ports`, `http` or `grpc`); otherwise none, and the callee
+/// serves its default app. Only declared ports are sent because the port an app addresses is
+/// not always an app port of the callee: a Kubernetes Service port (`frontend:80`, reaching
+/// `targetPort` 8080) or an explicit proxy's own port would name a port the callee does not
+/// serve, refused (421) by a callee with several apps where its default app is what the caller
+/// meant. So a Service without `ports` behaves as before: one app per workload.
+pub fn app_port_for(
+    declared: &[u16],
+    host_port: Option<u16>,
+    dst_port: Option<u16>,
+) -> Option<u16> {
+    host_port.or(dst_port).filter(|p| declared.contains(p))
 }
 
 /// Protocol detection settings for redirected connections.
@@ -157,7 +185,8 @@ impl Outbound {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let _ = tcp.set_nodelay(true);
-        if let Some(dst) = detect::original_dst(&tcp) {
+        let original = detect::original_dst(&tcp);
+        if let Some(dst) = original {
             let host = dst.ip().to_string();
             let verdict = if self.detection.opaque_ports.contains(&dst.port())
                 || self.routes.load().is_opaque(&host, dst.port())
@@ -181,9 +210,10 @@ impl Outbound {
             }
         }
         let this = self.clone();
+        let dst_port = original.map(|dst| dst.port());
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
-            async move { Ok::<_, Infallible>(this.forward(req).await) }
+            async move { Ok::<_, Infallible>(this.forward(req, dst_port).await) }
         });
         let builder = crate::serve::http_server();
         let conn = builder
@@ -196,12 +226,18 @@ impl Outbound {
 
     /// One request from the app: a client span around routing and forwarding, whose context
     /// replaces the app's `traceparent` so the next sidecar's server span is its child.
-    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    /// `dst_port` is the redirected connection's original destination port (none when the app
+    /// addressed this listener itself).
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        dst_port: Option<u16>,
+    ) -> Response<ProxyBody> {
         use opentelemetry::KeyValue;
         use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
         if !self.telemetry.enabled() {
             // No span to build: skip the attributes' allocations on every request.
-            return self.route(req).await;
+            return self.route(req, dst_port).await;
         }
         let parent = self.telemetry.extract(req.headers());
         let server = req
@@ -222,7 +258,7 @@ impl Outbound {
             ],
         );
         self.telemetry.inject(&cx, req.headers_mut());
-        let resp = self.route(req).await;
+        let resp = self.route(req, dst_port).await;
         let status = resp.status();
         cx.span().set_attribute(KeyValue::new(
             "http.response.status_code",
@@ -235,7 +271,11 @@ impl Outbound {
         resp
     }
 
-    async fn route(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn route(
+        &self,
+        mut req: Request<Incoming>,
+        dst_port: Option<u16>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let authority = req
             .headers()
@@ -265,6 +305,16 @@ impl Outbound {
                 "meshgate: no Service for this host\n",
             );
         };
+        // The headers only this sidecar may set for the callee's sidecar: whatever the app sent
+        // under these names is dropped, never forwarded (the callee would trust them).
+        let headers = req.headers_mut();
+        headers.remove(ORIG_PROTO_HEADER);
+        headers.remove(APP_PORT_HEADER);
+        if let Some(port) = app_port_for(&entry.route.http_ports, port_of(&authority), dst_port)
+            && let Some((_, value)) = entry.port_values.iter().find(|(p, _)| *p == port)
+        {
+            headers.insert(APP_PORT_HEADER, value.clone());
+        }
         if let Some(protocol) = requested_upgrade(&req) {
             return self.forward_upgrade(req, protocol, &entry, started).await;
         }
@@ -399,5 +449,35 @@ impl Outbound {
                 decision,
             })
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::app_port_for;
+
+    #[test]
+    fn the_app_port_named_to_the_callee() {
+        let declared = [8080, 9090];
+        for (host_port, dst_port, want) in [
+            // The Host port wins over the original destination.
+            (Some(9090), Some(8080), Some(9090)),
+            (Some(9090), None, Some(9090)),
+            // No Host port: the redirected connection's original port.
+            (None, Some(9090), Some(9090)),
+            // Undeclared ports are never named: the callee's default app serves them
+            // (a Kubernetes Service port 80 in front of targetPort 8080).
+            (Some(80), Some(9090), None),
+            (None, Some(80), None),
+            (None, None, None),
+        ] {
+            assert_eq!(
+                app_port_for(&declared, host_port, dst_port),
+                want,
+                "Host port {host_port:?}, original port {dst_port:?}"
+            );
+        }
+        // A Service without ports names none: one app per workload, as before.
+        assert_eq!(app_port_for(&[], Some(8080), Some(8080)), None);
     }
 }

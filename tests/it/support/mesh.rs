@@ -362,12 +362,28 @@ impl TestMesh {
         tcp_forwards: &[meshgate_proxy::outbound::tcp::TcpForward],
         inbound_tcp_ports: &[u16],
     ) {
+        let (forwards, ports) = (tcp_forwards.to_vec(), inbound_tcp_ports.to_vec());
+        self.add_configured(name, app, move |config| {
+            config.tcp_forwards = forwards;
+            config.inbound_tcp_ports = ports;
+        })
+        .await;
+    }
+
+    /// Starts a workload whose sidecar fronts `app.addr`, with the harness's configuration
+    /// changed by `configure` first (more apps, probe ports, …).
+    pub async fn add_configured(
+        &mut self,
+        name: &str,
+        app: EchoApp,
+        configure: impl FnOnce(&mut SidecarConfig),
+    ) {
         let id = Self::id_of(name);
         let mut telemetry = self.telemetry.clone();
         telemetry.service_name = Some(format!("{name}-sidecar"));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let sidecar = Sidecar::start(SidecarConfig {
-            app: app.addr,
+        let mut config = SidecarConfig {
+            apps: vec![app.addr],
             app_protocol: AppProtocol::Auto,
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: self.ca.url(),
@@ -392,9 +408,11 @@ impl TestMesh {
             probe: any,
             probe_paths: vec!["/healthz".to_string()],
             probe_self: true,
+            probe_tcp: vec![],
+            probe_grpc: vec![],
             allow_tls12: false,
-            tcp_forwards: tcp_forwards.to_vec(),
-            inbound_tcp_ports: inbound_tcp_ports.to_vec(),
+            tcp_forwards: vec![],
+            inbound_tcp_ports: vec![],
             allowed_upgrades: vec!["websocket".into()],
             limits: self.limits,
             detect_timeout: Duration::from_millis(300),
@@ -403,9 +421,9 @@ impl TestMesh {
             poll_interval: Duration::from_millis(50),
             telemetry,
             ebpf_cgroup: None,
-        })
-        .await
-        .unwrap();
+        };
+        configure(&mut config);
+        let sidecar = Sidecar::start(config).await.unwrap();
         self.workloads.insert(
             name.to_string(),
             Workload {
