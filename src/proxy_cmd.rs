@@ -100,7 +100,9 @@ pub struct ProxyArgs {
     /// A local HTTP app the sidecar protects (HOST:PORT; repeatable, one per port). The first is
     /// the default: it serves requests whose calling sidecar names no app port (the port the
     /// caller addressed, sent only when the Service declares it in `ports`).
-    #[arg(long = "app", required = true, value_name = "HOST:PORT")]
+    /// Without any, the sidecar is outbound-only (a workload that listens nowhere, such as a
+    /// load generator or a batch job): its inbound listener refuses every request with 421.
+    #[arg(long = "app", value_name = "HOST:PORT")]
     apps: Vec<SocketAddr>,
     /// Which HTTP the apps speak (one setting for every --app).
     #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]

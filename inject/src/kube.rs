@@ -609,6 +609,14 @@ fn rewrite_probes(
                 continue; // exec, or nothing
             };
             let node = probe.get(handler).expect("found above").clone();
+            // The sidecar's own check gets the kubelet's timeout (its default is the kubelet's
+            // default, 1 s).
+            let timeout = probe
+                .get("timeoutSeconds")
+                .and_then(Node::as_str)
+                .and_then(|t| t.parse::<u64>().ok())
+                .filter(|t| (2..=60).contains(t))
+                .map(|t| format!("timeout={t}"));
             let target = node.get("port").and_then(Node::as_str).unwrap_or_default();
             let Some(port) = resolve(target).filter(|p| guarded.contains(p)) else {
                 continue;
@@ -645,16 +653,19 @@ fn rewrite_probes(
                 }
                 "tcpSocket" => {
                     out.tcp.insert(port);
-                    format!("/meshgate/probe/tcp/{port}")
+                    with_query(format!("/meshgate/probe/tcp/{port}"), &[timeout.as_deref()])
                 }
                 _ => {
                     out.grpc.insert(port);
-                    match node.get("service").and_then(Node::as_str) {
-                        Some(svc) if !svc.is_empty() => {
-                            format!("/meshgate/probe/grpc/{port}?service={svc}")
-                        }
-                        _ => format!("/meshgate/probe/grpc/{port}"),
-                    }
+                    let service = node
+                        .get("service")
+                        .and_then(Node::as_str)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| format!("service={s}"));
+                    with_query(
+                        format!("/meshgate/probe/grpc/{port}"),
+                        &[service.as_deref(), timeout.as_deref()],
+                    )
                 }
             };
             let mut http = Node::map([("path", Node::str(path)), ("port", Node::int(PROBE_PORT))]);
@@ -671,6 +682,16 @@ fn rewrite_probes(
         }
     }
     out
+}
+
+/// `path` with the given query parameters (`None`s skipped).
+fn with_query(path: String, params: &[Option<&str>]) -> String {
+    let params: Vec<&str> = params.iter().flatten().copied().collect();
+    if params.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", params.join("&"))
+    }
 }
 
 /// The init container that attaches the eBPF redirect to the pod's cgroup and exits.
@@ -1144,7 +1165,7 @@ mod tests {
     #[test]
     fn probes_of_every_kind_on_guarded_ports_go_to_the_sidecar() {
         let (pod, _) = inject_one(
-            "kind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n    - name: app\n      ports:\n        - name: http\n          containerPort: 8080\n        - containerPort: 9000\n      livenessProbe:\n        httpGet:\n          port: http\n          path: /healthz\n      readinessProbe:\n        tcpSocket:\n          port: 8080\n      startupProbe:\n        grpc:\n          port: 9000\n          service: app\n",
+            "kind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n    - name: app\n      ports:\n        - name: http\n          containerPort: 8080\n        - containerPort: 9000\n      livenessProbe:\n        httpGet:\n          port: http\n          path: /healthz\n      readinessProbe:\n        tcpSocket:\n          port: 8080\n      startupProbe:\n        grpc:\n          port: 9000\n          service: app\n        timeoutSeconds: 3\n",
         );
         let app = &pod.path(&["spec", "containers"]).unwrap().items()[0];
         let probe = |kind: &str| {
@@ -1166,7 +1187,7 @@ mod tests {
             probe("startupProbe"),
             (
                 "15020".into(),
-                "/meshgate/probe/grpc/9000?service=app".into()
+                "/meshgate/probe/grpc/9000?service=app&timeout=3".into()
             )
         );
         assert!(app.path(&["readinessProbe", "tcpSocket"]).is_none());

@@ -122,13 +122,10 @@ pub struct Sidecar {
     tasks: JoinSet<()>,
 }
 
-/// The `--app` list must name at least one app and each port once: the calling sidecar names an
-/// app by port alone. No app port may also be an inbound TCP port (HTTP is authorized per
+/// The `--app` list must name each port once: the calling sidecar names an app by port alone.
+/// (No app at all is an outbound-only sidecar.) No app port may also be an inbound TCP port (HTTP is authorized per
 /// request, so it cannot also be an opaque tunnel).
 pub fn check_apps(apps: &[SocketAddr], inbound_tcp_ports: &[u16]) -> Result<(), String> {
-    if apps.is_empty() {
-        return Err("no app to serve: give at least one --app HOST:PORT".into());
-    }
     for (i, app) in apps.iter().enumerate() {
         if let Some(other) = apps[..i].iter().find(|a| a.port() == app.port()) {
             return Err(format!(
@@ -183,6 +180,12 @@ pub fn routes_from(set: &PolicySet) -> Vec<Route> {
                     .filter(|p| p.protocol != meshgate_policy::model::Protocol::Tcp)
                     .map(|p| p.port)
                     .collect(),
+                target_ports: svc
+                    .spec
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((p.port, p.target_port.filter(|&t| t != p.port)?)))
+                    .collect(),
             }
         })
         .collect()
@@ -201,7 +204,11 @@ impl Sidecar {
         probe_targets
             .check(&config.apps)
             .map_err(SidecarError::Probe)?;
-        let default_app = config.apps[0];
+        // The host L4 tunnels connect to: the apps' (loopback for an outbound-only sidecar).
+        let app_host = config
+            .apps
+            .first()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
         let inbound_listener = crate::serve::bind(config.inbound, "inbound", "--inbound").await?;
         let outbound_listener =
             crate::serve::bind(config.outbound, "outbound", "--outbound").await?;
@@ -314,7 +321,7 @@ impl Sidecar {
                 policy: policy.snapshot.clone(),
                 swaps: policy.swaps(),
                 metrics: metrics.clone(),
-                app_host: default_app.ip(),
+                app_host,
                 ports: Arc::new(config.inbound_tcp_ports.clone()),
                 http_ports: config.apps.iter().map(SocketAddr::port).collect(),
                 workload: workload.clone(),
@@ -428,8 +435,8 @@ mod tests {
         let a = |s: &str| s.parse().unwrap();
         assert!(check_apps(&[a("127.0.0.1:8080")], &[]).is_ok());
         assert!(check_apps(&[a("127.0.0.1:8080"), a("127.0.0.1:9090")], &[5432]).is_ok());
+        assert!(check_apps(&[], &[]).is_ok(), "outbound-only");
         for (apps, tcp, says) in [
-            (vec![], vec![], "at least one --app"),
             (
                 vec![a("127.0.0.1:8080"), a("127.0.0.2:8080")],
                 vec![],

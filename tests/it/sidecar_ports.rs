@@ -59,7 +59,7 @@ async fn one_sidecar_serves_every_app_port_each_judged_for_its_own_port() {
     mesh.write_policy(
         "services.yaml",
         &format!(
-            "apiVersion: meshgate.dev/v1\nkind: Service\nmetadata: {{ name: orders, namespace: shop }}\nspec:\n  identity: {}\n  hosts: [orders]\n  ports: [{{ port: {pa} }}, {{ port: {pb}, protocol: http }}, {{ port: {unserved} }}]\n  endpoints: [\"{}\"]\n",
+            "apiVersion: meshgate.dev/v1\nkind: Service\nmetadata: {{ name: orders, namespace: shop }}\nspec:\n  identity: {}\n  hosts: [orders]\n  ports: [{{ port: {pa} }}, {{ port: {pb}, protocol: http }}, {{ port: {unserved} }}, {{ port: 80, targetPort: {pb} }}]\n  endpoints: [\"{}\"]\n",
             orders.id, orders.sidecar.inbound_addr
         ),
     );
@@ -110,6 +110,16 @@ spec:
             headers: vec![],
             status: 403,
             reached: None,
+            port: pb,
+        },
+        // A Service port in front of another app port (Kubernetes `port: 80, targetPort`): the
+        // callee is asked for the target, and judges it.
+        Case {
+            host: "orders:80",
+            path: "/open/b",
+            headers: vec![],
+            status: 200,
+            reached: Some(&b),
             port: pb,
         },
         // No port: the default (first) app.
@@ -560,4 +570,45 @@ async fn a_peer_naming_the_app_port_itself_gets_nothing_more() {
     assert_eq!(t.hygiene("bad_app_port").await, 3.0);
     // The well-formed one was consumed as routing, not counted as a forged identity header.
     assert_eq!(t.hygiene("identity_header").await, 0.0);
+}
+
+/// A workload that listens nowhere (a load generator, a batch job) gets a sidecar without any
+/// `--app`: its calls go out through the mesh as usual, and its inbound refuses every request
+/// with 421 before authorization, so nothing is forwarded to a port nobody serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_only_sidecar_calls_out_and_serves_nothing() {
+    let mut mesh = TestMesh::new().await;
+    let app = RecordingApp::start().await;
+    mesh.add_configured("loadgen", EchoApp { addr: app.addr }, |config| {
+        config.apps = Vec::new();
+        config.probe_paths = Vec::new();
+    })
+    .await;
+    mesh.add("orders").await;
+    mesh.write_services();
+    mesh.write_policy(
+        "allow.yaml",
+        r#"apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: everyone, namespace: shop }
+spec:
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/loadgen", "spiffe://mesh.local/ns/shop/sa/orders"] }]
+"#,
+    );
+    mesh.converge().await;
+    let out = mesh.call("loadgen", "GET", "orders", "/orders/1").await;
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert_eq!(
+        out.echoed()["headers"]["x-meshgate-peer"],
+        "spiffe://mesh.local/ns/shop/sa/loadgen"
+    );
+    let back = mesh.call("orders", "GET", "loadgen", "/anything").await;
+    assert_eq!(back.status, 421, "{}", back.body);
+    assert!(back.body.contains("no app"), "{}", back.body);
+    assert!(
+        app.requests().is_empty(),
+        "nothing may reach a port the outbound-only sidecar does not serve"
+    );
 }

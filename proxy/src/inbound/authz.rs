@@ -65,7 +65,8 @@ pub struct AuthzContext {
 impl AuthzContext {
     /// The default app's port (requests that name no app port).
     pub fn default_port(&self) -> u16 {
-        self.app_ports[0]
+        // 0 for an outbound-only sidecar (no app): such requests are refused before authz.
+        self.app_ports.first().copied().unwrap_or(0)
     }
 }
 

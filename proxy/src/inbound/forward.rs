@@ -82,9 +82,9 @@ pub struct AppForwarder {
 }
 
 impl AppForwarder {
-    /// `apps` must not be empty: the first is the default.
+    /// `apps`: the first is the default. Empty for an outbound-only sidecar, whose inbound
+    /// refuses every request before it gets here (`AppPortRefusal::NoApp`).
     pub fn new(apps: &[std::net::SocketAddr], protocol: AppProtocol) -> Self {
-        assert!(!apps.is_empty(), "a sidecar serves at least one app");
         let apps: Arc<[App]> = apps
             .iter()
             .map(|app| {

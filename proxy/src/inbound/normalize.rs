@@ -143,6 +143,7 @@ where
             Err(e) => {
                 let (port, error): (u16, fn(Box<DecisionRecord>) -> InboundError) = match e {
                     AppPortRefusal::NotServed(port) => (port, InboundError::MisdirectedPort),
+                    AppPortRefusal::NoApp => (0, InboundError::MisdirectedPort),
                     AppPortRefusal::Malformed => {
                         (ctx.default_port(), |record| InboundError::BadRequest {
                             record,

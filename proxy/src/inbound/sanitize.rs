@@ -138,6 +138,12 @@ pub enum AppPortRefusal {
         "x-meshgate-app-port {0} is not an app port of this sidecar (serve it with another --app, or remove it from the Service's ports)"
     )]
     NotServed(u16),
+    /// This sidecar serves no app at all (an outbound-only workload, 421): nothing behind it
+    /// listens, so no request can be for it.
+    #[error(
+        "this workload serves no app (its sidecar has no --app: outbound-only); callers should not route to it"
+    )]
+    NoApp,
 }
 
 impl AppPortRefusal {
@@ -146,6 +152,7 @@ impl AppPortRefusal {
         match self {
             AppPortRefusal::Malformed => "bad_app_port",
             AppPortRefusal::NotServed(_) => "unknown_app_port",
+            AppPortRefusal::NoApp => "no_app",
         }
     }
 }
@@ -155,6 +162,9 @@ impl AppPortRefusal {
 /// while there is only one app). A scan of a few ports, no allocation: this runs on every
 /// request.
 pub fn target_app(headers: &HeaderMap, ports: &[u16]) -> Result<usize, AppPortRefusal> {
+    if ports.is_empty() {
+        return Err(AppPortRefusal::NoApp);
+    }
     let mut values = headers.get_all(APP_PORT_HEADER).iter();
     let Some(value) = values.next() else {
         return Ok(0);

@@ -44,6 +44,20 @@ pub struct Route {
     /// Ports the Service declares `http` or `grpc`: the only ports named to the callee's sidecar
     /// (`x-meshgate-app-port`), see [`app_port_for`].
     pub http_ports: Vec<u16>,
+    /// `(port, targetPort)` of the Service's ports whose app port behind the callee's sidecar
+    /// differs (a Kubernetes Service port 80 in front of 8080): the callee is asked for the
+    /// target, for HTTP (`x-meshgate-app-port`) and L4 tunnels alike.
+    pub target_ports: Vec<(u16, u16)>,
+}
+
+impl Route {
+    /// The callee's app port for the Service port `port`.
+    fn target_of(&self, port: u16) -> u16 {
+        self.target_ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(port, |(_, t)| *t)
+    }
 }
 
 struct RouteEntry {
@@ -79,7 +93,7 @@ impl RouteTable {
             let port_values = route
                 .http_ports
                 .iter()
-                .map(|p| (*p, HeaderValue::from(*p)))
+                .map(|p| (*p, HeaderValue::from(route.target_of(*p))))
                 .collect();
             let entry = Arc::new(RouteEntry {
                 port_values,
@@ -102,6 +116,14 @@ impl RouteTable {
         self.by_host
             .get(host)
             .map(|e| (e.route.name.clone(), e.connector.clone()))
+    }
+
+    /// The app port behind the callee's sidecar for `port` of the Service at `host` (its
+    /// `targetPort`, else `port`).
+    pub fn target_port(&self, host: &str, port: u16) -> u16 {
+        self.by_host
+            .get(host)
+            .map_or(port, |e| e.route.target_of(port))
     }
 
     /// True when the Service at `host` declares `port` opaque (`protocol: tcp`).

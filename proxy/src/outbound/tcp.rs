@@ -64,7 +64,8 @@ pub async fn carry(
     routes: &ArcSwap<RouteTable>,
     metrics: &Metrics,
 ) {
-    let Some((service, connector)) = routes.load().connector_for(host) else {
+    let table = routes.load();
+    let Some((service, connector)) = table.connector_for(host) else {
         tracing::warn!(
             event = "tunnel.no_route",
             host,
@@ -73,6 +74,9 @@ pub async fn carry(
         );
         return count(metrics, "error", port);
     };
+    // The tunnel names the callee's app port (the Service's targetPort for this port).
+    let port = table.target_port(host, port);
+    drop(table);
     let tunnel = match connector.connect_tunnel().await {
         Ok(tls) => crate::tunnel::open(tls, port).await,
         Err(e) => Err(e),

@@ -92,6 +92,11 @@ struct ProbePath {
 impl ProbePath {
     /// `PATH` or `PORT:PATH`; `PORT` must be an `--app` port.
     fn parse(value: &str, app_ports: &[u16]) -> Result<Self, String> {
+        let Some(&example) = app_ports.first() else {
+            return Err(format!(
+                "--probe-path {value}: this sidecar serves no --app (outbound-only), so there is no app to probe; add the --app or drop the --probe-path"
+            ));
+        };
         let (port, path) = match value.split_once(':') {
             Some((port, path)) if !value.starts_with('/') => {
                 let port = port
@@ -101,7 +106,7 @@ impl ProbePath {
                     .ok_or_else(|| {
                         format!(
                             "--probe-path {value}: {port} is not an --app port (give PATH for the default app or APP_PORT:PATH, e.g. {}:/healthz)",
-                            app_ports[0]
+                            example
                         )
                     })?;
                 (Some(port), path)
@@ -110,8 +115,7 @@ impl ProbePath {
         };
         if !path.starts_with('/') {
             return Err(format!(
-                "--probe-path {value}: the path must start with /, e.g. /healthz or {}:/healthz",
-                app_ports[0]
+                "--probe-path {value}: the path must start with /, e.g. /healthz or {example}:/healthz"
             ));
         }
         // A kubelet `httpGet.path` may carry a query: the path is matched, the query the
