@@ -15,6 +15,7 @@ mod differential;
 mod ebpf_redirect;
 mod identity_rotation;
 mod inject;
+mod kube_install;
 mod policy_cli;
 mod quickstart;
 mod sidecar_admin;
