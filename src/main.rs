@@ -349,9 +349,11 @@ mod tests {
                     if !line.starts_with("meshgate ") {
                         continue;
                     }
-                    // The command without its comment or output redirection.
+                    // The command without its comment, output redirection or pipe.
                     let command = line.split(" #").next().unwrap_or(line);
                     let command = command.split(" > ").next().unwrap_or(command);
+                    // Only meshgate's own part of a pipeline (`meshgate install | kubectl …`).
+                    let command = command.split(" | ").next().unwrap_or(command);
                     let words: Vec<&str> = command.split_whitespace().collect();
                     if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(&words) {
                         missing.push(format!("{path}: example `{line}` does not parse: {e}"));
