@@ -35,7 +35,7 @@ pub struct InstallArgs {
     #[arg(long, short)]
     output: Option<PathBuf>,
     /// Only the CustomResourceDefinitions of the policy kinds (no CA, no keys).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["trust_domain", "image", "control_plane_replicas", "ca_dir", "k8s_issuer", "policy_dir"])]
     crds_only: bool,
 }
 
