@@ -438,6 +438,18 @@ fn install_output_passes_strict_schema_validation_and_holds_the_contract() {
     let file = tmp.path().join("crds.yaml");
     std::fs::write(&file, &crds).unwrap();
     assert_valid(&file, &docs);
+    // The YAML carries the schemas generated from the model exactly (types, enums, defaults
+    // and numbers survive the writer).
+    for kind in meshgate_policy::schema::kinds().unwrap() {
+        let crd = find(&docs, "CustomResourceDefinition", &kind.crd_name());
+        assert_eq!(crd["spec"]["names"]["kind"], kind.kind);
+        assert_eq!(
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            kind.document(),
+            "{}",
+            kind.kind
+        );
+    }
 
     // The validator is strict: one unknown field in the Deployment fails it (so the passes
     // above mean something).
