@@ -56,7 +56,7 @@ pub fn run(args: InstallArgs) -> Result<()> {
             )?,
         };
         let policies = match &args.policy_dir {
-            Some(dir) => install::policy_files(dir)?,
+            Some(dir) => install::policy_files(dir, ca.trust_domain())?,
             None => install::example_policies(ca.trust_domain()),
         };
         if ca.generated() {

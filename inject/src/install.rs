@@ -209,16 +209,25 @@ pub struct PolicyFile {
 
 /// The policy files of `dir` for the ConfigMap, after validating them as the control plane
 /// will (refused as a whole, with `file:line`). ConfigMap keys are flat file names, so the
-/// directory must be flat too.
-pub fn policy_files(dir: &Path) -> Result<Vec<PolicyFile>, InstallError> {
+/// directory must be flat too. A `MeshConfig` naming another trust domain than the CA's is
+/// refused: its policies' principals would name identities the CA never issues.
+pub fn policy_files(dir: &Path, td: &TrustDomain) -> Result<Vec<PolicyFile>, InstallError> {
     let layout = |reason: String| InstallError::PolicyLayout {
         dir: dir.display().to_string(),
         reason,
     };
-    meshgate_policy::load_dir(dir).map_err(|e| InstallError::Policies {
+    let set = meshgate_policy::load_dir(dir).map_err(|e| InstallError::Policies {
         dir: dir.display().to_string(),
         errors: e.to_string(),
     })?;
+    let declared = &set.mesh_config.spec.trust_domain;
+    if set.mesh_config != meshgate_policy::model::MeshConfig::default()
+        && declared != &td.to_string()
+    {
+        return Err(layout(format!(
+            "its MeshConfig says trustDomain {declared}, but the CA issues for {td}; make them agree (set trustDomain: {td}, or install with a CA for {declared})"
+        )));
+    }
     let mut files = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| layout(format!("cannot read it: {e}")))?;
     for entry in entries {
@@ -1192,11 +1201,26 @@ mod tests {
             "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: {}\n",
         )
         .unwrap();
-        let err = policy_files(dir.path()).unwrap_err().to_string();
+        let td = TrustDomain::new("mesh.local").unwrap();
+        let err = policy_files(dir.path(), &td).unwrap_err().to_string();
         assert!(err.contains("move its files up"), "{err}");
         std::fs::write(dir.path().join("bad.yaml"), "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: x, namespace: shop }\nspec:\n  action: PERMIT\n").unwrap();
-        let err = policy_files(dir.path()).unwrap_err().to_string();
+        let err = policy_files(dir.path(), &td).unwrap_err().to_string();
         assert!(err.contains("bad.yaml:5"), "{err}");
         assert!(err.contains("meshgate policy check"), "{err}");
+        std::fs::remove_dir_all(dir.path().join("nested")).unwrap();
+        std::fs::remove_file(dir.path().join("bad.yaml")).unwrap();
+        std::fs::write(
+            dir.path().join("mesh.yaml"),
+            "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: { trustDomain: corp.example }\n",
+        )
+        .unwrap();
+        let err = policy_files(dir.path(), &td).unwrap_err().to_string();
+        assert!(
+            err.contains("trustDomain corp.example") && err.contains("mesh.local"),
+            "{err}"
+        );
+        let corp = TrustDomain::new("corp.example").unwrap();
+        assert_eq!(policy_files(dir.path(), &corp).unwrap().len(), 1);
     }
 }
