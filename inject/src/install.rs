@@ -1182,6 +1182,50 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_directory_is_copied_without_its_root_key_and_only_when_its_keys_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let td = TrustDomain::new("corp.example").unwrap();
+        CaDir::new(&dir).init(&td, false).unwrap();
+        let ca = CaMaterial::from_dir(&dir).unwrap();
+        assert_eq!(ca.trust_domain(), &td);
+        assert!(!ca.generated());
+        let names: Vec<&str> = ca.files.iter().map(|(n, _)| *n).collect();
+        for needed in [
+            "ca.json",
+            "intermediate.pem",
+            "intermediate.key",
+            "token.key",
+            "bundle.pem",
+        ] {
+            assert!(names.contains(&needed), "{names:?}");
+        }
+        assert!(!names.contains(&"root.key"), "{names:?}");
+        assert!(
+            !format!("{ca:?}").contains("PRIVATE KEY"),
+            "Debug prints no key"
+        );
+        // --trust-domain must agree with the CA.
+        let err = check_trust_domain(Some("mesh.local"), &ca, &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drop --trust-domain"), "{err}");
+        check_trust_domain(Some("corp.example"), &ca, &dir).unwrap();
+        check_trust_domain(None, &ca, &dir).unwrap();
+        // A CA whose signing key others can read is refused, as `ca serve` would refuse it.
+        let key = dir.join("intermediate.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CaMaterial::from_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        // No CA at all: the error names `ca init`.
+        let err = CaMaterial::from_dir(&tmp.path().join("none"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("meshgate ca init"), "{err}");
+    }
+
+    #[test]
     fn refusals_name_the_fix() {
         let mut s = settings();
         s.control_plane_replicas = 0;
