@@ -177,6 +177,21 @@ fn assert_contract(docs: &[Value], replicas: u64) {
             c["readinessProbe"].is_object() && c["livenessProbe"].is_object(),
             "{c}"
         );
+        if account == "control-plane" {
+            // The probes the ConfigMap test runs against a real control plane.
+            let command = |probe: &str| c[probe]["exec"]["command"].clone();
+            let health = |path: &str| {
+                serde_json::json!([
+                    "/usr/local/bin/meshgate",
+                    "health",
+                    "--timeout",
+                    "2s",
+                    format!("http://127.0.0.1:15011{path}")
+                ])
+            };
+            assert_eq!(command("readinessProbe"), health("/ready"));
+            assert_eq!(command("livenessProbe"), health("/live"));
+        }
     }
     assert_eq!(ca["spec"]["replicas"], 1);
     assert_eq!(cp["spec"]["replicas"], replicas);
@@ -675,17 +690,36 @@ async fn control_plane_follows_configmap_swaps_and_keeps_the_last_good_policy() 
     let tmp = tempfile::tempdir().unwrap();
     let mount = tmp.path().join("policies");
     let mut volume = ConfigMapVolume::new(&mount);
+    // It starts on a broken ConfigMap: alive, but not ready (the probes `meshgate install`
+    // writes, run as the kubelet runs them), so it stays out of the headless Service's DNS.
+    volume.update(&[
+        ("mesh.yaml", MESH),
+        ("shop.yaml", &shop("\"GET\"", "PERMIT")),
+    ]);
+    let cp = ControlPlaneProcess::start(&ca, &mount, tmp.path());
+    cp.wait_for("the first refusal", |s| s["last_rejected"].is_string())
+        .await;
+    let probe = |path: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", cp.admin);
+        let mut cmd = meshgate();
+        cmd.args(["health", "--timeout", "2s", &url]);
+        run_async(cmd)
+    };
+    assert!(probe("/live").await.status.success());
+    let not_ready = probe("/ready").await;
+    assert!(!not_ready.status.success(), "{}", text(&not_ready));
+
     let shop_v1 = shop("\"GET\"", "ALLOW");
     let v1_data = [("mesh.yaml", MESH), ("shop.yaml", shop_v1.as_str())];
     volume.update(&v1_data);
     let v1 = version_of(&v1_data);
-
-    let cp = ControlPlaneProcess::start(&ca, &mount, tmp.path());
     // The hidden timestamped directory and `..data` are not read (each document would be
     // loaded two or three times and refused as duplicates); the per-key links are.
     cp.wait_for("the first version", |s| s["version"] == v1.as_str())
         .await;
     assert!(cp.status().await.unwrap()["last_rejected"].is_null());
+    let ready = probe("/ready").await;
+    assert!(ready.status.success(), "{}", text(&ready));
 
     // A valid edit, swapped in atomically, propagates.
     let shop_v2 = shop("\"GET\", \"POST\"", "ALLOW");
