@@ -6,7 +6,7 @@
 //! `meshgate-control-plane.meshgate.svc:15010`, ServiceAccount `control-plane` whose SPIFFE ID
 //! sidecars require), so `meshgate install | kubectl apply -f -` followed by `meshgate inject`
 //! gives a mesh without editing anything. Every object is written with the same YAML writer as
-//! `inject` ([`crate::yaml`]); the CRD schemas come from the policy model
+//! `inject` (the crate's `yaml` module); the CRD schemas come from the policy model
 //! ([`meshgate_policy::schema`]), never by hand.
 //!
 //! Security choices, each explained in the emitted comments too: least-privilege RBAC (the CA

@@ -773,7 +773,9 @@ async fn a_symlink_loop_in_the_policy_dir_is_not_followed() {
     let dir = tmp.path().join("policies");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
-    // A symlinked directory pointing at its parent: following it never ends.
+    // A symlinked directory pointing at its parent: followed, it would multiply every file up
+    // to the kernel's 40-link limit (the loader never followed it; now the watcher does not
+    // either).
     std::os::unix::fs::symlink(".", dir.join("loop")).unwrap();
     let v1 = version_of(&[("mesh.yaml", MESH)]);
     let cp = ControlPlaneProcess::start(&ca, &dir, tmp.path());
