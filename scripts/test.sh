@@ -11,9 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real clients and tools the tests drive: openssl and curl (TLS clients), iproute2 (network
-# namespaces), python3 (a plain app in the eBPF test); clang and libbpf-dev rebuild the eBPF
-# programs (without them the prebuilt object is used).
-packages=(openssl curl ca-certificates iproute2 python3 clang libbpf-dev)
+# namespaces), python3 (a plain app in the eBPF test; python3-venv for the PyPI tool below);
+# clang and libbpf-dev rebuild the eBPF programs (without them the prebuilt object is used).
+packages=(openssl curl ca-certificates iproute2 python3 python3-venv clang libbpf-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,5 +31,17 @@ if ((${#missing[@]})); then
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# kubernetes-validate (PyPI, pinned; it ships the Kubernetes OpenAPI schemas and works offline):
+# strict validation of what `meshgate install` and `meshgate inject` print
+# (tests/it/kube_install.rs, which fails without it). Kept in a venv outside the repository.
+kv_version=1.37.0
+venv="${MESHGATE_TOOLS_VENV:-$HOME/.cache/meshgate/venv}"
+if [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null)" != "$kv_version" ]; then
+  echo "== installing kubernetes-validate $kv_version into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "kubernetes-validate==$kv_version"
+fi
+export KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
 
 exec cargo test --workspace "$@"

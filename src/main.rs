@@ -7,6 +7,7 @@ mod control_plane_cmd;
 mod demo;
 mod health_cmd;
 mod inject_cmd;
+mod install_cmd;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
@@ -89,6 +90,12 @@ enum Command {
         after_help = "Example:\n  meshgate inject docker-compose.yml -o docker-compose.mesh.yml\n  meshgate inject deployment.yaml --dry-run"
     )]
     Inject(inject_cmd::InjectArgs),
+    /// Print the Kubernetes manifests of the mesh: namespace `meshgate` with the CA, the control
+    /// plane, their RBAC and policies, and the CRDs of the policy kinds.
+    #[command(
+        after_help = "Example:\n  meshgate install | kubectl apply --server-side -f -\n  meshgate install --ca-dir ./ca --policy-dir ./policies -o meshgate.yaml\n  meshgate install --crds-only"
+    )]
+    Install(install_cmd::InstallArgs),
     /// eBPF redirect + L3/L4 enforcement for a workload's cgroup: attach, detach, status.
     Redirect {
         #[command(subcommand)]
@@ -199,6 +206,10 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     ("kube-inject", "meshgate inject FILE"),
     (
+        "upgrade",
+        "meshgate install --ca-dir DIR | kubectl apply --server-side -f - (the same CA, new manifests)",
+    ),
+    (
         "tap",
         "meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
     ),
@@ -257,6 +268,7 @@ fn main() -> ExitCode {
         Command::Policy { command } => policy_cmd::run(command),
         Command::Pause => pause(),
         Command::Inject(args) => inject_cmd::run(args).map_err(anyhow::Error::from),
+        Command::Install(args) => install_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Redirect { command } => redirect_cmd::run(command).map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -337,9 +349,11 @@ mod tests {
                     if !line.starts_with("meshgate ") {
                         continue;
                     }
-                    // The command without its comment or output redirection.
+                    // The command without its comment, output redirection or pipe.
                     let command = line.split(" #").next().unwrap_or(line);
                     let command = command.split(" > ").next().unwrap_or(command);
+                    // Only meshgate's own part of a pipeline (`meshgate install | kubectl …`).
+                    let command = command.split(" | ").next().unwrap_or(command);
                     let words: Vec<&str> = command.split_whitespace().collect();
                     if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(&words) {
                         missing.push(format!("{path}: example `{line}` does not parse: {e}"));

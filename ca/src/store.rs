@@ -337,6 +337,24 @@ impl CaDir {
         Ok(NonceLedger::open(&self.path(LEDGER))?)
     }
 
+    /// The files `meshgate ca serve` needs, as `(file name, contents)`, for copying the CA into
+    /// another place such as a Kubernetes Secret: the trust domain, the signing intermediate and
+    /// its key, the token secret, the bundle and the root certificate. Not the root key: serving
+    /// and rotating never use it, so it stays where the CA was created. Key files are checked as
+    /// [`CaDir::open`] checks them (a CA others can read is refused here too). The ledger of spent
+    /// tokens is not included: it belongs to the running CA.
+    pub fn serving_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, StoreError> {
+        self.open()?;
+        let mut out = Vec::new();
+        for name in [CONFIG, ROOT_CERT, INTERMEDIATE_CERT, BUNDLE] {
+            out.push((name, self.read_text(name)?.into_bytes()));
+        }
+        for name in [INTERMEDIATE_KEY, TOKEN_KEY] {
+            out.push((name, self.read_key(name)?));
+        }
+        Ok(out)
+    }
+
     /// Reads only the token secret (minting needs nothing else).
     pub fn token_key(&self) -> Result<TokenKey, StoreError> {
         self.trust_domain()?;

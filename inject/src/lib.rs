@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod compose;
+pub mod install;
 mod kube;
 mod verbatim;
 mod yaml;

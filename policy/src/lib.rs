@@ -6,6 +6,7 @@
 //! - [`authz`]: the identity-indexed evaluator, compiled per workload;
 //! - [`judge()`]: one request judged exactly as the sidecar judges it (method and path
 //!   checks, normalization, evaluation) — the sidecar and `policy explain/test` both call it;
+//! - [`schema`]: the OpenAPI schemas of the kinds for Kubernetes CRDs, generated from the model;
 //! - [`record`]: the one decision record written to logs, spans, metrics and the decision feed,
 //!   and read back by the flow tools.
 //!
@@ -26,6 +27,7 @@ pub mod path;
 pub mod pattern;
 pub mod record;
 pub mod request;
+pub mod schema;
 pub mod scope;
 pub mod set;
 pub mod validate;
@@ -37,6 +39,8 @@ mod authz_tests;
 mod hostile_paths_tests;
 #[cfg(test)]
 mod load_tests;
+#[cfg(test)]
+mod schema_tests;
 
 pub use authz::{Decision, DecisionKind, PolicySnapshot};
 pub use judge::{Judgement, Refusal, judge};

@@ -12,6 +12,7 @@
 
 use ipnet::IpNet;
 use meshgate_spiffe::SpiffeId;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The only `apiVersion` understood; a future `v2` must be refused, not half-read.
@@ -176,7 +177,7 @@ impl Default for MeshConfig {
 // AuthorizationPolicy
 
 /// `spec` of an AuthorizationPolicy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Which workloads of the namespace enforce it; absent = all of them.
@@ -192,14 +193,14 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// Picks workloads by service account (the `sa` segment of their SPIFFE ID).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
     pub account: String,
 }
 
 /// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     Allow,
@@ -210,7 +211,7 @@ pub enum Action {
 
 /// Whether a policy decides (`enforce`) or is only evaluated and reported (`dry-run`), so a
 /// change can be watched on live traffic before it blocks anything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     #[default]
@@ -219,7 +220,7 @@ pub enum Mode {
 }
 
 /// One rule: sources AND operations AND conditions. Empty lists are "no constraint".
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Any one must match (empty = any caller).
@@ -234,7 +235,7 @@ pub struct Rule {
 }
 
 /// Who the caller is. Every non-empty field must match.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Source {
     /// SPIFFE IDs or patterns (`*`, `prefix*`, `*suffix`); any-of.
@@ -246,7 +247,7 @@ pub struct Source {
 }
 
 /// What the caller does. Every non-empty field must match.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
     /// Exact, case-sensitive HTTP methods (RFC 9110 tokens).
@@ -262,15 +263,17 @@ pub struct Operation {
     /// Destination ports of the workload's app.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[serde(deserialize_with = "ports::list")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[serde(deserialize_with = "ports::list")]
+    #[schemars(inner(range(min = 1)))]
     pub not_ports: Vec<u16>,
 }
 
 /// A request-header condition: the header must be present, some value must match `values` (if
 /// given) and no value may match `notValues`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Condition {
     /// Header name (case-insensitive, as in HTTP).
@@ -286,10 +289,11 @@ pub struct Condition {
 // Service
 
 /// `spec` of a Service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     /// The SPIFFE ID its servers must present (checked by the client side on every connection).
+    #[schemars(with = "String", regex(pattern = "^spiffe://"))]
     pub identity: SpiffeId,
     /// `Host` header values (port stripped) that route to it.
     #[serde(default)]
@@ -302,11 +306,12 @@ pub struct ServiceSpec {
 }
 
 /// One port of a Service and what speaks on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     /// The port callers address (a Kubernetes Service's `port`).
     #[serde(deserialize_with = "ports::one")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
@@ -323,7 +328,7 @@ pub struct ServicePort {
 }
 
 /// `tcp` is opaque: only L4 rules (identity, port) can apply to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -336,7 +341,7 @@ pub enum Protocol {
 // NetworkPolicy
 
 /// `spec` of a NetworkPolicy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,26 +353,30 @@ pub struct NetworkPolicySpec {
 }
 
 /// Traffic the workload may send outside the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressRule {
     #[serde(deserialize_with = "cidrs::deserialize")]
+    #[schemars(with = "Vec<String>")]
     pub to: Vec<IpNet>,
     /// Empty = every port.
     #[serde(default)]
     #[serde(deserialize_with = "ports::list")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
 }
 
 /// Traffic the workload may receive from outside the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngressRule {
     #[serde(deserialize_with = "cidrs::deserialize")]
+    #[schemars(with = "Vec<String>")]
     pub from: Vec<IpNet>,
     /// Empty = every port.
     #[serde(default)]
     #[serde(deserialize_with = "ports::list")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
 }
 
@@ -395,7 +404,7 @@ mod cidrs {
 // MeshConfig
 
 /// `spec` of the MeshConfig.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshConfigSpec {
     /// What happens to a workload that no enforce-mode ALLOW policy selects. DENY by default
@@ -420,7 +429,7 @@ impl Default for MeshConfigSpec {
 }
 
 /// The mesh default for workloads without ALLOW policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum DefaultAction {
     #[default]

@@ -68,33 +68,47 @@ pub struct PolicyFiles {
     pub services: Option<PathBuf>,
 }
 
-/// What identifies one version of a file without reading it: path, mtime, size and inode (an
-/// atomic rename-over changes the inode even within one coarse mtime tick).
-type Stamp = (PathBuf, Option<SystemTime>, u64, u64);
+/// What identifies one version of a file without reading it: path, where its symlinks lead,
+/// mtime, size and inode (an atomic rename-over changes the inode even within one coarse mtime
+/// tick; a ConfigMap update re-points `..data`, which changes where every key's link leads).
+type Stamp = (PathBuf, Option<PathBuf>, Option<SystemTime>, u64, u64);
 
 fn stamp_of(path: PathBuf, meta: Option<&std::fs::Metadata>) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     let modified = meta.and_then(|m| m.modified().ok());
+    let target = std::fs::canonicalize(&path).ok().filter(|t| *t != path);
     (
         path,
+        target,
         modified,
         meta.map_or(0, |m| m.len()),
         meta.map_or(0, |m| m.ino()),
     )
 }
 
+/// Stamps the files `load_dir` reads, walked the way it walks them: entries starting with `.`
+/// skipped (`.git`, editor files, a ConfigMap mount's `..data` and timestamped directories),
+/// symlinked directories not followed (no loops), symlinked files followed.
 fn yaml_stamps(dir: &Path, out: &mut Vec<Stamp>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         let path = entry.path();
+        let Ok(file_type) = entry.file_type() else {
+            continue;
+        };
+        if file_type.is_dir() {
+            yaml_stamps(&path, out);
+            continue;
+        }
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
-        if meta.is_dir() {
-            yaml_stamps(&path, out);
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+        if meta.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             out.push(stamp_of(path, Some(&meta)));
         }
     }

@@ -16,6 +16,7 @@ mod differential;
 mod ebpf_redirect;
 mod identity_rotation;
 mod inject;
+mod kube_install;
 mod kube_pods;
 mod policy_cli;
 mod quickstart;
