@@ -97,6 +97,19 @@ impl Splicer<'_> {
                     self.copy(key_line, key_line + 1);
                     self.map(before, v, child, key_line + 1, entry_end);
                 }
+                // A block sequence whose items inject edited in place (a container's probes) or
+                // put in front (init containers): each item is spliced like a mapping, so the
+                // comments and untouched fields inside the others stay as they were.
+                (_, Some(Node::Seq(old_items)), Node::Seq(new_items))
+                    if e.items.as_ref().is_some_and(|i| i.len() == old_items.len())
+                        && (new_items.len() == old_items.len()
+                            || new_items.ends_with(old_items))
+                        && self.key_line_alone(key_line, e.key_end)
+                        && self.aliases_resolve(key_line, entry_end) =>
+                {
+                    let items = e.items.as_ref().expect("checked in the guard");
+                    self.items(k, old_items, new_items, items, key_line, entry_end);
+                }
                 // A block sequence that only gained items at its end (a Service's new port):
                 // its source is kept, comments included, and the new items follow it.
                 (_, Some(Node::Seq(old_items)), Node::Seq(new_items))
@@ -160,6 +173,47 @@ impl Splicer<'_> {
             })
     }
 
+    /// Writes the sequence entry `k` (key on `key_line`, up to `end`) whose items are laid out
+    /// as `items`: items put in front are emitted, unchanged items copied, changed mappings
+    /// spliced entry by entry when their first entry (on the dash line) is unchanged, and any
+    /// other changed item emitted alone.
+    fn items(
+        &mut self,
+        k: &yaml::Scalar,
+        old_items: &[Node],
+        new_items: &[Node],
+        items: &[yaml::ItemLayout],
+        key_line: usize,
+        end: usize,
+    ) {
+        self.copy(key_line, items[0].line);
+        let dash = items[0].dash;
+        let added = new_items.len() - old_items.len();
+        if added > 0 {
+            self.append_items(k, &new_items[..added], dash);
+        }
+        for (j, item) in items.iter().enumerate() {
+            let item_end = items.get(j + 1).map_or(end, |next| next.line);
+            let (old, new) = (&old_items[j], &new_items[added + j]);
+            if old == new {
+                self.copy(item.line, item_end);
+                continue;
+            }
+            match (&item.layout, old, new) {
+                (Some(layout), Node::Map(_), Node::Map(_))
+                    if first_entry_kept(layout, old, new) =>
+                {
+                    self.map(old, new, layout, item.line, item_end);
+                }
+                _ => {
+                    let trail = self.back_over_comments(item_end, item.line + 1, item.dash);
+                    self.append_items(k, std::slice::from_ref(new), item.dash);
+                    self.copy(trail, item_end);
+                }
+            }
+        }
+    }
+
     /// The column of the first block-sequence dash in lines `start..end`.
     fn dash_column(&self, start: usize, end: usize) -> Option<usize> {
         self.lines[start..end].iter().find_map(|line| {
@@ -213,4 +267,15 @@ impl Splicer<'_> {
             self.out.push_str(&text);
         }
     }
+}
+
+/// Whether a sequence item's first entry — the one on its dash line — is still its first entry,
+/// unchanged, so splicing the item copies the dash with it.
+fn first_entry_kept(layout: &yaml::Layout, old: &Node, new: &Node) -> bool {
+    let Some(first) = layout.entries.first() else {
+        return false;
+    };
+    new.entries()
+        .first()
+        .is_some_and(|(k, v)| k.text == first.key && old.get(&first.key) == Some(v))
 }

@@ -254,6 +254,21 @@ pub struct EntryLayout {
     pub key_end: usize,
     /// The layout of the value, when it is a mapping that has one.
     pub child: Option<Layout>,
+    /// The items of the value, when it is a block sequence whose every item starts on its own
+    /// dash line (`- name: web`): where each starts, and its mapping's layout if it has one.
+    pub items: Option<Vec<ItemLayout>>,
+}
+
+/// One item of a block sequence in an [`EntryLayout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemLayout {
+    /// The 0-based line of the item's dash.
+    pub line: usize,
+    /// The column of the dash.
+    pub dash: usize,
+    /// The layout of the item, when it is a block mapping that has one (its first key sits on
+    /// the dash line).
+    pub layout: Option<Layout>,
 }
 
 /// The source positions of a parsed document: the top-level mapping's layout, and every alias
@@ -304,6 +319,10 @@ struct Open {
     anchor: usize,
     pending: Option<Scalar>,
     layout: Option<Layout>,
+    /// A block sequence's item layouts (`None` once an item does not start on a dash line).
+    items: Option<Vec<ItemLayout>>,
+    /// Where the item being read started (line, column of its content, dash column).
+    item_start: Option<(usize, usize)>,
 }
 
 /// Builds nodes from parser events.
@@ -374,9 +393,18 @@ impl<'t> Builder<'t> {
             return;
         };
         let (line, col) = pos(span);
-        let alone = lines
+        // A key stands alone at the start of its line; the first key of a sequence item may
+        // follow its dash (`  - name: web`).
+        let head: String = lines
             .get(line)
-            .is_some_and(|l| l.chars().take(col).all(|c| c == ' '));
+            .map(|l| l.chars().take(col).collect())
+            .unwrap_or_default();
+        let rest = head.trim_start_matches(' ');
+        let alone = rest.is_empty()
+            || (layout.entries.is_empty()
+                && rest.starts_with('-')
+                && rest.len() > 1
+                && rest[1..].chars().all(|c| c == ' '));
         let fits = match key {
             Some((text, style, anchor, tagged)) => {
                 alone
@@ -401,6 +429,7 @@ impl<'t> Builder<'t> {
                     line,
                     key_end: span.end.col(),
                     child: None,
+                    items: None,
                 });
             }
             _ => open.layout = None,
@@ -412,6 +441,29 @@ impl<'t> Builder<'t> {
             && ev.is_node()
         {
             self.anchor_pos.insert(id, pos(span));
+        }
+        // A node that starts right inside a block sequence is one of its items: note where, and
+        // whether it stands on a dash line of its own (`  - name: web`).
+        if ev.is_node() {
+            let lines = &self.lines;
+            if let Some(open) = self.stack.last_mut()
+                && matches!(open.node, Node::Seq(_))
+                && open.items.is_some()
+            {
+                let (line, col) = pos(span);
+                let head: String = lines
+                    .get(line)
+                    .map(|l| l.chars().take(col).collect())
+                    .unwrap_or_default();
+                let rest = head.trim_start_matches(' ');
+                let dash_alone =
+                    rest.starts_with('-') && rest[1..].chars().all(|c| c == ' ') && rest.len() > 1;
+                if dash_alone {
+                    open.item_start = Some((line, head.len() - rest.len()));
+                } else {
+                    open.items = None;
+                }
+            }
         }
         let is_key = self.expects_key();
         if is_key && !matches!(ev, Event::Scalar(..)) && ev.is_node() {
@@ -444,11 +496,14 @@ impl<'t> Builder<'t> {
                     StructureStyle::Flow => Node::Flow(Vec::new()),
                     StructureStyle::Block => Node::Seq(Vec::new()),
                 };
+                let items = matches!(seq, Node::Seq(_)).then(Vec::new);
                 self.stack.push(Open {
                     node: seq,
                     anchor,
                     pending: None,
                     layout: None,
+                    items,
+                    item_start: None,
                 });
                 Ok(())
             }
@@ -466,6 +521,8 @@ impl<'t> Builder<'t> {
                     anchor,
                     pending: None,
                     layout,
+                    items: None,
+                    item_start: None,
                 });
                 Ok(())
             }
@@ -473,7 +530,8 @@ impl<'t> Builder<'t> {
                 let open = self.stack.pop().expect("balanced events");
                 let node = resolve_merges(open.node)?;
                 let layout = open.layout.filter(|l| !l.entries.is_empty());
-                self.finish_with(node, open.anchor, layout)
+                let items = open.items.filter(|i| !i.is_empty());
+                self.finish_with(node, open.anchor, layout, items)
             }
             Event::Alias(id) => {
                 let node = self.anchors.get(&id).cloned().ok_or_else(|| {
@@ -491,7 +549,7 @@ impl<'t> Builder<'t> {
 
     /// Places a finished node into its parent (or as a document).
     fn finish(&mut self, node: Node, anchor: usize) -> Result<(), YamlError> {
-        self.finish_with(node, anchor, None)
+        self.finish_with(node, anchor, None, None)
     }
 
     /// [`Self::finish`] for a node with the layout of its entries.
@@ -500,6 +558,7 @@ impl<'t> Builder<'t> {
         node: Node,
         anchor: usize,
         layout: Option<Layout>,
+        items: Option<Vec<ItemLayout>>,
     ) -> Result<(), YamlError> {
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
@@ -510,12 +569,21 @@ impl<'t> Builder<'t> {
             return Ok(());
         };
         match (&mut open.node, &mut open.pending) {
-            (Node::Seq(items) | Node::Flow(items), _) => items.push(node),
+            (Node::Seq(seq) | Node::Flow(seq), _) => {
+                seq.push(node);
+                match (open.items.as_mut(), open.item_start.take()) {
+                    (Some(list), Some((line, dash))) => {
+                        list.push(ItemLayout { line, dash, layout })
+                    }
+                    _ => open.items = None,
+                }
+            }
             (Node::Map(entries), pending) => match pending.take() {
                 Some(k) => {
                     entries.push((k, node));
                     if let Some(entry) = open.layout.as_mut().and_then(|l| l.entries.last_mut()) {
                         entry.child = layout;
+                        entry.items = items;
                     }
                 }
                 None => match node {

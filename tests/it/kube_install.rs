@@ -481,14 +481,19 @@ fn install_output_passes_strict_schema_validation_and_holds_the_contract() {
     assert!(verdict.report.contains("hostNetwrk"), "{}", verdict.report);
 }
 
-/// Real-world manifests `meshgate inject` refuses today (the injection rework of issue 14
-/// handles them): they are reported, not validated. When one starts to inject, it must be
-/// removed from here so its output gets validated.
-const KNOWN_REFUSALS: [&str; 1] = ["microservices-demo.yaml"];
-
+/// Everything `meshgate inject` emits for the fixtures and the real-world corpus — the injected
+/// manifests with the CA bundle ConfigMaps, and the meshgate Service documents — passes strict
+/// validation (Kubernetes schemas; the policy loader), every comment of the input survives, and
+/// the corpus's workloads and Services are all meshed.
 #[test]
 fn inject_output_passes_strict_schema_validation() {
     let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let mut inputs: Vec<PathBuf> = Vec::new();
     for dir in ["tests/fixtures/inject", "tests/fixtures/kube"] {
         for entry in std::fs::read_dir(repo().join(dir)).unwrap() {
@@ -503,36 +508,62 @@ fn inject_output_passes_strict_schema_validation() {
     }
     inputs.sort();
     assert!(inputs.len() >= 8, "{inputs:?}");
-    let mut validated = 0;
     for input in &inputs {
         let name = input.file_name().unwrap().to_string_lossy().into_owned();
         // The corpus itself is valid Kubernetes (else a failure below would not be inject's).
         let original = std::fs::read_to_string(input).unwrap();
         assert_valid(input, &documents(&original));
 
+        let services = tmp.path().join(format!("{name}.services.yaml"));
         let out = meshgate()
             .arg("inject")
+            .arg("--ca-bundle")
+            .arg(&bundle)
+            .arg("--services-out")
+            .arg(&services)
             .arg(input)
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        if KNOWN_REFUSALS.contains(&name.as_str()) {
-            assert!(
-                !out.status.success(),
-                "{name} injects now: remove it from KNOWN_REFUSALS so its output is validated"
-            );
-            eprintln!("inject refuses {name} (known): {}", text(&out).trim());
-            continue;
-        }
         assert!(out.status.success(), "inject {name}: {}", text(&out));
         let injected = String::from_utf8(out.stdout).unwrap();
         let file = tmp.path().join(&name);
         std::fs::write(&file, &injected).unwrap();
         let verdict = validate_file(&file);
         assert!(verdict.ok, "inject {name}:\n{}", verdict.report);
-        validated += 1;
+        for comment in original.lines().filter(|l| l.trim_start().starts_with('#')) {
+            assert!(
+                injected.lines().any(|l| l == comment),
+                "inject {name} lost the comment {comment:?}"
+            );
+        }
+        let mesh = std::fs::read_to_string(&services).unwrap();
+        if !mesh.trim().is_empty() {
+            meshgate_policy::load::load_text(&services, &mesh)
+                .unwrap_or_else(|e| panic!("inject {name}: Service documents: {e:?}\n{mesh}"));
+        }
+        // The real-world corpus: every workload injected, every Service meshed.
+        if input.parent().unwrap().ends_with("kube") {
+            let docs = documents(&injected);
+            for doc in &docs {
+                let kind = doc["kind"].as_str().unwrap_or_default();
+                let obj = format!("{name}: {kind}/{}", doc["metadata"]["name"]);
+                if ["Deployment", "StatefulSet", "DaemonSet"].contains(&kind) {
+                    let init = doc["spec"]["template"]["spec"]["initContainers"].to_string();
+                    assert!(init.contains("meshgate-proxy"), "{obj} not injected");
+                }
+                if kind == "Service" && doc["spec"]["selector"].is_object() {
+                    let ports = doc["spec"]["ports"].to_string();
+                    assert!(ports.contains("meshgate-mesh"), "{obj} not meshed: {ports}");
+                    let svc = doc["metadata"]["name"].as_str().unwrap();
+                    assert!(
+                        mesh.contains(&format!("name: {svc}\n")),
+                        "{obj}: no meshgate Service document in\n{mesh}"
+                    );
+                }
+            }
+        }
     }
-    assert!(validated >= 7, "validated {validated} injected files");
 }
 
 // ---------------------------------------------------------------------------------------------
