@@ -521,10 +521,32 @@ async fn a_replica_killed_or_frozen_under_traffic_costs_no_request() {
     );
     load.wait_for(100, killed_at).await;
 
+    // `meshgate status` over both replicas: the survivor lists the sidecar, the dead one fails
+    // the command by name.
+    let both = format!("{},{}", replicas[0].admin_url(), replicas[1].admin_url());
+    let mut cmd = meshgate();
+    cmd.args(["status", "--control-plane", &both]);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    let survivor_part = shown
+        .split("== control plane ")
+        .find(|part| part.starts_with(&replicas[second].admin_url()))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        survivor_part
+            .lines()
+            .any(|l| l.starts_with(ORDERS) && l.contains("connected") && l.contains(&v1)),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("{}: not answering", replicas[first].admin_url())),
+        "{shown}"
+    );
+
     // 2. A quarantine reaches the sidecar through the survivor. With the dead replica still
     // listed, `meshgate quarantine` cannot confirm containment and says which one is silent.
     assert_eq!(once(inbound, intruder.clone(), "/orders/7").await, Ok(200));
-    let both = format!("{},{}", replicas[0].admin_url(), replicas[1].admin_url());
     let mut cmd = meshgate();
     cmd.args([
         "quarantine",
@@ -590,6 +612,18 @@ async fn a_replica_killed_or_frozen_under_traffic_costs_no_request() {
     for replica in &replicas {
         assert_eq!(replica.status().await.unwrap()["version"], v1.as_str());
     }
+    let mut cmd = meshgate();
+    cmd.args(["status", "--control-plane", &both]);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert_eq!(
+        shown
+            .matches(&format!("policy version served: {v1}"))
+            .count(),
+        2,
+        "{shown}"
+    );
 
     // 4. The replica in use freezes (SIGSTOP: the connection stays open, nothing answers).
     let frozen = connected_to(&sidecar_config(admin).await, &replicas).expect("connected");

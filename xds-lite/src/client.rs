@@ -39,6 +39,10 @@ use meshgate_policy::PolicySet;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long resolving one control-plane host name may take in a reconnect round.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stream must have worked for its loss to start a new round at once. A replica
+/// that pushes and closes straight away (broken, or flapping) is treated as unreachable, so
+/// the pauses of the backoff apply to it.
+const HEALTHY_SESSION: Duration = Duration::from_secs(1);
 /// The port of a control-plane URL that names none.
 const DEFAULT_PORT: u16 = 15010;
 
@@ -92,6 +96,9 @@ pub struct StreamClient {
     renewals: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
+/// Where a session writes its ACK/NACK lines (the request body).
+type AckSender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
 /// How a stream session ended without an error.
 enum SessionEnd {
     /// The SVID was renewed: reconnect at once, presenting it.
@@ -101,10 +108,21 @@ enum SessionEnd {
 /// How far one session got, whatever its end.
 #[derive(Default)]
 struct Progress {
-    /// The control plane answered the stream request.
-    established: bool,
+    /// The control plane answered the stream request (at this instant).
+    established: Option<Instant>,
     /// Pushes received and answered on it.
     pushes: u64,
+}
+
+impl Progress {
+    /// The stream served its purpose (a push answered) for at least [`HEALTHY_SESSION`]: its
+    /// loss is worth an immediate new round.
+    fn worked(&self) -> bool {
+        self.pushes > 0
+            && self
+                .established
+                .is_some_and(|t| t.elapsed() >= HEALTHY_SESSION)
+    }
 }
 
 /// Where the next reconnect round starts.
@@ -245,7 +263,7 @@ impl StreamClient {
                         &mut lost_at,
                     )
                     .await;
-                if progress.established {
+                if progress.established.is_some() {
                     on_event(StreamEvent::Disconnected);
                 }
                 match result {
@@ -255,23 +273,26 @@ impl StreamClient {
                         at_once = true;
                         break;
                     }
-                    Err(e) if progress.pushes > 0 => {
-                        // A replica that worked is gone: the others are tried now, not after a
-                        // pause (the policy in force cannot change until one answers).
-                        lost_at.get_or_insert_with(Instant::now);
-                        tracing::warn!(event = "control_plane.disconnected", control_plane = %endpoint, error = %e, replicas = endpoints.len(), "stream lost; keeping the last good policy and trying the next control-plane replica now");
-                        backoff.reset();
-                        start = Start::After(endpoint.addr);
-                        at_once = true;
-                        break;
-                    }
                     Err(e) => {
-                        if progress.established {
+                        if progress.established.is_some() {
                             lost_at.get_or_insert_with(Instant::now);
+                            tracing::warn!(event = "control_plane.disconnected", control_plane = %endpoint, error = %e, replicas = endpoints.len(), "stream lost; keeping the last good policy and trying the next control-plane replica now");
+                        } else {
+                            tracing::debug!(event = "control_plane.connect_failed", control_plane = %endpoint, error = %e);
                         }
-                        tracing::debug!(event = "control_plane.connect_failed", control_plane = %endpoint, error = %e);
-                        failures.push(format!("{endpoint}: {e}"));
                         start = Start::After(endpoint.addr);
+                        if progress.worked() {
+                            // A replica that worked is gone: a new round (names resolved again)
+                            // starts now with the next replica, not after a pause; the policy in
+                            // force cannot change until one answers.
+                            backoff.reset();
+                            at_once = true;
+                            break;
+                        }
+                        // Not reachable, or it dropped the stream before being of use: the
+                        // round goes on with the next replica, and pauses once all failed, so
+                        // replicas that accept and close at once are not hammered.
+                        failures.push(format!("{endpoint}: {e}"));
                     }
                 }
             }
@@ -303,7 +324,7 @@ impl StreamClient {
         let (resp, acks) = tokio::time::timeout(SETUP_TIMEOUT, self.open(endpoint))
             .await
             .map_err(|_| format!("no answer within {SETUP_TIMEOUT:?}"))??;
-        progress.established = true;
+        progress.established = Some(Instant::now());
         on_event(StreamEvent::Connected {
             endpoint: endpoint.clone(),
         });
@@ -373,17 +394,10 @@ impl StreamClient {
     /// TCP, TLS (the control plane's SPIFFE ID checked), HTTP/2 with keep-alive PINGs, and the
     /// stream request up to its response headers. Returns the response and the sender of the
     /// request body (the ACK lines).
-    #[allow(clippy::type_complexity)]
     async fn open(
         &self,
         endpoint: &Endpoint,
-    ) -> Result<
-        (
-            http::Response<hyper::body::Incoming>,
-            mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
-        ),
-        String,
-    > {
+    ) -> Result<(http::Response<hyper::body::Incoming>, AckSender), String> {
         let tcp = tokio::net::TcpStream::connect(endpoint.addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -402,7 +416,7 @@ impl StreamClient {
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tokio::spawn(conn);
-        let (acks, mut ack_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        let (acks, mut ack_rx): (AckSender, _) = mpsc::channel(4);
         let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
             ack_rx.poll_recv(cx)
         }));
@@ -476,7 +490,9 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
         );
-        let cases: &[(&[&str], Result<&[&str], &str>)] = &[
+        /// URLs given, and the authorities they become or words of the refusal.
+        type Case<'a> = (&'a [&'a str], Result<&'a [&'a str], &'a str>);
+        let cases: &[Case] = &[
             (&["https://cp:15010"], Ok(&["cp:15010"])),
             (&["https://cp"], Ok(&["cp:15010"])),
             (
