@@ -624,6 +624,18 @@ async fn a_replica_killed_or_frozen_under_traffic_costs_no_request() {
         2,
         "{shown}"
     );
+    let mut cmd = meshgate();
+    cmd.args(["check", "--skip-host", "--control-plane", &both]);
+    let out = run_async(cmd).await;
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    for replica in &replicas {
+        let line = format!(
+            "control plane {} serving policy version {v1}",
+            replica.admin_url()
+        );
+        assert!(shown.contains(&line), "{shown}");
+    }
 
     // 4. The replica in use freezes (SIGSTOP: the connection stays open, nothing answers).
     let frozen = connected_to(&sidecar_config(admin).await, &replicas).expect("connected");
