@@ -15,12 +15,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::support::mesh::{EchoApp, sum_metric};
@@ -682,4 +683,139 @@ async fn a_replica_killed_or_frozen_under_traffic_costs_no_request() {
         outcomes.iter().filter(|o| o.want == 403).count(),
         test_started.elapsed()
     );
+}
+
+/// A stand-in control-plane replica (with the control plane's SVID) that answers every stream
+/// with one valid push and ends it at once: broken, or flapping. Returns its address and how
+/// many connections it accepted.
+async fn push_and_close_replica(ca: &TestCa) -> (SocketAddr, Arc<AtomicUsize>) {
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let svid = ca.sign_leaf(&crate::support::id(CONTROL_PLANE), now - hour, now + hour);
+    let resolver = Arc::new(meshgate_ca::tls::CertResolver::default());
+    resolver
+        .publish(
+            svid.chain.clone(),
+            rustls_pki_types::PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into(),
+        )
+        .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(meshgate_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let mut set = meshgate_policy::PolicySet::default();
+    set.update_version();
+    let mut push = serde_json::to_vec(&meshgate_xds::wire::Push::new(set, "n1".into())).unwrap();
+    push.push(b'\n');
+    let push = Bytes::from(push);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let (acceptor, push) = (acceptor.clone(), push.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    // The push; the stream ends as soon as the sidecar's answer (its ACK) is in.
+                    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+                    let push = push.clone();
+                    tokio::spawn(async move {
+                        let _ = tx
+                            .send(Ok::<_, std::convert::Infallible>(Frame::data(push)))
+                            .await;
+                        let mut acks = req.into_body();
+                        let _ = acks.frame().await;
+                    });
+                    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::StreamBody::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Failing over at once is for streams that worked. Replicas that accept, push and close
+/// straight away are each tried once per round, and rounds are paced by the backoff: a sidecar
+/// never hammers a broken control plane (without the rule this loop opens thousands of
+/// connections a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_push_and_close_at_once_are_paced_not_hammered() {
+    let ca = TestCa::init();
+    let (a, a_accepted) = push_and_close_replica(&ca).await;
+    let (b, b_accepted) = push_and_close_replica(&ca).await;
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let svid = ca.sign_leaf(&crate::support::id(ORDERS), now - hour, now + hour);
+    let config = mesh_client(
+        ca.bundle(),
+        &svid,
+        crate::support::id(CONTROL_PLANE),
+        &[b"h2"],
+    );
+    let client = meshgate_xds::client::StreamClient::new(
+        &[format!("https://{a}"), format!("https://{b}")],
+        config,
+    )
+    .unwrap();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let applied = Arc::new(AtomicUsize::new(0));
+    let pushes = applied.clone();
+    let task = tokio::spawn(client.run(
+        move |_| {
+            pushes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        },
+        move |event| seen.lock().unwrap().push(event),
+        Duration::from_millis(200),
+        Duration::from_millis(400),
+    ));
+    let watched = Duration::from_secs(2);
+    tokio::time::sleep(watched).await;
+    task.abort();
+    let (on_a, on_b) = (
+        a_accepted.load(Ordering::Relaxed),
+        b_accepted.load(Ordering::Relaxed),
+    );
+    // Rounds of two attempts, paused 100–400 ms: at most 22 connections in 2 s (about 12).
+    assert!(
+        on_a + on_b <= 30,
+        "{on_a} + {on_b} connections in {watched:?}: the broken replicas are hammered"
+    );
+    assert!(
+        on_a >= 2 && on_b >= 2,
+        "both replicas are tried in every round: {on_a}, {on_b}"
+    );
+    let connected: std::collections::BTreeSet<SocketAddr> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            meshgate_xds::client::StreamEvent::Connected { endpoint } => Some(endpoint.addr),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connected, [a, b].into_iter().collect());
+    // Each stream was of use (its push applied and ACKed) before it ended.
+    assert!(applied.load(Ordering::Relaxed) >= on_a + on_b - 2);
+    eprintln!("push-and-close replicas: {on_a} + {on_b} connections in {watched:?}");
 }
