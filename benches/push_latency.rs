@@ -69,7 +69,7 @@ fn main() {
             let resolver = Arc::new(CertResolver::default());
             resolver.publish(svid.chain, PrivatePkcs8KeyDer::from(svid.key.serialize_der()).into()).unwrap();
             let config = tls::mesh_client_config(bundle.clone(), ExpectedServer::Exact(cp_id.clone()), Some(resolver), &[b"h2"]);
-            let client = StreamClient::new(&url, Arc::new(config)).unwrap();
+            let client = StreamClient::new(&[&url], Arc::new(config)).unwrap();
             tokio::spawn(client.run(|_| Ok(()), |_| {}, Duration::from_millis(200), Duration::from_secs(2)));
         }
         let all_acked = |version: &str| {

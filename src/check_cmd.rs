@@ -12,9 +12,11 @@ use clap::Args;
 /// Check this host, and a running mesh.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Also check a running control plane through its admin listener (HOST:PORT or URL).
-    #[arg(long)]
-    control_plane: Option<String>,
+    /// Also check a running control plane through its admin listener (HOST:PORT or URL). With
+    /// replicas, give each one's (repeat the flag or comma-separate): each is checked, and they
+    /// must serve the same version.
+    #[arg(long, value_delimiter = ',')]
+    control_plane: Vec<String>,
     /// Also check a running CA (https://HOST:PORT), verified with --ca-bundle.
     #[arg(long, requires = "ca_bundle")]
     ca: Option<String>,
@@ -184,7 +186,13 @@ async fn mesh_checks(args: &CheckArgs) -> Vec<Line> {
     if let (Some(url), Some(bundle_path)) = (&args.ca, &args.ca_bundle) {
         out.extend(ca_checks(url, bundle_path).await);
     }
-    if let Some(admin) = &args.control_plane {
+    let mut versions = std::collections::BTreeSet::new();
+    for admin in &args.control_plane {
+        let who = if args.control_plane.len() > 1 {
+            format!("control plane {admin}")
+        } else {
+            "control plane".to_string()
+        };
         match crate::control_plane_cmd::fetch_status(admin).await {
             Err(e) => out.push(Line::fail(
                 format!("control plane: {e:#}"),
@@ -193,10 +201,11 @@ async fn mesh_checks(args: &CheckArgs) -> Vec<Line> {
             Ok(body) => {
                 let report: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 let version = report["version"].as_str().unwrap_or("(none)").to_string();
-                out.push(Line::ok(format!("control plane serving policy version {version}")));
+                versions.insert(version.clone());
+                out.push(Line::ok(format!("{who} serving policy version {version}")));
                 if let Some(refused) = report["last_rejected"].as_str() {
                     out.push(Line::fail(
-                        format!("the control plane refused the last policy update: {refused}"),
+                        format!("the {who} refused the last policy update: {refused}"),
                         "fix the file named above (`meshgate policy check DIR` shows every problem); the version above stays in force",
                     ));
                 }
@@ -236,6 +245,15 @@ async fn mesh_checks(args: &CheckArgs) -> Vec<Line> {
                 }
             }
         }
+    }
+    if versions.len() > 1 {
+        out.push(Line::fail(
+            format!(
+                "the control-plane replicas serve different versions: {}",
+                versions.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+            "give every replica the same policy directory (one ConfigMap or volume); a replica that refused an update says so above",
+        ));
     }
     out
 }
@@ -336,7 +354,7 @@ pub fn run(args: CheckArgs) -> Result<std::process::ExitCode> {
         }
         lines.extend(host);
     }
-    if args.control_plane.is_some() || args.ca.is_some() {
+    if !args.control_plane.is_empty() || args.ca.is_some() {
         println!("the mesh:");
         let mesh = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -68,9 +68,11 @@ pub fn run(command: ControlPlaneCommand) -> Result<()> {
 /// Show every sidecar known to a control plane: identity, acked version, last NACK, staleness.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The control plane's admin listener: a URL or HOST:PORT.
-    #[arg(long, default_value = "http://127.0.0.1:15011")]
-    control_plane: String,
+    /// The control plane's admin listener: a URL or HOST:PORT. With replicas, give each one's
+    /// (repeat the flag or comma-separate): each replica knows only the sidecars streaming from
+    /// it, and all must serve the same version.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:15011")]
+    control_plane: Vec<String>,
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
@@ -101,15 +103,76 @@ pub async fn fetch_status(admin: &str) -> Result<String> {
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
-    let body = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(fetch_status(&args.control_plane))?;
+        .build()?;
+    if let [admin] = args.control_plane.as_slice() {
+        let body = runtime.block_on(fetch_status(admin))?;
+        if args.json {
+            println!("{body}");
+            return Ok(());
+        }
+        let report: serde_json::Value =
+            serde_json::from_str(&body).context("status is not JSON")?;
+        return print_report(&report);
+    }
+    // Replicas: every one is asked, an unreachable one is reported and fails the command.
+    let answers: Vec<(String, Result<serde_json::Value>)> = args
+        .control_plane
+        .iter()
+        .map(|admin| {
+            let report = runtime.block_on(fetch_status(admin)).and_then(|body| {
+                serde_json::from_str::<serde_json::Value>(&body).context("status is not JSON")
+            });
+            (admin.clone(), report)
+        })
+        .collect();
     if args.json {
-        println!("{body}");
+        let replicas: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|(admin, report)| match report {
+                Ok(report) => serde_json::json!({ "control_plane": admin, "status": report }),
+                Err(e) => serde_json::json!({ "control_plane": admin, "error": format!("{e:#}") }),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "replicas": replicas }))?
+        );
         return Ok(());
     }
-    let report: serde_json::Value = serde_json::from_str(&body).context("status is not JSON")?;
+    let mut problems = Vec::new();
+    let mut versions = std::collections::BTreeSet::new();
+    for (admin, report) in &answers {
+        println!("== control plane {admin}");
+        match report {
+            Ok(report) => {
+                versions.insert(report["version"].as_str().unwrap_or("(none)").to_string());
+                if let Err(e) = print_report(report) {
+                    problems.push(format!("{admin}: {e:#}"));
+                }
+            }
+            Err(e) => {
+                println!("{e:#}");
+                problems.push(format!("{admin}: not answering"));
+            }
+        }
+        println!();
+    }
+    if versions.len() > 1 {
+        problems.push(format!(
+            "the replicas serve different versions ({}): they read different policy directories, or one refused an update the others took (see LAST UPDATE REFUSED above)",
+            versions.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
+}
+
+/// Prints one control plane's report as a table; an error when a connected sidecar drifted.
+fn print_report(report: &serde_json::Value) -> Result<()> {
     let version = report["version"].as_str().unwrap_or("(none)");
     println!("policy version served: {version}");
     if let Some(rejected) = report["last_rejected"].as_str() {

@@ -115,9 +115,11 @@ pub struct ProxyArgs {
     #[arg(long, required_unless_present = "control_plane")]
     policy_dir: Option<PathBuf>,
     /// Control plane URL, e.g. https://127.0.0.1:15010 (its SVID must be
-    /// spiffe://<td>/ns/meshgate/sa/control-plane).
-    #[arg(long, conflicts_with = "policy_dir")]
-    control_plane: Option<String>,
+    /// spiffe://<td>/ns/meshgate/sa/control-plane). Repeat it or comma-separate URLs for
+    /// replicas; a host name resolving to several addresses (a headless Service) counts as
+    /// several replicas. A lost stream fails over to the next replica at once.
+    #[arg(long, value_delimiter = ',', conflicts_with = "policy_dir")]
+    control_plane: Vec<String>,
     /// Static list of Service documents for outbound routing.
     #[arg(long)]
     services: Option<PathBuf>,
@@ -224,13 +226,15 @@ pub fn run(args: ProxyArgs) -> Result<()> {
             AppProtocolArg::H2c => AppProtocol::H2c,
         },
         identity,
-        policy: match (&args.control_plane, &args.policy_dir) {
-            (Some(url), _) => PolicySource::ControlPlane { url: url.clone() },
-            (None, Some(dir)) => PolicySource::Files(PolicyFiles {
+        policy: match (args.control_plane.is_empty(), &args.policy_dir) {
+            (false, _) => PolicySource::ControlPlane {
+                urls: args.control_plane.clone(),
+            },
+            (true, Some(dir)) => PolicySource::Files(PolicyFiles {
                 dir: dir.clone(),
                 services: args.services.clone(),
             }),
-            (None, None) => bail!(
+            (true, None) => bail!(
                 "give a policy source: --policy-dir DIR or --control-plane https://HOST:15010"
             ),
         },

@@ -119,6 +119,7 @@ impl Admin {
                         "policy_version": snapshot.version(),
                         "policy_loaded": self.policy.is_loaded(),
                         "last_rejected_update": self.policy.last_error(),
+                        "control_plane": self.policy.stream_status(),
                         "policy": snapshot.dump(),
                         "routes": routes,
                     }),

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub policy_version: Family<VersionLabels, Gauge>,
     pub cert_not_after: Gauge,
     pub control_plane_connected: Gauge,
+    pub control_plane_reconnects: Counter,
+    pub control_plane_last_reconnect_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub policy_stale_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -195,6 +197,19 @@ impl Default for Metrics {
             "1 while the control-plane stream is up (0 when down or not used)",
             control_plane_connected.clone(),
         );
+        let control_plane_reconnects = Counter::default();
+        registry.register(
+            "control_plane_reconnects",
+            "Control-plane streams re-established after a loss (to the same or another replica)",
+            control_plane_reconnects.clone(),
+        );
+        let control_plane_last_reconnect_seconds =
+            Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "control_plane_last_reconnect_seconds",
+            "Time from the last control-plane stream loss to the first snapshot answered after it",
+            control_plane_last_reconnect_seconds.clone(),
+        );
         let policy_stale_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "policy_stale_seconds",
@@ -217,6 +232,8 @@ impl Default for Metrics {
             policy_version,
             cert_not_after,
             control_plane_connected,
+            control_plane_reconnects,
+            control_plane_last_reconnect_seconds,
             policy_stale_seconds,
         }
     }

@@ -27,6 +27,8 @@ pub struct PolicyState {
     /// Bumped at every swap, so long-lived L4 connections can re-check their authorization.
     swaps: tokio::sync::watch::Sender<u64>,
     disconnected_since: Mutex<Option<std::time::Instant>>,
+    /// The control-plane stream as the admin `/config` shows it (`None` for file sources).
+    stream: Mutex<Option<StreamStatus>>,
     loaded: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
@@ -39,6 +41,7 @@ impl PolicyState {
             set: ArcSwapOption::empty(),
             swaps: tokio::sync::watch::channel(0).0,
             disconnected_since: Mutex::new(None),
+            stream: Mutex::new(None),
             loaded: AtomicBool::new(false),
             last_error: Mutex::new(None),
         }
@@ -54,10 +57,29 @@ impl PolicyState {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// The control-plane stream's state (`None` when policy comes from files).
+    pub fn stream_status(&self) -> Option<StreamStatus> {
+        self.stream.lock().expect("stream status lock").clone()
+    }
+
     /// The last refused update's reasons, if the latest attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().expect("policy error lock").clone()
     }
+}
+
+/// The control-plane stream of a sidecar, for the admin `/config` page: which replica it is
+/// connected to, and how its failovers went.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StreamStatus {
+    /// The `--control-plane` URLs, as given.
+    pub urls: Vec<String>,
+    /// The replica the stream is open with (`address (url)`), `None` while disconnected.
+    pub connected_to: Option<String>,
+    /// Streams re-established after a loss.
+    pub reconnects: u64,
+    /// Time from the last loss to the first snapshot answered after it, in milliseconds.
+    pub last_reconnect_ms: Option<u64>,
 }
 
 /// Where policy files live.
@@ -166,8 +188,10 @@ impl PolicyFiles {
 pub enum PolicySource {
     /// A directory (plus optional services file) on disk.
     Files(PolicyFiles),
-    /// The control plane's stream (`https://host:15010`).
-    ControlPlane { url: String },
+    /// The control plane's stream: one or more replicas (`https://host:15010`, each entry
+    /// possibly a comma-separated list; a name resolving to several addresses is several
+    /// replicas).
+    ControlPlane { urls: Vec<String> },
 }
 
 impl PolicyState {
@@ -216,6 +240,36 @@ impl PolicyState {
         };
     }
 
+    /// Records what happened to the control-plane stream: connection state, the replica in use,
+    /// reconnect count and duration (metrics and `/config`).
+    fn stream_event(&self, event: &meshgate_xds::client::StreamEvent, metrics: &Metrics) {
+        use meshgate_xds::client::StreamEvent;
+        let mut guard = self.stream.lock().expect("stream status lock");
+        let status = guard.get_or_insert_with(StreamStatus::default);
+        match event {
+            StreamEvent::Connected { endpoint } => {
+                status.connected_to = Some(endpoint.to_string());
+                drop(guard);
+                self.set_connected(true);
+                metrics.control_plane_connected.set(1);
+            }
+            StreamEvent::Disconnected => {
+                status.connected_to = None;
+                drop(guard);
+                self.set_connected(false);
+                metrics.control_plane_connected.set(0);
+            }
+            StreamEvent::Reconnected { after, .. } => {
+                status.reconnects += 1;
+                status.last_reconnect_ms = Some(after.as_millis() as u64);
+                metrics.control_plane_reconnects.inc();
+                metrics
+                    .control_plane_last_reconnect_seconds
+                    .set(after.as_secs_f64());
+            }
+        }
+    }
+
     /// Seconds since the control plane was last reachable (0 while connected or for files).
     pub fn stale_seconds(&self) -> f64 {
         self.disconnected_since
@@ -244,7 +298,7 @@ impl PolicySource {
                     Err(errors) => state.refuse(&errors, &metrics),
                 });
             }
-            PolicySource::ControlPlane { url } => {
+            PolicySource::ControlPlane { urls } => {
                 let expected = workload
                     .trust_domain()
                     .workload_id("meshgate", "control-plane")
@@ -255,21 +309,22 @@ impl PolicySource {
                     Some(identity.resolver()),
                     &[b"h2"],
                 );
-                let client = meshgate_xds::client::StreamClient::new(&url, Arc::new(tls))
+                let client = meshgate_xds::client::StreamClient::new(&urls, Arc::new(tls))
                     .map_err(|e| e.to_string())?
                     .reconnect_on(identity.svid_changes());
                 state.set_connected(false);
-                let connected_state = state.clone();
-                let connected_metrics = metrics.clone();
+                *state.stream.lock().expect("stream status lock") = Some(StreamStatus {
+                    urls: client.urls(),
+                    ..StreamStatus::default()
+                });
+                let event_state = state.clone();
+                let event_metrics = metrics.clone();
                 let stream = client.run(
                     move |set| {
                         state.install(set, &workload, &metrics, &on_update);
                         Ok(())
                     },
-                    move |up| {
-                        connected_state.set_connected(up);
-                        connected_metrics.control_plane_connected.set(i64::from(up));
-                    },
+                    move |event| event_state.stream_event(&event, &event_metrics),
                     Duration::from_millis(500),
                     Duration::from_secs(30),
                 );

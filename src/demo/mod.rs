@@ -409,7 +409,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
                 backoff: Backoff::default(),
             }),
             policy: PolicySource::ControlPlane {
-                url: format!("https://{}", control_plane.addr),
+                urls: vec![format!("https://{}", control_plane.addr)],
             },
             inbound: loopback(p.inbound),
             outbound: loopback(p.outbound),

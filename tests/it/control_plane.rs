@@ -199,7 +199,7 @@ async fn first_push(
         meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, config).map_err(|e| e.to_string())?;
+    let client = StreamClient::new(&[&url], config).map_err(|e| e.to_string())?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(client.run(
         move |set| {
@@ -288,7 +288,7 @@ async fn each_sidecar_gets_only_its_own_resources_and_needs_a_valid_svid() {
         None,
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, Arc::new(anonymous)).unwrap();
+    let client = StreamClient::new(&[&url], Arc::new(anonymous)).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let task = tokio::spawn(client.run(
         move |_| {
@@ -477,7 +477,7 @@ async fn a_nacked_version_is_recorded_and_not_retried() {
         meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
         &[b"h2"],
     );
-    let client = StreamClient::new(&url, config).unwrap();
+    let client = StreamClient::new(&[&url], config).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let task = tokio::spawn(client.run(
         move |set| {
@@ -832,7 +832,7 @@ async fn a_sidecar_refuses_an_oversize_push_and_keeps_its_policy() {
         .ca
         .sign_leaf(&TestMesh::id_of("orders"), now - hour, now + hour);
     let client_config = crate::support::mesh_client(mesh.ca.bundle(), &svid, cp_id, &[b"h2"]);
-    let client = StreamClient::new(&format!("https://{addr}"), client_config).unwrap();
+    let client = StreamClient::new(&[format!("https://{addr}")], client_config).unwrap();
     let (tx, mut applied) = mpsc::unbounded_channel::<String>();
     let task = tokio::spawn(client.run(
         move |set| {

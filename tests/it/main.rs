@@ -11,6 +11,7 @@ mod ca_rotation;
 mod chaos;
 mod compose;
 mod control_plane;
+mod control_plane_ha;
 mod demo;
 mod differential;
 mod ebpf_redirect;

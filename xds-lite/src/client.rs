@@ -1,11 +1,21 @@
 //! The sidecar's side of the stream: connect with the workload's SVID (the control plane must
 //! present `spiffe://<td>/ns/meshgate/sa/control-plane`), apply each push, ACK or NACK it, and
-//! reconnect with backoff whenever the stream breaks. What `apply` installed stays in force while
+//! reconnect whenever the stream breaks. What `apply` installed stays in force while
 //! disconnected: losing the control plane never opens traffic.
+//!
+//! High availability: the client is given one or more control-plane URLs, and every address a
+//! URL's host name resolves to is one more replica (a headless Kubernetes Service answers with
+//! every ready pod). Names are resolved again at every reconnect round, because that answer
+//! changes as replicas come and go. When an established stream breaks, the other replicas are
+//! tried at once, starting with the one after the lost replica; only when a whole round failed
+//! does the client pause, with the jittered [`Backoff`] every retry uses. A stream that stops
+//! answering without closing (its machine vanished) is detected by HTTP/2 PINGs
+//! ([`KEEPALIVE_INTERVAL`], [`KEEPALIVE_TIMEOUT`]).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshgate_ca::backoff::Backoff;
 
@@ -13,16 +23,28 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::wire::{
-    Ack, LineBuffer, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
+    Ack, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES,
+    Push, STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a stream may take, from TCP connect to the control plane's response
+/// headers. A replica that accepts connections but does not answer (overloaded, half-dead)
+/// must not hold the sidecar away from the healthy ones for longer.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long resolving one control-plane host name may take in a reconnect round.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stream must have worked for its loss to start a new round at once. A replica
+/// that pushes and closes straight away (broken, or flapping) is treated as unreachable, so
+/// the pauses of the backoff apply to it.
+const HEALTHY_SESSION: Duration = Duration::from_secs(1);
+/// The port of a control-plane URL that names none.
+const DEFAULT_PORT: u16 = 15010;
 
 /// A control-plane URL that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,13 +54,50 @@ pub struct BadControlPlaneUrl {
     pub reason: String,
 }
 
-/// A stream client for one control plane.
-pub struct StreamClient {
+/// One configured control-plane URL.
+#[derive(Debug, Clone)]
+struct Target {
+    url: String,
+    /// `host:port` as written (IPv6 literals keep their brackets): what is resolved and what the
+    /// request's authority says.
     authority: String,
+}
+
+/// One address of a control-plane replica, and the URL it was resolved from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.addr, self.url)
+    }
+}
+
+/// What happens to the stream, for metrics, readiness and status pages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// A stream is open with `endpoint`.
+    Connected { endpoint: Endpoint },
+    /// The stream is down; the last applied policy stays in force.
+    Disconnected,
+    /// The first push after a lost stream was received and answered: `after` is the time from
+    /// the loss to that answer, i.e. how long the sidecar could not receive updates.
+    Reconnected { endpoint: Endpoint, after: Duration },
+}
+
+/// A stream client for one control plane, made of one or more replicas.
+pub struct StreamClient {
+    targets: Vec<Target>,
     tls: TlsConnector,
     /// Bumped when the workload's SVID is renewed: the stream is reopened with the new one.
     renewals: Option<tokio::sync::watch::Receiver<u64>>,
 }
+
+/// Where a session writes its ACK/NACK lines (the request body).
+type AckSender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
 
 /// How a stream session ended without an error.
 enum SessionEnd {
@@ -46,28 +105,85 @@ enum SessionEnd {
     Renewed,
 }
 
-impl StreamClient {
-    /// `url` is `https://host:port`; `tls` verifies the control plane's SPIFFE ID and presents
-    /// the workload's SVID (offering ALPN `h2`).
-    pub fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, BadControlPlaneUrl> {
-        let bad = |reason: String| BadControlPlaneUrl {
-            url: url.to_string(),
-            reason,
-        };
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("it must start with https://".to_string()));
+/// How far one session got, whatever its end.
+#[derive(Default)]
+struct Progress {
+    /// The control plane answered the stream request (at this instant).
+    established: Option<Instant>,
+    /// Pushes received and answered on it.
+    pushes: u64,
+}
+
+impl Progress {
+    /// The stream served its purpose (a push answered) for at least [`HEALTHY_SESSION`]: its
+    /// loss is worth an immediate new round.
+    fn worked(&self) -> bool {
+        self.pushes > 0
+            && self
+                .established
+                .is_some_and(|t| t.elapsed() >= HEALTHY_SESSION)
+    }
+}
+
+/// Where the next reconnect round starts.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// At a random replica: a fleet started together spreads over the replicas.
+    Random,
+    /// At this replica (after a renewal: it was fine).
+    At(SocketAddr),
+    /// At the replica after this one (it was just lost).
+    After(SocketAddr),
+}
+
+impl Start {
+    fn index(self, endpoints: &[Endpoint]) -> usize {
+        let position = |addr| endpoints.iter().position(|e| e.addr == addr);
+        match self {
+            Start::At(addr) => position(addr),
+            Start::After(addr) => position(addr).map(|i| i + 1),
+            Start::Random => None,
         }
-        let host = uri
-            .host()
-            .ok_or_else(|| bad("it has no host".to_string()))?;
+        .unwrap_or_else(|| {
+            let mut random = [0u8; 4];
+            meshgate_ca::tls::random_bytes(&mut random);
+            u32::from_le_bytes(random) as usize
+        }) % endpoints.len()
+    }
+}
+
+impl StreamClient {
+    /// `urls` are `https://host[:port]` (port 15010 by default), each entry possibly a
+    /// comma-separated list; `tls` verifies the control plane's SPIFFE ID and presents the
+    /// workload's SVID (offering ALPN `h2`).
+    pub fn new<S: AsRef<str>>(
+        urls: &[S],
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, BadControlPlaneUrl> {
+        let mut targets = Vec::new();
+        for url in urls
+            .iter()
+            .flat_map(|u| u.as_ref().split(','))
+            .map(str::trim)
+        {
+            targets.push(parse_url(url)?);
+        }
+        if targets.is_empty() {
+            return Err(BadControlPlaneUrl {
+                url: String::new(),
+                reason: "no URL given".to_string(),
+            });
+        }
         Ok(Self {
-            authority: format!("{host}:{}", uri.port_u16().unwrap_or(15010)),
+            targets,
             tls: TlsConnector::from(tls),
             renewals: None,
         })
+    }
+
+    /// The configured URLs, as given.
+    pub fn urls(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.url.clone()).collect()
     }
 
     /// Reopens the stream whenever `renewals` changes (the sidecar's SVID generation), so the
@@ -79,77 +195,140 @@ impl StreamClient {
         self
     }
 
-    /// Runs forever. `apply` installs a pushed set (its error becomes the NACK); `connected`
-    /// reports stream state changes.
+    /// Every address of every URL, in URL order then resolver order, without duplicates. A name
+    /// that does not resolve is logged and skipped: the other replicas may still answer.
+    async fn resolve(&self) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::new();
+        for target in &self.targets {
+            let found =
+                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(&target.authority))
+                    .await;
+            match found {
+                Ok(Ok(addrs)) => {
+                    for addr in addrs {
+                        if !out.iter().any(|e| e.addr == addr) {
+                            out.push(Endpoint {
+                                url: target.url.clone(),
+                                addr,
+                            });
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(event = "control_plane.resolve_failed", control_plane = %target.url, error = %e, "cannot resolve the control plane's host name; check --control-plane and DNS");
+                }
+                Err(_) => {
+                    tracing::warn!(event = "control_plane.resolve_failed", control_plane = %target.url, error = "timed out", "cannot resolve the control plane's host name; check --control-plane and DNS");
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs forever. `apply` installs a pushed set (its error becomes the NACK); `on_event`
+    /// hears about connections, losses and recoveries. A lost stream fails over to the next
+    /// replica at once; `initial_backoff` doubling to `max_backoff` (jittered) paces the rounds
+    /// in which no replica could be reached.
     pub async fn run(
         self,
         mut apply: impl FnMut(PolicySet) -> Result<(), String> + Send,
-        connected: impl Fn(bool) + Send,
+        on_event: impl Fn(StreamEvent) + Send,
         initial_backoff: Duration,
         max_backoff: Duration,
     ) {
         let mut backoff = Backoff::new(initial_backoff, max_backoff);
         let mut renewals = self.renewals.clone();
+        let mut start = Start::Random;
+        // When the last established stream was lost, until the first push after it.
+        let mut lost_at: Option<Instant> = None;
         loop {
-            let result = self
-                .session(&mut apply, &connected, &mut backoff, renewals.as_mut())
-                .await;
-            connected(false);
-            if let Ok(SessionEnd::Renewed) = result {
-                tracing::debug!(event = "control_plane.reconnect", control_plane = %self.authority, "SVID renewed: reopening the stream with it");
+            let endpoints = self.resolve().await;
+            let first = if endpoints.is_empty() {
+                0
+            } else {
+                start.index(&endpoints)
+            };
+            let mut failures = Vec::new();
+            let mut at_once = false;
+            for i in 0..endpoints.len() {
+                let endpoint = &endpoints[(first + i) % endpoints.len()];
+                let mut progress = Progress::default();
+                let result = self
+                    .session(
+                        endpoint,
+                        &mut apply,
+                        &on_event,
+                        renewals.as_mut(),
+                        &mut progress,
+                        &mut lost_at,
+                    )
+                    .await;
+                if progress.established.is_some() {
+                    on_event(StreamEvent::Disconnected);
+                }
+                match result {
+                    Ok(SessionEnd::Renewed) => {
+                        tracing::debug!(event = "control_plane.reconnect", control_plane = %endpoint, "SVID renewed: reopening the stream with it");
+                        start = Start::At(endpoint.addr);
+                        at_once = true;
+                        break;
+                    }
+                    Err(e) => {
+                        if progress.established.is_some() {
+                            lost_at.get_or_insert_with(Instant::now);
+                            tracing::warn!(event = "control_plane.disconnected", control_plane = %endpoint, error = %e, replicas = endpoints.len(), "stream lost; keeping the last good policy and trying the next control-plane replica now");
+                        } else {
+                            tracing::debug!(event = "control_plane.connect_failed", control_plane = %endpoint, error = %e);
+                        }
+                        start = Start::After(endpoint.addr);
+                        if progress.worked() {
+                            // A replica that worked is gone: a new round (names resolved again)
+                            // starts now with the next replica, not after a pause; the policy in
+                            // force cannot change until one answers.
+                            backoff.reset();
+                            at_once = true;
+                            break;
+                        }
+                        // Not reachable, or it dropped the stream before being of use: the
+                        // round goes on with the next replica, and pauses once all failed, so
+                        // replicas that accept and close at once are not hammered.
+                        failures.push(format!("{endpoint}: {e}"));
+                    }
+                }
+            }
+            if at_once {
                 continue;
             }
             let pause = backoff.pause();
-            if let Err(e) = result {
-                tracing::warn!(event = "control_plane.disconnected", control_plane = %self.authority, error = %e, retry_in_ms = pause.as_millis() as u64, "keeping the last good policy");
-            }
+            let reasons = if failures.is_empty() {
+                format!("no address found for {}", self.urls().join(", "))
+            } else {
+                failures.join("; ")
+            };
+            tracing::warn!(event = "control_plane.unreachable", replicas = endpoints.len(), error = %reasons, retry_in_ms = pause.as_millis() as u64, "no control-plane replica reachable; keeping the last good policy");
             tokio::time::sleep(pause).await;
         }
     }
 
+    /// Opens the stream to `endpoint` (within [`SETUP_TIMEOUT`]) and answers its pushes until it
+    /// breaks or the SVID is renewed.
     async fn session(
         &self,
+        endpoint: &Endpoint,
         apply: &mut (impl FnMut(PolicySet) -> Result<(), String> + Send),
-        connected: &(impl Fn(bool) + Send),
-        backoff: &mut Backoff,
+        on_event: &(impl Fn(StreamEvent) + Send),
         mut renewals: Option<&mut tokio::sync::watch::Receiver<u64>>,
+        progress: &mut Progress,
+        lost_at: &mut Option<Instant>,
     ) -> Result<SessionEnd, String> {
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-        let tls = self
-            .tls
-            .connect(meshgate_ca::tls::mesh_server_name(), tcp)
+        let (resp, acks) = tokio::time::timeout(SETUP_TIMEOUT, self.open(endpoint))
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("HTTP/2: {e}"))?;
-        tokio::spawn(conn);
-        let (acks, ack_rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
-        let mut ack_rx = ack_rx;
-        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
-            ack_rx.poll_recv(cx)
-        }));
-        let req = Request::post(format!("https://{}{STREAM_PATH}", self.authority))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .map_err(|e| e.to_string())?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("stream request: {e}"))?;
-        if !resp.status().is_success() {
-            return Err(format!("control plane answered {}", resp.status()));
-        }
-        connected(true);
-        backoff.reset();
-        tracing::info!(event = "control_plane.connected", control_plane = %self.authority);
+            .map_err(|_| format!("no answer within {SETUP_TIMEOUT:?}"))??;
+        progress.established = Some(Instant::now());
+        on_event(StreamEvent::Connected {
+            endpoint: endpoint.clone(),
+        });
+        tracing::info!(event = "control_plane.connected", control_plane = %endpoint);
         let mut body = resp.into_body();
         let mut lines = LineBuffer::default();
         loop {
@@ -198,8 +377,209 @@ impl StreamClient {
                 acks.send(Ok(Frame::data(Bytes::from(ack))))
                     .await
                     .map_err(|_| "stream closed".to_string())?;
+                progress.pushes += 1;
+                if let Some(lost) = lost_at.take() {
+                    let after = lost.elapsed();
+                    tracing::info!(event = "control_plane.reconnected", control_plane = %endpoint, after_ms = after.as_millis() as u64, "policy stream restored: the first snapshot after the loss is answered");
+                    on_event(StreamEvent::Reconnected {
+                        endpoint: endpoint.clone(),
+                        after,
+                    });
+                }
             }
         }
         Err("the control plane closed the stream".into())
+    }
+
+    /// TCP, TLS (the control plane's SPIFFE ID checked), HTTP/2 with keep-alive PINGs, and the
+    /// stream request up to its response headers. Returns the response and the sender of the
+    /// request body (the ACK lines).
+    async fn open(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(http::Response<hyper::body::Incoming>, AckSender), String> {
+        let tcp = tokio::net::TcpStream::connect(endpoint.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(meshgate_ca::tls::mesh_server_name(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        let (acks, mut ack_rx): (AckSender, _) = mpsc::channel(4);
+        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+            ack_rx.poll_recv(cx)
+        }));
+        let authority = self
+            .targets
+            .iter()
+            .find(|t| t.url == endpoint.url)
+            .map_or_else(|| endpoint.addr.to_string(), |t| t.authority.clone());
+        let req = Request::post(format!("https://{authority}{STREAM_PATH}"))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("stream request: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("control plane answered {}", resp.status()));
+        }
+        Ok((resp, acks))
+    }
+}
+
+fn parse_url(url: &str) -> Result<Target, BadControlPlaneUrl> {
+    let bad = |reason: &str| BadControlPlaneUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    if url.is_empty() {
+        return Err(bad("empty entry in the list"));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("it must start with https://"));
+    }
+    let host = uri.host().ok_or_else(|| bad("it has no host"))?;
+    Ok(Target {
+        url: url.to_string(),
+        authority: format!("{host}:{}", uri.port_u16().unwrap_or(DEFAULT_PORT)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn endpoints(addrs: &[&str]) -> Vec<Endpoint> {
+        addrs
+            .iter()
+            .map(|a| Endpoint {
+                url: format!("https://{a}"),
+                addr: addr(a),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn urls_are_split_checked_and_defaulted() {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        /// URLs given, and the authorities they become or words of the refusal.
+        type Case<'a> = (&'a [&'a str], Result<&'a [&'a str], &'a str>);
+        let cases: &[Case] = &[
+            (&["https://cp:15010"], Ok(&["cp:15010"])),
+            (&["https://cp"], Ok(&["cp:15010"])),
+            (
+                &["https://a:1,https://b:2", " https://[::1]:3 "],
+                Ok(&["a:1", "b:2", "[::1]:3"]),
+            ),
+            (&["http://cp:15010"], Err("must start with https://")),
+            (&["https://a:1,,https://b:2"], Err("empty entry")),
+            (&["https://a:1,cp:15010"], Err("must start with https://")),
+            (&[], Err("no URL given")),
+        ];
+        for (urls, want) in cases {
+            let got = StreamClient::new(urls, tls.clone());
+            match (got, want) {
+                (Ok(client), Ok(want)) => {
+                    let got: Vec<_> = client
+                        .targets
+                        .iter()
+                        .map(|t| t.authority.as_str())
+                        .collect();
+                    assert_eq!(&got, want, "{urls:?}");
+                }
+                (Err(e), Err(words)) => {
+                    assert!(e.to_string().contains(words), "{urls:?}: {e}");
+                    assert!(e.to_string().contains("e.g. https://"), "{e}");
+                }
+                (got, want) => panic!("{urls:?}: got {:?}, want {want:?}", got.map(|c| c.urls())),
+            }
+        }
+    }
+
+    #[test]
+    fn a_round_starts_after_the_lost_replica_or_at_the_renewed_one() {
+        let list = endpoints(&["10.0.0.1:15010", "10.0.0.2:15010", "10.0.0.3:15010"]);
+        let cases = [
+            (Start::After(addr("10.0.0.1:15010")), 1),
+            (Start::After(addr("10.0.0.3:15010")), 0),
+            (Start::At(addr("10.0.0.2:15010")), 1),
+            (Start::At(addr("10.0.0.3:15010")), 2),
+        ];
+        for (start, want) in cases {
+            assert_eq!(start.index(&list), want, "{start:?}");
+        }
+        // A replica that left the DNS answer (or a first round) starts anywhere in range, and
+        // the starts spread over the replicas.
+        let mut seen = [false; 3];
+        for _ in 0..200 {
+            let i = Start::After(addr("10.0.0.9:15010")).index(&list);
+            seen[i] = true;
+            assert!(Start::Random.index(&list) < 3);
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+
+    #[tokio::test]
+    async fn every_address_of_every_url_is_a_replica_once() {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        // `localhost` resolves to 127.0.0.1 (and ::1 where configured): each address counts,
+        // and the literal duplicate does not.
+        let client = StreamClient::new(
+            &[
+                "https://127.0.0.1:15999,https://localhost:15999",
+                "https://127.0.0.2:15999",
+            ],
+            tls,
+        )
+        .unwrap();
+        let found = client.resolve().await;
+        let addrs: Vec<_> = found.iter().map(|e| e.addr).collect();
+        assert_eq!(addrs[0], addr("127.0.0.1:15999"), "{found:?}");
+        assert_eq!(found[0].url, "https://127.0.0.1:15999");
+        assert_eq!(*addrs.last().unwrap(), addr("127.0.0.2:15999"), "{found:?}");
+        assert_eq!(
+            addrs
+                .iter()
+                .filter(|a| **a == addr("127.0.0.1:15999"))
+                .count(),
+            1,
+            "{found:?}"
+        );
     }
 }

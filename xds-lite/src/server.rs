@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshgate_ca::limits::ConnectionCap;
 use meshgate_ca::{SpiffeId, TrustDomain, cert};
 use serde::Serialize;
@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::wire::{
-    Ack, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH,
-    sanitize_peer_text,
+    Ack, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
+    MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 use meshgate_policy::scope::scope;
@@ -247,9 +247,15 @@ impl ControlPlane {
             let (cp, peer) = (cp.clone(), peer.clone());
             async move { Ok::<_, Infallible>(cp.handle(req, peer, addr)) }
         });
-        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+        // PINGs mark a sidecar whose machine vanished (no FIN, no RST) as disconnected in
+        // `meshgate status` within 15 s, instead of listing a dead stream as connected.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        let _ = builder.serve_connection(TokioIo::new(tls), service).await;
     }
 
     fn handle(

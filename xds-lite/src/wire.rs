@@ -12,6 +12,15 @@ pub const SNAPSHOT_TYPE: &str = "meshgate.dev/v1/WorkloadSnapshot";
 /// The stream's path.
 pub const STREAM_PATH: &str = "/v1/stream";
 
+/// How often each side of a stream sends an HTTP/2 PING on the connection. A control plane or
+/// sidecar whose machine vanished sends no FIN or RST; without pings the other side would wait
+/// on the silent connection until TCP gives up (minutes). Ten seconds is cheap for one stream
+/// per sidecar.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a PING may go unanswered before the connection is declared dead and closed, so a
+/// lost peer is noticed within `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT` (15 s).
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The resources of one push (scoped to the receiving workload).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -394,7 +394,7 @@ impl TestMesh {
             }),
             policy: if self.cp_port != 0 {
                 meshgate_proxy::policy::PolicySource::ControlPlane {
-                    url: format!("https://127.0.0.1:{}", self.cp_port),
+                    urls: vec![format!("https://127.0.0.1:{}", self.cp_port)],
                 }
             } else {
                 meshgate_proxy::policy::PolicySource::Files(PolicyFiles {

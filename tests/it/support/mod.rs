@@ -517,6 +517,35 @@ impl ProxyProcess {
         files: &Path,
         policies: &Path,
         app: &str,
+        ports: (u16, u16),
+        extra: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Self {
+        let policy = [std::ffi::OsStr::new("--policy-dir"), policies.as_os_str()];
+        Self::spawn_with_policy(files, &policy, app, ports, extra, env, log)
+    }
+
+    /// A sidecar streaming its policy from the control planes at `urls` (`--control-plane`,
+    /// comma-separated), logging at info level to `log`.
+    pub fn spawn_streaming(files: &Path, urls: &[String], app: &str, log: &Path) -> Self {
+        let urls = urls.join(",");
+        let policy = [std::ffi::OsStr::new("--control-plane"), urls.as_ref()];
+        Self::spawn_with_policy(
+            files,
+            &policy,
+            app,
+            (free_port(), free_port()),
+            &[],
+            &[],
+            Some(log),
+        )
+    }
+
+    fn spawn_with_policy(
+        files: &Path,
+        policy: &[&std::ffi::OsStr],
+        app: &str,
         (inbound, admin): (u16, u16),
         extra: &[&str],
         env: &[(&str, &str)],
@@ -535,8 +564,7 @@ impl ProxyProcess {
             .arg(files.join("key.pem"))
             .arg("--trust-bundle")
             .arg(files.join("bundle.pem"))
-            .arg("--policy-dir")
-            .arg(policies)
+            .args(policy)
             .args(["--inbound", &format!("127.0.0.1:{inbound}")])
             .args(["--outbound", &format!("127.0.0.1:{}", free_port())])
             .args(["--admin", &format!("127.0.0.1:{admin}")])
