@@ -108,6 +108,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `TE: trailers` survives: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them (HTTP/2 forbids them, and the sidecar-to-sidecar hop is
+    // HTTP/2): one pass comparing names, with no hashing and no allocation, saves the lookups
+    // below on every such request. Without `Connection` nothing else can be named hop-by-hop.
+    let any = headers
+        .keys()
+        .any(|k| k == header::TE || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -237,6 +246,26 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    /// Each hop-by-hop header alone is removed (the fast path for requests without any must
+    /// not skip one), and a request without any is left as it was.
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        for name in HOP_BY_HOP.iter().chain([&header::TE]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("deflate"));
+            h.insert("x-app", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut h);
+            assert!(h.get(name).is_none(), "{name} kept: {h:?}");
+            assert_eq!(h["x-app"], "kept");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("orders"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Instructions per request on meshgate's mesh path (app → outbound sidecar → mTLS/HTTP2 →
+# inbound sidecar → app), counted by valgrind's callgrind: a figure that does not depend on the
+# machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
+# need a quiet one: run.sh).
+#
+# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--keep] BIN [BIN...]
+#
+# For each binary: both sidecars start under callgrind with the same configuration as run.sh's
+# mesh path (static SVIDs, the bench policy, HTTP/1.1 from the client, keep-alive to an nginx
+# app), 200 warm-up requests go through, the counters are zeroed, N requests go through with
+# 4 connections (oha), and the counters are dumped. Prints Ir per request for each sidecar and the
+# pair, and writes the callgrind files (for callgrind_annotate) next to a summary in the work dir.
+# Needs valgrind (callgrind_control), oha, nginx, python3.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+requests=2000
+base=19400
+keep=0
+bins=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --requests) requests=$2; shift 2 ;;
+    --base-port) base=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) bins+=("$1"); shift ;;
+  esac
+done
+[ ${#bins[@]} -gt 0 ] || { echo "usage: $0 [--requests N] BIN [BIN...] (e.g. target/release/meshgate)" >&2; exit 2; }
+missing=()
+for tool in valgrind callgrind_control oha nginx python3; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing: ${missing[*]} — apt-get install valgrind nginx python3; cargo install oha --locked" >&2
+  exit 1
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-callgrind.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$keep" = 0 ]; then rm -rf "$work"; else echo "kept $work" >&2; fi
+}
+trap cleanup EXIT
+
+td=mesh.local
+client_id=spiffe://$td/ns/bench/sa/client
+app_id=spiffe://$td/ns/bench/sa/app
+app_port=$base
+in_port=$((base + 10))
+out_port=$((base + 20))
+mg=${bins[0]}
+"$mg" ca init --dir "$work/ca" --trust-domain "$td" >/dev/null 2>&1
+"$mg" ca issue --dir "$work/ca" --id "$app_id" --out "$work/svid-app" --ttl 24h >/dev/null 2>&1
+"$mg" ca issue --dir "$work/ca" --id "$client_id" --out "$work/svid-client" --ttl 24h >/dev/null 2>&1
+chmod 711 "$work"
+mkdir -p "$work/www/api" "$work/policy"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/api/data"
+render() { # TEMPLATE OUT KEY=VALUE...
+  local tmpl=$1 out=$2 expr=() kv
+  shift 2
+  for kv in "$@"; do expr+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+  sed "${expr[@]}" "$here/$tmpl" >"$out"
+}
+client_id_re=$(printf '%s' "$client_id" | sed 's/[.]/\\\\./g')
+common=(DIR="$work" CERTS="$work" APP_PORT="$app_port" CLIENT_ID="$client_id"
+        CLIENT_ID_RE="$client_id_re" APP_ID="$app_id" PEER_DNS="app.bench.$td" IN_PORT="$in_port")
+render nginx-app.conf.tmpl "$work/nginx-app.conf" "${common[@]}"
+render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
+render meshgate-services.yaml.tmpl "$work/services.yaml" "${common[@]}"
+
+nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf" >"$work/app.log" 2>&1 &
+pids+=($!)
+
+ready() { # ADMIN_PORT
+  local i
+  for i in $(seq 600); do
+    if python3 -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$1/ready', timeout=2).status == 200 else 1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "sidecar with admin port $1 did not become ready (logs in $work)" >&2
+  exit 1
+}
+ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
+  local f
+  f=$(ls -t "$1".* 2>/dev/null | grep -v '\.0$' | head -1 || true)
+  [ -n "$f" ] || f=$(ls -t "$1"* | head -1)
+  grep -E '^(summary|totals):' "$f" | tail -1 | awk '{print $2}'
+}
+
+printf '%-40s %14s %14s %14s\n' binary "inbound Ir/req" "outbound Ir/req" "pair Ir/req" | tee "$work/summary.txt"
+n=0
+for bin in "${bins[@]}"; do
+  n=$((n + 1))
+  vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes)
+  MESHGATE_LOG=warn "${vg[@]}" --callgrind-out-file="$work/cg-in-$n.out" "$bin" proxy \
+    --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
+    --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
+    --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
+    --no-tracing >"$work/in-$n.log" 2>&1 &
+  in_pid=$!
+  pids+=("$in_pid")
+  MESHGATE_LOG=warn "${vg[@]}" --callgrind-out-file="$work/cg-out-$n.out" "$bin" proxy \
+    --app 127.0.0.1:$app_port --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
+    --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
+    --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
+    --no-tracing >"$work/out-$n.log" 2>&1 &
+  out_pid=$!
+  pids+=("$out_pid")
+  ready $((in_port + 2))
+  ready $((out_port + 1))
+  url="http://127.0.0.1:$out_port/api/data"
+  oha --no-tui -n 200 -c 4 -H "Host: app" "$url" >/dev/null
+  callgrind_control --zero "$in_pid" >/dev/null
+  callgrind_control --zero "$out_pid" >/dev/null
+  oha --no-tui -n "$requests" -c 4 -H "Host: app" "$url" >"$work/oha-$n.txt"
+  grep -q "\[200\] $requests responses" "$work/oha-$n.txt" || {
+    echo "$bin: not every request was answered 200:" >&2
+    grep -A5 "Status code distribution" "$work/oha-$n.txt" >&2
+    exit 1
+  }
+  callgrind_control --dump=measured "$in_pid" >/dev/null
+  callgrind_control --dump=measured "$out_pid" >/dev/null
+  sleep 1
+  kill "$in_pid" "$out_pid" 2>/dev/null || true
+  wait "$in_pid" "$out_pid" 2>/dev/null || true
+  in_ir=$(ir_of "$work/cg-in-$n.out")
+  out_ir=$(ir_of "$work/cg-out-$n.out")
+  printf '%-40s %14d %14d %14d\n' "$bin" $((in_ir / requests)) $((out_ir / requests)) \
+    $(((in_ir + out_ir) / requests)) | tee -a "$work/summary.txt"
+done
+echo "callgrind files and summary: $work (use --keep to keep them; callgrind_annotate FILE)" >&2
