@@ -283,6 +283,7 @@ impl PolicySource {
     /// Starts feeding `state`; `on_update` runs after each accepted update.
     pub fn start(
         self,
+        flow_reports: Option<meshgate_xds::client::FlowReporter>,
         identity: &crate::identity::Identity,
         state: Arc<PolicyState>,
         metrics: Arc<Metrics>,
@@ -312,6 +313,10 @@ impl PolicySource {
                 let client = meshgate_xds::client::StreamClient::new(&urls, Arc::new(tls))
                     .map_err(|e| e.to_string())?
                     .reconnect_on(identity.svid_changes());
+                let client = match flow_reports {
+                    Some(reporter) => client.report_flows(reporter),
+                    None => client,
+                };
                 state.set_connected(false);
                 *state.stream.lock().expect("stream status lock") = Some(StreamStatus {
                     urls: client.urls(),
