@@ -120,12 +120,12 @@ pub fn suggest(flows: &[ObservedFlow], opts: SuggestOptions) -> Suggestion {
     let mut counts: BTreeMap<(&SpiffeId, &SpiffeId, &str, &str), usize> = BTreeMap::new();
     for f in flows {
         if f.decision == DecisionKind::Deny && !opts.include_denied {
-            out.denied += 1;
+            out.denied += f.count;
             continue;
         }
         *counts
             .entry((&f.workload, &f.peer, f.method.as_str(), f.path.as_str()))
-            .or_default() += 1;
+            .or_default() += f.count;
     }
     // (namespace, account) → caller → path → methods.
     let mut tree: BTreeMap<(String, String), BTreeMap<String, Calls>> = BTreeMap::new();
