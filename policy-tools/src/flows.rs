@@ -32,6 +32,9 @@ pub struct ObservedFlow {
     pub decision: DecisionKind,
     /// Requests this line stands for: 1 for a log line, the `count` of an aggregated flow.
     pub count: usize,
+    /// `path` is a path pattern (an aggregated flow's `/orders/*`), not a raw path: a `*` in it
+    /// is the pattern language's, not a character of the path.
+    pub pattern: bool,
 }
 
 /// What happened to the lines of a log.
@@ -107,6 +110,7 @@ pub fn parse_flows(text: &str) -> FlowLog {
             continue;
         }
         // An aggregated flow (the control plane's `/v1/flows`) stands for `count` requests.
+        let object_has_count = object.contains_key("count");
         let count = match object.get("count") {
             None => 1,
             Some(c) => match c.as_u64().and_then(|c| usize::try_from(c).ok()) {
@@ -126,7 +130,7 @@ pub fn parse_flows(text: &str) -> FlowLog {
             log.stats.bad_requests += 1;
             continue;
         }
-        match flow_of(entry, count) {
+        match flow_of(entry, count, object_has_count) {
             Some(flow) => {
                 log.stats.used += 1;
                 log.flows.push(flow);
@@ -154,7 +158,7 @@ fn json_of(line: &str) -> Option<serde_json::Value> {
 
 /// A flow from an L7 decision; `None` for a request refused before it was judged (no path was
 /// judged, so there is nothing to learn or replay).
-fn flow_of(entry: DecisionRecord, count: usize) -> Option<ObservedFlow> {
+fn flow_of(entry: DecisionRecord, count: usize, aggregated: bool) -> Option<ObservedFlow> {
     Some(ObservedFlow {
         workload: entry.workload,
         peer: entry.peer,
@@ -162,6 +166,7 @@ fn flow_of(entry: DecisionRecord, count: usize) -> Option<ObservedFlow> {
         path: entry.path?,
         decision: entry.decision,
         count,
+        pattern: aggregated,
     })
 }
 
@@ -219,6 +224,7 @@ not json at all
                     assert_eq!(log.stats.used, 1, "{count}");
                     assert_eq!(log.flows[0].count, n);
                     assert_eq!(log.flows[0].path, "/orders/*");
+                    assert!(log.flows[0].pattern, "an aggregated path is a pattern");
                 }
                 None => assert_eq!((log.stats.used, log.stats.incomplete), (0, 1), "{count}"),
             }
