@@ -280,7 +280,10 @@ impl PolicyState {
 }
 
 impl PolicySource {
-    /// Starts feeding `state`; `on_update` runs after each accepted update.
+    /// Starts feeding `state`; `on_update` runs after each accepted update. `flow_reports`, with
+    /// a control plane, sends the sidecar's flows on its stream (ignored with files).
+    // One call wires the whole source; a parameter struct would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self,
         flow_reports: Option<meshgate_xds::client::FlowReporter>,
