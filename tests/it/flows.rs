@@ -327,3 +327,152 @@ fn text_of(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A stand-in control plane: pushes the policy directory once to the first stream, keeps it
+/// open, and records every request-body line. With `advertise` it sends the flow-reports
+/// feature header, as this version does; without, it is a control plane from before flow
+/// reports.
+async fn fake_control_plane(
+    mesh: &TestMesh,
+    advertise: bool,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::{Arc, Mutex};
+
+    let now = time::OffsetDateTime::now_utc();
+    let svid = mesh.ca.sign_leaf(
+        &meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let key = rustls_pki_types::PrivatePkcs8KeyDer::from(svid.key.serialize_der());
+    let mut config = rustls::ServerConfig::builder_with_provider(meshgate_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain, key.into())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let set = meshgate_policy::load_dir(&mesh.policy_dir).unwrap();
+    let (recorded, keep) = (lines.clone(), Arc::new(Mutex::new(Vec::new())));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (recorded, keep, set) = (recorded.clone(), keep.clone(), set.clone());
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (recorded, keep, set) = (recorded.clone(), keep.clone(), set.clone());
+                    async move {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let mut buffer = meshgate_xds::wire::LineBuffer::default();
+                            while let Some(Ok(frame)) = body.frame().await {
+                                if let Some(data) = frame.data_ref() {
+                                    let batch = buffer.push(data, 1 << 20).unwrap();
+                                    recorded.lock().unwrap().extend(batch);
+                                }
+                            }
+                        });
+                        let (tx, mut rx) = tokio::sync::mpsc::channel::<
+                            Result<Frame<bytes::Bytes>, std::convert::Infallible>,
+                        >(4);
+                        let mut push =
+                            serde_json::to_vec(&meshgate_xds::wire::Push::new(set, "n1".into()))
+                                .unwrap();
+                        push.push(b'\n');
+                        tx.send(Ok(Frame::data(push.into()))).await.unwrap();
+                        keep.lock().unwrap().push(tx);
+                        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+                            rx.poll_recv(cx)
+                        }));
+                        let mut resp = http::Response::builder()
+                            .header("content-type", "application/x-ndjson");
+                        if advertise {
+                            resp = resp.header("x-meshgate-stream-features", "flow-reports");
+                        }
+                        Ok::<_, std::convert::Infallible>(resp.body(body.boxed_unsync()).unwrap())
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, lines)
+}
+
+/// Compatibility both ways round: a control plane that does not advertise flow reports (one
+/// from before them) receives ACKs only, never a line it would not understand; one that does
+/// receives the reports, from the same traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_reports_go_only_to_control_planes_that_read_them() {
+    for advertise in [true, false] {
+        let mut mesh = TestMesh::new().await;
+        mesh.write_policy("mesh.yaml", MESH_ALLOW);
+        let (url, lines) = fake_control_plane(&mesh, advertise).await;
+        let app = crate::support::mesh::EchoApp::start().await;
+        mesh.add_configured("orders", app, |c| {
+            c.policy = meshgate_proxy::policy::PolicySource::ControlPlane { urls: vec![url] };
+            c.flow_report_interval = Duration::from_millis(100);
+        })
+        .await;
+        mesh.add("web").await;
+        mesh.write_services();
+        let mut status = 0;
+        for _ in 0..100 {
+            status = mesh.call("web", "GET", "orders", "/orders/1").await.status;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "orders never applied the pushed policy");
+        // Five report intervals after the request: a reader of reports has one by then.
+        let mut reports = Vec::new();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let seen = lines.lock().unwrap().clone();
+            reports = seen
+                .iter()
+                .filter_map(|l| serde_json::from_slice::<meshgate_xds::wire::FlowReport>(l).ok())
+                .collect::<Vec<_>>();
+            if advertise && !reports.is_empty() {
+                break;
+            }
+        }
+        let seen = lines.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|l| serde_json::from_slice::<meshgate_xds::wire::Ack>(l).is_ok()),
+            "the push is ACKed either way"
+        );
+        if advertise {
+            let flows: Vec<_> = reports.iter().flat_map(|r| &r.flows).collect();
+            assert!(
+                flows
+                    .iter()
+                    .any(|f| f.path.as_deref() == Some("/orders/*") && f.peer == WEB),
+                "{flows:?}"
+            );
+        } else {
+            for line in &seen {
+                assert!(
+                    serde_json::from_slice::<meshgate_xds::wire::Ack>(line).is_ok(),
+                    "an old control plane got a line it cannot read: {}",
+                    String::from_utf8_lossy(line)
+                );
+            }
+        }
+    }
+}
