@@ -97,10 +97,36 @@ async fn flows_reach_the_control_plane_and_move_its_slis() {
     mesh.write_policy("mesh.yaml", MESH_ALLOW);
     mesh.write_policy("policy.yaml", POLICY);
     mesh.start_control_plane().await;
+    // An opaque TCP service behind orders, and web's tunnel to it: L4 decisions make flows too.
+    let db = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let db_port = db.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = db.accept().await.unwrap();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"220 ready\r\n").await;
+            });
+        }
+    });
+    let forward = free_port();
     for name in ["web", "orders", "payments"] {
         let app = crate::support::mesh::EchoApp::start().await;
-        mesh.add_configured(name, app, |c| c.flow_report_interval = REPORT_EVERY)
-            .await;
+        mesh.add_configured(name, app, |c| {
+            c.flow_report_interval = REPORT_EVERY;
+            match name {
+                "orders" => c.inbound_tcp_ports = vec![db_port],
+                "web" => {
+                    c.tcp_forwards = vec![
+                        format!("127.0.0.1:{forward}=orders:{db_port}")
+                            .parse()
+                            .unwrap(),
+                    ]
+                }
+                _ => {}
+            }
+        })
+        .await;
     }
     mesh.write_services();
     mesh.converge().await;
@@ -317,6 +343,47 @@ async fn flows_reach_the_control_plane_and_move_its_slis() {
         sample(&text, "meshgate_sli_sidecars_drifted", &[]),
         Some(0.0),
         "{text}"
+    );
+
+    // An L4 tunnel from the quarantined web is refused too, and reported as an L4 flow.
+    let mut tunnel = tokio::net::TcpStream::connect(("127.0.0.1", forward))
+        .await
+        .unwrap();
+    let mut greeting = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tunnel, &mut greeting),
+    )
+    .await;
+    assert!(greeting.is_empty(), "quarantined tunnel got {greeting:?}");
+    metrics_until(&mesh, "the refused tunnel reported", |t| {
+        sample(
+            t,
+            "meshgate_sli_unauthorized_requests_total",
+            &[&format!("callee=\"{ORDERS}\"")],
+        ) == Some(2.0)
+    })
+    .await;
+    let flows = cp_get(&mesh, "/v1/flows").await;
+    let l4: Vec<serde_json::Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|f| f["layer"] == "l4")
+        .collect();
+    assert_eq!(l4.len(), 1, "{flows}");
+    assert_eq!(
+        (
+            &l4[0]["peer.id"],
+            &l4[0]["port"],
+            &l4[0]["decision"],
+            &l4[0]["policy"]
+        ),
+        (
+            &serde_json::json!(WEB),
+            &serde_json::json!(db_port),
+            &serde_json::json!("deny"),
+            &serde_json::json!("meshgate/quarantine-0123456789ab")
+        )
     );
 }
 

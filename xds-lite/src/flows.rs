@@ -116,6 +116,9 @@ pub struct FlowStore {
     pub denials: BTreeMap<(String, String), u64>,
     /// Reports received (lines), for the operator's sanity.
     pub reports: u64,
+    /// When flows were last expired: a sweep walks every flow, so it runs at most once a second
+    /// however many reports arrive.
+    swept_at: i64,
 }
 
 impl FlowStore {
@@ -126,8 +129,10 @@ impl FlowStore {
             return;
         }
         self.reports += 1;
-        self.overflow += report.overflow;
-        self.expire(now);
+        self.overflow = self.overflow.saturating_add(report.overflow);
+        if now != self.swept_at {
+            self.expire(now);
+        }
         for mut flow in report.flows {
             // The callee is the reporter, whatever the line says.
             flow.workload = reporter.to_string();
@@ -178,6 +183,7 @@ impl FlowStore {
 
     /// Forgets flows last seen more than [`FLOW_TTL`] before `now`.
     pub fn expire(&mut self, now: i64) {
+        self.swept_at = now;
         let oldest = now - FLOW_TTL.as_secs() as i64;
         let mut removed = 0;
         self.sidecars.retain(|_, s| {

@@ -36,6 +36,11 @@ use crate::wire::{
 use meshgate_policy::PolicySet;
 use meshgate_policy::scope::scope;
 
+/// Flow-report lines one stream may send per second; more are dropped and counted. A sidecar at
+/// its cap (4096 flows, about 30 lines) reporting every 100 ms (the shortest interval) sends
+/// about 300.
+const MAX_REPORT_LINES_PER_SECOND: u32 = 512;
+
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -455,6 +460,9 @@ impl ControlPlane {
         nonces: Arc<Mutex<BTreeMap<String, String>>>,
     ) {
         let mut lines = LineBuffer::default();
+        // Report lines this second: a sidecar sends a few per interval; one sending far more
+        // (broken, or hostile) is not allowed to keep the flow store's lock busy.
+        let mut budget = (now(), 0u32);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
             let Some(data) = frame.data_ref() else {
@@ -471,6 +479,21 @@ impl ControlPlane {
                 let ack = match serde_json::from_slice::<ClientMessage>(&line) {
                     Ok(ClientMessage::Ack(ack)) => ack,
                     Ok(ClientMessage::Flows(report)) => {
+                        let second = now();
+                        if budget.0 != second {
+                            budget = (second, 0);
+                        }
+                        budget.1 += 1;
+                        if budget.1 > MAX_REPORT_LINES_PER_SECOND {
+                            let dropped: u64 = report.flows.iter().map(|f| f.count).sum();
+                            let mut store = self.flows.lock().expect("lock");
+                            store.overflow =
+                                store.overflow.saturating_add(dropped + report.overflow);
+                            if budget.1 == MAX_REPORT_LINES_PER_SECOND + 1 {
+                                tracing::warn!(event = "control_plane.flow_reports_dropped", peer.id = %peer, limit = MAX_REPORT_LINES_PER_SECOND, "flow reports above the per-second limit are dropped (counted in meshgate_sli_flow_overflow_total); is --flow-report-interval very short?");
+                            }
+                            continue;
+                        }
                         self.flows
                             .lock()
                             .expect("lock")
