@@ -189,6 +189,27 @@ async fn flows_reach_the_control_plane_and_move_its_slis() {
         "only that pair was denied\n{text}"
     );
 
+    // Far below the sidecars' cap: nothing overflowed, and the sidecars export the counter.
+    assert_eq!(
+        sample(&text, "meshgate_sli_flow_overflow_total", &[]),
+        Some(0.0)
+    );
+    let (_, sidecar_metrics) = admin(
+        mesh.workload("payments").sidecar.admin_addr,
+        "GET",
+        "/metrics",
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &sidecar_metrics,
+            "meshgate_flow_cardinality_overflow_total",
+            &[]
+        ),
+        Some(0.0),
+        "{sidecar_metrics}"
+    );
+
     // The flows themselves: aggregated, with path patterns, as decision-log lines.
     let flows: Vec<serde_json::Value> = cp_get(&mesh, "/v1/flows")
         .await

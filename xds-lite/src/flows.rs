@@ -69,7 +69,8 @@ struct SidecarFlows {
 pub struct RequestClasses {
     /// Passed because an enforce-mode ALLOW rule matched.
     pub explicit: u64,
-    /// Passed by the mesh default (`defaultAction: ALLOW`), with no rule naming them.
+    /// Passed without being covered: by the mesh default (`defaultAction: ALLOW`), or marked
+    /// `dry-run-deny` (a policy being rolled out would deny them).
     pub implicit: u64,
     pub denied: u64,
     pub bad_request: u64,
@@ -298,21 +299,23 @@ mod tests {
             (5, 100, 160)
         );
         let c = store.coverage();
+        // Explicit: the allow by rule 0 (5). Passed but not covered: the mesh default (1), and
+        // the dry-run-deny that a policy being rolled out would deny (1).
         assert_eq!(
             c,
             Coverage {
                 passed_requests: 7,
-                explicit_requests: 6,
+                explicit_requests: 5,
                 passed_flows: 3,
-                explicit_flows: 2,
+                explicit_flows: 1,
             }
         );
-        assert_eq!(c.uncovered_flows(), 1);
+        assert_eq!(c.uncovered_flows(), 2);
         assert_eq!(
             store.classes,
             RequestClasses {
-                explicit: 6,
-                implicit: 1,
+                explicit: 5,
+                implicit: 2,
                 denied: 2,
                 bad_request: 0
             }

@@ -104,10 +104,12 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// Allowed because an enforce-mode ALLOW rule matched (rather than the mesh default): only
-    /// an ALLOW policy names a rule on an allowed decision.
+    /// Allowed because an enforce-mode ALLOW rule matched, rather than by the mesh default, and
+    /// not marked by a dry-run policy that would deny it (only an ALLOW policy names a rule on
+    /// an allowed decision). What policy coverage counts as covered.
     pub fn explicitly_allowed(&self) -> bool {
-        self.passed() && self.rule.is_some()
+        use meshgate_policy::DecisionKind as K;
+        matches!(self.decision, K::Allow | K::Audit) && self.rule.is_some()
     }
 
     /// The request or tunnel passed (allow, audit, dry-run-deny).
