@@ -83,26 +83,29 @@ pub enum PolicyCommand {
         #[arg(long)]
         flows: Option<PathBuf>,
         /// Also replay the flows a running control plane collected from its sidecars (its admin
-        /// listener, e.g. http://127.0.0.1:15011; the last 10 minutes of traffic).
-        #[arg(long)]
-        control_plane: Option<String>,
+        /// listener, e.g. http://127.0.0.1:15011; the last 10 minutes of traffic). With
+        /// replicas, give each one (repeat the flag or comma-separate): each holds the flows of
+        /// the sidecars streaming from it.
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
         /// App port assumed for replayed flows (L7 log lines do not carry it).
         #[arg(long, default_value_t = DEFAULT_PORT)]
         port: u16,
     },
     /// Suggest least-privilege ALLOW policies from observed decisions (YAML on stdout).
     #[command(
-        after_help = "Examples:\n  meshgate policy suggest --from orders.log --min-count 3 > observed.yaml\n  meshgate policy suggest --control-plane 127.0.0.1:15011 > observed.yaml"
+        after_help = "Examples:\n  meshgate policy suggest --from orders.log --min-count 3 > observed.yaml\n  meshgate policy suggest --control-plane 127.0.0.1:15011 > observed.yaml",
+        group = clap::ArgGroup::new("source").required(true).multiple(true).args(["from", "control_plane"])
     )]
     Suggest {
         /// Sidecar JSON access log (`meshgate proxy --log-format json`).
-        #[arg(long, required_unless_present = "control_plane")]
+        #[arg(long)]
         from: Option<PathBuf>,
         /// Learn from the flows a running control plane collected from its sidecars (its admin
         /// listener, e.g. http://127.0.0.1:15011; the last 10 minutes of traffic), in addition
-        /// to --from.
-        #[arg(long)]
-        control_plane: Option<String>,
+        /// to --from. With replicas, give each one (repeat the flag or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
         /// Drop flows seen fewer times than this.
         #[arg(long, default_value_t = 1)]
         min_count: usize,
@@ -146,7 +149,7 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
             flows,
             control_plane,
             port,
-        } => diff(&old, &new, flows.as_deref(), control_plane.as_deref(), port),
+        } => diff(&old, &new, flows.as_deref(), &control_plane, port),
         PolicyCommand::Suggest {
             from,
             control_plane,
@@ -154,7 +157,7 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
             include_denied,
         } => suggest_cmd(
             from.as_deref(),
-            control_plane.as_deref(),
+            &control_plane,
             SuggestOptions {
                 min_count,
                 include_denied,
@@ -250,13 +253,13 @@ fn control_plane_flows(admin: &str) -> Result<FlowLog> {
     Ok(log)
 }
 
-/// Flows from a log file and/or a control plane, together.
-fn gather_flows(file: Option<&Path>, control_plane: Option<&str>) -> Result<Option<FlowLog>> {
+/// Flows from a log file and/or control planes, together.
+fn gather_flows(file: Option<&Path>, control_planes: &[String]) -> Result<Option<FlowLog>> {
     let mut all: Option<FlowLog> = None;
     if let Some(path) = file {
         all = Some(read_log(path)?);
     }
-    if let Some(admin) = control_plane {
+    for admin in control_planes {
         let log = control_plane_flows(admin)?;
         let merged = all.get_or_insert_with(FlowLog::default);
         merged.flows.extend(log.flows);
@@ -268,7 +271,7 @@ fn diff(
     old: &Path,
     new: &Path,
     flows: Option<&Path>,
-    control_plane: Option<&str>,
+    control_plane: &[String],
     port: u16,
 ) -> Result<ExitCode> {
     let (old_set, new_set) = match (load(old), load(new)) {
@@ -319,7 +322,7 @@ fn print_flow_diff(fd: &FlowDiff, observed: usize) {
 
 fn suggest_cmd(
     from: Option<&Path>,
-    control_plane: Option<&str>,
+    control_plane: &[String],
     opts: SuggestOptions,
 ) -> Result<ExitCode> {
     let log = gather_flows(from, control_plane)?.unwrap_or_default();

@@ -27,6 +27,18 @@ pub const MAX_FLOWS_TOTAL: usize = 200_000;
 /// `{caller, callee}` pairs of the denial counter; denials of further pairs are counted under
 /// `caller="other", callee="other"` so the metric's cardinality stays bounded.
 pub const MAX_DENIAL_SERIES: usize = 2000;
+/// Longest method, path pattern and policy name a reported flow may carry. A real sidecar's
+/// are far shorter (tokens, patterns from policies, `namespace/name`); longer ones are refused
+/// so a hostile reporter cannot bloat the store or the metrics' labels.
+const MAX_FIELD_LEN: usize = 1024;
+
+/// A flow a sidecar could have produced: the caller a valid SPIFFE ID, the other texts short.
+fn plausible(f: &Flow) -> bool {
+    meshgate_ca::SpiffeId::parse(&f.peer).is_ok()
+        && [&f.method, &f.path, &f.policy]
+            .iter()
+            .all(|t| t.as_ref().is_none_or(|t| t.len() <= MAX_FIELD_LEN))
+}
 
 /// The key of a stored flow: everything but the counts and times.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -135,6 +147,10 @@ impl FlowStore {
             self.expire(now);
         }
         for mut flow in report.flows {
+            if !plausible(&flow) {
+                self.overflow = self.overflow.saturating_add(flow.count);
+                continue;
+            }
             // The callee is the reporter, whatever the line says.
             flow.workload = reporter.to_string();
             // Times from the sidecar's clock, kept within reason of ours.
@@ -348,6 +364,34 @@ mod tests {
         store.ingest(ORDERS, report(flows, 0), 100);
         assert_eq!(store.denials.len(), MAX_DENIAL_SERIES + 1);
         assert_eq!(store.denials[&("other".into(), "other".into())], 3);
+    }
+
+    /// Flows no sidecar would send are refused (and counted), never stored or labelled.
+    #[test]
+    fn implausible_flows_are_refused() {
+        let long = format!("/{}", "a".repeat(MAX_FIELD_LEN));
+        let mut bad_policy = flow(WEB, "/x", DecisionKind::Deny, Some(0), 1);
+        bad_policy.policy = Some("p".repeat(MAX_FIELD_LEN + 1));
+        let cases = [
+            (flow("web", "/x", DecisionKind::Deny, None, 1), false),
+            (
+                flow("spiffe://mesh.local/a?b", "/x", DecisionKind::Deny, None, 1),
+                false,
+            ),
+            (flow(WEB, &long, DecisionKind::Deny, None, 1), false),
+            (bad_policy, false),
+            (
+                flow(WEB, &long[..MAX_FIELD_LEN], DecisionKind::Deny, None, 1),
+                true,
+            ),
+        ];
+        for (f, stored) in cases {
+            let mut store = FlowStore::default();
+            store.ingest(ORDERS, report(vec![f.clone()], 0), 100);
+            assert_eq!(store.len(), usize::from(stored), "{f:?}");
+            assert_eq!(store.denials.len(), usize::from(stored), "{f:?}");
+            assert_eq!(store.overflow, u64::from(!stored), "{f:?}");
+        }
     }
 
     #[test]
