@@ -72,7 +72,7 @@ pub enum PolicyCommand {
     },
     /// Show which requests change decision between two policy directories (exit 2 on change).
     #[command(
-        after_help = "Example:\n  meshgate policy diff ./policies ./policies-next --flows orders.log"
+        after_help = "Examples:\n  meshgate policy diff ./policies ./policies-next --flows orders.log\n  meshgate policy diff ./policies ./policies-next --control-plane 127.0.0.1:15011"
     )]
     Diff {
         /// Policy directory in force now.
@@ -82,18 +82,30 @@ pub enum PolicyCommand {
         /// Also replay observed decisions (sidecar JSON access log).
         #[arg(long)]
         flows: Option<PathBuf>,
+        /// Also replay the flows a running control plane collected from its sidecars (its admin
+        /// listener, e.g. http://127.0.0.1:15011; the last 10 minutes of traffic). With
+        /// replicas, give each one (repeat the flag or comma-separate): each holds the flows of
+        /// the sidecars streaming from it.
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
         /// App port assumed for replayed flows (L7 log lines do not carry it).
         #[arg(long, default_value_t = DEFAULT_PORT)]
         port: u16,
     },
     /// Suggest least-privilege ALLOW policies from observed decisions (YAML on stdout).
     #[command(
-        after_help = "Example:\n  meshgate policy suggest --from orders.log --min-count 3 > observed.yaml"
+        after_help = "Examples:\n  meshgate policy suggest --from orders.log --min-count 3 > observed.yaml\n  meshgate policy suggest --control-plane 127.0.0.1:15011 > observed.yaml",
+        group = clap::ArgGroup::new("source").required(true).multiple(true).args(["from", "control_plane"])
     )]
     Suggest {
         /// Sidecar JSON access log (`meshgate proxy --log-format json`).
         #[arg(long)]
-        from: PathBuf,
+        from: Option<PathBuf>,
+        /// Learn from the flows a running control plane collected from its sidecars (its admin
+        /// listener, e.g. http://127.0.0.1:15011; the last 10 minutes of traffic), in addition
+        /// to --from. With replicas, give each one (repeat the flag or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        control_plane: Vec<String>,
         /// Drop flows seen fewer times than this.
         #[arg(long, default_value_t = 1)]
         min_count: usize,
@@ -135,14 +147,17 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode> {
             old,
             new,
             flows,
+            control_plane,
             port,
-        } => diff(&old, &new, flows.as_deref(), port),
+        } => diff(&old, &new, flows.as_deref(), &control_plane, port),
         PolicyCommand::Suggest {
             from,
+            control_plane,
             min_count,
             include_denied,
         } => suggest_cmd(
-            &from,
+            from.as_deref(),
+            &control_plane,
             SuggestOptions {
                 min_count,
                 include_denied,
@@ -212,7 +227,53 @@ fn read_log(path: &Path) -> Result<FlowLog> {
     Ok(log)
 }
 
-fn diff(old: &Path, new: &Path, flows: Option<&Path>, port: u16) -> Result<ExitCode> {
+/// The flows a control plane holds (`GET /v1/flows` on its admin listener, `HOST:PORT` or a
+/// URL), read like a decision log.
+fn control_plane_flows(admin: &str) -> Result<FlowLog> {
+    let admin = admin.trim_end_matches('/');
+    let url = if admin.contains("://") {
+        format!("{admin}/v1/flows")
+    } else {
+        format!("http://{admin}/v1/flows")
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = runtime
+        .block_on(crate::health_cmd::get(&url, std::time::Duration::from_secs(10)))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no flows from {url}: {e:#}; is `meshgate control-plane serve` running there? Point to its admin listener with --control-plane HOST:PORT"
+            )
+        })?;
+    let log = meshgate_policy_tools::flows::parse_flows(&body);
+    if log.stats.malformed + log.stats.incomplete > 0 {
+        eprintln!("{url}: {}", log.stats);
+    }
+    Ok(log)
+}
+
+/// Flows from a log file and/or control planes, together.
+fn gather_flows(file: Option<&Path>, control_planes: &[String]) -> Result<Option<FlowLog>> {
+    let mut all: Option<FlowLog> = None;
+    if let Some(path) = file {
+        all = Some(read_log(path)?);
+    }
+    for admin in control_planes {
+        let log = control_plane_flows(admin)?;
+        let merged = all.get_or_insert_with(FlowLog::default);
+        merged.flows.extend(log.flows);
+    }
+    Ok(all)
+}
+
+fn diff(
+    old: &Path,
+    new: &Path,
+    flows: Option<&Path>,
+    control_plane: &[String],
+    port: u16,
+) -> Result<ExitCode> {
     let (old_set, new_set) = match (load(old), load(new)) {
         (Ok(o), Ok(n)) => (o, n),
         _ => return Ok(ExitCode::FAILURE),
@@ -228,10 +289,9 @@ fn diff(old: &Path, new: &Path, flows: Option<&Path>, port: u16) -> Result<ExitC
         new_set.version
     );
     let mut changed = !changes.is_empty();
-    if let Some(path) = flows {
-        let log = read_log(path)?;
+    if let Some(log) = gather_flows(flows, control_plane)? {
         let fd = diff_flows(&old_set, &new_set, &log.flows, port);
-        print_flow_diff(&fd, log.flows.len());
+        print_flow_diff(&fd, log.flows.iter().map(|f| f.count).sum());
         changed |= !fd.is_empty();
     }
     Ok(if changed {
@@ -260,8 +320,12 @@ fn print_flow_diff(fd: &FlowDiff, observed: usize) {
     }
 }
 
-fn suggest_cmd(from: &Path, opts: SuggestOptions) -> Result<ExitCode> {
-    let log = read_log(from)?;
+fn suggest_cmd(
+    from: Option<&Path>,
+    control_plane: &[String],
+    opts: SuggestOptions,
+) -> Result<ExitCode> {
+    let log = gather_flows(from, control_plane)?.unwrap_or_default();
     let s = suggest(&log.flows, opts);
     eprintln!(
         "learned {} flows into {} policies; dropped {} below --min-count {}, {} denied requests, \

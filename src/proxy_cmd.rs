@@ -193,6 +193,11 @@ pub struct ProxyArgs {
     /// /metrics (reading them needs CAP_BPF).
     #[arg(long)]
     ebpf_cgroup: Option<PathBuf>,
+    /// With --control-plane: how often the decisions aggregated into flows are reported to it
+    /// (at most 4096 distinct flows per interval; the rest are counted in
+    /// meshgate_flow_cardinality_overflow_total). A lost control plane loses at most one report.
+    #[arg(long, default_value = "5s", value_parser = parse_flow_interval)]
+    flow_report_interval: Duration,
     /// Also accept TLS 1.2 on the inbound listener (TLS 1.3 only by default).
     #[arg(long)]
     allow_tls12: bool,
@@ -262,6 +267,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         poll_interval: args.poll_interval,
         telemetry: meshgate_proxy::telemetry::TelemetryConfig::from_env(args.no_tracing),
         ebpf_cgroup: args.ebpf_cgroup.clone(),
+        flow_report_interval: args.flow_report_interval,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -284,4 +290,16 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         sidecar.wait().await;
         Ok(())
     })
+}
+
+/// A report interval: a duration of at least 100 ms (shorter would turn reports into a stream of
+/// tiny lines for no benefit).
+fn parse_flow_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!(
+            "{s} is too short: flow reports need an interval of at least 100ms (the default is 5s)"
+        ));
+    }
+    Ok(d)
 }

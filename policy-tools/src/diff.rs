@@ -283,7 +283,7 @@ pub fn diff_flows(old: &PolicySet, new: &PolicySet, flows: &[ObservedFlow], port
             path: f.path.clone(),
             port,
         };
-        *counts.entry(class).or_default() += 1;
+        *counts.entry(class).or_default() += f.count;
     }
     let mut judges = Judges::new(old, new);
     let mut out = FlowDiff {

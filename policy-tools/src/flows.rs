@@ -8,6 +8,10 @@
 //! JSON lines that are not `authz.decision` events are skipped silently, and decision lines that
 //! lack what a flow needs (older sidecars did not log `meshgate.workload.id`) are counted as
 //! incomplete, so the operator learns how much of the log was actually used.
+//!
+//! The control plane's `GET /v1/flows` answers with lines of the same shape, one per aggregated
+//! flow, each with a `count` of the decisions it stands for (and a path *pattern*, such as
+//! `/orders/*`, rather than a raw path): [`parse_flows`] reads both.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,11 @@ pub struct ObservedFlow {
     /// Already normalized by the sidecar.
     pub path: String,
     pub decision: DecisionKind,
+    /// Requests this line stands for: 1 for a log line, the `count` of an aggregated flow.
+    pub count: usize,
+    /// `path` is a path pattern (an aggregated flow's `/orders/*`), not a raw path: a `*` in it
+    /// is the pattern language's, not a character of the path.
+    pub pattern: bool,
 }
 
 /// What happened to the lines of a log.
@@ -100,6 +109,18 @@ pub fn parse_flows(text: &str) -> FlowLog {
             log.stats.l4 += 1;
             continue;
         }
+        // An aggregated flow (the control plane's `/v1/flows`) stands for `count` requests.
+        let object_has_count = object.contains_key("count");
+        let count = match object.get("count") {
+            None => 1,
+            Some(c) => match c.as_u64().and_then(|c| usize::try_from(c).ok()) {
+                Some(c) if c > 0 => c,
+                _ => {
+                    log.stats.incomplete += 1;
+                    continue;
+                }
+            },
+        };
         // The very type the sidecar wrote (`meshgate_policy::DecisionRecord`).
         let Ok(entry) = serde_json::from_value::<DecisionRecord>(value) else {
             log.stats.incomplete += 1;
@@ -109,7 +130,7 @@ pub fn parse_flows(text: &str) -> FlowLog {
             log.stats.bad_requests += 1;
             continue;
         }
-        match flow_of(entry) {
+        match flow_of(entry, count, object_has_count) {
             Some(flow) => {
                 log.stats.used += 1;
                 log.flows.push(flow);
@@ -137,13 +158,15 @@ fn json_of(line: &str) -> Option<serde_json::Value> {
 
 /// A flow from an L7 decision; `None` for a request refused before it was judged (no path was
 /// judged, so there is nothing to learn or replay).
-fn flow_of(entry: DecisionRecord) -> Option<ObservedFlow> {
+fn flow_of(entry: DecisionRecord, count: usize, aggregated: bool) -> Option<ObservedFlow> {
     Some(ObservedFlow {
         workload: entry.workload,
         peer: entry.peer,
         method: entry.method?,
         path: entry.path?,
         decision: entry.decision,
+        count,
+        pattern: aggregated,
     })
 }
 
@@ -177,5 +200,34 @@ not json at all
         );
         assert_eq!(log.flows[0].path, "/orders/1");
         assert_eq!(log.flows[0].decision, DecisionKind::Allow);
+    }
+
+    /// Lines of the control plane's `/v1/flows` stand for `count` requests each; a count that
+    /// is not a positive integer makes the line incomplete, not a request.
+    #[test]
+    fn aggregated_flows_carry_their_count() {
+        let line = |count: &str| {
+            format!(
+                r#"{{"event":"authz.decision","layer":"l7","meshgate.workload.id":"spiffe://mesh.local/ns/shop/sa/orders","peer.id":"spiffe://mesh.local/ns/shop/sa/web","port":8080,"http.request.method":"GET","url.path":"/orders/*","decision":"allow","policy":"shop/p","rule":0,"count":{count},"first_seen":1,"last_seen":2,"policy.version":"v","reason":"aggregated flow"}}"#
+            )
+        };
+        for (count, want) in [
+            ("7", Some(7)),
+            ("1", Some(1)),
+            ("0", None),
+            ("-2", None),
+            ("\"3\"", None),
+        ] {
+            let log = parse_flows(&line(count));
+            match want {
+                Some(n) => {
+                    assert_eq!(log.stats.used, 1, "{count}");
+                    assert_eq!(log.flows[0].count, n);
+                    assert_eq!(log.flows[0].path, "/orders/*");
+                    assert!(log.flows[0].pattern, "an aggregated path is a pattern");
+                }
+                None => assert_eq!((log.stats.used, log.stats.incomplete), (0, 1), "{count}"),
+            }
+        }
     }
 }

@@ -117,25 +117,33 @@ type Calls = BTreeMap<String, BTreeSet<String>>;
 /// Learns ALLOW policies from `flows`.
 pub fn suggest(flows: &[ObservedFlow], opts: SuggestOptions) -> Suggestion {
     let mut out = Suggestion::default();
-    let mut counts: BTreeMap<(&SpiffeId, &SpiffeId, &str, &str), usize> = BTreeMap::new();
+    let mut counts: BTreeMap<(&SpiffeId, &SpiffeId, &str, &str, bool), usize> = BTreeMap::new();
     for f in flows {
         if f.decision == DecisionKind::Deny && !opts.include_denied {
-            out.denied += 1;
+            out.denied += f.count;
             continue;
         }
         *counts
-            .entry((&f.workload, &f.peer, f.method.as_str(), f.path.as_str()))
-            .or_default() += 1;
+            .entry((
+                &f.workload,
+                &f.peer,
+                f.method.as_str(),
+                f.path.as_str(),
+                f.pattern,
+            ))
+            .or_default() += f.count;
     }
     // (namespace, account) → caller → path → methods.
     let mut tree: BTreeMap<(String, String), BTreeMap<String, Calls>> = BTreeMap::new();
-    for ((workload, peer, method, path), n) in counts {
+    for ((workload, peer, method, path, pattern), n) in counts {
         if n < opts.min_count {
             out.below_min_count += 1;
             continue;
         }
         let usable = workload.namespace_and_account().filter(|_| {
-            is_token(method) && check_path_pattern(path).is_ok() && !path.contains('*')
+            // A `*` in a raw path would become a wildcard; in an aggregated flow's path
+            // pattern it is one already.
+            is_token(method) && check_path_pattern(path).is_ok() && (pattern || !path.contains('*'))
         });
         let Some((ns, account)) = usable else {
             out.unusable

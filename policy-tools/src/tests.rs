@@ -61,6 +61,8 @@ fn path_generalization_table() {
 
 fn flow(workload: &str, peer: &str, method: &str, path: &str, d: DecisionKind) -> ObservedFlow {
     ObservedFlow {
+        count: 1,
+        pattern: false,
         workload: id(workload),
         peer: id(peer),
         method: method.to_string(),

@@ -1,6 +1,8 @@
 //! Wiring of `meshgate control-plane serve`: its identity (the same sources as a sidecar), the
 //! watched policy directory, the xds-lite stream server, and a loopback admin listener with
-//! `/status` (for `meshgate status`), `/ready` and `/live`.
+//! `/status` (for `meshgate status`), `/metrics` (the `meshgate_sli_*` SLIs), `/v1/flows` (the
+//! flows sidecars reported, for `meshgate policy suggest/diff --control-plane`), `/ready` and
+//! `/live`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -131,14 +133,23 @@ async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch
                     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let cp = cp.clone();
                         async move {
+                            let mut content_type = "text/plain; charset=utf-8";
                             let (status, body) = match req.uri().path() {
                                 "/status" => (StatusCode::OK, serde_json::to_string_pretty(&cp.status()).expect("serializes")),
+                                "/metrics" => {
+                                    content_type = "text/plain; version=0.0.4; charset=utf-8";
+                                    (StatusCode::OK, cp.sli_metrics())
+                                }
+                                "/v1/flows" => {
+                                    content_type = "application/x-ndjson";
+                                    (StatusCode::OK, flow_lines(&cp))
+                                }
                                 "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
                                 "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded yet\n".to_string()),
                                 "/live" => (StatusCode::OK, "live\n".to_string()),
-                                _ => (StatusCode::NOT_FOUND, "endpoints: /status /ready /live\n".to_string()),
+                                _ => (StatusCode::NOT_FOUND, "endpoints: /status /metrics /v1/flows /ready /live\n".to_string()),
                             };
-                            Ok::<_, Infallible>(Response::builder().status(status).body(Full::new(Bytes::from(body))).expect("valid"))
+                            Ok::<_, Infallible>(Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body))).expect("valid"))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
@@ -146,4 +157,22 @@ async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch
             }
         }
     }
+}
+
+/// The flows held by the control plane as decision-log lines (`event="authz.decision"`, the
+/// fields of [`meshgate_policy::DecisionRecord`] plus `count`, `first_seen`, `last_seen`), so
+/// the flow tools read them with the parser they use for sidecar logs. `policy.version` is the
+/// version served now; `reason` says the line is an aggregate.
+fn flow_lines(cp: &ControlPlane) -> String {
+    let version = cp.version().unwrap_or_default();
+    let mut out = String::new();
+    for flow in cp.flows() {
+        let mut line = serde_json::to_value(&flow).expect("flow serializes");
+        line["event"] = meshgate_policy::record::DECISION_EVENT.into();
+        line["policy.version"] = version.clone().into();
+        line["reason"] = format!("aggregated flow: {} decisions", flow.count).into();
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
 }

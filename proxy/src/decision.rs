@@ -26,6 +26,8 @@ pub struct DecisionSink {
     telemetry: Arc<Telemetry>,
     /// Records are cloned into it only while someone subscribes (`meshgate demo`).
     feed: broadcast::Sender<DecisionRecord>,
+    /// The flows reported to the control plane (when the sidecar has one).
+    flows: Option<Arc<crate::flows::FlowTable>>,
 }
 
 impl DecisionSink {
@@ -35,7 +37,14 @@ impl DecisionSink {
             metrics,
             telemetry,
             feed,
+            flows: None,
         }
+    }
+
+    /// Also counts every decision into `flows` (reported to the control plane).
+    pub fn with_flows(mut self, flows: Arc<crate::flows::FlowTable>) -> Self {
+        self.flows = Some(flows);
+        self
     }
 
     /// Every decision from now on (a slow subscriber misses the oldest, never blocks traffic).
@@ -85,6 +94,9 @@ impl DecisionSink {
     }
 
     fn publish(&self, record: &DecisionRecord) {
+        if let Some(flows) = &self.flows {
+            flows.record(record);
+        }
         if self.feed.receiver_count() > 0 {
             let _ = self.feed.send(record.clone());
         }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod control_plane;
 pub mod decision;
+pub mod flows;
 pub mod http_util;
 pub mod identity;
 pub mod inbound;

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub control_plane_reconnects: Counter,
     pub control_plane_last_reconnect_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub policy_stale_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Decisions not aggregated into a flow because the per-interval cap on distinct flows was
+    /// reached (`meshgate_flow_cardinality_overflow_total`).
+    pub flow_cardinality_overflow: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -216,8 +219,15 @@ impl Default for Metrics {
             "Seconds since the policy source was last reachable (0 while connected or with files)",
             policy_stale_seconds.clone(),
         );
+        let flow_cardinality_overflow = Counter::default();
+        registry.register(
+            "flow_cardinality_overflow",
+            "Decisions not aggregated into a flow report because the cap on distinct flows per report interval was reached",
+            flow_cardinality_overflow.clone(),
+        );
         Self {
             registry,
+            flow_cardinality_overflow,
             requests,
             request_duration,
             tls_handshakes,

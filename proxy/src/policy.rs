@@ -280,9 +280,13 @@ impl PolicyState {
 }
 
 impl PolicySource {
-    /// Starts feeding `state`; `on_update` runs after each accepted update.
+    /// Starts feeding `state`; `on_update` runs after each accepted update. `flow_reports`, with
+    /// a control plane, sends the sidecar's flows on its stream (ignored with files).
+    // One call wires the whole source; a parameter struct would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self,
+        flow_reports: Option<meshgate_xds::client::FlowReporter>,
         identity: &crate::identity::Identity,
         state: Arc<PolicyState>,
         metrics: Arc<Metrics>,
@@ -312,6 +316,10 @@ impl PolicySource {
                 let client = meshgate_xds::client::StreamClient::new(&urls, Arc::new(tls))
                     .map_err(|e| e.to_string())?
                     .reconnect_on(identity.svid_changes());
+                let client = match flow_reports {
+                    Some(reporter) => client.report_flows(reporter),
+                    None => client,
+                };
                 state.set_connected(false);
                 *state.stream.lock().expect("stream status lock") = Some(StreamStatus {
                     urls: client.urls(),

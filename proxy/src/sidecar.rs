@@ -84,6 +84,9 @@ pub struct SidecarConfig {
     pub telemetry: crate::telemetry::TelemetryConfig,
     /// The app's cgroup under `meshgate redirect`: its eBPF counters appear on `/metrics`.
     pub ebpf_cgroup: Option<std::path::PathBuf>,
+    /// How often decisions aggregated into flows are reported to the control plane
+    /// ([`crate::flows::DEFAULT_REPORT_INTERVAL`]; unused without a control plane).
+    pub flow_report_interval: Duration,
 }
 
 /// Why the sidecar could not start.
@@ -245,6 +248,14 @@ impl Sidecar {
             metrics.clone(),
         )?);
         let policy = Arc::new(PolicyState::new(&workload));
+        // Flows are aggregated only for a control plane to receive them.
+        let flows = matches!(config.policy, PolicySource::ControlPlane { .. }).then(|| {
+            Arc::new(crate::flows::FlowTable::new(
+                &workload,
+                crate::flows::MAX_FLOWS_PER_INTERVAL,
+                metrics.flow_cardinality_overflow.clone(),
+            ))
+        });
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
         // Route tables own the outbound connection pools. They are rebuilt only when the routes
         // change (a policy-only update keeps warm connections) or when the SVID rotates (so no
@@ -261,16 +272,27 @@ impl Sidecar {
                 current_routes.clone(),
             );
             let source_identity = identity.clone();
+            let update_flows = flows.clone();
+            let reporter = flows
+                .clone()
+                .map(|table| meshgate_xds::client::FlowReporter {
+                    interval: config.flow_report_interval,
+                    drain: Arc::new(move || table.drain()),
+                });
             config
                 .policy
                 .clone()
                 .start(
+                    reporter,
                     &source_identity,
                     policy.clone(),
                     metrics.clone(),
                     config.poll_interval,
                     shutdown.subscribe(),
                     move |set| {
+                        if let Some(flows) = &update_flows {
+                            flows.set_policy(set);
+                        }
                         let next = routes_from(set);
                         let mut current = current.lock().expect("routes lock");
                         if *current != next {
@@ -301,7 +323,10 @@ impl Sidecar {
             });
         }
 
-        let decisions = crate::decision::DecisionSink::new(metrics.clone(), telemetry.clone());
+        let mut decisions = crate::decision::DecisionSink::new(metrics.clone(), telemetry.clone());
+        if let Some(flows) = flows {
+            decisions = decisions.with_flows(flows);
+        }
         let inbound = Inbound {
             tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,
             authz: Arc::new(AuthzContext {

@@ -430,6 +430,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             poll_interval: Duration::from_millis(500),
             telemetry: TelemetryConfig::from_env(false),
             ebpf_cgroup: None,
+            flow_report_interval: meshgate_proxy::flows::DEFAULT_REPORT_INTERVAL,
         })
         .await
         .with_context(|| format!("starting {name}'s sidecar"))?;

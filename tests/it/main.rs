@@ -15,6 +15,7 @@ mod control_plane_ha;
 mod demo;
 mod differential;
 mod ebpf_redirect;
+mod flows;
 mod identity_rotation;
 mod inject;
 mod kube_install;

@@ -136,6 +136,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         poll_interval: Duration::from_millis(50),
         telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
         ebpf_cgroup: None,
+        flow_report_interval: meshgate_proxy::flows::DEFAULT_REPORT_INTERVAL,
     })
     .await
     .unwrap();

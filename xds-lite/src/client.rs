@@ -28,8 +28,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::wire::{
-    Ack, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES,
-    Push, STREAM_PATH, sanitize_peer_text,
+    Ack, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH,
+    sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 
@@ -94,6 +95,21 @@ pub struct StreamClient {
     tls: TlsConnector,
     /// Bumped when the workload's SVID is renewed: the stream is reopened with the new one.
     renewals: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Where flow reports come from, when this sidecar sends them.
+    reports: Option<FlowReporter>,
+}
+
+/// Drains the flows aggregated since the last call, and the decisions not aggregated (cap hit).
+pub type FlowDrain = Arc<dyn Fn() -> (Vec<Flow>, u64) + Send + Sync>;
+
+/// Flow reports on the stream: every `interval`, what `drain` returns is sent as
+/// [`crate::wire::FlowReport`] lines, to a control plane that advertises
+/// [`FEATURE_FLOW_REPORTS`] only. Drained when sent: a stream lost loses at most the report in
+/// flight; while no stream is open, the sidecar's aggregate keeps counting (within its cap).
+#[derive(Clone)]
+pub struct FlowReporter {
+    pub interval: Duration,
+    pub drain: FlowDrain,
 }
 
 /// Where a session writes its ACK/NACK lines (the request body).
@@ -178,6 +194,7 @@ impl StreamClient {
             targets,
             tls: TlsConnector::from(tls),
             renewals: None,
+            reports: None,
         })
     }
 
@@ -192,6 +209,12 @@ impl StreamClient {
     pub fn reconnect_on(mut self, mut renewals: tokio::sync::watch::Receiver<u64>) -> Self {
         renewals.borrow_and_update();
         self.renewals = Some(renewals);
+        self
+    }
+
+    /// Sends flow reports on every stream whose control plane reads them.
+    pub fn report_flows(mut self, reporter: FlowReporter) -> Self {
+        self.reports = Some(reporter);
         self
     }
 
@@ -325,6 +348,23 @@ impl StreamClient {
             .await
             .map_err(|_| format!("no answer within {SETUP_TIMEOUT:?}"))??;
         progress.established = Some(Instant::now());
+        let reports = self.reports.as_ref().filter(|_| {
+            resp.headers()
+                .get_all(FEATURES_HEADER)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|f| f.trim() == FEATURE_FLOW_REPORTS)
+        });
+        if self.reports.is_some() && reports.is_none() {
+            tracing::info!(event = "control_plane.no_flow_reports", control_plane = %endpoint, "this control plane does not read flow reports (an older version): none are sent to it");
+        }
+        let mut report_tick = reports.map(|r| {
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + r.interval, r.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         on_event(StreamEvent::Connected {
             endpoint: endpoint.clone(),
         });
@@ -338,9 +378,28 @@ impl StreamClient {
                     None => std::future::pending().await,
                 }
             };
+            let tick = async {
+                match report_tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let frame = tokio::select! {
                 frame = body.frame() => frame,
                 true = renewed => return Ok(SessionEnd::Renewed),
+                () = tick => {
+                    if let Some(r) = reports {
+                        let (flows, overflow) = (r.drain)();
+                        for line in crate::wire::report_lines(flows, overflow, MAX_ACK_BYTES) {
+                            acks.send(Ok(Frame::data(Bytes::from(line))))
+                                .await
+                                .map_err(|_| "stream closed".to_string())?;
+                        }
+                    }
+                    continue;
+                }
             };
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| format!("stream: {e}"))?;

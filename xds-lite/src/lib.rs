@@ -6,5 +6,6 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod flows;
 pub mod server;
 pub mod wire;

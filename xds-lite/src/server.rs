@@ -27,12 +27,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::flows::FlowStore;
 use crate::wire::{
-    Ack, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
-    MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
+    ClientMessage, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push,
+    STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 use meshgate_policy::scope::scope;
+
+/// Flow-report lines one stream may send per second; more are dropped and counted. A sidecar at
+/// its cap (4096 flows, about 30 lines) reporting every 100 ms (the shortest interval) sends
+/// about 300.
+const MAX_REPORT_LINES_PER_SECOND: u32 = 512;
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +106,30 @@ pub struct ControlPlane {
     /// Caps on open connections (a flood of half-open connections cannot exhaust the process).
     cap: ConnectionCap,
     refused: AtomicU64,
+    /// Flows reported by sidecars, and the counters fed by reports (the `meshgate_sli_*`).
+    flows: Mutex<FlowStore>,
+    /// Policy-directory updates refused (invalid), and pushes sidecars NACKed.
+    rejected_updates: AtomicU64,
+    nacks: AtomicU64,
+    containment: Mutex<Containment>,
+}
+
+/// Time to containment, as the control plane can see it: from publishing a version that adds a
+/// quarantine (a `meshgate quarantine` policy) to the moment every connected sidecar that
+/// answers pushes has ACKed that version (or a later one). It starts at publication, so the
+/// file write to the next directory poll (250 ms by default) is not in it.
+#[derive(Debug, Default)]
+struct Containment {
+    /// The quarantine policies (`namespace/name`) of the version served.
+    quarantines: std::collections::BTreeSet<String>,
+    /// A quarantine published and not yet acknowledged everywhere: since when, at which version.
+    pending: Option<(std::time::Instant, String)>,
+    last_seconds: Option<f64>,
+}
+
+/// A policy written by `meshgate quarantine`: `meshgate/quarantine-<hash>`.
+fn is_quarantine(p: &meshgate_policy::model::AuthorizationPolicy) -> bool {
+    p.metadata.namespace == "meshgate" && p.metadata.name.starts_with("quarantine-")
 }
 
 impl ControlPlane {
@@ -117,6 +148,10 @@ impl ControlPlane {
             next_stream: AtomicU64::new(1),
             cap: ConnectionCap::new(total, per_source),
             refused: AtomicU64::new(0),
+            flows: Mutex::new(FlowStore::default()),
+            rejected_updates: AtomicU64::new(0),
+            nacks: AtomicU64::new(0),
+            containment: Mutex::new(Containment::default()),
         })
     }
 
@@ -130,12 +165,53 @@ impl ControlPlane {
             .is_some_and(|c| c.version == set.version);
         if !unchanged {
             tracing::info!(event = "control_plane.published", version = %set.version, "new policy version served");
+            let quarantines: std::collections::BTreeSet<String> = set
+                .policies
+                .iter()
+                .filter(|p| is_quarantine(p))
+                .map(|p| p.metadata.key())
+                .collect();
+            {
+                let mut c = self.containment.lock().expect("lock");
+                let added = quarantines.difference(&c.quarantines).next().is_some();
+                if added {
+                    c.pending = Some((std::time::Instant::now(), set.version.clone()));
+                } else if let Some((_, version)) = &mut c.pending {
+                    // A later version still carries the quarantine: wait for that one.
+                    version.clone_from(&set.version);
+                }
+                c.quarantines = quarantines;
+            }
             self.current.send_replace(Some(Arc::new(set)));
+            self.check_containment();
+        }
+    }
+
+    /// Ends a pending containment once every connected, answering stream has ACKed the version
+    /// being served.
+    fn check_containment(&self) {
+        let mut c = self.containment.lock().expect("lock");
+        let Some((since, version)) = &c.pending else {
+            return;
+        };
+        let all = self
+            .sidecars
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|s| s.connected && s.last_ack_at.is_some())
+            .all(|s| s.acked_version.as_deref() == Some(version.as_str()));
+        if all {
+            let seconds = since.elapsed().as_secs_f64();
+            tracing::info!(event = "control_plane.contained", version = %version, seconds, "every acknowledging sidecar enforces the quarantine");
+            c.last_seconds = Some(seconds);
+            c.pending = None;
         }
     }
 
     /// Records a refused update; the last good version keeps being served.
     pub fn reject(&self, reasons: String) {
+        self.rejected_updates.fetch_add(1, Ordering::Relaxed);
         *self.rejected.lock().expect("lock") = Some(reasons);
     }
 
@@ -312,6 +388,8 @@ impl ControlPlane {
         let body = StreamBody::new(tokio_stream_from(rx));
         Response::builder()
             .header("content-type", "application/x-ndjson")
+            // Sidecars send flow reports only to a control plane that says it reads them.
+            .header(FEATURES_HEADER, FEATURE_FLOW_REPORTS)
             .body(body.boxed_unsync())
             .expect("valid response")
     }
@@ -382,6 +460,9 @@ impl ControlPlane {
         nonces: Arc<Mutex<BTreeMap<String, String>>>,
     ) {
         let mut lines = LineBuffer::default();
+        // Report lines this second: a sidecar sends a few per interval; one sending far more
+        // (broken, or hostile) is not allowed to keep the flow store's lock busy.
+        let mut budget = (now(), 0u32);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
             let Some(data) = frame.data_ref() else {
@@ -395,9 +476,34 @@ impl ControlPlane {
                 }
             };
             for line in batch {
-                let Ok(ack) = serde_json::from_slice::<Ack>(&line) else {
-                    tracing::warn!(event = "control_plane.bad_ack", peer.id = %peer);
-                    continue;
+                let ack = match serde_json::from_slice::<ClientMessage>(&line) {
+                    Ok(ClientMessage::Ack(ack)) => ack,
+                    Ok(ClientMessage::Flows(report)) => {
+                        let second = now();
+                        if budget.0 != second {
+                            budget = (second, 0);
+                        }
+                        budget.1 += 1;
+                        if budget.1 > MAX_REPORT_LINES_PER_SECOND {
+                            let dropped: u64 = report.flows.iter().map(|f| f.count).sum();
+                            let mut store = self.flows.lock().expect("lock");
+                            store.overflow =
+                                store.overflow.saturating_add(dropped + report.overflow);
+                            if budget.1 == MAX_REPORT_LINES_PER_SECOND + 1 {
+                                tracing::warn!(event = "control_plane.flow_reports_dropped", peer.id = %peer, limit = MAX_REPORT_LINES_PER_SECOND, "flow reports above the per-second limit are dropped (counted in meshgate_sli_flow_overflow_total); is --flow-report-interval very short?");
+                            }
+                            continue;
+                        }
+                        self.flows
+                            .lock()
+                            .expect("lock")
+                            .ingest(peer.as_str(), report, now());
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(event = "control_plane.bad_ack", peer.id = %peer);
+                        continue;
+                    }
                 };
                 let known = nonces.lock().expect("lock").remove(&ack.nonce);
                 if known.as_deref() != Some(ack.version.as_str()) {
@@ -412,8 +518,10 @@ impl ControlPlane {
                             s.last_nack = None;
                             s.last_ack_at = Some(s.last_seen);
                         });
+                        self.check_containment();
                     }
                     Some(error) => {
+                        self.nacks.fetch_add(1, Ordering::Relaxed);
                         // Peer text: escaped and capped, so it stays one field of one log line.
                         let error = sanitize_peer_text(error, MAX_NACK_ERROR_CHARS);
                         tracing::warn!(event = "control_plane.nack", peer.id = %peer, version = %ack.version, error = %error);
@@ -428,6 +536,155 @@ impl ControlPlane {
         self.update(stream, |s| s.connected = false);
         tracing::info!(event = "control_plane.stream_closed", peer.id = %peer);
     }
+}
+
+impl ControlPlane {
+    /// The flows reported in the last [`crate::flows::FLOW_TTL`], every sidecar's.
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut store = self.flows.lock().expect("lock");
+        store.expire(now());
+        store.flows()
+    }
+
+    /// The `meshgate_sli_*` metrics, Prometheus text format (docs/operations.md, "SLIs").
+    pub fn sli_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let (coverage, classes, denials, overflow) = {
+            let mut store = self.flows.lock().expect("lock");
+            store.expire(now());
+            (
+                store.coverage(),
+                store.classes,
+                store.denials.clone(),
+                store.overflow,
+            )
+        };
+        let one = |v: f64| vec![(String::new(), v)];
+        metric(
+            "meshgate_sli_policy_coverage_ratio",
+            "gauge",
+            "Share of the requests that passed in the last 10 minutes that an explicit ALLOW rule allowed (absent without traffic)",
+            &coverage.request_ratio().map(one).unwrap_or_default(),
+        );
+        metric(
+            "meshgate_sli_policy_coverage_flows_ratio",
+            "gauge",
+            "Share of the distinct flows that passed in the last 10 minutes that an explicit ALLOW rule allowed (absent without traffic)",
+            &coverage.flow_ratio().map(one).unwrap_or_default(),
+        );
+        metric(
+            "meshgate_sli_uncovered_flows",
+            "gauge",
+            "Distinct flows that passed in the last 10 minutes without an explicit ALLOW rule (mesh default or dry-run)",
+            &one(coverage.uncovered_flows() as f64),
+        );
+        metric(
+            "meshgate_sli_requests_total",
+            "counter",
+            "Requests and tunnels reported by sidecars, by how they were decided",
+            &[
+                ("explicit", classes.explicit),
+                ("implicit", classes.implicit),
+                ("denied", classes.denied),
+                ("bad_request", classes.bad_request),
+            ]
+            .map(|(class, n)| (format!("{{class=\"{class}\"}}"), n as f64)),
+        );
+        let denial_samples: Vec<(String, f64)> = denials
+            .iter()
+            .map(|((caller, callee), n)| {
+                (
+                    format!(
+                        "{{caller=\"{}\",callee=\"{}\"}}",
+                        escape_label(caller),
+                        escape_label(callee)
+                    ),
+                    *n as f64,
+                )
+            })
+            .collect();
+        metric(
+            "meshgate_sli_unauthorized_requests_total",
+            "counter",
+            "Requests and tunnels denied by policy, by caller and callee SPIFFE ID",
+            &denial_samples,
+        );
+        metric(
+            "meshgate_sli_flow_overflow_total",
+            "counter",
+            "Decisions not kept as flows because a cardinality cap was reached (sidecars' and the control plane's)",
+            &one(overflow as f64),
+        );
+        let version = self.version();
+        let (mut drifted, mut stale) = (0u64, 0u64);
+        {
+            let sidecars = self.sidecars.lock().expect("lock");
+            let connected: std::collections::BTreeSet<&SpiffeId> = sidecars
+                .values()
+                .filter(|s| s.connected)
+                .map(|s| &s.id)
+                .collect();
+            let oldest = now() - crate::flows::FLOW_TTL.as_secs() as i64;
+            for s in sidecars.values() {
+                if s.connected {
+                    if s.acked_version.is_none() || s.acked_version != version {
+                        drifted += 1;
+                    }
+                } else if !connected.contains(&s.id) && s.last_seen >= oldest {
+                    stale += 1;
+                }
+            }
+        }
+        metric(
+            "meshgate_sli_sidecars_drifted",
+            "gauge",
+            "Connected sidecars that have not acknowledged the version served (still applying it, or NACKed it)",
+            &one(drifted as f64),
+        );
+        metric(
+            "meshgate_sli_stale_sidecars",
+            "gauge",
+            "Sidecars whose stream to this replica closed in the last 10 minutes and that have not come back to it: they enforce their last policy and receive no update",
+            &one(stale as f64),
+        );
+        metric(
+            "meshgate_sli_refused_updates_total",
+            "counter",
+            "Policy updates refused: by the control plane (invalid directory) or by sidecars (NACK)",
+            &[
+                (
+                    "{by=\"control_plane\"}".to_string(),
+                    self.rejected_updates.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "{by=\"sidecar\"}".to_string(),
+                    self.nacks.load(Ordering::Relaxed) as f64,
+                ),
+            ],
+        );
+        let last = self.containment.lock().expect("lock").last_seconds;
+        metric(
+            "meshgate_sli_last_containment_seconds",
+            "gauge",
+            "Seconds from publishing the last quarantine to its ACK by every connected sidecar (absent before the first)",
+            &last.map(one).unwrap_or_default(),
+        );
+        out
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// An `mpsc::Receiver` as a `Stream` (without pulling in tokio-stream).

@@ -1,6 +1,7 @@
 //! The xds-lite wire format (documented in `xds-lite/PROTOCOL.md`): newline-delimited JSON over
 //! one long-lived HTTP/2 stream, `POST /v1/stream`. The control plane writes [`Push`] lines; the
-//! sidecar writes one [`Ack`] line per push (an ACK, or a NACK with the error).
+//! sidecar writes one [`Ack`] line per push (an ACK, or a NACK with the error), and, to a control
+//! plane that advertises them, [`FlowReport`] lines.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +52,132 @@ pub struct Ack {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// The response header by which a control plane says it reads [`FlowReport`] lines
+/// (value: a comma-separated feature list containing [`FEATURE_FLOW_REPORTS`]). A sidecar sends
+/// flow reports only when the header is present: a control plane from before flow reports reads
+/// every request line as an ACK, warns on anything else and closes the stream on a line over
+/// [`MAX_ACK_BYTES`], so it must never receive one.
+pub const FEATURES_HEADER: &str = "x-meshgate-stream-features";
+/// The feature name of flow reports in [`FEATURES_HEADER`].
+pub const FEATURE_FLOW_REPORTS: &str = "flow-reports";
+/// The type of a [`FlowReport`] line.
+pub const FLOW_REPORT_TYPE: &str = "meshgate.dev/v1/FlowReport";
+
+/// One aggregated flow: the decisions of one sidecar (the callee) for one caller, method, path
+/// pattern, port, decision and deciding rule, over a report interval. Field names are those of
+/// [`meshgate_policy::DecisionRecord`] (the decision log's), so the flow tools read both alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flow {
+    pub layer: meshgate_policy::record::Layer,
+    /// The caller, as its certificate proved it.
+    #[serde(rename = "peer.id")]
+    pub peer: String,
+    /// The workload whose sidecar decided (the callee).
+    #[serde(rename = "meshgate.workload.id")]
+    pub workload: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(
+        rename = "http.request.method",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub method: Option<String>,
+    /// A path *pattern*, never a raw path: the deciding rule's path pattern when one matched the
+    /// path, else the path cut to its first segment (`/orders/123` → `/orders/*`), so the number
+    /// of flows does not grow with IDs in paths. None for L4 and refused requests.
+    #[serde(rename = "url.path", default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub decision: meshgate_policy::DecisionKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// Decisions aggregated into this flow.
+    pub count: u64,
+    /// Unix seconds of the first and last of them.
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+impl Flow {
+    /// Allowed because an enforce-mode ALLOW rule matched, rather than by the mesh default, and
+    /// not marked by a dry-run policy that would deny it (only an ALLOW policy names a rule on
+    /// an allowed decision). What policy coverage counts as covered.
+    pub fn explicitly_allowed(&self) -> bool {
+        use meshgate_policy::DecisionKind as K;
+        matches!(self.decision, K::Allow | K::Audit) && self.rule.is_some()
+    }
+
+    /// The request or tunnel passed (allow, audit, dry-run-deny).
+    pub fn passed(&self) -> bool {
+        use meshgate_policy::DecisionKind as K;
+        matches!(self.decision, K::Allow | K::Audit | K::DryRunDeny)
+    }
+}
+
+/// Sidecar → control plane, every report interval (only to a control plane advertising
+/// [`FEATURE_FLOW_REPORTS`]): the flows aggregated since the last report. One interval may be
+/// split over several lines, each below [`MAX_ACK_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FlowReport {
+    pub type_url: String,
+    pub flows: Vec<Flow>,
+    /// Decisions not aggregated because the sidecar's cap on distinct flows per interval was
+    /// reached (they are counted here and in `meshgate_flow_cardinality_overflow_total`).
+    #[serde(default)]
+    pub overflow: u64,
+}
+
+/// A line of the request body: an ACK/NACK, or (from sidecars that know them) a flow report.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ClientMessage {
+    Flows(FlowReport),
+    Ack(Ack),
+}
+
+/// `flows` as report lines (newline-terminated), each at most `max` bytes, the overflow count on
+/// the first. A flow that alone exceeds `max` (it cannot: IDs, method and pattern are bounded
+/// far below) would be dropped and counted as overflow rather than break the stream.
+pub fn report_lines(flows: Vec<Flow>, overflow: u64, max: usize) -> Vec<Vec<u8>> {
+    let mut lines = Vec::new();
+    let mut overflow = overflow;
+    let mut batch: Vec<Flow> = Vec::new();
+    let mut size = 0usize;
+    // Envelope without flows, plus a margin for the overflow number.
+    let envelope = FLOW_REPORT_TYPE.len() + 64;
+    let flush = |batch: &mut Vec<Flow>, overflow: &mut u64, lines: &mut Vec<Vec<u8>>| {
+        let mut line = serde_json::to_vec(&FlowReport {
+            type_url: FLOW_REPORT_TYPE.to_string(),
+            flows: std::mem::take(batch),
+            overflow: std::mem::take(overflow),
+        })
+        .expect("report serializes");
+        line.push(b'\n');
+        lines.push(line);
+    };
+    for flow in flows {
+        let len = serde_json::to_vec(&flow).map_or(usize::MAX, |v| v.len()) + 1;
+        if len.saturating_add(envelope) > max {
+            overflow += flow.count;
+            continue;
+        }
+        if size + len + envelope > max {
+            flush(&mut batch, &mut overflow, &mut lines);
+            size = 0;
+        }
+        size += len;
+        batch.push(flow);
+    }
+    if !batch.is_empty() || overflow > 0 {
+        flush(&mut batch, &mut overflow, &mut lines);
+    }
+    lines
 }
 
 impl Push {
@@ -274,6 +401,71 @@ mod tests {
         assert_eq!(lines, vec![b"".to_vec(), b"".to_vec(), b"a\r".to_vec()]);
         let many = vec![b'\n'; 100_000];
         assert_eq!(b.push(&many, 5).unwrap().len(), 100_000);
+    }
+
+    fn flow(i: usize) -> Flow {
+        Flow {
+            layer: meshgate_policy::record::Layer::L7,
+            peer: format!("spiffe://mesh.local/ns/shop/sa/caller-{i}"),
+            workload: "spiffe://mesh.local/ns/shop/sa/orders".into(),
+            port: 8080,
+            method: Some("GET".into()),
+            path: Some("/orders/*".into()),
+            decision: meshgate_policy::DecisionKind::Allow,
+            policy: Some("shop/orders".into()),
+            rule: Some(0),
+            count: 2,
+            first_seen: 1,
+            last_seen: 2,
+        }
+    }
+
+    /// Reports are split into lines under the limit, every flow lands exactly once, the
+    /// overflow travels once, and each line reads back as a flow report (never as an ACK).
+    #[test]
+    fn report_lines_split_under_the_limit() {
+        for (flows, overflow, max, want_lines) in [
+            (0, 0, MAX_ACK_BYTES, 0),
+            (0, 7, MAX_ACK_BYTES, 1),
+            (3, 0, MAX_ACK_BYTES, 1),
+            (1000, 4, MAX_ACK_BYTES, 5),
+            (10, 0, 1000, 4),
+        ] {
+            let lines = report_lines((0..flows).map(flow).collect(), overflow, max);
+            assert_eq!(lines.len(), want_lines, "{flows} flows, max {max}");
+            let mut seen = Vec::new();
+            let mut overflow_seen = 0;
+            for line in &lines {
+                assert!(line.len() <= max, "{} > {max}", line.len());
+                assert_eq!(line.last(), Some(&b'\n'));
+                match serde_json::from_slice::<ClientMessage>(line).unwrap() {
+                    ClientMessage::Flows(r) => {
+                        assert_eq!(r.type_url, FLOW_REPORT_TYPE);
+                        overflow_seen += r.overflow;
+                        seen.extend(r.flows);
+                    }
+                    ClientMessage::Ack(a) => panic!("read as an ACK: {a:?}"),
+                }
+            }
+            assert_eq!(seen, (0..flows).map(flow).collect::<Vec<_>>());
+            assert_eq!(overflow_seen, overflow);
+        }
+        // A flow too large for any line is counted, not sent.
+        let lines = report_lines(vec![flow(1)], 0, 100);
+        let ClientMessage::Flows(r) = serde_json::from_slice(&lines[0]).unwrap() else {
+            panic!()
+        };
+        assert_eq!((r.flows.len(), r.overflow), (0, 2));
+    }
+
+    #[test]
+    fn acks_still_read_as_acks() {
+        let line = br#"{"nonce":"n","version":"v"}"#;
+        assert!(matches!(
+            serde_json::from_slice::<ClientMessage>(line).unwrap(),
+            ClientMessage::Ack(_)
+        ));
+        assert!(serde_json::from_slice::<ClientMessage>(br#"{"nonce":"n"}"#).is_err());
     }
 
     #[test]

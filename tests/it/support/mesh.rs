@@ -421,6 +421,7 @@ impl TestMesh {
             poll_interval: Duration::from_millis(50),
             telemetry,
             ebpf_cgroup: None,
+            flow_report_interval: meshgate_proxy::flows::DEFAULT_REPORT_INTERVAL,
         };
         configure(&mut config);
         let sidecar = Sidecar::start(config).await.unwrap();

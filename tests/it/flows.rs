@@ -1,0 +1,566 @@
+//! Flow reports end to end: three real sidecars under a real control plane, traffic allowed
+//! (by an explicit rule and by the mesh default) and denied; the aggregated flows arrive at the
+//! control plane (`/v1/flows`), and its `meshgate_sli_*` metrics move as traffic and policy
+//! change: a policy edit adding an explicit ALLOW raises coverage, denials are counted per
+//! caller and callee, a refused update and a quarantine show. `meshgate policy suggest
+//! --control-plane` learns a policy from the observed flows.
+
+use std::time::Duration;
+
+use crate::support::mesh::{TestMesh, admin};
+use crate::support::*;
+
+/// Flows are reported this often here (5 s by default).
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
+const MESH_ALLOW: &str = "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: { defaultAction: ALLOW, trustDomain: mesh.local }\n";
+
+/// web may GET orders' `/orders/*` (explicitly); nobody may reach payments' `/admin/*`.
+const POLICY: &str = r#"apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: orders-readers, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
+      to: [{ methods: ["GET"], paths: ["/orders/*"] }]
+---
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: payments-admin, namespace: shop }
+spec:
+  selector: { account: payments }
+  action: DENY
+  rules:
+    - to: [{ paths: ["/admin/*"] }]
+"#;
+
+/// The edit: payments explicitly allows web and orders on `/pay/*`.
+const PAYMENTS_ALLOW: &str = r#"apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: payments-callers, namespace: shop }
+spec:
+  selector: { account: payments }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web", "spiffe://mesh.local/ns/shop/sa/orders"] }]
+      to: [{ paths: ["/pay/*"] }]
+"#;
+
+/// One sample of the control plane's metrics (the sum over series matching `fragments`), or
+/// `None` when no series matches.
+fn sample(text: &str, metric: &str, fragments: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if fragments.iter().all(|f| rest.contains(f)) {
+            let v: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+async fn cp_get(mesh: &TestMesh, path: &str) -> String {
+    let addr = mesh.control_plane.as_ref().unwrap().admin_addr;
+    let (status, body) = admin(addr, "GET", path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+/// Polls the control plane's `/metrics` until `check` holds (10 s at most).
+async fn metrics_until(mesh: &TestMesh, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    for _ in 0..200 {
+        last = cp_get(mesh, "/metrics").await;
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}\n{last}");
+}
+
+const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
+const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
+const PAYMENTS: &str = "spiffe://mesh.local/ns/shop/sa/payments";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_reach_the_control_plane_and_move_its_slis() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("mesh.yaml", MESH_ALLOW);
+    mesh.write_policy("policy.yaml", POLICY);
+    mesh.start_control_plane().await;
+    // An opaque TCP service behind orders, and web's tunnel to it: L4 decisions make flows too.
+    let db = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let db_port = db.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = db.accept().await.unwrap();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = tcp.write_all(b"220 ready\r\n").await;
+            });
+        }
+    });
+    let forward = free_port();
+    for name in ["web", "orders", "payments"] {
+        let app = crate::support::mesh::EchoApp::start().await;
+        mesh.add_configured(name, app, |c| {
+            c.flow_report_interval = REPORT_EVERY;
+            match name {
+                "orders" => c.inbound_tcp_ports = vec![db_port],
+                "web" => {
+                    c.tcp_forwards = vec![
+                        format!("127.0.0.1:{forward}=orders:{db_port}")
+                            .parse()
+                            .unwrap(),
+                    ]
+                }
+                _ => {}
+            }
+        })
+        .await;
+    }
+    mesh.write_services();
+    mesh.converge().await;
+
+    // Before any traffic there is no coverage to speak of, and nothing drifted once ACKed.
+    let text = metrics_until(&mesh, "every sidecar ACKed", |t| {
+        sample(t, "meshgate_sli_sidecars_drifted", &[]) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "meshgate_sli_policy_coverage_ratio", &[]),
+        None
+    );
+    assert_eq!(sample(&text, "meshgate_sli_stale_sidecars", &[]), Some(0.0));
+
+    // Explicitly allowed: web → orders (twice, two IDs: one flow). By the mesh default:
+    // web → payments and orders → payments. Denied: web → payments /admin.
+    let calls = [
+        ("web", "GET", "orders", "/orders/1", 200),
+        ("web", "GET", "orders", "/orders/2", 200),
+        ("web", "GET", "payments", "/pay/1", 200),
+        ("orders", "GET", "payments", "/pay/2", 200),
+        ("web", "GET", "payments", "/admin/users", 403),
+    ];
+    for (from, method, host, path, want) in calls {
+        let got = mesh.call(from, method, host, path).await.status;
+        assert_eq!(got, want, "{from} {method} {host}{path}");
+    }
+    let text = metrics_until(&mesh, "the five requests reported", |t| {
+        sample(t, "meshgate_sli_requests_total", &[]) == Some(5.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "meshgate_sli_policy_coverage_ratio", &[]),
+        Some(0.5),
+        "2 of 4 passed requests explicitly allowed\n{text}"
+    );
+    assert_eq!(
+        sample(&text, "meshgate_sli_uncovered_flows", &[]),
+        Some(2.0),
+        "{text}"
+    );
+    let web_payments = [
+        format!("caller=\"{WEB}\""),
+        format!("callee=\"{PAYMENTS}\""),
+    ];
+    let web_payments: Vec<&str> = web_payments.iter().map(String::as_str).collect();
+    assert_eq!(
+        sample(
+            &text,
+            "meshgate_sli_unauthorized_requests_total",
+            &web_payments
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "meshgate_sli_unauthorized_requests_total", &[]),
+        Some(1.0),
+        "only that pair was denied\n{text}"
+    );
+
+    // Far below the sidecars' cap: nothing overflowed, and the sidecars export the counter.
+    assert_eq!(
+        sample(&text, "meshgate_sli_flow_overflow_total", &[]),
+        Some(0.0)
+    );
+    let (_, sidecar_metrics) = admin(
+        mesh.workload("payments").sidecar.admin_addr,
+        "GET",
+        "/metrics",
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &sidecar_metrics,
+            "meshgate_flow_cardinality_overflow_total",
+            &[]
+        ),
+        Some(0.0),
+        "{sidecar_metrics}"
+    );
+
+    // The flows themselves: aggregated, with path patterns, as decision-log lines.
+    let flows: Vec<serde_json::Value> = cp_get(&mesh, "/v1/flows")
+        .await
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |peer: &str, workload: &str, path: &str| {
+        flows
+            .iter()
+            .find(|f| {
+                f["peer.id"] == peer
+                    && f["meshgate.workload.id"] == workload
+                    && f["url.path"] == path
+            })
+            .unwrap_or_else(|| panic!("no flow {peer} → {workload} {path} in {flows:#?}"))
+    };
+    let explicit = find(WEB, ORDERS, "/orders/*");
+    assert_eq!(explicit["count"], 2);
+    assert_eq!(explicit["decision"], "allow");
+    assert_eq!(explicit["policy"], "shop/orders-readers");
+    assert_eq!(explicit["event"], "authz.decision");
+    assert_eq!(find(WEB, PAYMENTS, "/admin/*")["decision"], "deny");
+    assert_eq!(find(ORDERS, PAYMENTS, "/pay/*")["count"], 1);
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["url.path"].as_str().unwrap().ends_with('*')),
+        "raw paths never leave the sidecar: {flows:#?}"
+    );
+    let policy_of = |f: &serde_json::Value| f["policy"].clone();
+    assert_eq!(
+        policy_of(find(WEB, PAYMENTS, "/pay/*")),
+        serde_json::Value::Null
+    );
+
+    // `policy suggest --control-plane` learns from those flows.
+    let admin_url = format!("http://{}", mesh.control_plane.as_ref().unwrap().admin_addr);
+    let mut cmd = meshgate();
+    cmd.args(["policy", "suggest", "--control-plane", &admin_url]);
+    let out = run_async(cmd).await;
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text_of(&out));
+    assert!(
+        yaml.contains("name: payments-observed"),
+        "{}",
+        text_of(&out)
+    );
+    assert!(yaml.contains(ORDERS) && yaml.contains("/pay/*"), "{yaml}");
+    assert!(
+        !yaml.contains("/admin"),
+        "denied requests are not learned: {yaml}"
+    );
+
+    // The policy edit: payments' callers become explicit. More traffic to payments now counts
+    // as covered, and coverage rises; the denial counter keeps counting.
+    mesh.write_policy("payments.yaml", PAYMENTS_ALLOW);
+    mesh.converge().await;
+    for _ in 0..4 {
+        assert_eq!(
+            mesh.call("web", "GET", "payments", "/pay/3").await.status,
+            200
+        );
+    }
+    assert_eq!(
+        mesh.call("web", "GET", "payments", "/admin/x").await.status,
+        403
+    );
+    let text = metrics_until(&mesh, "the next five requests reported", |t| {
+        sample(t, "meshgate_sli_requests_total", &[]) == Some(10.0)
+    })
+    .await;
+    let coverage = sample(&text, "meshgate_sli_policy_coverage_ratio", &[]).unwrap();
+    assert_eq!(coverage, 0.75, "6 of 8 passed requests explicit\n{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "meshgate_sli_unauthorized_requests_total",
+            &web_payments
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "meshgate_sli_requests_total",
+            &["class=\"explicit\""]
+        ),
+        Some(6.0)
+    );
+
+    // `policy diff --control-plane`: dropping the edit would deny the observed /pay flows.
+    let next = mesh.policy_dir.parent().unwrap().join("next");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::write(next.join("mesh.yaml"), MESH_ALLOW).unwrap();
+    std::fs::write(next.join("policy.yaml"), POLICY).unwrap();
+    std::fs::write(
+        next.join("payments.yaml"),
+        PAYMENTS_ALLOW.replace(", \"spiffe://mesh.local/ns/shop/sa/orders\"", ""),
+    )
+    .unwrap();
+    let mut cmd = meshgate();
+    cmd.args(["policy", "diff"])
+        .arg(&mesh.policy_dir)
+        .arg(&next)
+        .args(["--control-plane", &admin_url]);
+    let out = run_async(cmd).await;
+    let shown = text_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    assert!(
+        shown.contains("would start being denied: 1 (1 requests)"),
+        "orders → payments /pay/* was seen once\n{shown}"
+    );
+
+    // A refused update is counted.
+    mesh.write_policy("broken.yaml", "apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: { name: x, namespace: shop }\nspec:\n  action: PERMIT\n");
+    metrics_until(&mesh, "the refused update counted", |t| {
+        sample(
+            t,
+            "meshgate_sli_refused_updates_total",
+            &["by=\"control_plane\""],
+        ) == Some(1.0)
+    })
+    .await;
+    std::fs::remove_file(mesh.policy_dir.join("broken.yaml")).unwrap();
+
+    // A quarantine: time to containment appears once every sidecar ACKed it, and web is cut.
+    mesh.write_policy(
+        "quarantine.yaml",
+        &format!("apiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: quarantine-0123456789ab, namespace: meshgate }}\nspec:\n  action: DENY\n  rules:\n    - from: [{{ principals: [\"{WEB}\"] }}]\n"),
+    );
+    mesh.converge().await;
+    let text = metrics_until(&mesh, "containment measured", |t| {
+        sample(t, "meshgate_sli_last_containment_seconds", &[]).is_some()
+    })
+    .await;
+    let contained = sample(&text, "meshgate_sli_last_containment_seconds", &[]).unwrap();
+    assert!((0.0..10.0).contains(&contained), "{contained}");
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/3").await.status,
+        403
+    );
+    let text = metrics_until(&mesh, "the quarantined request reported", |t| {
+        sample(
+            t,
+            "meshgate_sli_unauthorized_requests_total",
+            &[&format!("callee=\"{ORDERS}\"")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "meshgate_sli_sidecars_drifted", &[]),
+        Some(0.0),
+        "{text}"
+    );
+
+    // An L4 tunnel from the quarantined web is refused too, and reported as an L4 flow.
+    let mut tunnel = tokio::net::TcpStream::connect(("127.0.0.1", forward))
+        .await
+        .unwrap();
+    let mut greeting = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tunnel, &mut greeting),
+    )
+    .await;
+    assert!(greeting.is_empty(), "quarantined tunnel got {greeting:?}");
+    metrics_until(&mesh, "the refused tunnel reported", |t| {
+        sample(
+            t,
+            "meshgate_sli_unauthorized_requests_total",
+            &[&format!("callee=\"{ORDERS}\"")],
+        ) == Some(2.0)
+    })
+    .await;
+    let flows = cp_get(&mesh, "/v1/flows").await;
+    let l4: Vec<serde_json::Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|f| f["layer"] == "l4")
+        .collect();
+    assert_eq!(l4.len(), 1, "{flows}");
+    assert_eq!(
+        (
+            &l4[0]["peer.id"],
+            &l4[0]["port"],
+            &l4[0]["decision"],
+            &l4[0]["policy"]
+        ),
+        (
+            &serde_json::json!(WEB),
+            &serde_json::json!(db_port),
+            &serde_json::json!("deny"),
+            &serde_json::json!("meshgate/quarantine-0123456789ab")
+        )
+    );
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A stand-in control plane: pushes the policy directory once to the first stream, keeps it
+/// open, and records every request-body line. With `advertise` it sends the flow-reports
+/// feature header, as this version does; without, it is a control plane from before flow
+/// reports.
+async fn fake_control_plane(
+    mesh: &TestMesh,
+    advertise: bool,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::{Arc, Mutex};
+
+    let now = time::OffsetDateTime::now_utc();
+    let svid = mesh.ca.sign_leaf(
+        &meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let key = rustls_pki_types::PrivatePkcs8KeyDer::from(svid.key.serialize_der());
+    let mut config = rustls::ServerConfig::builder_with_provider(meshgate_ca::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain, key.into())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let set = meshgate_policy::load_dir(&mesh.policy_dir).unwrap();
+    let (recorded, keep) = (lines.clone(), Arc::new(Mutex::new(Vec::new())));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (recorded, keep, set) = (recorded.clone(), keep.clone(), set.clone());
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (recorded, keep, set) = (recorded.clone(), keep.clone(), set.clone());
+                    async move {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let mut buffer = meshgate_xds::wire::LineBuffer::default();
+                            while let Some(Ok(frame)) = body.frame().await {
+                                if let Some(data) = frame.data_ref() {
+                                    let batch = buffer.push(data, 1 << 20).unwrap();
+                                    recorded.lock().unwrap().extend(batch);
+                                }
+                            }
+                        });
+                        let (tx, mut rx) = tokio::sync::mpsc::channel::<
+                            Result<Frame<bytes::Bytes>, std::convert::Infallible>,
+                        >(4);
+                        let mut push =
+                            serde_json::to_vec(&meshgate_xds::wire::Push::new(set, "n1".into()))
+                                .unwrap();
+                        push.push(b'\n');
+                        tx.send(Ok(Frame::data(push.into()))).await.unwrap();
+                        keep.lock().unwrap().push(tx);
+                        let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+                            rx.poll_recv(cx)
+                        }));
+                        let mut resp = http::Response::builder()
+                            .header("content-type", "application/x-ndjson");
+                        if advertise {
+                            resp = resp.header("x-meshgate-stream-features", "flow-reports");
+                        }
+                        Ok::<_, std::convert::Infallible>(resp.body(body.boxed_unsync()).unwrap())
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, lines)
+}
+
+/// Compatibility both ways round: a control plane that does not advertise flow reports (one
+/// from before them) receives ACKs only, never a line it would not understand; one that does
+/// receives the reports, from the same traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_reports_go_only_to_control_planes_that_read_them() {
+    for advertise in [true, false] {
+        let mut mesh = TestMesh::new().await;
+        mesh.write_policy("mesh.yaml", MESH_ALLOW);
+        let (url, lines) = fake_control_plane(&mesh, advertise).await;
+        let app = crate::support::mesh::EchoApp::start().await;
+        mesh.add_configured("orders", app, |c| {
+            c.policy = meshgate_proxy::policy::PolicySource::ControlPlane { urls: vec![url] };
+            c.flow_report_interval = Duration::from_millis(100);
+        })
+        .await;
+        mesh.add("web").await;
+        mesh.write_services();
+        let mut status = 0;
+        for _ in 0..100 {
+            status = mesh.call("web", "GET", "orders", "/orders/1").await.status;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "orders never applied the pushed policy");
+        // Five report intervals after the request: a reader of reports has one by then.
+        let mut reports = Vec::new();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let seen = lines.lock().unwrap().clone();
+            reports = seen
+                .iter()
+                .filter_map(|l| serde_json::from_slice::<meshgate_xds::wire::FlowReport>(l).ok())
+                .collect::<Vec<_>>();
+            if advertise && !reports.is_empty() {
+                break;
+            }
+        }
+        let seen = lines.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .any(|l| serde_json::from_slice::<meshgate_xds::wire::Ack>(l).is_ok()),
+            "the push is ACKed either way"
+        );
+        if advertise {
+            let flows: Vec<_> = reports.iter().flat_map(|r| &r.flows).collect();
+            assert!(
+                flows
+                    .iter()
+                    .any(|f| f.path.as_deref() == Some("/orders/*") && f.peer == WEB),
+                "{flows:?}"
+            );
+        } else {
+            for line in &seen {
+                assert!(
+                    serde_json::from_slice::<meshgate_xds::wire::Ack>(line).is_ok(),
+                    "an old control plane got a line it cannot read: {}",
+                    String::from_utf8_lossy(line)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The control plane's view of the mesh's traffic: the flows each sidecar reports
+//! ([`crate::wire::FlowReport`]), kept per reporting sidecar with a time-to-live, and the
+//! counters behind the `meshgate_sli_*` metrics that are fed by reports.
+//!
+//! Everything here is bounded: flows per sidecar ([`MAX_FLOWS_PER_SIDECAR`]), flows in total
+//! ([`MAX_FLOWS_TOTAL`]) and denial series ([`MAX_DENIAL_SERIES`]); what does not fit is counted
+//! (`meshgate_sli_flow_overflow_total`), never stored. The callee of a reported flow is always
+//! the reporting sidecar's authenticated identity (a sidecar cannot report flows into another
+//! workload); the caller is what that sidecar's mTLS handshake proved, which the control plane
+//! has to take on trust from the reporter.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use crate::wire::{FLOW_REPORT_TYPE, Flow, FlowReport};
+use meshgate_policy::DecisionKind;
+use meshgate_policy::record::Layer;
+
+/// A flow not reported again for this long is forgotten: the coverage SLIs describe the
+/// traffic of the last ten minutes, and a workload that went away stops counting.
+pub const FLOW_TTL: Duration = Duration::from_secs(600);
+/// Distinct flows kept per reporting sidecar (its own per-interval cap is 4096; several
+/// intervals' flows accumulate here).
+pub const MAX_FLOWS_PER_SIDECAR: usize = 8192;
+/// Distinct flows kept in total, whatever the number of sidecars (about 40 MB at most).
+pub const MAX_FLOWS_TOTAL: usize = 200_000;
+/// `{caller, callee}` pairs of the denial counter; denials of further pairs are counted under
+/// `caller="other", callee="other"` so the metric's cardinality stays bounded.
+pub const MAX_DENIAL_SERIES: usize = 2000;
+/// Longest method, path pattern and policy name a reported flow may carry. A real sidecar's
+/// are far shorter (tokens, patterns from policies, `namespace/name`); longer ones are refused
+/// so a hostile reporter cannot bloat the store or the metrics' labels.
+const MAX_FIELD_LEN: usize = 1024;
+
+/// A flow a sidecar could have produced: the caller a valid SPIFFE ID, the other texts short.
+fn plausible(f: &Flow) -> bool {
+    meshgate_ca::SpiffeId::parse(&f.peer).is_ok()
+        && [&f.method, &f.path, &f.policy]
+            .iter()
+            .all(|t| t.as_ref().is_none_or(|t| t.len() <= MAX_FIELD_LEN))
+}
+
+/// The key of a stored flow: everything but the counts and times.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    layer: u8,
+    peer: String,
+    port: u16,
+    method: Option<String>,
+    path: Option<String>,
+    decision: DecisionKind,
+    policy: Option<String>,
+    rule: Option<usize>,
+}
+
+impl Key {
+    fn of(f: &Flow) -> Self {
+        Self {
+            layer: match f.layer {
+                Layer::L7 => 7,
+                Layer::L4 => 4,
+            },
+            peer: f.peer.clone(),
+            port: f.port,
+            method: f.method.clone(),
+            path: f.path.clone(),
+            decision: f.decision,
+            policy: f.policy.clone(),
+            rule: f.rule,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SidecarFlows {
+    flows: HashMap<Key, Flow>,
+}
+
+/// Requests (and tunnels) reported, by how they were decided; monotonic, for `rate()`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestClasses {
+    /// Passed because an enforce-mode ALLOW rule matched.
+    pub explicit: u64,
+    /// Passed without being covered: by the mesh default (`defaultAction: ALLOW`), or marked
+    /// `dry-run-deny` (a policy being rolled out would deny them).
+    pub implicit: u64,
+    pub denied: u64,
+    pub bad_request: u64,
+}
+
+/// The coverage view of the flows currently held (the last [`FLOW_TTL`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Coverage {
+    /// Requests that passed, and those of them an explicit ALLOW rule allowed.
+    pub passed_requests: u64,
+    pub explicit_requests: u64,
+    /// Distinct flows that passed, and those an explicit ALLOW rule allowed.
+    pub passed_flows: u64,
+    pub explicit_flows: u64,
+}
+
+impl Coverage {
+    /// Share of passed requests allowed by an explicit rule; `None` when none passed.
+    pub fn request_ratio(&self) -> Option<f64> {
+        (self.passed_requests > 0)
+            .then(|| self.explicit_requests as f64 / self.passed_requests as f64)
+    }
+
+    /// Share of distinct passed flows allowed by an explicit rule; `None` when none passed.
+    pub fn flow_ratio(&self) -> Option<f64> {
+        (self.passed_flows > 0).then(|| self.explicit_flows as f64 / self.passed_flows as f64)
+    }
+
+    /// Flows seen passing that no explicit ALLOW rule covers.
+    pub fn uncovered_flows(&self) -> u64 {
+        self.passed_flows - self.explicit_flows
+    }
+}
+
+/// The flows of every reporting sidecar, and the report-fed counters.
+#[derive(Debug, Default)]
+pub struct FlowStore {
+    sidecars: BTreeMap<String, SidecarFlows>,
+    total: usize,
+    /// Decisions not stored: the sidecars' own overflow plus this store's caps.
+    pub overflow: u64,
+    pub classes: RequestClasses,
+    /// Denials by (caller, callee).
+    pub denials: BTreeMap<(String, String), u64>,
+    /// Reports received (lines), for the operator's sanity.
+    pub reports: u64,
+    /// When flows were last expired: a sweep walks every flow, so it runs at most once a second
+    /// however many reports arrive.
+    swept_at: i64,
+}
+
+impl FlowStore {
+    /// Adds one report from the sidecar `reporter` (its authenticated SPIFFE ID) at `now`
+    /// (Unix seconds). A report of an unknown type is ignored (a newer sidecar).
+    pub fn ingest(&mut self, reporter: &str, report: FlowReport, now: i64) {
+        if report.type_url != FLOW_REPORT_TYPE {
+            return;
+        }
+        self.reports += 1;
+        self.overflow = self.overflow.saturating_add(report.overflow);
+        if now != self.swept_at {
+            self.expire(now);
+        }
+        for mut flow in report.flows {
+            if !plausible(&flow) {
+                self.overflow = self.overflow.saturating_add(flow.count);
+                continue;
+            }
+            // The callee is the reporter, whatever the line says.
+            flow.workload = reporter.to_string();
+            // Times from the sidecar's clock, kept within reason of ours.
+            flow.last_seen = flow.last_seen.clamp(now - FLOW_TTL.as_secs() as i64, now);
+            flow.first_seen = flow.first_seen.min(flow.last_seen);
+            self.count(&flow);
+            let key = Key::of(&flow);
+            let total = self.total;
+            let sidecar = self.sidecars.entry(reporter.to_string()).or_default();
+            let room = sidecar.flows.len() < MAX_FLOWS_PER_SIDECAR && total < MAX_FLOWS_TOTAL;
+            match sidecar.flows.get_mut(&key) {
+                Some(held) => {
+                    held.count = held.count.saturating_add(flow.count);
+                    held.first_seen = held.first_seen.min(flow.first_seen);
+                    held.last_seen = held.last_seen.max(flow.last_seen);
+                }
+                None if room => {
+                    sidecar.flows.insert(key, flow);
+                    self.total += 1;
+                }
+                None => self.overflow = self.overflow.saturating_add(flow.count),
+            }
+        }
+    }
+
+    fn count(&mut self, flow: &Flow) {
+        let n = flow.count;
+        let class = match flow.decision {
+            DecisionKind::BadRequest => &mut self.classes.bad_request,
+            DecisionKind::Deny => &mut self.classes.denied,
+            _ if flow.explicitly_allowed() => &mut self.classes.explicit,
+            _ => &mut self.classes.implicit,
+        };
+        *class = class.saturating_add(n);
+        if flow.decision == DecisionKind::Deny {
+            let pair = (flow.peer.clone(), flow.workload.clone());
+            let key = if self.denials.contains_key(&pair) || self.denials.len() < MAX_DENIAL_SERIES
+            {
+                pair
+            } else {
+                ("other".to_string(), "other".to_string())
+            };
+            let c = self.denials.entry(key).or_default();
+            *c = c.saturating_add(n);
+        }
+    }
+
+    /// Forgets flows last seen more than [`FLOW_TTL`] before `now`.
+    pub fn expire(&mut self, now: i64) {
+        self.swept_at = now;
+        let oldest = now - FLOW_TTL.as_secs() as i64;
+        let mut removed = 0;
+        self.sidecars.retain(|_, s| {
+            let before = s.flows.len();
+            s.flows.retain(|_, f| f.last_seen >= oldest);
+            removed += before - s.flows.len();
+            !s.flows.is_empty()
+        });
+        self.total -= removed;
+    }
+
+    /// Every flow held, sorted (callee, caller, …) so answers are stable.
+    pub fn flows(&self) -> Vec<Flow> {
+        let mut out: Vec<(&String, &Key, &Flow)> = self
+            .sidecars
+            .iter()
+            .flat_map(|(id, s)| s.flows.iter().map(move |(k, f)| (id, k, f)))
+            .collect();
+        out.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        out.into_iter().map(|(_, _, f)| f.clone()).collect()
+    }
+
+    /// Coverage of the flows held. L4 tunnels count like requests (one per connection).
+    pub fn coverage(&self) -> Coverage {
+        let mut c = Coverage::default();
+        for f in self.sidecars.values().flat_map(|s| s.flows.values()) {
+            if !f.passed() {
+                continue;
+            }
+            c.passed_requests += f.count;
+            c.passed_flows += 1;
+            if f.explicitly_allowed() {
+                c.explicit_requests += f.count;
+                c.explicit_flows += 1;
+            }
+        }
+        c
+    }
+
+    /// Distinct flows held.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(peer: &str, path: &str, decision: DecisionKind, rule: Option<usize>, n: u64) -> Flow {
+        Flow {
+            layer: Layer::L7,
+            peer: peer.to_string(),
+            workload: "spiffe://mesh.local/ns/shop/sa/forged".to_string(),
+            port: 8080,
+            method: Some("GET".into()),
+            path: Some(path.into()),
+            decision,
+            policy: rule.map(|_| "shop/p".to_string()),
+            rule,
+            count: n,
+            first_seen: 100,
+            last_seen: 100,
+        }
+    }
+
+    fn report(flows: Vec<Flow>, overflow: u64) -> FlowReport {
+        FlowReport {
+            type_url: FLOW_REPORT_TYPE.into(),
+            flows,
+            overflow,
+        }
+    }
+
+    const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
+    const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
+
+    #[test]
+    fn reports_merge_count_and_expire() {
+        let mut store = FlowStore::default();
+        use DecisionKind::*;
+        store.ingest(
+            ORDERS,
+            report(
+                vec![
+                    flow(WEB, "/orders/*", Allow, Some(0), 3),
+                    flow(WEB, "/admin", Allow, None, 1),
+                    flow(WEB, "/secret", Deny, None, 2),
+                    flow(WEB, "/orders/*", DryRunDeny, Some(0), 1),
+                ],
+                5,
+            ),
+            100,
+        );
+        // The same flow again merges; the callee is always the reporter.
+        let mut again = flow(WEB, "/orders/*", Allow, Some(0), 2);
+        (again.first_seen, again.last_seen) = (150, 160);
+        store.ingest(ORDERS, report(vec![again], 0), 160);
+        assert_eq!(store.len(), 4);
+        assert!(store.flows().iter().all(|f| f.workload == ORDERS));
+        let merged = store
+            .flows()
+            .into_iter()
+            .find(|f| f.decision == Allow && f.rule.is_some())
+            .unwrap();
+        assert_eq!(
+            (merged.count, merged.first_seen, merged.last_seen),
+            (5, 100, 160)
+        );
+        let c = store.coverage();
+        // Explicit: the allow by rule 0 (5). Passed but not covered: the mesh default (1), and
+        // the dry-run-deny that a policy being rolled out would deny (1).
+        assert_eq!(
+            c,
+            Coverage {
+                passed_requests: 7,
+                explicit_requests: 5,
+                passed_flows: 3,
+                explicit_flows: 1,
+            }
+        );
+        assert_eq!(c.uncovered_flows(), 2);
+        assert_eq!(
+            store.classes,
+            RequestClasses {
+                explicit: 5,
+                implicit: 2,
+                denied: 2,
+                bad_request: 0
+            }
+        );
+        assert_eq!(store.denials[&(WEB.to_string(), ORDERS.to_string())], 2);
+        assert_eq!(store.overflow, 5);
+        // Ten minutes after the last report of a flow, it is gone; counters stay.
+        store.expire(160 + FLOW_TTL.as_secs() as i64);
+        assert_eq!(store.len(), 1, "only the flow seen at 160 is left");
+        store.expire(161 + FLOW_TTL.as_secs() as i64);
+        assert!(store.is_empty());
+        assert_eq!(store.coverage().request_ratio(), None);
+        assert_eq!(store.classes.denied, 2);
+    }
+
+    #[test]
+    fn caps_are_counted_not_stored() {
+        let mut store = FlowStore::default();
+        let flows: Vec<Flow> = (0..MAX_FLOWS_PER_SIDECAR + 10)
+            .map(|i| flow(WEB, &format!("/p{i}"), DecisionKind::Allow, None, 2))
+            .collect();
+        store.ingest(ORDERS, report(flows, 0), 100);
+        assert_eq!(store.len(), MAX_FLOWS_PER_SIDECAR);
+        assert_eq!(store.overflow, 20);
+        // Denial series past the cap fold into one.
+        let mut store = FlowStore::default();
+        let flows: Vec<Flow> = (0..MAX_DENIAL_SERIES + 3)
+            .map(|i| flow(&format!("{WEB}{i}"), "/x", DecisionKind::Deny, None, 1))
+            .collect();
+        store.ingest(ORDERS, report(flows, 0), 100);
+        assert_eq!(store.denials.len(), MAX_DENIAL_SERIES + 1);
+        assert_eq!(store.denials[&("other".into(), "other".into())], 3);
+    }
+
+    /// Flows no sidecar would send are refused (and counted), never stored or labelled.
+    #[test]
+    fn implausible_flows_are_refused() {
+        let long = format!("/{}", "a".repeat(MAX_FIELD_LEN));
+        let mut bad_policy = flow(WEB, "/x", DecisionKind::Deny, Some(0), 1);
+        bad_policy.policy = Some("p".repeat(MAX_FIELD_LEN + 1));
+        let cases = [
+            (flow("web", "/x", DecisionKind::Deny, None, 1), false),
+            (
+                flow("spiffe://mesh.local/a?b", "/x", DecisionKind::Deny, None, 1),
+                false,
+            ),
+            (flow(WEB, &long, DecisionKind::Deny, None, 1), false),
+            (bad_policy, false),
+            (
+                flow(WEB, &long[..MAX_FIELD_LEN], DecisionKind::Deny, None, 1),
+                true,
+            ),
+        ];
+        for (f, stored) in cases {
+            let mut store = FlowStore::default();
+            store.ingest(ORDERS, report(vec![f.clone()], 0), 100);
+            assert_eq!(store.len(), usize::from(stored), "{f:?}");
+            assert_eq!(store.denials.len(), usize::from(stored), "{f:?}");
+            assert_eq!(store.overflow, u64::from(!stored), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_report_types_are_ignored() {
+        let mut store = FlowStore::default();
+        let mut r = report(vec![flow(WEB, "/x", DecisionKind::Allow, None, 1)], 1);
+        r.type_url = "meshgate.dev/v2/FlowReport".into();
+        store.ingest(ORDERS, r, 100);
+        assert!(store.is_empty());
+        assert_eq!((store.reports, store.overflow), (0, 0));
+    }
+}
