@@ -516,10 +516,16 @@ async fn floods_of_half_open_connections_leave_room_for_known_peers() {
     );
     // Its handshake shed the oldest flood connection.
     assert_eq!(t.hygiene("handshake_shed").await, 33.0);
-    // The oldest half-open connections were closed by the sidecar, not left to time out.
-    assert!(closed_by_sidecar(&mut flood[0], Duration::from_secs(2)).await);
-    let newest = flood.last_mut().unwrap();
-    assert!(!closed_by_sidecar(newest, Duration::from_millis(200)).await);
+    // The shed connections were closed by the sidecar, not left to time out, and the 7 still
+    // pending stay open. Counted rather than picked by position: which ones are "oldest" is the
+    // order the sidecar's tasks registered them, which a loaded machine may shuffle.
+    let mut closed = 0;
+    for tcp in &mut flood {
+        if closed_by_sidecar(tcp, Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 33, "shed connections closed by the sidecar");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
