@@ -298,6 +298,7 @@ impl TestMesh {
                     },
                 ),
                 poll_interval: Duration::from_millis(50),
+                console_token: None,
             },
         )
         .await
