@@ -573,4 +573,107 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
     }
+
+    /// Who may quarantine: fail closed off loopback without a token, the token when set, and
+    /// never a foreign origin, a non-JSON body or (without a token) a non-loopback Host.
+    #[test]
+    fn mutating_actions_are_authorized_fail_closed() {
+        const TOKEN: &str = "0123456789abcdef-token";
+        let json = ("content-type", "application/json");
+        let cases: &[(Option<&str>, &str, &[(&str, &str)], Option<u16>)] = &[
+            (
+                None,
+                "127.0.0.1:15011",
+                &[json, ("host", "127.0.0.1:15011")],
+                None,
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[
+                    json,
+                    ("host", "localhost:15011"),
+                    ("origin", "http://localhost:15011"),
+                ],
+                None,
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[("host", "127.0.0.1:15011")],
+                Some(415),
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[
+                    json,
+                    ("host", "127.0.0.1:15011"),
+                    ("origin", "http://evil.example"),
+                ],
+                Some(403),
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[json, ("host", "rebound.example:15011")],
+                Some(403),
+            ),
+            (
+                None,
+                "10.0.0.5:15011",
+                &[json, ("host", "10.0.0.5:15011")],
+                Some(403),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[json, ("host", "10.0.0.5:15011")],
+                Some(401),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[
+                    json,
+                    ("host", "10.0.0.5:15011"),
+                    ("authorization", "Bearer wrong"),
+                ],
+                Some(401),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[
+                    json,
+                    ("host", "10.0.0.5:15011"),
+                    ("authorization", "Bearer 0123456789abcdef-token"),
+                ],
+                None,
+            ),
+            (
+                Some(TOKEN),
+                "127.0.0.1:15011",
+                &[json, ("host", "127.0.0.1:15011")],
+                Some(401),
+            ),
+        ];
+        for (token, admin, headers, want) in cases {
+            let console = Console::new(
+                token.map(String::from),
+                admin.parse().unwrap(),
+                "/nonexistent".into(),
+            );
+            let mut map = HeaderMap::new();
+            for (k, v) in *headers {
+                map.insert(*k, v.parse().unwrap());
+            }
+            let got = console.authorize(&map).err().map(|a| a.status().as_u16());
+            assert_eq!(got, *want, "{token:?} {admin} {headers:?}");
+            assert_eq!(
+                console.mutations().0,
+                token.is_some() || admin.starts_with("127.")
+            );
+        }
+    }
 }
