@@ -20,7 +20,7 @@ use crate::support::*;
 
 const INSTALL: &str = "apt-get install -y chromium chromium-driver";
 /// The W3C WebDriver key of an element reference.
-const ELEMENT: &str = "element-6066-11e4-a07c-4a4e4a4e4a4e";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
@@ -140,7 +140,10 @@ impl Browser {
                 "--disable-dev-shm-usage", "--window-size=1400,1000"] } } } });
         let (status, v) = http_json(addr, "POST", "/session", Some(&caps)).await;
         assert_eq!(status, 200, "no browser session ({INSTALL}?): {v}");
-        browser.session = v["value"]["sessionId"].as_str().unwrap().to_string();
+        browser.session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session id from chromedriver: {v}"))
+            .to_string();
         browser
     }
 
@@ -185,7 +188,10 @@ impl Browser {
                 )
                 .await;
             if let Ok(el) = found {
-                let id = el[ELEMENT].as_str().unwrap().to_string();
+                let id = el[ELEMENT]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("not an element reference: {el}"))
+                    .to_string();
                 match self
                     .call("POST", &format!("/element/{id}/click"), None)
                     .await
@@ -230,17 +236,26 @@ impl Browser {
         std::fs::write(file, bytes).unwrap();
         println!("console screenshot: {}", file.display());
     }
-
-    async fn quit(mut self) {
-        let _ = self.call("DELETE", "", None).await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
 }
 
 impl Drop for Browser {
+    /// On a failed test too: ends the session (which closes chromium: killing chromedriver
+    /// alone would leave the browser running), then stops chromedriver.
     fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if !self.session.is_empty()
+            && let Ok(mut tcp) = std::net::TcpStream::connect(self.addr)
+        {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                tcp,
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.session, self.addr
+            );
+            let _ = tcp.read_to_end(&mut Vec::new());
+        }
         let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
 
@@ -482,7 +497,7 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!file.exists());
-    browser.quit().await;
+    drop(browser);
 }
 
 /// Without the page: a POST that is not JSON, or from a foreign origin, is refused; the
