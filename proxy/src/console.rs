@@ -137,10 +137,9 @@ impl Console {
         }
     }
 
-    /// Checks a mutating request; the error is the answer to send.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Answer> {
-        let refuse =
-            |status: StatusCode, why: String| Err(json_answer(status, &json!({ "error": why })));
+    /// Checks a mutating request; the error is the status and reason to answer with.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+        let refuse = |status: StatusCode, why: String| Err((status, why));
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         if !header("content-type").is_some_and(|c| c.starts_with("application/json")) {
             return refuse(
@@ -253,10 +252,10 @@ impl Console {
 
     async fn quarantine(&self, req: http::Request<hyper::body::Incoming>) -> Answer {
         let (parts, body) = req.into_parts();
-        if let Err(refused) = self.authorize(&parts.headers) {
-            tracing::warn!(event = "console.action_refused", status = %refused.status(), "a console action was refused");
+        if let Err((status, why)) = self.authorize(&parts.headers) {
+            tracing::warn!(event = "console.action_refused", status = %status, reason = %why, "a console action was refused");
             self.count("quarantine", "refused");
-            return refused;
+            return json_answer(status, &json!({ "error": why }));
         }
         let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
@@ -360,7 +359,7 @@ impl Console {
             }
             let e = edges
                 .entry((f.peer.clone(), f.workload.clone()))
-                .or_insert_with(Edge::default);
+                .or_default();
             e.add(f, observed, now_class);
             flow_rows.push(json!({
                 "caller": f.peer, "callee": f.workload,
@@ -580,7 +579,14 @@ mod tests {
     fn mutating_actions_are_authorized_fail_closed() {
         const TOKEN: &str = "0123456789abcdef-token";
         let json = ("content-type", "application/json");
-        let cases: &[(Option<&str>, &str, &[(&str, &str)], Option<u16>)] = &[
+        /// Token configured, admin address, request headers, refusal status (None: allowed).
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<u16>,
+        );
+        let cases: &[Case] = &[
             (
                 None,
                 "127.0.0.1:15011",
@@ -666,9 +672,12 @@ mod tests {
             );
             let mut map = HeaderMap::new();
             for (k, v) in *headers {
-                map.insert(*k, v.parse().unwrap());
+                map.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
             }
-            let got = console.authorize(&map).err().map(|a| a.status().as_u16());
+            let got = console.authorize(&map).err().map(|(s, _)| s.as_u16());
             assert_eq!(got, *want, "{token:?} {admin} {headers:?}");
             assert_eq!(
                 console.mutations().0,
