@@ -201,11 +201,7 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     (
         "viz",
-        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
-    ),
-    (
-        "dashboard",
-        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
+        "meshgate dashboard (the web console on the control plane's admin listener: graph, flows, SLIs)",
     ),
     ("kube-inject", "meshgate inject FILE"),
     (
@@ -214,7 +210,7 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     (
         "tap",
-        "meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
+        "the live tap in the console (meshgate dashboard), meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
     ),
 ];
 

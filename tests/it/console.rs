@@ -538,3 +538,25 @@ async fn console_actions_refuse_forged_requests() {
     .await;
     assert_eq!(status, 400, "{v}");
 }
+
+/// `meshgate dashboard` prints the console's URL and succeeds whether or not a browser opens
+/// (CI has no desktop: `xdg-open` is missing or fails there).
+#[test]
+fn dashboard_prints_the_console_url() {
+    let cases = [
+        ("127.0.0.1:15011", "http://127.0.0.1:15011/console"),
+        ("http://10.0.0.5:15011/", "http://10.0.0.5:15011/console"),
+    ];
+    for (given, want) in cases {
+        let out = run(meshgate()
+            .args(["dashboard", "--control-plane", given])
+            .env("PATH", "/nonexistent"));
+        let shown = text(&out);
+        assert!(out.status.success(), "{shown}");
+        assert!(
+            shown.contains(&format!("meshgate console: {want}\n")),
+            "{shown}"
+        );
+        assert!(shown.contains("open the URL above yourself"), "{shown}");
+    }
+}
