@@ -29,8 +29,8 @@ pub struct ServeArgs {
     /// mTLS listener for sidecars' policy streams.
     #[arg(long, default_value = "0.0.0.0:15010")]
     listen: SocketAddr,
-    /// Plaintext admin listener (`/status`, `/metrics` with the SLIs, `/v1/flows`, `/ready`,
-    /// `/live`); keep it on loopback.
+    /// Plaintext admin listener (`/console` the web console, `/status`, `/metrics` with the
+    /// SLIs, `/v1/flows`, `/ready`, `/live`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15011")]
     admin: SocketAddr,
     /// The control plane's own identity: spiffe://<td>/ns/meshgate/sa/control-plane.
