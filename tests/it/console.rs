@@ -560,3 +560,62 @@ fn dashboard_prints_the_console_url() {
         assert!(shown.contains("open the URL above yourself"), "{shown}");
     }
 }
+
+/// With `--console-token`, an action needs `Authorization: Bearer <token>`, even on loopback;
+/// the refusal is counted, and the page is told actions need the token.
+#[tokio::test]
+async fn console_actions_need_the_token_when_one_is_set() {
+    const TOKEN: &str = "a-console-token-of-24-chars";
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("mesh.yaml", MESH_ALLOW);
+    mesh.console_token = Some(TOKEN.to_string());
+    mesh.start_control_plane().await;
+    let admin = mesh.control_plane.as_ref().unwrap().admin_addr;
+    let (_, state) = http_json(admin, "GET", "/v1/console/state", None).await;
+    assert_eq!(state["mutations"]["mode"], "token", "{state}");
+    let ask = json!({ "id": WEB });
+    let post = |auth: Option<&'static str>| {
+        let ask = ask.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::builder()
+                .method("POST")
+                .uri("/v1/console/quarantine")
+                .header("host", admin.to_string())
+                .header("content-type", "application/json");
+            if let Some(auth) = auth {
+                req = req.header("authorization", auth);
+            }
+            let resp = sender
+                .send_request(req.body(Full::new(Bytes::from(ask.to_string()))).unwrap())
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        }
+    };
+    let file = meshgate_proxy::quarantine::file_of(&mesh.policy_dir, &id(WEB));
+    let cases = [
+        (None, 401),
+        (Some("Bearer wrong-token-wrong-token"), 401),
+        (Some("a-console-token-of-24-chars"), 401),
+    ];
+    for (auth, want) in cases {
+        assert_eq!(post(auth).await, want, "{auth:?}");
+        assert!(!file.exists(), "{auth:?} quarantined");
+    }
+    assert_eq!(post(Some("Bearer a-console-token-of-24-chars")).await, 200);
+    assert!(file.exists());
+    let (_, metrics) = crate::support::mesh::admin(admin, "GET", "/metrics").await;
+    let count = |result: &str| {
+        crate::support::mesh::sum_metric(
+            &metrics,
+            "meshgate_console_actions_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    assert_eq!((count("refused"), count("ok")), (3.0, 1.0), "{metrics}");
+}
