@@ -402,6 +402,23 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
         .await;
     assert_eq!(rows, format!("{WEB} {PAYMENTS} deny"));
 
+    // A workload's golden metrics: payments received two requests, one allowed.
+    browser
+        .click(&format!("g.node[data-id=\"{PAYMENTS}\"] circle"))
+        .await;
+    let (golden, _) = browser
+        .until(
+            "payments' inbound metrics",
+            "(document.querySelector('#node-golden') || {}).textContent",
+            Duration::from_secs(5),
+        )
+        .await;
+    let golden = golden.as_str().unwrap();
+    assert!(
+        golden.starts_with("inbound: 2 requests") && golden.contains("success rate 50.0%"),
+        "{golden}"
+    );
+
     // A policy edit turns the denied edge allowed within 2 s.
     std::fs::remove_file(mesh.policy_dir.join("payments.yaml")).unwrap();
     mesh.write_policy("payments-allow.yaml", PAYMENTS_ALLOW);
