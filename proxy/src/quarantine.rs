@@ -76,3 +76,35 @@ pub fn lift(dir: &Path, id: &SpiffeId) -> Result<PathBuf, QuarantineError> {
         Err(source) => Err(QuarantineError::Io { file, source }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
+
+    #[test]
+    fn write_lift_and_refuse_a_broken_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = SpiffeId::parse(WEB).unwrap();
+        assert!(matches!(
+            lift(dir.path(), &id),
+            Err(QuarantineError::NotQuarantined { .. })
+        ));
+        let file = write(dir.path(), &id).unwrap();
+        assert_eq!(file, file_of(dir.path(), &id));
+        assert!(is_quarantined(dir.path(), &id));
+        // What it wrote is a valid policy (the DENY the control plane will serve).
+        let set = meshgate_policy::load_dir(dir.path()).unwrap();
+        assert_eq!(set.policies.len(), 1);
+        assert_eq!(lift(dir.path(), &id).unwrap(), file);
+        assert!(!is_quarantined(dir.path(), &id));
+        // A directory that does not validate: the quarantine would not apply, so it is not left.
+        std::fs::write(dir.path().join("broken.yaml"), "kind: Nonsense\n").unwrap();
+        assert!(matches!(
+            write(dir.path(), &id),
+            Err(QuarantineError::Invalid(_))
+        ));
+        assert!(!is_quarantined(dir.path(), &id));
+    }
+}
