@@ -58,6 +58,7 @@ fn main() {
                 bundle: cp_files.join("bundle.pem"),
             }),
             poll_interval: Duration::from_millis(250),
+            console_token: None,
         })
         .await
         .unwrap();

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # namespaces), python3 (a plain app in the eBPF test; python3-venv for the PyPI tool below);
 # clang and libbpf-dev rebuild the eBPF programs (without them the prebuilt object is used);
 # iptables plays kube-proxy in the Kubernetes pod emulation (tests/it/kube_pods.rs).
-packages=(openssl curl ca-certificates iproute2 iptables python3 python3-venv clang libbpf-dev)
+packages=(openssl curl ca-certificates iproute2 iptables python3 python3-venv clang libbpf-dev chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

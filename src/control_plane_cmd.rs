@@ -29,8 +29,8 @@ pub struct ServeArgs {
     /// mTLS listener for sidecars' policy streams.
     #[arg(long, default_value = "0.0.0.0:15010")]
     listen: SocketAddr,
-    /// Plaintext admin listener (`/status`, `/metrics` with the SLIs, `/v1/flows`, `/ready`,
-    /// `/live`); keep it on loopback.
+    /// Plaintext admin listener (`/console` the web console, `/status`, `/metrics` with the
+    /// SLIs, `/v1/flows`, `/ready`, `/live`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15011")]
     admin: SocketAddr,
     /// The control plane's own identity: spiffe://<td>/ns/meshgate/sa/control-plane.
@@ -39,10 +39,32 @@ pub struct ServeArgs {
     /// How often the policy directory is checked for changes (SIGHUP reloads at once).
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// File holding the bearer token the web console's mutating actions (quarantine, lift)
+    /// require. Without it they are allowed only when --admin is a loopback address, and
+    /// refused otherwise (the console is then read-only).
+    #[arg(long)]
+    console_token: Option<PathBuf>,
 }
 
 pub fn run(command: ControlPlaneCommand) -> Result<()> {
     let ControlPlaneCommand::Serve(args) = command;
+    let console_token = match &args.console_token {
+        None => None,
+        Some(file) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the console token {}", file.display()))?;
+            let token = token.trim();
+            if token.len() < 16 {
+                bail!(
+                    "the console token in {} is {} characters; use at least 16 random ones, e.g. `head -c 24 /dev/urandom | base64 > {}`",
+                    file.display(),
+                    token.len(),
+                    file.display()
+                );
+            }
+            Some(token.to_string())
+        }
+    };
     let config = ControlPlaneConfig {
         listen: args.listen,
         admin: args.admin,
@@ -52,12 +74,13 @@ pub fn run(command: ControlPlaneCommand) -> Result<()> {
         },
         identity: args.identity.source()?,
         poll_interval: args.poll_interval,
+        console_token,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let cp = RunningControlPlane::start(config).await?;
         println!(
-            "meshgate control plane: sidecars connect to https://{} ; status at http://{}/status",
-            cp.addr, cp.admin_addr
+            "meshgate control plane: sidecars connect to https://{} ; status at http://{}/status ; console at http://{}/console",
+            cp.addr, cp.admin_addr, cp.admin_addr
         );
         crate::ca_cmd::shutdown_signal().await;
         cp.shutdown();
@@ -221,6 +244,38 @@ fn print_report(report: &serde_json::Value) -> Result<()> {
     }
     if drift {
         bail!("some connected sidecars have not acknowledged version {version}");
+    }
+    Ok(())
+}
+
+/// Print the web console's URL and open it in a browser when one is available.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// The control plane's admin listener: a URL or HOST:PORT.
+    #[arg(long, default_value = "http://127.0.0.1:15011")]
+    control_plane: String,
+}
+
+/// Prints the console URL, then tries `xdg-open`; a machine without a browser (a server, a
+/// container) still gets the URL, and that is not a failure.
+pub fn dashboard(args: DashboardArgs) -> Result<()> {
+    let admin = args.control_plane.trim_end_matches('/');
+    let url = if admin.contains("://") {
+        format!("{admin}/console")
+    } else {
+        format!("http://{admin}/console")
+    };
+    println!("meshgate console: {url}");
+    match std::process::Command::new("xdg-open")
+        .arg(&url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => println!("opened in your browser"),
+        _ => {
+            println!("no browser opened (xdg-open missing or failed): open the URL above yourself")
+        }
     }
     Ok(())
 }

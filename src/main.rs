@@ -68,6 +68,9 @@ enum Command {
     /// Every sidecar a control plane knows: identity, acked version, last NACK (drift).
     #[command(after_help = "Example:\n  meshgate status --control-plane 127.0.0.1:15011")]
     Status(control_plane_cmd::StatusArgs),
+    /// Print the web console's URL (the control plane's admin listener) and open it if a browser is there.
+    #[command(after_help = "Example:\n  meshgate dashboard --control-plane 127.0.0.1:15011")]
+    Dashboard(control_plane_cmd::DashboardArgs),
     /// Emergency mesh-wide DENY for one identity (and `--lift` to undo it).
     #[command(
         after_help = "Example:\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --control-plane 127.0.0.1:15011\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --lift"
@@ -198,11 +201,7 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     (
         "viz",
-        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
-    ),
-    (
-        "dashboard",
-        "meshgate status, and each sidecar's /metrics on its admin port (there is no dashboard yet)",
+        "meshgate dashboard (the web console on the control plane's admin listener: graph, flows, SLIs)",
     ),
     ("kube-inject", "meshgate inject FILE"),
     (
@@ -211,7 +210,7 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     (
         "tap",
-        "meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
+        "the live tap in the console (meshgate dashboard), meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
     ),
 ];
 
@@ -263,6 +262,7 @@ fn main() -> ExitCode {
             control_plane_cmd::run(command).map(|()| ExitCode::SUCCESS)
         }
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
+        Command::Dashboard(args) => control_plane_cmd::dashboard(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check_cmd::run(args),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),

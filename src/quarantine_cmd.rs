@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use meshgate_ca::{SpiffeId, cert, fsutil};
+use meshgate_ca::SpiffeId;
 
 #[derive(Debug, Args)]
 pub struct QuarantineArgs {
@@ -44,36 +44,18 @@ pub struct QuarantineArgs {
     timeout: Duration,
 }
 
-fn policy_name(id: &SpiffeId) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
-    format!("quarantine-{}", &cert::hex(digest.as_ref())[..12])
-}
-
 pub fn run(args: QuarantineArgs) -> Result<()> {
-    let name = policy_name(&args.id);
-    let file = args.policy_dir.join(format!("{name}.yaml"));
+    use meshgate_proxy::quarantine;
     let started = Instant::now();
     if args.lift {
-        std::fs::remove_file(&file)
-            .with_context(|| format!("{} is not quarantined (no {})", args.id, file.display()))?;
+        let file = quarantine::lift(&args.policy_dir, &args.id)?;
         println!(
             "lifted the quarantine of {} (removed {})",
             args.id,
             file.display()
         );
     } else {
-        let doc = format!(
-            "# Emergency quarantine written by `meshgate quarantine`; remove with --lift.\napiVersion: meshgate.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: meshgate }}\nspec:\n  action: DENY\n  rules:\n    - from: [{{ principals: [\"{}\"] }}]\n",
-            args.id
-        );
-        fsutil::write_atomic(&file, doc.as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", file.display()))?;
-        if let Err(e) = meshgate_policy::load_dir(&args.policy_dir) {
-            let _ = std::fs::remove_file(&file);
-            bail!(
-                "the policy directory does not validate, so the quarantine would not apply; fix it first:\n{e}"
-            );
-        }
+        let file = quarantine::write(&args.policy_dir, &args.id)?;
         println!(
             "quarantined {}: every sidecar denies it ({})",
             args.id,

@@ -1,8 +1,8 @@
 //! Wiring of `meshgate control-plane serve`: its identity (the same sources as a sidecar), the
 //! watched policy directory, the xds-lite stream server, and a loopback admin listener with
 //! `/status` (for `meshgate status`), `/metrics` (the `meshgate_sli_*` SLIs), `/v1/flows` (the
-//! flows sidecars reported, for `meshgate policy suggest/diff --control-plane`), `/ready` and
-//! `/live`.
+//! flows sidecars reported, for `meshgate policy suggest/diff --control-plane`), `/ready`,
+//! `/live`, and the web console (`/console`, [`crate::console`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,6 +30,9 @@ pub struct ControlPlaneConfig {
     pub policy: PolicyFiles,
     pub identity: IdentitySource,
     pub poll_interval: Duration,
+    /// Bearer token the console's mutating actions (quarantine, lift) require; without one they
+    /// are allowed only when `admin` is a loopback address (see [`crate::console`]).
+    pub console_token: Option<String>,
 }
 
 /// Why the control plane could not start.
@@ -73,6 +76,7 @@ impl RunningControlPlane {
             });
         }
         let control_plane = ControlPlane::new(td);
+        let policy_dir = config.policy.dir.clone();
         {
             let cp = control_plane.clone();
             config.policy.watch(config.poll_interval, move |loaded| match loaded {
@@ -95,9 +99,15 @@ impl RunningControlPlane {
                 .clone()
                 .serve(listener, tls, shutdown.subscribe()),
         );
+        let console = Arc::new(crate::console::Console::new(
+            config.console_token.clone(),
+            admin_addr,
+            policy_dir,
+        ));
         tasks.spawn(admin(
             admin_listener,
             control_plane.clone(),
+            console,
             shutdown.subscribe(),
         ));
         tracing::info!(event = "control_plane.started", addr = %addr, admin = %admin_addr, id = %identity.id());
@@ -121,7 +131,12 @@ impl RunningControlPlane {
     }
 }
 
-async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch::Receiver<bool>) {
+async fn admin(
+    listener: TcpListener,
+    cp: Arc<ControlPlane>,
+    console: Arc<crate::console::Console>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
     loop {
         tokio::select! {
@@ -129,16 +144,22 @@ async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch
             accepted = backoff.accept(&listener, "control-plane admin") => {
                 let (tcp, _) = accepted;
                 let cp = cp.clone();
+                let console = console.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let cp = cp.clone();
+                        let console = console.clone();
                         async move {
+                            let path = req.uri().path().to_string();
+                            if let Some(answer) = console.handle(&cp, req).await {
+                                return Ok::<_, Infallible>(answer);
+                            }
                             let mut content_type = "text/plain; charset=utf-8";
-                            let (status, body) = match req.uri().path() {
+                            let (status, body) = match path.as_str() {
                                 "/status" => (StatusCode::OK, serde_json::to_string_pretty(&cp.status()).expect("serializes")),
                                 "/metrics" => {
                                     content_type = "text/plain; version=0.0.4; charset=utf-8";
-                                    (StatusCode::OK, cp.sli_metrics())
+                                    (StatusCode::OK, cp.sli_metrics() + &console.metrics())
                                 }
                                 "/v1/flows" => {
                                     content_type = "application/x-ndjson";
@@ -147,7 +168,7 @@ async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch
                                 "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
                                 "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded yet\n".to_string()),
                                 "/live" => (StatusCode::OK, "live\n".to_string()),
-                                _ => (StatusCode::NOT_FOUND, "endpoints: /status /metrics /v1/flows /ready /live\n".to_string()),
+                                _ => (StatusCode::NOT_FOUND, "endpoints: /console /status /metrics /v1/flows /ready /live\n".to_string()),
                             };
                             Ok::<_, Infallible>(Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body))).expect("valid"))
                         }
@@ -163,7 +184,7 @@ async fn admin(listener: TcpListener, cp: Arc<ControlPlane>, mut shutdown: watch
 /// fields of [`meshgate_policy::DecisionRecord`] plus `count`, `first_seen`, `last_seen`), so
 /// the flow tools read them with the parser they use for sidecar logs. `policy.version` is the
 /// version served now; `reason` says the line is an aggregate.
-fn flow_lines(cp: &ControlPlane) -> String {
+pub(crate) fn flow_lines(cp: &ControlPlane) -> String {
     let version = cp.version().unwrap_or_default();
     let mut out = String::new();
     for flow in cp.flows() {

@@ -3,6 +3,7 @@
 //! client, the admin endpoint and metrics.
 
 pub mod admin;
+pub mod console;
 pub mod control_plane;
 pub mod decision;
 pub mod flows;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod probe;
+pub mod quarantine;
 pub mod serve;
 pub mod sidecar;
 pub mod telemetry;

@@ -369,6 +369,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
             backoff: Backoff::default(),
         }),
         poll_interval: Duration::from_millis(250),
+        console_token: None,
     })
     .await
     .context("starting the control plane")?;
@@ -497,6 +498,10 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     let web_out = ports_of(base, 0).outbound;
     let orders_admin = ports_of(base, 1).admin;
     println!("\nWhere to look next:");
+    println!(
+        "  console      http://{}/console   (service graph, flows, SLIs; or `meshgate dashboard --control-plane http://{}`)",
+        control_plane.admin_addr, control_plane.admin_addr
+    );
     println!(
         "  admin        curl http://127.0.0.1:{orders_admin}/config   (/metrics /identity /ready)"
     );

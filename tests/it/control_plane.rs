@@ -340,7 +340,7 @@ fn familiar_commands_from_other_meshes_point_to_ours() {
             vec!["--log-format", "json", "authz"],
             "meshgate policy explain",
         ),
-        (vec!["dashboard"], "meshgate status"),
+        (vec!["viz"], "meshgate dashboard"),
     ] {
         let out = run(meshgate().args(&typed));
         assert_eq!(out.status.code(), Some(2), "{typed:?}");

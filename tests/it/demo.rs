@@ -67,6 +67,16 @@ fn demo_runs_the_scenario_and_prints_the_decisions() {
             "log lines on the terminal:\n{shown}"
         );
     }
+    // The console's URL, on a line that says so (the control plane's admin listener).
+    let console = shown
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("console "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the demo prints no console line:\n{shown}"));
+    assert!(
+        console.starts_with("http://127.0.0.1:") && console.ends_with("/console"),
+        "{console}"
+    );
     let log = shown
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("log "))

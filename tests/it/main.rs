@@ -10,6 +10,7 @@ mod ca_k8s;
 mod ca_rotation;
 mod chaos;
 mod compose;
+mod console;
 mod control_plane;
 mod control_plane_ha;
 mod demo;

@@ -155,6 +155,11 @@ impl ControlPlane {
         })
     }
 
+    /// The policy set served now, if any (the console judges observed flows against it).
+    pub fn policy_set(&self) -> Option<Arc<PolicySet>> {
+        self.current.borrow().clone()
+    }
+
     /// Serves `set` from now on (pushed to every stream at once when its version is new).
     pub fn publish(&self, set: PolicySet) {
         *self.rejected.lock().expect("lock") = None;

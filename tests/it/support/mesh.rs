@@ -222,6 +222,8 @@ pub struct TestMesh {
     pub control_plane: Option<meshgate_proxy::control_plane::RunningControlPlane>,
     /// Connection caps and idle timeout of sidecars added from now on.
     pub limits: meshgate_proxy::serve::Limits,
+    /// The control plane's `--console-token` (set before `start_control_plane`).
+    pub console_token: Option<String>,
     cp_port: u16,
 }
 
@@ -257,6 +259,7 @@ impl TestMesh {
             telemetry: meshgate_proxy::telemetry::TelemetryConfig::disabled(),
             control_plane: None,
             limits: Default::default(),
+            console_token: None,
             cp_port: 0,
         }
     }
@@ -298,6 +301,7 @@ impl TestMesh {
                     },
                 ),
                 poll_interval: Duration::from_millis(50),
+                console_token: self.console_token.clone(),
             },
         )
         .await

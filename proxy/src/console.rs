@@ -1,0 +1,688 @@
+//! The web console on the control plane's admin listener: one HTML page (compiled in, no CDN,
+//! no build step) and the JSON endpoints it polls. It draws the mesh from what the control
+//! plane already holds (the flows sidecars report, their status, the policy served) and offers
+//! two mutating actions, quarantine and lift, which write the same policy file as
+//! `meshgate quarantine` ([`crate::quarantine`]).
+//!
+//! Endpoints: `GET /` and `/console` (the page), `GET /v1/console/state` (graph, flows,
+//! sidecars, SLIs inputs), `GET /v1/console/suggest?caller=ID&callee=ID` (the YAML
+//! `meshgate policy suggest` would write for that edge), `POST /v1/console/quarantine` with
+//! `{"id": ID, "lift": bool}`.
+//!
+//! Authorization of mutating actions, fail closed: with a console token (`--console-token`) a
+//! POST needs `Authorization: Bearer <token>`; without one it is accepted only when the admin
+//! listener is bound to loopback (then whoever can reach it already runs on the machine);
+//! otherwise every POST is refused and the page says why. Every POST must also be
+//! `application/json` with no foreign `Origin`, and without a token its `Host` must be a
+//! loopback name, so a web page the operator happens to visit cannot forge one (CSRF, DNS
+//! rebinding).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use meshgate_policy::{DecisionKind, PolicySnapshot};
+use meshgate_policy_tools::probe::Probe;
+use meshgate_xds::server::ControlPlane;
+use meshgate_xds::wire::Flow;
+use serde_json::{Value, json};
+
+/// The page, with its script and styles inline.
+const PAGE: &str = include_str!("console.html");
+/// Largest POST body read (an ID and a flag).
+const MAX_BODY: usize = 16 * 1024;
+/// Flows are kept this long by the control plane; rates are averaged over at most this.
+const WINDOW_SECS: i64 = meshgate_xds::flows::FLOW_TTL.as_secs() as i64;
+
+/// The console of one control plane.
+pub struct Console {
+    /// Bearer token required for mutating actions, if configured.
+    token: Option<String>,
+    admin: SocketAddr,
+    policy_dir: PathBuf,
+    /// (action, result) → count, for `meshgate_console_actions_total`.
+    actions: std::sync::Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    requests: AtomicU64,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Answer {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .header("x-content-type-options", "nosniff")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn json_answer(status: StatusCode, v: &Value) -> Answer {
+    answer(status, "application/json", v.to_string())
+}
+
+/// How a flow is drawn: `allowed` (an explicit ALLOW rule), `uncovered` (passed by the mesh
+/// default), `dry-run` (passed, but a dry-run policy would deny it), `denied`.
+fn class(kind: DecisionKind, rule: Option<usize>) -> &'static str {
+    match kind {
+        DecisionKind::Deny | DecisionKind::BadRequest => "denied",
+        DecisionKind::DryRunDeny => "dry-run",
+        DecisionKind::Allow | DecisionKind::Audit if rule.is_some() => "allowed",
+        _ => "uncovered",
+    }
+}
+
+/// Worst first: an edge takes the class of its worst flow.
+fn rank(class: &str) -> u8 {
+    match class {
+        "denied" => 3,
+        "dry-run" => 2,
+        "uncovered" => 1,
+        _ => 0,
+    }
+}
+
+/// Short name of a workload: `ns/account` of `spiffe://td/ns/<ns>/sa/<account>`, else the path.
+fn short(id: &str) -> String {
+    let path = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .map_or(id, |(_, p)| p);
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["ns", ns, "sa", sa] => format!("{ns}/{sa}"),
+        _ => path.to_string(),
+    }
+}
+
+impl Console {
+    pub fn new(token: Option<String>, admin: SocketAddr, policy_dir: PathBuf) -> Self {
+        Self {
+            token,
+            admin,
+            policy_dir,
+            actions: Default::default(),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether mutating actions can be authorized at all, and how (shown by the page).
+    fn mutations(&self) -> (bool, &'static str, String) {
+        match (&self.token, self.admin.ip().is_loopback()) {
+            (Some(_), _) => (
+                true,
+                "token",
+                "actions need the console token (--console-token): paste it below".into(),
+            ),
+            (None, true) => (
+                true,
+                "loopback",
+                format!(
+                    "the admin listener {} is on loopback: actions allowed from this machine",
+                    self.admin
+                ),
+            ),
+            (None, false) => (
+                false,
+                "refused",
+                format!(
+                    "read-only: the admin listener {} is not on loopback and no --console-token is set; restart `meshgate control-plane serve` with --console-token FILE to enable quarantine and lift",
+                    self.admin
+                ),
+            ),
+        }
+    }
+
+    /// Checks a mutating request; the error is the status and reason to answer with.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+        let refuse = |status: StatusCode, why: String| Err((status, why));
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if !header("content-type").is_some_and(|c| c.starts_with("application/json")) {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "console actions are JSON: send Content-Type: application/json".into(),
+            );
+        }
+        let host = header("host").unwrap_or_default();
+        if let Some(origin) = header("origin")
+            && origin != format!("http://{host}")
+        {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "origin {origin} is not this console (http://{host}); use the console page served here"
+                ),
+            );
+        }
+        match &self.token {
+            Some(token) => {
+                let given = header("authorization")
+                    .and_then(|a| a.strip_prefix("Bearer "))
+                    .unwrap_or_default();
+                if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong console token: send Authorization: Bearer <the content of --console-token>".into(),
+                    );
+                }
+            }
+            None if !self.admin.ip().is_loopback() => {
+                return refuse(StatusCode::FORBIDDEN, self.mutations().2);
+            }
+            None => {
+                let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                if !matches!(name, "127.0.0.1" | "localhost" | "[::1]") {
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "host {host} is not a loopback name; open the console at http://{}",
+                            self.admin
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the console's requests; `None` for other paths (the admin listener's own).
+    pub async fn handle(
+        &self,
+        cp: &ControlPlane,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Option<Answer> {
+        let path = req.uri().path().to_string();
+        let known = matches!(
+            path.as_str(),
+            "/" | "/console"
+                | "/v1/console/state"
+                | "/v1/console/suggest"
+                | "/v1/console/quarantine"
+        );
+        if !known {
+            return None;
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/" | "/console") => {
+                answer(StatusCode::OK, "text/html; charset=utf-8", PAGE)
+            }
+            (Method::GET, "/v1/console/state") => json_answer(StatusCode::OK, &self.state(cp)),
+            (Method::GET, "/v1/console/suggest") => {
+                let query: HashMap<String, String> = req
+                    .uri()
+                    .query()
+                    .map(|q| {
+                        q.split('&')
+                            .filter_map(|kv| kv.split_once('='))
+                            .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                match (query.get("caller"), query.get("callee")) {
+                    (Some(caller), Some(callee)) => {
+                        json_answer(StatusCode::OK, &suggest_edge(cp, caller, callee))
+                    }
+                    _ => json_answer(
+                        StatusCode::BAD_REQUEST,
+                        &json!({ "error": "give ?caller=SPIFFE_ID&callee=SPIFFE_ID" }),
+                    ),
+                }
+            }
+            (Method::POST, "/v1/console/quarantine") => self.quarantine(req).await,
+            _ => json_answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({ "error": "method not allowed here" }),
+            ),
+        })
+    }
+
+    fn count(&self, action: &'static str, result: &'static str) {
+        *self
+            .actions
+            .lock()
+            .expect("lock")
+            .entry((action, result))
+            .or_default() += 1;
+    }
+
+    async fn quarantine(&self, req: http::Request<hyper::body::Incoming>) -> Answer {
+        let (parts, body) = req.into_parts();
+        if let Err((status, why)) = self.authorize(&parts.headers) {
+            tracing::warn!(event = "console.action_refused", status = %status, reason = %why, "a console action was refused");
+            self.count("quarantine", "refused");
+            return json_answer(status, &json!({ "error": why }));
+        }
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return json_answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &json!({ "error": "body too large or cut off" }),
+                );
+            }
+        };
+        #[derive(serde::Deserialize)]
+        struct Ask {
+            id: String,
+            #[serde(default)]
+            lift: bool,
+        }
+        let ask: Ask = match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => {
+                return json_answer(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "error": format!("expected {{\"id\": SPIFFE_ID, \"lift\": bool}}: {e}") }),
+                );
+            }
+        };
+        let id = match meshgate_ca::SpiffeId::parse(&ask.id) {
+            Ok(id) => id,
+            Err(e) => {
+                return json_answer(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "error": format!("{:?} is not a SPIFFE ID: {e}", ask.id) }),
+                );
+            }
+        };
+        let action = if ask.lift { "lift" } else { "quarantine" };
+        let done = if ask.lift {
+            crate::quarantine::lift(&self.policy_dir, &id)
+        } else {
+            crate::quarantine::write(&self.policy_dir, &id)
+        };
+        match done {
+            Ok(file) => {
+                tracing::warn!(event = "console.action", action, id = %id, file = %file.display(), "console action applied");
+                self.count(action, "ok");
+                json_answer(
+                    StatusCode::OK,
+                    &json!({ "ok": true, "action": action, "id": id.as_str(), "file": file.display().to_string() }),
+                )
+            }
+            Err(e) => {
+                tracing::error!(event = "console.action_failed", action, id = %id, error = %e);
+                self.count(action, "failed");
+                json_answer(StatusCode::CONFLICT, &json!({ "error": e.to_string() }))
+            }
+        }
+    }
+
+    /// `meshgate_console_*` metrics, appended to the admin listener's `/metrics`.
+    pub fn metrics(&self) -> String {
+        let mut out = String::from(
+            "# HELP meshgate_console_actions_total Mutating console actions, by action and result (ok, refused, failed)\n# TYPE meshgate_console_actions_total counter\n",
+        );
+        for ((action, result), n) in self.actions.lock().expect("lock").iter() {
+            out.push_str(&format!(
+                "meshgate_console_actions_total{{action=\"{action}\",result=\"{result}\"}} {n}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP meshgate_console_requests_total Requests to the console's page and endpoints\n# TYPE meshgate_console_requests_total counter\nmeshgate_console_requests_total {}\n",
+            self.requests.load(Ordering::Relaxed)
+        ));
+        out
+    }
+
+    /// Everything the page draws, in one answer (the page polls it every second).
+    pub fn state(&self, cp: &ControlPlane) -> Value {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let flows = cp.flows();
+        let set = cp.policy_set();
+        let mut snapshots: HashMap<String, Option<PolicySnapshot>> = HashMap::new();
+        let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
+        let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
+        let mut flow_rows = Vec::new();
+        for f in &flows {
+            let observed = class(f.decision, f.rule);
+            let (now_class, now_policy, now_rule) = match &set {
+                Some(set) => {
+                    let snapshot = snapshots.entry(f.workload.clone()).or_insert_with(|| {
+                        meshgate_ca::SpiffeId::parse(&f.workload)
+                            .ok()
+                            .map(|w| PolicySnapshot::compile(set, &w))
+                    });
+                    judge_now(f, snapshot.as_ref()).unwrap_or((observed, f.policy.clone(), f.rule))
+                }
+                None => (observed, f.policy.clone(), f.rule),
+            };
+            for id in [&f.peer, &f.workload] {
+                nodes
+                    .entry(id.clone())
+                    .or_insert_with(|| json!({ "id": id, "name": short(id) }));
+            }
+            let e = edges
+                .entry((f.peer.clone(), f.workload.clone()))
+                .or_default();
+            e.add(f, observed, now_class);
+            flow_rows.push(json!({
+                "caller": f.peer, "callee": f.workload,
+                "layer": match f.layer { meshgate_policy::record::Layer::L7 => "L7", meshgate_policy::record::Layer::L4 => "L4" },
+                "port": f.port, "method": f.method, "path": f.path,
+                "decision": f.decision.as_str(), "observed": observed,
+                "policy": f.policy, "rule": f.rule,
+                "now": now_class, "now_policy": now_policy, "now_rule": now_rule,
+                "count": f.count, "first_seen": f.first_seen, "last_seen": f.last_seen,
+            }));
+        }
+        let status = serde_json::to_value(cp.status()).unwrap_or(Value::Null);
+        let quarantined = |id: &str| {
+            meshgate_ca::SpiffeId::parse(id)
+                .is_ok_and(|id| crate::quarantine::is_quarantined(&self.policy_dir, &id))
+        };
+        if let Some(sidecars) = status["sidecars"].as_array() {
+            for s in sidecars {
+                if let Some(id) = s["id"].as_str() {
+                    nodes
+                        .entry(id.to_string())
+                        .or_insert_with(|| json!({ "id": id, "name": short(id) }));
+                }
+            }
+        }
+        for (id, node) in nodes.iter_mut() {
+            node["quarantined"] = quarantined(id).into();
+            let (mut count, mut allowed, mut first) = (0u64, 0u64, now);
+            for ((_, callee), e) in &edges {
+                if callee == id {
+                    count += e.count;
+                    allowed += e.allowed;
+                    first = first.min(e.first_seen);
+                }
+            }
+            node["inbound"] = golden(count, allowed, first, now);
+        }
+        let edges: Vec<Value> = edges
+            .into_iter()
+            .map(|((caller, callee), e)| {
+                json!({
+                    "caller": caller, "callee": callee,
+                    "class": e.now_class, "observed": e.observed_class,
+                    "count": e.count, "last_seen": e.last_seen,
+                    "golden": golden(e.count, e.allowed, e.first_seen, now),
+                })
+            })
+            .collect();
+        let (allowed, mode, reason) = self.mutations();
+        json!({
+            "now": now,
+            "window_seconds": WINDOW_SECS,
+            "version": status["version"],
+            "nodes": nodes.into_values().collect::<Vec<_>>(),
+            "edges": edges,
+            "flows": flow_rows,
+            "status": status,
+            "metrics": cp.sli_metrics(),
+            "latency": "not reported: flow reports carry counts and decisions, not durations",
+            "mutations": { "allowed": allowed, "mode": mode, "reason": reason },
+        })
+    }
+}
+
+/// One caller → callee edge, summed over its flows.
+#[derive(Default)]
+struct Edge {
+    count: u64,
+    allowed: u64,
+    first_seen: i64,
+    last_seen: i64,
+    observed_class: &'static str,
+    now_class: &'static str,
+}
+
+impl Edge {
+    fn add(&mut self, f: &Flow, observed: &'static str, now: &'static str) {
+        if self.count == 0 {
+            self.first_seen = f.first_seen;
+            self.observed_class = observed;
+            self.now_class = now;
+        }
+        self.count += f.count;
+        if f.passed() {
+            self.allowed += f.count;
+        }
+        self.first_seen = self.first_seen.min(f.first_seen);
+        self.last_seen = self.last_seen.max(f.last_seen);
+        if rank(observed) > rank(self.observed_class) {
+            self.observed_class = observed;
+        }
+        if rank(now) > rank(self.now_class) {
+            self.now_class = now;
+        }
+    }
+}
+
+/// Requests per second over the time the flows cover (at most the flow window), and the
+/// success rate (share allowed).
+fn golden(count: u64, allowed: u64, first_seen: i64, now: i64) -> Value {
+    let span = (now - first_seen).clamp(1, WINDOW_SECS) as f64;
+    json!({
+        "requests": count,
+        "rps": if count == 0 { 0.0 } else { count as f64 / span },
+        "success_rate": (count > 0).then(|| allowed as f64 / count as f64),
+    })
+}
+
+/// What the policy served now decides for a flow's requests: the flow's path pattern stands
+/// for its requests (`*` replaced by one segment). `None` when the flow cannot be judged (a
+/// refused request has no method or path), and the observed decision is shown instead.
+fn judge_now(
+    f: &Flow,
+    snapshot: Option<&PolicySnapshot>,
+) -> Option<(&'static str, Option<String>, Option<usize>)> {
+    let snapshot = snapshot?;
+    let path = f.path.as_ref().map(|p| p.replace('*', "x"));
+    let probe = Probe::new(
+        &f.peer,
+        &f.workload,
+        f.method.as_deref(),
+        path.as_deref(),
+        f.port,
+        &[],
+    )
+    .ok()?;
+    if f.decision == DecisionKind::BadRequest {
+        return None;
+    }
+    let d = probe.judge_with(snapshot).decision;
+    Some((class(d.kind, d.rule), d.policy, d.rule))
+}
+
+/// The YAML `meshgate policy suggest --control-plane` would write, learned from this edge's
+/// flows only (the same parser and suggester as the command).
+fn suggest_edge(cp: &ControlPlane, caller: &str, callee: &str) -> Value {
+    use meshgate_policy_tools::suggest::{SuggestOptions, suggest, to_yaml};
+    let log = meshgate_policy_tools::flows::parse_flows(&crate::control_plane::flow_lines(cp));
+    let edge: Vec<_> = log
+        .flows
+        .into_iter()
+        .filter(|f| f.peer.as_str() == caller && f.workload.as_str() == callee)
+        .collect();
+    let s = suggest(&edge, SuggestOptions::default());
+    match to_yaml(&s.policies) {
+        Ok(yaml) => json!({
+            "yaml": yaml, "learned": s.learned, "denied_requests": s.denied,
+            "unusable": s.unusable,
+            "command": format!("meshgate policy suggest --control-plane <this admin address>  (all edges)"),
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `%XX` and `+` decoding of a query value (SPIFFE IDs arrive percent-encoded).
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_classes_and_decoding() {
+        assert_eq!(short("spiffe://mesh.local/ns/shop/sa/web"), "shop/web");
+        assert_eq!(short("spiffe://mesh.local/odd/path"), "odd/path");
+        let cases = [
+            (DecisionKind::Allow, Some(0), "allowed"),
+            (DecisionKind::Allow, None, "uncovered"),
+            (DecisionKind::Audit, Some(1), "allowed"),
+            (DecisionKind::DryRunDeny, Some(0), "dry-run"),
+            (DecisionKind::Deny, None, "denied"),
+            (DecisionKind::BadRequest, None, "denied"),
+        ];
+        for (kind, rule, want) in cases {
+            assert_eq!(class(kind, rule), want, "{kind:?} {rule:?}");
+        }
+        assert_eq!(
+            percent_decode("spiffe%3A%2F%2Fmesh.local%2Fns%2Fa"),
+            "spiffe://mesh.local/ns/a"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    /// Who may quarantine: fail closed off loopback without a token, the token when set, and
+    /// never a foreign origin, a non-JSON body or (without a token) a non-loopback Host.
+    #[test]
+    fn mutating_actions_are_authorized_fail_closed() {
+        const TOKEN: &str = "0123456789abcdef-token";
+        let json = ("content-type", "application/json");
+        /// Token configured, admin address, request headers, refusal status (None: allowed).
+        type Case<'a> = (
+            Option<&'a str>,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<u16>,
+        );
+        let cases: &[Case] = &[
+            (
+                None,
+                "127.0.0.1:15011",
+                &[json, ("host", "127.0.0.1:15011")],
+                None,
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[
+                    json,
+                    ("host", "localhost:15011"),
+                    ("origin", "http://localhost:15011"),
+                ],
+                None,
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[("host", "127.0.0.1:15011")],
+                Some(415),
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[
+                    json,
+                    ("host", "127.0.0.1:15011"),
+                    ("origin", "http://evil.example"),
+                ],
+                Some(403),
+            ),
+            (
+                None,
+                "127.0.0.1:15011",
+                &[json, ("host", "rebound.example:15011")],
+                Some(403),
+            ),
+            (
+                None,
+                "10.0.0.5:15011",
+                &[json, ("host", "10.0.0.5:15011")],
+                Some(403),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[json, ("host", "10.0.0.5:15011")],
+                Some(401),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[
+                    json,
+                    ("host", "10.0.0.5:15011"),
+                    ("authorization", "Bearer wrong"),
+                ],
+                Some(401),
+            ),
+            (
+                Some(TOKEN),
+                "10.0.0.5:15011",
+                &[
+                    json,
+                    ("host", "10.0.0.5:15011"),
+                    ("authorization", "Bearer 0123456789abcdef-token"),
+                ],
+                None,
+            ),
+            (
+                Some(TOKEN),
+                "127.0.0.1:15011",
+                &[json, ("host", "127.0.0.1:15011")],
+                Some(401),
+            ),
+        ];
+        for (token, admin, headers, want) in cases {
+            let console = Console::new(
+                token.map(String::from),
+                admin.parse().unwrap(),
+                "/nonexistent".into(),
+            );
+            let mut map = HeaderMap::new();
+            for (k, v) in *headers {
+                map.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            let got = console.authorize(&map).err().map(|(s, _)| s.as_u16());
+            assert_eq!(got, *want, "{token:?} {admin} {headers:?}");
+            assert_eq!(
+                console.mutations().0,
+                token.is_some() || admin.starts_with("127.")
+            );
+        }
+    }
+}
