@@ -37,14 +37,10 @@ pub const CONTROL_PLANE_ACCOUNT: &str = "control-plane";
 pub const CONTROL_PLANE_PORT: u16 = 15010;
 /// The control plane's admin listener (loopback only: `/status` names every sidecar).
 pub const CONTROL_PLANE_ADMIN: &str = "127.0.0.1:15011";
-/// The audience of the projected ServiceAccount tokens the CA accepts.
-pub const TOKEN_AUDIENCE: &str = "meshgate-ca";
-/// Lifetime of projected tokens: the shortest Kubernetes allows.
-pub const TOKEN_EXPIRATION_SECONDS: u32 = 600;
-/// Where the projected token and `ca-bundle.pem` are mounted (shared with injected sidecars).
-pub const BOOTSTRAP_DIR: &str = "/var/run/meshgate/bootstrap";
-/// The ConfigMap holding the trust bundle, key `ca-bundle.pem`.
-pub const CA_BUNDLE_CONFIGMAP: &str = "meshgate-ca-bundle";
+// Shared with injected pods: one definition of the bootstrap volume and its names.
+pub use crate::kube::{
+    BOOTSTRAP_DIR, CA_BUNDLE_CONFIGMAP, TOKEN_AUDIENCE, TOKEN_EXPIRATION_SECONDS,
+};
 /// The ConfigMap mounted as the control plane's policy directory.
 pub const POLICIES_CONFIGMAP: &str = "meshgate-policies";
 /// The API server's issuer on kubeadm and kind clusters (`--service-account-issuer`).
@@ -957,35 +953,7 @@ fn control_plane_docs(s: &InstallSettings) -> Vec<Doc> {
                         Node::map([
                             // 0440 with fsGroup: readable by the image user only.
                             ("defaultMode", Node::int(0o440)),
-                            (
-                                "sources",
-                                Node::Seq(vec![
-                                    Node::map([(
-                                        "serviceAccountToken",
-                                        Node::map([
-                                            ("audience", Node::str(TOKEN_AUDIENCE)),
-                                            (
-                                                "expirationSeconds",
-                                                Node::int(TOKEN_EXPIRATION_SECONDS),
-                                            ),
-                                            ("path", Node::str("token")),
-                                        ]),
-                                    )]),
-                                    Node::map([(
-                                        "configMap",
-                                        Node::map([
-                                            ("name", Node::str(CA_BUNDLE_CONFIGMAP)),
-                                            (
-                                                "items",
-                                                Node::Seq(vec![Node::map([
-                                                    ("key", Node::str("ca-bundle.pem")),
-                                                    ("path", Node::str("ca-bundle.pem")),
-                                                ])]),
-                                            ),
-                                        ]),
-                                    )]),
-                                ]),
-                            ),
+                            ("sources", crate::kube::bootstrap_sources()),
                         ]),
                     ),
                 ]),

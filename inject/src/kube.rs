@@ -32,15 +32,16 @@ const ADMIN_PORT: u16 = 15000;
 const PROBE_PORT: u16 = 15020;
 /// The sidecar's uid: the redirect exempts its sockets so its own traffic is not looped back.
 const PROXY_UID: u32 = 1337;
-const BOOTSTRAP_DIR: &str = "/var/run/meshgate/bootstrap";
+/// Where the projected token and `ca-bundle.pem` are mounted (sidecars and the control plane).
+pub const BOOTSTRAP_DIR: &str = "/var/run/meshgate/bootstrap";
 const PROXY_NAME: &str = "meshgate-proxy";
 const REDIRECT_NAME: &str = "meshgate-redirect";
 const DEFAULT_CA_URL: &str = "https://meshgate-ca.meshgate.svc:15012";
 const DEFAULT_CP_URL: &str = "https://meshgate-control-plane.meshgate.svc:15010";
 /// The audience of the projected ServiceAccount token the CA accepts (`ca serve --k8s-audience`).
 pub const TOKEN_AUDIENCE: &str = "meshgate-ca";
-/// Kubernetes' minimum; the kubelet refreshes the file at 80 % of it.
-const TOKEN_SECONDS: u32 = 600;
+/// Lifetime of projected tokens: Kubernetes' minimum; the kubelet refreshes the file at 80 % of it.
+pub const TOKEN_EXPIRATION_SECONDS: u32 = 600;
 /// The Service port name the mesh port gets in a meshed Kubernetes Service.
 const MESH_PORT_NAME: &str = "meshgate-mesh";
 /// The ConfigMap holding the CA bundle, in every namespace with injected pods.
@@ -903,39 +904,39 @@ fn pod_volumes() -> [Node; 3] {
     [
         Node::map([
             ("name", Node::str("meshgate-bootstrap")),
-            (
-                "projected",
-                Node::map([(
-                    "sources",
-                    Node::Seq(vec![
-                        Node::map([(
-                            "serviceAccountToken",
-                            Node::map([
-                                ("audience", Node::str(TOKEN_AUDIENCE)),
-                                ("expirationSeconds", Node::int(TOKEN_SECONDS)),
-                                ("path", Node::str("token")),
-                            ]),
-                        )]),
-                        Node::map([(
-                            "configMap",
-                            Node::map([
-                                ("name", Node::str(CA_BUNDLE_CONFIGMAP)),
-                                (
-                                    "items",
-                                    Node::Seq(vec![Node::map([
-                                        ("key", Node::str("ca-bundle.pem")),
-                                        ("path", Node::str("ca-bundle.pem")),
-                                    ])]),
-                                ),
-                            ]),
-                        )]),
-                    ]),
-                )]),
-            ),
+            ("projected", Node::map([("sources", bootstrap_sources())])),
         ]),
         host_path("meshgate-cgroup", "/sys/fs/cgroup"),
         host_path("meshgate-bpffs", "/sys/fs/bpf"),
     ]
+}
+
+/// The projected volume's sources of the bootstrap directory: a ServiceAccount token for the CA
+/// (`token`) and the CA bundle (`ca-bundle.pem`). Injected pods and the control plane mount it.
+pub fn bootstrap_sources() -> Node {
+    Node::Seq(vec![
+        Node::map([(
+            "serviceAccountToken",
+            Node::map([
+                ("audience", Node::str(TOKEN_AUDIENCE)),
+                ("expirationSeconds", Node::int(TOKEN_EXPIRATION_SECONDS)),
+                ("path", Node::str("token")),
+            ]),
+        )]),
+        Node::map([(
+            "configMap",
+            Node::map([
+                ("name", Node::str(CA_BUNDLE_CONFIGMAP)),
+                (
+                    "items",
+                    Node::Seq(vec![Node::map([
+                        ("key", Node::str("ca-bundle.pem")),
+                        ("path", Node::str("ca-bundle.pem")),
+                    ])]),
+                ),
+            ]),
+        )]),
+    ])
 }
 
 /// Meshes a Kubernetes Service that selects injected pods: adds the mesh port (so callers'

@@ -173,22 +173,27 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let failing = std::thread::panicking();
-        for (name, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-            if failing {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                eprintln!(
-                    "--- {name} (last lines)\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
+        stop_children(self.dir.path(), &mut self.children, 15);
         if let Err(e) = self.sandbox.cleanup() {
             eprintln!("{e}");
+        }
+    }
+}
+
+/// Kills and reaps `children` (each logging to `<dir>/<name>.log`); when the test is failing,
+/// prints the last `lines` lines of each log, so a failure shows what the processes said.
+pub(crate) fn stop_children(dir: &Path, children: &mut [(String, Child)], lines: usize) {
+    let failing = std::thread::panicking();
+    for (name, child) in children {
+        let _ = child.kill();
+        let _ = child.wait();
+        if failing {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            eprintln!(
+                "--- {name} (last lines)\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::ebpf_redirect::{output_within, text};
+use crate::ebpf_redirect::{output_within, stop_children, text};
 use crate::support::k8s::{Issuer, Signer, projected_claims};
 use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
@@ -252,20 +252,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let failing = std::thread::panicking();
-        for (name, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-            if failing {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                eprintln!(
-                    "--- {name} (last lines)\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
+        stop_children(self.dir.path(), &mut self.children, 20);
         if let Err(e) = self.sandbox.cleanup() {
             eprintln!("{e}");
         }
