@@ -497,7 +497,7 @@ fn judge_now(
 /// flows only (the same parser and suggester as the command).
 fn suggest_edge(cp: &ControlPlane, caller: &str, callee: &str) -> Value {
     use meshgate_policy_tools::suggest::{SuggestOptions, suggest, to_yaml};
-    let log = meshgate_policy_tools::flows::parse_flows(&crate::control_plane::flow_lines(cp));
+    let log = meshgate_policy_tools::flows::parse_flows(&flow_lines(cp));
     let edge: Vec<_> = log
         .flows
         .into_iter()
@@ -542,6 +542,24 @@ fn percent_decode(v: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The flows held by the control plane as decision-log lines (`event="authz.decision"`, the
+/// fields of [`meshgate_policy::DecisionRecord`] plus `count`, `first_seen`, `last_seen`), so
+/// the flow tools read them with the parser they use for sidecar logs. `policy.version` is the
+/// version served now; `reason` says the line is an aggregate.
+pub(crate) fn flow_lines(cp: &ControlPlane) -> String {
+    let version = cp.version().unwrap_or_default();
+    let mut out = String::new();
+    for flow in cp.flows() {
+        let mut line = serde_json::to_value(&flow).expect("flow serializes");
+        line["event"] = meshgate_policy::record::DECISION_EVENT.into();
+        line["policy.version"] = version.clone().into();
+        line["reason"] = format!("aggregated flow: {} decisions", flow.count).into();
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

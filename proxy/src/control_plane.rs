@@ -163,7 +163,7 @@ async fn admin(
                                 }
                                 "/v1/flows" => {
                                     content_type = "application/x-ndjson";
-                                    (StatusCode::OK, flow_lines(&cp))
+                                    (StatusCode::OK, crate::console::flow_lines(&cp))
                                 }
                                 "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
                                 "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded yet\n".to_string()),
@@ -178,22 +178,4 @@ async fn admin(
             }
         }
     }
-}
-
-/// The flows held by the control plane as decision-log lines (`event="authz.decision"`, the
-/// fields of [`meshgate_policy::DecisionRecord`] plus `count`, `first_seen`, `last_seen`), so
-/// the flow tools read them with the parser they use for sidecar logs. `policy.version` is the
-/// version served now; `reason` says the line is an aggregate.
-pub(crate) fn flow_lines(cp: &ControlPlane) -> String {
-    let version = cp.version().unwrap_or_default();
-    let mut out = String::new();
-    for flow in cp.flows() {
-        let mut line = serde_json::to_value(&flow).expect("flow serializes");
-        line["event"] = meshgate_policy::record::DECISION_EVENT.into();
-        line["policy.version"] = version.clone().into();
-        line["reason"] = format!("aggregated flow: {} decisions", flow.count).into();
-        out.push_str(&line.to_string());
-        out.push('\n');
-    }
-    out
 }
