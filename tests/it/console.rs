@@ -363,9 +363,27 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
         details.contains("shop/payments-no-web") && details.contains("/pay/*"),
         "{details}"
     );
+    assert!(details.contains("success rate 0.0%"), "{details}");
+    // Latency from the flows' buckets: p50 and p99 as upper bounds with a unit (the denied
+    // request took some microseconds at least: the sidecar times every decided request).
+    let (latency, _) = browser
+        .until(
+            "the edge's latency",
+            "(document.querySelector('#edge-latency') || {}).textContent",
+            Duration::from_secs(5),
+        )
+        .await;
+    let latency = latency.as_str().unwrap();
+    let quantile = |name: &str| {
+        let rest = latency.split(&format!("{name} ≤ ")).nth(1)?;
+        let mut words = rest.split([' ', ',', ')']).filter(|w| !w.is_empty());
+        let number: f64 = words.next()?.parse().ok()?;
+        let unit = words.next()?;
+        (number > 0.0 && ["µs", "ms", "s"].contains(&unit)).then_some(())
+    };
     assert!(
-        details.contains("success rate 0.0%") && details.contains("latency: not reported"),
-        "{details}"
+        quantile("p50").is_some() && quantile("p99").is_some() && latency.contains("upper bounds"),
+        "{latency}"
     );
 
     // "Suggest policy for this edge" on orders → payments: the YAML `policy suggest` writes.

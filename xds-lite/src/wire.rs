@@ -112,7 +112,7 @@ pub struct Flow {
     pub latency: Vec<u64>,
     /// The trace ID of the most recent traced request of the flow (so the console can link to
     /// a trace viewer); at most [`MAX_TRACE_ID_LEN`] bytes.
-    #[serde(rename = "trace.id", default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }
 
