@@ -588,7 +588,7 @@ mod tests {
         h.observe(Duration::from_millis(3));
         assert_eq!(h.to_wire(), vec![1, 0, 0, 0, 0, 0, 1]);
         h.merge(&[2, 1]);
-        h.merge(&vec![1; LATENCY_BUCKETS + 2]);
+        h.merge(&[1; LATENCY_BUCKETS + 2]);
         assert_eq!(h.0[0], 4);
         assert_eq!(h.0[1], 2);
         assert_eq!(h.0[6], 2);
