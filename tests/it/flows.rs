@@ -228,6 +228,10 @@ async fn flows_reach_the_control_plane_and_move_its_slis() {
     };
     let explicit = find(WEB, ORDERS, "/orders/*");
     assert_eq!(explicit["count"], 2);
+    // Both requests are in the flow's latency buckets, merged over however many reports.
+    let buckets: Vec<u64> = serde_json::from_value(explicit["latency.buckets"].clone())
+        .unwrap_or_else(|e| panic!("latency buckets: {e}: {explicit}"));
+    assert_eq!(buckets.iter().sum::<u64>(), 2, "{explicit}");
     assert_eq!(explicit["decision"], "allow");
     assert_eq!(explicit["policy"], "shop/orders-readers");
     assert_eq!(explicit["event"], "authz.decision");
