@@ -59,6 +59,7 @@ fn main() {
             }),
             poll_interval: Duration::from_millis(250),
             console_token: None,
+            trace_ui: None,
         })
         .await
         .unwrap();

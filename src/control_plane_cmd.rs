@@ -44,6 +44,15 @@ pub struct ServeArgs {
     /// refused otherwise (the console is then read-only).
     #[arg(long)]
     console_token: Option<PathBuf>,
+    /// Trace viewer the web console links flows to: a URL template with `{trace_id}` where the
+    /// trace ID goes, e.g. `http://jaeger:16686/trace/{trace_id}`. Each flow keeps the trace ID
+    /// of its latest sampled or denied request.
+    #[arg(long, value_name = "URL", value_parser = parse_trace_ui)]
+    trace_ui: Option<meshgate_proxy::trace_ui::TraceUi>,
+}
+
+fn parse_trace_ui(v: &str) -> Result<meshgate_proxy::trace_ui::TraceUi, String> {
+    meshgate_proxy::trace_ui::TraceUi::parse(v).map_err(|e| e.to_string())
 }
 
 pub fn run(command: ControlPlaneCommand) -> Result<()> {
@@ -75,6 +84,7 @@ pub fn run(command: ControlPlaneCommand) -> Result<()> {
         identity: args.identity.source()?,
         poll_interval: args.poll_interval,
         console_token,
+        trace_ui: args.trace_ui,
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let cp = RunningControlPlane::start(config).await?;

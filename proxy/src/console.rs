@@ -28,7 +28,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use meshgate_policy::{DecisionKind, PolicySnapshot};
 use meshgate_policy_tools::probe::Probe;
 use meshgate_xds::server::ControlPlane;
-use meshgate_xds::wire::Flow;
+use meshgate_xds::wire::{Flow, LatencyHistogram};
 use serde_json::{Value, json};
 
 /// The page, with its script and styles inline.
@@ -47,6 +47,8 @@ pub struct Console {
     /// (action, result) → count, for `meshgate_console_actions_total`.
     actions: std::sync::Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     requests: AtomicU64,
+    /// Where flows' trace IDs link to (`--trace-ui`), if anywhere.
+    trace_ui: Option<crate::trace_ui::TraceUi>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -107,7 +109,14 @@ impl Console {
             policy_dir,
             actions: Default::default(),
             requests: AtomicU64::new(0),
+            trace_ui: None,
         }
+    }
+
+    /// Links flows' trace IDs to this trace viewer.
+    pub fn with_trace_ui(mut self, trace_ui: Option<crate::trace_ui::TraceUi>) -> Self {
+        self.trace_ui = trace_ui;
+        self
     }
 
     /// Whether mutating actions can be authorized at all, and how (shown by the page).
@@ -369,6 +378,9 @@ impl Console {
                 "policy": f.policy, "rule": f.rule,
                 "now": now_class, "now_policy": now_policy, "now_rule": now_rule,
                 "count": f.count, "first_seen": f.first_seen, "last_seen": f.last_seen,
+                "latency": latency_json(&histogram(&f.latency)),
+                "trace_id": f.trace_id,
+                "trace_url": f.trace_id.as_deref().zip(self.trace_ui.as_ref()).map(|(t, ui)| ui.link(t)),
             }));
         }
         let status = serde_json::to_value(cp.status()).unwrap_or(Value::Null);
@@ -388,14 +400,16 @@ impl Console {
         for (id, node) in nodes.iter_mut() {
             node["quarantined"] = quarantined(id).into();
             let (mut count, mut allowed, mut first) = (0u64, 0u64, now);
+            let mut latency = LatencyHistogram::default();
             for ((_, callee), e) in &edges {
                 if callee == id {
                     count += e.count;
                     allowed += e.allowed;
                     first = first.min(e.first_seen);
+                    latency.merge(&e.latency.0);
                 }
             }
-            node["inbound"] = golden(count, allowed, first, now);
+            node["inbound"] = golden(count, allowed, first, now, &latency);
         }
         let edges: Vec<Value> = edges
             .into_iter()
@@ -404,7 +418,7 @@ impl Console {
                     "caller": caller, "callee": callee,
                     "class": e.now_class, "observed": e.observed_class,
                     "count": e.count, "last_seen": e.last_seen,
-                    "golden": golden(e.count, e.allowed, e.first_seen, now),
+                    "golden": golden(e.count, e.allowed, e.first_seen, now, &e.latency),
                 })
             })
             .collect();
@@ -418,7 +432,8 @@ impl Console {
             "flows": flow_rows,
             "status": status,
             "metrics": cp.sli_metrics(),
-            "latency": "not reported: flow reports carry counts and decisions, not durations",
+            "latency_note": LATENCY_NOTE,
+            "trace_ui": self.trace_ui.is_some(),
             "mutations": { "allowed": allowed, "mode": mode, "reason": reason },
         })
     }
@@ -433,6 +448,7 @@ struct Edge {
     last_seen: i64,
     observed_class: &'static str,
     now_class: &'static str,
+    latency: LatencyHistogram,
 }
 
 impl Edge {
@@ -443,6 +459,7 @@ impl Edge {
             self.now_class = now;
         }
         self.count += f.count;
+        self.latency.merge(&f.latency);
         if f.passed() {
             self.allowed += f.count;
         }
@@ -459,13 +476,68 @@ impl Edge {
 
 /// Requests per second over the time the flows cover (at most the flow window), and the
 /// success rate (share allowed).
-fn golden(count: u64, allowed: u64, first_seen: i64, now: i64) -> Value {
+fn golden(
+    count: u64,
+    allowed: u64,
+    first_seen: i64,
+    now: i64,
+    latency: &LatencyHistogram,
+) -> Value {
     let span = (now - first_seen).clamp(1, WINDOW_SECS) as f64;
     json!({
         "requests": count,
         "rps": if count == 0 { 0.0 } else { count as f64 / span },
         "success_rate": (count > 0).then(|| allowed as f64 / count as f64),
+        "latency": latency_json(latency),
     })
+}
+
+/// How the page qualifies the latency it shows.
+const LATENCY_NOTE: &str = "upper bounds: the top of the power-of-two bucket (64 µs to 33.6 s) \
+    where the quantile falls, so the true value is between half of it and it";
+
+fn histogram(buckets: &[u64]) -> LatencyHistogram {
+    let mut h = LatencyHistogram::default();
+    h.merge(buckets);
+    h
+}
+
+/// p50 and p99 of a merged histogram, as upper bounds in microseconds and as text; null
+/// values when no request of these flows reported a latency (L4 only, or older sidecars).
+fn latency_json(h: &LatencyHistogram) -> Value {
+    let q = |q: f64| match h.quantile(q) {
+        None => (Value::Null, Value::Null),
+        Some(bound) => (
+            bound.map_or(Value::Null, |d| (d.as_micros() as u64).into()),
+            latency_text(bound).into(),
+        ),
+    };
+    let ((p50_us, p50), (p99_us, p99)) = (q(0.5), q(0.99));
+    json!({
+        "samples": h.count(),
+        "p50_us": p50_us, "p50": p50,
+        "p99_us": p99_us, "p99": p99,
+    })
+}
+
+/// A quantile's upper bound for people: `≤ 512 µs`, `≤ 4.1 ms`, `≤ 131 ms`, `≤ 2.1 s`, or
+/// `> 33.6 s` for the unbounded bucket.
+fn latency_text(bound: Option<std::time::Duration>) -> String {
+    let Some(d) = bound else {
+        let top = LatencyHistogram::upper_bound(meshgate_xds::wire::LATENCY_BUCKETS - 2)
+            .expect("bounded");
+        return format!("> {:.1} s", top.as_secs_f64());
+    };
+    let us = d.as_micros() as f64;
+    if us < 1000.0 {
+        format!("≤ {us:.0} µs")
+    } else if us < 10_000.0 {
+        format!("≤ {:.1} ms", us / 1000.0)
+    } else if us < 1_000_000.0 {
+        format!("≤ {:.0} ms", us / 1000.0)
+    } else {
+        format!("≤ {:.1} s", us / 1_000_000.0)
+    }
 }
 
 /// What the policy served now decides for a flow's requests: the flow's path pattern stands
@@ -565,6 +637,41 @@ pub(crate) fn flow_lines(cp: &ControlPlane) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quantiles are shown as the upper bounds of their buckets, in a unit people read.
+    #[test]
+    fn latency_is_shown_as_bucket_upper_bounds() {
+        let us = std::time::Duration::from_micros;
+        for (bound, want) in [
+            (Some(us(64)), "≤ 64 µs"),
+            (Some(us(512)), "≤ 512 µs"),
+            (Some(us(1024)), "≤ 1.0 ms"),
+            (Some(us(4096)), "≤ 4.1 ms"),
+            (Some(us(131_072)), "≤ 131 ms"),
+            (Some(us(2_097_152)), "≤ 2.1 s"),
+            (Some(us(64 << 19)), "≤ 33.6 s"),
+            (None, "> 33.6 s"),
+        ] {
+            assert_eq!(latency_text(bound), want);
+        }
+        // 90 requests ≤ 1 ms, 10 ≤ 131 ms: p50 fast, p99 slow; an empty histogram has none.
+        let mut buckets = vec![0; 12];
+        (buckets[4], buckets[11]) = (90, 10);
+        let j = latency_json(&histogram(&buckets));
+        assert_eq!(
+            (j["samples"].as_u64(), j["p50"].as_str(), j["p99"].as_str()),
+            (Some(100), Some("≤ 1.0 ms"), Some("≤ 131 ms"))
+        );
+        assert_eq!(
+            (j["p50_us"].as_u64(), j["p99_us"].as_u64()),
+            (Some(1024), Some(131_072))
+        );
+        let j = latency_json(&histogram(&[]));
+        assert!(
+            j["p50"].is_null() && j["p99"].is_null() && j["samples"] == 0,
+            "{j}"
+        );
+    }
 
     #[test]
     fn names_classes_and_decoding() {

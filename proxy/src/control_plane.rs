@@ -33,6 +33,8 @@ pub struct ControlPlaneConfig {
     /// Bearer token the console's mutating actions (quarantine, lift) require; without one they
     /// are allowed only when `admin` is a loopback address (see [`crate::console`]).
     pub console_token: Option<String>,
+    /// Trace viewer the console links flows' trace IDs to (`--trace-ui`).
+    pub trace_ui: Option<crate::trace_ui::TraceUi>,
 }
 
 /// Why the control plane could not start.
@@ -99,11 +101,10 @@ impl RunningControlPlane {
                 .clone()
                 .serve(listener, tls, shutdown.subscribe()),
         );
-        let console = Arc::new(crate::console::Console::new(
-            config.console_token.clone(),
-            admin_addr,
-            policy_dir,
-        ));
+        let console = Arc::new(
+            crate::console::Console::new(config.console_token.clone(), admin_addr, policy_dir)
+                .with_trace_ui(config.trace_ui.clone()),
+        );
         tasks.spawn(admin(
             admin_listener,
             control_plane.clone(),

@@ -8,10 +8,10 @@
 //! once `bad-request` in metrics and `deny` in the span).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use meshgate_policy::DecisionRecord;
 use meshgate_policy::record::{DECISION_EVENT, Layer};
+use meshgate_policy::{DecisionKind, DecisionRecord};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use tokio::sync::broadcast;
@@ -76,7 +76,15 @@ impl DecisionSink {
             })
             .inc();
         observe_latency(&self.metrics, decision, started);
-        self.publish(record);
+        // Worth a link from the console: a trace that is exported (sampled, or a denial, which
+        // the export queue keeps whatever the sampler said).
+        let exported = server.span().span_context().is_sampled()
+            || matches!(
+                record.decision,
+                DecisionKind::Deny | DecisionKind::DryRunDeny | DecisionKind::BadRequest
+            );
+        let trace_id = record.trace_id.as_deref().filter(|_| exported);
+        self.publish(record, Some(started.elapsed()), trace_id);
     }
 
     /// An L4 tunnel decision: the log line, the tunnel counter, the feed.
@@ -90,12 +98,12 @@ impl DecisionSink {
                 port: record.port,
             })
             .inc();
-        self.publish(record);
+        self.publish(record, None, None);
     }
 
-    fn publish(&self, record: &DecisionRecord) {
+    fn publish(&self, record: &DecisionRecord, latency: Option<Duration>, trace_id: Option<&str>) {
         if let Some(flows) = &self.flows {
-            flows.record(record);
+            flows.record(record, latency, trace_id);
         }
         if self.feed.receiver_count() > 0 {
             let _ = self.feed.send(record.clone());

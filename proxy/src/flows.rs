@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use meshgate_policy::pattern::Pattern;
 use meshgate_policy::record::Layer;
 use meshgate_policy::{DecisionKind, DecisionRecord, PolicySet};
-use meshgate_xds::wire::Flow;
+use meshgate_xds::wire::{Flow, LATENCY_BUCKETS, LatencyHistogram, MAX_TRACE_ID_LEN};
 use prometheus_client::metrics::counter::Counter;
 
 /// How often flows are reported to the control plane by default.
@@ -108,6 +108,25 @@ struct Entry {
     count: u64,
     first_seen: i64,
     last_seen: i64,
+    /// [`LatencyHistogram`] counts of the HTTP requests (u32: one interval's requests of one
+    /// flow fit, saturating); all zero for tunnels.
+    latency: [u32; LATENCY_BUCKETS],
+    /// The trace ID of the latest traced request; empty when none (a reused buffer, so
+    /// updating it does not allocate).
+    trace_id: String,
+}
+
+impl Entry {
+    fn observe(&mut self, latency: Option<Duration>, trace_id: Option<&str>) {
+        if let Some(d) = latency {
+            let b = &mut self.latency[LatencyHistogram::bucket(d)];
+            *b = b.saturating_add(1);
+        }
+        if let Some(t) = trace_id.filter(|t| !t.is_empty() && t.len() <= MAX_TRACE_ID_LEN) {
+            self.trace_id.clear();
+            self.trace_id.push_str(t);
+        }
+    }
 }
 
 impl Entry {
@@ -192,8 +211,9 @@ impl FlowTable {
         self.rules.store(Arc::new(rules));
     }
 
-    /// Counts one decision.
-    pub fn record(&self, r: &DecisionRecord) {
+    /// Counts one decision, with how long the request took (`None` for tunnels) and the trace
+    /// ID worth linking to (a sampled or denied request's), if any.
+    pub fn record(&self, r: &DecisionRecord, latency: Option<Duration>, trace_id: Option<&str>) {
         let rules = self.rules.load();
         let path = r.path.as_deref().map(|path| {
             let from_rule = r
@@ -238,6 +258,7 @@ impl FlowTable {
         if let Some(e) = bucket.iter_mut().find(|e| e.is(r, path)) {
             e.count += 1;
             e.last_seen = now;
+            e.observe(latency, trace_id);
             return;
         }
         if self.len.fetch_add(1, Ordering::Relaxed) >= self.cap {
@@ -249,7 +270,7 @@ impl FlowTable {
             }
             return;
         }
-        bucket.push(Entry {
+        let mut entry = Entry {
             layer: r.layer,
             peer: r.peer.to_string(),
             method: r.method.clone(),
@@ -261,7 +282,11 @@ impl FlowTable {
             count: 1,
             first_seen: now,
             last_seen: now,
-        });
+            latency: [0; LATENCY_BUCKETS],
+            trace_id: String::new(),
+        };
+        entry.observe(latency, trace_id);
+        bucket.push(entry);
     }
 
     /// Takes the flows of the interval (and the decisions over the cap) and starts a new one.
@@ -287,6 +312,8 @@ impl FlowTable {
                     count: entry.count,
                     first_seen: entry.first_seen,
                     last_seen: entry.last_seen,
+                    latency: LatencyHistogram(entry.latency.map(u64::from)).to_wire(),
+                    trace_id: Some(entry.trace_id).filter(|t| !t.is_empty()),
                 });
             }
         }
@@ -374,7 +401,7 @@ mod tests {
             l4,
         ];
         for r in &records {
-            t.record(r);
+            t.record(r, None, None);
         }
         let (mut flows, overflow) = t.drain();
         assert_eq!(overflow, 0);
@@ -420,6 +447,39 @@ mod tests {
         assert_eq!(t.drain(), (vec![], 0));
     }
 
+    /// HTTP requests land in their flow's latency buckets (tunnels in none), and the flow keeps
+    /// the trace ID of its latest traced request.
+    #[test]
+    fn flows_keep_latency_and_the_latest_trace_id() {
+        let (t, _) = table(100);
+        let ms = Duration::from_millis;
+        let get = record(WEB, "GET", "/orders/1", DecisionKind::Allow);
+        let mut l4 = record(WEB, "GET", "/x", DecisionKind::Allow);
+        (l4.layer, l4.method, l4.path) = (Layer::L4, None, None);
+        t.record(&get, Some(ms(1)), None);
+        t.record(&get, Some(ms(1)), Some("aaaa"));
+        t.record(&get, Some(ms(100)), Some(""));
+        t.record(&get, Some(ms(100)), None);
+        t.record(&get, Some(ms(3)), Some("bbbb"));
+        t.record(&get, Some(ms(3)), Some(&"c".repeat(MAX_TRACE_ID_LEN + 1)));
+        t.record(&l4, None, Some("dddd"));
+        let (mut flows, _) = t.drain();
+        flows.sort_by_key(|f| f.latency.is_empty());
+        let got: Vec<_> = flows
+            .iter()
+            .map(|f| (f.layer, f.latency.clone(), f.trace_id.as_deref()))
+            .collect();
+        let mut http = vec![0; 12];
+        (http[4], http[6], http[11]) = (2, 2, 2); // ≤ 1 ms, ≤ 4 ms, ≤ 131 ms
+        assert_eq!(
+            got,
+            vec![
+                (Layer::L7, http, Some("bbbb")),
+                (Layer::L4, vec![], Some("dddd"))
+            ]
+        );
+    }
+
     /// The deciding rule's path pattern is the flow's path when one of its paths matches.
     #[test]
     fn the_rules_pattern_names_the_path() {
@@ -445,10 +505,10 @@ spec:
             (r.policy, r.rule) = (Some("shop/readers".into()), Some(rule));
             r
         };
-        t.record(&hit("/orders/v2/7", 0));
-        t.record(&hit("/orders/v2/8", 0));
+        t.record(&hit("/orders/v2/7", 0), None, None);
+        t.record(&hit("/orders/v2/8", 0), None, None);
         // A rule without path conditions: the cut path.
-        t.record(&hit("/orders/v2/9", 1));
+        t.record(&hit("/orders/v2/9", 1), None, None);
         let (flows, _) = t.drain();
         let mut got: Vec<_> = flows
             .iter()
@@ -479,6 +539,12 @@ spec:
                 while !stop.load(Ordering::Relaxed) {
                     let (flows, overflow) = t.drain();
                     assert!(flows.len() <= 64);
+                    // Every counted request is in the flow's latency histogram too.
+                    assert!(
+                        flows
+                            .iter()
+                            .all(|f| f.latency.iter().sum::<u64>() == f.count)
+                    );
                     total += flows.iter().map(|f| f.count).sum::<u64>() + overflow;
                 }
                 total
@@ -489,12 +555,16 @@ spec:
                 let t = t.clone();
                 std::thread::spawn(move || {
                     for i in 0..per_thread {
-                        t.record(&record(
-                            WEB,
-                            "GET",
-                            &format!("/p{}/x", (i * 7 + n) % 100),
-                            DecisionKind::Allow,
-                        ));
+                        t.record(
+                            &record(
+                                WEB,
+                                "GET",
+                                &format!("/p{}/x", (i * 7 + n) % 100),
+                                DecisionKind::Allow,
+                            ),
+                            Some(Duration::from_micros(i as u64 * 37)),
+                            None,
+                        );
                     }
                 })
             })
@@ -523,7 +593,11 @@ spec:
             let (t, metric) = table(cap);
             for _ in 0..repeats {
                 for i in 0..distinct {
-                    t.record(&record(WEB, "GET", &format!("/p{i}"), DecisionKind::Allow));
+                    t.record(
+                        &record(WEB, "GET", &format!("/p{i}"), DecisionKind::Allow),
+                        None,
+                        None,
+                    );
                 }
             }
             let (flows, overflow) = t.drain();
@@ -532,7 +606,11 @@ spec:
             assert_eq!(overflow, want_overflow, "{case}");
             assert_eq!(metric.get(), want_overflow, "{case}");
             assert!(flows.iter().all(|f| f.count == repeats), "{case}");
-            t.record(&record(WEB, "GET", "/again", DecisionKind::Allow));
+            t.record(
+                &record(WEB, "GET", "/again", DecisionKind::Allow),
+                None,
+                None,
+            );
             assert_eq!(t.drain().0.len(), usize::from(cap > 0), "{case}");
         }
     }

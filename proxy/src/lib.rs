@@ -19,4 +19,5 @@ pub mod serve;
 pub mod sidecar;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_ui;
 pub mod tunnel;

@@ -370,6 +370,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         }),
         poll_interval: Duration::from_millis(250),
         console_token: None,
+        trace_ui: None,
     })
     .await
     .context("starting the control plane")?;

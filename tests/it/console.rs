@@ -270,6 +270,20 @@ fn edge_class(caller: &str, callee: &str) -> String {
 async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
     let _heavy = heavy_async().await;
     let mut mesh = TestMesh::new().await;
+    // Traced, sampling nothing: only denials are exported, so only the denied flow gets a
+    // trace link (to the --trace-ui template).
+    let receiver = crate::support::otlp::OtlpReceiver::start().await;
+    mesh.telemetry = meshgate_proxy::telemetry::TelemetryConfig {
+        enabled: true,
+        endpoint: Some(receiver.endpoint()),
+        service_name: None,
+        sampler: Some(meshgate_proxy::telemetry::SamplerChoice::AlwaysOff),
+        batch_delay: Some(Duration::from_millis(100)),
+        queue_size: None,
+    };
+    mesh.trace_ui = Some(
+        meshgate_proxy::trace_ui::TraceUi::parse("http://jaeger.test/trace/{trace_id}").unwrap(),
+    );
     mesh.write_policy("mesh.yaml", MESH_ALLOW);
     mesh.write_policy("policy.yaml", POLICY);
     mesh.write_policy("payments.yaml", PAYMENTS_DENY);
@@ -363,10 +377,56 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
         details.contains("shop/payments-no-web") && details.contains("/pay/*"),
         "{details}"
     );
+    assert!(details.contains("success rate 0.0%"), "{details}");
+    // Latency from the flows' buckets: p50 and p99 as upper bounds with a unit (the denied
+    // request took some microseconds at least: the sidecar times every decided request).
+    let (latency, _) = browser
+        .until(
+            "the edge's latency",
+            "(document.querySelector('#edge-latency') || {}).textContent",
+            Duration::from_secs(5),
+        )
+        .await;
+    let latency = latency.as_str().unwrap();
+    let quantile = |name: &str| {
+        let rest = latency.split(&format!("{name} ≤ ")).nth(1)?;
+        let mut words = rest.split([' ', ',', ')']).filter(|w| !w.is_empty());
+        let number: f64 = words.next()?.parse().ok()?;
+        let unit = words.next()?;
+        (number > 0.0 && ["µs", "ms", "s"].contains(&unit)).then_some(())
+    };
     assert!(
-        details.contains("success rate 0.0%") && details.contains("latency: not reported"),
-        "{details}"
+        quantile("p50").is_some() && quantile("p99").is_some() && latency.contains("upper bounds"),
+        "{latency}"
     );
+    // The denied request's trace, linked; the receiver got that trace's spans.
+    let href = browser
+        .js(
+            "return [...document.querySelectorAll('#edge-flows a.trace-link')].map(a => a.getAttribute('href'));",
+            json!([]),
+        )
+        .await;
+    let hrefs: Vec<&str> = href
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    let [href] = hrefs.as_slice() else {
+        panic!("one trace link on the denied edge: {href}")
+    };
+    let trace = href
+        .strip_prefix("http://jaeger.test/trace/")
+        .unwrap_or_default();
+    assert!(
+        trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{href}"
+    );
+    receiver
+        .wait_for("the denied request's spans", |spans| {
+            spans.iter().any(|s| s.trace_id == trace)
+        })
+        .await;
 
     // "Suggest policy for this edge" on orders → payments: the YAML `policy suggest` writes.
     browser

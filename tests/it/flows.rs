@@ -228,6 +228,10 @@ async fn flows_reach_the_control_plane_and_move_its_slis() {
     };
     let explicit = find(WEB, ORDERS, "/orders/*");
     assert_eq!(explicit["count"], 2);
+    // Both requests are in the flow's latency buckets, merged over however many reports.
+    let buckets: Vec<u64> = serde_json::from_value(explicit["latency.buckets"].clone())
+        .unwrap_or_else(|e| panic!("latency buckets: {e}: {explicit}"));
+    assert_eq!(buckets.iter().sum::<u64>(), 2, "{explicit}");
     assert_eq!(explicit["decision"], "allow");
     assert_eq!(explicit["policy"], "shop/orders-readers");
     assert_eq!(explicit["event"], "authz.decision");
@@ -417,12 +421,12 @@ fn text_of(out: &std::process::Output) -> String {
 }
 
 /// A stand-in control plane: pushes the policy directory once to the first stream, keeps it
-/// open, and records every request-body line. With `advertise` it sends the flow-reports
-/// feature header, as this version does; without, it is a control plane from before flow
-/// reports.
+/// open, and records every request-body line. It sends `features` as the feature header: this
+/// version's `flow-reports,flow-latency`, `flow-reports` (from before latency on flows), or none
+/// (from before flow reports).
 async fn fake_control_plane(
     mesh: &TestMesh,
-    advertise: bool,
+    features: Option<&'static str>,
 ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
@@ -484,8 +488,8 @@ async fn fake_control_plane(
                         }));
                         let mut resp = http::Response::builder()
                             .header("content-type", "application/x-ndjson");
-                        if advertise {
-                            resp = resp.header("x-meshgate-stream-features", "flow-reports");
+                        if let Some(features) = features {
+                            resp = resp.header("x-meshgate-stream-features", features);
                         }
                         Ok::<_, std::convert::Infallible>(resp.body(body.boxed_unsync()).unwrap())
                     }
@@ -502,13 +506,20 @@ async fn fake_control_plane(
 
 /// Compatibility both ways round: a control plane that does not advertise flow reports (one
 /// from before them) receives ACKs only, never a line it would not understand; one that does
-/// receives the reports, from the same traffic.
+/// receives the reports, from the same traffic — with latency buckets only when it also says
+/// it reads them (an older one refuses flows with fields it does not know).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_reports_go_only_to_control_planes_that_read_them() {
-    for advertise in [true, false] {
+    for features in [
+        Some("flow-reports,flow-latency"),
+        Some("flow-reports"),
+        None,
+    ] {
+        let advertise = features.is_some();
+        let latency = features.is_some_and(|f| f.contains("flow-latency"));
         let mut mesh = TestMesh::new().await;
         mesh.write_policy("mesh.yaml", MESH_ALLOW);
-        let (url, lines) = fake_control_plane(&mesh, advertise).await;
+        let (url, lines) = fake_control_plane(&mesh, features).await;
         let app = crate::support::mesh::EchoApp::start().await;
         mesh.add_configured("orders", app, |c| {
             c.policy = meshgate_proxy::policy::PolicySource::ControlPlane { urls: vec![url] };
@@ -553,6 +564,24 @@ async fn flow_reports_go_only_to_control_planes_that_read_them() {
                     .any(|f| f.path.as_deref() == Some("/orders/*") && f.peer == WEB),
                 "{flows:?}"
             );
+            // With flow-latency: every request in a bucket; without: no field an older control
+            // plane would refuse.
+            for f in &flows {
+                let buckets: u64 = f.latency.iter().sum();
+                assert_eq!(
+                    buckets,
+                    if latency { f.count } else { 0 },
+                    "{features:?}: {f:?}"
+                );
+            }
+            for line in &seen {
+                let text = String::from_utf8_lossy(line);
+                assert_eq!(
+                    text.contains("latency.buckets"),
+                    latency && text.contains("FlowReport") && text.contains("/orders/*"),
+                    "{features:?}: {text}"
+                );
+            }
         } else {
             for line in &seen {
                 assert!(

@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::wire::{
-    Ack, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-    LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH,
-    sanitize_peer_text,
+    Ack, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push,
+    STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 
@@ -356,6 +356,15 @@ impl StreamClient {
                 .flat_map(|v| v.split(','))
                 .any(|f| f.trim() == FEATURE_FLOW_REPORTS)
         });
+        // A control plane from before latency and trace IDs on flows refuses flows carrying them
+        // (its `Flow` denies unknown fields): they are cleared for it.
+        let latency = resp
+            .headers()
+            .get_all(FEATURES_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|f| f.trim() == FEATURE_FLOW_LATENCY);
         if self.reports.is_some() && reports.is_none() {
             tracing::info!(event = "control_plane.no_flow_reports", control_plane = %endpoint, "this control plane does not read flow reports (an older version): none are sent to it");
         }
@@ -391,7 +400,12 @@ impl StreamClient {
                 true = renewed => return Ok(SessionEnd::Renewed),
                 () = tick => {
                     if let Some(r) = reports {
-                        let (flows, overflow) = (r.drain)();
+                        let (mut flows, overflow) = (r.drain)();
+                        if !latency {
+                            for f in &mut flows {
+                                (f.latency, f.trace_id) = (Vec::new(), None);
+                            }
+                        }
                         for line in crate::wire::report_lines(flows, overflow, MAX_ACK_BYTES) {
                             acks.send(Ok(Frame::data(Bytes::from(line))))
                                 .await

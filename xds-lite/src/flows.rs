@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::wire::{FLOW_REPORT_TYPE, Flow, FlowReport};
+use crate::wire::{FLOW_REPORT_TYPE, Flow, FlowReport, LatencyHistogram, MAX_TRACE_ID_LEN};
 use meshgate_policy::DecisionKind;
 use meshgate_policy::record::Layer;
 
@@ -156,6 +156,16 @@ impl FlowStore {
             // Times from the sidecar's clock, kept within reason of ours.
             flow.last_seen = flow.last_seen.clamp(now - FLOW_TTL.as_secs() as i64, now);
             flow.first_seen = flow.first_seen.min(flow.last_seen);
+            // At most LATENCY_BUCKETS counts, whatever the line says; a trace ID only if it
+            // could be one (it ends up in a link).
+            let mut latency = LatencyHistogram::default();
+            latency.merge(&flow.latency);
+            flow.latency = latency.to_wire();
+            flow.trace_id = flow.trace_id.filter(|t| {
+                !t.is_empty()
+                    && t.len() <= MAX_TRACE_ID_LEN
+                    && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
             self.count(&flow);
             let key = Key::of(&flow);
             let total = self.total;
@@ -165,6 +175,14 @@ impl FlowStore {
                 Some(held) => {
                     held.count = held.count.saturating_add(flow.count);
                     held.first_seen = held.first_seen.min(flow.first_seen);
+                    if !flow.latency.is_empty() {
+                        latency.merge(&held.latency);
+                        held.latency = latency.to_wire();
+                    }
+                    // The most recent traced request's, by report order.
+                    if flow.trace_id.is_some() {
+                        held.trace_id = flow.trace_id;
+                    }
                     held.last_seen = held.last_seen.max(flow.last_seen);
                 }
                 None if room => {
@@ -268,6 +286,8 @@ mod tests {
             count: n,
             first_seen: 100,
             last_seen: 100,
+            latency: vec![],
+            trace_id: None,
         }
     }
 
@@ -281,6 +301,40 @@ mod tests {
 
     const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
     const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
+
+    /// Reports of one flow merge their latency buckets and keep the latest trace ID; what no
+    /// sidecar could send (too many buckets, a trace ID that is no ID) is cut or dropped.
+    #[test]
+    fn reports_merge_latency_and_trace_ids() {
+        let mut store = FlowStore::default();
+        let with = |latency: Vec<u64>, trace: Option<&str>| {
+            let mut f = flow(WEB, "/orders/*", DecisionKind::Allow, Some(0), 1);
+            (f.latency, f.trace_id) = (latency, trace.map(str::to_string));
+            report(vec![f], 0)
+        };
+        let mut too_long = vec![0; crate::wire::LATENCY_BUCKETS + 5];
+        too_long[crate::wire::LATENCY_BUCKETS + 4] = 1;
+        let mut want = vec![0; crate::wire::LATENCY_BUCKETS];
+        (
+            want[0],
+            want[1],
+            want[2],
+            want[crate::wire::LATENCY_BUCKETS - 1],
+        ) = (1, 3, 1, 1);
+        for (latency, trace, want_latency, want_trace) in [
+            (vec![1, 2], Some("aaaa"), vec![1, 2], Some("aaaa")),
+            // An old sidecar's line: nothing to merge, the trace ID stays.
+            (vec![], None, vec![1, 2], Some("aaaa")),
+            (vec![0, 1, 1], Some("bbbb"), vec![1, 3, 1], Some("bbbb")),
+            (vec![], Some("<script>"), vec![1, 3, 1], Some("bbbb")),
+            (too_long, None, want, Some("bbbb")),
+        ] {
+            store.ingest(ORDERS, report(with(latency, trace).flows, 0), 100);
+            let f = &store.flows()[0];
+            assert_eq!(f.latency, want_latency);
+            assert_eq!(f.trace_id.as_deref(), want_trace);
+        }
+    }
 
     #[test]
     fn reports_merge_count_and_expire() {

@@ -29,9 +29,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::flows::FlowStore;
 use crate::wire::{
-    ClientMessage, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push,
-    STREAM_PATH, sanitize_peer_text,
+    ClientMessage, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
+    MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 use meshgate_policy::scope::scope;
@@ -394,7 +394,10 @@ impl ControlPlane {
         Response::builder()
             .header("content-type", "application/x-ndjson")
             // Sidecars send flow reports only to a control plane that says it reads them.
-            .header(FEATURES_HEADER, FEATURE_FLOW_REPORTS)
+            .header(
+                FEATURES_HEADER,
+                format!("{FEATURE_FLOW_REPORTS},{FEATURE_FLOW_LATENCY}"),
+            )
             .body(body.boxed_unsync())
             .expect("valid response")
     }

@@ -101,6 +101,109 @@ pub struct Flow {
     /// Unix seconds of the first and last of them.
     pub first_seen: i64,
     pub last_seen: i64,
+    /// How long the HTTP requests of this flow took (the sidecar's request latency), as
+    /// [`LatencyHistogram`] bucket counts. Empty for L4 tunnels and from sidecars that predate
+    /// it; sent only to a control plane advertising [`FEATURE_FLOW_LATENCY`].
+    #[serde(
+        rename = "latency.buckets",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub latency: Vec<u64>,
+    /// The trace ID of the most recent traced request of the flow (so the console can link to
+    /// a trace viewer); at most [`MAX_TRACE_ID_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// The feature name of the latency and trace fields of a [`Flow`] in [`FEATURES_HEADER`]. The
+/// control plane's `Flow` denies unknown fields, so a sidecar clears them for one that does
+/// not advertise this.
+pub const FEATURE_FLOW_LATENCY: &str = "flow-latency";
+/// Longest trace ID kept on a flow (a W3C trace ID is 32 hex digits).
+pub const MAX_TRACE_ID_LEN: usize = 64;
+
+/// Buckets of [`LatencyHistogram`]: bucket `i < LATENCY_BUCKETS - 1` counts durations of at
+/// most `64 µs << i` (64 µs … 33.5 s); the last counts everything slower.
+pub const LATENCY_BUCKETS: usize = 21;
+/// Upper bound of the first bucket, in microseconds.
+pub const LATENCY_FIRST_BOUND_US: u64 = 64;
+
+/// Log-scale latency histogram with a fixed number of buckets: counting one request is an
+/// index computation and an add (no allocation on the request path), and histograms of many
+/// sidecars and intervals merge by adding bucket counts. Quantiles from it are upper bounds
+/// with a factor-two resolution, which is what a console needs to tell 1 ms from 100 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatencyHistogram(pub [u64; LATENCY_BUCKETS]);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self([0; LATENCY_BUCKETS])
+    }
+}
+
+impl LatencyHistogram {
+    /// The bucket a duration falls in.
+    pub fn bucket(d: std::time::Duration) -> usize {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // ceil(us / 64), then the smallest i with 2^i >= that.
+        let q = us.div_ceil(LATENCY_FIRST_BOUND_US);
+        let i = if q <= 1 {
+            0
+        } else {
+            (u64::BITS - (q - 1).leading_zeros()) as usize
+        };
+        i.min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Upper bound of bucket `i`; `None` for the last (unbounded) one.
+    pub fn upper_bound(i: usize) -> Option<std::time::Duration> {
+        (i < LATENCY_BUCKETS - 1)
+            .then(|| std::time::Duration::from_micros(LATENCY_FIRST_BOUND_US << i))
+    }
+
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let b = &mut self.0[Self::bucket(d)];
+        *b = b.saturating_add(1);
+    }
+
+    /// Adds bucket counts as a [`Flow`] carries them; counts past [`LATENCY_BUCKETS`] (a
+    /// peer with more buckets) are added to the last, unbounded bucket.
+    pub fn merge(&mut self, buckets: &[u64]) {
+        for (i, n) in buckets.iter().enumerate() {
+            let b = &mut self.0[i.min(LATENCY_BUCKETS - 1)];
+            *b = b.saturating_add(*n);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+
+    /// The `q` quantile (0 < q ≤ 1) as the upper bound of the bucket where the cumulative count
+    /// reaches `q` of the total: `None` when empty, `Some(None)` when it is the unbounded one.
+    pub fn quantile(&self, q: f64) -> Option<Option<std::time::Duration>> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0u64;
+        for (i, n) in self.0.iter().enumerate() {
+            seen = seen.saturating_add(*n);
+            if seen >= rank {
+                return Some(Self::upper_bound(i));
+            }
+        }
+        Some(None)
+    }
+
+    /// The counts as a [`Flow`] carries them: empty when nothing was counted, else without
+    /// trailing zero buckets.
+    pub fn to_wire(&self) -> Vec<u64> {
+        let len = self.0.iter().rposition(|n| *n > 0).map_or(0, |i| i + 1);
+        self.0[..len].to_vec()
+    }
 }
 
 impl Flow {
@@ -316,6 +419,7 @@ pub fn sanitize_peer_text(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn line_buffer_splits_across_chunks_and_bounds_lines() {
@@ -417,7 +521,93 @@ mod tests {
             count: 2,
             first_seen: 1,
             last_seen: 2,
+            latency: vec![],
+            trace_id: None,
         }
+    }
+
+    /// Bucket boundaries: each bound belongs to its own bucket, one microsecond more to the next.
+    #[test]
+    fn latency_buckets_at_their_boundaries() {
+        let us = Duration::from_micros;
+        for (d, want) in [
+            (Duration::ZERO, 0),
+            (us(1), 0),
+            (us(64), 0),
+            (us(65), 1),
+            (us(128), 1),
+            (us(129), 2),
+            (us(1000), 4),                    // ≤ 1024 µs
+            (us(1025), 5),                    // ≤ 2048 µs
+            (Duration::from_millis(100), 11), // ≤ 131 ms
+            (us(64 << 19), 19),               // 33.5 s
+            (us((64 << 19) + 1), 20),
+            (Duration::from_secs(3600), 20),
+            (Duration::MAX, 20),
+        ] {
+            assert_eq!(LatencyHistogram::bucket(d), want, "{d:?}");
+        }
+        assert_eq!(LatencyHistogram::upper_bound(0), Some(us(64)));
+        assert_eq!(LatencyHistogram::upper_bound(19), Some(us(64 << 19)));
+        assert_eq!(LatencyHistogram::upper_bound(20), None);
+    }
+
+    /// Quantiles are the upper bound of the bucket where the cumulative count reaches them.
+    #[test]
+    fn latency_quantiles_from_buckets() {
+        let us = Duration::from_micros;
+        let hist = |counts: &[(usize, u64)]| {
+            let mut h = LatencyHistogram::default();
+            for (i, n) in counts {
+                h.0[*i] = *n;
+            }
+            h
+        };
+        for (counts, q, want) in [
+            (vec![], 0.5, None),
+            (vec![(3, 1)], 0.5, Some(Some(us(512)))),
+            (vec![(3, 1)], 0.99, Some(Some(us(512)))),
+            // 50 fast, 50 slow: p50 is the fast bucket, p51 the slow one.
+            (vec![(0, 50), (10, 50)], 0.5, Some(Some(us(64)))),
+            (vec![(0, 50), (10, 50)], 0.51, Some(Some(us(64 << 10)))),
+            // 99 fast, one in the unbounded bucket: p99 fast, p100 unbounded.
+            (vec![(2, 99), (20, 1)], 0.99, Some(Some(us(256)))),
+            (vec![(2, 99), (20, 1)], 1.0, Some(None)),
+            (vec![(2, 98), (20, 2)], 0.99, Some(None)),
+        ] {
+            assert_eq!(hist(&counts).quantile(q), want, "{counts:?} q={q}");
+        }
+    }
+
+    /// Merging adds bucket counts; a longer peer histogram folds into the last bucket, and the
+    /// wire form drops trailing empty buckets.
+    #[test]
+    fn latency_histograms_merge() {
+        let mut h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(10));
+        h.observe(Duration::from_millis(3));
+        assert_eq!(h.to_wire(), vec![1, 0, 0, 0, 0, 0, 1]);
+        h.merge(&[2, 1]);
+        h.merge(&[1; LATENCY_BUCKETS + 2]);
+        assert_eq!(h.0[0], 4);
+        assert_eq!(h.0[1], 2);
+        assert_eq!(h.0[6], 2);
+        assert_eq!(h.0[LATENCY_BUCKETS - 1], 3);
+        assert_eq!(h.count(), 2 + 3 + (LATENCY_BUCKETS as u64 + 2));
+        h.merge(&[u64::MAX]);
+        assert_eq!(h.0[0], u64::MAX, "saturates");
+        assert!(LatencyHistogram::default().to_wire().is_empty());
+        // An old peer's flow (no latency field) reads, and an empty histogram is not written.
+        let mut f = flow(0);
+        let line = serde_json::to_string(&f).unwrap();
+        assert!(
+            !line.contains("latency") && !line.contains("trace"),
+            "{line}"
+        );
+        f.latency = h.to_wire();
+        f.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        let back: Flow = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
     }
 
     /// Reports are split into lines under the limit, every flow lands exactly once, the

@@ -224,6 +224,8 @@ pub struct TestMesh {
     pub limits: meshgate_proxy::serve::Limits,
     /// The control plane's `--console-token` (set before `start_control_plane`).
     pub console_token: Option<String>,
+    /// The control plane's `--trace-ui` (set before `start_control_plane`).
+    pub trace_ui: Option<meshgate_proxy::trace_ui::TraceUi>,
     cp_port: u16,
 }
 
@@ -260,6 +262,7 @@ impl TestMesh {
             control_plane: None,
             limits: Default::default(),
             console_token: None,
+            trace_ui: None,
             cp_port: 0,
         }
     }
@@ -302,6 +305,7 @@ impl TestMesh {
                 ),
                 poll_interval: Duration::from_millis(50),
                 console_token: self.console_token.clone(),
+                trace_ui: self.trace_ui.clone(),
             },
         )
         .await
