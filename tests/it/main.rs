@@ -27,6 +27,7 @@ mod sidecar_admin;
 mod sidecar_app_pool;
 mod sidecar_attacks;
 mod sidecar_authz;
+mod sidecar_balancing;
 mod sidecar_bypass;
 mod sidecar_clients;
 mod sidecar_grpc;

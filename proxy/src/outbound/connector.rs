@@ -1,7 +1,7 @@
-//! The connector behind the outbound client: TCP to one of a `Service`'s endpoints, then mTLS
-//! with the workload's SVID, accepting only a server that presents the Service's SPIFFE ID.
+//! The connector behind every outbound connection (the HTTP/2 ones of [`super::pool::MeshPool`],
+//! upgrades, L4 tunnels): TCP to one of a `Service`'s endpoints, then mTLS with the workload's
+//! SVID, accepting only a server that presents the Service's SPIFFE ID.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use meshgate_ca::SpiffeId;
 use meshgate_ca::tls::{self, ExpectedServer};
@@ -30,18 +28,6 @@ impl MeshStream {
     /// The TLS stream itself (for L4 tunnels, which are not HTTP).
     pub fn into_inner(self) -> TlsStream<TcpStream> {
         self.0.into_inner()
-    }
-}
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        let h2 = self.0.inner().get_ref().1.alpn_protocol() == Some(b"h2");
-        let connected = Connected::new();
-        if h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
     }
 }
 
@@ -121,81 +107,75 @@ impl MeshConnector {
         Ok(self.connect_with(&self.tls_tunnel).await?.into_inner())
     }
 
-    async fn connect(self) -> io::Result<MeshStream> {
-        self.connect_with(&self.tls).await
-    }
-
     async fn connect_with(&self, tls: &TlsConnector) -> io::Result<MeshStream> {
         let mut last_error =
             io::Error::new(io::ErrorKind::NotFound, "the Service has no endpoints");
         for _ in 0..self.endpoints.len() {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-            let endpoint = &self.endpoints[i];
-            let tcp =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint.as_str()))
-                    .await
-                {
-                    Ok(Ok(tcp)) => tcp,
-                    Ok(Err(e)) => {
-                        last_error = io::Error::new(e.kind(), format!("{endpoint}: {e}"));
-                        continue;
-                    }
-                    Err(_) => {
-                        last_error = io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("{endpoint}: connect timed out"),
-                        );
-                        continue;
-                    }
-                };
-            let _ = tcp.set_nodelay(true);
-            match tls.connect(tls::mesh_server_name(), tcp).await {
-                Ok(stream) => {
-                    self.metrics
-                        .tls_handshakes
-                        .get_or_create(&TlsLabels {
-                            direction: "outbound",
-                            reason: "ok",
-                        })
-                        .inc();
-                    return Ok(MeshStream(TokioIo::new(stream)));
-                }
-                Err(e) => {
-                    let reason = crate::tls::failure_reason(&e);
-                    self.metrics
-                        .tls_handshake_failures
-                        .get_or_create(&TlsLabels {
-                            direction: "outbound",
-                            reason,
-                        })
-                        .inc();
-                    tracing::warn!(
-                        event = "tls.handshake_refused",
-                        direction = "outbound",
-                        endpoint = %endpoint,
-                        expected.id = %self.expected,
-                        reason,
-                        error = %e,
-                        "upstream sidecar refused or failed verification"
-                    );
-                    last_error = io::Error::new(e.kind(), format!("{endpoint}: {e}"));
-                }
+            match self.connect_one(i, tls).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = e,
             }
         }
         Err(last_error)
     }
-}
 
-impl tower::Service<Uri> for MeshConnector {
-    type Response = MeshStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<MeshStream>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    /// How many endpoints the Service has.
+    pub fn endpoints(&self) -> usize {
+        self.endpoints.len()
     }
 
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect())
+    /// An HTTP/2 mTLS connection to endpoint `i` (of [`endpoints`](Self::endpoints)).
+    pub async fn connect_endpoint(&self, i: usize) -> io::Result<MeshStream> {
+        self.connect_one(i, &self.tls).await
+    }
+
+    async fn connect_one(&self, i: usize, tls: &TlsConnector) -> io::Result<MeshStream> {
+        let endpoint = &self.endpoints[i];
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint.as_str()))
+            .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(io::Error::new(e.kind(), format!("{endpoint}: {e}"))),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{endpoint}: connect timed out"),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match tls.connect(tls::mesh_server_name(), tcp).await {
+            Ok(stream) => {
+                self.metrics
+                    .tls_handshakes
+                    .get_or_create(&TlsLabels {
+                        direction: "outbound",
+                        reason: "ok",
+                    })
+                    .inc();
+                Ok(MeshStream(TokioIo::new(stream)))
+            }
+            Err(e) => {
+                let reason = crate::tls::failure_reason(&e);
+                self.metrics
+                    .tls_handshake_failures
+                    .get_or_create(&TlsLabels {
+                        direction: "outbound",
+                        reason,
+                    })
+                    .inc();
+                tracing::warn!(
+                    event = "tls.handshake_refused",
+                    direction = "outbound",
+                    endpoint = %endpoint,
+                    expected.id = %self.expected,
+                    reason,
+                    error = %e,
+                    "upstream sidecar refused or failed verification"
+                );
+                Err(io::Error::new(e.kind(), format!("{endpoint}: {e}")))
+            }
+        }
     }
 }

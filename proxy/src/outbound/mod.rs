@@ -4,6 +4,7 @@
 
 pub mod connector;
 pub mod detect;
+pub mod pool;
 pub mod tcp;
 
 use std::collections::HashMap;
@@ -14,8 +15,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use meshgate_ca::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -65,11 +65,11 @@ struct RouteEntry {
     /// `http_ports` with their header values, built once (no allocation per request).
     port_values: Vec<(u16, HeaderValue)>,
     connector: MeshConnector,
-    client: Client<MeshConnector, Incoming>,
+    pool: pool::MeshPool,
 }
 
-/// Routes by host, each with its own pooled HTTP/2 client. Rebuilt (pools and all) when the
-/// Service list changes; requests in flight keep the client they started with.
+/// Routes by host, each with its own HTTP/2 connections ([`pool::MeshPool`]). Rebuilt (pools
+/// and all) when the Service list changes; requests in flight keep the pool they started with.
 #[derive(Default)]
 pub struct RouteTable {
     by_host: HashMap<String, Arc<RouteEntry>>,
@@ -86,10 +86,6 @@ impl RouteTable {
                 route.endpoints.clone(),
                 metrics.clone(),
             );
-            let client = Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build(connector.clone());
             let port_values = route
                 .http_ports
                 .iter()
@@ -98,8 +94,8 @@ impl RouteTable {
             let entry = Arc::new(RouteEntry {
                 port_values,
                 route,
+                pool: pool::MeshPool::new(connector.clone()),
                 connector,
-                client,
             });
             for host in &entry.route.hosts {
                 if let Some(previous) = by_host.insert(host.clone(), entry.clone()) {
@@ -346,14 +342,9 @@ impl Outbound {
         }
         strip_hop_by_hop(req.headers_mut());
         req.headers_mut().remove(header::HOST);
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
-        match format!("http://{authority}{pq}").parse::<Uri>() {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => {
+        match absolute_uri(req.uri(), &authority) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => {
                 self.record("bad-request", &entry.route.name, started);
                 return error_response(
                     req.headers(),
@@ -364,7 +355,7 @@ impl Outbound {
         }
         *req.version_mut() = Version::HTTP_2;
         let grpc = is_grpc(req.headers());
-        match entry.client.request(req).await {
+        match entry.pool.send(req).await {
             Ok(resp) => {
                 self.record("forwarded", &entry.route.name, started);
                 let (mut parts, body) = resp.into_parts();
@@ -472,6 +463,22 @@ impl Outbound {
             })
             .observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// `http://<authority><path?query>`: the request as HTTP/2 carries it to the callee's sidecar
+/// (`:scheme`, `:authority`, `:path`), built from parsed parts; `None` when the caller's `Host`
+/// is not a valid authority.
+fn absolute_uri(caller: &Uri, authority: &str) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.parse::<http::uri::Authority>().ok()?);
+    parts.path_and_query = Some(
+        caller
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 #[cfg(test)]
