@@ -794,6 +794,66 @@ async fn the_tap_streams_individual_decisions_only_while_polled() {
             >= 2.0
     );
 
+    // `meshgate tap`, as `linkerd viz tap` users expect: denied decisions as JSON lines. It
+    // streams what happens after it starts, so denied requests are made until it has one.
+    let admin_url = format!("http://{admin_addr}");
+    // `--duration` bounds it should this test fail before it exits.
+    let child = meshgate()
+        .args([
+            "tap",
+            "--control-plane",
+            &admin_url,
+            "--decision",
+            "deny",
+            "--workload",
+            WEB,
+            "--count",
+            "1",
+            "--duration",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let started = std::time::Instant::now();
+    while !output.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "meshgate tap printed no denial in 10 s"
+        );
+        mesh.call("web", "GET", "orders", "/orders/x/allowed").await;
+        mesh.call("web", "GET", "payments", "/admin/cli").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = output.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text_of(&out));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert_eq!(
+        (
+            &lines[0]["decision"],
+            &lines[0]["url.path"],
+            &lines[0]["peer.id"]
+        ),
+        (
+            &serde_json::json!("deny"),
+            &serde_json::json!("/admin/cli"),
+            &serde_json::json!(WEB)
+        ),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tapping 3 sidecar(s)"),
+        "{}",
+        text_of(&out)
+    );
+
     // The older sidecar was never sent a tap request: its first stream is still open (a tap
     // request would have been an undecodable push and ended it), and it is listed as such.
     let log = legacy_events.lock().unwrap().clone();
