@@ -289,7 +289,7 @@ mod tests {
     /// Off until asked: decisions produce nothing and nothing is counted.
     #[test]
     fn an_idle_tap_sends_nothing() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let tap = Tap::new(&metrics);
         for _ in 0..10 {
             tap.record(
@@ -309,7 +309,7 @@ mod tests {
     /// reported on the next line (or by a flush); a stop or `seconds: 0` ends it.
     #[test]
     fn a_tap_filters_rate_limits_and_counts_drops() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let tap = Tap::new(&metrics);
         let filter = TapFilter {
             decisions: vec![DecisionKind::Deny],
@@ -379,7 +379,7 @@ mod tests {
     /// A tap ends by itself when its time is up (at most MAX_TAP_SECONDS, whatever is asked).
     #[test]
     fn a_tap_runs_out() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let tap = Tap::new(&metrics);
         tap.start(&request(10_000, 10_000, TapFilter::default()));
         let until = tap.until_ms.load(Ordering::Relaxed);
@@ -395,7 +395,7 @@ mod tests {
     /// A full queue (the stream is slower than the tap) drops instead of waiting.
     #[test]
     fn a_full_queue_drops_instead_of_blocking() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let tap = Tap::new(&metrics);
         tap.start(&request(30, MAX_TAP_RATE, TapFilter::default()));
         for i in 0..QUEUE + 5 {

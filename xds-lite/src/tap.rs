@@ -425,7 +425,7 @@ mod tests {
     #[test]
     fn each_sidecar_is_asked_for_what_some_watch_shows() {
         use DecisionKind::{Allow, Deny};
-        type Case<'a> = (&'a [Watch], &'a str, &'a [DecisionKind], &'a [&'a str]);
+        type Case<'a> = (Vec<Watch>, &'a str, &'a [DecisionKind], &'a [&'a str]);
         let (all, deny, web) = (
             watch(None, None),
             watch(None, Some(Deny)),
@@ -434,33 +434,33 @@ mod tests {
         let web_deny = watch(Some(WEB), Some(Deny));
         let orders_allow = watch(Some(ORDERS), Some(Allow));
         let cases: &[Case] = &[
-            (&[all.clone()], ORDERS, &[], &[]),
-            (&[deny.clone()], ORDERS, &[Deny], &[]),
+            (vec![all.clone()], ORDERS, &[], &[]),
+            (vec![deny.clone()], ORDERS, &[Deny], &[]),
             // A watch on web: web's own sidecar sends everything, the others web's calls.
-            (&[web.clone()], WEB, &[], &[]),
-            (&[web.clone()], PAYMENTS, &[], &[WEB]),
-            (&[web_deny.clone()], PAYMENTS, &[Deny], &[WEB]),
+            (vec![web.clone()], WEB, &[], &[]),
+            (vec![web.clone()], PAYMENTS, &[], &[WEB]),
+            (vec![web_deny.clone()], PAYMENTS, &[Deny], &[WEB]),
             // Two watches: the union.
             (
-                &[web_deny.clone(), orders_allow.clone()],
+                vec![web_deny.clone(), orders_allow.clone()],
                 PAYMENTS,
                 &[Allow, Deny],
                 &[ORDERS, WEB],
             ),
             (
-                &[web_deny.clone(), orders_allow.clone()],
+                vec![web_deny.clone(), orders_allow.clone()],
                 ORDERS,
                 &[Allow, Deny],
                 &[],
             ),
-            (&[web_deny.clone(), all.clone()], PAYMENTS, &[], &[]),
+            (vec![web_deny.clone(), all.clone()], PAYMENTS, &[], &[]),
         ];
         for (watches, sidecar, decisions, callers) in cases {
             let f = filter_for(watches, sidecar);
             assert_eq!(f.decisions, *decisions, "{watches:?} at {sidecar}");
             assert_eq!(f.callers, *callers, "{watches:?} at {sidecar}");
             // Whatever a watch shows from this sidecar passes the sidecar's filter.
-            for w in *watches {
+            for w in watches {
                 for caller in [WEB, ORDERS, PAYMENTS] {
                     for d in [Allow, Deny] {
                         let r = record(caller, sidecar, d, "/x");
