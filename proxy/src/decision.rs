@@ -4,8 +4,9 @@
 //! decide and hand it to a [`DecisionSink`], which writes the same value to the log line
 //! (`event = "authz.decision"`, one field per record field, under the record's serde names so the
 //! policy tools read it back as the same type), the trace span, the metrics and the decision
-//! feed. Nothing else logs or counts decisions, so the four can never disagree (a bad path was
-//! once `bad-request` in metrics and `deny` in the span).
+//! feed, and hands it to the flow table and the live tap. Nothing else logs or counts
+//! decisions, so they can never disagree (a bad path was once `bad-request` in metrics and
+//! `deny` in the span).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
