@@ -271,7 +271,7 @@ impl ControlPlane {
     ) {
         let mut connections = tokio::task::JoinSet::new();
         let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
-        // Stops the tap once nobody polls it (and, while polled, renews nothing by itself).
+        // Forgets idle tap viewers (stopping the tap when none is left) and renews a polled tap.
         let mut tap_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -440,15 +440,6 @@ impl ControlPlane {
         let expiry = tokio::time::sleep(Duration::try_from(remaining).unwrap_or(Duration::ZERO));
         tokio::pin!(expiry);
         loop {
-            if tap_due && let Some(taps) = taps.as_mut() {
-                tap_due = false;
-                let request = taps.borrow_and_update().request_for(peer.id.as_str());
-                let mut line = serde_json::to_vec(&request).expect("tap request serializes");
-                line.push(b'\n');
-                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
-                    break;
-                }
-            }
             let set = if snapshot_due {
                 current.borrow_and_update().clone()
             } else {
@@ -485,6 +476,16 @@ impl ControlPlane {
                     });
                 }
             }
+            // After the snapshot: a sidecar joining a running tap has its policy first.
+            if tap_due && let Some(taps) = taps.as_mut() {
+                tap_due = false;
+                let request = taps.borrow_and_update().request_for(peer.id.as_str());
+                let mut line = serde_json::to_vec(&request).expect("tap request serializes");
+                line.push(b'\n');
+                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                    break;
+                }
+            }
             let tap_changed = async {
                 match taps.as_mut() {
                     Some(t) => t.changed().await.is_ok(),
@@ -516,8 +517,10 @@ impl ControlPlane {
         // Report lines this second: a sidecar sends a few per interval; one sending far more
         // (broken, or hostile) is not allowed to keep the flow store's lock busy.
         let mut budget = (now(), 0u32);
-        // Tap events this stream may add per second, whatever the sidecar sends.
-        let mut tap_limit = RateLimit::new(DEFAULT_TAP_RATE);
+        // Tap events this stream may add per second, whatever the sidecar sends: twice what
+        // sidecars are asked for, because their one-second windows and ours are not aligned
+        // (a sidecar's full window may straddle two of ours).
+        let mut tap_limit = RateLimit::new(2 * DEFAULT_TAP_RATE);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
             let Some(data) = frame.data_ref() else {

@@ -11,7 +11,8 @@
 //! workload W needs every decision of W's own sidecar, but from the others only W's calls.
 //!
 //! Bounded everywhere: sidecars rate-limit themselves ([`DEFAULT_TAP_RATE`] per second), the
-//! control plane enforces the same limit per stream whatever a sidecar sends, events are cut
+//! control plane enforces twice that per stream whatever a sidecar sends (the windows of the
+//! two sides are not aligned), events are cut
 //! to small fields ([`MAX_TAP_PATH_BYTES`]), the ring keeps the last [`RING_SIZE`] events, and
 //! at most [`MAX_WATCHES`] distinct filters are tracked. What is cut or refused is counted.
 
