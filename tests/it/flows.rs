@@ -854,6 +854,61 @@ async fn the_tap_streams_individual_decisions_only_while_polled() {
         text_of(&out)
     );
 
+    // Over the rate: bursts of 100 concurrent requests at payments (the sidecars are asked for
+    // 50 a second) until payments' sidecar drops some. Every decision a sidecar tapped is then
+    // accounted for at the control plane: sent ones kept (or dropped there), dropped ones
+    // reported (sidecars report their drops once a second).
+    tap(String::new()).await;
+    let started = std::time::Instant::now();
+    loop {
+        let burst = (0..100).map(|_| mesh.call("web", "GET", "payments", "/pay/burst"));
+        futures_util::future::join_all(burst).await;
+        let dropped = mesh
+            .metric(
+                "payments",
+                "meshgate_tap_events_total",
+                &["result=\"dropped\""],
+            )
+            .await;
+        if dropped > 0.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "bursts of 100 requests never went over the tap's 50/s"
+        );
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let (mut sent, mut dropped) = (0.0, 0.0);
+        for name in ["web", "orders", "payments"] {
+            sent += mesh
+                .metric(name, "meshgate_tap_events_total", &["result=\"sent\""])
+                .await;
+            dropped += mesh
+                .metric(name, "meshgate_tap_events_total", &["result=\"dropped\""])
+                .await;
+        }
+        let text = cp_get(&mesh, "/metrics").await;
+        let kept = sample(&text, "meshgate_console_tap_events_total", &[]).unwrap();
+        let reported = sample(&text, "meshgate_console_tap_dropped_total", &["sidecar"]).unwrap();
+        let cut = sample(
+            &text,
+            "meshgate_console_tap_dropped_total",
+            &["control_plane"],
+        )
+        .unwrap();
+        if kept + cut == sent && reported == dropped {
+            assert!(kept <= sent);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "sidecars sent {sent} and dropped {dropped}; the control plane kept {kept}, cut {cut} and heard of {reported} dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The older sidecar was never sent a tap request: its first stream is still open (a tap
     // request would have been an undecodable push and ended it), and it is listed as such.
     let log = legacy_events.lock().unwrap().clone();
