@@ -97,7 +97,7 @@ printf '%-40s %14s %14s %14s\n' binary "inbound Ir/req" "outbound Ir/req" "pair 
 n=0
 for bin in "${bins[@]}"; do
   n=$((n + 1))
-  vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes)
+  vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
   MESHGATE_LOG=warn "${vg[@]}" --callgrind-out-file="$work/cg-in-$n.out" "$bin" proxy \
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \

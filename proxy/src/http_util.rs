@@ -8,17 +8,20 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 /// Body type of every response the sidecar produces: streamed from upstream, or generated here.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// (The sidecar's own headers are `HeaderName` constants, not `&str`: a `&str` name is parsed
+/// and validated again at every lookup, three of them per request.)
+///
 /// Header carrying the caller's verified SPIFFE ID to the local app (set by the sidecar only;
 /// any copy sent by the caller is removed).
-pub const PEER_ID_HEADER: &str = "x-meshgate-peer";
+pub const PEER_ID_HEADER: HeaderName = HeaderName::from_static("x-meshgate-peer");
 /// Envoy's convention for the same fact, for apps that already read it:
 /// `By=<this workload's ID>;URI=<caller's ID>`.
-pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
+pub const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 /// The policy version that allowed the request, for the app's own logs.
-pub const POLICY_VERSION_HEADER: &str = "x-meshgate-policy-version";
+pub const POLICY_VERSION_HEADER: HeaderName = HeaderName::from_static("x-meshgate-policy-version");
 /// Set by the outbound sidecar when it carries an HTTP/1.1 request over HTTP/2, so that the
 /// inbound sidecar speaks HTTP/1.1 to its app again.
-pub const ORIG_PROTO_HEADER: &str = "x-meshgate-orig-proto";
+pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-meshgate-orig-proto");
 /// Which of the callee's app ports (`--app`) a request is for: one decimal port. Set by the
 /// outbound sidecar only (after removing any copy the app sent), from the port the app
 /// addressed, and only for a port the Service declares; read and removed by the inbound sidecar
@@ -27,7 +30,7 @@ pub const ORIG_PROTO_HEADER: &str = "x-meshgate-orig-proto";
 /// It is a routing hint, not a credential: a caller holding a valid SVID could set it itself,
 /// and that only chooses which of the callee's app ports it talks to — exactly what it could
 /// choose by addressing that port — and the request is then judged for *that* port.
-pub const APP_PORT_HEADER: &str = "x-meshgate-app-port";
+pub const APP_PORT_HEADER: HeaderName = HeaderName::from_static("x-meshgate-app-port");
 
 /// A small generated response (errors and denials); the body is generic on purpose.
 pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
@@ -95,7 +98,8 @@ pub fn boxed(body: hyper::body::Incoming) -> ProxyBody {
     body.boxed_unsync()
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP_LEN: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -108,34 +112,60 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in `Connection`.
 /// `TE: trailers` survives: gRPC needs it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none of them (HTTP/2 forbids them, and the sidecar-to-sidecar hop is
-    // HTTP/2): one pass comparing names, with no hashing and no allocation, saves the lookups
-    // below on every such request. Without `Connection` nothing else can be named hop-by-hop.
-    let any = headers
-        .keys()
-        .any(|k| k == header::TE || HOP_BY_HOP.contains(k));
-    if !any {
+    // One pass comparing names (no hashing, no allocation) finds which of them are present:
+    // requests over HTTP/2 (the sidecar-to-sidecar hop) carry none, and an HTTP/1.1 app's
+    // response usually only `Connection: keep-alive`. Only what is present is then removed,
+    // instead of a hashed lookup per hop-by-hop name on every request and response.
+    let (mut connection, mut te) = (false, false);
+    let mut listed = [false; HOP_BY_HOP_LEN];
+    for k in headers.keys() {
+        if k == header::TE {
+            te = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            listed[i] = true;
+            connection |= i == 0;
+        }
+    }
+    if !te && !listed.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if connection {
+        // Names the `Connection` header lists that are not hop-by-hop anyway (`keep-alive`
+        // is; `close` and `upgrade` name no header, or one removed below).
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !name.is_empty()
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    for (name, present) in HOP_BY_HOP.iter().zip(listed) {
+        if present {
+            headers.remove(name);
+        }
+    }
+    if te {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -246,6 +276,26 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-app"], "kept");
+    }
+
+    /// Whatever `Connection` lists (any case, with `close`/`keep-alive`/`upgrade` among the
+    /// names) is removed, and only that.
+    #[test]
+    fn names_listed_in_connection_are_removed_in_any_case() {
+        for listed in [
+            "X-Secret",
+            "close, x-secret",
+            "Keep-Alive , X-SECRET, Upgrade",
+            "x-secret,,",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(listed));
+            h.insert("x-secret", HeaderValue::from_static("1"));
+            h.insert("x-app", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{listed}: {h:?}");
+            assert_eq!(h["x-app"], "kept");
+        }
     }
 
     /// Each hop-by-hop header alone is removed (the fast path for requests without any must

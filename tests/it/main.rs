@@ -24,6 +24,7 @@ mod kube_pods;
 mod policy_cli;
 mod quickstart;
 mod sidecar_admin;
+mod sidecar_app_pool;
 mod sidecar_attacks;
 mod sidecar_authz;
 mod sidecar_bypass;

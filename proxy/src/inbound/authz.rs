@@ -41,6 +41,31 @@ pub struct PeerIdentity {
     /// When the peer's certificate expires. TLS checks validity only at the handshake; a pooled
     /// HTTP/2 connection can outlive the certificate, so every request re-checks it.
     pub not_after: time::OffsetDateTime,
+    /// What every request of the connection repeats, made once per connection rather than
+    /// formatted per request (`addr` as text for the decision record; the identity headers
+    /// for the app; `None` when an ID is not a valid header value, which a SPIFFE ID always is).
+    pub addr_text: String,
+    peer_header: Option<HeaderValue>,
+    xfcc_header: Option<HeaderValue>,
+}
+
+impl PeerIdentity {
+    /// The peer `id` at `addr` (certificate valid until `not_after`), calling `local`.
+    pub fn new(
+        id: SpiffeId,
+        addr: std::net::SocketAddr,
+        not_after: time::OffsetDateTime,
+        local: &SpiffeId,
+    ) -> Self {
+        Self {
+            addr_text: addr.to_string(),
+            peer_header: HeaderValue::from_str(id.as_str()).ok(),
+            xfcc_header: HeaderValue::from_str(&format!("By={local};URI={id}")).ok(),
+            id,
+            addr,
+            not_after,
+        }
+    }
 }
 
 /// What every connection's inbound layers share.
@@ -168,7 +193,7 @@ where
         }
         let mut record =
             DecisionRecord::new(DecisionLayer::L7, &ctx.local_id, &peer.id, port, &decision);
-        record.peer_addr = Some(peer.addr.to_string());
+        record.peer_addr = Some(peer.addr_text.clone());
         record.method = Some(method.clone());
         record.trace_id = span.as_ref().and_then(|s| s.trace_id.clone());
         let Some(normalized) = judged.normalized else {
@@ -216,11 +241,11 @@ where
                 headers: req.headers().clone(),
             });
         let headers = req.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(peer.id.as_str()) {
-            headers.insert(PEER_ID_HEADER, v);
+        if let Some(v) = &peer.peer_header {
+            headers.insert(PEER_ID_HEADER, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&format!("By={};URI={}", ctx.local_id, peer.id)) {
-            headers.insert(XFCC_HEADER, v);
+        if let Some(v) = &peer.xfcc_header {
+            headers.insert(XFCC_HEADER, v.clone());
         }
         if let Ok(v) = HeaderValue::from_str(&decision.version) {
             headers.insert(POLICY_VERSION_HEADER, v);

@@ -7,11 +7,13 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
+use super::app_pool::Http1Pool;
 use super::authz::Reauthorize;
 use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
@@ -58,13 +60,14 @@ impl Service<Uri> for AppConnector {
 
 type AppClient = Client<AppConnector, TrailerFilter>;
 
-/// One `--app`: where it listens and its pooled HTTP/1.1 client. Each app has its own clients:
-/// hyper's pool is keyed by the request's authority (the caller's `Host`), which is the same
-/// whichever app a request is for, so a shared pool would reuse one app's connection for another.
+/// One `--app`: where it listens, its kept-alive HTTP/1.1 connections, and how to dial it for
+/// HTTP/2. Each app has its own: hyper's HTTP/2 pool is keyed by the request's authority (the
+/// caller's `Host`), which is the same whichever app a request is for, so a shared pool would
+/// reuse one app's connection for another.
 struct App {
     addr: String,
     connector: AppConnector,
-    http1: AppClient,
+    http1: Arc<Http1Pool>,
 }
 
 /// Sends requests to the apps (`host:port` each, the default first), keeping the caller's `Host`.
@@ -78,7 +81,7 @@ pub struct AppForwarder {
     protocol: AppProtocol,
     /// This caller connection's HTTP/2 pool per app, made on first use (most connections never
     /// need one).
-    h2c: Arc<[OnceLock<AppClient>]>,
+    h2c: Arc<[OnceLock<Arc<AppClient>>]>,
 }
 
 impl AppForwarder {
@@ -91,7 +94,7 @@ impl AppForwarder {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
                 // A local app that does not accept within this is down; fail fast with 502.
-                connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+                connector.set_connect_timeout(Some(super::app_pool::CONNECT_TIMEOUT));
                 let connector = AppConnector {
                     inner: connector,
                     app: format!("http://{app}")
@@ -100,7 +103,7 @@ impl AppForwarder {
                 };
                 App {
                     addr: app.to_string(),
-                    http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+                    http1: Http1Pool::new(*app),
                     connector,
                 }
             })
@@ -113,14 +116,16 @@ impl AppForwarder {
         }
     }
 
-    fn fresh_h2c(apps: usize) -> Arc<[OnceLock<AppClient>]> {
+    fn fresh_h2c(apps: usize) -> Arc<[OnceLock<Arc<AppClient>>]> {
         (0..apps).map(|_| OnceLock::new()).collect()
     }
 
-    fn h2c_client(connector: &AppConnector) -> AppClient {
-        Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector.clone())
+    fn h2c_client(connector: &AppConnector) -> Arc<AppClient> {
+        Arc::new(
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector.clone()),
+        )
     }
 
     /// The forwarder for one caller connection: HTTP/1.1 connections to the apps stay pooled
@@ -175,30 +180,50 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);
         }
-        *req.uri_mut() = app_uri(req.uri(), &authority, &app.addr);
         if use_h2 {
-            // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1).
+            // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1), which hyper
+            // takes from the URI.
+            *req.uri_mut() = app_uri(req.uri(), &authority, &app.addr);
             req.headers_mut().remove(header::HOST);
-        } else if !req.headers().contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&authority)
-        {
-            req.headers_mut().insert(header::HOST, v);
+        } else {
+            // HTTP/1.1 to the app: origin-form target, the authority in `Host`.
+            *req.uri_mut() = origin_form(req.uri());
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&authority)
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
         *req.version_mut() = if use_h2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        let client = if use_h2 {
-            self.h2c[index]
-                .get_or_init(|| Self::h2c_client(&app.connector))
-                .clone()
+        let upstream = if use_h2 {
+            Upstream::H2c(
+                self.h2c[index]
+                    .get_or_init(|| Self::h2c_client(&app.connector))
+                    .clone(),
+            )
         } else {
-            app.http1.clone()
+            Upstream::Http1(app.http1.clone())
         };
         let grpc = is_grpc(req.headers());
         Box::pin(async move {
-            match client.request(req).await {
+            let answered: Result<Response<ProxyBody>, Box<dyn std::error::Error + Send + Sync>> =
+                match upstream {
+                    Upstream::H2c(client) => client
+                        .request(req)
+                        .await
+                        .map(|r| r.map(boxed))
+                        .map_err(Into::into),
+                    Upstream::Http1(pool) => pool
+                        .send(req)
+                        .await
+                        .map(|r| r.map(BodyExt::boxed_unsync))
+                        .map_err(Into::into),
+                };
+            match answered {
                 Ok(mut resp) => {
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     let upstream = switching.then(|| hyper::upgrade::on(&mut resp));
@@ -229,7 +254,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                         }
                         _ => {}
                     }
-                    Ok(Response::from_parts(parts, boxed(body)))
+                    Ok(Response::from_parts(parts, body))
                 }
                 Err(e) => {
                     tracing::warn!(event = "inbound.app_unavailable", error = %e, "local app did not answer");
@@ -242,6 +267,24 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             }
         })
     }
+}
+
+/// Where a request goes: the app's kept-alive HTTP/1.1 connections, or this caller
+/// connection's HTTP/2 client.
+enum Upstream {
+    Http1(Arc<Http1Pool>),
+    /// Shared, not cloned: hyper-util's client is a few hundred bytes.
+    H2c(Arc<AppClient>),
+}
+
+/// The caller's path and query alone: the request target HTTP/1.1 sends to an origin server.
+fn origin_form(caller: &Uri) -> Uri {
+    Uri::from(
+        caller
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    )
 }
 
 /// `http://<authority><path?query>` for the request to the app, built from the parsed parts (no

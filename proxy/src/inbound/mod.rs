@@ -14,6 +14,7 @@
 //! its decision; [`observe::Observe`] writes every decision once and maps errors to responses.
 //! Opaque TCP (ALPN `meshgate-tcp`) goes to the L4 tunnel server instead.
 
+pub mod app_pool;
 pub mod authz;
 pub mod error;
 pub mod forward;
@@ -209,11 +210,7 @@ impl Inbound {
         if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
             return self.tunnel.clone().serve(tls, id, not_after).await;
         }
-        let peer_identity = Arc::new(PeerIdentity {
-            id,
-            addr: peer,
-            not_after,
-        });
+        let peer_identity = Arc::new(PeerIdentity::new(id, peer, not_after, &self.authz.local_id));
         let service = ServiceBuilder::new()
             .layer(observe::ObserveLayer::new(
                 self.authz.clone(),

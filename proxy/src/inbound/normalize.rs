@@ -123,7 +123,7 @@ where
                 port,
                 &decision,
             );
-            record.peer_addr = Some(self.peer.addr.to_string());
+            record.peer_addr = Some(self.peer.addr_text.clone());
             record.method = Some(req.method().as_str().to_string());
             record.original = Some(target(req).to_string());
             record.trace_id = trace_id.clone();
