@@ -505,7 +505,7 @@ impl StreamClient {
                     Ok(ServerMessage::Tap(request)) => {
                         match &self.tap {
                             Some(tap) => tap.control.start(&request),
-                            None => return Err("a tap request on a stream that did not offer the tap: is this a control plane of the mesh?".into()),
+                            None => return Err("the control plane sent a tap request on a stream that did not offer the tap (a protocol error: it must check x-meshgate-stream-features); reconnecting".into()),
                         }
                         continue;
                     }

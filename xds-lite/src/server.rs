@@ -367,13 +367,7 @@ impl ControlPlane {
         }
         // Only a sidecar that says it reads tap requests gets them: an older one would take the
         // line for a malformed push and drop its stream.
-        let tap = req
-            .headers()
-            .get_all(FEATURES_HEADER)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|f| f.trim() == FEATURE_TAP);
+        let tap = crate::wire::has_feature(req.headers(), FEATURE_TAP);
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let mut sidecars = self.sidecars.lock().expect("lock");
         // A reconnecting sidecar replaces its closed streams, so the table does not grow with

@@ -62,6 +62,17 @@ pub struct Ack {
 /// every request line as an ACK, warns on anything else and closes the stream on a line over
 /// [`MAX_ACK_BYTES`], so it must never receive one.
 pub const FEATURES_HEADER: &str = "x-meshgate-stream-features";
+/// Whether `headers` list `feature` in [`FEATURES_HEADER`] (repeated headers and
+/// comma-separated lists alike).
+pub fn has_feature(headers: &http::HeaderMap, feature: &str) -> bool {
+    headers
+        .get_all(FEATURES_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| f.trim() == feature)
+}
+
 /// The feature name of flow reports in [`FEATURES_HEADER`].
 pub const FEATURE_FLOW_REPORTS: &str = "flow-reports";
 /// The type of a [`FlowReport`] line.
@@ -926,6 +937,19 @@ mod tests {
         );
         let err = ServerMessage::parse(br#"{"typeUrl":"x","version":"v"}"#).unwrap_err();
         assert!(err.to_string().contains("nonce"), "{err}");
+    }
+
+    #[test]
+    fn features_are_read_from_lists_and_repeated_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!has_feature(&headers, FEATURE_TAP));
+        headers.append(FEATURES_HEADER, "flow-reports, tap".parse().unwrap());
+        assert!(has_feature(&headers, FEATURE_TAP));
+        assert!(!has_feature(&headers, "ta"));
+        let mut headers = http::HeaderMap::new();
+        headers.append(FEATURES_HEADER, "flow-reports".parse().unwrap());
+        headers.append(FEATURES_HEADER, "tap".parse().unwrap());
+        assert!(has_feature(&headers, FEATURE_TAP));
     }
 
     /// What an old sidecar would do with a tap request: its push parser refuses it. This is
