@@ -314,9 +314,11 @@ impl TapHub {
     /// One line a sidecar (`callee`, the stream's authenticated identity) sent; `limit` is that
     /// stream's rate limit. Events of another tap or while none runs are ignored.
     pub fn ingest(&self, callee: &str, event: TapEvent, limit: &mut RateLimit, now: Instant) {
-        let plan = self.plan.borrow().clone();
-        if event.type_url != TAP_EVENT_TYPE || !plan.active || event.id != plan.id {
-            return;
+        {
+            let plan = self.plan.borrow();
+            if event.type_url != TAP_EVENT_TYPE || !plan.active || event.id != plan.id {
+                return;
+            }
         }
         let mut st = self.state.lock().expect("lock");
         let c = &mut st.counters;
