@@ -1,4 +1,4 @@
-//! `meshgate control-plane serve` and `meshgate status`.
+//! `meshgate control-plane serve`, `meshgate status`, `meshgate dashboard` and `meshgate tap`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,11 +115,16 @@ pub struct StatusArgs {
 /// The `/status` URL of a control plane's admin listener given as `--control-plane`: a URL, or
 /// `HOST:PORT` without a scheme (plain HTTP is assumed: the admin listener has no TLS).
 pub fn status_url(admin: &str) -> String {
+    admin_url(admin, "/status")
+}
+
+/// `path` on a control plane's admin listener given as a URL or `HOST:PORT`.
+fn admin_url(admin: &str, path: &str) -> String {
     let admin = admin.trim_end_matches('/');
     if admin.contains("://") {
-        format!("{admin}/status")
+        format!("{admin}{path}")
     } else {
-        format!("http://{admin}/status")
+        format!("http://{admin}{path}")
     }
 }
 
@@ -288,4 +293,125 @@ pub fn dashboard(args: DashboardArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    /// The control plane's admin listener: a URL or HOST:PORT.
+    #[arg(long, default_value = "http://127.0.0.1:15011")]
+    control_plane: String,
+    /// Only decisions where this SPIFFE ID is the caller or the callee.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Only decisions of this kind.
+    #[arg(long, value_parser = ["allow", "deny", "audit", "dry-run-deny", "bad-request"])]
+    decision: Option<String>,
+    /// Stop after this many decisions (default: until Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m; default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+/// How often `meshgate tap` polls: the control plane keeps the sidecars tapping while it is
+/// polled, and a decision shows within this much of reaching it.
+const TAP_POLL: Duration = Duration::from_millis(500);
+
+/// Streams the decisions the control plane's live tap receives (`GET /v1/console/tap`) as JSON
+/// lines on stdout, oldest first, like `linkerd viz tap`; what the tap could not keep (rate
+/// limits) and sidecars too old to be tapped are said on stderr.
+pub fn tap(args: TapArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = tap_loop(&args) => result,
+            () = crate::ca_cmd::shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+async fn tap_loop(args: &TapArgs) -> Result<()> {
+    use std::io::Write;
+    let mut query = String::new();
+    if let Some(w) = &args.workload {
+        query.push_str(&format!("&workload={}", query_escape(w)));
+    }
+    if let Some(d) = &args.decision {
+        query.push_str(&format!("&decision={d}"));
+    }
+    let started = std::time::Instant::now();
+    let (mut since, mut shown, mut dropped, mut first) = (None::<u64>, 0u64, 0u64, true);
+    loop {
+        // The first poll starts the tap and only learns where the ring stands: what came
+        // before this command is not streamed.
+        let url = admin_url(
+            &args.control_plane,
+            &format!(
+                "/v1/console/tap?since={}&limit=1000{query}",
+                since.unwrap_or(0)
+            ),
+        );
+        let body = crate::health_cmd::get(&url, Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no tap from the control plane: {e:#}; is `meshgate control-plane serve` running there? Point to its admin listener with --control-plane HOST:PORT"
+                )
+            })?;
+        let answer: serde_json::Value =
+            serde_json::from_str(&body).context("the tap's answer is not JSON")?;
+        if first {
+            first = false;
+            let tapping = &answer["sidecars"]["tapping"];
+            let without = answer["sidecars"]["without_tap"].as_u64().unwrap_or(0);
+            eprintln!(
+                "tapping {tapping} sidecar(s) through {} (at most {} decisions/s each); Ctrl-C to stop",
+                args.control_plane, answer["max_per_second"]
+            );
+            if without > 0 {
+                eprintln!(
+                    "{without} connected sidecar(s) are too old to be tapped: upgrade them to see their decisions"
+                );
+            }
+        }
+        let events = answer["events"].as_array().cloned().unwrap_or_default();
+        if since.is_some() {
+            let mut out = std::io::stdout().lock();
+            // Newest first in the answer; printed oldest first.
+            for event in events.iter().rev() {
+                writeln!(out, "{event}")?;
+                shown += 1;
+                if args.count.is_some_and(|n| shown >= n) {
+                    return Ok(());
+                }
+            }
+            out.flush()?;
+        }
+        since = answer["seq"].as_u64().or(since);
+        let now_dropped = answer["dropped"]["sidecars"].as_u64().unwrap_or(0)
+            + answer["dropped"]["control_plane"].as_u64().unwrap_or(0);
+        if now_dropped > dropped && dropped > 0 {
+            eprintln!(
+                "{} more decisions dropped by the tap's rate limits (not shown)",
+                now_dropped - dropped
+            );
+        }
+        dropped = now_dropped;
+        if args.duration.is_some_and(|d| started.elapsed() >= d) {
+            return Ok(());
+        }
+        tokio::time::sleep(TAP_POLL).await;
+    }
+}
+
+/// A query value: the bytes a SPIFFE ID never has (`%`, `&`, `+`, `#`, space) escaped.
+fn query_escape(v: &str) -> String {
+    v.replace('%', "%25")
+        .replace('&', "%26")
+        .replace('+', "%2B")
+        .replace('#', "%23")
+        .replace(' ', "%20")
 }

@@ -71,6 +71,11 @@ enum Command {
     /// Print the web console's URL (the control plane's admin listener) and open it if a browser is there.
     #[command(after_help = "Example:\n  meshgate dashboard --control-plane 127.0.0.1:15011")]
     Dashboard(control_plane_cmd::DashboardArgs),
+    /// Stream individual decisions live from the sidecars (through the control plane) as JSON lines.
+    #[command(
+        after_help = "Example:\n  meshgate tap --control-plane 127.0.0.1:15011 --decision deny\n  meshgate tap --workload spiffe://mesh.local/ns/shop/sa/web --count 10"
+    )]
+    Tap(control_plane_cmd::TapArgs),
     /// Emergency mesh-wide DENY for one identity (and `--lift` to undo it).
     #[command(
         after_help = "Example:\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --control-plane 127.0.0.1:15011\n  meshgate quarantine spiffe://mesh.local/ns/shop/sa/web --policy-dir ./policies --lift"
@@ -201,16 +206,12 @@ const FAMILIAR: &[(&str, &str)] = &[
     ),
     (
         "viz",
-        "meshgate dashboard (the web console on the control plane's admin listener: graph, flows, SLIs)",
+        "meshgate dashboard (the web console on the control plane's admin listener: graph, flows, live tap, SLIs; `meshgate tap` streams decisions)",
     ),
     ("kube-inject", "meshgate inject FILE"),
     (
         "upgrade",
         "meshgate install --ca-dir DIR | kubectl apply --server-side -f - (the same CA, new manifests)",
-    ),
-    (
-        "tap",
-        "the live tap in the console (meshgate dashboard), meshgate demo's decision table, or the sidecars' JSON decision logs (MESHGATE_LOG_FORMAT=json)",
     ),
 ];
 
@@ -263,6 +264,7 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => control_plane_cmd::status(args).map(|()| ExitCode::SUCCESS),
         Command::Dashboard(args) => control_plane_cmd::dashboard(args).map(|()| ExitCode::SUCCESS),
+        Command::Tap(args) => control_plane_cmd::tap(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check_cmd::run(args),
         Command::Quarantine(args) => quarantine_cmd::run(args).map(|()| ExitCode::SUCCESS),
         Command::Policy { command } => policy_cmd::run(command),

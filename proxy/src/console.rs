@@ -6,7 +6,9 @@
 //!
 //! Endpoints: `GET /` and `/console` (the page), `GET /v1/console/state` (graph, flows,
 //! sidecars, SLIs inputs), `GET /v1/console/suggest?caller=ID&callee=ID` (the YAML
-//! `meshgate policy suggest` would write for that edge), `POST /v1/console/quarantine` with
+//! `meshgate policy suggest` would write for that edge), `GET /v1/console/tap?since=SEQ&
+//! workload=ID&decision=D` (the live tap: individual decisions, newest first; polling it is what
+//! keeps the sidecars tapping, see [`meshgate_xds::tap`]), `POST /v1/console/quarantine` with
 //! `{"id": ID, "lift": bool}`.
 //!
 //! Authorization of mutating actions, fail closed: with a console token (`--console-token`) a
@@ -210,6 +212,7 @@ impl Console {
             "/" | "/console"
                 | "/v1/console/state"
                 | "/v1/console/suggest"
+                | "/v1/console/tap"
                 | "/v1/console/quarantine"
         );
         if !known {
@@ -221,17 +224,12 @@ impl Console {
                 answer(StatusCode::OK, "text/html; charset=utf-8", PAGE)
             }
             (Method::GET, "/v1/console/state") => json_answer(StatusCode::OK, &self.state(cp)),
+            (Method::GET, "/v1/console/tap") => match self.tap(cp, &query_map(req.uri().query())) {
+                Ok(v) => json_answer(StatusCode::OK, &v),
+                Err(why) => json_answer(StatusCode::BAD_REQUEST, &json!({ "error": why })),
+            },
             (Method::GET, "/v1/console/suggest") => {
-                let query: HashMap<String, String> = req
-                    .uri()
-                    .query()
-                    .map(|q| {
-                        q.split('&')
-                            .filter_map(|kv| kv.split_once('='))
-                            .map(|(k, v)| (k.to_string(), percent_decode(v)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let query = query_map(req.uri().query());
                 match (query.get("caller"), query.get("callee")) {
                     (Some(caller), Some(callee)) => {
                         json_answer(StatusCode::OK, &suggest_edge(cp, caller, callee))
@@ -322,8 +320,70 @@ impl Console {
         }
     }
 
+    /// The live tap: registers the viewer's filters (which starts or renews the tap on the
+    /// sidecars) and answers the events after `since` that they show, newest first. The error
+    /// says which parameter is wrong and what it takes.
+    fn tap(&self, cp: &ControlPlane, query: &HashMap<String, String>) -> Result<Value, String> {
+        use meshgate_xds::tap::{IDLE_STOP, RING_SIZE, Watch};
+        let given = |k: &str| query.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let workload = given("workload")
+            .map(|w| {
+                meshgate_ca::SpiffeId::parse(w)
+                    .map(|id| id.to_string())
+                    .map_err(|e| format!("workload {w:?} is not a SPIFFE ID ({e}): give ?workload=spiffe://…, or leave it out for every workload"))
+            })
+            .transpose()?;
+        let decision = given("decision")
+            .map(|d| {
+                serde_json::from_value::<DecisionKind>(json!(d)).map_err(|_| {
+                    format!(
+                        "decision {d:?} is not one of allow, deny, audit, dry-run-deny, bad-request"
+                    )
+                })
+            })
+            .transpose()?;
+        let number = |k: &str, default: u64| {
+            given(k).map_or(Ok(default), |v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("{k} {v:?} is not a number: give ?{k}=N"))
+            })
+        };
+        let since = number("since", 0)?;
+        let limit = number("limit", 200)?.clamp(1, RING_SIZE as u64) as usize;
+        let watch = Watch { workload, decision };
+        cp.tap_poll(watch.clone());
+        let (seq, events) = cp.tap_events(since, &watch, limit);
+        let events: Vec<Value> = events
+            .into_iter()
+            .map(|(seq, record)| {
+                let trace_url = record
+                    .trace_id
+                    .as_deref()
+                    .zip(self.trace_ui.as_ref())
+                    .map(|(t, ui)| ui.link(t));
+                let mut v = serde_json::to_value(record).expect("record serializes");
+                v["seq"] = seq.into();
+                if let Some(url) = trace_url {
+                    v["trace_url"] = url.into();
+                }
+                v
+            })
+            .collect();
+        let (tapping, without) = cp.tap_sidecars();
+        let c = cp.tap_counters();
+        Ok(json!({
+            "seq": seq,
+            "events": events,
+            "active": c.active,
+            "sidecars": { "tapping": tapping, "without_tap": without },
+            "dropped": { "sidecars": c.dropped_by_sidecars, "control_plane": c.dropped_by_control_plane },
+            "max_per_second": meshgate_xds::wire::DEFAULT_TAP_RATE,
+            "stops_after_seconds": IDLE_STOP.as_secs(),
+        }))
+    }
+
     /// `meshgate_console_*` metrics, appended to the admin listener's `/metrics`.
-    pub fn metrics(&self) -> String {
+    pub fn metrics(&self, cp: &ControlPlane) -> String {
         let mut out = String::from(
             "# HELP meshgate_console_actions_total Mutating console actions, by action and result (ok, refused, failed)\n# TYPE meshgate_console_actions_total counter\n",
         );
@@ -335,6 +395,19 @@ impl Console {
         out.push_str(&format!(
             "# HELP meshgate_console_requests_total Requests to the console's page and endpoints\n# TYPE meshgate_console_requests_total counter\nmeshgate_console_requests_total {}\n",
             self.requests.load(Ordering::Relaxed)
+        ));
+        let tap = cp.tap_counters();
+        out.push_str(&format!(
+            "# HELP meshgate_console_tap_events_total Decisions received from tapped sidecars and kept for the console's live tap\n# TYPE meshgate_console_tap_events_total counter\nmeshgate_console_tap_events_total {}\n",
+            tap.events
+        ));
+        out.push_str(&format!(
+            "# HELP meshgate_console_tap_dropped_total Tapped decisions dropped: by sidecars (over their rate limit or queue) or by the control plane (over a stream's rate limit, or implausible)\n# TYPE meshgate_console_tap_dropped_total counter\nmeshgate_console_tap_dropped_total{{by=\"sidecar\"}} {}\nmeshgate_console_tap_dropped_total{{by=\"control_plane\"}} {}\n",
+            tap.dropped_by_sidecars, tap.dropped_by_control_plane
+        ));
+        out.push_str(&format!(
+            "# HELP meshgate_console_tap_active Whether sidecars are being tapped now (someone polled the tap in the last 30 s)\n# TYPE meshgate_console_tap_active gauge\nmeshgate_console_tap_active {}\n",
+            u8::from(tap.active)
         ));
         out
     }
@@ -584,6 +657,18 @@ fn suggest_edge(cp: &ControlPlane, caller: &str, callee: &str) -> Value {
         }),
         Err(e) => json!({ "error": e.to_string() }),
     }
+}
+
+/// The parameters of a query string, percent-decoded.
+fn query_map(query: Option<&str>) -> HashMap<String, String> {
+    query
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -2,7 +2,8 @@
 //! watched policy directory, the xds-lite stream server, and a loopback admin listener with
 //! `/status` (for `meshgate status`), `/metrics` (the `meshgate_sli_*` SLIs), `/v1/flows` (the
 //! flows sidecars reported, for `meshgate policy suggest/diff --control-plane`), `/ready`,
-//! `/live`, and the web console (`/console`, [`crate::console`]).
+//! `/live`, and the web console (`/console`, [`crate::console`], with the live tap
+//! `/v1/console/tap` that `meshgate tap` reads).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -160,7 +161,7 @@ async fn admin(
                                 "/status" => (StatusCode::OK, serde_json::to_string_pretty(&cp.status()).expect("serializes")),
                                 "/metrics" => {
                                     content_type = "text/plain; version=0.0.4; charset=utf-8";
-                                    (StatusCode::OK, cp.sli_metrics() + &console.metrics())
+                                    (StatusCode::OK, cp.sli_metrics() + &console.metrics(&cp))
                                 }
                                 "/v1/flows" => {
                                     content_type = "application/x-ndjson";

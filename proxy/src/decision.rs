@@ -4,8 +4,9 @@
 //! decide and hand it to a [`DecisionSink`], which writes the same value to the log line
 //! (`event = "authz.decision"`, one field per record field, under the record's serde names so the
 //! policy tools read it back as the same type), the trace span, the metrics and the decision
-//! feed. Nothing else logs or counts decisions, so the four can never disagree (a bad path was
-//! once `bad-request` in metrics and `deny` in the span).
+//! feed, and hands it to the flow table and the live tap. Nothing else logs or counts
+//! decisions, so they can never disagree (a bad path was once `bad-request` in metrics and
+//! `deny` in the span).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ pub struct DecisionSink {
     feed: broadcast::Sender<DecisionRecord>,
     /// The flows reported to the control plane (when the sidecar has one).
     flows: Option<Arc<crate::flows::FlowTable>>,
+    /// The live tap (when the sidecar has a control plane): one atomic load per decision
+    /// while nobody taps.
+    tap: Option<Arc<crate::tap::Tap>>,
 }
 
 impl DecisionSink {
@@ -38,12 +42,19 @@ impl DecisionSink {
             telemetry,
             feed,
             flows: None,
+            tap: None,
         }
     }
 
     /// Also counts every decision into `flows` (reported to the control plane).
     pub fn with_flows(mut self, flows: Arc<crate::flows::FlowTable>) -> Self {
         self.flows = Some(flows);
+        self
+    }
+
+    /// Also offers every decision to `tap` (sent on only while the control plane taps).
+    pub fn with_tap(mut self, tap: Arc<crate::tap::Tap>) -> Self {
+        self.tap = Some(tap);
         self
     }
 
@@ -62,8 +73,14 @@ impl DecisionSink {
 
     /// An HTTP decision: the log line, a `meshgate.authz` child span of the request's server span
     /// (`server`), the decision on the server span, the request counter and latency (since
-    /// `started`), the feed.
-    pub fn http(&self, record: &DecisionRecord, server: &opentelemetry::Context, started: Instant) {
+    /// `started`), the feed, and the tap (with the response `status`).
+    pub fn http(
+        &self,
+        record: &DecisionRecord,
+        server: &opentelemetry::Context,
+        started: Instant,
+        status: u16,
+    ) {
         log(record);
         self.span(record, server);
         let decision = record.decision.as_str();
@@ -84,7 +101,7 @@ impl DecisionSink {
                 DecisionKind::Deny | DecisionKind::DryRunDeny | DecisionKind::BadRequest
             );
         let trace_id = record.trace_id.as_deref().filter(|_| exported);
-        self.publish(record, Some(started.elapsed()), trace_id);
+        self.publish(record, Some(started.elapsed()), trace_id, Some(status));
     }
 
     /// An L4 tunnel decision: the log line, the tunnel counter, the feed.
@@ -98,12 +115,21 @@ impl DecisionSink {
                 port: record.port,
             })
             .inc();
-        self.publish(record, None, None);
+        self.publish(record, None, None, None);
     }
 
-    fn publish(&self, record: &DecisionRecord, latency: Option<Duration>, trace_id: Option<&str>) {
+    fn publish(
+        &self,
+        record: &DecisionRecord,
+        latency: Option<Duration>,
+        trace_id: Option<&str>,
+        status: Option<u16>,
+    ) {
         if let Some(flows) = &self.flows {
             flows.record(record, latency, trace_id);
+        }
+        if let Some(tap) = &self.tap {
+            tap.record(record, status, latency, trace_id);
         }
         if self.feed.receiver_count() > 0 {
             let _ = self.feed.send(record.clone());

@@ -17,6 +17,7 @@ pub mod probe;
 pub mod quarantine;
 pub mod serve;
 pub mod sidecar;
+pub mod tap;
 pub mod telemetry;
 pub mod tls;
 pub mod trace_ui;

@@ -74,6 +74,13 @@ pub struct DropLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the tap counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TapLabels {
+    /// `sent` | `dropped` (over the tap's rate limit, or the stream's queue was full).
+    pub result: &'static str,
+}
+
 /// Labels of the policy version info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -103,6 +110,8 @@ pub struct Metrics {
     /// Decisions not aggregated into a flow because the per-interval cap on distinct flows was
     /// reached (`meshgate_flow_cardinality_overflow_total`).
     pub flow_cardinality_overflow: Counter,
+    /// Decisions sent to, or dropped from, a live tap (`meshgate_tap_events_total{result}`).
+    pub tap_events: Family<TapLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,9 +234,16 @@ impl Default for Metrics {
             "Decisions not aggregated into a flow report because the cap on distinct flows per report interval was reached",
             flow_cardinality_overflow.clone(),
         );
+        let tap_events = Family::<TapLabels, Counter>::default();
+        registry.register(
+            "tap_events",
+            "Decisions sent to a live tap the control plane asked for, or dropped (over its rate limit, or the stream's queue was full)",
+            tap_events.clone(),
+        );
         Self {
             registry,
             flow_cardinality_overflow,
+            tap_events,
             requests,
             request_duration,
             tls_handshakes,

@@ -281,12 +281,14 @@ impl PolicyState {
 
 impl PolicySource {
     /// Starts feeding `state`; `on_update` runs after each accepted update. `flow_reports`, with
-    /// a control plane, sends the sidecar's flows on its stream (ignored with files).
+    /// a control plane, sends the sidecar's flows on its stream, and `tap` offers it the live
+    /// tap (both ignored with files).
     // One call wires the whole source; a parameter struct would only be unpacked here.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         self,
         flow_reports: Option<meshgate_xds::client::FlowReporter>,
+        tap: Option<meshgate_xds::client::TapSource>,
         identity: &crate::identity::Identity,
         state: Arc<PolicyState>,
         metrics: Arc<Metrics>,
@@ -318,6 +320,10 @@ impl PolicySource {
                     .reconnect_on(identity.svid_changes());
                 let client = match flow_reports {
                     Some(reporter) => client.report_flows(reporter),
+                    None => client,
+                };
+                let client = match tap {
+                    Some(tap) => client.tap(tap),
                     None => client,
                 };
                 state.set_connected(false);

@@ -256,6 +256,8 @@ impl Sidecar {
                 metrics.flow_cardinality_overflow.clone(),
             ))
         });
+        // The live tap answers a control plane only, like flows.
+        let tap = flows.as_ref().map(|_| crate::tap::Tap::new(&metrics));
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
         // Route tables own the outbound connection pools. They are rebuilt only when the routes
         // change (a policy-only update keeps warm connections) or when the SVID rotates (so no
@@ -284,6 +286,7 @@ impl Sidecar {
                 .clone()
                 .start(
                     reporter,
+                    tap.as_ref().map(crate::tap::Tap::source),
                     &source_identity,
                     policy.clone(),
                     metrics.clone(),
@@ -326,6 +329,9 @@ impl Sidecar {
         let mut decisions = crate::decision::DecisionSink::new(metrics.clone(), telemetry.clone());
         if let Some(flows) = flows {
             decisions = decisions.with_flows(flows);
+        }
+        if let Some(tap) = tap {
+            decisions = decisions.with_tap(tap);
         }
         let inbound = Inbound {
             tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,

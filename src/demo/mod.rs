@@ -500,8 +500,12 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
     let orders_admin = ports_of(base, 1).admin;
     println!("\nWhere to look next:");
     println!(
-        "  console      http://{}/console   (service graph, flows, SLIs; or `meshgate dashboard --control-plane http://{}`)",
+        "  console      http://{}/console   (service graph, live tap, flows, SLIs; or `meshgate dashboard --control-plane http://{}`)",
         control_plane.admin_addr, control_plane.admin_addr
+    );
+    println!(
+        "  tap          meshgate tap --control-plane http://{} --decision deny   (each decision, live)",
+        control_plane.admin_addr
     );
     println!(
         "  admin        curl http://127.0.0.1:{orders_admin}/config   (/metrics /identity /ready)"

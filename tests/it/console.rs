@@ -1,7 +1,8 @@
 //! The web console in a real headless browser (Debian's `chromium`, driven over WebDriver by
 //! `chromedriver` from `chromium-driver`), against a real control plane and three real
 //! sidecars: the graph shows the workloads and the denied edge, a policy edit turns that edge
-//! allowed within 2 s, "suggest" shows the YAML `policy suggest` would write, the tap filters,
+//! allowed within 2 s, "suggest" shows the YAML `policy suggest` would write, the flows table
+//! filters, the live tap lists a denied request made while the page is open,
 //! and a quarantine clicked (and confirmed) in the page denies the next request of that
 //! identity through its sidecar; lifting it restores it. A screenshot is written as an artifact.
 //!
@@ -451,12 +452,14 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
     );
     assert!(!yaml.contains(WEB), "only this edge's flows: {yaml}");
 
-    // The tap, filtered to denials: only the denied flow.
-    browser.click("#tap-decision option[value=\"deny\"]").await;
+    // The flows, filtered to denials: only the denied flow.
+    browser
+        .click("#flows-decision option[value=\"deny\"]")
+        .await;
     let (rows, _) = browser
         .until(
-            "the tap filtered to denials",
-            "[...document.querySelectorAll('#tap tr.tap-row')].map(r => r.dataset.caller + ' ' + r.dataset.callee + ' ' + r.dataset.decision).join('\\n')",
+            "the flows filtered to denials",
+            "[...document.querySelectorAll('#flows tr.flow-row')].map(r => r.dataset.caller + ' ' + r.dataset.callee + ' ' + r.dataset.decision).join('\\n')",
             Duration::from_secs(5),
         )
         .await;
@@ -477,6 +480,44 @@ async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
     assert!(
         golden.starts_with("inbound: 2 requests") && golden.contains("success rate 50.0%"),
         "{golden}"
+    );
+
+    // The live tap (polled since the page opened), filtered to denials: a denied request made
+    // now is listed on its own, with its raw path, and nothing allowed is.
+    browser.click("#tap-decision option[value=\"deny\"]").await;
+    assert_eq!(
+        mesh.call("web", "GET", "orders", "/orders/tap-allowed")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        mesh.call("web", "GET", "payments", "/pay/tapped-42")
+            .await
+            .status,
+        403
+    );
+    let (row, _) = browser
+        .until(
+            "the denied request in the live tap",
+            "(document.querySelector('#tap tr.tap-row[data-path=\"/pay/tapped-42\"]') || {}).innerText",
+            Duration::from_secs(5),
+        )
+        .await;
+    let row = row.as_str().unwrap();
+    assert!(
+        row.contains("shop/web → shop/payments") && row.contains("deny") && row.contains("403"),
+        "{row}"
+    );
+    let decisions = browser
+        .js(
+            "return [...document.querySelectorAll('#tap tr.tap-row')].map(r => r.dataset.decision);",
+            json!([]),
+        )
+        .await;
+    assert!(
+        decisions.as_array().unwrap().iter().all(|d| d == "deny"),
+        "{decisions}"
     );
 
     // A policy edit turns the denied edge allowed within 2 s.

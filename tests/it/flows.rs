@@ -593,3 +593,341 @@ async fn flow_reports_go_only_to_control_planes_that_read_them() {
         }
     }
 }
+
+/// The live tap of `/v1/console/tap` (what the console's "Live tap" panel and `meshgate tap`
+/// poll) on a real mesh: while nobody polls, decisions produce no tap event anywhere; once
+/// polled, an individual denied request, with its raw path, arrives within 2 s and the filters
+/// select it or not; a sidecar that does not offer the tap (an older version) is never sent a
+/// tap request, which would end its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tap_streams_individual_decisions_only_while_polled() {
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("mesh.yaml", MESH_ALLOW);
+    mesh.write_policy("policy.yaml", POLICY);
+    mesh.start_control_plane().await;
+    for name in ["web", "orders", "payments"] {
+        let app = crate::support::mesh::EchoApp::start().await;
+        mesh.add_configured(name, app, |c| c.flow_report_interval = REPORT_EVERY)
+            .await;
+    }
+    mesh.write_services();
+    mesh.converge().await;
+
+    // An older sidecar's stream: a client that does not offer the tap.
+    let cp = mesh.control_plane.as_ref().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let legacy_id = TestMesh::id_of("legacy");
+    let legacy_svid = mesh.ca.sign_leaf(&legacy_id, now - hour, now + hour);
+    let config = crate::support::mesh_client(
+        mesh.ca.bundle(),
+        &legacy_svid,
+        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
+        &[b"h2"],
+    );
+    let client =
+        meshgate_xds::client::StreamClient::new(&[format!("https://{}", cp.addr)], config).unwrap();
+    let legacy_events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = legacy_events.clone();
+    let legacy = tokio::spawn(client.run(
+        |_| Ok(()),
+        move |e| log.lock().unwrap().push(format!("{e:?}")),
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+    ));
+
+    // Nobody polls the tap: the decisions are made and reported as flows, and no tap event
+    // exists anywhere.
+    for (path, want) in [("/pay/1", 200), ("/admin/users/1", 403)] {
+        assert_eq!(mesh.call("web", "GET", "payments", path).await.status, want);
+    }
+    let text = metrics_until(&mesh, "the two requests reported as flows", |t| {
+        sample(t, "meshgate_sli_requests_total", &[]) == Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "meshgate_console_tap_events_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "meshgate_console_tap_active", &[]), Some(0.0));
+    for name in ["web", "orders", "payments"] {
+        assert_eq!(
+            mesh.metric(name, "meshgate_tap_events_total", &[]).await,
+            0.0,
+            "{name} tapped while nobody looked"
+        );
+    }
+
+    let tap = |query: String| {
+        let mesh = &mesh;
+        async move {
+            let text = cp_get(mesh, &format!("/v1/console/tap?{query}")).await;
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        }
+    };
+    let paths = |v: &serde_json::Value| -> Vec<String> {
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["url.path"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+
+    // A viewer polls: the tap starts. Allowed probes until one comes back show that payments'
+    // sidecar is tapping (the request is sent at once, but on its own stream).
+    let first = tap(String::new()).await;
+    assert_eq!(first["active"], true, "{first}");
+    assert_eq!(first["sidecars"]["tapping"], 3, "{first}");
+    assert_eq!(
+        first["sidecars"]["without_tap"], 1,
+        "the legacy stream: {first}"
+    );
+    let started = std::time::Instant::now();
+    let mut probe = 0;
+    let since = loop {
+        probe += 1;
+        let path = format!("/pay/probe-{probe}");
+        assert_eq!(mesh.call("web", "GET", "payments", &path).await.status, 200);
+        let v = tap(String::new()).await;
+        if paths(&v).contains(&path) {
+            break v["seq"].as_u64().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the tap never started: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // A denied request, one of its kind: there within 2 s, with its raw path (flows only ever
+    // carry the pattern `/admin/*`).
+    let started = std::time::Instant::now();
+    assert_eq!(
+        mesh.call("web", "GET", "payments", "/admin/users/42")
+            .await
+            .status,
+        403
+    );
+    let event = loop {
+        let v = tap(format!("since={since}&decision=deny")).await;
+        let found = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url.path"] == "/admin/users/42")
+            .cloned();
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the denied request is not in the tap after 2 s: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (field, want) in [
+        ("decision", "deny"),
+        ("peer.id", WEB),
+        ("meshgate.workload.id", PAYMENTS),
+        ("http.request.method", "GET"),
+        ("policy", "shop/payments-admin"),
+    ] {
+        assert_eq!(event[field], want, "{field}: {event}");
+    }
+    assert_eq!(event["http.response.status_code"], 403, "{event}");
+    assert!(event["latency_us"].as_u64().is_some(), "{event}");
+
+    // The filters, applied by the control plane: only what each asks for.
+    let denied = "/admin/users/42".to_string();
+    for (query, shown) in [
+        (format!("since={since}"), true),
+        (format!("since={since}&decision=allow"), false),
+        (format!("since={since}&decision=deny"), true),
+        (format!("since={since}&workload={WEB}"), true),
+        (
+            format!("since={since}&workload={PAYMENTS}&decision=deny"),
+            true,
+        ),
+        (format!("since={since}&workload={ORDERS}"), false),
+    ] {
+        let v = tap(query.clone()).await;
+        assert_eq!(paths(&v).contains(&denied), shown, "{query}: {v}");
+        if query.contains("decision=allow") {
+            assert!(
+                v["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|e| e["decision"] == "allow"),
+                "{v}"
+            );
+        }
+    }
+    // Wrong parameters are refused with what to give instead.
+    let admin_addr = mesh.control_plane.as_ref().unwrap().admin_addr;
+    for (query, words) in [
+        ("decision=nope", "not one of allow, deny"),
+        ("workload=web", "is not a SPIFFE ID"),
+        ("since=x", "is not a number"),
+    ] {
+        let (status, body) = admin(admin_addr, "GET", &format!("/v1/console/tap?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(words), "{query}: {body}");
+    }
+
+    // Counted on both sides.
+    let text = cp_get(&mesh, "/metrics").await;
+    assert!(
+        sample(&text, "meshgate_console_tap_events_total", &[]).unwrap() >= 2.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "meshgate_console_tap_active", &[]), Some(1.0));
+    assert!(
+        mesh.metric(
+            "payments",
+            "meshgate_tap_events_total",
+            &["result=\"sent\""]
+        )
+        .await
+            >= 2.0
+    );
+
+    // `meshgate tap`, as `linkerd viz tap` users expect: denied decisions as JSON lines. It
+    // streams what happens after it starts, so denied requests are made until it has one.
+    let admin_url = format!("http://{admin_addr}");
+    // `--duration` bounds it should this test fail before it exits.
+    let child = meshgate()
+        .args([
+            "tap",
+            "--control-plane",
+            &admin_url,
+            "--decision",
+            "deny",
+            "--workload",
+            WEB,
+            "--count",
+            "1",
+            "--duration",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let started = std::time::Instant::now();
+    while !output.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "meshgate tap printed no denial in 10 s"
+        );
+        mesh.call("web", "GET", "orders", "/orders/x/allowed").await;
+        mesh.call("web", "GET", "payments", "/admin/cli").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = output.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text_of(&out));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert_eq!(
+        (
+            &lines[0]["decision"],
+            &lines[0]["url.path"],
+            &lines[0]["peer.id"]
+        ),
+        (
+            &serde_json::json!("deny"),
+            &serde_json::json!("/admin/cli"),
+            &serde_json::json!(WEB)
+        ),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tapping 3 sidecar(s)"),
+        "{}",
+        text_of(&out)
+    );
+
+    // Over the rate: bursts of 100 concurrent requests at payments (the sidecars are asked for
+    // 50 a second) until payments' sidecar drops some. Every decision a sidecar tapped is then
+    // accounted for at the control plane: sent ones kept (or dropped there), dropped ones
+    // reported (sidecars report their drops once a second).
+    tap(String::new()).await;
+    let started = std::time::Instant::now();
+    loop {
+        let burst = (0..100).map(|_| mesh.call("web", "GET", "payments", "/pay/burst"));
+        futures_util::future::join_all(burst).await;
+        let dropped = mesh
+            .metric(
+                "payments",
+                "meshgate_tap_events_total",
+                &["result=\"dropped\""],
+            )
+            .await;
+        if dropped > 0.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "bursts of 100 requests never went over the tap's 50/s"
+        );
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let (mut sent, mut dropped) = (0.0, 0.0);
+        for name in ["web", "orders", "payments"] {
+            sent += mesh
+                .metric(name, "meshgate_tap_events_total", &["result=\"sent\""])
+                .await;
+            dropped += mesh
+                .metric(name, "meshgate_tap_events_total", &["result=\"dropped\""])
+                .await;
+        }
+        let text = cp_get(&mesh, "/metrics").await;
+        let kept = sample(&text, "meshgate_console_tap_events_total", &[]).unwrap();
+        let reported = sample(&text, "meshgate_console_tap_dropped_total", &["sidecar"]).unwrap();
+        let cut = sample(
+            &text,
+            "meshgate_console_tap_dropped_total",
+            &["control_plane"],
+        )
+        .unwrap();
+        if kept + cut == sent && reported == dropped {
+            assert!(kept <= sent);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "sidecars sent {sent} and dropped {dropped}; the control plane kept {kept}, cut {cut} and heard of {reported} dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The older sidecar was never sent a tap request: its first stream is still open (a tap
+    // request would have been an undecodable push and ended it), and it is listed as such.
+    let log = legacy_events.lock().unwrap().clone();
+    assert!(
+        log.len() == 1 && log[0].starts_with("Connected"),
+        "the legacy stream was interrupted: {log:?}"
+    );
+    let status = mesh.cp_status().await;
+    let legacy_status = status["sidecars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == legacy_id.as_str())
+        .unwrap_or_else(|| panic!("{status}"))
+        .clone();
+    assert_eq!(
+        (&legacy_status["connected"], &legacy_status["tap"]),
+        (&serde_json::json!(true), &serde_json::json!(false)),
+        "{legacy_status}"
+    );
+    legacy.abort();
+}

@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::wire::{
-    Ack, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push,
-    STREAM_PATH, sanitize_peer_text,
+    Ack, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURE_TAP, FEATURES_HEADER, Flow,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
+    MAX_PUSH_BYTES, STREAM_PATH, ServerMessage, TapEvent, TapRequest, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 
@@ -97,6 +97,38 @@ pub struct StreamClient {
     renewals: Option<tokio::sync::watch::Receiver<u64>>,
     /// Where flow reports come from, when this sidecar sends them.
     reports: Option<FlowReporter>,
+    /// The live tap, when this sidecar offers it.
+    tap: Option<TapSource>,
+}
+
+/// The sidecar's end of the live tap, driven by the stream: [`TapRequest`]s start, renew and
+/// stop it; it is stopped whenever a stream ends (the control plane that asked is gone; the
+/// next one asks again if it wants to).
+pub trait TapControl: Send + Sync {
+    /// Starts or replaces the tap (`seconds: 0` stops it).
+    fn start(&self, request: &TapRequest);
+    fn stop(&self);
+    /// The decisions dropped and not yet reported, as an event line without a record.
+    fn flush_dropped(&self) -> Option<TapEvent>;
+}
+
+/// A sidecar's tap: what controls it, and the events it produces (sent on the stream as they
+/// come; the receiver is shared by the successive streams).
+#[derive(Clone)]
+pub struct TapSource {
+    pub control: Arc<dyn TapControl>,
+    pub events: Arc<tokio::sync::Mutex<mpsc::Receiver<TapEvent>>>,
+}
+
+/// Stops the tap when a session ends, however it ends.
+struct StopTap<'a>(Option<&'a dyn TapControl>);
+
+impl Drop for StopTap<'_> {
+    fn drop(&mut self) {
+        if let Some(control) = self.0 {
+            control.stop();
+        }
+    }
 }
 
 /// Drains the flows aggregated since the last call, and the decisions not aggregated (cap hit).
@@ -195,6 +227,7 @@ impl StreamClient {
             tls: TlsConnector::from(tls),
             renewals: None,
             reports: None,
+            tap: None,
         })
     }
 
@@ -215,6 +248,12 @@ impl StreamClient {
     /// Sends flow reports on every stream whose control plane reads them.
     pub fn report_flows(mut self, reporter: FlowReporter) -> Self {
         self.reports = Some(reporter);
+        self
+    }
+
+    /// Offers the live tap on every stream (advertised with [`FEATURE_TAP`]).
+    pub fn tap(mut self, source: TapSource) -> Self {
+        self.tap = Some(source);
         self
     }
 
@@ -380,6 +419,15 @@ impl StreamClient {
         tracing::info!(event = "control_plane.connected", control_plane = %endpoint);
         let mut body = resp.into_body();
         let mut lines = LineBuffer::default();
+        // The tap's events go out as they come; dropped counts once a second. Sessions run one
+        // after the other, so this lock is never contended.
+        let mut tap_events = match &self.tap {
+            Some(tap) => Some(tap.events.lock().await),
+            None => None,
+        };
+        let _stop_tap = StopTap(self.tap.as_ref().map(|t| &*t.control));
+        let mut tap_tick = tokio::time::interval(Duration::from_secs(1));
+        tap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let renewed = async {
                 match renewals.as_deref_mut() {
@@ -395,9 +443,33 @@ impl StreamClient {
                     None => std::future::pending().await,
                 }
             };
+            let tap_event = async {
+                match tap_events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let tap_flush = async {
+                match &self.tap {
+                    Some(_) => {
+                        tap_tick.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let frame = tokio::select! {
                 frame = body.frame() => frame,
                 true = renewed => return Ok(SessionEnd::Renewed),
+                Some(event) = tap_event => {
+                    send_line(&acks, &event).await?;
+                    continue;
+                }
+                () = tap_flush => {
+                    if let Some(event) = self.tap.as_ref().and_then(|t| t.control.flush_dropped()) {
+                        send_line(&acks, &event).await?;
+                    }
+                    continue;
+                }
                 () = tick => {
                     if let Some(r) = reports {
                         let (mut flows, overflow) = (r.drain)();
@@ -428,8 +500,17 @@ impl StreamClient {
                 )
             })?;
             for line in batch {
-                let push: Push =
-                    serde_json::from_slice(&line).map_err(|e| format!("undecodable push: {e}"))?;
+                let push = match ServerMessage::parse(&line) {
+                    Ok(ServerMessage::Push(push)) => push,
+                    Ok(ServerMessage::Tap(request)) => {
+                        match &self.tap {
+                            Some(tap) => tap.control.start(&request),
+                            None => return Err("the control plane sent a tap request on a stream that did not offer the tap (a protocol error: it must check x-meshgate-stream-features); reconnecting".into()),
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(format!("undecodable push: {e}")),
+                };
                 let (nonce, version) = (push.nonce.clone(), push.version.clone());
                 let error = push
                     .into_set()
@@ -498,10 +579,14 @@ impl StreamClient {
             .iter()
             .find(|t| t.url == endpoint.url)
             .map_or_else(|| endpoint.addr.to_string(), |t| t.authority.clone());
-        let req = Request::post(format!("https://{authority}{STREAM_PATH}"))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .map_err(|e| e.to_string())?;
+        let mut req = Request::post(format!("https://{authority}{STREAM_PATH}"))
+            .header("content-type", "application/x-ndjson");
+        if self.tap.is_some() {
+            // Without it the control plane never sends a tap request (older sidecars would
+            // take it for a malformed push).
+            req = req.header(FEATURES_HEADER, FEATURE_TAP);
+        }
+        let req = req.body(body).map_err(|e| e.to_string())?;
         let resp = sender
             .send_request(req)
             .await
@@ -511,6 +596,15 @@ impl StreamClient {
         }
         Ok((resp, acks))
     }
+}
+
+/// One line of the request body.
+async fn send_line(acks: &AckSender, message: &impl serde::Serialize) -> Result<(), String> {
+    let mut line = serde_json::to_vec(message).expect("line serializes");
+    line.push(b'\n');
+    acks.send(Ok(Frame::data(Bytes::from(line))))
+        .await
+        .map_err(|_| "stream closed".to_string())
 }
 
 fn parse_url(url: &str) -> Result<Target, BadControlPlaneUrl> {

@@ -28,10 +28,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::flows::FlowStore;
+use crate::tap::{RateLimit, TapHub};
 use crate::wire::{
-    ClientMessage, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow,
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
-    MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
+    ClientMessage, DEFAULT_TAP_RATE, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURE_TAP,
+    FEATURES_HEADER, Flow, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES,
+    MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 use meshgate_policy::scope::scope;
@@ -70,6 +71,8 @@ pub struct SidecarStatus {
     pub svid_not_after: i64,
     /// Why the latest version was not sent to this sidecar (too large), if it was not.
     pub push_refused: Option<String>,
+    /// The sidecar advertised the live tap (it is sent tap requests while one runs).
+    pub tap: bool,
 }
 
 /// The answer of the status endpoint.
@@ -112,6 +115,8 @@ pub struct ControlPlane {
     rejected_updates: AtomicU64,
     nacks: AtomicU64,
     containment: Mutex<Containment>,
+    /// The live tap: who watches, what sidecars are asked, the last events.
+    tap: TapHub,
 }
 
 /// Time to containment, as the control plane can see it: from publishing a version that adds a
@@ -152,6 +157,7 @@ impl ControlPlane {
             rejected_updates: AtomicU64::new(0),
             nacks: AtomicU64::new(0),
             containment: Mutex::new(Containment::default()),
+            tap: TapHub::default(),
         })
     }
 
@@ -265,6 +271,8 @@ impl ControlPlane {
     ) {
         let mut connections = tokio::task::JoinSet::new();
         let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
+        // Forgets idle tap viewers (stopping the tap when none is left) and renews a polled tap.
+        let mut tap_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
@@ -288,6 +296,7 @@ impl ControlPlane {
                     });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = tap_tick.tick() => self.tap.expire(std::time::Instant::now()),
             }
         }
         connections.abort_all();
@@ -356,6 +365,9 @@ impl ControlPlane {
                 )
                 .expect("valid response");
         }
+        // Only a sidecar that says it reads tap requests gets them: an older one would take the
+        // line for a malformed push and drop its stream.
+        let tap = crate::wire::has_feature(req.headers(), FEATURE_TAP);
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let mut sidecars = self.sidecars.lock().expect("lock");
         // A reconnecting sidecar replaces its closed streams, so the table does not grow with
@@ -376,6 +388,7 @@ impl ControlPlane {
                 last_ack_at: None,
                 svid_not_after: peer.not_after.unix_timestamp(),
                 push_refused: None,
+                tap,
             },
         );
         drop(sidecars);
@@ -384,7 +397,7 @@ impl ControlPlane {
         let nonces = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
         tokio::spawn(
             self.clone()
-                .pushes(stream, peer.clone(), tx, nonces.clone()),
+                .pushes(stream, peer.clone(), tx, nonces.clone(), tap),
         );
         tokio::spawn(
             self.clone()
@@ -409,14 +422,24 @@ impl ControlPlane {
         peer: Arc<cert::CertInfo>,
         tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
         nonces: Arc<Mutex<BTreeMap<String, String>>>,
+        tap: bool,
     ) {
         let mut current = self.current.subscribe();
+        let mut taps = tap.then(|| self.tap.subscribe());
+        // A sidecar connecting while a tap runs joins it at once.
+        let mut tap_due = taps.as_ref().is_some_and(|t| t.borrow().active);
+        let mut snapshot_due = true;
         let remaining =
             (peer.not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let expiry = tokio::time::sleep(Duration::try_from(remaining).unwrap_or(Duration::ZERO));
         tokio::pin!(expiry);
         loop {
-            let set = current.borrow_and_update().clone();
+            let set = if snapshot_due {
+                current.borrow_and_update().clone()
+            } else {
+                None
+            };
+            snapshot_due = false;
             if let Some(set) = set {
                 let mut nonce_bytes = [0u8; 8];
                 meshgate_ca::tls::random_bytes(&mut nonce_bytes);
@@ -447,8 +470,25 @@ impl ControlPlane {
                     });
                 }
             }
+            // After the snapshot: a sidecar joining a running tap has its policy first.
+            if tap_due && let Some(taps) = taps.as_mut() {
+                tap_due = false;
+                let request = taps.borrow_and_update().request_for(peer.id.as_str());
+                let mut line = serde_json::to_vec(&request).expect("tap request serializes");
+                line.push(b'\n');
+                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                    break;
+                }
+            }
+            let tap_changed = async {
+                match taps.as_mut() {
+                    Some(t) => t.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                changed = current.changed() => if changed.is_err() { break },
+                changed = current.changed() => if changed.is_err() { break } else { snapshot_due = true },
+                true = tap_changed => tap_due = true,
                 _ = tx.closed() => break,
                 _ = &mut expiry => {
                     tracing::info!(event = "control_plane.stream_expired", peer.id = %peer.id, "peer certificate expired; closing the stream so it reconnects with a fresh SVID");
@@ -471,6 +511,10 @@ impl ControlPlane {
         // Report lines this second: a sidecar sends a few per interval; one sending far more
         // (broken, or hostile) is not allowed to keep the flow store's lock busy.
         let mut budget = (now(), 0u32);
+        // Tap events this stream may add per second, whatever the sidecar sends: twice what
+        // sidecars are asked for, because their one-second windows and ours are not aligned
+        // (a sidecar's full window may straddle two of ours).
+        let mut tap_limit = RateLimit::new(2 * DEFAULT_TAP_RATE);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { break };
             let Some(data) = frame.data_ref() else {
@@ -486,6 +530,15 @@ impl ControlPlane {
             for line in batch {
                 let ack = match serde_json::from_slice::<ClientMessage>(&line) {
                     Ok(ClientMessage::Ack(ack)) => ack,
+                    Ok(ClientMessage::Tap(event)) => {
+                        self.tap.ingest(
+                            peer.as_str(),
+                            event,
+                            &mut tap_limit,
+                            std::time::Instant::now(),
+                        );
+                        continue;
+                    }
                     Ok(ClientMessage::Flows(report)) => {
                         let second = now();
                         if budget.0 != second {
@@ -547,6 +600,39 @@ impl ControlPlane {
 }
 
 impl ControlPlane {
+    /// A viewer polls the tap with `watch`: it starts, follows the filters or is renewed.
+    pub fn tap_poll(&self, watch: crate::tap::Watch) {
+        self.tap.poll(watch, std::time::Instant::now());
+    }
+
+    /// The newest tap sequence number, and the events after `since` that `watch` shows,
+    /// newest first, at most `limit`.
+    pub fn tap_events(
+        &self,
+        since: u64,
+        watch: &crate::tap::Watch,
+        limit: usize,
+    ) -> (u64, Vec<(u64, crate::wire::TapRecord)>) {
+        self.tap.events(since, watch, limit)
+    }
+
+    /// What the tap counted.
+    pub fn tap_counters(&self) -> crate::tap::TapCounters {
+        self.tap.counters()
+    }
+
+    /// Connected sidecars that can be tapped, and those that cannot (older versions).
+    pub fn tap_sidecars(&self) -> (usize, usize) {
+        let sidecars = self.sidecars.lock().expect("lock");
+        let connected = sidecars.values().filter(|s| s.connected);
+        connected.fold(
+            (0, 0),
+            |(yes, no), s| {
+                if s.tap { (yes + 1, no) } else { (yes, no + 1) }
+            },
+        )
+    }
+
     /// The flows reported in the last [`crate::flows::FLOW_TTL`], every sidecar's.
     pub fn flows(&self) -> Vec<Flow> {
         let mut store = self.flows.lock().expect("lock");

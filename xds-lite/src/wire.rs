@@ -1,7 +1,9 @@
 //! The xds-lite wire format (documented in `xds-lite/PROTOCOL.md`): newline-delimited JSON over
 //! one long-lived HTTP/2 stream, `POST /v1/stream`. The control plane writes [`Push`] lines; the
 //! sidecar writes one [`Ack`] line per push (an ACK, or a NACK with the error), and, to a control
-//! plane that advertises them, [`FlowReport`] lines.
+//! plane that advertises them, [`FlowReport`] lines. To a sidecar that advertises the `tap`
+//! feature, the control plane may also write [`TapRequest`] lines, answered by [`TapEvent`]
+//! lines while the tap runs.
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,17 @@ pub struct Ack {
 /// every request line as an ACK, warns on anything else and closes the stream on a line over
 /// [`MAX_ACK_BYTES`], so it must never receive one.
 pub const FEATURES_HEADER: &str = "x-meshgate-stream-features";
+/// Whether `headers` list `feature` in [`FEATURES_HEADER`] (repeated headers and
+/// comma-separated lists alike).
+pub fn has_feature(headers: &http::HeaderMap, feature: &str) -> bool {
+    headers
+        .get_all(FEATURES_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| f.trim() == feature)
+}
+
 /// The feature name of flow reports in [`FEATURES_HEADER`].
 pub const FEATURE_FLOW_REPORTS: &str = "flow-reports";
 /// The type of a [`FlowReport`] line.
@@ -236,12 +249,179 @@ pub struct FlowReport {
     pub overflow: u64,
 }
 
-/// A line of the request body: an ACK/NACK, or (from sidecars that know them) a flow report.
+/// A line of the request body: an ACK/NACK, or (from sidecars that know them) a flow report or
+/// a tap event. Told apart by shape (each refuses unknown fields): a report has `flows`, a tap
+/// event `id`, an ACK `nonce`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum ClientMessage {
     Flows(FlowReport),
+    Tap(TapEvent),
     Ack(Ack),
+}
+
+/// The feature name by which a *sidecar* says, in its stream request's [`FEATURES_HEADER`],
+/// that it reads [`TapRequest`] lines. A control plane sends them to such sidecars only: a
+/// sidecar from before taps parses every response line as a [`Push`] (unknown fields denied),
+/// so a tap request would end its stream.
+pub const FEATURE_TAP: &str = "tap";
+/// The type of a [`TapRequest`] line.
+pub const TAP_REQUEST_TYPE: &str = "meshgate.dev/v1/TapRequest";
+/// The type of a [`TapEvent`] line.
+pub const TAP_EVENT_TYPE: &str = "meshgate.dev/v1/TapEvent";
+/// Longest a tap runs without being renewed: a control plane that went away stops costing its
+/// sidecars anything within a minute even if the stream survived.
+pub const MAX_TAP_SECONDS: u32 = 60;
+/// Tap events a sidecar sends per second unless asked for fewer (Linkerd's tap defaults to a
+/// similar trickle): enough to watch, too few to load the stream or the control plane.
+pub const DEFAULT_TAP_RATE: u32 = 50;
+/// The most a sidecar sends per second whatever it is asked.
+pub const MAX_TAP_RATE: u32 = 200;
+/// Longest raw path kept in a tap event, in bytes (cut at a character boundary, with `…`):
+/// enough to recognise a request, short enough that 1000 events stay small.
+pub const MAX_TAP_PATH_BYTES: usize = 512;
+/// Most callers or decisions a [`TapFilter`] lists; a longer list is treated as "any".
+pub const MAX_TAP_FILTER_ENTRIES: usize = 16;
+
+/// Control plane → sidecar (only to a sidecar advertising [`FEATURE_TAP`]): send the decisions
+/// matching `filter` as [`TapEvent`] lines, at most `max_per_second` (capped at
+/// [`MAX_TAP_RATE`]), for `seconds` from now (capped at [`MAX_TAP_SECONDS`]). A new request
+/// replaces the previous one; `seconds: 0` stops the tap. A relative duration, not a deadline:
+/// the two machines' clocks need not agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TapRequest {
+    pub type_url: String,
+    /// Names the tap; the sidecar's events carry it.
+    pub id: String,
+    pub seconds: u32,
+    #[serde(default)]
+    pub filter: TapFilter,
+    pub max_per_second: u32,
+}
+
+/// Which decisions a tap sends: empty lists match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapFilter {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<meshgate_policy::DecisionKind>,
+    /// Callers' SPIFFE IDs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<String>,
+}
+
+impl TapFilter {
+    /// Whether a decision of `caller` of kind `decision` is tapped (no allocation: it runs for
+    /// every decision while a tap is on).
+    pub fn matches(&self, caller: &str, decision: meshgate_policy::DecisionKind) -> bool {
+        (self.decisions.is_empty() || self.decisions.contains(&decision))
+            && (self.callers.is_empty() || self.callers.iter().any(|c| c == caller))
+    }
+}
+
+/// Sidecar → control plane while a tap runs: one decision, and the decisions that matched but
+/// were not sent since the previous line (over the rate limit, or the queue to the stream was
+/// full). A line may carry only `dropped` (sent once a second while there are some).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TapEvent {
+    pub type_url: String,
+    /// The [`TapRequest::id`] this answers.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<TapRecord>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One decision as a tap shows it: the fields of [`meshgate_policy::DecisionRecord`] under the
+/// decision log's names, plus when, the response status and how long the sidecar took. The
+/// path is the raw one (`meshgate.path.original` when the caller sent something else than what
+/// was judged): a tap is live and not stored, unlike flows, whose paths are patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapRecord {
+    /// Unix milliseconds of the decision (the sidecar's clock).
+    pub time_ms: i64,
+    pub layer: meshgate_policy::record::Layer,
+    #[serde(rename = "peer.id")]
+    pub peer: String,
+    /// The deciding sidecar's workload; the control plane replaces it with the stream's
+    /// authenticated identity.
+    #[serde(rename = "meshgate.workload.id")]
+    pub workload: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(
+        rename = "http.request.method",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub method: Option<String>,
+    /// The normalized path that was judged.
+    #[serde(rename = "url.path", default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The target as sent, when it differs from `url.path` or could not be normalized.
+    #[serde(
+        rename = "meshgate.path.original",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub original: Option<String>,
+    pub decision: meshgate_policy::DecisionKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    #[serde(
+        rename = "http.response.status_code",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub status: Option<u16>,
+    /// How long the sidecar took from the request to the response headers (HTTP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+pub fn cap_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A line of the response body, as a sidecar that reads taps sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    Push(Push),
+    Tap(TapRequest),
+}
+
+impl ServerMessage {
+    /// Parses a response line: a push (the usual, large case, parsed once), else a tap request.
+    /// A line that is neither reports the push parser's error, the one that says what is wrong
+    /// with a snapshot.
+    pub fn parse(line: &[u8]) -> Result<Self, serde_json::Error> {
+        match serde_json::from_slice::<Push>(line) {
+            Ok(push) => Ok(Self::Push(push)),
+            Err(e) => serde_json::from_slice::<TapRequest>(line)
+                .map(Self::Tap)
+                .map_err(|_| e),
+        }
+    }
 }
 
 /// `flows` as report lines (newline-terminated), each at most `max` bytes, the overflow count on
@@ -634,7 +814,7 @@ mod tests {
                         overflow_seen += r.overflow;
                         seen.extend(r.flows);
                     }
-                    ClientMessage::Ack(a) => panic!("read as an ACK: {a:?}"),
+                    other => panic!("not read as a report: {other:?}"),
                 }
             }
             assert_eq!(seen, (0..flows).map(flow).collect::<Vec<_>>());
@@ -656,6 +836,172 @@ mod tests {
             ClientMessage::Ack(_)
         ));
         assert!(serde_json::from_slice::<ClientMessage>(br#"{"nonce":"n"}"#).is_err());
+    }
+
+    fn tap_record() -> TapRecord {
+        TapRecord {
+            time_ms: 1_764_646_800_123,
+            layer: meshgate_policy::record::Layer::L7,
+            peer: "spiffe://mesh.local/ns/shop/sa/web".into(),
+            workload: "spiffe://mesh.local/ns/shop/sa/payments".into(),
+            port: 8080,
+            method: Some("GET".into()),
+            path: Some("/admin/users/42".into()),
+            original: Some("/admin/./users/42".into()),
+            decision: meshgate_policy::DecisionKind::Deny,
+            policy: Some("shop/payments-admin".into()),
+            rule: Some(0),
+            status: Some(403),
+            latency_us: Some(180),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        }
+    }
+
+    /// Tap lines read back as themselves, each in its direction's message type, under the
+    /// decision log's field names; a minimal event and a stop are valid too.
+    #[test]
+    fn tap_lines_round_trip() {
+        let request = TapRequest {
+            type_url: TAP_REQUEST_TYPE.into(),
+            id: "a1b2".into(),
+            seconds: MAX_TAP_SECONDS,
+            filter: TapFilter {
+                decisions: vec![meshgate_policy::DecisionKind::Deny],
+                callers: vec!["spiffe://mesh.local/ns/shop/sa/web".into()],
+            },
+            max_per_second: DEFAULT_TAP_RATE,
+        };
+        let line = serde_json::to_vec(&request).unwrap();
+        assert_eq!(
+            ServerMessage::parse(&line).unwrap(),
+            ServerMessage::Tap(request.clone())
+        );
+        let stop = br#"{"typeUrl":"meshgate.dev/v1/TapRequest","id":"a1b2","seconds":0,"maxPerSecond":50}"#;
+        let ServerMessage::Tap(stop) = ServerMessage::parse(stop).unwrap() else {
+            panic!("a stop is a tap request")
+        };
+        assert_eq!((stop.seconds, stop.filter), (0, TapFilter::default()));
+
+        for event in [
+            TapEvent {
+                type_url: TAP_EVENT_TYPE.into(),
+                id: "a1b2".into(),
+                record: Some(tap_record()),
+                dropped: 3,
+            },
+            TapEvent {
+                type_url: TAP_EVENT_TYPE.into(),
+                id: "a1b2".into(),
+                record: None,
+                dropped: 9,
+            },
+        ] {
+            let line = serde_json::to_string(&event).unwrap();
+            match serde_json::from_str::<ClientMessage>(&line).unwrap() {
+                ClientMessage::Tap(back) => assert_eq!(back, event),
+                other => panic!("{line} read as {other:?}"),
+            }
+        }
+        let line = serde_json::to_value(tap_record()).unwrap();
+        for field in [
+            "peer.id",
+            "meshgate.workload.id",
+            "url.path",
+            "meshgate.path.original",
+            "http.request.method",
+            "http.response.status_code",
+            "decision",
+        ] {
+            assert!(line.get(field).is_some(), "{field} in {line}");
+        }
+        // A push still parses as a push, and a line that is neither reports the push error.
+        let push = Push::new(
+            PolicySet {
+                policies: vec![],
+                services: vec![],
+                network_policies: vec![],
+                mesh_config: serde_json::from_value(serde_json::json!({
+                    "apiVersion": "meshgate.dev/v1", "kind": "MeshConfig",
+                    "metadata": {"name": "default", "namespace": "meshgate"},
+                    "spec": {"defaultAction": "DENY", "trustDomain": "mesh.local"}
+                }))
+                .unwrap(),
+                version: "v1".into(),
+            },
+            "n".into(),
+        );
+        let line = serde_json::to_vec(&push).unwrap();
+        assert_eq!(
+            ServerMessage::parse(&line).unwrap(),
+            ServerMessage::Push(push)
+        );
+        let err = ServerMessage::parse(br#"{"typeUrl":"x","version":"v"}"#).unwrap_err();
+        assert!(err.to_string().contains("nonce"), "{err}");
+    }
+
+    #[test]
+    fn features_are_read_from_lists_and_repeated_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!has_feature(&headers, FEATURE_TAP));
+        headers.append(FEATURES_HEADER, "flow-reports, tap".parse().unwrap());
+        assert!(has_feature(&headers, FEATURE_TAP));
+        assert!(!has_feature(&headers, "ta"));
+        let mut headers = http::HeaderMap::new();
+        headers.append(FEATURES_HEADER, "flow-reports".parse().unwrap());
+        headers.append(FEATURES_HEADER, "tap".parse().unwrap());
+        assert!(has_feature(&headers, FEATURE_TAP));
+    }
+
+    /// What an old sidecar would do with a tap request: its push parser refuses it. This is
+    /// why a control plane sends taps only to sidecars that advertise them.
+    #[test]
+    fn an_old_sidecar_cannot_read_a_tap_request() {
+        let line = serde_json::to_vec(&TapRequest {
+            type_url: TAP_REQUEST_TYPE.into(),
+            id: "a".into(),
+            seconds: 1,
+            filter: TapFilter::default(),
+            max_per_second: 1,
+        })
+        .unwrap();
+        assert!(serde_json::from_slice::<Push>(&line).is_err());
+    }
+
+    #[test]
+    fn tap_filters_and_caps() {
+        use meshgate_policy::DecisionKind::{Allow, Deny};
+        let web = "spiffe://mesh.local/ns/shop/sa/web";
+        let orders = "spiffe://mesh.local/ns/shop/sa/orders";
+        let f = |decisions: Vec<meshgate_policy::DecisionKind>, callers: Vec<&str>| TapFilter {
+            decisions,
+            callers: callers.into_iter().map(String::from).collect(),
+        };
+        for (filter, caller, decision, want) in [
+            (f(vec![], vec![]), web, Deny, true),
+            (f(vec![Deny], vec![]), web, Deny, true),
+            (f(vec![Deny], vec![]), web, Allow, false),
+            (f(vec![Allow, Deny], vec![]), web, Allow, true),
+            (f(vec![], vec![web]), web, Allow, true),
+            (f(vec![], vec![web]), orders, Allow, false),
+            (f(vec![Deny], vec![web, orders]), orders, Deny, true),
+            (f(vec![Deny], vec![web, orders]), orders, Allow, false),
+        ] {
+            assert_eq!(
+                filter.matches(caller, decision),
+                want,
+                "{filter:?} {caller} {decision:?}"
+            );
+        }
+        for (text, max, want) in [
+            ("/short", 10, "/short"),
+            ("/exactly10", 10, "/exactly10"),
+            ("/longer-than-ten", 10, "/longer…"),
+            ("/ééééé", 9, "/éé…"),
+        ] {
+            let got = cap_text(text, max);
+            assert_eq!(got, want);
+            assert!(got.len() <= max, "{got}");
+        }
     }
 
     #[test]

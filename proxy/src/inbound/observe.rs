@@ -136,7 +136,7 @@ where
                 }
             };
             match &record {
-                Some(record) => sink.http(record, &server, started),
+                Some(record) => sink.http(record, &server, started, resp.status().as_u16()),
                 None => crate::decision::count_undecided(sink.metrics(), started),
             }
             let span = server.span();
