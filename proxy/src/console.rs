@@ -456,7 +456,7 @@ impl Console {
         edges.extend(
             ebpf_edges
                 .into_iter()
-                .map(|((caller, callee), e)| e.to_json(caller, callee, now)),
+                .map(|((caller, callee), e)| e.into_json(caller, callee, now)),
         );
         let (allowed, mode, reason) = self.mutations();
         json!({
@@ -541,7 +541,7 @@ impl EbpfEdge {
     /// The edge in the shape of an identity edge (so the graph and the rates treat both
     /// alike), `layer: "ebpf"`, and its verdicts under `l3l4`. Coloured by its worst verdict,
     /// like identity edges: denied when any verdict was a denial, else allowed.
-    fn to_json(self, caller: String, callee: String, now: i64) -> Value {
+    fn into_json(self, caller: String, callee: String, now: i64) -> Value {
         let class = if self.allowed < self.count {
             "denied"
         } else {
@@ -782,7 +782,7 @@ mod tests {
             for f in &verdicts {
                 e.add(f);
             }
-            let j = e.to_json("w".into(), OUTSIDE_NODE.into(), 110);
+            let j = e.into_json("w".into(), OUTSIDE_NODE.into(), 110);
             assert_eq!(j["class"], class, "{j}");
             assert_eq!(j["layer"], "ebpf");
             let count: u64 = verdicts.iter().map(|f| f.count).sum();
