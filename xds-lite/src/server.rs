@@ -29,8 +29,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::flows::FlowStore;
 use crate::wire::{
-    ClientMessage, FEATURE_FLOW_L3L4, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER,
-    Flow, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
+    ClientMessage, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURES_HEADER, Flow,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
     MAX_PUSH_BYTES, Push, STREAM_PATH, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
@@ -396,7 +396,10 @@ impl ControlPlane {
             // Sidecars send flow reports only to a control plane that says it reads them.
             .header(
                 FEATURES_HEADER,
-                format!("{FEATURE_FLOW_REPORTS},{FEATURE_FLOW_LATENCY},{FEATURE_FLOW_L3L4}"),
+                format!(
+                    "{FEATURE_FLOW_REPORTS},{FEATURE_FLOW_LATENCY},{}",
+                    crate::wire::FEATURE_FLOW_L3L4
+                ),
             )
             .body(body.boxed_unsync())
             .expect("valid response")
