@@ -713,7 +713,8 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
 /// control plane with `--ebpf-cgroup`, reports the growth of its counters, and the control
 /// plane counts the refusal in `meshgate_sli_l3l4_denials_total` exactly once (the counters
 /// are reported as deltas, not again every interval) and draws both on the console as eBPF
-/// edges to the "outside" pseudo-node.
+/// edges to the "outside" pseudo-node. Ingress too: a connection around B's sidecar to B's app
+/// port is dropped, and B's sidecar reports it as B's `denied_ingress` (outside → B).
 #[test]
 fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
     let _heavy = crate::support::heavy();
@@ -724,7 +725,7 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
         meshgate().args(["ca", "init", "--dir"]).arg(d.join("ca")),
         Duration::from_secs(30),
     ));
-    for (dir, id) in [("a", A_ID), ("cp", CP_ID)] {
+    for (dir, id) in [("a", A_ID), ("b", B_ID), ("cp", CP_ID)] {
         ok(&output_within(
             meshgate()
                 .args(["ca", "issue", "--id", id, "--dir"])
@@ -738,24 +739,35 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
     policies(&pol);
     let app_py = d.join("app.py");
     std::fs::write(&app_py, APP).unwrap();
-    let mut ext = env.in_pod(1, "pod-b/ext", "python3");
-    ext.arg(&app_py).args([EXT_IP, "9000", "ext"]);
-    env.spawn("ext", ext);
+    // The external server, and B's app (the ingress guard sees packets to its sockets only).
+    for (name, cg, ip, port) in [
+        ("ext", "pod-b/ext", EXT_IP, "9000"),
+        ("app-b", "pod-b/app", "0.0.0.0", "8080"),
+    ] {
+        let mut cmd = env.in_pod(1, cg, "python3");
+        cmd.arg(&app_py).args([ip, port, name]);
+        env.spawn(name, cmd);
+    }
 
-    // Attached before the sidecar starts: its first read of the counters is the baseline.
-    let app_a = env.cg("pod-a/app");
-    ok(&env.redirect(
-        &attach_args(&app_a, &env.cg("pod-a/sidecar"), "a", "8080", &pol)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    ));
+    // Attached before the sidecars start: their first read of the counters is the baseline.
+    let (app_a, app_b) = (env.cg("pod-a/app"), env.cg("pod-b/app"));
+    for (app, sidecar, account, ports) in [
+        (&app_a, "pod-a/sidecar", "a", "8080"),
+        (&app_b, "pod-b/sidecar", "b", "8080,8081"),
+    ] {
+        ok(&env.redirect(
+            &attach_args(app, &env.cg(sidecar), account, ports, &pol)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ));
+    }
 
-    // The control plane, in pod A's network namespace beside the sidecar.
+    // The control plane, in pod A's network namespace; B's sidecar reaches it over the veth.
     let mut cp = env.in_pod(0, "pod-a/other", env!("CARGO_BIN_EXE_meshgate"));
     cp.args(["control-plane", "serve", "--policy-dir"])
         .arg(&pol)
-        .args(["--listen", "127.0.0.1:15010", "--admin", "127.0.0.1:15011"])
+        .args(["--listen", "0.0.0.0:15010", "--admin", "127.0.0.1:15011"])
         .arg("--svid-cert")
         .arg(d.join("cp/svid.pem"))
         .arg("--svid-key")
@@ -764,44 +776,65 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
         .arg(d.join("cp/bundle.pem"))
         .env("MESHGATE_LOG", "info");
     env.spawn("control-plane", cp);
-    let mut sidecar = env.in_pod(0, "pod-a/sidecar", env!("CARGO_BIN_EXE_meshgate"));
-    sidecar
-        .args(["proxy", "--app", "127.0.0.1:8080", "--svid-cert"])
-        .arg(d.join("a/svid.pem"))
-        .arg("--svid-key")
-        .arg(d.join("a/key.pem"))
-        .arg("--trust-bundle")
-        .arg(d.join("a/bundle.pem"))
-        .args([
-            "--control-plane",
-            "https://127.0.0.1:15010",
-            "--flow-report-interval",
-            "200ms",
-            "--inbound",
-            "0.0.0.0:15006",
-            "--outbound",
-            "127.0.0.1:15001",
-            "--admin",
-            "127.0.0.1:15000",
-        ])
-        .arg("--ebpf-cgroup")
-        .arg(&app_a)
-        .env("MESHGATE_LOG", "info");
-    env.spawn("sidecar-a", sidecar);
+    let cp_url = [
+        "https://127.0.0.1:15010".to_string(),
+        format!("https://{A_IP}:15010"),
+    ];
+    for (pod, files, app, other) in [
+        (0, "a", &app_a, "pod-a/other"),
+        (1, "b", &app_b, "pod-b/ext"),
+    ] {
+        let cg = if pod == 0 {
+            "pod-a/sidecar"
+        } else {
+            "pod-b/sidecar"
+        };
+        let mut sidecar = env.in_pod(pod, cg, env!("CARGO_BIN_EXE_meshgate"));
+        sidecar
+            .args(["proxy", "--app", "127.0.0.1:8080", "--svid-cert"])
+            .arg(d.join(files).join("svid.pem"))
+            .arg("--svid-key")
+            .arg(d.join(files).join("key.pem"))
+            .arg("--trust-bundle")
+            .arg(d.join(files).join("bundle.pem"))
+            .args(["--control-plane", &cp_url[pod]])
+            .args([
+                "--flow-report-interval",
+                "200ms",
+                "--inbound",
+                "0.0.0.0:15006",
+                "--outbound",
+                "127.0.0.1:15001",
+                "--admin",
+                "127.0.0.1:15000",
+            ])
+            .arg("--ebpf-cgroup")
+            .arg(app)
+            .env("MESHGATE_LOG", "info");
+        env.spawn(&format!("sidecar-{files}"), sidecar);
+        env.wait_until(
+            "sidecar ready (policy from the control plane)",
+            Duration::from_secs(20),
+            || {
+                env.curl(pod, other, "http://127.0.0.1:15000/ready")
+                    .status
+                    .success()
+            },
+        );
+    }
     env.wait_until(
-        "sidecar ready (policy from the control plane)",
+        "external server and B's app up",
         Duration::from_secs(20),
         || {
-            env.curl(0, "pod-a/other", "http://127.0.0.1:15000/ready")
+            env.curl(1, "pod-b/ext", &format!("http://{EXT_IP}:9000/"))
                 .status
                 .success()
+                && env
+                    .curl(1, "pod-b/ext", "http://127.0.0.1:8080/")
+                    .status
+                    .success()
         },
     );
-    env.wait_until("external server up", Duration::from_secs(20), || {
-        env.curl(1, "pod-b/ext", &format!("http://{EXT_IP}:9000/"))
-            .status
-            .success()
-    });
 
     // One refused connect, and direct egress to the allowlisted port.
     assert_eq!(env.connect(0, "pod-a/app", EXT_IP, 9001, 3.0), "EPERM");
@@ -890,7 +923,53 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
     let c =
         meshgate_ebpf::Counters::read_pinned(&meshgate_ebpf::pin_dir_for(&app_a).unwrap()).unwrap();
     assert_eq!(c.denied_egress, 2, "{c:?}");
-    ok(&env.redirect(&["detach", "--cgroup", &app_a.display().to_string()]));
+
+    // Ingress: a process in pod A outside the app cgroup dials B's app port around B's
+    // sidecar; B's ingress guard drops it, and B's sidecar reports the drop for B.
+    assert_eq!(env.connect(0, "pod-a/other", B_IP, 8080, 1.5), "timeout");
+    let b_drops = format!("workload=\"{B_ID}\"");
+    env.wait_until(
+        "B's dropped packets in meshgate_sli_l3l4_denials_total",
+        Duration::from_secs(10),
+        || {
+            metrics = cp_get("/metrics");
+            metric(
+                &metrics,
+                "meshgate_sli_l3l4_denials_total",
+                &[
+                    &b_drops,
+                    "direction=\"ingress\"",
+                    "verdict=\"denied_ingress\"",
+                ],
+            ) >= 1
+        },
+    );
+    env.wait_until(
+        "the outside → B eBPF edge on the console",
+        Duration::from_secs(10),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_str(&cp_get("/v1/console/state")).unwrap();
+            state["edges"].as_array().unwrap().iter().any(|e| {
+                e["callee"] == B_ID
+                    && e["layer"] == "ebpf"
+                    && e["class"] == "denied"
+                    && e["l3l4"].as_array().unwrap().iter().any(|r| {
+                        r["port"] == 8080
+                            && r["verdict"] == "denied_ingress"
+                            && r["direction"] == "ingress"
+                    })
+            })
+        },
+    );
+    assert_eq!(
+        denials(&metrics),
+        2,
+        "A's refusals are A's alone: {metrics}"
+    );
+    for app in [&app_a, &app_b] {
+        ok(&env.redirect(&["detach", "--cgroup", &app.display().to_string()]));
+    }
 }
 
 /// `redirect attach --pod --sidecar-uid 1337`: the Kubernetes layout, where app and sidecar share
