@@ -8,6 +8,11 @@
 //! the reporting sidecar's authenticated identity (a sidecar cannot report flows into another
 //! workload); the caller is what that sidecar's mTLS handshake proved, which the control plane
 //! has to take on trust from the reporter.
+//!
+//! The eBPF redirect's verdicts ([`crate::wire::L3L4Flow`]) are kept beside the flows, not as
+//! flows (they have no caller), per reporting sidecar with the same TTL and caps; what does not
+//! fit, and entries no sidecar sends, are counted in `meshgate_sli_l3l4_overflow_total`, and
+//! their denials feed `meshgate_sli_l3l4_denials_total` ([`MAX_L3L4_DENIAL_SERIES`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
