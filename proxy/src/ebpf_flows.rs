@@ -117,7 +117,7 @@ impl EbpfVerdicts {
                 )
             }
             Err(e) => {
-                tracing::debug!(event = "ebpf.counters_unreadable", pins = %self.pins.display(), error = %e, "eBPF counters not readable: no L3/L4 verdicts in this report");
+                tracing::debug!(event = "ebpf.counters_unreadable", pins = %self.pins.display(), error = %e, "eBPF counters not readable, so no L3/L4 verdicts in this report: is the workload's cgroup still attached (`meshgate redirect status --cgroup …`)?");
                 (Vec::new(), 0)
             }
         }
