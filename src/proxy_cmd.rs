@@ -190,7 +190,8 @@ pub struct ProxyArgs {
     #[arg(long)]
     no_tracing: bool,
     /// The app's cgroup attached with `meshgate redirect attach`: export its eBPF counters on
-    /// /metrics (reading them needs CAP_BPF).
+    /// /metrics (reading them needs CAP_BPF), and with --control-plane report its denials and
+    /// direct egress as L3/L4 flows.
     #[arg(long)]
     ebpf_cgroup: Option<PathBuf>,
     /// With --control-plane: how often the decisions aggregated into flows are reported to it

@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use meshgate_policy::{DecisionKind, PolicySnapshot};
 use meshgate_policy_tools::probe::Probe;
 use meshgate_xds::server::ControlPlane;
-use meshgate_xds::wire::{Flow, LatencyHistogram};
+use meshgate_xds::wire::{Direction, Flow, L3L4Flow, LatencyHistogram};
 use serde_json::{Value, json};
 
 /// The page, with its script and styles inline.
@@ -39,6 +39,12 @@ const PAGE: &str = include_str!("console.html");
 const MAX_BODY: usize = 16 * 1024;
 /// Flows are kept this long by the control plane; rates are averaged over at most this.
 const WINDOW_SECS: i64 = meshgate_xds::flows::FLOW_TTL.as_secs() as i64;
+/// The graph's pseudo-node for the other end of the eBPF redirect's verdicts: its counters
+/// carry a port and a verdict, no address and no identity, so every destination of an egress
+/// verdict and every source of a dropped ingress packet is this one node. Not a SPIFFE ID, so
+/// it cannot be mistaken for (or collide with) a workload.
+const OUTSIDE_NODE: &str = "l3l4:outside";
+const OUTSIDE_NAME: &str = "outside (L3/L4)";
 
 /// The console of one control plane.
 pub struct Console {
@@ -456,6 +462,19 @@ impl Console {
                 "trace_url": f.trace_id.as_deref().zip(self.trace_ui.as_ref()).map(|(t, ui)| ui.link(t)),
             }));
         }
+        // The eBPF redirect's verdicts: workload → outside for egress (refused, or allowed
+        // direct), outside → workload for ingress drops.
+        let mut ebpf_edges: BTreeMap<(String, String), EbpfEdge> = BTreeMap::new();
+        for (workload, f) in cp.l3l4_flows() {
+            nodes
+                .entry(workload.clone())
+                .or_insert_with(|| json!({ "id": workload, "name": short(&workload) }));
+            let ends = match f.direction {
+                Direction::Egress => (workload, OUTSIDE_NODE.to_string()),
+                Direction::Ingress => (OUTSIDE_NODE.to_string(), workload),
+            };
+            ebpf_edges.entry(ends).or_default().add(&f);
+        }
         let status = serde_json::to_value(cp.status()).unwrap_or(Value::Null);
         let quarantined = |id: &str| {
             meshgate_ca::SpiffeId::parse(id)
@@ -471,6 +490,7 @@ impl Console {
             }
         }
         for (id, node) in nodes.iter_mut() {
+            node["kind"] = "workload".into();
             node["quarantined"] = quarantined(id).into();
             let (mut count, mut allowed, mut first) = (0u64, 0u64, now);
             let mut latency = LatencyHistogram::default();
@@ -484,7 +504,7 @@ impl Console {
             }
             node["inbound"] = golden(count, allowed, first, now, &latency);
         }
-        let edges: Vec<Value> = edges
+        let mut edges: Vec<Value> = edges
             .into_iter()
             .map(|((caller, callee), e)| {
                 json!({
@@ -492,9 +512,25 @@ impl Console {
                     "class": e.now_class, "observed": e.observed_class,
                     "count": e.count, "last_seen": e.last_seen,
                     "golden": golden(e.count, e.allowed, e.first_seen, now, &e.latency),
+                    "layer": "identity",
                 })
             })
             .collect();
+        if !ebpf_edges.is_empty() {
+            nodes.insert(
+                OUTSIDE_NODE.to_string(),
+                json!({
+                    "id": OUTSIDE_NODE, "name": OUTSIDE_NAME, "kind": "outside",
+                    "quarantined": false,
+                    "inbound": golden(0, 0, now, now, &LatencyHistogram::default()),
+                }),
+            );
+        }
+        edges.extend(
+            ebpf_edges
+                .into_iter()
+                .map(|((caller, callee), e)| e.into_json(caller, callee, now)),
+        );
         let (allowed, mode, reason) = self.mutations();
         json!({
             "now": now,
@@ -544,6 +580,54 @@ impl Edge {
         if rank(now) > rank(self.now_class) {
             self.now_class = now;
         }
+    }
+}
+
+/// One edge between a workload and [`OUTSIDE_NODE`], summed over its eBPF verdicts.
+#[derive(Default)]
+struct EbpfEdge {
+    count: u64,
+    allowed: u64,
+    first_seen: i64,
+    last_seen: i64,
+    rows: Vec<Value>,
+}
+
+impl EbpfEdge {
+    fn add(&mut self, f: &L3L4Flow) {
+        if self.rows.is_empty() {
+            self.first_seen = f.first_seen;
+        }
+        self.count = self.count.saturating_add(f.count);
+        if !f.denied() {
+            self.allowed = self.allowed.saturating_add(f.count);
+        }
+        self.first_seen = self.first_seen.min(f.first_seen);
+        self.last_seen = self.last_seen.max(f.last_seen);
+        self.rows.push(json!({
+            "direction": f.direction.as_str(), "port": f.port, "verdict": f.verdict,
+            "class": if f.denied() { "denied" } else { "allowed" },
+            "count": f.count, "first_seen": f.first_seen, "last_seen": f.last_seen,
+        }));
+    }
+
+    /// The edge in the shape of an identity edge (so the graph and the rates treat both
+    /// alike), `layer: "ebpf"`, and its verdicts under `l3l4`. Coloured by its worst verdict,
+    /// like identity edges: denied when any verdict was a denial, else allowed.
+    fn into_json(self, caller: String, callee: String, now: i64) -> Value {
+        let class = if self.allowed < self.count {
+            "denied"
+        } else {
+            "allowed"
+        };
+        json!({
+            "caller": caller, "callee": callee,
+            "class": class, "observed": class,
+            "count": self.count, "last_seen": self.last_seen,
+            "golden": golden(self.count, self.allowed, self.first_seen, now, &LatencyHistogram::default()),
+            "layer": "ebpf",
+            "l3l4": self.rows,
+        })
     }
 }
 
@@ -756,6 +840,53 @@ mod tests {
             j["p50"].is_null() && j["p99"].is_null() && j["samples"] == 0,
             "{j}"
         );
+    }
+
+    /// An eBPF edge is drawn denied when any of its verdicts was a denial, allowed otherwise;
+    /// it keeps the identity edge's fields and lists its verdicts.
+    #[test]
+    fn ebpf_edges_take_their_worst_verdict() {
+        let v = |verdict: &str, port: u16, count: u64, at: i64| L3L4Flow {
+            direction: Direction::Egress,
+            port,
+            verdict: verdict.into(),
+            count,
+            first_seen: at - 5,
+            last_seen: at,
+        };
+        for (verdicts, class, allowed) in [
+            (vec![v("allowed", 443, 4, 100)], "allowed", 4),
+            (vec![v("denied_egress", 9001, 1, 100)], "denied", 0),
+            (
+                vec![v("allowed", 443, 4, 100), v("denied_udp_mesh", 53, 1, 90)],
+                "denied",
+                4,
+            ),
+        ] {
+            let mut e = EbpfEdge::default();
+            for f in &verdicts {
+                e.add(f);
+            }
+            let j = e.into_json("w".into(), OUTSIDE_NODE.into(), 110);
+            assert_eq!(j["class"], class, "{j}");
+            assert_eq!(j["layer"], "ebpf");
+            let count: u64 = verdicts.iter().map(|f| f.count).sum();
+            assert_eq!(j["count"], count);
+            assert_eq!(j["golden"]["requests"], count);
+            assert_eq!(
+                j["golden"]["success_rate"].as_f64(),
+                Some(allowed as f64 / count as f64)
+            );
+            assert_eq!(j["last_seen"], 100);
+            let rows = j["l3l4"].as_array().unwrap();
+            assert_eq!(rows.len(), verdicts.len());
+            for (row, f) in rows.iter().zip(&verdicts) {
+                assert_eq!(
+                    (&row["verdict"], &row["port"], &row["direction"]),
+                    (&json!(f.verdict), &json!(f.port), &json!("egress"))
+                );
+            }
+        }
     }
 
     #[test]

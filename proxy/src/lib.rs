@@ -6,6 +6,7 @@ pub mod admin;
 pub mod console;
 pub mod control_plane;
 pub mod decision;
+pub mod ebpf_flows;
 pub mod flows;
 pub mod http_util;
 pub mod identity;

@@ -275,11 +275,19 @@ impl Sidecar {
             );
             let source_identity = identity.clone();
             let update_flows = flows.clone();
+            // The eBPF redirect's verdicts go with the flows (to a control plane only), when
+            // the sidecar reads its workload's counters (`--ebpf-cgroup`).
+            let verdicts = ebpf_pins
+                .clone()
+                .filter(|_| flows.is_some())
+                .map(|pins| Arc::new(crate::ebpf_flows::EbpfVerdicts::start(pins)));
             let reporter = flows
                 .clone()
                 .map(|table| meshgate_xds::client::FlowReporter {
                     interval: config.flow_report_interval,
                     drain: Arc::new(move || table.drain()),
+                    l3l4: verdicts
+                        .map(|v| Arc::new(move || v.drain()) as meshgate_xds::client::L3L4Drain),
                 });
             config
                 .policy

@@ -267,6 +267,177 @@ fn edge_class(caller: &str, callee: &str) -> String {
     )
 }
 
+/// The eBPF redirect's verdicts in the browser: a real stream client (mTLS as workload `web`)
+/// reports them to a real control plane — from a fixed list here, from the kernel's counters
+/// in `ebpf_redirect::ebpf_verdicts_reach_the_control_plane_as_l3l4_flows` — and the page draws
+/// them as dashed edges labelled `eBPF` to and from the "outside (L3/L4)" pseudo-node, never as
+/// identity edges, with port, verdict and count in the edge's details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_draws_ebpf_verdicts_apart_from_identity_flows() {
+    use meshgate_xds::wire::{Direction, L3L4Flow};
+    let _heavy = heavy_async().await;
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("mesh.yaml", MESH_ALLOW);
+    mesh.start_control_plane().await;
+    let (cp_addr, admin_addr) = {
+        let cp = mesh.control_plane.as_ref().unwrap();
+        (cp.addr, cp.admin_addr)
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let svid = mesh.ca.sign_leaf(
+        &id(WEB),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let tls = mesh_client(
+        mesh.ca.bundle(),
+        &svid,
+        id("spiffe://mesh.local/ns/meshgate/sa/control-plane"),
+        &[b"h2"],
+    );
+    let at = now.unix_timestamp();
+    let verdict = |direction, port, verdict: &str, count| L3L4Flow {
+        direction,
+        port,
+        verdict: verdict.into(),
+        count,
+        first_seen: at - 1,
+        last_seen: at,
+    };
+    let pending = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        verdict(Direction::Egress, 9001, "denied_egress", 3),
+        verdict(Direction::Egress, 443, "allowed", 2),
+        verdict(Direction::Ingress, 8080, "denied_ingress", 5),
+    ]));
+    let client = meshgate_xds::client::StreamClient::new(&[format!("https://{cp_addr}")], tls)
+        .unwrap()
+        .report_flows(meshgate_xds::client::FlowReporter {
+            interval: Duration::from_millis(100),
+            drain: std::sync::Arc::new(|| (Vec::new(), 0)),
+            l3l4: Some(std::sync::Arc::new(move || {
+                (std::mem::take(&mut *pending.lock().unwrap()), 0)
+            })),
+        });
+    let stream = tokio::spawn(client.run(
+        |_| Ok(()),
+        |_| {},
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+    ));
+
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{admin_addr}/console")).await;
+    let egress = format!("path.edge.ebpf[data-caller=\"{WEB}\"][data-callee=\"l3l4:outside\"]");
+    let ingress = format!("path.edge.ebpf[data-caller=\"l3l4:outside\"][data-callee=\"{WEB}\"]");
+    let (class, _) = browser
+        .until(
+            "the eBPF egress edge",
+            &format!("(document.querySelector('{egress}') || {{}}).dataset?.class"),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(class, "denied", "an edge with a refusal is drawn denied");
+    let drawn = browser
+        .js(
+            &format!(
+                "const e = document.querySelector('{egress}'), i = document.querySelector('{ingress}');
+                 const node = document.querySelector('g.node[data-kind=\"outside\"]');
+                 return {{ dash: getComputedStyle(e).strokeDasharray, layer: e.dataset.layer,
+                   ingress: i && i.dataset.class, outside: node && node.dataset.name,
+                   labels: document.querySelectorAll('text.edge-label').length,
+                   identity: document.querySelectorAll('path.edge:not(.ebpf)').length }};"
+            ),
+            json!([]),
+        )
+        .await;
+    assert_eq!(drawn["layer"], "ebpf", "{drawn}");
+    assert_ne!(drawn["dash"], "none", "dashed: {drawn}");
+    assert_eq!(drawn["ingress"], "denied", "{drawn}");
+    assert_eq!(drawn["outside"], "outside (L3/L4)", "{drawn}");
+    assert_eq!(drawn["labels"], 2, "each eBPF edge is labelled: {drawn}");
+    assert_eq!(
+        drawn["identity"], 0,
+        "no identity edge from verdicts: {drawn}"
+    );
+
+    browser
+        .click(&format!(
+            "circle.edge-handle[data-layer=\"ebpf\"][data-caller=\"{WEB}\"]"
+        ))
+        .await;
+    let (rows, _) = browser
+        .until(
+            "the egress edge's verdicts in the details",
+            "document.querySelectorAll('#edge-l3l4 tr.edge-verdict').length === 2 && [...document.querySelectorAll('#edge-l3l4 tr.edge-verdict')].map((r) => r.innerText.replace(/\\s+/g, ' ')).join(' | ')",
+            Duration::from_secs(5),
+        )
+        .await;
+    let rows = rows.as_str().unwrap();
+    assert!(rows.contains("egress 9001 denied_egress 3"), "{rows}");
+    assert!(rows.contains("egress 443 allowed 2"), "{rows}");
+    let title = browser
+        .js(
+            "return document.querySelector('#edge-title').innerText;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        title.as_str().unwrap().contains("eBPF L3/L4 verdicts"),
+        "{title}"
+    );
+    assert!(
+        browser
+            .js("return !document.querySelector('#suggest-btn');", json!([]))
+            .await
+            == true,
+        "no policy to suggest for kernel verdicts"
+    );
+    let golden = browser
+        .js(
+            "return document.querySelector('#edge-golden').innerText;",
+            json!([]),
+        )
+        .await;
+    let golden = golden.as_str().unwrap();
+    assert!(
+        golden.starts_with("5 connections") && golden.contains("40.0% let through direct"),
+        "{golden}"
+    );
+    // The ingress edge: packets dropped on their way into the app port.
+    browser
+        .click(&format!(
+            "circle.edge-handle[data-layer=\"ebpf\"][data-callee=\"{WEB}\"]"
+        ))
+        .await;
+    let (rows, _) = browser
+        .until(
+            "the ingress edge's verdicts in the details",
+            "document.querySelector('#edge-l3l4 tr.edge-verdict[data-verdict=\"denied_ingress\"]')?.innerText.replace(/\\s+/g, ' ')",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        rows.as_str()
+            .unwrap()
+            .starts_with("ingress 8080 denied_ingress 5 "),
+        "{rows}"
+    );
+    let golden = browser
+        .js(
+            "return document.querySelector('#edge-golden').innerText;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        golden.as_str().unwrap().starts_with("5 packets dropped"),
+        "{golden}"
+    );
+    browser
+        .screenshot(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-ebpf.png"))
+        .await;
+    stream.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_in_a_headless_browser_shows_the_mesh_and_contains() {
     let _heavy = heavy_async().await;

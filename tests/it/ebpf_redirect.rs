@@ -322,6 +322,34 @@ spec:
     .unwrap();
 }
 
+/// `meshgate redirect attach` of a pod's `app` cgroup (its sidecar in `sidecar`, listening on
+/// 15001 and 15006), the L3/L4 rules from the NetworkPolicy of `account` in `policies`.
+fn attach_args(
+    app: &Path,
+    sidecar: &Path,
+    account: &str,
+    ports: &str,
+    policies: &Path,
+) -> Vec<String> {
+    vec![
+        "attach".into(),
+        "--cgroup".into(),
+        app.display().to_string(),
+        "--sidecar-cgroup".into(),
+        sidecar.display().to_string(),
+        "--outbound-port".into(),
+        "15001".into(),
+        "--inbound-port".into(),
+        "15006".into(),
+        "--app-ports".into(),
+        ports.into(),
+        "--network-policy".into(),
+        policies.display().to_string(),
+        "--identity".into(),
+        format!("spiffe://mesh.local/ns/test/sa/{account}"),
+    ]
+}
+
 fn metric(metrics: &str, name: &str, labels: &[&str]) -> u64 {
     metrics
         .lines()
@@ -433,27 +461,8 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     // Attach both pods (the CLI exits; the pins keep the programs attached).
     let app_a = env.cg("pod-a/app");
     let app_b = env.cg("pod-b/app");
-    let attach_args = |app: &Path, sidecar: PathBuf, account: &str, ports: &str| -> Vec<String> {
-        vec![
-            "attach".into(),
-            "--cgroup".into(),
-            app.display().to_string(),
-            "--sidecar-cgroup".into(),
-            sidecar.display().to_string(),
-            "--outbound-port".into(),
-            "15001".into(),
-            "--inbound-port".into(),
-            "15006".into(),
-            "--app-ports".into(),
-            ports.into(),
-            "--network-policy".into(),
-            pol.display().to_string(),
-            "--identity".into(),
-            format!("spiffe://mesh.local/ns/test/sa/{account}"),
-        ]
-    };
-    let args_a = attach_args(&app_a, env.cg("pod-a/sidecar"), "a", "8080");
-    let args_b = attach_args(&app_b, env.cg("pod-b/sidecar"), "b", "8080,8081");
+    let args_a = attach_args(&app_a, &env.cg("pod-a/sidecar"), "a", "8080", &pol);
+    let args_b = attach_args(&app_b, &env.cg("pod-b/sidecar"), "b", "8080,8081", &pol);
     let started = Instant::now();
     let out = ok(&env.redirect(&args_a.iter().map(String::as_str).collect::<Vec<_>>()));
     let attach_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -696,6 +705,271 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
          request latency p50/p90 ms: redirected through both sidecars {meshed}, explicit proxy (no redirect) {explicit}, direct {plain}; whole test {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The eBPF redirect's verdicts reach the control plane as L3/L4 flows: pod A's app (its cgroup
+/// attached, egress allowlisted to the external server's port 9000 only) is refused a connect
+/// to another port (EPERM) and reaches port 9000 directly; its sidecar, streaming from a real
+/// control plane with `--ebpf-cgroup`, reports the growth of its counters, and the control
+/// plane counts the refusal in `meshgate_sli_l3l4_denials_total` exactly once (the counters
+/// are reported as deltas, not again every interval) and draws both on the console as eBPF
+/// edges to the "outside" pseudo-node. Ingress too: a connection around B's sidecar to B's app
+/// port is dropped, and B's sidecar reports it as B's `denied_ingress` (outside → B).
+#[test]
+fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
+    let _heavy = crate::support::heavy();
+    let Some(mut env) = setup("f") else { return };
+    let d = env.dir.path().to_path_buf();
+    const CP_ID: &str = "spiffe://mesh.local/ns/meshgate/sa/control-plane";
+    ok(&output_within(
+        meshgate().args(["ca", "init", "--dir"]).arg(d.join("ca")),
+        Duration::from_secs(30),
+    ));
+    for (dir, id) in [("a", A_ID), ("b", B_ID), ("cp", CP_ID)] {
+        ok(&output_within(
+            meshgate()
+                .args(["ca", "issue", "--id", id, "--dir"])
+                .arg(d.join("ca"))
+                .arg("--out")
+                .arg(d.join(dir)),
+            Duration::from_secs(30),
+        ));
+    }
+    let pol = d.join("policies");
+    policies(&pol);
+    let app_py = d.join("app.py");
+    std::fs::write(&app_py, APP).unwrap();
+    // The external server, and B's app (the ingress guard sees packets to its sockets only).
+    for (name, cg, ip, port) in [
+        ("ext", "pod-b/ext", EXT_IP, "9000"),
+        ("app-b", "pod-b/app", "0.0.0.0", "8080"),
+    ] {
+        let mut cmd = env.in_pod(1, cg, "python3");
+        cmd.arg(&app_py).args([ip, port, name]);
+        env.spawn(name, cmd);
+    }
+
+    // Attached before the sidecars start: their first read of the counters is the baseline.
+    let (app_a, app_b) = (env.cg("pod-a/app"), env.cg("pod-b/app"));
+    for (app, sidecar, account, ports) in [
+        (&app_a, "pod-a/sidecar", "a", "8080"),
+        (&app_b, "pod-b/sidecar", "b", "8080,8081"),
+    ] {
+        ok(&env.redirect(
+            &attach_args(app, &env.cg(sidecar), account, ports, &pol)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ));
+    }
+
+    // The control plane, in pod A's network namespace; B's sidecar reaches it over the veth.
+    let mut cp = env.in_pod(0, "pod-a/other", env!("CARGO_BIN_EXE_meshgate"));
+    cp.args(["control-plane", "serve", "--policy-dir"])
+        .arg(&pol)
+        .args(["--listen", "0.0.0.0:15010", "--admin", "127.0.0.1:15011"])
+        .arg("--svid-cert")
+        .arg(d.join("cp/svid.pem"))
+        .arg("--svid-key")
+        .arg(d.join("cp/key.pem"))
+        .arg("--trust-bundle")
+        .arg(d.join("cp/bundle.pem"))
+        .env("MESHGATE_LOG", "info");
+    env.spawn("control-plane", cp);
+    let cp_url = [
+        "https://127.0.0.1:15010".to_string(),
+        format!("https://{A_IP}:15010"),
+    ];
+    for (pod, files, app, other) in [
+        (0, "a", &app_a, "pod-a/other"),
+        (1, "b", &app_b, "pod-b/ext"),
+    ] {
+        let cg = if pod == 0 {
+            "pod-a/sidecar"
+        } else {
+            "pod-b/sidecar"
+        };
+        let mut sidecar = env.in_pod(pod, cg, env!("CARGO_BIN_EXE_meshgate"));
+        sidecar
+            .args(["proxy", "--app", "127.0.0.1:8080", "--svid-cert"])
+            .arg(d.join(files).join("svid.pem"))
+            .arg("--svid-key")
+            .arg(d.join(files).join("key.pem"))
+            .arg("--trust-bundle")
+            .arg(d.join(files).join("bundle.pem"))
+            .args(["--control-plane", &cp_url[pod]])
+            .args([
+                "--flow-report-interval",
+                "200ms",
+                "--inbound",
+                "0.0.0.0:15006",
+                "--outbound",
+                "127.0.0.1:15001",
+                "--admin",
+                "127.0.0.1:15000",
+            ])
+            .arg("--ebpf-cgroup")
+            .arg(app)
+            .env("MESHGATE_LOG", "info");
+        env.spawn(&format!("sidecar-{files}"), sidecar);
+        env.wait_until(
+            "sidecar ready (policy from the control plane)",
+            Duration::from_secs(20),
+            || {
+                env.curl(pod, other, "http://127.0.0.1:15000/ready")
+                    .status
+                    .success()
+            },
+        );
+    }
+    env.wait_until(
+        "external server and B's app up",
+        Duration::from_secs(20),
+        || {
+            env.curl(1, "pod-b/ext", &format!("http://{EXT_IP}:9000/"))
+                .status
+                .success()
+                && env
+                    .curl(1, "pod-b/ext", "http://127.0.0.1:8080/")
+                    .status
+                    .success()
+        },
+    );
+
+    // One refused connect, and direct egress to the allowlisted port.
+    assert_eq!(env.connect(0, "pod-a/app", EXT_IP, 9001, 3.0), "EPERM");
+    let direct = ok(&env.curl(0, "pod-a/app", &format!("http://{EXT_IP}:9000/out")));
+    assert!(direct.contains("\"app\": \"ext\""), "{direct}");
+
+    let cp_get =
+        |path: &str| ok(&env.curl(0, "pod-a/other", &format!("http://127.0.0.1:15011{path}")));
+    let workload = format!("workload=\"{A_ID}\"");
+    let denials = |metrics: &str| {
+        metric(
+            metrics,
+            "meshgate_sli_l3l4_denials_total",
+            &[
+                &workload,
+                "direction=\"egress\"",
+                "verdict=\"denied_egress\"",
+            ],
+        )
+    };
+    let mut metrics = String::new();
+    env.wait_until(
+        "the refusal in the control plane's meshgate_sli_l3l4_denials_total",
+        Duration::from_secs(10),
+        || {
+            metrics = cp_get("/metrics");
+            denials(&metrics) >= 1
+        },
+    );
+    // The console's graph: the workload, the outside pseudo-node, and one eBPF edge between
+    // them carrying both verdicts by port.
+    let mut edge = serde_json::Value::Null;
+    env.wait_until(
+        "the eBPF edge on the console",
+        Duration::from_secs(10),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_str(&cp_get("/v1/console/state")).unwrap();
+            let outside = state["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["kind"] == "outside")
+                .cloned();
+            let found = state["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["caller"] == A_ID && e["layer"] == "ebpf")
+                .cloned();
+            match (outside, found) {
+                (Some(node), Some(e)) if e["callee"] == node["id"] => {
+                    let rows = e["l3l4"].as_array().unwrap();
+                    let has = |port: u64, verdict: &str| {
+                        rows.iter()
+                            .any(|r| r["port"] == port && r["verdict"] == verdict)
+                    };
+                    let both = has(9001, "denied_egress") && has(9000, "allowed");
+                    edge = e;
+                    both
+                }
+                _ => false,
+            }
+        },
+    );
+    assert_eq!(edge["class"], "denied", "{edge}");
+    let rows = edge["l3l4"].as_array().unwrap();
+    let count = |port: u64| -> u64 {
+        rows.iter()
+            .filter(|r| r["port"] == port)
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count(9001), 1, "one connect, one refusal: {edge}");
+    assert!(count(9000) >= 1, "{edge}");
+    assert!(rows.iter().all(|r| r["direction"] == "egress"), "{edge}");
+    // A second refusal, on another port: counted once more, and the first is not counted again
+    // by the reports that followed it (deltas of the counters, not their values).
+    assert_eq!(env.connect(0, "pod-a/app", EXT_IP, 9002, 3.0), "EPERM");
+    env.wait_until("the second refusal", Duration::from_secs(10), || {
+        metrics = cp_get("/metrics");
+        denials(&metrics) >= 2
+    });
+    assert_eq!(denials(&metrics), 2, "{metrics}");
+    // The sidecar's own counters agree: the kernel saw exactly those two.
+    let c =
+        meshgate_ebpf::Counters::read_pinned(&meshgate_ebpf::pin_dir_for(&app_a).unwrap()).unwrap();
+    assert_eq!(c.denied_egress, 2, "{c:?}");
+
+    // Ingress: a process in pod A outside the app cgroup dials B's app port around B's
+    // sidecar; B's ingress guard drops it, and B's sidecar reports the drop for B.
+    assert_eq!(env.connect(0, "pod-a/other", B_IP, 8080, 1.5), "timeout");
+    let b_drops = format!("workload=\"{B_ID}\"");
+    env.wait_until(
+        "B's dropped packets in meshgate_sli_l3l4_denials_total",
+        Duration::from_secs(10),
+        || {
+            metrics = cp_get("/metrics");
+            metric(
+                &metrics,
+                "meshgate_sli_l3l4_denials_total",
+                &[
+                    &b_drops,
+                    "direction=\"ingress\"",
+                    "verdict=\"denied_ingress\"",
+                ],
+            ) >= 1
+        },
+    );
+    env.wait_until(
+        "the outside → B eBPF edge on the console",
+        Duration::from_secs(10),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_str(&cp_get("/v1/console/state")).unwrap();
+            state["edges"].as_array().unwrap().iter().any(|e| {
+                e["callee"] == B_ID
+                    && e["layer"] == "ebpf"
+                    && e["class"] == "denied"
+                    && e["l3l4"].as_array().unwrap().iter().any(|r| {
+                        r["port"] == 8080
+                            && r["verdict"] == "denied_ingress"
+                            && r["direction"] == "ingress"
+                    })
+            })
+        },
+    );
+    assert_eq!(
+        denials(&metrics),
+        2,
+        "A's refusals are A's alone: {metrics}"
+    );
+    for app in [&app_a, &app_b] {
+        ok(&env.redirect(&["detach", "--cgroup", &app.display().to_string()]));
+    }
 }
 
 /// `redirect attach --pod --sidecar-uid 1337`: the Kubernetes layout, where app and sidecar share

@@ -420,6 +420,113 @@ fn text_of(out: &std::process::Output) -> String {
     )
 }
 
+/// eBPF verdicts on the stream, both ways round: a stream client whose reporter has verdicts
+/// (as a sidecar with `--ebpf-cgroup` has) sends them only to a control plane advertising
+/// `flow-l3l4`; for one that does not, it does not even take them (the kernel counters keep
+/// counting for a later control plane that reads them), while its flow reports go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_verdicts_go_only_to_control_planes_that_read_them() {
+    use meshgate_xds::wire::{Direction, FlowReport, L3L4Flow};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for features in [
+        "flow-reports,flow-latency,flow-l3l4",
+        "flow-reports,flow-latency",
+    ] {
+        let reads_l3l4 = features.contains("flow-l3l4");
+        let mesh = TestMesh::new().await;
+        mesh.write_policy("mesh.yaml", MESH_ALLOW);
+        let (url, lines) = fake_control_plane(&mesh, Some(features)).await;
+        let now = time::OffsetDateTime::now_utc();
+        let svid = mesh.ca.sign_leaf(
+            &id(WEB),
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        let tls = mesh_client(
+            mesh.ca.bundle(),
+            &svid,
+            id("spiffe://mesh.local/ns/meshgate/sa/control-plane"),
+            &[b"h2"],
+        );
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
+        let at = now.unix_timestamp();
+        let client = meshgate_xds::client::StreamClient::new(&[url], tls)
+            .unwrap()
+            .report_flows(meshgate_xds::client::FlowReporter {
+                interval: Duration::from_millis(100),
+                // One decision over the cap every interval: a report line each time.
+                drain: Arc::new(|| (Vec::new(), 1)),
+                l3l4: Some(Arc::new(move || {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let refused = L3L4Flow {
+                        direction: Direction::Egress,
+                        port: 9001,
+                        verdict: "denied_egress".into(),
+                        count: 1,
+                        first_seen: at,
+                        last_seen: at,
+                    };
+                    (vec![refused], 0)
+                })),
+            });
+        let stream = tokio::spawn(client.run(
+            |_| Ok(()),
+            |_| {},
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        ));
+        // Wait for three intervals' flow reports: the ticks happened, so what is absent is
+        // absent because of the features.
+        let reports = |lines: &[Vec<u8>]| -> Vec<FlowReport> {
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_slice::<FlowReport>(l).ok())
+                .collect()
+        };
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            seen = lines.lock().unwrap().clone();
+            if reports(&seen).iter().filter(|r| r.overflow == 1).count() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stream.abort();
+        let got = reports(&seen);
+        assert!(
+            got.iter().filter(|r| r.overflow == 1).count() >= 3,
+            "{features}: flow reports every interval: {got:?}"
+        );
+        let verdicts: Vec<&L3L4Flow> = got.iter().flat_map(|r| &r.l3l4).collect();
+        if reads_l3l4 {
+            assert!(
+                verdicts
+                    .iter()
+                    .all(|v| v.port == 9001 && v.verdict == "denied_egress" && v.count == 1),
+                "{features}: {verdicts:?}"
+            );
+            // Each interval's verdicts ride its report (the last one taken may still be in
+            // flight).
+            assert!(
+                !verdicts.is_empty() && verdicts.len() as u64 <= taken.load(Ordering::Relaxed),
+                "{features}: {verdicts:?}"
+            );
+        } else {
+            assert_eq!(
+                taken.load(Ordering::Relaxed),
+                0,
+                "{features}: not even read"
+            );
+            for line in &seen {
+                let text = String::from_utf8_lossy(line);
+                assert!(!text.contains("l3l4"), "{features}: {text}");
+            }
+        }
+    }
+}
+
 /// A stand-in control plane: pushes the policy directory once to the first stream, keeps it
 /// open, and records every request-body line. It sends `features` as the feature header: this
 /// version's `flow-reports,flow-latency`, `flow-reports` (from before latency on flows), or none

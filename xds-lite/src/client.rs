@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use crate::wire::{
-    Ack, FEATURE_FLOW_LATENCY, FEATURE_FLOW_REPORTS, FEATURE_TAP, FEATURES_HEADER, Flow,
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS,
-    MAX_PUSH_BYTES, STREAM_PATH, ServerMessage, TapEvent, TapRequest, sanitize_peer_text,
+    Ack, FEATURE_TAP, FEATURES_HEADER, Flow, FlowReport, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    L3L4Flow, LineBuffer, MAX_ACK_BYTES, MAX_NACK_ERROR_CHARS, MAX_PUSH_BYTES, STREAM_PATH,
+    ServerMessage, StreamFeatures, TapEvent, TapRequest, sanitize_peer_text,
 };
 use meshgate_policy::PolicySet;
 
@@ -134,14 +134,24 @@ impl Drop for StopTap<'_> {
 /// Drains the flows aggregated since the last call, and the decisions not aggregated (cap hit).
 pub type FlowDrain = Arc<dyn Fn() -> (Vec<Flow>, u64) + Send + Sync>;
 
+/// Drains the eBPF verdicts counted since the last call (at most
+/// [`crate::wire::MAX_L3L4_PER_REPORT`]), and the count of those left out.
+pub type L3L4Drain = Arc<dyn Fn() -> (Vec<L3L4Flow>, u64) + Send + Sync>;
+
 /// Flow reports on the stream: every `interval`, what `drain` returns is sent as
 /// [`crate::wire::FlowReport`] lines, to a control plane that advertises
-/// [`FEATURE_FLOW_REPORTS`] only. Drained when sent: a stream lost loses at most the report in
-/// flight; while no stream is open, the sidecar's aggregate keeps counting (within its cap).
+/// [`crate::wire::FEATURE_FLOW_REPORTS`] only. Drained when sent: a stream lost loses at most
+/// the report in flight; while no stream is open, the sidecar's aggregate keeps counting
+/// (within its cap).
 #[derive(Clone)]
 pub struct FlowReporter {
     pub interval: Duration,
     pub drain: FlowDrain,
+    /// The eBPF redirect's verdicts (a sidecar with `--ebpf-cgroup`), drained with the flows
+    /// but only for a control plane advertising [`crate::wire::FEATURE_FLOW_L3L4`]: for any
+    /// other the kernel counters keep counting, and a later control plane that reads them
+    /// gets the whole growth.
+    pub l3l4: Option<L3L4Drain>,
 }
 
 /// Where a session writes its ACK/NACK lines (the request body).
@@ -387,23 +397,15 @@ impl StreamClient {
             .await
             .map_err(|_| format!("no answer within {SETUP_TIMEOUT:?}"))??;
         progress.established = Some(Instant::now());
-        let reports = self.reports.as_ref().filter(|_| {
+        // What this control plane reads: reports at all, and which of their newer fields (an
+        // older one refuses lines carrying fields it does not know).
+        let features = StreamFeatures::parse(
             resp.headers()
                 .get_all(FEATURES_HEADER)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|f| f.trim() == FEATURE_FLOW_REPORTS)
-        });
-        // A control plane from before latency and trace IDs on flows refuses flows carrying them
-        // (its `Flow` denies unknown fields): they are cleared for it.
-        let latency = resp
-            .headers()
-            .get_all(FEATURES_HEADER)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|f| f.trim() == FEATURE_FLOW_LATENCY);
+                .filter_map(|v| v.to_str().ok()),
+        );
+        let reports = self.reports.as_ref().filter(|_| features.flow_reports);
         if self.reports.is_some() && reports.is_none() {
             tracing::info!(event = "control_plane.no_flow_reports", control_plane = %endpoint, "this control plane does not read flow reports (an older version): none are sent to it");
         }
@@ -472,13 +474,12 @@ impl StreamClient {
                 }
                 () = tick => {
                     if let Some(r) = reports {
-                        let (mut flows, overflow) = (r.drain)();
-                        if !latency {
-                            for f in &mut flows {
-                                (f.latency, f.trace_id) = (Vec::new(), None);
-                            }
+                        let (flows, overflow) = (r.drain)();
+                        let mut report = FlowReport::new(flows, overflow);
+                        if let Some(l3l4) = r.l3l4.as_ref().filter(|_| features.flow_l3l4) {
+                            (report.l3l4, report.l3l4_overflow) = l3l4();
                         }
-                        for line in crate::wire::report_lines(flows, overflow, MAX_ACK_BYTES) {
+                        for line in report.for_features(&features).into_lines(MAX_ACK_BYTES) {
                             acks.send(Ok(Frame::data(Bytes::from(line))))
                                 .await
                                 .map_err(|_| "stream closed".to_string())?;

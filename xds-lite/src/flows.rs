@@ -8,11 +8,19 @@
 //! the reporting sidecar's authenticated identity (a sidecar cannot report flows into another
 //! workload); the caller is what that sidecar's mTLS handshake proved, which the control plane
 //! has to take on trust from the reporter.
+//!
+//! The eBPF redirect's verdicts ([`crate::wire::L3L4Flow`]) are kept beside the flows, not as
+//! flows (they have no caller), per reporting sidecar with the same TTL and caps; what does not
+//! fit, and entries no sidecar sends, are counted in `meshgate_sli_l3l4_overflow_total`, and
+//! their denials feed `meshgate_sli_l3l4_denials_total` ([`MAX_L3L4_DENIAL_SERIES`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::wire::{FLOW_REPORT_TYPE, Flow, FlowReport, LatencyHistogram, MAX_TRACE_ID_LEN};
+use crate::wire::{
+    Direction, FLOW_REPORT_TYPE, Flow, FlowReport, L3L4Flow, LatencyHistogram, MAX_TRACE_ID_LEN,
+    l3l4_verdict,
+};
 use meshgate_policy::DecisionKind;
 use meshgate_policy::record::Layer;
 
@@ -27,6 +35,9 @@ pub const MAX_FLOWS_TOTAL: usize = 200_000;
 /// `{caller, callee}` pairs of the denial counter; denials of further pairs are counted under
 /// `caller="other", callee="other"` so the metric's cardinality stays bounded.
 pub const MAX_DENIAL_SERIES: usize = 2000;
+/// `{workload, direction, verdict}` series of the eBPF denial counter; denials of further
+/// workloads are counted under `workload="other"` (direction and verdict are few and fixed).
+pub const MAX_L3L4_DENIAL_SERIES: usize = MAX_DENIAL_SERIES;
 /// Longest method, path pattern and policy name a reported flow may carry. A real sidecar's
 /// are far shorter (tokens, patterns from policies, `namespace/name`); longer ones are refused
 /// so a hostile reporter cannot bloat the store or the metrics' labels.
@@ -75,6 +86,13 @@ impl Key {
 struct SidecarFlows {
     flows: HashMap<Key, Flow>,
 }
+
+/// The key of a stored eBPF verdict flow: direction, port, verdict (one of
+/// [`crate::wire::L3L4_VERDICTS`], so `'static`).
+type L3L4Key = (Direction, u16, &'static str);
+
+/// A denial series of `meshgate_sli_l3l4_denials_total`: workload, direction, verdict.
+pub type L3L4DenialKey = (String, Direction, &'static str);
 
 /// Requests (and tunnels) reported, by how they were decided; monotonic, for `rate()`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +147,15 @@ pub struct FlowStore {
     pub denials: BTreeMap<(String, String), u64>,
     /// Reports received (lines), for the operator's sanity.
     pub reports: u64,
+    /// The eBPF redirect's verdicts, per reporting sidecar (kept like flows: same TTL, same
+    /// caps, the workload always the reporter).
+    l3l4: BTreeMap<String, HashMap<L3L4Key, L3L4Flow>>,
+    l3l4_total: usize,
+    /// Connections (or packets) of eBPF verdicts not stored: the sidecars' cap per report,
+    /// this store's caps, and entries no sidecar would send.
+    pub l3l4_overflow: u64,
+    /// eBPF denials by workload, direction and verdict; monotonic.
+    pub l3l4_denials: BTreeMap<L3L4DenialKey, u64>,
     /// When flows were last expired: a sweep walks every flow, so it runs at most once a second
     /// however many reports arrive.
     swept_at: i64,
@@ -146,6 +173,8 @@ impl FlowStore {
         if now != self.swept_at {
             self.expire(now);
         }
+        self.l3l4_overflow = self.l3l4_overflow.saturating_add(report.l3l4_overflow);
+        self.ingest_l3l4(reporter, report.l3l4, now);
         for mut flow in report.flows {
             if !plausible(&flow) {
                 self.overflow = self.overflow.saturating_add(flow.count);
@@ -194,6 +223,56 @@ impl FlowStore {
         }
     }
 
+    /// Stores the eBPF verdicts of one report and counts its denials. An entry no sidecar
+    /// would send (a verdict that is not reported, or with the wrong direction) is counted as
+    /// overflow, never stored or used as a label.
+    fn ingest_l3l4(&mut self, reporter: &str, flows: Vec<L3L4Flow>, now: i64) {
+        for mut flow in flows {
+            let verdict = match l3l4_verdict(&flow.verdict) {
+                Some((verdict, direction)) if direction == flow.direction => verdict,
+                _ => {
+                    self.l3l4_overflow = self.l3l4_overflow.saturating_add(flow.count);
+                    continue;
+                }
+            };
+            if flow.count == 0 {
+                continue;
+            }
+            flow.last_seen = flow.last_seen.clamp(now - FLOW_TTL.as_secs() as i64, now);
+            flow.first_seen = flow.first_seen.min(flow.last_seen);
+            if flow.denied() {
+                let series = (reporter.to_string(), flow.direction, verdict);
+                let key = if self.l3l4_denials.contains_key(&series)
+                    || self.l3l4_denials.len() < MAX_L3L4_DENIAL_SERIES
+                {
+                    series
+                } else {
+                    ("other".to_string(), flow.direction, verdict)
+                };
+                let c = self.l3l4_denials.entry(key).or_default();
+                *c = c.saturating_add(flow.count);
+            }
+            let total = self.l3l4_total;
+            let held = self.l3l4.entry(reporter.to_string()).or_default();
+            let room = held.len() < MAX_FLOWS_PER_SIDECAR && total < MAX_FLOWS_TOTAL;
+            match held.get_mut(&(flow.direction, flow.port, verdict)) {
+                Some(h) => {
+                    h.count = h.count.saturating_add(flow.count);
+                    h.first_seen = h.first_seen.min(flow.first_seen);
+                    h.last_seen = h.last_seen.max(flow.last_seen);
+                }
+                None if room => {
+                    held.insert((flow.direction, flow.port, verdict), flow);
+                    self.l3l4_total += 1;
+                }
+                None => self.l3l4_overflow = self.l3l4_overflow.saturating_add(flow.count),
+            }
+        }
+        if self.l3l4.get(reporter).is_some_and(HashMap::is_empty) {
+            self.l3l4.remove(reporter);
+        }
+    }
+
     fn count(&mut self, flow: &Flow) {
         let n = flow.count;
         let class = match flow.decision {
@@ -228,6 +307,33 @@ impl FlowStore {
             !s.flows.is_empty()
         });
         self.total -= removed;
+        let mut removed = 0;
+        self.l3l4.retain(|_, held| {
+            let before = held.len();
+            held.retain(|_, f| f.last_seen >= oldest);
+            removed += before - held.len();
+            !held.is_empty()
+        });
+        self.l3l4_total -= removed;
+    }
+
+    /// Every eBPF verdict flow held, with the workload that reported it, sorted by workload,
+    /// direction, port and verdict.
+    pub fn l3l4_flows(&self) -> Vec<(String, L3L4Flow)> {
+        let mut out: Vec<(&String, &L3L4Key, &L3L4Flow)> = self
+            .l3l4
+            .iter()
+            .flat_map(|(id, held)| held.iter().map(move |(k, f)| (id, k, f)))
+            .collect();
+        out.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        out.into_iter()
+            .map(|(id, _, f)| (id.clone(), f.clone()))
+            .collect()
+    }
+
+    /// Distinct eBPF verdict flows held.
+    pub fn l3l4_len(&self) -> usize {
+        self.l3l4_total
     }
 
     /// Every flow held, sorted (callee, caller, …) so answers are stable.
@@ -292,11 +398,7 @@ mod tests {
     }
 
     fn report(flows: Vec<Flow>, overflow: u64) -> FlowReport {
-        FlowReport {
-            type_url: FLOW_REPORT_TYPE.into(),
-            flows,
-            overflow,
-        }
+        FlowReport::new(flows, overflow)
     }
 
     const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
@@ -446,6 +548,142 @@ mod tests {
             assert_eq!(store.denials.len(), usize::from(stored), "{f:?}");
             assert_eq!(store.overflow, u64::from(!stored), "{f:?}");
         }
+    }
+
+    fn l3l4(direction: Direction, port: u16, verdict: &str, n: u64, at: i64) -> L3L4Flow {
+        L3L4Flow {
+            direction,
+            port,
+            verdict: verdict.into(),
+            count: n,
+            first_seen: at - 5,
+            last_seen: at,
+        }
+    }
+
+    fn l3l4_report(flows: Vec<L3L4Flow>, overflow: u64) -> FlowReport {
+        FlowReport {
+            l3l4: flows,
+            l3l4_overflow: overflow,
+            ..FlowReport::new(Vec::new(), 0)
+        }
+    }
+
+    /// eBPF verdicts merge per (direction, port, verdict) of their reporter, expire like flows,
+    /// and only denials feed the denial counter, which outlives them.
+    #[test]
+    fn l3l4_verdicts_merge_count_and_expire() {
+        use Direction::*;
+        let mut store = FlowStore::default();
+        store.ingest(
+            ORDERS,
+            l3l4_report(
+                vec![
+                    l3l4(Egress, 9001, "denied_egress", 2, 100),
+                    l3l4(Egress, 443, "allowed", 7, 100),
+                    l3l4(Ingress, 8080, "denied_ingress", 3, 100),
+                ],
+                4,
+            ),
+            100,
+        );
+        store.ingest(
+            ORDERS,
+            l3l4_report(vec![l3l4(Egress, 9001, "denied_egress", 1, 160)], 0),
+            160,
+        );
+        store.ingest(
+            WEB,
+            l3l4_report(vec![l3l4(Egress, 53, "denied_udp_mesh", 5, 160)], 0),
+            160,
+        );
+        assert_eq!(store.l3l4_len(), 4);
+        assert!(store.is_empty(), "eBPF verdicts are not flows");
+        let held = store.l3l4_flows();
+        let got: Vec<_> = held
+            .iter()
+            .map(|(w, f)| (w.as_str(), f.direction, f.port, f.verdict.as_str(), f.count))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (ORDERS, Egress, 443, "allowed", 7),
+                (ORDERS, Egress, 9001, "denied_egress", 3),
+                (ORDERS, Ingress, 8080, "denied_ingress", 3),
+                (WEB, Egress, 53, "denied_udp_mesh", 5),
+            ]
+        );
+        assert_eq!((held[1].1.first_seen, held[1].1.last_seen), (95, 160));
+        let denials: Vec<_> = store
+            .l3l4_denials
+            .iter()
+            .map(|((w, d, v), n)| (w.as_str(), *d, *v, *n))
+            .collect();
+        assert_eq!(
+            denials,
+            vec![
+                (ORDERS, Egress, "denied_egress", 3),
+                (ORDERS, Ingress, "denied_ingress", 3),
+                (WEB, Egress, "denied_udp_mesh", 5),
+            ]
+        );
+        assert_eq!(store.l3l4_overflow, 4);
+        // Ten minutes after its last report an entry is gone; the counter stays.
+        store.expire(100 + FLOW_TTL.as_secs() as i64 + 1);
+        assert_eq!(store.l3l4_len(), 2, "{:?}", store.l3l4_flows());
+        store.expire(161 + FLOW_TTL.as_secs() as i64);
+        assert_eq!(store.l3l4_len(), 0);
+        assert!(store.l3l4_flows().is_empty());
+        assert_eq!(store.l3l4_denials.len(), 3);
+    }
+
+    /// What no sidecar sends is counted, never stored or used as a label; caps count too.
+    #[test]
+    fn l3l4_caps_and_implausible_entries() {
+        use Direction::*;
+        for (flow, stored) in [
+            (l3l4(Egress, 1, "denied_egress", 2, 100), true),
+            (l3l4(Ingress, 1, "denied_egress", 2, 100), false),
+            (l3l4(Egress, 1, "redirected", 2, 100), false),
+            (l3l4(Egress, 1, "exempt", 2, 100), false),
+            (l3l4(Egress, 1, "denied_\"} 1\nfake", 2, 100), false),
+        ] {
+            let mut store = FlowStore::default();
+            store.ingest(ORDERS, l3l4_report(vec![flow.clone()], 0), 100);
+            assert_eq!(store.l3l4_len(), usize::from(stored), "{flow:?}");
+            assert_eq!(store.l3l4_denials.len(), usize::from(stored), "{flow:?}");
+            assert_eq!(store.l3l4_overflow, if stored { 0 } else { 2 }, "{flow:?}");
+        }
+        // Times from the future are brought back to now.
+        let mut store = FlowStore::default();
+        store.ingest(
+            ORDERS,
+            l3l4_report(vec![l3l4(Egress, 1, "allowed", 1, 10_000)], 0),
+            100,
+        );
+        assert_eq!(store.l3l4_flows()[0].1.last_seen, 100);
+        // Per sidecar: at most MAX_FLOWS_PER_SIDECAR entries.
+        let mut store = FlowStore::default();
+        let many: Vec<_> = (0..MAX_FLOWS_PER_SIDECAR + 5)
+            .map(|p| l3l4(Egress, p as u16, "allowed", 1, 100))
+            .collect();
+        store.ingest(ORDERS, l3l4_report(many, 0), 100);
+        assert_eq!(store.l3l4_len(), MAX_FLOWS_PER_SIDECAR);
+        assert_eq!(store.l3l4_overflow, 5);
+        // Denial series past the cap fold into workload "other", direction and verdict kept.
+        let mut store = FlowStore::default();
+        for i in 0..MAX_L3L4_DENIAL_SERIES + 2 {
+            store.ingest(
+                &format!("{WEB}{i}"),
+                l3l4_report(vec![l3l4(Ingress, 8080, "denied_ingress", 1, 100)], 0),
+                100,
+            );
+        }
+        assert_eq!(store.l3l4_denials.len(), MAX_L3L4_DENIAL_SERIES + 1);
+        assert_eq!(
+            store.l3l4_denials[&("other".to_string(), Ingress, "denied_ingress")],
+            2
+        );
     }
 
     #[test]

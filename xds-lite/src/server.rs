@@ -409,7 +409,10 @@ impl ControlPlane {
             // Sidecars send flow reports only to a control plane that says it reads them.
             .header(
                 FEATURES_HEADER,
-                format!("{FEATURE_FLOW_REPORTS},{FEATURE_FLOW_LATENCY}"),
+                format!(
+                    "{FEATURE_FLOW_REPORTS},{FEATURE_FLOW_LATENCY},{}",
+                    crate::wire::FEATURE_FLOW_L3L4
+                ),
             )
             .body(body.boxed_unsync())
             .expect("valid response")
@@ -547,9 +550,13 @@ impl ControlPlane {
                         budget.1 += 1;
                         if budget.1 > MAX_REPORT_LINES_PER_SECOND {
                             let dropped: u64 = report.flows.iter().map(|f| f.count).sum();
+                            let l3l4: u64 = report.l3l4.iter().map(|f| f.count).sum();
                             let mut store = self.flows.lock().expect("lock");
                             store.overflow =
                                 store.overflow.saturating_add(dropped + report.overflow);
+                            store.l3l4_overflow = store
+                                .l3l4_overflow
+                                .saturating_add(l3l4.saturating_add(report.l3l4_overflow));
                             if budget.1 == MAX_REPORT_LINES_PER_SECOND + 1 {
                                 tracing::warn!(event = "control_plane.flow_reports_dropped", peer.id = %peer, limit = MAX_REPORT_LINES_PER_SECOND, "flow reports above the per-second limit are dropped (counted in meshgate_sli_flow_overflow_total); is --flow-report-interval very short?");
                             }
@@ -640,6 +647,14 @@ impl ControlPlane {
         store.flows()
     }
 
+    /// The eBPF redirect's verdicts reported in the last [`crate::flows::FLOW_TTL`], with the
+    /// workload that reported each.
+    pub fn l3l4_flows(&self) -> Vec<(String, crate::wire::L3L4Flow)> {
+        let mut store = self.flows.lock().expect("lock");
+        store.expire(now());
+        store.l3l4_flows()
+    }
+
     /// The `meshgate_sli_*` metrics, Prometheus text format (docs/operations.md, "SLIs").
     pub fn sli_metrics(&self) -> String {
         use std::fmt::Write;
@@ -650,7 +665,7 @@ impl ControlPlane {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let (coverage, classes, denials, overflow) = {
+        let (coverage, classes, denials, overflow, l3l4_denials, l3l4_overflow) = {
             let mut store = self.flows.lock().expect("lock");
             store.expire(now());
             (
@@ -658,6 +673,8 @@ impl ControlPlane {
                 store.classes,
                 store.denials.clone(),
                 store.overflow,
+                store.l3l4_denials.clone(),
+                store.l3l4_overflow,
             )
         };
         let one = |v: f64| vec![(String::new(), v)];
@@ -709,6 +726,31 @@ impl ControlPlane {
             "counter",
             "Requests and tunnels denied by policy, by caller and callee SPIFFE ID",
             &denial_samples,
+        );
+        let l3l4_samples: Vec<(String, f64)> = l3l4_denials
+            .iter()
+            .map(|((workload, direction, verdict), n)| {
+                (
+                    format!(
+                        "{{workload=\"{}\",direction=\"{}\",verdict=\"{verdict}\"}}",
+                        escape_label(workload),
+                        direction.as_str()
+                    ),
+                    *n as f64,
+                )
+            })
+            .collect();
+        metric(
+            "meshgate_sli_l3l4_denials_total",
+            "counter",
+            "Connections refused (EPERM) and packets dropped by the eBPF redirect's L3/L4 rules, by workload, direction and verdict (no caller identity: the kernel counters carry none)",
+            &l3l4_samples,
+        );
+        metric(
+            "meshgate_sli_l3l4_overflow_total",
+            "counter",
+            "eBPF verdict counts not kept because a cap was reached (per report or in the control plane)",
+            &one(l3l4_overflow as f64),
         );
         metric(
             "meshgate_sli_flow_overflow_total",

@@ -247,6 +247,169 @@ pub struct FlowReport {
     /// reached (they are counted here and in `meshgate_flow_cardinality_overflow_total`).
     #[serde(default)]
     pub overflow: u64,
+    /// The eBPF redirect's verdicts since the last report (only to a control plane advertising
+    /// [`FEATURE_FLOW_L3L4`]; an older one's `FlowReport` denies unknown fields). At most
+    /// [`MAX_L3L4_PER_REPORT`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l3l4: Vec<L3L4Flow>,
+    /// Connections (or packets) of verdicts left out of `l3l4` by the cap.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub l3l4_overflow: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The feature name of [`FlowReport::l3l4`] in [`FEATURES_HEADER`].
+pub const FEATURE_FLOW_L3L4: &str = "flow-l3l4";
+/// Most [`L3L4Flow`]s in one report: the eBPF counters are keyed by port and verdict, so a
+/// port scan could make thousands; the largest counts are kept, the rest counted in
+/// [`FlowReport::l3l4_overflow`]. 256 of them make a line of about 25 KiB, well below
+/// [`MAX_ACK_BYTES`].
+pub const MAX_L3L4_PER_REPORT: usize = 256;
+
+/// Which way an eBPF verdict's traffic went, seen from the reporting workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The workload's app connected (or sent UDP) out.
+    Egress,
+    /// Packets on their way into one of the workload's app ports.
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+/// The eBPF verdicts that are reported as [`L3L4Flow`]s, by their stable names (those of
+/// `meshgate_ebpf::Verdict::as_str` and the sidecar's `meshgate_ebpf_*` metrics), with their
+/// direction. Every denial, and `allowed`: direct egress past the sidecar, so operators see
+/// what leaves the mesh. Not `redirected` (those connections are reported by the sidecar as
+/// L7/L4 flows with the caller's identity) nor `exempt` (loopback and `--exempt`).
+pub const L3L4_VERDICTS: [(&str, Direction); 5] = [
+    ("allowed", Direction::Egress),
+    ("denied_egress", Direction::Egress),
+    ("denied_ingress", Direction::Ingress),
+    ("denied_ipv6", Direction::Egress),
+    ("denied_udp_mesh", Direction::Egress),
+];
+
+/// The reported verdict named `name` (as a `'static` name) and its direction; `None` for a
+/// verdict that is not reported or not known.
+pub fn l3l4_verdict(name: &str) -> Option<(&'static str, Direction)> {
+    L3L4_VERDICTS.into_iter().find(|(v, _)| *v == name)
+}
+
+/// What the eBPF redirect decided for one (destination port, verdict) of the reporting
+/// workload between two reads of its counters. Not a [`Flow`]: the kernel counters carry no
+/// caller identity and no address, only the port (the destination port of an egress connect,
+/// the app port of a dropped ingress packet) and the verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L3L4Flow {
+    pub direction: Direction,
+    pub port: u16,
+    /// One of [`L3L4_VERDICTS`].
+    pub verdict: String,
+    /// Connections (UDP sends; dropped packets for `denied_ingress`).
+    pub count: u64,
+    /// Unix seconds of the counter reads between which they happened (the counters are
+    /// sampled, so the events themselves are not timed).
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
+impl L3L4Flow {
+    /// A denial (`denied_*`), as opposed to direct egress that was let through.
+    pub fn denied(&self) -> bool {
+        self.verdict.starts_with("denied_")
+    }
+}
+
+/// What the control plane of a stream says it reads, from its [`FEATURES_HEADER`] values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamFeatures {
+    /// [`FEATURE_FLOW_REPORTS`]: any [`FlowReport`] at all.
+    pub flow_reports: bool,
+    /// [`FEATURE_FLOW_LATENCY`]: latency buckets and trace IDs on flows.
+    pub flow_latency: bool,
+    /// [`FEATURE_FLOW_L3L4`]: eBPF verdicts on reports.
+    pub flow_l3l4: bool,
+}
+
+impl StreamFeatures {
+    /// Reads header values (each a comma-separated list); unknown names are ignored.
+    pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut f = Self::default();
+        for name in values.into_iter().flat_map(|v| v.split(',')).map(str::trim) {
+            match name {
+                FEATURE_FLOW_REPORTS => f.flow_reports = true,
+                FEATURE_FLOW_LATENCY => f.flow_latency = true,
+                FEATURE_FLOW_L3L4 => f.flow_l3l4 = true,
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+impl FlowReport {
+    /// A report of `flows`, with the sidecar's `overflow` count and no eBPF verdicts.
+    pub fn new(flows: Vec<Flow>, overflow: u64) -> Self {
+        Self {
+            type_url: FLOW_REPORT_TYPE.to_string(),
+            flows,
+            overflow,
+            l3l4: Vec::new(),
+            l3l4_overflow: 0,
+        }
+    }
+
+    /// The report without the fields a control plane that does not advertise them would
+    /// refuse (its types deny unknown fields, and one refused line loses the whole line):
+    /// latency buckets and trace IDs without [`FEATURE_FLOW_LATENCY`], eBPF verdicts without
+    /// [`FEATURE_FLOW_L3L4`].
+    pub fn for_features(mut self, features: &StreamFeatures) -> Self {
+        if !features.flow_latency {
+            for f in &mut self.flows {
+                (f.latency, f.trace_id) = (Vec::new(), None);
+            }
+        }
+        if !features.flow_l3l4 {
+            (self.l3l4, self.l3l4_overflow) = (Vec::new(), 0);
+        }
+        self
+    }
+
+    /// The report as lines of at most `max` bytes: the flows as [`report_lines`] cuts them,
+    /// then the eBPF verdicts (at most [`MAX_L3L4_PER_REPORT`], so they fit) on a line of
+    /// their own.
+    pub fn into_lines(self, max: usize) -> Vec<Vec<u8>> {
+        let mut lines = report_lines(self.flows, self.overflow, max);
+        let (mut l3l4, mut l3l4_overflow) = (self.l3l4, self.l3l4_overflow);
+        if l3l4.len() > MAX_L3L4_PER_REPORT {
+            let cut: u64 = l3l4.drain(MAX_L3L4_PER_REPORT..).map(|f| f.count).sum();
+            l3l4_overflow = l3l4_overflow.saturating_add(cut);
+        }
+        if !l3l4.is_empty() || l3l4_overflow > 0 {
+            let mut line = serde_json::to_vec(&FlowReport {
+                l3l4,
+                l3l4_overflow,
+                ..FlowReport::new(Vec::new(), 0)
+            })
+            .expect("report serializes");
+            line.push(b'\n');
+            lines.push(line);
+        }
+        lines
+    }
 }
 
 /// A line of the request body: an ACK/NACK, or (from sidecars that know them) a flow report or
@@ -333,10 +496,6 @@ pub struct TapEvent {
     pub record: Option<TapRecord>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// One decision as a tap shows it: the fields of [`meshgate_policy::DecisionRecord`] under the
@@ -435,11 +594,10 @@ pub fn report_lines(flows: Vec<Flow>, overflow: u64, max: usize) -> Vec<Vec<u8>>
     // Envelope without flows, plus a margin for the overflow number.
     let envelope = FLOW_REPORT_TYPE.len() + 64;
     let flush = |batch: &mut Vec<Flow>, overflow: &mut u64, lines: &mut Vec<Vec<u8>>| {
-        let mut line = serde_json::to_vec(&FlowReport {
-            type_url: FLOW_REPORT_TYPE.to_string(),
-            flows: std::mem::take(batch),
-            overflow: std::mem::take(overflow),
-        })
+        let mut line = serde_json::to_vec(&FlowReport::new(
+            std::mem::take(batch),
+            std::mem::take(overflow),
+        ))
         .expect("report serializes");
         line.push(b'\n');
         lines.push(line);
@@ -826,6 +984,196 @@ mod tests {
             panic!()
         };
         assert_eq!((r.flows.len(), r.overflow), (0, 2));
+    }
+
+    #[test]
+    fn stream_features_are_read_from_every_header_value() {
+        let f = |reports, latency, l3l4| StreamFeatures {
+            flow_reports: reports,
+            flow_latency: latency,
+            flow_l3l4: l3l4,
+        };
+        let cases: &[(&[&str], StreamFeatures)] = &[
+            (&[], f(false, false, false)),
+            (&["flow-reports"], f(true, false, false)),
+            (&["flow-reports,flow-latency"], f(true, true, false)),
+            (
+                &["flow-reports, flow-latency ,flow-l3l4"],
+                f(true, true, true),
+            ),
+            (&["flow-reports", "flow-l3l4,tap"], f(true, false, true)),
+            // Names are exact: no prefix or case games.
+            (&["flow-l3l4x,Flow-Reports,flow"], f(false, false, false)),
+        ];
+        for (values, want) in cases {
+            assert_eq!(
+                StreamFeatures::parse(values.iter().copied()),
+                *want,
+                "{values:?}"
+            );
+        }
+    }
+
+    fn l3l4(port: u16, verdict: &str, count: u64) -> L3L4Flow {
+        L3L4Flow {
+            direction: l3l4_verdict(verdict).map_or(Direction::Egress, |(_, d)| d),
+            port,
+            verdict: verdict.into(),
+            count,
+            first_seen: 100,
+            last_seen: 105,
+        }
+    }
+
+    /// The `FlowReport` and `Flow` of a control plane from before eBPF verdicts and latency
+    /// (field for field what it had, unknown fields denied), to prove what it accepts.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct OldFlowReport {
+        type_url: String,
+        flows: Vec<OldFlow>,
+        #[serde(default)]
+        overflow: u64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct OldFlow {
+        layer: meshgate_policy::record::Layer,
+        #[serde(rename = "peer.id")]
+        peer: String,
+        #[serde(rename = "meshgate.workload.id")]
+        workload: String,
+        #[serde(default)]
+        port: u16,
+        #[serde(rename = "http.request.method", default)]
+        method: Option<String>,
+        #[serde(rename = "url.path", default)]
+        path: Option<String>,
+        decision: meshgate_policy::DecisionKind,
+        #[serde(default)]
+        policy: Option<String>,
+        #[serde(default)]
+        rule: Option<usize>,
+        count: u64,
+        first_seen: i64,
+        last_seen: i64,
+    }
+
+    /// A report carrying eBPF verdicts and latency loses each unless the control plane
+    /// advertised it: every line then reads as that control plane's report (an older one
+    /// refuses unknown fields); with the features, nothing is lost.
+    #[test]
+    fn reports_are_stripped_to_what_the_control_plane_reads() {
+        let full = || {
+            let mut f = flow(1);
+            (f.latency, f.trace_id) = (vec![1, 2], Some("abcd".into()));
+            FlowReport {
+                l3l4: vec![l3l4(9001, "denied_egress", 3)],
+                l3l4_overflow: 4,
+                ..FlowReport::new(vec![f], 0)
+            }
+        };
+        // Features advertised → (latency kept, eBPF verdicts kept).
+        for (header, latency, ebpf) in [
+            ("flow-reports", false, false),
+            ("flow-reports,flow-latency", true, false),
+            ("flow-reports,flow-l3l4", false, true),
+            ("flow-reports,flow-latency,flow-l3l4", true, true),
+        ] {
+            let features = StreamFeatures::parse([header]);
+            let lines = full().for_features(&features).into_lines(MAX_ACK_BYTES);
+            let mut back = FlowReport::new(Vec::new(), 0);
+            for line in &lines {
+                let ClientMessage::Flows(r) = serde_json::from_slice(line).unwrap() else {
+                    panic!("{header}: not a report")
+                };
+                // An old control plane reads every line that carries nothing new to it, and
+                // with `flow-reports` alone that is every line.
+                let carries_new = !r.l3l4.is_empty()
+                    || r.l3l4_overflow > 0
+                    || r.flows
+                        .iter()
+                        .any(|f| !f.latency.is_empty() || f.trace_id.is_some());
+                let old = serde_json::from_slice::<OldFlowReport>(line);
+                assert_eq!(
+                    old.is_ok(),
+                    !carries_new,
+                    "{header}: {}",
+                    String::from_utf8_lossy(line)
+                );
+                assert!(old.is_ok() || latency || ebpf, "{header}");
+                back.flows.extend(r.flows);
+                back.l3l4.extend(r.l3l4);
+                back.l3l4_overflow += r.l3l4_overflow;
+            }
+            assert_eq!(back.flows.len(), 1, "{header}");
+            assert_eq!(!back.flows[0].latency.is_empty(), latency, "{header}");
+            assert_eq!(back.flows[0].trace_id.is_some(), latency, "{header}");
+            assert_eq!(
+                (back.l3l4.len(), back.l3l4_overflow),
+                if ebpf { (1, 4) } else { (0, 0) },
+                "{header}"
+            );
+            assert_eq!(lines.len(), if ebpf { 2 } else { 1 }, "{header}");
+        }
+    }
+
+    /// A report at the cap, with the longest verdict names and the largest numbers, fits one
+    /// line; more than the cap is cut and counted, never sent past the line limit.
+    #[test]
+    fn l3l4_lines_are_capped_and_fit() {
+        let worst = |i: usize| L3L4Flow {
+            count: u64::MAX / 1024,
+            first_seen: i64::MIN,
+            last_seen: i64::MAX,
+            ..l3l4(u16::MAX - i as u16, "denied_udp_mesh", 0)
+        };
+        let report = FlowReport {
+            l3l4: (0..MAX_L3L4_PER_REPORT + 3).map(worst).collect(),
+            ..FlowReport::new(Vec::new(), 0)
+        };
+        let lines = report.into_lines(MAX_ACK_BYTES);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].len() <= MAX_ACK_BYTES, "{}", lines[0].len());
+        let ClientMessage::Flows(r) = serde_json::from_slice(&lines[0]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.l3l4.len(), MAX_L3L4_PER_REPORT);
+        assert_eq!(r.l3l4_overflow, 3 * (u64::MAX / 1024));
+        assert_eq!(r.l3l4[0], worst(0));
+        // Nothing to say, no line.
+        assert!(
+            FlowReport::new(Vec::new(), 0)
+                .into_lines(MAX_ACK_BYTES)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reported_verdicts_and_their_directions() {
+        for (name, want) in [
+            ("allowed", Some(Direction::Egress)),
+            ("denied_egress", Some(Direction::Egress)),
+            ("denied_ingress", Some(Direction::Ingress)),
+            ("denied_ipv6", Some(Direction::Egress)),
+            ("denied_udp_mesh", Some(Direction::Egress)),
+            ("redirected", None),
+            ("exempt", None),
+            ("sidecar", None),
+            ("denied", None),
+            ("", None),
+        ] {
+            assert_eq!(l3l4_verdict(name).map(|(_, d)| d), want, "{name}");
+        }
+        assert!(l3l4(1, "denied_ipv6", 1).denied());
+        assert!(!l3l4(1, "allowed", 1).denied());
+        assert_eq!(
+            serde_json::to_string(&l3l4(9001, "denied_egress", 2)).unwrap(),
+            r#"{"direction":"egress","port":9001,"verdict":"denied_egress","count":2,"first_seen":100,"last_seen":105}"#
+        );
     }
 
     #[test]
