@@ -8,6 +8,7 @@ mod demo;
 mod health_cmd;
 mod inject_cmd;
 mod install_cmd;
+mod log_format;
 mod policy_cmd;
 mod proxy_cmd;
 mod quarantine_cmd;
@@ -137,8 +138,17 @@ fn init_demo_logging(format: LogFormat, file: &std::path::Path) -> anyhow::Resul
         .with_writer(std::sync::Mutex::new(log))
         .with_ansi(false);
     let to_file = match format {
-        LogFormat::Text => to_file.boxed(),
-        LogFormat::Json => to_file.json().flatten_event(true).boxed(),
+        LogFormat::Text => to_file
+            .event_format(log_format::DecisionLines::text(
+                tracing_subscriber::fmt::format(),
+            ))
+            .boxed(),
+        LogFormat::Json => to_file
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(log_format::DecisionLines::json(
+                tracing_subscriber::fmt::format().json().flatten_event(true),
+            ))
+            .boxed(),
     }
     .with_filter(filter);
     let to_terminal = tracing_subscriber::fmt::layer()
@@ -170,9 +180,19 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // The per-request decision line is written by `log_format` (same bytes, a fraction of the
+    // cost); everything else by the stock formatters.
+    use tracing_subscriber::fmt::format as stock;
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder
+            .event_format(log_format::DecisionLines::text(stock()))
+            .init(),
+        LogFormat::Json => builder
+            .fmt_fields(stock::JsonFields::new())
+            .event_format(log_format::DecisionLines::json(
+                stock().json().flatten_event(true),
+            ))
+            .init(),
     }
     guard
 }

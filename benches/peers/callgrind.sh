@@ -4,7 +4,10 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--keep] BIN [BIN...]
+#
+# --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
+# per-request decision line).
 #
 # For each binary: both sidecars start under callgrind with the same configuration as run.sh's
 # mesh path (static SVIDs, the bench policy, HTTP/1.1 from the client, keep-alive to an nginx
@@ -17,13 +20,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 requests=2000
 base=19400
 keep=0
+log=warn
 bins=()
 while [ $# -gt 0 ]; do
   case $1 in
     --requests) requests=$2; shift 2 ;;
     --base-port) base=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --log) log=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -98,14 +103,14 @@ n=0
 for bin in "${bins[@]}"; do
   n=$((n + 1))
   vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
-  MESHGATE_LOG=warn "${vg[@]}" --callgrind-out-file="$work/cg-in-$n.out" "$bin" proxy \
+  MESHGATE_LOG=$log "${vg[@]}" --callgrind-out-file="$work/cg-in-$n.out" "$bin" proxy \
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
     --no-tracing >"$work/in-$n.log" 2>&1 &
   in_pid=$!
   pids+=("$in_pid")
-  MESHGATE_LOG=warn "${vg[@]}" --callgrind-out-file="$work/cg-out-$n.out" "$bin" proxy \
+  MESHGATE_LOG=$log "${vg[@]}" --callgrind-out-file="$work/cg-out-$n.out" "$bin" proxy \
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
     --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \

@@ -81,7 +81,7 @@ impl DecisionSink {
         started: Instant,
         status: u16,
     ) {
-        log(record);
+        log_decision(record);
         self.span(record, server);
         let decision = record.decision.as_str();
         self.metrics
@@ -106,7 +106,7 @@ impl DecisionSink {
 
     /// An L4 tunnel decision: the log line, the tunnel counter, the feed.
     pub fn tunnel(&self, record: &DecisionRecord) {
-        log(record);
+        log_decision(record);
         self.metrics
             .tcp_connections
             .get_or_create(&TcpLabels {
@@ -213,8 +213,13 @@ fn observe_latency(metrics: &Metrics, decision: &'static str, started: Instant) 
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// The decision log line: every field of the record under its serde name.
-fn log(r: &DecisionRecord) {
+/// The target of the decision log line (this module's path), by which the binary's log
+/// formatter recognizes the line it writes on a fast path.
+pub const LOG_TARGET: &str = module_path!();
+
+/// The decision log line: every field of the record under its serde name. Public for the
+/// binary's log formatter tests; the sidecar writes it through [`DecisionSink`] only.
+pub fn log_decision(r: &DecisionRecord) {
     let layer = match r.layer {
         Layer::L7 => "l7",
         Layer::L4 => "l4",
@@ -269,7 +274,7 @@ mod tests {
             .flatten_event(true)
             .with_writer(move || writer.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, || log(record));
+        tracing::subscriber::with_default(subscriber, || log_decision(record));
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(value["event"], DECISION_EVENT);
