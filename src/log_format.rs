@@ -81,9 +81,7 @@ where
         match self.shape {
             Shape::Text => {
                 // `<time> <LEVEL> <target>: <fields>`: the level right-aligned in five columns.
-                if SystemTime.format_time(&mut writer).is_err() {
-                    writer.write_str("<unknown time>")?;
-                }
+                write_time(&mut writer)?;
                 write!(writer, " {:>5} {}: ", meta.level().as_str(), meta.target())?;
                 let mut fields = TextFields {
                     w: &mut writer,
@@ -96,9 +94,7 @@ where
             }
             Shape::Json => {
                 writer.write_str("{\"timestamp\":\"")?;
-                let mut time = String::with_capacity(32);
-                SystemTime.format_time(&mut Writer::new(&mut time))?;
-                json_escape(&mut writer, &time)?;
+                write_time(&mut writer)?;
                 write!(writer, "\",\"level\":\"{}\"", meta.level().as_str())?;
                 let mut fields = JsonFields {
                     w: &mut writer,
@@ -112,6 +108,58 @@ where
             }
         }
     }
+}
+
+thread_local! {
+    /// The `YYYY-MM-DDTHH:MM:SS` of the second this thread last logged in, and that second.
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Now as the stock timer writes it (`2026-12-02T06:21:02.110512Z`: RFC 3339, UTC,
+/// microseconds), with the date and time of day formatted once a second per thread rather than
+/// for every line. Before 1970 (a broken clock), the stock timer writes it.
+fn write_time(w: &mut Writer<'_>) -> fmt::Result {
+    let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
+        return SystemTime.format_time(w);
+    };
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != now.as_secs() {
+            second.1.clear();
+            civil_time(&mut second.1, now.as_secs())?;
+            second.0 = now.as_secs();
+        }
+        w.write_str(&second.1)?;
+        let mut micros = *b".000000Z";
+        let mut n = now.subsec_micros();
+        for digit in micros[1..7].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        w.write_str(std::str::from_utf8(&micros).map_err(|_| fmt::Error)?)
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of `secs` after the Unix epoch (days to a civil date after
+/// Howard Hinnant's `civil_from_days`).
+fn civil_time(out: &mut String, secs: u64) -> fmt::Result {
+    let (days, in_day) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        in_day / 3600,
+        in_day / 60 % 60,
+        in_day % 60
+    )
 }
 
 /// A field's name as the stock text visitor writes it (raw identifiers without `r#`).
@@ -147,10 +195,7 @@ impl Visit for TextFields<'_, '_> {
         self.result = self.pad().and_then(|()| {
             write!(self.w, "{}=", field_name(field))?;
             // What `Debug` leaves as it is: printable ASCII other than `"` and `\`.
-            if value
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-            {
+            if !needs_escape(value.as_bytes(), true) {
                 self.w.write_char('"')?;
                 self.w.write_str(value)?;
                 self.w.write_char('"')
@@ -241,6 +286,9 @@ impl<W: fmt::Write> fmt::Write for JsonEscaper<'_, W> {
 /// characters as `\b \t \n \f \r` or `\u00XX` (lowercase hex), everything else as it is. Runs
 /// without anything to escape are written in one piece.
 fn json_escape(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    if !needs_escape(s.as_bytes(), false) {
+        return w.write_str(s);
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
         let escaped = match b {
@@ -264,6 +312,33 @@ fn json_escape(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
         start = i + 1;
     }
     w.write_str(&s[start..])
+}
+
+/// True when `s` holds a byte below 0x20, `"` or `\\`, or, with `non_ascii`, one of 0x7f and
+/// above: what JSON (and, with `non_ascii`, `Debug`) would escape. Eight bytes at a time (the
+/// "has a zero / a smaller byte" word tricks, exact for whether any byte matches), since
+/// every string of every decision line goes through here.
+fn needs_escape(s: &[u8], non_ascii: bool) -> bool {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut words = s.chunks_exact(8);
+    for word in &mut words {
+        let x = u64::from_le_bytes(word.try_into().expect("chunks of eight"));
+        let mut hit = x.wrapping_sub(ONES * 0x20) & !x & HIGH
+            | has_zero(x ^ (ONES * u64::from(b'"')))
+            | has_zero(x ^ (ONES * u64::from(b'\\')));
+        if non_ascii {
+            hit |= x & HIGH | has_zero(x ^ (ONES * 0x7f));
+        }
+        if hit != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\' || (non_ascii && b >= 0x7f))
 }
 
 #[cfg(test)]
@@ -435,6 +510,72 @@ mod tests {
             text.contains(" conn{peer=7}: meshgate_proxy::decision: event=\"authz.decision\""),
             "{text}"
         );
+    }
+
+    /// The word-at-a-time check agrees with a byte-at-a-time one for every byte at every
+    /// position of a word and its tail.
+    #[test]
+    fn needs_escape_finds_every_escaped_byte_anywhere() {
+        let plain = |b: u8, non_ascii: bool| {
+            !(b < 0x20 || b == b'"' || b == b'\\' || (non_ascii && b >= 0x7f))
+        };
+        for len in [1usize, 7, 8, 9, 16, 23] {
+            for pos in 0..len {
+                for b in 0u8..=255 {
+                    let mut s = vec![b'a'; len];
+                    s[pos] = b;
+                    for non_ascii in [false, true] {
+                        assert_eq!(
+                            needs_escape(&s, non_ascii),
+                            !plain(b, non_ascii),
+                            "byte {b:#04x} at {pos} of {len}, non_ascii={non_ascii}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b"spiffe://mesh.local/ns/shop/sa/web", true));
+    }
+
+    #[test]
+    fn civil_times() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_796_184_062, "2026-12-02T04:01:02"),
+            (1_798_761_600, "2027-01-01T00:00:00"),
+            (4_107_542_399, "2100-02-28T23:59:59"),
+        ] {
+            let mut out = String::new();
+            civil_time(&mut out, secs).unwrap();
+            assert_eq!(out, want, "{secs}");
+        }
+    }
+
+    /// The cached clock writes what the stock timer writes (compared within one second).
+    #[test]
+    fn time_is_written_as_the_stock_timer_writes_it() {
+        let write = |stock: bool| {
+            let mut out = String::new();
+            let mut w = Writer::new(&mut out);
+            if stock {
+                SystemTime.format_time(&mut w).unwrap();
+            } else {
+                write_time(&mut w).unwrap();
+            }
+            out
+        };
+        loop {
+            let (before, stock, mine) = (write(false), write(true), write(false));
+            let second = |t: &str| t.split('.').next().unwrap().to_string();
+            if second(&before) != second(&mine) {
+                continue; // a second boundary passed in between: again
+            }
+            assert_eq!(second(&mine), second(&stock), "{mine} vs {stock}");
+            assert_eq!(mine.len(), stock.len(), "{mine} vs {stock}");
+            assert!(mine.ends_with('Z') && mine.as_bytes()[19] == b'.', "{mine}");
+            break;
+        }
     }
 
     #[test]
