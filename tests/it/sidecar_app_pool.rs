@@ -29,8 +29,12 @@ spec:
 struct CountingApp {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    received: Arc<AtomicUsize>,
     answered: Arc<AtomicUsize>,
     drop_after_answer: Arc<AtomicBool>,
+    /// Closes a connection on its second request, unanswered: the race of an app's keep-alive
+    /// timeout with a request already on the wire, made certain.
+    drop_second_request: Arc<AtomicBool>,
 }
 
 impl CountingApp {
@@ -39,8 +43,10 @@ impl CountingApp {
         let app = Self {
             addr: listener.local_addr().unwrap(),
             accepted: Arc::default(),
+            received: Arc::default(),
             answered: Arc::default(),
             drop_after_answer: Arc::default(),
+            drop_second_request: Arc::default(),
         };
         let me = app.clone();
         tokio::spawn(async move {
@@ -54,7 +60,7 @@ impl CountingApp {
 
     async fn serve(self, mut tcp: tokio::net::TcpStream) {
         let mut buf = Vec::new();
-        loop {
+        for nth in 1.. {
             let head = loop {
                 if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -67,6 +73,10 @@ impl CountingApp {
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             };
+            self.received.fetch_add(1, Ordering::SeqCst);
+            if nth == 2 && self.drop_second_request.load(Ordering::SeqCst) {
+                return;
+            }
             let mut words = head.split_whitespace();
             let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
             let answer: &[u8] = match (method, path) {
@@ -150,4 +160,41 @@ async fn an_app_dropping_idle_connections_costs_no_request() {
     }
     assert_eq!(app.answered.load(Ordering::SeqCst), 20);
     assert_eq!(app.accepted.load(Ordering::SeqCst), 20);
+}
+
+/// A kept-alive connection the app closes as the next request arrives: an idempotent bodiless
+/// request is sent again on a new connection (the caller never sees the race), a POST is not
+/// (the app may have acted on it) and the caller gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_are_sent_again_after_a_crossed_close() {
+    for (method, replayed) in [
+        ("GET", true),
+        ("HEAD", true),
+        ("DELETE", true),
+        ("POST", false),
+    ] {
+        let app = CountingApp::start().await;
+        app.drop_second_request.store(true, Ordering::SeqCst);
+        let mesh = mesh_in_front_of(&app).await;
+        let first = mesh.call("web", "GET", "orders", "/first").await;
+        assert_eq!(first.status, 200, "{first:?}");
+        let second = mesh.call("web", method, "orders", "/second").await;
+        let received = app.received.load(Ordering::SeqCst);
+        let accepted = app.accepted.load(Ordering::SeqCst);
+        if replayed {
+            assert_eq!(second.status / 100, 2, "{method}: {second:?}");
+            assert_eq!(
+                (received, accepted),
+                (3, 2),
+                "{method}: sent again once, on a new connection"
+            );
+        } else {
+            assert_eq!(second.status, 502, "{method}: {second:?}");
+            assert_eq!(
+                (received, accepted),
+                (2, 1),
+                "{method} must never be sent twice"
+            );
+        }
+    }
 }

@@ -132,16 +132,28 @@ impl Http1Pool {
     ) -> Result<Response<PooledBody>, AppError> {
         let addr = self.addr;
         let mut req = req;
-        // A reused connection may have been closed by the app while idle: such a request was
-        // never written, hyper hands it back, and it goes once more on a fresh connection.
+        // A reused connection may have been closed by the app while idle (its keep-alive
+        // timeout), and the close may cross the request on the wire. A request hyper hands back
+        // unsent goes once more on a new connection; so does one it sent when the connection
+        // closed before any answer, if it is idempotent and bodiless (RFC 9112 §9.3.1: what
+        // browsers and Envoy do), from a copy of its head kept for that case. Anything else
+        // is never sent twice: the app may have acted on it.
         if let Some(mut sender) = self.checkout()
             && sender.ready().await.is_ok()
         {
+            let replay = replayable(&req);
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.pooled(resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
+                Err(mut e) => match (e.take_message(), replay) {
+                    (Some(unsent), _) => req = unsent,
+                    (None, Some(head)) if e.error().is_incomplete_message() => {
+                        tracing::debug!(
+                            event = "inbound.app_retry",
+                            "the app closed a kept-alive connection as an idempotent request crossed it; sent again on a new connection"
+                        );
+                        req = Request::from_parts(head, TrailerFilter::empty());
+                    }
+                    (None, _) => {
                         return Err(AppError::Http {
                             addr,
                             source: e.into_error(),
@@ -175,6 +187,25 @@ impl Http1Pool {
             pooled
         })
     }
+}
+
+/// A copy of the head of an idempotent request without a body (RFC 9110 §9.2.2: GET, HEAD,
+/// OPTIONS, TRACE, PUT, DELETE), which may be sent again; `None` for any other.
+fn replayable(req: &Request<TrailerFilter>) -> Option<http::request::Parts> {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    Some(head.into_parts().0)
 }
 
 /// A response body from the app that returns its connection to the pool once read to the end.

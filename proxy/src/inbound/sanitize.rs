@@ -281,13 +281,20 @@ pub fn prepare(
 /// removed from its trailers (HTTP/1.1 chunked trailers and HTTP/2 trailers alike), so that a
 /// forged identity cannot arrive after the headers were sanitized.
 pub struct TrailerFilter {
-    inner: Incoming,
-    metrics: Arc<Metrics>,
+    /// `None` for [`TrailerFilter::empty`].
+    inner: Option<(Incoming, Arc<Metrics>)>,
 }
 
 impl TrailerFilter {
     pub fn new(inner: Incoming, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+        Self {
+            inner: Some((inner, metrics)),
+        }
+    }
+
+    /// No body: a bodiless request the app pool sends again on a new connection.
+    pub fn empty() -> Self {
+        Self { inner: None }
     }
 }
 
@@ -299,7 +306,10 @@ impl Body for TrailerFilter {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some((inner, metrics)) = &mut self.inner else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         match polled {
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
                 let mut trailers = frame
@@ -312,8 +322,7 @@ impl Body for TrailerFilter {
                         removed = stripped,
                         "caller sent identity headers as trailers; removed"
                     );
-                    self.metrics
-                        .count_hygiene("identity_trailer", stripped as u64);
+                    metrics.count_hygiene("identity_trailer", stripped as u64);
                 }
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
@@ -322,11 +331,13 @@ impl Body for TrailerFilter {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|(b, _)| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |(b, _)| b.size_hint())
     }
 }
 
