@@ -66,6 +66,19 @@ struct RouteEntry {
     port_values: Vec<(u16, HeaderValue)>,
     connector: MeshConnector,
     pool: pool::MeshPool,
+    /// This route's `forwarded` request counter and the outbound latency histogram, looked up
+    /// once: a family lookup per request hashed the labels and cloned the Service name.
+    forwarded: (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::histogram::Histogram,
+    ),
+}
+
+impl RouteEntry {
+    fn forwarded(&self, started: Instant) {
+        self.forwarded.0.inc();
+        self.forwarded.1.observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Routes by host, each with its own HTTP/2 connections ([`pool::MeshPool`]). Rebuilt (pools
@@ -91,11 +104,29 @@ impl RouteTable {
                 .iter()
                 .map(|p| (*p, HeaderValue::from(route.target_of(*p))))
                 .collect();
+            let name = route.name.clone();
             let entry = Arc::new(RouteEntry {
                 port_values,
                 route,
                 pool: pool::MeshPool::new(connector.clone()),
                 connector,
+                forwarded: (
+                    metrics
+                        .requests
+                        .get_or_create(&RequestLabels {
+                            direction: "outbound",
+                            decision: "forwarded",
+                            policy: name.clone(),
+                        })
+                        .clone(),
+                    metrics
+                        .request_duration
+                        .get_or_create(&LatencyLabels {
+                            direction: "outbound",
+                            decision: "forwarded",
+                        })
+                        .clone(),
+                ),
             });
             for host in &entry.route.hosts {
                 if let Some(previous) = by_host.insert(host.clone(), entry.clone()) {
@@ -357,7 +388,7 @@ impl Outbound {
         let grpc = is_grpc(req.headers());
         match entry.pool.send(req).await {
             Ok(resp) => {
-                self.record("forwarded", &entry.route.name, started);
+                entry.forwarded(started);
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, boxed(body))
@@ -427,7 +458,7 @@ impl Outbound {
         });
         match sender.send_request(req).await {
             Ok(mut resp) => {
-                self.record("forwarded", &entry.route.name, started);
+                entry.forwarded(started);
                 let upstream = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
                     .then(|| hyper::upgrade::on(&mut resp));
                 let (mut parts, body) = resp.into_parts();
