@@ -9,18 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::mesh::{EchoApp, TestMesh};
-
-const POLICY: &str = r#"
-apiVersion: meshgate.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: web-to-orders, namespace: shop }
-spec:
-  selector: { account: orders }
-  action: ALLOW
-  rules:
-    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
-"#;
+use crate::support::mesh::{EchoApp, TestMesh, WEB_TO_ORDERS};
 
 /// A minimal HTTP/1.1 server: answers every request head (no request bodies) with `hello`,
 /// `HEAD` without a body and `/empty` with 204, keeps connections open unless told to drop
@@ -35,6 +24,9 @@ struct CountingApp {
     /// Closes a connection on its second request, unanswered: the race of an app's keep-alive
     /// timeout with a request already on the wire, made certain.
     drop_second_request: Arc<AtomicBool>,
+    /// ... and closes it with a reset (`SO_LINGER` 0) rather than a FIN, as a socket closed
+    /// with unread data does.
+    reset_not_close: Arc<AtomicBool>,
 }
 
 impl CountingApp {
@@ -47,6 +39,7 @@ impl CountingApp {
             answered: Arc::default(),
             drop_after_answer: Arc::default(),
             drop_second_request: Arc::default(),
+            reset_not_close: Arc::default(),
         };
         let me = app.clone();
         tokio::spawn(async move {
@@ -75,6 +68,9 @@ impl CountingApp {
             };
             self.received.fetch_add(1, Ordering::SeqCst);
             if nth == 2 && self.drop_second_request.load(Ordering::SeqCst) {
+                if self.reset_not_close.load(Ordering::SeqCst) {
+                    let _ = tcp.set_linger(Some(std::time::Duration::ZERO));
+                }
                 return;
             }
             let mut words = head.split_whitespace();
@@ -97,7 +93,7 @@ impl CountingApp {
 
 async fn mesh_in_front_of(app: &CountingApp) -> TestMesh {
     let mut mesh = TestMesh::new().await;
-    mesh.write_policy("orders.yaml", POLICY);
+    mesh.write_policy("orders.yaml", WEB_TO_ORDERS);
     mesh.add("web").await;
     mesh.add_in_front_of("orders", EchoApp { addr: app.addr }, &[], &[])
         .await;
@@ -162,19 +158,22 @@ async fn an_app_dropping_idle_connections_costs_no_request() {
     assert_eq!(app.accepted.load(Ordering::SeqCst), 20);
 }
 
-/// A kept-alive connection the app closes as the next request arrives: an idempotent bodiless
-/// request is sent again on a new connection (the caller never sees the race), a POST is not
-/// (the app may have acted on it) and the caller gets 502.
+/// A kept-alive connection the app closes (FIN) or resets (RST) as the next request arrives:
+/// an idempotent bodiless request is sent again on a new connection (the caller never sees the
+/// race), a POST is not (the app may have acted on it) and the caller gets 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_idempotent_requests_are_sent_again_after_a_crossed_close() {
-    for (method, replayed) in [
-        ("GET", true),
-        ("HEAD", true),
-        ("DELETE", true),
-        ("POST", false),
+    for (method, replayed, reset) in [
+        ("GET", true, false),
+        ("HEAD", true, false),
+        ("DELETE", true, false),
+        ("POST", false, false),
+        ("GET", true, true),
+        ("POST", false, true),
     ] {
         let app = CountingApp::start().await;
         app.drop_second_request.store(true, Ordering::SeqCst);
+        app.reset_not_close.store(reset, Ordering::SeqCst);
         let mesh = mesh_in_front_of(&app).await;
         let first = mesh.call("web", "GET", "orders", "/first").await;
         assert_eq!(first.status, 200, "{first:?}");
@@ -182,14 +181,18 @@ async fn only_idempotent_requests_are_sent_again_after_a_crossed_close() {
         let received = app.received.load(Ordering::SeqCst);
         let accepted = app.accepted.load(Ordering::SeqCst);
         if replayed {
-            assert_eq!(second.status / 100, 2, "{method}: {second:?}");
+            assert_eq!(
+                second.status / 100,
+                2,
+                "{method} (reset: {reset}): {second:?}"
+            );
             assert_eq!(
                 (received, accepted),
                 (3, 2),
                 "{method}: sent again once, on a new connection"
             );
         } else {
-            assert_eq!(second.status, 502, "{method}: {second:?}");
+            assert_eq!(second.status, 502, "{method} (reset: {reset}): {second:?}");
             assert_eq!(
                 (received, accepted),
                 (2, 1),

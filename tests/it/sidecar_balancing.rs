@@ -8,18 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::support::mesh::TestMesh;
-
-const POLICY: &str = r#"
-apiVersion: meshgate.dev/v1
-kind: AuthorizationPolicy
-metadata: { name: web-to-orders, namespace: shop }
-spec:
-  selector: { account: orders }
-  action: ALLOW
-  rules:
-    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
-"#;
+use crate::support::mesh::{TestMesh, WEB_TO_ORDERS};
 
 /// A TCP forwarder to `target` counting the connections it accepted and the bytes the caller
 /// sent through it; with no target it accepts and at once closes (a broken endpoint).
@@ -81,7 +70,7 @@ impl Forwarder {
 /// web and orders, with web's sidecar knowing no Service yet.
 async fn shop() -> TestMesh {
     let mut mesh = TestMesh::new().await;
-    mesh.write_policy("orders.yaml", POLICY);
+    mesh.write_policy("orders.yaml", WEB_TO_ORDERS);
     mesh.add("web").await;
     mesh.add("orders").await;
     mesh

@@ -135,9 +135,9 @@ impl Http1Pool {
         // A reused connection may have been closed by the app while idle (its keep-alive
         // timeout), and the close may cross the request on the wire. A request hyper hands back
         // unsent goes once more on a new connection; so does one it sent when the connection
-        // closed before any answer, if it is idempotent and bodiless (RFC 9112 §9.3.1: what
-        // browsers and Envoy do), from a copy of its head kept for that case. Anything else
-        // is never sent twice: the app may have acted on it.
+        // then failed (closed or reset), if it is idempotent and bodiless (RFC 9112 §9.3.1:
+        // what browsers and Envoy do), from a copy of its head kept for that case. Anything
+        // else is never sent twice: the app may have acted on it.
         if let Some(mut sender) = self.checkout()
             && sender.ready().await.is_ok()
         {
@@ -146,10 +146,13 @@ impl Http1Pool {
                 Ok(resp) => return Ok(self.pooled(resp, sender)),
                 Err(mut e) => match (e.take_message(), replay) {
                     (Some(unsent), _) => req = unsent,
-                    (None, Some(head)) if e.error().is_incomplete_message() => {
+                    // Closed (FIN: an incomplete message) or reset (RST: an I/O error) under
+                    // the request: either way, an idempotent request may go again.
+                    (None, Some(head)) => {
                         tracing::debug!(
                             event = "inbound.app_retry",
-                            "the app closed a kept-alive connection as an idempotent request crossed it; sent again on a new connection"
+                            error = %e.error(),
+                            "a kept-alive connection to the app failed under an idempotent request; sent again on a new connection"
                         );
                         req = Request::from_parts(head, TrailerFilter::empty());
                     }

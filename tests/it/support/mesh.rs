@@ -210,6 +210,19 @@ pub struct Workload {
     pub sidecar: Sidecar,
 }
 
+/// orders admits every request from web, by identity alone: for tests about how requests
+/// travel rather than how they are judged.
+pub const WEB_TO_ORDERS: &str = r#"
+apiVersion: meshgate.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: web-to-orders, namespace: shop }
+spec:
+  selector: { account: orders }
+  action: ALLOW
+  rules:
+    - from: [{ principals: ["spiffe://mesh.local/ns/shop/sa/web"] }]
+"#;
+
 /// A CA, a policy directory shared by all sidecars, and workloads in namespace `shop`.
 pub struct TestMesh {
     pub ca: TestCa,
