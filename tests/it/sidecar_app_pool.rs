@@ -69,7 +69,7 @@ impl CountingApp {
             self.received.fetch_add(1, Ordering::SeqCst);
             if nth == 2 && self.drop_second_request.load(Ordering::SeqCst) {
                 if self.reset_not_close.load(Ordering::SeqCst) {
-                    let _ = tcp.set_linger(Some(std::time::Duration::ZERO));
+                    let _ = tcp.set_zero_linger();
                 }
                 return;
             }
