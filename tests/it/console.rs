@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
-use crate::support::mesh::{EchoApp, TestMesh};
+use crate::support::mesh::{EchoApp, MESH_ALLOW, TestMesh};
 use crate::support::*;
 
 const INSTALL: &str = "apt-get install -y chromium chromium-driver";
@@ -26,8 +26,6 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 const WEB: &str = "spiffe://mesh.local/ns/shop/sa/web";
 const ORDERS: &str = "spiffe://mesh.local/ns/shop/sa/orders";
 const PAYMENTS: &str = "spiffe://mesh.local/ns/shop/sa/payments";
-
-const MESH_ALLOW: &str = "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: { defaultAction: ALLOW, trustDomain: mesh.local }\n";
 
 /// web may GET orders' `/orders/*`; payments denies web (orders → payments passes by default).
 const POLICY: &str = r#"apiVersion: meshgate.dev/v1

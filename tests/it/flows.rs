@@ -7,13 +7,11 @@
 
 use std::time::Duration;
 
-use crate::support::mesh::{TestMesh, admin};
+use crate::support::mesh::{MESH_ALLOW, TestMesh, admin};
 use crate::support::*;
 
 /// Flows are reported this often here (5 s by default).
 const REPORT_EVERY: Duration = Duration::from_millis(200);
-
-const MESH_ALLOW: &str = "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: { defaultAction: ALLOW, trustDomain: mesh.local }\n";
 
 /// web may GET orders' `/orders/*` (explicitly); nobody may reach payments' `/admin/*`.
 const POLICY: &str = r#"apiVersion: meshgate.dev/v1

@@ -210,6 +210,9 @@ pub struct Workload {
     pub sidecar: Sidecar,
 }
 
+/// The mesh default set to ALLOW (what is not covered passes, and counts as uncovered).
+pub const MESH_ALLOW: &str = "apiVersion: meshgate.dev/v1\nkind: MeshConfig\nmetadata: { name: default, namespace: meshgate }\nspec: { defaultAction: ALLOW, trustDomain: mesh.local }\n";
+
 /// orders admits every request from web, by identity alone: for tests about how requests
 /// travel rather than how they are judged.
 pub const WEB_TO_ORDERS: &str = r#"
