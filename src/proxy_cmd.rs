@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use meshgate_proxy::identity::static_files::IdentityFiles;
 use meshgate_proxy::identity::{Backoff, BootstrapToken, IdentityConfig};
 use meshgate_proxy::inbound::AppProtocol;
+use meshgate_proxy::outbound::MeshProtocol;
 use meshgate_proxy::policy::{PolicyFiles, PolicySource};
 use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 
@@ -22,6 +23,16 @@ pub enum AppProtocolArg {
     Http1,
     /// HTTP/2 with prior knowledge for every request.
     H2c,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MeshProtocolArg {
+    /// Every request over one multiplexed HTTP/2 connection per peer sidecar (Linkerd's way).
+    Http2,
+    /// HTTP/1.1 requests over kept-alive HTTP/1.1 mTLS connections, one request at a time each
+    /// (Istio's default); HTTP/2 and gRPC stay on HTTP/2. Answers a moderate load sooner; costs
+    /// as much CPU or more at saturation and one connection per concurrent request.
+    Preserve,
 }
 
 /// Where a workload's SVID comes from: files, or the CA (shared by `proxy` and `control-plane`).
@@ -107,6 +118,9 @@ pub struct ProxyArgs {
     /// Which HTTP the apps speak (one setting for every --app).
     #[arg(long, value_enum, default_value_t = AppProtocolArg::Auto)]
     app_protocol: AppProtocolArg,
+    /// How requests travel to other sidecars.
+    #[arg(long, value_enum, default_value_t = MeshProtocolArg::Http2)]
+    mesh_protocol: MeshProtocolArg,
 
     #[command(flatten)]
     identity: IdentityArgs,
@@ -230,6 +244,10 @@ pub fn run(args: ProxyArgs) -> Result<()> {
             AppProtocolArg::Auto => AppProtocol::Auto,
             AppProtocolArg::Http1 => AppProtocol::Http1,
             AppProtocolArg::H2c => AppProtocol::H2c,
+        },
+        mesh_protocol: match args.mesh_protocol {
+            MeshProtocolArg::Http2 => MeshProtocol::Http2,
+            MeshProtocolArg::Preserve => MeshProtocol::Preserve,
         },
         identity,
         policy: match (args.control_plane.is_empty(), &args.policy_dir) {

@@ -93,6 +93,16 @@ pub fn error_response_for(
         .expect("static response is valid")
 }
 
+/// The caller's path and query alone: the request target HTTP/1.1 sends to an origin server.
+pub fn origin_form(caller: &http::Uri) -> http::Uri {
+    http::Uri::from(
+        caller
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    )
+}
+
 /// Wraps any hyper body as a [`ProxyBody`].
 pub fn boxed(body: hyper::body::Incoming) -> ProxyBody {
     body.boxed_unsync()

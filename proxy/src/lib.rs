@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod decision;
 pub mod ebpf_flows;
 pub mod flows;
+pub mod h1_pool;
 pub mod http_util;
 pub mod identity;
 pub mod inbound;

@@ -43,6 +43,8 @@ pub struct SidecarConfig {
     /// requests whose calling sidecar names no app port. Ports must differ.
     pub apps: Vec<SocketAddr>,
     pub app_protocol: AppProtocol,
+    /// How requests travel to other sidecars (`--mesh-protocol`).
+    pub mesh_protocol: crate::outbound::MeshProtocol,
     pub identity: IdentitySource,
     pub policy: PolicySource,
     pub inbound: SocketAddr,
@@ -391,6 +393,7 @@ impl Sidecar {
                 per_source: config.limits.connections,
                 ..config.limits
             },
+            mesh_protocol: config.mesh_protocol,
         };
         let admin = Admin {
             identity: identity.clone(),

@@ -403,6 +403,7 @@ async fn demo(args: DemoArgs, dir: &Path) -> Result<()> {
         let sidecar = Sidecar::start(SidecarConfig {
             apps: vec![loopback(p.app)],
             app_protocol: AppProtocol::Auto,
+            mesh_protocol: Default::default(),
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: ca_url.clone(),
                 ca_bundle_pem: std::fs::read(ca_dir.bundle_path())?,

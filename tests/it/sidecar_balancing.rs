@@ -1,14 +1,19 @@
 //! How the outbound sidecar spreads a Service's requests over its endpoints: per request, round
-//! robin, over one HTTP/2 connection per endpoint, and past a dead endpoint without dialling it
-//! on every request. Each endpoint is a byte-counting TCP forwarder in front of the same real
-//! orders sidecar (the mTLS is end to end through it), so what each endpoint carried is seen
-//! without trusting the sidecar's own account.
+//! robin, over one HTTP/2 connection per endpoint (or, with `--mesh-protocol preserve`, kept-alive
+//! HTTP/1.1 connections), and past a dead endpoint without dialling it on every request. Each
+//! endpoint is a byte-counting TCP forwarder in front of the same real orders sidecar (the mTLS
+//! is end to end through it), so what each endpoint carried is seen without trusting the
+//! sidecar's own account; the protocol each connection asked for is read from its TLS
+//! ClientHello (ALPN travels in the clear).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::support::mesh::{TestMesh, WEB_TO_ORDERS};
+use bytes::Bytes;
+use meshgate_proxy::outbound::MeshProtocol;
+
+use crate::support::mesh::{EchoApp, TestMesh, WEB_TO_ORDERS};
 
 /// A TCP forwarder to `target` counting the connections it accepted and the bytes the caller
 /// sent through it; with no target it accepts and at once closes (a broken endpoint).
@@ -17,6 +22,19 @@ struct Forwarder {
     addr: SocketAddr,
     accepted: Arc<AtomicU64>,
     sent: Arc<AtomicU64>,
+    /// The protocols offered by ALPN in each connection's ClientHello.
+    alpn: Arc<Mutex<Vec<&'static str>>>,
+}
+
+/// The application protocol a TLS ClientHello offers (its ALPN list, in the clear).
+fn offered(hello: &[u8]) -> &'static str {
+    let has = |needle: &[u8]| hello.windows(needle.len()).any(|w| w == needle);
+    match (has(b"\x02h2"), has(b"\x08http/1.1")) {
+        (true, false) => "h2",
+        (false, true) => "http/1.1",
+        (true, true) => "both",
+        (false, false) => "other",
+    }
 }
 
 impl Forwarder {
@@ -26,6 +44,7 @@ impl Forwarder {
             addr: listener.local_addr().unwrap(),
             accepted: Arc::default(),
             sent: Arc::default(),
+            alpn: Arc::default(),
         };
         let f = me.clone();
         tokio::spawn(async move {
@@ -33,6 +52,7 @@ impl Forwarder {
                 f.accepted.fetch_add(1, Ordering::SeqCst);
                 let Some(target) = target else { continue };
                 let sent = f.sent.clone();
+                let alpn = f.alpn.clone();
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -41,6 +61,7 @@ impl Forwarder {
                     let (mut sr, mut sw) = server.into_split();
                     let up = async {
                         let mut buf = vec![0u8; 16 * 1024];
+                        let mut first = true;
                         loop {
                             use tokio::io::{AsyncReadExt, AsyncWriteExt};
                             let n = match cr.read(&mut buf).await {
@@ -48,6 +69,9 @@ impl Forwarder {
                                 Ok(n) => n,
                             };
                             sent.fetch_add(n as u64, Ordering::SeqCst);
+                            if std::mem::take(&mut first) {
+                                alpn.lock().unwrap().push(offered(&buf[..n]));
+                            }
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -67,11 +91,15 @@ impl Forwarder {
     }
 }
 
-/// web and orders, with web's sidecar knowing no Service yet.
-async fn shop() -> TestMesh {
+/// web and orders, with web's sidecar knowing no Service yet and carrying requests as
+/// `protocol` says.
+async fn shop(protocol: MeshProtocol) -> TestMesh {
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("orders.yaml", WEB_TO_ORDERS);
-    mesh.add("web").await;
+    mesh.add_configured("web", EchoApp::start().await, |config| {
+        config.mesh_protocol = protocol;
+    })
+    .await;
     mesh.add("orders").await;
     mesh
 }
@@ -95,37 +123,143 @@ async fn publish(mesh: &TestMesh, endpoints: &[String]) {
 
 /// Requests are balanced per request, not per connection: over 40 requests on warm
 /// connections, each of two endpoints carries a fair share. A client that pins a Service to
-/// its first connection (as a pool keyed by host does) leaves one of them idle.
+/// its first connection (as a pool keyed by host does) leaves one of them idle. Sequential
+/// requests share one connection per endpoint, HTTP/2 by default, HTTP/1.1 when the app's
+/// HTTP/1.1 is preserved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_spread_over_the_services_endpoints() {
-    let mesh = shop().await;
+    for (protocol, alpn) in [
+        (MeshProtocol::Http2, "h2"),
+        (MeshProtocol::Preserve, "http/1.1"),
+    ] {
+        let mesh = shop(protocol).await;
+        let inbound = mesh.workload("orders").sidecar.inbound_addr;
+        let (a, b) = (
+            Forwarder::start(Some(inbound)).await,
+            Forwarder::start(Some(inbound)).await,
+        );
+        publish(&mesh, &[a.addr.to_string(), b.addr.to_string()]).await;
+        for _ in 0..4 {
+            assert_eq!(mesh.call("web", "GET", "orders", "/warm").await.status, 200);
+        }
+        let (a0, b0) = (a.sent(), b.sent());
+        for i in 0..40 {
+            let answer = mesh.call("web", "GET", "orders", &format!("/r/{i}")).await;
+            assert_eq!(answer.status, 200, "{protocol:?}: {answer:?}");
+            assert_eq!(answer.echoed()["path"], format!("/r/{i}"), "{protocol:?}");
+        }
+        let (da, db) = (a.sent() - a0, b.sent() - b0);
+        let total = (da + db) as f64;
+        assert!(
+            da as f64 > 0.3 * total && db as f64 > 0.3 * total,
+            "{protocol:?}: each endpoint should carry a fair share of the requests: {da} and {db} bytes"
+        );
+        assert_eq!(
+            (
+                a.accepted.load(Ordering::SeqCst),
+                b.accepted.load(Ordering::SeqCst)
+            ),
+            (1, 1),
+            "{protocol:?}: one connection per endpoint, reused by every request in turn"
+        );
+        for endpoint in [&a, &b] {
+            assert_eq!(
+                *endpoint.alpn.lock().unwrap(),
+                [alpn],
+                "{protocol:?}: the protocol offered between the sidecars"
+            );
+        }
+    }
+}
+
+/// With `--mesh-protocol preserve`, concurrent HTTP/1.1 requests each take a kept-alive
+/// connection of their own and give it back: a second burst opens none, bodies cross in both
+/// directions, the callee's app sees HTTP/1.1 with the caller's `Host`, and an HTTP/2 (gRPC)
+/// request still rides HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserved_http1_reuses_its_connections_and_http2_stays_http2() {
+    let mesh = shop(MeshProtocol::Preserve).await;
     let inbound = mesh.workload("orders").sidecar.inbound_addr;
-    let (a, b) = (
-        Forwarder::start(Some(inbound)).await,
-        Forwarder::start(Some(inbound)).await,
-    );
-    publish(&mesh, &[a.addr.to_string(), b.addr.to_string()]).await;
-    for _ in 0..4 {
-        assert_eq!(mesh.call("web", "GET", "orders", "/warm").await.status, 200);
-    }
-    let (a0, b0) = (a.sent(), b.sent());
-    for i in 0..40 {
-        let answer = mesh.call("web", "GET", "orders", &format!("/r/{i}")).await;
+    let endpoint = Forwarder::start(Some(inbound)).await;
+    publish(&mesh, &[endpoint.addr.to_string()]).await;
+    let burst = |round: usize| {
+        let mesh = &mesh;
+        futures_util::future::join_all((0..8).map(move |i| async move {
+            mesh.call_with(
+                "web",
+                "POST",
+                "orders:8080",
+                &format!("/burst/{round}/{i}"),
+                Bytes::from(vec![b'x'; 100_000 + i]),
+                &[],
+            )
+            .await
+        }))
+    };
+    for answer in burst(0).await {
         assert_eq!(answer.status, 200, "{answer:?}");
+        let echoed = answer.echoed();
+        assert_eq!(echoed["version"], "HTTP/1.1");
+        assert_eq!(echoed["headers"]["host"], "orders:8080");
+        let i: usize = echoed["path"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(echoed["body_bytes"], 100_000 + i);
     }
-    let (da, db) = (a.sent() - a0, b.sent() - b0);
-    let total = (da + db) as f64;
+    let opened = endpoint.accepted.load(Ordering::SeqCst);
     assert!(
-        da as f64 > 0.3 * total && db as f64 > 0.3 * total,
-        "each endpoint should carry a fair share of the requests: {da} and {db} bytes"
+        (1..=8).contains(&opened),
+        "{opened} connections for 8 concurrent requests"
     );
+    for round in 1..4 {
+        for answer in burst(round).await {
+            assert_eq!(answer.status, 200, "{answer:?}");
+        }
+    }
+    let after = endpoint.accepted.load(Ordering::SeqCst);
+    assert!(
+        after <= 8,
+        "kept-alive connections are reused: {opened} after the first burst, {after} after four (8 requests at most at a time)"
+    );
+    assert!(
+        endpoint
+            .alpn
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|p| *p == "http/1.1"),
+        "HTTP/1.1 requests travel over HTTP/1.1: {:?}",
+        endpoint.alpn.lock().unwrap()
+    );
+    // An HTTP/2 request from the app (prior knowledge, as gRPC clients speak) stays HTTP/2.
+    let tcp = tokio::net::TcpStream::connect(mesh.workload("web").sidecar.outbound_addr)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            http::Request::get("http://orders/h2")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     assert_eq!(
-        (
-            a.accepted.load(Ordering::SeqCst),
-            b.accepted.load(Ordering::SeqCst)
-        ),
-        (1, 1),
-        "one HTTP/2 connection per endpoint, shared by every request"
+        endpoint.alpn.lock().unwrap().last().copied(),
+        Some("h2"),
+        "an HTTP/2 request opens the HTTP/2 connection"
     );
 }
 
@@ -135,7 +269,7 @@ async fn requests_are_spread_over_the_services_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_endpoint_is_skipped_while_it_rests() {
     let broken = Forwarder::start(None).await;
-    let mesh = shop().await;
+    let mesh = shop(MeshProtocol::default()).await;
     let inbound = mesh.workload("orders").sidecar.inbound_addr;
     publish(&mesh, &[broken.addr.to_string(), inbound.to_string()]).await;
     let started = std::time::Instant::now();

@@ -108,6 +108,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
     let sidecar = Sidecar::start(SidecarConfig {
         apps: vec![app.addr],
         app_protocol: AppProtocol::Auto,
+        mesh_protocol: Default::default(),
         identity: IdentitySource::Files(IdentityFiles {
             cert: files.join("svid.pem"),
             key: files.join("key.pem"),

@@ -13,13 +13,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use super::app_pool::Http1Pool;
+use super::app_pool::{AppPool, app_pool};
 use super::authz::Reauthorize;
 use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
-    ProxyBody, boxed, bridge_upgrade, error_response_for, is_grpc, requested_upgrade, set_upgrade,
-    strip_hop_by_hop,
+    ProxyBody, boxed, bridge_upgrade, error_response_for, is_grpc, origin_form, requested_upgrade,
+    set_upgrade, strip_hop_by_hop,
 };
 
 /// Which HTTP the local app speaks.
@@ -67,7 +67,7 @@ type AppClient = Client<AppConnector, TrailerFilter>;
 struct App {
     addr: String,
     connector: AppConnector,
-    http1: Arc<Http1Pool>,
+    http1: Arc<AppPool>,
 }
 
 /// Sends requests to the apps (`host:port` each, the default first), keeping the caller's `Host`.
@@ -103,7 +103,7 @@ impl AppForwarder {
                 };
                 App {
                     addr: app.to_string(),
-                    http1: Http1Pool::new(*app),
+                    http1: app_pool(*app),
                     connector,
                 }
             })
@@ -221,7 +221,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                         .send(req)
                         .await
                         .map(|r| r.map(BodyExt::boxed_unsync))
-                        .map_err(Into::into),
+                        .map_err(|e| e.error.into()),
                 };
             match answered {
                 Ok(mut resp) => {
@@ -272,19 +272,9 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
 /// Where a request goes: the app's kept-alive HTTP/1.1 connections, or this caller
 /// connection's HTTP/2 client.
 enum Upstream {
-    Http1(Arc<Http1Pool>),
+    Http1(Arc<AppPool>),
     /// Shared, not cloned: hyper-util's client is a few hundred bytes.
     H2c(Arc<AppClient>),
-}
-
-/// The caller's path and query alone: the request target HTTP/1.1 sends to an origin server.
-fn origin_form(caller: &Uri) -> Uri {
-    Uri::from(
-        caller
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    )
 }
 
 /// `http://<authority><path?query>` for the request to the app, built from the parsed parts (no

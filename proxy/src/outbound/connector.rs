@@ -21,7 +21,7 @@ use crate::metrics::{Metrics, TlsLabels};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An mTLS connection to a peer sidecar, negotiated to HTTP/2.
+/// An mTLS connection to a peer sidecar (HTTP/2, HTTP/1.1 or an L4 tunnel, by ALPN).
 pub struct MeshStream(TokioIo<TlsStream<TcpStream>>);
 
 impl MeshStream {
@@ -128,6 +128,16 @@ impl MeshConnector {
     /// An HTTP/2 mTLS connection to endpoint `i` (of [`endpoints`](Self::endpoints)).
     pub async fn connect_endpoint(&self, i: usize) -> io::Result<MeshStream> {
         self.connect_one(i, &self.tls).await
+    }
+
+    /// An HTTP/1.1 mTLS connection to endpoint `i`, for the kept-alive HTTP/1.1 pools.
+    pub async fn connect_http1_endpoint(&self, i: usize) -> io::Result<MeshStream> {
+        self.connect_one(i, &self.tls_http1).await
+    }
+
+    /// Endpoint `i`'s `host:port`.
+    pub fn endpoint(&self, i: usize) -> &str {
+        &self.endpoints[i]
     }
 
     async fn connect_one(&self, i: usize, tls: &TlsConnector) -> io::Result<MeshStream> {

@@ -1,5 +1,5 @@
 //! The outbound listener: plaintext HTTP from the local app, routed by `Host` to a `Service`,
-//! carried over mTLS (HTTP/2, pooled) to one of its sidecars, whose SPIFFE ID must be the one
+//! carried over mTLS (pooled HTTP/2, or HTTP/1.1 as sent: [`MeshProtocol`]) to one of its sidecars, whose SPIFFE ID must be the one
 //! the Service names. A server with a valid certificate but another identity is refused.
 
 pub mod connector;
@@ -20,14 +20,17 @@ use meshgate_ca::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::h1_pool::MaybeIncoming;
 use crate::http_util::{
     APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response,
-    error_response_for, host_without_port, is_grpc, port_of, requested_upgrade, set_upgrade,
-    strip_hop_by_hop,
+    error_response_for, host_without_port, is_grpc, origin_form, port_of, requested_upgrade,
+    set_upgrade, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
 pub use connector::MeshConnector;
+use http_body_util::BodyExt;
+pub use pool::MeshProtocol;
 
 /// A destination the app may call: where its sidecars are and who they must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +207,8 @@ pub struct Outbound {
     pub detection: Detection,
     /// Connection cap (the app is the only source: no per-source cap applies in practice).
     pub limits: crate::serve::Limits,
+    /// How requests travel to the callee's sidecar.
+    pub mesh_protocol: MeshProtocol,
 }
 
 impl Outbound {
@@ -367,15 +372,14 @@ impl Outbound {
         if let Some(protocol) = requested_upgrade(&req) {
             return self.forward_upgrade(req, protocol, &entry, started).await;
         }
-        if req.version() != Version::HTTP_2 {
-            req.headers_mut()
-                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
-        }
+        let grpc = is_grpc(req.headers());
+        let http1 =
+            req.version() != Version::HTTP_2 && self.mesh_protocol == MeshProtocol::Preserve;
         strip_hop_by_hop(req.headers_mut());
-        req.headers_mut().remove(header::HOST);
-        match absolute_uri(req.uri(), &authority) {
-            Some(uri) => *req.uri_mut() = uri,
-            None => {
+        let sent = if http1 {
+            // HTTP/1.1 as the app sent it: origin-form target, the authority in `Host` (the
+            // callee judges it), on a kept-alive HTTP/1.1 connection.
+            if http::uri::Authority::try_from(authority.as_str()).is_err() {
                 self.record("bad-request", &entry.route.name, started);
                 return error_response(
                     req.headers(),
@@ -383,15 +387,45 @@ impl Outbound {
                     "meshgate: invalid Host\n",
                 );
             }
-        }
-        *req.version_mut() = Version::HTTP_2;
-        let grpc = is_grpc(req.headers());
-        match entry.pool.send(req).await {
+            if !req.headers().contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(&authority)
+            {
+                req.headers_mut().insert(header::HOST, host);
+            }
+            *req.uri_mut() = origin_form(req.uri());
+            *req.version_mut() = Version::HTTP_11;
+            entry
+                .pool
+                .send_http1(req.map(MaybeIncoming::from))
+                .await
+                .map(|resp| resp.map(BodyExt::boxed_unsync))
+        } else {
+            if req.version() != Version::HTTP_2 {
+                // HTTP/1.1 carried over HTTP/2: the callee's sidecar gives its app HTTP/1.1.
+                req.headers_mut()
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+            }
+            req.headers_mut().remove(header::HOST);
+            match absolute_uri(req.uri(), &authority) {
+                Some(uri) => *req.uri_mut() = uri,
+                None => {
+                    self.record("bad-request", &entry.route.name, started);
+                    return error_response(
+                        req.headers(),
+                        StatusCode::BAD_REQUEST,
+                        "meshgate: invalid Host\n",
+                    );
+                }
+            }
+            *req.version_mut() = Version::HTTP_2;
+            entry.pool.send(req).await.map(|resp| resp.map(boxed))
+        };
+        match sent {
             Ok(resp) => {
                 entry.forwarded(started);
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, boxed(body))
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 tracing::warn!(

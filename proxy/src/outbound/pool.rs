@@ -1,13 +1,18 @@
-//! HTTP/2 connections to the sidecars of one Service, and which one each request takes.
+//! Connections to the sidecars of one Service, and which one each request takes.
 //!
 //! Why not hyper-util's pooled client: its pool is keyed by the request's authority, and an
 //! HTTP/2 key holds one connection, so every request for a Service went to whichever endpoint
 //! that one connection happened to reach: no balancing across a Service's sidecars after the
 //! first connect. And per request it hashed and locked the pool, cloned a client of a few hundred
 //! bytes and built a connect future (on the mesh path's outbound side, ~5k instructions of ~70k;
-//! BENCHMARKS.md). Here each endpoint has at most one connection, opened on first use and shared
-//! by every request (HTTP/2 multiplexes), and requests go round robin over the endpoints, as
-//! Linkerd and Envoy balance per request rather than per connection.
+//! BENCHMARKS.md). Here requests go round robin over the endpoints, as Linkerd and Envoy balance
+//! per request rather than per connection, and each endpoint has:
+//!
+//! - at most one HTTP/2 connection, opened on first use and shared by every request (HTTP/2
+//!   multiplexes): every request by default ([`MeshProtocol::Http2`], as Linkerd carries them);
+//! - with [`MeshProtocol::Preserve`], for the HTTP/1.1 requests, a stack of kept-alive HTTP/1.1
+//!   mTLS connections ([`crate::h1_pool`]), one request at a time each, as Istio's sidecars
+//!   carry HTTP/1.1 (the trade-off: [`MeshProtocol`]).
 //!
 //! A dead endpoint is not dialled on every request: a failed connect puts it in backoff (1 s,
 //! doubling to 30 s), during which requests go to the others; when every endpoint is in backoff
@@ -24,14 +29,44 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioExecutor;
 
-use super::connector::MeshConnector;
+use super::connector::{MeshConnector, MeshStream};
+use crate::h1_pool::{Dial, Http1Pool, MaybeIncoming, PoolError, PooledBody};
 
 /// First pause before an endpoint whose connect failed is dialled again.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause for an endpoint that keeps failing.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A kept-alive HTTP/1.1 connection to a peer sidecar unused this long is closed: half the
+/// peer's [`crate::serve::HEADER_READ_TIMEOUT`], after which the peer closes a connection that
+/// sent no new request, so a request never races the peer's close of an idle connection.
+pub const HTTP1_IDLE_TIMEOUT: Duration =
+    Duration::from_millis(crate::serve::HEADER_READ_TIMEOUT.as_millis() as u64 / 2);
+
+/// How requests travel between sidecars (`--mesh-protocol`).
+///
+/// Measured on the mesh path (BENCHMARKS.md, "HTTP/1.1 between sidecars"): `Preserve` spends a
+/// quarter fewer instructions per request in the two sidecars and answers a moderate load
+/// sooner, but at saturation costs as much CPU or more, because every request is a separate
+/// write on a separate connection where HTTP/2 reads many frames at once; and it holds one
+/// mTLS connection per concurrent request instead of one per endpoint. So HTTP/2 stays the
+/// default, as in Linkerd; `Preserve` is Istio's default (`h2UpgradePolicy: DO_NOT_UPGRADE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MeshProtocol {
+    /// Everything over one multiplexed HTTP/2 connection per endpoint.
+    #[default]
+    Http2,
+    /// As the app sent them: HTTP/1.1 over kept-alive HTTP/1.1 mTLS connections, HTTP/2 (gRPC)
+    /// over the one HTTP/2 connection per endpoint.
+    Preserve,
+}
 
 type Sender = http2::SendRequest<Incoming>;
+
+/// The kept-alive HTTP/1.1 connections to one endpoint.
+pub type Http1Endpoint = Http1Pool<MeshDial, MaybeIncoming>;
+
+/// A response body from a peer sidecar over HTTP/1.1.
+pub type Http1Body = PooledBody<MeshDial, MaybeIncoming>;
 
 /// Why a request did not reach a sidecar of the Service.
 #[derive(Debug, thiserror::Error)]
@@ -42,32 +77,22 @@ pub enum UpstreamError {
     Connect(#[from] io::Error),
     #[error("HTTP/2: {0}")]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Http1(#[from] PoolError<io::Error>),
 }
 
-#[derive(Default)]
-struct Endpoint {
-    /// The connection in use, if one is open.
-    live: Mutex<Option<Sender>>,
-    /// Held while dialling, so that requests arriving meanwhile wait for that one connection
-    /// instead of each opening their own.
-    dialling: tokio::sync::Mutex<()>,
-    /// Failed connects in a row, and until when the endpoint is skipped.
-    backoff: Mutex<(u32, Option<Instant>)>,
-}
+/// Failed connects to one endpoint in a row, and until when it is skipped.
+#[derive(Debug, Default)]
+struct Backoff(Mutex<(u32, Option<Instant>)>);
 
-impl Endpoint {
-    fn current(&self) -> Option<Sender> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.as_ref().filter(|s| !s.is_closed()).cloned()
-    }
-
+impl Backoff {
     fn resting(&self, now: Instant) -> bool {
-        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let backoff = self.0.lock().unwrap_or_else(|p| p.into_inner());
         backoff.1.is_some_and(|until| now < until)
     }
 
     fn failed(&self) {
-        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backoff = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let pause = FIRST_BACKOFF
             .saturating_mul(1 << backoff.0.min(5))
             .min(MAX_BACKOFF);
@@ -75,7 +100,52 @@ impl Endpoint {
     }
 
     fn succeeded(&self) {
-        *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+        let mut backoff = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if backoff.0 != 0 {
+            *backoff = (0, None);
+        }
+    }
+}
+
+/// Dials one endpoint for HTTP/1.1 (mTLS, `http/1.1` by ALPN), feeding its backoff.
+pub struct MeshDial {
+    connector: MeshConnector,
+    index: usize,
+    backoff: Arc<Backoff>,
+}
+
+impl Dial for MeshDial {
+    type Io = MeshStream;
+    type Error = io::Error;
+
+    async fn dial(&self) -> io::Result<MeshStream> {
+        let dialled = self.connector.connect_http1_endpoint(self.index).await;
+        match &dialled {
+            Ok(_) => self.backoff.succeeded(),
+            Err(_) => self.backoff.failed(),
+        }
+        dialled
+    }
+
+    fn peer(&self) -> String {
+        format!("sidecar at {}", self.connector.endpoint(self.index))
+    }
+}
+
+struct Endpoint {
+    /// The HTTP/2 connection in use, if one is open.
+    live: Mutex<Option<Sender>>,
+    /// Held while dialling HTTP/2, so that requests arriving meanwhile wait for that one
+    /// connection instead of each opening their own.
+    dialling: tokio::sync::Mutex<()>,
+    backoff: Arc<Backoff>,
+    http1: Arc<Http1Endpoint>,
+}
+
+impl Endpoint {
+    fn current(&self) -> Option<Sender> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 }
 
@@ -90,14 +160,46 @@ impl MeshPool {
     pub fn new(connector: MeshConnector) -> Self {
         Self {
             endpoints: (0..connector.endpoints())
-                .map(|_| Endpoint::default())
+                .map(|index| {
+                    let backoff = Arc::new(Backoff::default());
+                    Endpoint {
+                        live: Mutex::new(None),
+                        dialling: tokio::sync::Mutex::new(()),
+                        http1: Http1Pool::new(
+                            MeshDial {
+                                connector: connector.clone(),
+                                index,
+                                backoff: backoff.clone(),
+                            },
+                            HTTP1_IDLE_TIMEOUT,
+                        ),
+                        backoff,
+                    }
+                })
                 .collect(),
             connector,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The open connection to endpoint `i`, or a new one.
+    /// The endpoints in the order this request tries them: the next one in turn first, those
+    /// out of backoff before the resting ones (better a late answer than none).
+    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let turn = move |k| (start + k) % n;
+        (0..n)
+            .map(turn)
+            .filter(move |i| !self.endpoints[*i].backoff.resting(now))
+            .chain(
+                (0..n)
+                    .map(turn)
+                    .filter(move |i| self.endpoints[*i].backoff.resting(now)),
+            )
+    }
+
+    /// The open HTTP/2 connection to endpoint `i`, or a new one.
     async fn sender(&self, i: usize) -> Result<Sender, UpstreamError> {
         let endpoint = &self.endpoints[i];
         if let Some(sender) = endpoint.current() {
@@ -110,7 +212,7 @@ impl MeshPool {
         let stream = match self.connector.connect_endpoint(i).await {
             Ok(stream) => stream,
             Err(e) => {
-                endpoint.failed();
+                endpoint.backoff.failed();
                 return Err(e.into());
             }
         };
@@ -120,11 +222,11 @@ impl MeshPool {
         {
             Ok(handshaken) => handshaken,
             Err(e) => {
-                endpoint.failed();
+                endpoint.backoff.failed();
                 return Err(e.into());
             }
         };
-        endpoint.succeeded();
+        endpoint.backoff.succeeded();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTP/2 connection to a peer sidecar ended with an error");
@@ -134,27 +236,15 @@ impl MeshPool {
         Ok(sender)
     }
 
-    /// Sends `req` (absolute URI: its authority is the `:authority` the callee judges) to the
-    /// next endpoint in turn that is not in backoff, moving on to the next when one cannot be
-    /// reached.
+    /// Sends `req` over HTTP/2 (absolute URI: its authority is the `:authority` the callee
+    /// judges) to the next endpoint in turn that is not in backoff, moving on to the next when
+    /// one cannot be reached.
     pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
         let n = self.endpoints.len();
         if n == 0 {
             return Err(UpstreamError::NoEndpoints);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        // Endpoints out of backoff first, in turn; then, if all of those failed, the resting
-        // ones (better a late answer than none).
-        let order = (0..n)
-            .map(|k| (start + k) % n)
-            .filter(|i| !self.endpoints[*i].resting(now))
-            .chain(
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .filter(|i| self.endpoints[*i].resting(now)),
-            );
-        let mut order = order;
+        let mut order = self.order();
         let mut req = req;
         let mut last_error = UpstreamError::NoEndpoints;
         // With one endpoint, an unsent request goes once more to it, on a new connection.
@@ -187,6 +277,29 @@ impl MeshPool {
                         }
                     }
                     None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Sends `req` over HTTP/1.1 (origin-form URI, `Host` set) on a kept-alive connection to
+    /// the next endpoint in turn, moving on to the next when one cannot be reached.
+    pub async fn send_http1(
+        &self,
+        req: Request<MaybeIncoming>,
+    ) -> Result<Response<Http1Body>, UpstreamError> {
+        let mut req = req;
+        let mut last_error = UpstreamError::NoEndpoints;
+        for i in self.order() {
+            match self.endpoints[i].http1.send(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(failed) => match failed.unsent {
+                    Some(unsent) => {
+                        req = unsent;
+                        last_error = failed.error.into();
+                    }
+                    None => return Err(failed.error.into()),
                 },
             }
         }

@@ -409,6 +409,7 @@ impl TestMesh {
         let mut config = SidecarConfig {
             apps: vec![app.addr],
             app_protocol: AppProtocol::Auto,
+            mesh_protocol: Default::default(),
             identity: IdentitySource::Ca(IdentityConfig {
                 ca_url: self.ca.url(),
                 ca_bundle_pem: self.ca.bundle_pem(),
