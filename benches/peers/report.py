@@ -21,7 +21,10 @@ LABEL = {
     "meshgate": "meshgate (MESHGATE_LOG=warn)",
     "meshgate-info": "meshgate (default log level, text)",
     "meshgate-json": "meshgate (default log level, JSON)",
+    "meshgate-preserve": "meshgate (MESHGATE_LOG=warn, `--mesh-protocol preserve`)",
 }
+# Measured on the mesh path only.
+MESH_ROWS = ROWS + ["meshgate-preserve"]
 
 
 def oha(path):
@@ -65,7 +68,7 @@ def main():
         for scen in ("inbound", "mesh"):
             direct_lat = raw.get((r, scen, "direct"), {}).get("lat")
             dl = oha(direct_lat) if direct_lat else None
-            for proxy in ["direct"] + ROWS:
+            for proxy in ["direct"] + MESH_ROWS:
                 m = raw.get((r, scen, proxy))
                 if not m:
                     continue
@@ -147,13 +150,13 @@ def main():
     out.append("")
 
     out.append("### 2. Mesh path: client (plain HTTP/1.1) → outbound proxy → mTLS → inbound proxy (ACL) → app\n")
-    out.append("Between the proxies: nginx HTTP/1.1 with upstream keep-alive, HAProxy HTTP/2 (ALPN h2), meshgate HTTP/2. "
+    out.append("Between the proxies: nginx HTTP/1.1 with upstream keep-alive, HAProxy HTTP/2 (ALPN h2), meshgate HTTP/2 (HTTP/1.1 with `--mesh-protocol preserve`). "
                "CPU per request of each proxy process at saturation (outbound + inbound = the pair).\n")
     out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
     out.append("|---|---|---|---|---|---|---|---|")
     out.append(f"| {LABEL[d]} | p50 {fig('mesh', d, 'p50') or 0:.0f} µs | p90 {fig('mesh', d, 'p90') or 0:.0f} µs | "
                f"p99 {fig('mesh', d, 'p99') or 0:.0f} µs | {fig('mesh', d, 'rps') or 0:,.0f} | – | (app {fig('mesh', d, 'cpu_in') or 0:.1f}) | – |")
-    for p in ROWS:
+    for p in MESH_ROWS:
         out.append(f"| {LABEL[p]} | {cell('mesh', p, 'added_p50', ' µs')} | {cell('mesh', p, 'added_p90', ' µs')} | "
                    f"{cell('mesh', p, 'added_p99', ' µs')} | {cell('mesh', p, 'rps', '', True)} | "
                    f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "

@@ -161,13 +161,15 @@ render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
 
 # The proxies. meshgate runs three times: MESHGATE_LOG=warn (quiet, like the peers with access
 # logs off), the default level (info, text), and the default level with --log-format json; the
-# logs go to files in the work dir.
+# logs go to files in the work dir. A fourth, meshgate-preserve (quiet, `--mesh-protocol preserve`:
+# HTTP/1.1 between the sidecars), runs the mesh-path scenario only.
 proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
+mesh_extra=(meshgate-preserve)
 declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
 k=0
-for v in meshgate meshgate-info meshgate-json; do
+for v in meshgate meshgate-info meshgate-json meshgate-preserve; do
   in_port[$v]=$((base + 30 + 10 * k)); out_port[$v]=$((base + 34 + 10 * k))
   render meshgate-services.yaml.tmpl "$work/services-$v.yaml" "${common[@]}" IN_PORT=${in_port[$v]}
   k=$((k + 1))
@@ -205,9 +207,10 @@ EOF
   die "$3 not ready on admin port $1"
 }
 start_meshgate() { # VARIANT
-  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=()
+  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=()
   case $v in
     meshgate) lvl=(MESHGATE_LOG=warn) ;;
+    meshgate-preserve) lvl=(MESHGATE_LOG=warn); carry=(--mesh-protocol preserve) ;;
     meshgate-info) lvl=(MESHGATE_LOG=info) ;;
     meshgate-json) lvl=(MESHGATE_LOG=info); fmt=(--log-format json) ;;
   esac
@@ -218,7 +221,7 @@ start_meshgate() { # VARIANT
     --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) --no-tracing
   in_pid[$v]=$started
   # Outbound sidecar (the client's): plain HTTP listener op → mTLS/HTTP2 → the inbound sidecar.
-  start_bg "$work/$v-out.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app_port \
+  start_bg "$work/$v-out.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" "${carry[@]}" --app 127.0.0.1:$app_port \
     --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" \
     --services "$work/services-$v.yaml" \
@@ -244,7 +247,7 @@ start_all() {
     wait_port "${in_port[$p]}" "${in_pid[$p]}" "$p-in"
     wait_port "${out_port[$p]}" "${out_pid[$p]}" "$p-out"
   done
-  for p in meshgate meshgate-info meshgate-json; do start_meshgate "$p"; done
+  for p in meshgate meshgate-info meshgate-json "${mesh_extra[@]}"; do start_meshgate "$p"; done
   sleep 0.5 # let nginx workers settle before reading their RSS
 }
 stop_all() {
@@ -348,10 +351,10 @@ wait_for_quiet() {
 }
 
 # Order of proxies within a scenario rotates with the round, so no proxy always runs first.
-order() { # ROUND WITH-DIRECT(0/1)
+order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
   local list=() i n
   [ "$2" = 1 ] && list=(direct)
-  list+=("${proxies[@]}")
+  list+=("${proxies[@]}" "${@:3}")
   n=${#list[@]}
   for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
 }
@@ -381,6 +384,8 @@ run_round() {
   # Warm-up: each path once, closed loop, not recorded.
   for p in "${proxies[@]}"; do
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
+  done
+  for p in "${proxies[@]}" "${mesh_extra[@]}"; do
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
   done
   # 1. inbound: fixed-rate latency, then saturation with CPU per request.
@@ -397,12 +402,12 @@ run_round() {
     record "$r" inbound "$p" cpu_in_ticks $(( $(cpu_ticks "$pi") - t0 ))
   done
   # 2. mesh path: client → outbound proxy → mTLS → inbound proxy → app.
-  for p in $(order "$r" 1); do
+  for p in $(order "$r" 1 "${mesh_extra[@]}"); do
     oha_run "$work/r$r-mesh-lat-$p.json" "$dur" -q "$rate" --latency-correction -c "$lat_conns" \
       --http-version 1.1 --host app "$(url_out "$p" /api/data)"
     record "$r" mesh "$p" lat "$work/r$r-mesh-lat-$p.json"
   done
-  for p in $(order "$r" 1); do
+  for p in $(order "$r" 1 "${mesh_extra[@]}"); do
     local ti to
     if [ "$p" = direct ]; then ti=$(cpu_ticks "$app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
     oha_run "$work/r$r-mesh-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
