@@ -79,11 +79,11 @@ pub async fn accept_loop<F, Fut>(
                 let (tcp, peer) = accepted;
                 match cap.admit(peer.ip()) {
                     Ok(slot) => {
+                        // `map`, not an `async move` block awaiting `task`: a block would hold
+                        // the connection's future twice (captured, then awaited), doubling
+                        // every connection's task allocation.
                         let task = handle(tcp, peer, graceful.watcher());
-                        tokio::spawn(async move {
-                            task.await;
-                            drop(slot);
-                        });
+                        tokio::spawn(futures_util::FutureExt::map(task, move |()| drop(slot)));
                     }
                     Err(reason) => {
                         drop(tcp);
@@ -271,14 +271,51 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// Resolves once `activity` has been quiet for `limit`.
-pub async fn idle(activity: Activity, limit: Duration) {
-    loop {
-        let quiet = activity.quiet_for();
-        if quiet >= limit {
-            return;
+pin_project_lite::pin_project! {
+    /// Runs `conn` until it ends (`Some(output)`) or `activity` has been quiet for `limit`
+    /// (`None`; dropping the future then closes the connection).
+    ///
+    /// A hand-written future rather than an `async` block with `select!`: it is what an idle
+    /// connection holds for as long as it stays open, and a generator would keep room for the
+    /// connection twice (captured, then moved into the select).
+    pub struct UntilIdle<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        timer: tokio::time::Sleep,
+        activity: Activity,
+        limit: Duration,
+    }
+}
+
+impl<C> UntilIdle<C> {
+    pub fn new(conn: C, activity: Activity, limit: Duration) -> Self {
+        Self {
+            conn,
+            timer: tokio::time::sleep(limit),
+            activity,
+            limit,
         }
-        tokio::time::sleep(limit - quiet).await;
+    }
+}
+
+impl<C: Future> Future for UntilIdle<C> {
+    type Output = Option<C::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(ended) = this.conn.poll(cx) {
+            return Poll::Ready(Some(ended));
+        }
+        loop {
+            std::task::ready!(this.timer.as_mut().poll(cx));
+            let quiet = this.activity.quiet_for();
+            if quiet >= *this.limit {
+                return Poll::Ready(None);
+            }
+            let until = tokio::time::Instant::now() + (*this.limit - quiet);
+            this.timer.as_mut().reset(until);
+        }
     }
 }
 
