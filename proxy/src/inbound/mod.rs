@@ -100,33 +100,38 @@ impl Inbound {
     /// One accepted connection: the handshake, then the authenticated connection. Memory per
     /// open connection is what an idle mesh holds (thousands of them), so each phase lives in
     /// its own allocation, freed or made when the phase changes, and the task itself keeps
-    /// only pointers: the task's future would otherwise have room for the handshake's state
+    /// only pointers: as one `async fn`, the task's future had room for the handshake's state
     /// and the HTTP connection's side by side (17 KiB per connection, measured).
-    async fn connection(
+    fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
         peer: std::net::SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
-    ) {
-        let _ = tcp.set_nodelay(true);
-        // Until its handshake completes a connection is one of the pending handshakes; at the
-        // cap the oldest is shed, so half-open floods cannot lock known peers out.
-        let (mut pending, shed_other) = self.handshakes.enter();
-        if shed_other {
-            self.metrics.count_hygiene("handshake_shed", 1);
-        }
-        let handshake = tokio::select! {
-            handshake = Box::pin(self.handshake(tcp, peer)) => handshake,
-            _ = &mut pending.shed => {
-                tracing::debug!(event = "inbound.handshake_shed", peer.addr = %peer, "pending handshake dropped to make room for newer connections");
-                return;
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        use futures_util::FutureExt;
+        let this = self.clone();
+        let handshake = Box::pin(async move {
+            let _ = tcp.set_nodelay(true);
+            // Until its handshake completes a connection is one of the pending handshakes; at
+            // the cap the oldest is shed, so half-open floods cannot lock known peers out.
+            let (mut pending, shed_other) = this.handshakes.enter();
+            if shed_other {
+                this.metrics.count_hygiene("handshake_shed", 1);
             }
-        };
-        drop(pending);
-        if let Some((tls, id, not_after, activity)) = handshake {
-            self.serve_authenticated(tls, peer, id, not_after, activity, watcher)
-                .await;
-        }
+            tokio::select! {
+                handshake = this.handshake(tcp, peer) => handshake,
+                _ = &mut pending.shed => {
+                    tracing::debug!(event = "inbound.handshake_shed", peer.addr = %peer, "pending handshake dropped to make room for newer connections");
+                    None
+                }
+            }
+        });
+        handshake.then(move |handshake| match handshake {
+            Some((tls, id, not_after, activity)) => {
+                self.serve_authenticated(tls, peer, id, not_after, activity, watcher)
+            }
+            None => Box::pin(std::future::ready(())),
+        })
     }
 
     /// Peeks for TLS, completes the handshake (client certificate with a SPIFFE ID of this
@@ -276,7 +281,7 @@ mod tests {
     fn a_connection_task_holds_pointers_not_phases() {
         let size = returned_size(Inbound::connection);
         assert!(
-            size <= 4096,
+            size <= 512,
             "Inbound::connection's future is {size} bytes: box the phase that grew it"
         );
     }
