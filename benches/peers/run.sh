@@ -165,6 +165,8 @@ render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
 # HTTP/1.1 between the sidecars), runs the mesh-path scenario only.
 proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
 mesh_extra=(meshgate-preserve)
+# (A binary from before --mesh-protocol, for before/after runs, has no such row.)
+"$mg" proxy --help 2>/dev/null | grep -q -- --mesh-protocol || mesh_extra=()
 declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
