@@ -51,46 +51,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-td=mesh.local
-client_id=spiffe://$td/ns/bench/sa/client
-app_id=spiffe://$td/ns/bench/sa/app
-app_port=$base
-in_port=$((base + 10))
-out_port=$((base + 20))
 mg=${bins[0]}
-"$mg" ca init --dir "$work/ca" --trust-domain "$td" >/dev/null 2>&1
-"$mg" ca issue --dir "$work/ca" --id "$app_id" --out "$work/svid-app" --ttl 24h >/dev/null 2>&1
-"$mg" ca issue --dir "$work/ca" --id "$client_id" --out "$work/svid-client" --ttl 24h >/dev/null 2>&1
-chmod 711 "$work"
-mkdir -p "$work/www/api" "$work/policy"
-head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/api/data"
-render() { # TEMPLATE OUT KEY=VALUE...
-  local tmpl=$1 out=$2 expr=() kv
-  shift 2
-  for kv in "$@"; do expr+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
-  sed "${expr[@]}" "$here/$tmpl" >"$out"
-}
-client_id_re=$(printf '%s' "$client_id" | sed 's/[.]/\\\\./g')
-common=(DIR="$work" CERTS="$work" APP_PORT="$app_port" CLIENT_ID="$client_id"
-        CLIENT_ID_RE="$client_id_re" APP_ID="$app_id" PEER_DNS="app.bench.$td" IN_PORT="$in_port")
-render nginx-app.conf.tmpl "$work/nginx-app.conf" "${common[@]}"
-render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
-render meshgate-services.yaml.tmpl "$work/services.yaml" "${common[@]}"
-
-nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf" >"$work/app.log" 2>&1 &
-pids+=($!)
-
-ready() { # ADMIN_PORT
-  local i
-  for i in $(seq 600); do
-    if python3 -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$1/ready', timeout=2).status == 200 else 1)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.2
-  done
-  echo "sidecar with admin port $1 did not become ready (logs in $work)" >&2
-  exit 1
-}
+# shellcheck source=mesh-setup.sh
+. "$here/mesh-setup.sh"
+start_app
 ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
   local f
   f=$(ls -t "$1".* 2>/dev/null | grep -v '\.0$' | head -1 || true)

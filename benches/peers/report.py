@@ -157,6 +157,8 @@ def main():
     out.append(f"| {LABEL[d]} | p50 {fig('mesh', d, 'p50') or 0:.0f} µs | p90 {fig('mesh', d, 'p90') or 0:.0f} µs | "
                f"p99 {fig('mesh', d, 'p99') or 0:.0f} µs | {fig('mesh', d, 'rps') or 0:,.0f} | – | (app {fig('mesh', d, 'cpu_in') or 0:.1f}) | – |")
     for p in MESH_ROWS:
+        if p not in ROWS and fig('mesh', p, 'rps') is None:
+            continue  # a binary without --mesh-protocol
         out.append(f"| {LABEL[p]} | {cell('mesh', p, 'added_p50', ' µs')} | {cell('mesh', p, 'added_p90', ' µs')} | "
                    f"{cell('mesh', p, 'added_p99', ' µs')} | {cell('mesh', p, 'rps', '', True)} | "
                    f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "

@@ -25,8 +25,10 @@ use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
 pub struct DecisionSink {
     metrics: Arc<Metrics>,
     telemetry: Arc<Telemetry>,
-    /// Records are cloned into it only while someone subscribes (`meshgate demo`).
-    feed: broadcast::Sender<DecisionRecord>,
+    /// Records are cloned into it only while someone subscribes (`meshgate demo`). Made on
+    /// the first subscription: its 1024 slots are ≈ 330 KB that a sidecar nobody subscribes
+    /// to (every sidecar in production) would hold for nothing. Shared by the clones.
+    feed: Arc<std::sync::OnceLock<broadcast::Sender<DecisionRecord>>>,
     /// The flows reported to the control plane (when the sidecar has one).
     flows: Option<Arc<crate::flows::FlowTable>>,
     /// The live tap (when the sidecar has a control plane): one atomic load per decision
@@ -36,11 +38,10 @@ pub struct DecisionSink {
 
 impl DecisionSink {
     pub fn new(metrics: Arc<Metrics>, telemetry: Arc<Telemetry>) -> Self {
-        let (feed, _) = broadcast::channel(1024);
         Self {
             metrics,
             telemetry,
-            feed,
+            feed: Arc::default(),
             flows: None,
             tap: None,
         }
@@ -60,7 +61,9 @@ impl DecisionSink {
 
     /// Every decision from now on (a slow subscriber misses the oldest, never blocks traffic).
     pub fn subscribe(&self) -> broadcast::Receiver<DecisionRecord> {
-        self.feed.subscribe()
+        self.feed
+            .get_or_init(|| broadcast::channel(1024).0)
+            .subscribe()
     }
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
@@ -131,8 +134,10 @@ impl DecisionSink {
         if let Some(tap) = &self.tap {
             tap.record(record, status, latency, trace_id);
         }
-        if self.feed.receiver_count() > 0 {
-            let _ = self.feed.send(record.clone());
+        if let Some(feed) = self.feed.get()
+            && feed.receiver_count() > 0
+        {
+            let _ = feed.send(record.clone());
         }
     }
 
@@ -318,5 +323,33 @@ mod tests {
         );
         l4.decision = meshgate_policy::DecisionKind::Deny;
         assert_eq!(logged(&l4), l4);
+    }
+
+    /// The decision feed costs nothing until someone subscribes (its 1024 slots are made on the
+    /// first subscription), and a subscriber on any clone of the sink sees the decisions of
+    /// every clone from then on.
+    #[test]
+    fn the_feed_is_made_on_the_first_subscription_and_shared_by_clones() {
+        let id = |s: &str| meshgate_ca::SpiffeId::parse(s).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let sink = DecisionSink::new(metrics, Arc::new(Telemetry::off()));
+        let decision = meshgate_policy::Decision::bad_request("v1", "bad path: x".into());
+        let record = DecisionRecord::new(
+            Layer::L4,
+            &id("spiffe://mesh.local/ns/shop/sa/orders"),
+            &id("spiffe://mesh.local/ns/shop/sa/web"),
+            5432,
+            &decision,
+        );
+        sink.tunnel(&record);
+        assert!(sink.feed.get().is_none(), "no channel before a subscriber");
+        let other = sink.clone();
+        let mut feed = sink.subscribe();
+        other.tunnel(&record);
+        assert_eq!(feed.try_recv().unwrap(), record);
+        assert!(
+            feed.try_recv().is_err(),
+            "the decision before subscribing is not replayed"
+        );
     }
 }

@@ -1,0 +1,46 @@
+# Shared by callgrind.sh and pair.sh (sourced, not run): one CA, the app's and the client's
+# SVIDs, the bench policy and Service, and an nginx app serving a 1 KiB /api/data, in $work.
+# Needs: $here (this directory), $work (an empty directory), $mg (a meshgate binary), $base.
+# Sets: td, client_id, app_id, app_port, in_port, out_port; defines ready ADMIN_PORT.
+# The caller starts the app (`start_app [PREFIX...]`) and the sidecars.
+td=mesh.local
+client_id=spiffe://$td/ns/bench/sa/client
+app_id=spiffe://$td/ns/bench/sa/app
+app_port=$base
+in_port=$((base + 10))
+out_port=$((base + 20))
+"$mg" ca init --dir "$work/ca" --trust-domain "$td" >/dev/null 2>&1
+"$mg" ca issue --dir "$work/ca" --id "$app_id" --out "$work/svid-app" --ttl 24h >/dev/null 2>&1
+"$mg" ca issue --dir "$work/ca" --id "$client_id" --out "$work/svid-client" --ttl 24h >/dev/null 2>&1
+chmod 711 "$work"
+mkdir -p "$work/www/api" "$work/policy"
+head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/api/data"
+render() { # TEMPLATE OUT KEY=VALUE...
+  local tmpl=$1 out=$2 expr=() kv
+  shift 2
+  for kv in "$@"; do expr+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+  sed "${expr[@]}" "$here/$tmpl" >"$out"
+}
+client_id_re=$(printf '%s' "$client_id" | sed 's/[.]/\\\\./g')
+common=(DIR="$work" CERTS="$work" APP_PORT="$app_port" CLIENT_ID="$client_id"
+        CLIENT_ID_RE="$client_id_re" APP_ID="$app_id" PEER_DNS="app.bench.$td" IN_PORT="$in_port")
+render nginx-app.conf.tmpl "$work/nginx-app.conf" "${common[@]}"
+render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
+render meshgate-services.yaml.tmpl "$work/services.yaml" "${common[@]}"
+
+start_app() { # [PREFIX...] (e.g. taskset -c 1)
+  "$@" nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf" >"$work/app.log" 2>&1 &
+  pids+=($!)
+}
+
+ready() { # ADMIN_PORT
+  local i
+  for i in $(seq 600); do
+    if python3 -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$1/ready', timeout=2).status == 200 else 1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "sidecar with admin port $1 did not become ready (logs in $work)" >&2
+  exit 1
+}

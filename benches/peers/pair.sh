@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One meshgate sidecar pair on the mesh path (app → outbound sidecar → mTLS → inbound sidecar
+# → nginx app), pinned like run.sh (oha on CPU 0, the app and both sidecars on CPU 1), and
+# where each sidecar's CPU goes: user and system time per request, and with --syscalls the
+# system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
+# the comparison with the peers.
+#
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] BIN [OUTBOUND-ARGS...]
+#   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
+#
+# Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
+# a closed loop at -c 64 for S seconds (default 4): RPS, and per sidecar user/sys µs per request
+# (from /proc/PID/stat), plus system calls per request with --syscalls. Needs oha, nginx,
+# python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) is passed to both sidecars.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+seconds=4
+base=19600
+syscalls=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --seconds) seconds=$2; shift 2 ;;
+    --base-port) base=$2; shift 2 ;;
+    --syscalls) syscalls=1; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+mg=$1
+shift
+missing=()
+for tool in oha nginx python3 taskset; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+[ "$syscalls" = 0 ] || command -v perf >/dev/null || missing+=(perf)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing: ${missing[*]} — apt-get install nginx python3 util-linux linux-perf; cargo install oha --locked" >&2
+  exit 1
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-pair.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+# shellcheck source=mesh-setup.sh
+. "$here/mesh-setup.sh"
+start_app taskset -c 1
+
+log=${MESHGATE_LOG:-warn}
+MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+  --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
+  --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
+  --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
+  --no-tracing >"$work/in.log" 2>&1 &
+in_pid=$!
+pids+=("$in_pid")
+MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+  --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
+  --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
+  --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
+  --no-tracing "$@" >"$work/out.log" 2>&1 &
+out_pid=$!
+pids+=("$out_pid")
+ready $((in_port + 2))
+ready $((out_port + 1))
+
+url="http://127.0.0.1:$out_port/api/data"
+oha_json() { # OUT ARGS...
+  local out=$1
+  shift
+  taskset -c 0 oha --no-tui --output-format json -H "Host: app" "$@" "$url" >"$out"
+}
+oha_json "$work/warm.json" -z 1s -c 64
+oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+read -r iu0 is0 < <(ticks "$in_pid")
+read -r ou0 os0 < <(ticks "$out_pid")
+if [ "$syscalls" = 1 ]; then
+  events=raw_syscalls:sys_enter
+  perf stat -x, -e "$events" -o "$work/perf-in.txt" -p "$in_pid" -- sleep "$seconds" &
+  pin=$!
+  perf stat -x, -e "$events" -o "$work/perf-out.txt" -p "$out_pid" -- sleep "$seconds" &
+  pout=$!
+fi
+oha_json "$work/sat.json" -z "${seconds}s" -c 64
+[ "$syscalls" = 0 ] || wait "$pin" "$pout"
+read -r iu1 is1 < <(ticks "$in_pid")
+read -r ou1 os1 < <(ticks "$out_pid")
+python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
+import json, sys
+work, tck, seconds, syscalls = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[5:13])
+lat = json.load(open(f"{work}/lat.json"))
+sat = json.load(open(f"{work}/sat.json"))
+p = lat["latencyPercentiles"]
+codes = {str(k): v for k, v in (sat.get("statusCodeDistribution") or {}).items()}
+ok = codes.get("200", 0)
+if not ok or len(codes) > 1:
+    sys.exit(f"not every request was answered 200: {codes}")
+us = lambda t: t * 1e6 / tck / ok
+line = (f"p50 {p['p50'] * 1e6:.0f} µs  p90 {p['p90'] * 1e6:.0f} µs  p99 {p['p99'] * 1e6:.0f} µs  |  "
+        f"{ok / seconds:,.0f} req/s  inbound user {us(iu1 - iu0):.1f} sys {us(is1 - is0):.1f} µs/req  "
+        f"outbound user {us(ou1 - ou0):.1f} sys {us(os1 - os0):.1f} µs/req")
+if syscalls:
+    def calls(side):
+        for row in open(f"{work}/perf-{side}.txt"):
+            fields = row.split(",")
+            if len(fields) > 2 and "sys_enter" in fields[2]:
+                return int(fields[0]) / ok
+        return float("nan")
+    line += f"  syscalls/req inbound {calls('in'):.2f} outbound {calls('out'):.2f}"
+print(line)
+PY
