@@ -376,17 +376,17 @@ impl Outbound {
         let http1 =
             req.version() != Version::HTTP_2 && self.mesh_protocol == MeshProtocol::Preserve;
         strip_hop_by_hop(req.headers_mut());
+        let Ok(parsed_authority) = http::uri::Authority::try_from(authority.as_str()) else {
+            self.record("bad-request", &entry.route.name, started);
+            return error_response(
+                req.headers(),
+                StatusCode::BAD_REQUEST,
+                "meshgate: invalid Host\n",
+            );
+        };
         let sent = if http1 {
             // HTTP/1.1 as the app sent it: origin-form target, the authority in `Host` (the
             // callee judges it), on a kept-alive HTTP/1.1 connection.
-            if http::uri::Authority::try_from(authority.as_str()).is_err() {
-                self.record("bad-request", &entry.route.name, started);
-                return error_response(
-                    req.headers(),
-                    StatusCode::BAD_REQUEST,
-                    "meshgate: invalid Host\n",
-                );
-            }
             if !req.headers().contains_key(header::HOST)
                 && let Ok(host) = HeaderValue::from_str(&authority)
             {
@@ -406,17 +406,7 @@ impl Outbound {
                     .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
             }
             req.headers_mut().remove(header::HOST);
-            match absolute_uri(req.uri(), &authority) {
-                Some(uri) => *req.uri_mut() = uri,
-                None => {
-                    self.record("bad-request", &entry.route.name, started);
-                    return error_response(
-                        req.headers(),
-                        StatusCode::BAD_REQUEST,
-                        "meshgate: invalid Host\n",
-                    );
-                }
-            }
+            *req.uri_mut() = absolute_uri(req.uri(), parsed_authority);
             *req.version_mut() = Version::HTTP_2;
             entry.pool.send(req).await.map(|resp| resp.map(boxed))
         };
@@ -531,19 +521,18 @@ impl Outbound {
 }
 
 /// `http://<authority><path?query>`: the request as HTTP/2 carries it to the callee's sidecar
-/// (`:scheme`, `:authority`, `:path`), built from parsed parts; `None` when the caller's `Host`
-/// is not a valid authority.
-fn absolute_uri(caller: &Uri, authority: &str) -> Option<Uri> {
+/// (`:scheme`, `:authority`, `:path`), built from parsed parts.
+fn absolute_uri(caller: &Uri, authority: http::uri::Authority) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.parse::<http::uri::Authority>().ok()?);
+    parts.authority = Some(authority);
     parts.path_and_query = Some(
         caller
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
-    Uri::from_parts(parts).ok()
+    Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }
 
 #[cfg(test)]
