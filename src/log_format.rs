@@ -82,7 +82,9 @@ where
             Shape::Text => {
                 // `<time> <LEVEL> <target>: <fields>`: the level right-aligned in five columns.
                 write_time(&mut writer)?;
-                write!(writer, " {:>5} {}: ", meta.level().as_str(), meta.target())?;
+                writer.write_str(padded_level(meta.level()))?;
+                writer.write_str(meta.target())?;
+                writer.write_str(": ")?;
                 let mut fields = TextFields {
                     w: &mut writer,
                     first: true,
@@ -95,7 +97,9 @@ where
             Shape::Json => {
                 writer.write_str("{\"timestamp\":\"")?;
                 write_time(&mut writer)?;
-                write!(writer, "\",\"level\":\"{}\"", meta.level().as_str())?;
+                writer.write_str("\",\"level\":\"")?;
+                writer.write_str(meta.level().as_str())?;
+                writer.write_char('"')?;
                 let mut fields = JsonFields {
                     w: &mut writer,
                     result: Ok(()),
@@ -107,6 +111,17 @@ where
                 writer.write_str("\"}\n")
             }
         }
+    }
+}
+
+/// ` LEVEL ` with the level right-aligned in five columns, as the stock text line has it.
+fn padded_level(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::TRACE => " TRACE ",
+        tracing::Level::DEBUG => " DEBUG ",
+        tracing::Level::INFO => "  INFO ",
+        tracing::Level::WARN => "  WARN ",
+        tracing::Level::ERROR => " ERROR ",
     }
 }
 
@@ -177,13 +192,16 @@ struct TextFields<'a, 'w> {
 }
 
 impl TextFields<'_, '_> {
-    fn pad(&mut self) -> fmt::Result {
+    /// ` name=` (no space before the first field); written piece by piece, as `write!` costs
+    /// a formatter round trip per field on every decision line.
+    fn name(&mut self, field: &Field) -> fmt::Result {
         if self.first {
             self.first = false;
-            Ok(())
         } else {
-            self.w.write_char(' ')
+            self.w.write_char(' ')?;
         }
+        self.w.write_str(field_name(field))?;
+        self.w.write_char('=')
     }
 }
 
@@ -192,8 +210,7 @@ impl Visit for TextFields<'_, '_> {
         if self.result.is_err() || field.name().starts_with("log.") {
             return;
         }
-        self.result = self.pad().and_then(|()| {
-            write!(self.w, "{}=", field_name(field))?;
+        self.result = self.name(field).and_then(|()| {
             // What `Debug` leaves as it is: printable ASCII other than `"` and `\`.
             if !needs_escape(value.as_bytes(), true) {
                 self.w.write_char('"')?;
@@ -209,9 +226,7 @@ impl Visit for TextFields<'_, '_> {
         if self.result.is_err() || field.name().starts_with("log.") {
             return;
         }
-        self.result = self
-            .pad()
-            .and_then(|()| write!(self.w, "{}={value:?}", field_name(field)));
+        self.result = self.name(field).and_then(|()| write!(self.w, "{value:?}"));
     }
 }
 
