@@ -7,10 +7,11 @@
 //! time that instruction counts do not show, on the core the sidecar shares with its app.
 //!
 //! [`LogWriter`] appends each line to a shared buffer under a mutex (a copy, no allocation once
-//! the buffer has grown). Its thread wakes when the first line arrives, gathers for up to
-//! [`Limits::flush_every`] or until [`Limits::batch`] bytes are pending, and writes them with
-//! one call: at saturation that is one `write(2)` per few hundred lines, and at rest a line
-//! still reaches stderr within `flush_every`, as Envoy's access-log flush interval does.
+//! the buffer has grown). Its thread writes at most once per [`Limits::flush_every`]: a line
+//! after a quiet spell is written at once (a person or script reading the log sees it as
+//! before), and lines that follow within `flush_every` of a write gather until it is over or
+//! [`Limits::batch`] bytes are pending, then leave with one call. At saturation that is one
+//! `write(2)` and one wake-up per hundred or more lines instead of one per line.
 //!
 //! Lines are never dropped and never split. When [`Limits::cap`] bytes are pending (stderr is
 //! slower than the logging), loggers wait for the writer: memory stays bounded and the log
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 /// When the writer thread writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// The longest a line waits in memory before it is written.
+    /// The shortest time between two writes, and so the longest a line waits in memory.
     pub flush_every: Duration,
     /// Pending bytes that are written at once, without waiting for `flush_every`.
     pub batch: usize,
@@ -35,7 +36,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            flush_every: Duration::from_millis(50),
+            flush_every: Duration::from_millis(10),
             batch: 64 * 1024,
             cap: 2 * 1024 * 1024,
         }
@@ -107,12 +108,14 @@ impl LogWriter {
     }
 }
 
-/// The writer thread: waits for a line, gathers for up to `flush_every` (less when a batch
-/// fills), writes everything pending with one call, until closed and drained.
+/// The writer thread: waits for a line; unless `flush_every` has passed since the last write,
+/// gathers until it has (or a batch fills); writes everything pending with one call; until
+/// closed and drained.
 fn write_batches<W: Write>(shared: &Shared, mut out: W) {
     let limits = shared.limits;
     let mut batch = Vec::new();
     let mut out_failed = false;
+    let mut last_write: Option<Instant> = None;
     loop {
         let mut state = shared.lock();
         while state.pending.is_empty() && !state.closing {
@@ -124,7 +127,7 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
         if state.pending.is_empty() {
             return; // closing, nothing left
         }
-        let deadline = Instant::now() + limits.flush_every;
+        let deadline = last_write.map_or_else(Instant::now, |at| at + limits.flush_every);
         while !state.closing && state.pending.len() < limits.batch {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -138,6 +141,7 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
         }
         std::mem::swap(&mut state.pending, &mut batch);
         drop(state);
+        last_write = Some(Instant::now());
         shared.to_loggers.notify_all();
         if !out_failed {
             // Nowhere left to report a failing stderr: stop writing, keep loggers moving.
@@ -288,25 +292,41 @@ mod tests {
         );
     }
 
-    /// A single line at rest is written within `flush_every`, without waiting for a batch to
-    /// fill or for the guard.
+    /// A line after a quiet spell is written at once, not after `flush_every` and not when a
+    /// batch fills; a line right after it waits for the interval.
     #[test]
-    fn a_line_at_rest_is_written_within_the_flush_interval() {
+    fn a_line_at_rest_is_written_at_once_and_the_next_one_waits() {
         let out = Recorder::default();
-        let (writer, _guard) = LogWriter::spawn(
+        let (writer, guard) = LogWriter::spawn(
             out.clone(),
             Limits {
-                flush_every: Duration::from_millis(20),
+                flush_every: Duration::from_secs(30),
                 ..Limits::default()
             },
         );
         (&writer).write_all(b"one line\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while out.bytes().is_empty() {
-            assert!(Instant::now() < deadline, "the line was never written");
+            assert!(
+                Instant::now() < deadline,
+                "a line at rest waited for the flush interval"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(out.bytes(), b"one line\n");
+        (&writer).write_all(b"two\n").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            out.calls(),
+            1,
+            "the second line did not wait for the interval"
+        );
+        drop(guard);
+        assert_eq!(
+            out.bytes(),
+            b"one line\ntwo\n",
+            "the guard did not write what was pending"
+        );
     }
 
     /// With stderr stuck, memory stops at the cap: the logger waits instead of growing the

@@ -167,7 +167,7 @@ fn init_demo_logging(format: LogFormat, file: &std::path::Path) -> anyhow::Resul
 /// buffer that one thread writes in batches (a synchronous write per decision cost 14 % of a
 /// sidecar's saturation throughput; a channel send, a wake-up and a write per line still cost
 /// kernel time on the core the sidecar shares with its app). Lines are never dropped; a line
-/// waits at most 50 ms. The returned guard writes what is pending when it is dropped (at the
+/// waits at most 10 ms. The returned guard writes what is pending when it is dropped (at the
 /// end of `main`).
 fn init_logging(format: LogFormat) -> log_writer::Guard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHGATE_LOG")
