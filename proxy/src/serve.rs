@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
 
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -50,7 +50,8 @@ impl Default for Limits {
 }
 
 /// Accepts connections until `shutdown` turns true, running `handle` for each in its own task;
-/// then stops accepting and gives connections registered with the watcher up to `drain` to finish.
+/// then stops accepting, signals the [`DrainWatch`] each task was given, and gives the tasks up
+/// to `drain` to finish (a task counts until it drops its `DrainWatch`).
 /// Connections beyond `limits` (in total, per source) are closed at once, logged and counted.
 /// Accept errors (e.g. out of file descriptors) are logged and retried after a growing pause with
 /// jitter rather than spinning or ending the listener.
@@ -64,10 +65,10 @@ pub async fn accept_loop<F, Fut>(
     metrics: Arc<Metrics>,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    F: Fn(TcpStream, SocketAddr, DrainWatch) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let (drain_signal, drain_watch) = watch::channel(false);
     let cap = meshgate_ca::limits::ConnectionCap::new(limits.connections, limits.per_source);
     let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
     // Refusals are counted each time and logged once per burst, so a flood cannot flood the log.
@@ -82,7 +83,7 @@ pub async fn accept_loop<F, Fut>(
                         // `map`, not an `async move` block awaiting `task`: a block would hold
                         // the connection's future twice (captured, then awaited), doubling
                         // every connection's task allocation.
-                        let task = handle(tcp, peer, graceful.watcher());
+                        let task = handle(tcp, peer, DrainWatch(drain_watch.clone()));
                         tokio::spawn(futures_util::FutureExt::map(task, move |()| drop(slot)));
                     }
                     Err(reason) => {
@@ -107,7 +108,9 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    drop(drain_watch);
+    drain_signal.send_replace(true);
+    if tokio::time::timeout(drain, drain_signal.closed())
         .await
         .is_err()
     {
@@ -183,7 +186,7 @@ impl Drop for PendingHandshake {
     }
 }
 
-/// Records when an I/O stream last moved bytes, for [`idle`].
+/// Records when an I/O stream last moved bytes, for [`DrainWatch::serve`]'s idle limit.
 #[derive(Debug, Clone)]
 pub struct Activity {
     since: std::time::Instant,
@@ -217,7 +220,7 @@ pub struct IdleIo<T> {
 }
 
 impl<T> IdleIo<T> {
-    /// Wraps `inner`; the returned [`Activity`] feeds [`idle`].
+    /// Wraps `inner`; the returned [`Activity`] feeds [`DrainWatch::serve`].
     pub fn new(inner: T) -> (Self, Activity) {
         let activity = Activity::new();
         (
@@ -271,50 +274,125 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
+/// A connection task's part in its listener's drain: the signal that the listener is draining
+/// and, for as long as the task holds it, the listener's count of open connections.
+#[derive(Debug, Clone)]
+pub struct DrainWatch(watch::Receiver<bool>);
+
+impl DrainWatch {
+    /// Serves the HTTP connection `conn` until it ends (see [`Serve`]); with `idle`, closes it
+    /// gracefully once its I/O has been quiet for that long.
+    pub fn serve<C: GracefulConnection>(
+        self,
+        conn: C,
+        idle: Option<(Activity, Duration)>,
+    ) -> Serve<C, impl Future<Output = ()> + Send + 'static> {
+        let mut signal = self.0.clone();
+        Serve {
+            conn,
+            // A listener that is gone (its sender dropped) counts as draining.
+            drain: async move {
+                let _ = signal.wait_for(|draining| *draining).await;
+            },
+            timer: tokio::time::sleep(idle.as_ref().map_or(Duration::ZERO, |(_, limit)| *limit)),
+            idle,
+            closing: Closing::No,
+            _watch: self,
+        }
+    }
+}
+
+/// How long a connection closed for idleness gets to finish its goodbye (the HTTP/2 GOAWAY's
+/// PING round trip, a request that crossed it) before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Why [`Serve`] asked its connection to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    No,
+    Drain,
+    Idle,
+}
+
+/// How a served connection ended.
+#[derive(Debug)]
+pub struct Served<T> {
+    /// The connection's own result; `None` when it was dropped after an idle close's
+    /// [`CLOSE_GRACE`] ran out.
+    pub result: Option<T>,
+    /// The connection was closed because it stayed idle.
+    pub idle_closed: bool,
+}
+
 pin_project_lite::pin_project! {
-    /// Runs `conn` until it ends (`Some(output)`) or `activity` has been quiet for `limit`
-    /// (`None`; dropping the future then closes the connection).
+    /// Runs an HTTP server connection until it ends, and ends it gracefully — a GOAWAY on
+    /// HTTP/2, `Connection: close` on HTTP/1.1, in-flight requests answered — when its
+    /// listener drains or when its I/O has been quiet for the idle limit. A plain drop would
+    /// cut off a request that crossed the close on its way in (the client sees a reset and its
+    /// proxy answers 502); after a GOAWAY the client knows which requests were taken and sends
+    /// new ones on a new connection, as Envoy and Linkerd close idle connections.
     ///
     /// A hand-written future rather than an `async` block with `select!`: it is what an idle
     /// connection holds for as long as it stays open, and a generator would keep room for the
     /// connection twice (captured, then moved into the select).
-    pub struct UntilIdle<C> {
+    pub struct Serve<C, D> {
         #[pin]
         conn: C,
         #[pin]
+        drain: D,
+        #[pin]
         timer: tokio::time::Sleep,
-        activity: Activity,
-        limit: Duration,
+        idle: Option<(Activity, Duration)>,
+        closing: Closing,
+        _watch: DrainWatch,
     }
 }
 
-impl<C> UntilIdle<C> {
-    pub fn new(conn: C, activity: Activity, limit: Duration) -> Self {
-        Self {
-            conn,
-            timer: tokio::time::sleep(limit),
-            activity,
-            limit,
-        }
-    }
-}
-
-impl<C: Future> Future for UntilIdle<C> {
-    type Output = Option<C::Output>;
+impl<C: GracefulConnection, D: Future<Output = ()>> Future for Serve<C, D> {
+    type Output = Served<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(ended) = this.conn.poll(cx) {
-            return Poll::Ready(Some(ended));
-        }
         loop {
-            std::task::ready!(this.timer.as_mut().poll(cx));
-            let quiet = this.activity.quiet_for();
-            if quiet >= *this.limit {
-                return Poll::Ready(None);
+            if let Poll::Ready(ended) = this.conn.as_mut().poll(cx) {
+                return Poll::Ready(Served {
+                    result: Some(ended),
+                    idle_closed: *this.closing == Closing::Idle,
+                });
             }
-            let until = tokio::time::Instant::now() + (*this.limit - quiet);
-            this.timer.as_mut().reset(until);
+            match *this.closing {
+                Closing::No => {
+                    if this.drain.as_mut().poll(cx).is_ready() {
+                        this.conn.as_mut().graceful_shutdown();
+                        *this.closing = Closing::Drain;
+                        continue;
+                    }
+                    let Some((activity, limit)) = this.idle.as_ref() else {
+                        return Poll::Pending;
+                    };
+                    std::task::ready!(this.timer.as_mut().poll(cx));
+                    let quiet = activity.quiet_for();
+                    if quiet >= *limit {
+                        this.conn.as_mut().graceful_shutdown();
+                        *this.closing = Closing::Idle;
+                        this.timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                    } else {
+                        let until = tokio::time::Instant::now() + (*limit - quiet);
+                        this.timer.as_mut().reset(until);
+                    }
+                }
+                // The listener's drain period bounds this one.
+                Closing::Drain => return Poll::Pending,
+                Closing::Idle => {
+                    std::task::ready!(this.timer.as_mut().poll(cx));
+                    return Poll::Ready(Served {
+                        result: None,
+                        idle_closed: true,
+                    });
+                }
+            }
         }
     }
 }
@@ -369,4 +447,81 @@ pub async fn bind(
         addr,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    /// A listener told to stop drains: the request in flight on an HTTP/2 connection is
+    /// answered, the connection is then ended by the sidecar's GOAWAY (the client does not have
+    /// to go away on its own), and the listener returns long before its drain period.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_listener_answers_requests_in_flight_then_closes_its_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let drain_period = Duration::from_secs(20);
+        let metrics = Arc::new(Metrics::default());
+        let listening = tokio::spawn(accept_loop(
+            listener,
+            stopped,
+            drain_period,
+            "test",
+            Limits::default(),
+            metrics,
+            |tcp, _peer, drain| {
+                let slow = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Empty::<bytes::Bytes>::new(),
+                    ))
+                });
+                let conn = http_server()
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), slow)
+                    .into_owned();
+                async move {
+                    drain.serve(conn, None).await;
+                }
+            },
+        ));
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let client_conn = tokio::spawn(conn);
+        let in_flight = tokio::spawn(
+            client.send_request(
+                hyper::Request::get("http://test/slow")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let draining_since = std::time::Instant::now();
+        stop.send_replace(true);
+
+        let response = in_flight
+            .await
+            .unwrap()
+            .expect("the request in flight was cut off");
+        assert_eq!(response.status(), 200);
+        tokio::time::timeout(Duration::from_secs(5), client_conn)
+            .await
+            .expect("the sidecar did not end the drained connection")
+            .unwrap()
+            .expect("the drained connection ended with an error");
+        tokio::time::timeout(Duration::from_secs(5), listening)
+            .await
+            .expect("the listener waited for its whole drain period")
+            .unwrap();
+        assert!(draining_since.elapsed() < drain_period / 2);
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "a drained listener still accepts connections"
+        );
+    }
 }

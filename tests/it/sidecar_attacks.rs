@@ -629,6 +629,46 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
     assert_eq!(t.hygiene("idle_timeout").await, 1.0);
 }
 
+/// An idle HTTP/2 connection is closed with a GOAWAY (NO_ERROR), not a bare TCP close: a
+/// client (an outbound sidecar, an ingress) that sends a request just as the close happens
+/// learns the request was not taken and retries it on a new connection instead of answering
+/// 502. Read through the h2 crate, which reports how the peer ended the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_with_a_goaway() {
+    let t = Target::with_limits(meshgate_proxy::serve::Limits {
+        idle: Duration::from_millis(1000),
+        ..Default::default()
+    })
+    .await;
+    let connector = t.client_for("web", &[b"h2"], Duration::from_secs(3600));
+    let tls = t.connect(&connector).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get("https://orders/public/x")
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    let ended = tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("the idle HTTP/2 connection is still open");
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "the connection did not end cleanly: {ended:?}"
+    );
+    let closed = client
+        .ready()
+        .await
+        .expect_err("a closed connection accepted a new request");
+    assert!(
+        closed.is_go_away() && closed.reason() == Some(h2::Reason::NO_ERROR),
+        "the idle connection was closed without a GOAWAY: {closed:?}"
+    );
+    assert_eq!(t.hygiene("idle_timeout").await, 1.0);
+}
+
 /// The classic request-smuggling spellings: whatever the sidecar makes of them, no request the
 /// policy denies (`/admin`, DELETE) and no forged identity reaches the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

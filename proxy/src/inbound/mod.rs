@@ -92,7 +92,7 @@ impl Inbound {
             "inbound",
             limits,
             metrics,
-            move |tcp, peer, watcher| this.clone().connection(tcp, peer, watcher),
+            move |tcp, peer, drain| this.clone().connection(tcp, peer, drain),
         )
         .await;
     }
@@ -106,7 +106,7 @@ impl Inbound {
         self: Arc<Self>,
         tcp: TcpStream,
         peer: std::net::SocketAddr,
-        watcher: hyper_util::server::graceful::Watcher,
+        drain: crate::serve::DrainWatch,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         use futures_util::FutureExt;
         let this = self.clone();
@@ -128,7 +128,7 @@ impl Inbound {
         });
         handshake.then(move |handshake| match handshake {
             Some((tls, id, not_after, activity)) => {
-                self.serve_authenticated(tls, peer, id, not_after, activity, watcher)
+                self.serve_authenticated(tls, peer, id, not_after, activity, drain)
             }
             None => Box::pin(std::future::ready(())),
         })
@@ -211,7 +211,7 @@ impl Inbound {
 
     /// Serves an authenticated connection: an L4 tunnel (ALPN `meshgate-tcp`) or HTTP through
     /// the authorization layer, until it ends or stays idle for `limits.idle`. Built without
-    /// `async` (combinators and [`crate::serve::UntilIdle`]) so that the future holds each
+    /// `async` (combinators and [`crate::serve::Serve`]) so that the future holds each
     /// part once (see [`Self::connection`]).
     fn serve_authenticated(
         &self,
@@ -220,7 +220,7 @@ impl Inbound {
         id: meshgate_ca::SpiffeId,
         not_after: time::OffsetDateTime,
         activity: crate::serve::Activity,
-        watcher: hyper_util::server::graceful::Watcher,
+        drain: crate::serve::DrainWatch,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         use futures_util::FutureExt;
         if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
@@ -246,18 +246,17 @@ impl Inbound {
             .into_owned();
         let metrics = self.metrics.clone();
         Box::pin(
-            crate::serve::UntilIdle::new(watcher.watch(conn), activity, self.limits.idle).map(
-                move |ended| match ended {
-                    Some(Ok(())) => {}
-                    Some(Err(e)) => {
+            drain
+                .serve(conn, Some((activity, self.limits.idle)))
+                .map(move |served| {
+                    if served.idle_closed {
+                        metrics.count_hygiene("idle_timeout", 1);
+                        tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, finished = served.result.is_some(), "closed an idle connection");
+                    }
+                    if let Some(Err(e)) = served.result {
                         tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
                     }
-                    None => {
-                        metrics.count_hygiene("idle_timeout", 1);
-                        tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, "closing an idle connection");
-                    }
-                },
-            ),
+                }),
         )
     }
 }

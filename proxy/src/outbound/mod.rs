@@ -226,18 +226,14 @@ impl Outbound {
             "outbound",
             self.limits,
             self.metrics.clone(),
-            move |tcp, _peer, watcher| self.clone().connection(tcp, watcher),
+            move |tcp, _peer, drain| self.clone().connection(tcp, drain),
         )
         .await;
     }
 
     /// One accepted connection: redirected non-HTTP goes through an L4 tunnel; HTTP (redirected
     /// or explicit) is served and routed per request.
-    async fn connection(
-        self,
-        tcp: tokio::net::TcpStream,
-        watcher: hyper_util::server::graceful::Watcher,
-    ) {
+    async fn connection(self, tcp: tokio::net::TcpStream, drain: crate::serve::DrainWatch) {
         let _ = tcp.set_nodelay(true);
         let original = detect::original_dst(&tcp);
         if let Some(dst) = original {
@@ -273,7 +269,7 @@ impl Outbound {
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(tcp), service)
             .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
+        if let Some(Err(e)) = drain.serve(conn, None).await.result {
             tracing::debug!(error = %e, "outbound connection ended with an error");
         }
     }

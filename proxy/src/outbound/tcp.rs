@@ -113,7 +113,7 @@ pub async fn serve(
         "tcp-forward",
         crate::serve::Limits::default(),
         metrics.clone(),
-        move |app, _peer, _watcher| {
+        move |app, _peer, _drain| {
             let (forward, routes, metrics) = (forward.clone(), routes.clone(), metrics.clone());
             async move {
                 let _ = app.set_nodelay(true);
