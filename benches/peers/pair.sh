@@ -5,28 +5,33 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
 # a closed loop at -c 64 for S seconds (default 4): RPS, and per sidecar user/sys µs per request
 # (from /proc/PID/stat), plus system calls per request with --syscalls. Needs oha, nginx,
-# python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) is passed to both sidecars.
+# python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) and MESHGATE_LOG_FORMAT are
+# passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
+# (parent-based trace-ID ratio sampler at RATIO; denials are exported whatever the ratio) toward
+# an OTLP/HTTP sink (otlp_sink.py, on CPU 0 with oha), and reports the exports it received.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
 base=19600
 syscalls=0
+tracing=
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
     --base-port) base=$2; shift 2 ;;
     --syscalls) syscalls=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --tracing) tracing=$2; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 mg=$1
 shift
 missing=()
@@ -50,18 +55,28 @@ trap cleanup EXIT
 start_app taskset -c 1
 
 log=${MESHGATE_LOG:-warn}
+export MESHGATE_LOG_FORMAT=${MESHGATE_LOG_FORMAT:-text}
+telemetry=(--no-tracing)
+if [ -n "$tracing" ]; then
+  sink_port=$((base + 30))
+  taskset -c 0 python3 "$here/otlp_sink.py" "$sink_port" "$work/otlp-count" &
+  pids+=($!)
+  export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$sink_port
+  export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$tracing
+  telemetry=()
+fi
 MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
   --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
   --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
   --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
-  --no-tracing >"$work/in.log" 2>&1 &
+  "${telemetry[@]}" >"$work/in.log" 2>&1 &
 in_pid=$!
 pids+=("$in_pid")
 MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
   --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
   --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
   --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
-  --no-tracing "$@" >"$work/out.log" 2>&1 &
+  "${telemetry[@]}" "$@" >"$work/out.log" 2>&1 &
 out_pid=$!
 pids+=("$out_pid")
 ready $((in_port + 2))
@@ -89,10 +104,11 @@ oha_json "$work/sat.json" -z "${seconds}s" -c 64
 [ "$syscalls" = 0 ] || wait "$pin" "$pout"
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
-python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
+python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
 import json, sys
 work, tck, seconds, syscalls = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
-iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[5:13])
+tracing = sys.argv[5]
+iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[6:14])
 lat = json.load(open(f"{work}/lat.json"))
 sat = json.load(open(f"{work}/sat.json"))
 p = lat["latencyPercentiles"]
@@ -112,5 +128,11 @@ if syscalls:
                 return int(fields[0]) / ok
         return float("nan")
     line += f"  syscalls/req inbound {calls('in'):.2f} outbound {calls('out'):.2f}"
+if tracing:
+    try:
+        exports, size = open(f"{work}/otlp-count").read().split()
+    except OSError:
+        sys.exit("tracing was on but the OTLP sink received no export")
+    line += f"  otlp exports {exports} ({int(size) / 1024:.0f} KiB)"
 print(line)
 PY
