@@ -55,6 +55,12 @@ impl DecisionKind {
             Self::BadRequest => "bad-request",
         }
     }
+
+    /// A refusal or a would-be refusal (`deny`, `dry-run-deny`, `bad-request`): the decisions
+    /// whose traces the sidecar exports whatever the trace sampler says.
+    pub fn is_refusal(self) -> bool {
+        matches!(self, Self::Deny | Self::DryRunDeny | Self::BadRequest)
+    }
 }
 
 /// The outcome of one evaluation.

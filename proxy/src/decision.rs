@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshgate_policy::DecisionRecord;
 use meshgate_policy::record::{DECISION_EVENT, Layer};
-use meshgate_policy::{DecisionKind, DecisionRecord};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use tokio::sync::broadcast;
@@ -98,11 +98,7 @@ impl DecisionSink {
         observe_latency(&self.metrics, decision, started);
         // Worth a link from the console: a trace that is exported (sampled, or a denial, which
         // the export queue keeps whatever the sampler said).
-        let exported = server.span().span_context().is_sampled()
-            || matches!(
-                record.decision,
-                DecisionKind::Deny | DecisionKind::DryRunDeny | DecisionKind::BadRequest
-            );
+        let exported = server.span().span_context().is_sampled() || record.decision.is_refusal();
         let trace_id = record.trace_id.as_deref().filter(|_| exported);
         self.publish(record, Some(started.elapsed()), trace_id, Some(status));
     }
@@ -144,7 +140,8 @@ impl DecisionSink {
     /// The decision as a `meshgate.authz` span (ended at once: deciding is all it covers) and as
     /// attributes of the server span. Refusals mark both as errors with the reason.
     fn span(&self, record: &DecisionRecord, server: &opentelemetry::Context) {
-        if !self.telemetry.enabled() {
+        // Not recording: a request the sampler dropped and that was not refused.
+        if !self.telemetry.enabled() || !server.span().is_recording() {
             return;
         }
         let decision = record.decision.as_str();

@@ -13,16 +13,21 @@
 //!   and counts them; a dead collector costs a failed export in the background, never latency.
 //!   (This also avoids the SDK's thread-based batch processor, whose hyper client panics outside
 //!   a Tokio runtime and silently loses spans.)
-//! - **Denials are always exported.** The sampler never drops a span outright: what the configured
-//!   sampler would drop is still recorded (`RecordOnly`), and at the end a span whose decision is
-//!   `deny` or `dry-run-deny` is exported anyway. A ratio sampler can thin out allowed traffic but
-//!   can never hide a denial.
+//! - **Denials are always exported, and unsampled requests build nothing.** The configured
+//!   sampler decides when a request arrives ([`Telemetry::start`]); a request it drops gets a
+//!   non-recording context that carries the trace ID (for the decision log, the console's trace
+//!   links and `traceparent`) and costs no span, no attributes, no export. If its decision turns
+//!   out to be `deny`, `dry-run-deny` or `bad-request`, its server span is built then
+//!   ([`Telemetry::start_after`]: same trace ID, the request's real start time) and kept because
+//!   it carries the decision ([`KeepDenials`]). A ratio sampler can thin out allowed traffic but
+//!   can never hide a denial. (Recording every request and sorting at the end cost 27k
+//!   instructions per request on the inbound side at a 1 % ratio.)
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::trace::{
-    Link, SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer as _,
+    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer as _,
     TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
@@ -32,7 +37,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SamplingDecision, SamplingResult, ShouldSample, SpanData, SpanExporter, SpanProcessor,
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SamplingResult, ShouldSample,
+    SpanData, SpanExporter, SpanProcessor,
 };
 use tokio::sync::mpsc;
 
@@ -135,9 +141,9 @@ impl SamplerChoice {
     }
 }
 
-/// Wraps the configured sampler so that nothing is dropped before its decision is known: a span
-/// the sampler would drop is recorded but not sampled, and [`ExportQueue`] exports it only if it
-/// turns out to be a denial.
+/// The configured sampler, except that a span carrying a refusing decision
+/// ([`DECISION_ATTRIBUTE`]) is always sampled: the authorization span, and the server span
+/// [`Telemetry::start_after`] builds for a refused request the sampler had dropped.
 #[derive(Debug, Clone)]
 struct KeepDenials(Sampler);
 
@@ -151,24 +157,59 @@ impl ShouldSample for KeepDenials {
         attributes: &[KeyValue],
         links: &[Link],
     ) -> SamplingResult {
-        let mut result = self
-            .0
-            .should_sample(parent, trace_id, name, kind, attributes, links);
-        if result.decision == SamplingDecision::Drop {
-            result.decision = SamplingDecision::RecordOnly;
+        if is_denial(attributes) {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: parent
+                    .map(|cx| cx.span().span_context().trace_state().clone())
+                    .unwrap_or_default(),
+            };
         }
-        result
+        self.0
+            .should_sample(parent, trace_id, name, kind, attributes, links)
     }
 }
 
-fn is_denial(span: &SpanData) -> bool {
-    span.attributes.iter().any(|kv| {
+fn is_denial(attributes: &[KeyValue]) -> bool {
+    attributes.iter().any(|kv| {
         kv.key.as_str() == DECISION_ATTRIBUTE
             && matches!(
                 kv.value.as_str().as_ref(),
                 "deny" | "dry-run-deny" | "bad-request"
             )
     })
+}
+
+thread_local! {
+    /// The trace ID [`PresetIds`] hands out next on this thread, if set.
+    static PRESET_TRACE_ID: std::cell::Cell<Option<TraceId>> = const { std::cell::Cell::new(None) };
+}
+
+/// Random IDs, except a root span's trace ID when [`with_trace_id`] presets it: a span built
+/// after the fact must carry the trace ID its request was logged and propagated with, and the
+/// SDK's span builder takes no trace ID.
+#[derive(Debug, Default)]
+struct PresetIds(RandomIdGenerator);
+
+impl IdGenerator for PresetIds {
+    fn new_trace_id(&self) -> TraceId {
+        PRESET_TRACE_ID
+            .take()
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.0.new_span_id()
+    }
+}
+
+/// Runs `build` with `trace_id` as the trace ID of a root span it starts on this thread.
+fn with_trace_id<T>(trace_id: TraceId, build: impl FnOnce() -> T) -> T {
+    PRESET_TRACE_ID.set(Some(trace_id));
+    let built = build();
+    PRESET_TRACE_ID.set(None);
+    built
 }
 
 /// The bounded, non-blocking export queue (see the module docs).
@@ -231,19 +272,9 @@ impl ExportQueue {
 impl SpanProcessor for ExportQueue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
-    fn on_end(&self, mut span: SpanData) {
+    fn on_end(&self, span: SpanData) {
         if !span.span_context.is_sampled() {
-            if !is_denial(&span) {
-                return;
-            }
-            let c = &span.span_context;
-            span.span_context = SpanContext::new(
-                c.trace_id(),
-                c.span_id(),
-                TraceFlags::SAMPLED,
-                c.is_remote(),
-                c.trace_state().clone(),
-            );
+            return;
         }
         if self.tx.try_send(span).is_err() {
             self.metrics
@@ -278,6 +309,9 @@ pub struct TelemetryError(String);
 /// The sidecar's tracer (or nothing, when tracing is off).
 pub struct Telemetry {
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
+    /// The configured sampler, asked before a request's span is built ([`Self::start`]).
+    sampler: Sampler,
+    ids: RandomIdGenerator,
     _provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
     propagator: TraceContextPropagator,
 }
@@ -295,6 +329,8 @@ impl Telemetry {
     pub fn off() -> Self {
         Self {
             tracer: None,
+            sampler: Sampler::AlwaysOff,
+            ids: RandomIdGenerator::default(),
             _provider: None,
             propagator: TraceContextPropagator::new(),
         }
@@ -348,12 +384,15 @@ impl Telemetry {
             .unwrap_or_else(SamplerChoice::from_env);
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_sampler(KeepDenials(sampler.sampler()))
+            .with_id_generator(PresetIds::default())
             .with_span_processor(ExportQueue::start(exporter, metrics, delay, capacity))
             .with_resource(resource.build())
             .build();
         let tracer = provider.tracer("meshgate-proxy");
         Ok(Self {
             tracer: Some(tracer),
+            sampler: sampler.sampler(),
+            ids: RandomIdGenerator::default(),
             _provider: Some(provider),
             propagator: TraceContextPropagator::new(),
         })
@@ -382,7 +421,8 @@ impl Telemetry {
         }
     }
 
-    /// Starts a span as a child of `parent` and returns the context holding it.
+    /// Starts a span as a child of `parent` and returns the context holding it. The tracer's
+    /// sampler decides with `attributes`: the authorization span, which carries the decision.
     pub fn span(
         &self,
         name: &'static str,
@@ -401,6 +441,78 @@ impl Telemetry {
                 parent.with_span(span)
             }
         }
+    }
+
+    /// A request's span (server or client), child of `parent`, if the sampler samples it;
+    /// otherwise a context with a non-recording span (the trace ID kept or made, a span ID of
+    /// its own, not sampled), and `attributes` is never called (see the module docs).
+    pub fn start(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        parent: &Context,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Context {
+        let Some(tracer) = &self.tracer else {
+            return parent.clone();
+        };
+        let parent_span = parent.span();
+        let caller = parent_span.span_context();
+        let trace_id = if caller.is_valid() {
+            caller.trace_id()
+        } else {
+            self.ids.new_trace_id()
+        };
+        let sampled = self
+            .sampler
+            .should_sample(Some(parent), trace_id, name, &kind, &[], &[])
+            .decision
+            == SamplingDecision::RecordAndSample;
+        if !sampled {
+            let unsampled = SpanContext::new(
+                trace_id,
+                self.ids.new_span_id(),
+                TraceFlags::default(),
+                false,
+                caller.trace_state().clone(),
+            );
+            return parent.with_remote_span_context(unsampled);
+        }
+        let span = with_trace_id(trace_id, || {
+            tracer
+                .span_builder(name)
+                .with_kind(kind)
+                .with_attributes(attributes())
+                .start_with_context(tracer, parent)
+        });
+        parent.with_span(span)
+    }
+
+    /// The span [`Self::start`] did not build, built now that it must be exported: `unsampled`
+    /// is the context `start` returned, `started` the request's start. `attributes` must carry
+    /// the refusing decision ([`DECISION_ATTRIBUTE`]), which makes the sampler keep it.
+    pub fn start_after(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        parent: &Context,
+        unsampled: &Context,
+        started: std::time::SystemTime,
+        attributes: Vec<KeyValue>,
+    ) -> Context {
+        let Some(tracer) = &self.tracer else {
+            return unsampled.clone();
+        };
+        let trace_id = unsampled.span().span_context().trace_id();
+        let span = with_trace_id(trace_id, || {
+            tracer
+                .span_builder(name)
+                .with_kind(kind)
+                .with_start_time(started)
+                .with_attributes(attributes)
+                .start_with_context(tracer, parent)
+        });
+        parent.with_span(span)
     }
 
     /// The trace ID of `cx` as lowercase hex, for access logs (empty without a trace).

@@ -251,12 +251,16 @@ async fn sampling_never_hides_a_denial() {
         .find(|s| s.name == "meshgate.authz" && s.attr("meshgate.decision") == Some("deny"))
         .unwrap();
     assert_eq!(denied.trace_id, "0af7651916cd43dd8448eb211c80319c");
-    assert!(
-        spans_now
-            .iter()
-            .any(|s| s.name == "meshgate.inbound" && s.trace_id == denied.trace_id),
-        "the denied request's server span is exported with it"
-    );
+    // The sampler dropped the request, so its server span is built after the decision: it
+    // must still be the authorization span's parent and carry the decision.
+    let server = spans_now
+        .iter()
+        .find(|s| s.name == "meshgate.inbound" && s.trace_id == denied.trace_id)
+        .expect("the denied request's server span is exported with it");
+    assert_eq!(denied.parent_span_id, server.span_id, "{spans_now:#?}");
+    assert_eq!(server.attr("meshgate.decision"), Some("deny"));
+    assert_eq!(server.attr("http.response.status_code"), Some("403"));
+    assert_eq!(server.attr("http.request.method"), Some("POST"));
 }
 
 /// The real binary, configured only by the standard OTEL_* variables, writing JSON decision logs

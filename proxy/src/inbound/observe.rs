@@ -23,7 +23,7 @@ use tower::{Layer, Service};
 use super::authz::{AuthzContext, PeerIdentity};
 use super::error::InboundError;
 use crate::http_util::{ProxyBody, is_grpc};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
 
 /// The request's server span, for the inner layers (the app continues the trace from it).
 #[derive(Clone)]
@@ -87,25 +87,18 @@ where
         let started = Instant::now();
         let sink = self.ctx.sink.clone();
         let grpc = is_grpc(req.headers());
-        let server = if sink.telemetry().enabled() {
-            // Its parent is the caller's trace context.
+        // The caller's trace context (the server span's parent), and what the server span is
+        // made of if it is built after the decision (see `telemetry`'s module docs).
+        let (parent, server) = if sink.telemetry().enabled() {
             let parent = sink.telemetry().extract(req.headers());
-            sink.telemetry().span(
-                "meshgate.inbound",
-                SpanKind::Server,
-                &parent,
-                vec![
-                    KeyValue::new("http.request.method", req.method().as_str().to_string()),
-                    KeyValue::new("url.scheme", "https"),
-                    KeyValue::new("network.protocol.version", protocol_version(req.version())),
-                    KeyValue::new("client.address", self.peer.addr.ip().to_string()),
-                    KeyValue::new("client.port", i64::from(self.peer.addr.port())),
-                    KeyValue::new("meshgate.peer.id", self.peer.id.to_string()),
-                    KeyValue::new("meshgate.workload.id", self.ctx.local_id.to_string()),
-                ],
-            )
+            let server = sink
+                .telemetry()
+                .start(SERVER_SPAN, SpanKind::Server, &parent, || {
+                    server_attributes(req.method(), req.version(), &self.peer, &self.ctx)
+                });
+            (Some((parent, req.method().clone(), req.version())), server)
         } else {
-            opentelemetry::Context::new()
+            (None, opentelemetry::Context::new())
         };
         let trace_id = Some(Telemetry::trace_id(&server)).filter(|t| !t.is_empty());
         req.extensions_mut().insert(RequestSpan {
@@ -135,28 +128,70 @@ where
                     (e.into_response(grpc), record)
                 }
             };
+            // A refusal the sampler dropped is exported all the same: its server span is built
+            // now, with the request's start time.
+            let server = match (&record, parent) {
+                (Some(record), Some((parent, method, version)))
+                    if record.decision.is_refusal() && !server.span().is_recording() =>
+                {
+                    let mut attributes = server_attributes(&method, version, &peer, &ctx);
+                    attributes.push(KeyValue::new(DECISION_ATTRIBUTE, record.decision.as_str()));
+                    sink.telemetry().start_after(
+                        SERVER_SPAN,
+                        SpanKind::Server,
+                        &parent,
+                        &server,
+                        std::time::SystemTime::now() - started.elapsed(),
+                        attributes,
+                    )
+                }
+                _ => server,
+            };
             match &record {
                 Some(record) => sink.http(record, &server, started, resp.status().as_u16()),
                 None => crate::decision::count_undecided(sink.metrics(), started),
             }
             let span = server.span();
-            let status = resp.status();
-            span.set_attribute(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status.as_u16()),
-            ));
-            if status.is_server_error() {
-                span.set_status(Status::error(status.to_string()));
-            } else if let Some(record) = record
-                .as_ref()
-                .filter(|r| r.decision == DecisionKind::BadRequest)
-            {
-                span.set_status(Status::error(record.reason.clone()));
+            if span.is_recording() {
+                let status = resp.status();
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ));
+                if status.is_server_error() {
+                    span.set_status(Status::error(status.to_string()));
+                } else if let Some(record) = record
+                    .as_ref()
+                    .filter(|r| r.decision == DecisionKind::BadRequest)
+                {
+                    span.set_status(Status::error(record.reason.clone()));
+                }
+                span.end();
             }
-            span.end();
             Ok(resp)
         })
     }
+}
+
+/// The name of the inbound server span.
+const SERVER_SPAN: &str = "meshgate.inbound";
+
+/// The server span's attributes at its start.
+fn server_attributes(
+    method: &http::Method,
+    version: http::Version,
+    peer: &PeerIdentity,
+    ctx: &AuthzContext,
+) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("http.request.method", method.as_str().to_string()),
+        KeyValue::new("url.scheme", "https"),
+        KeyValue::new("network.protocol.version", protocol_version(version)),
+        KeyValue::new("client.address", peer.addr.ip().to_string()),
+        KeyValue::new("client.port", i64::from(peer.addr.port())),
+        KeyValue::new("meshgate.peer.id", peer.id.to_string()),
+        KeyValue::new("meshgate.workload.id", ctx.local_id.to_string()),
+    ]
 }
 
 /// `1.1` / `2` as OpenTelemetry's `network.protocol.version` wants it.

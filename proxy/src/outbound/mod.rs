@@ -290,34 +290,38 @@ impl Outbound {
             return self.route(req, dst_port).await;
         }
         let parent = self.telemetry.extract(req.headers());
-        let server = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let cx = self.telemetry.span(
-            "meshgate.outbound",
-            SpanKind::Client,
-            &parent,
-            vec![
-                KeyValue::new("http.request.method", req.method().as_str().to_string()),
-                KeyValue::new("server.address", host_without_port(&server)),
-                KeyValue::new("url.path", req.uri().path().to_string()),
-            ],
-        );
+        let cx = self
+            .telemetry
+            .start("meshgate.outbound", SpanKind::Client, &parent, || {
+                let server = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                    .unwrap_or_default();
+                vec![
+                    KeyValue::new("http.request.method", req.method().as_str().to_string()),
+                    KeyValue::new("server.address", host_without_port(&server)),
+                    KeyValue::new("url.path", req.uri().path().to_string()),
+                ]
+            });
+        // Sampled or not, the next sidecar and the app get the trace context (not sampled:
+        // they do not record it either).
         self.telemetry.inject(&cx, req.headers_mut());
         let resp = self.route(req, dst_port).await;
-        let status = resp.status();
-        cx.span().set_attribute(KeyValue::new(
-            "http.response.status_code",
-            i64::from(status.as_u16()),
-        ));
-        if status.is_client_error() || status.is_server_error() {
-            cx.span().set_status(Status::error(status.to_string()));
+        let span = cx.span();
+        if span.is_recording() {
+            let status = resp.status();
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            ));
+            if status.is_client_error() || status.is_server_error() {
+                span.set_status(Status::error(status.to_string()));
+            }
+            span.end();
         }
-        cx.span().end();
         resp
     }
 
