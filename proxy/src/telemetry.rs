@@ -31,11 +31,9 @@ use opentelemetry::trace::{
     TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SamplingResult, ShouldSample,
     SpanData, SpanExporter, SpanProcessor,
@@ -139,6 +137,60 @@ impl SamplerChoice {
             }
         }
     }
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
+/// A W3C `traceparent` value: trace ID, parent span ID and flags (only `sampled` kept), under
+/// the SDK propagator's rules (see [`Telemetry::extract`]).
+fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
+    let value = value.trim_ascii();
+    // version(2) - trace-id(32) - parent-id(16) - flags(2) [- future fields, version > 00]
+    if value.len() < 55 || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    let version = hex_u128(&value[0..2])? as u8;
+    let rest = &value[55..];
+    let four_fields = rest.is_empty();
+    if version == 0xff || (version == 0 && !four_fields) || (!four_fields && rest[0] != b'-') {
+        return None;
+    }
+    let trace_id = TraceId::from(hex_u128(&value[3..35])?);
+    let span_id = SpanId::from(hex_u128(&value[36..52])? as u64);
+    let flags = TraceFlags::new(hex_u128(&value[53..55])? as u8) & TraceFlags::SAMPLED;
+    (trace_id != TraceId::INVALID && span_id != SpanId::INVALID)
+        .then_some((trace_id, span_id, flags))
+}
+
+/// Lowercase hex digits (at most 32) as a number; `None` for anything else.
+fn hex_u128(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(v))
+    })
+}
+
+/// `00-<trace-id>-<span-id>-<flags>` for `sc`, with only the `sampled` flag.
+fn format_traceparent(sc: &SpanContext) -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 55];
+    out[0] = b'0';
+    out[1] = b'0';
+    let mut put = |at: usize, bytes: &[u8]| {
+        for (i, b) in bytes.iter().enumerate() {
+            out[at + 2 * i] = HEX[usize::from(b >> 4)];
+            out[at + 2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+    };
+    put(3, &sc.trace_id().to_bytes());
+    put(36, &sc.span_id().to_bytes());
+    put(53, &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()]);
+    http::HeaderValue::from_bytes(&out).expect("hex digits and dashes")
 }
 
 /// The configured sampler, except that a span carrying a refusing decision
@@ -313,7 +365,6 @@ pub struct Telemetry {
     sampler: Sampler,
     ids: RandomIdGenerator,
     _provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
-    propagator: TraceContextPropagator,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -332,7 +383,6 @@ impl Telemetry {
             sampler: Sampler::AlwaysOff,
             ids: RandomIdGenerator::default(),
             _provider: None,
-            propagator: TraceContextPropagator::new(),
         }
     }
 
@@ -394,7 +444,6 @@ impl Telemetry {
             sampler: sampler.sampler(),
             ids: RandomIdGenerator::default(),
             _provider: Some(provider),
-            propagator: TraceContextPropagator::new(),
         })
     }
 
@@ -404,20 +453,52 @@ impl Telemetry {
     }
 
     /// The trace context the caller sent (`traceparent`/`tracestate`), or an empty context.
+    /// Parsed here rather than by the SDK's propagator, with its rules (lowercase hex, version
+    /// `00` with exactly four fields, higher versions with at least four, no `ff`, non-zero IDs,
+    /// flags other than `sampled` cleared) plus the W3C field lengths, which it does not check:
+    /// the propagator splits into a `Vec` and goes through `from_str_radix` on every request,
+    /// 3.8k instructions.
     pub fn extract(&self, headers: &http::HeaderMap) -> Context {
-        use opentelemetry::propagation::TextMapPropagator;
         if self.tracer.is_none() {
             return Context::new();
         }
-        self.propagator.extract(&HeaderExtractor(headers))
+        let Some((trace_id, span_id, flags)) = headers
+            .get(TRACEPARENT)
+            .and_then(|v| parse_traceparent(v.as_bytes()))
+        else {
+            return Context::new();
+        };
+        let trace_state = headers
+            .get(TRACESTATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<opentelemetry::trace::TraceState>().ok())
+            .unwrap_or_default();
+        Context::new().with_remote_span_context(SpanContext::new(
+            trace_id,
+            span_id,
+            flags,
+            true,
+            trace_state,
+        ))
     }
 
-    /// Writes `cx` as `traceparent`/`tracestate` into `headers` (replacing the caller's).
+    /// Writes `cx` as `traceparent` (and `tracestate` when it has entries) into `headers`,
+    /// replacing the caller's.
     pub fn inject(&self, cx: &Context, headers: &mut http::HeaderMap) {
-        use opentelemetry::propagation::TextMapPropagator;
-        if self.tracer.is_some() && cx.span().span_context().is_valid() {
-            self.propagator
-                .inject_context(cx, &mut HeaderInjector(headers));
+        let span = cx.span();
+        let sc = span.span_context();
+        if self.tracer.is_none() || !sc.is_valid() {
+            return;
+        }
+        headers.insert(TRACEPARENT, format_traceparent(sc));
+        let state = sc.trace_state().header();
+        match http::HeaderValue::from_str(&state) {
+            Ok(value) if !state.is_empty() => {
+                headers.insert(TRACESTATE, value);
+            }
+            _ => {
+                headers.remove(TRACESTATE);
+            }
         }
     }
 
@@ -522,6 +603,127 @@ impl Telemetry {
             sc.trace_id().to_string()
         } else {
             String::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    /// What the SDK's propagator extracts from `traceparent` (trace ID, span ID, flags).
+    fn sdk(value: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(TRACEPARENT, http::HeaderValue::from_str(value).unwrap());
+        let cx =
+            TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(&headers));
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid()
+            .then(|| (sc.trace_id(), sc.span_id(), sc.trace_flags()))
+    }
+
+    /// Our `traceparent` parser takes and refuses what the SDK's propagator does, except field
+    /// lengths, which W3C fixes and the propagator does not check.
+    #[test]
+    fn traceparent_is_read_as_the_sdk_reads_it() {
+        let cases: &[(&str, bool)] = &[
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                true,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+                true,
+            ),
+            // Unknown flags are accepted and cleared.
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-ff",
+                true,
+            ),
+            (
+                "  00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01  ",
+                true,
+            ),
+            // A future version may add fields.
+            (
+                "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+                true,
+            ),
+            (
+                "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                true,
+            ),
+            // Version 00 has exactly four fields; ff is invalid.
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+                false,
+            ),
+            (
+                "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                false,
+            ),
+            // Uppercase, zero IDs, non-hex.
+            (
+                "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-B7AD6B7169203331-01",
+                false,
+            ),
+            (
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+                false,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0x",
+                false,
+            ),
+            ("", false),
+            ("garbage", false),
+        ];
+        for (value, valid) in cases {
+            let ours = parse_traceparent(value.as_bytes());
+            assert_eq!(ours.is_some(), *valid, "{value:?}");
+            assert_eq!(ours, sdk(value), "{value:?}: ours vs the SDK's");
+        }
+        // Lengths: the SDK takes short fields, W3C (and we) do not.
+        let short = "00-af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert!(sdk(short).is_some());
+        assert_eq!(parse_traceparent(short.as_bytes()), None);
+    }
+
+    /// The written `traceparent` is the SDK propagator's, byte for byte, sampled or not.
+    #[test]
+    fn traceparent_is_written_as_the_sdk_writes_it() {
+        for flags in [TraceFlags::SAMPLED, TraceFlags::default()] {
+            let sc = SpanContext::new(
+                TraceId::from(0x0af7651916cd43dd8448eb211c80319c),
+                SpanId::from(0x00ad6b7169203331),
+                flags,
+                false,
+                Default::default(),
+            );
+            let cx = Context::new().with_remote_span_context(sc.clone());
+            let mut headers = http::HeaderMap::new();
+            TraceContextPropagator::new()
+                .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut headers));
+            assert_eq!(format_traceparent(&sc), headers[TRACEPARENT]);
+            assert_eq!(
+                parse_traceparent(format_traceparent(&sc).as_bytes()),
+                Some((sc.trace_id(), sc.span_id(), flags))
+            );
         }
     }
 }
