@@ -4,10 +4,11 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--keep] BIN [BIN...]
 #
 # --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
-# per-request decision line).
+# per-request decision line). --tracing RATIO: OpenTelemetry tracing on in both sidecars
+# (parent-based trace-ID ratio sampler) toward an OTLP/HTTP sink (otlp_sink.py), as pair.sh.
 #
 # For each binary: both sidecars start under callgrind with the same configuration as run.sh's
 # mesh path (static SVIDs, the bench policy, HTTP/1.1 from the client, keep-alive to an nginx
@@ -21,6 +22,7 @@ requests=2000
 base=19400
 keep=0
 log=warn
+tracing=
 bins=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -28,7 +30,8 @@ while [ $# -gt 0 ]; do
     --base-port) base=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --log) log=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --tracing) tracing=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -55,6 +58,14 @@ mg=${bins[0]}
 # shellcheck source=mesh-setup.sh
 . "$here/mesh-setup.sh"
 start_app
+telemetry=(--no-tracing)
+if [ -n "$tracing" ]; then
+  python3 "$here/otlp_sink.py" $((base + 30)) "$work/otlp-count" &
+  pids+=($!)
+  export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$((base + 30))
+  export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$tracing
+  telemetry=()
+fi
 ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
   local f
   f=$(ls -t "$1".* 2>/dev/null | grep -v '\.0$' | head -1 || true)
@@ -71,14 +82,14 @@ for bin in "${bins[@]}"; do
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
-    --no-tracing >"$work/in-$n.log" 2>&1 &
+    "${telemetry[@]}" >"$work/in-$n.log" 2>&1 &
   in_pid=$!
   pids+=("$in_pid")
   MESHGATE_LOG=$log "${vg[@]}" --callgrind-out-file="$work/cg-out-$n.out" "$bin" proxy \
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
     --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
-    --no-tracing >"$work/out-$n.log" 2>&1 &
+    "${telemetry[@]}" >"$work/out-$n.log" 2>&1 &
   out_pid=$!
   pids+=("$out_pid")
   ready $((in_port + 2))
