@@ -45,6 +45,15 @@ pub enum DecisionKind {
 }
 
 impl DecisionKind {
+    /// Every kind.
+    pub const ALL: [DecisionKind; 5] = [
+        Self::Allow,
+        Self::Deny,
+        Self::Audit,
+        Self::DryRunDeny,
+        Self::BadRequest,
+    ];
+
     /// `allow` | `deny` | `audit` | `dry-run-deny` | `bad-request`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -96,8 +96,8 @@ impl DecisionSink {
             })
             .inc();
         observe_latency(&self.metrics, decision, started);
-        // Worth a link from the console: a trace that is exported (sampled, or a denial, which
-        // the export queue keeps whatever the sampler said).
+        // Worth a link from the console: a trace that is exported (sampled, or a refusal, whose
+        // spans are built and kept whatever the sampler said).
         let exported = server.span().span_context().is_sampled() || record.decision.is_refusal();
         let trace_id = record.trace_id.as_deref().filter(|_| exported);
         self.publish(record, Some(started.elapsed()), trace_id, Some(status));

@@ -41,6 +41,7 @@ use opentelemetry_sdk::trace::{
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use meshgate_policy::DecisionKind;
 
 /// The attribute carrying the authorization decision; spans with a denying value are always kept.
 pub const DECISION_ATTRIBUTE: &str = "meshgate.decision";
@@ -223,13 +224,15 @@ impl ShouldSample for KeepDenials {
     }
 }
 
+/// True when `attributes` carry a refusing decision ([`DecisionKind::is_refusal`]).
 fn is_denial(attributes: &[KeyValue]) -> bool {
     attributes.iter().any(|kv| {
-        kv.key.as_str() == DECISION_ATTRIBUTE
-            && matches!(
-                kv.value.as_str().as_ref(),
-                "deny" | "dry-run-deny" | "bad-request"
-            )
+        kv.key.as_str() == DECISION_ATTRIBUTE && {
+            let value = kv.value.as_str();
+            DecisionKind::ALL
+                .iter()
+                .any(|kind| kind.is_refusal() && kind.as_str() == value)
+        }
     })
 }
 
@@ -702,6 +705,52 @@ mod tests {
         let short = "00-af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         assert!(sdk(short).is_some());
         assert_eq!(parse_traceparent(short.as_bytes()), None);
+    }
+
+    /// A request with no caller context that the sampler drops builds nothing; when it turns
+    /// out refused, its span is built afterwards with the trace ID it was logged under, and that
+    /// preset does not leak into the next root span.
+    #[tokio::test]
+    async fn an_unsampled_root_request_keeps_its_trace_id_when_built_after_a_refusal() {
+        let config = TelemetryConfig {
+            enabled: true,
+            // Nothing listens there: exports fail in the background, which is not tested here.
+            endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
+            service_name: None,
+            sampler: Some(SamplerChoice::TraceIdRatio(0.0)),
+            batch_delay: None,
+            queue_size: None,
+        };
+        let workload =
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/orders").unwrap();
+        let t = Telemetry::new(&config, &workload, Arc::new(Metrics::default())).unwrap();
+        let root = Context::new();
+        let unsampled = t.start("meshgate.inbound", SpanKind::Server, &root, || {
+            panic!("attributes built for a span the sampler dropped")
+        });
+        let logged = unsampled.span().span_context().clone();
+        assert!(logged.is_valid() && !logged.is_sampled());
+        assert!(!unsampled.span().is_recording());
+
+        let refused = vec![KeyValue::new(DECISION_ATTRIBUTE, "deny")];
+        let built = t.start_after(
+            "meshgate.inbound",
+            SpanKind::Server,
+            &root,
+            &unsampled,
+            std::time::SystemTime::now(),
+            refused.clone(),
+        );
+        let built_span = built.span();
+        assert!(built_span.is_recording() && built_span.span_context().is_sampled());
+        assert_eq!(built_span.span_context().trace_id(), logged.trace_id());
+
+        let next = t.span("meshgate.authz", SpanKind::Internal, &root, refused);
+        assert_ne!(
+            next.span().span_context().trace_id(),
+            logged.trace_id(),
+            "the preset trace ID leaked into the next root span"
+        );
     }
 
     /// The written `traceparent` is the SDK propagator's, byte for byte, sampled or not.
