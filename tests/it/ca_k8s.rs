@@ -506,11 +506,10 @@ async fn sidecar_bootstraps_from_a_projected_token_with_a_real_ca_process() {
         "{identity}"
     );
     sidecar.ready().await;
-    let ca_text = std::fs::read_to_string(&ca_log).unwrap();
-    assert!(
-        ca_text.contains("k8s.token_accepted") && ca_text.contains("shop/web-7d4b9c6f5-x2x9z"),
-        "the CA logs the pod the token was bound to:\n{ca_text}"
-    );
+    let ca_text = crate::support::log_when(&ca_log, "the CA's line naming the pod", |t| {
+        t.contains("k8s.token_accepted") && t.contains("shop/web-7d4b9c6f5-x2x9z")
+    })
+    .await;
     assert!(
         !ca_text.contains("token_expired"),
         "the stale token was never sent:\n{ca_text}"

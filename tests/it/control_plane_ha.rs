@@ -508,12 +508,10 @@ async fn a_replica_killed_or_frozen_under_traffic_costs_no_request() {
         (gauge * 1000.0 - measured_ms as f64).abs() <= 1.0,
         "{gauge} s vs {measured_ms} ms"
     );
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logged.contains("control_plane.reconnected") && logged.contains("after_ms"),
-        "{}",
-        tail(&log)
-    );
+    crate::support::log_when(&log, "the reconnect line", |logged| {
+        logged.contains("control_plane.reconnected") && logged.contains("after_ms")
+    })
+    .await;
     // The generous bound holds on a loaded two-core machine; the figure is what matters.
     assert!(
         seen_after < Duration::from_secs(3),

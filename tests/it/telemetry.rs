@@ -331,7 +331,10 @@ async fn env_configured_process_logs_json_decisions_with_trace_ids() {
                 >= 2
         })
         .await;
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = crate::support::log_when(&log, "two decision lines", |t| {
+        t.matches("authz.decision").count() >= 2
+    })
+    .await;
     let decisions: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

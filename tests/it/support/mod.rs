@@ -378,6 +378,25 @@ impl TestCa {
     }
 }
 
+/// The text of the log file `path` once `ready` holds for it, waiting up to 5 s: a process
+/// writes its log from a background thread, at most every 10 ms, so a line logged just now may
+/// not be in the file yet. Panics with the log's text if `ready` never holds.
+pub async fn log_when(path: &Path, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} is not in {} after 5 s:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A TCP connection to `addr`, from `source` (a loopback address other than 127.0.0.1 looks like
 /// another host to the server) or the default source.
 pub async fn connect_from(
