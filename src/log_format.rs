@@ -1,128 +1,210 @@
 //! The decision log line, written cheaply.
 //!
-//! Every request a sidecar judges writes one decision line (`event = "authz.decision"`, about
+//! Every request a sidecar judges writes one decision line (`event = "authz.decision"`, up to
 //! 17 fields). Through tracing-subscriber's stock formatters that line cost more than the rest
 //! of the sidecar's own work on the request: callgrind counted 18k instructions per request for
 //! the text line (the field visitor paints every name through `nu_ansi_term` even with colours
 //! off, and quotes strings through `Debug`) and 27k for JSON (a serde map per line, every
-//! string escaped byte by byte), against ~80k for the whole inbound request (BENCHMARKS.md,
-//! "The decision log's cost").
+//! string escaped byte by byte), against ~80k for the whole inbound request. A formatter of
+//! our own in front of the stock one still paid ≈ 9k for the JSON line: `tracing` hands an
+//! event's fields one at a time through `dyn Value` to a visitor, and the `%` fields through
+//! `fmt::write` (BENCHMARKS.md, "The decision line without tracing's field dispatch").
 //!
-//! [`DecisionLines`] writes that one event itself — the same bytes the stock formatter writes,
-//! checked by the tests below — and hands every other event, and the decision event whenever
-//! anything unusual applies (a colour terminal, an enclosing span, a `message`), to the stock
-//! formatter. Strings that need no escaping (nearly all: IDs, paths, policy names) are copied
-//! as they are.
+//! [`DecisionWriter`] is the sidecar's [`LineWriter`]: it writes the line straight from the
+//! [`DecisionRecord`] — the same bytes the stock formatter writes for
+//! [`log_decision_event`], checked by the tests below on hostile values too — with the field
+//! names as literals. Strings that need no escaping (nearly all: IDs, paths, policy names)
+//! are copied as they are. It is installed only when the log has no colours; it hands the
+//! line back to the `tracing` event inside a span (the stock line names the span).
+//!
+//! [`log_decision_event`]: meshgate_proxy::decision::log_decision_event
 
 use std::fmt::{self, Write as _};
+use std::io::Write as _;
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use meshgate_policy::DecisionRecord;
+use meshgate_policy::record::{DECISION_EVENT, Layer};
+use meshgate_proxy::decision::{LOG_TARGET, LineWriter};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
 
-/// Which stock format [`DecisionLines`] reproduces.
+/// Which stock format [`DecisionWriter`] reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
+pub enum Shape {
     /// tracing-subscriber's default (`Full`) text line, colours off.
     Text,
-    /// Its JSON line with `flatten_event(true)`.
+    /// Its JSON line with `flatten_event(true)` and `JsonFields`.
     Json,
 }
 
-/// See the module docs. `F` is the stock formatter that writes every other event.
-pub struct DecisionLines<F> {
-    stock: F,
+/// See the module docs. `W` is where the stock formatter writes too (the log writer).
+pub struct DecisionWriter<W> {
     shape: Shape,
+    out: W,
 }
 
-impl<F> DecisionLines<F> {
-    /// In front of the stock text formatter (`tracing_subscriber::fmt::format()`).
-    pub fn text(stock: F) -> Self {
-        Self {
-            stock,
-            shape: Shape::Text,
-        }
-    }
-
-    /// In front of the stock JSON formatter (`format().json().flatten_event(true)`, with
-    /// `JsonFields` as the field formatter).
-    pub fn json(stock: F) -> Self {
-        Self {
-            stock,
-            shape: Shape::Json,
-        }
+impl<W> DecisionWriter<W> {
+    pub fn new(shape: Shape, out: W) -> Self {
+        Self { shape, out }
     }
 }
 
-impl<S, N, F> FormatEvent<S, N> for DecisionLines<F>
+thread_local! {
+    /// The line being written, kept between lines so that writing one allocates nothing.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl<W> LineWriter for DecisionWriter<W>
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-    F: FormatEvent<S, N>,
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        let ours = meta.target() == meshgate_proxy::decision::LOG_TARGET
-            && !writer.has_ansi_escapes()
-            && event.parent().is_none()
-            && ctx.lookup_current().is_none()
-            && meta.fields().field("message").is_none();
-        if !ours {
-            return self.stock.format_event(ctx, writer, event);
+    fn write(&self, record: &DecisionRecord) -> bool {
+        if tracing::dispatcher::get_default(|d| d.current_span().id().is_some()) {
+            return false;
         }
+        LINE.with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return false;
+            };
+            line.clear();
+            if self.line(&mut line, record).is_err() {
+                return false;
+            }
+            // As the stock formatter does: a failed write is not the request's concern.
+            let _ = self.out.make_writer().write_all(line.as_bytes());
+            true
+        })
+    }
+}
+
+/// A field's value, by how the stock formatters write it.
+enum Value<'a> {
+    /// A string field: quoted (`Debug`) in text, a JSON string.
+    Str(&'a str),
+    /// A `%` (`Display`) field: as it is in text, a JSON string.
+    Shown(&'a str),
+    /// An integer: bare in both.
+    Int(u64),
+}
+
+/// A field's name as the text line (` name=`) and the JSON line (`,"name":`) lead it in:
+/// one copy each rather than three. The names are identifiers with dots: nothing to escape.
+struct Name {
+    text: &'static str,
+    json: &'static str,
+}
+
+macro_rules! name {
+    ($name:literal) => {
+        Name {
+            text: concat!(" ", $name, "="),
+            json: concat!(",\"", $name, "\":"),
+        }
+    };
+}
+use name;
+
+impl<W> DecisionWriter<W> {
+    /// The whole line, newline included, into `out`.
+    fn line(&self, out: &mut String, r: &DecisionRecord) -> fmt::Result {
+        use Value::{Int, Shown, Str};
+        let layer = match r.layer {
+            Layer::L7 => "l7",
+            Layer::L4 => "l4",
+        };
+        // `log_decision_event`'s fields in its order; `None` is a field it leaves out.
+        let fields: [(Name, Option<Value<'_>>); 17] = [
+            (name!("event"), Some(Str(DECISION_EVENT))),
+            (name!("layer"), Some(Str(layer))),
+            (
+                name!("meshgate.workload.id"),
+                Some(Shown(r.workload.as_str())),
+            ),
+            (name!("peer.id"), Some(Shown(r.peer.as_str()))),
+            (name!("peer.addr"), r.peer_addr.as_deref().map(Str)),
+            (name!("port"), Some(Int(u64::from(r.port)))),
+            (name!("http.request.method"), r.method.as_deref().map(Str)),
+            (name!("url.path"), r.path.as_deref().map(Str)),
+            (
+                name!("meshgate.path.original"),
+                r.original.as_deref().map(Str),
+            ),
+            (name!("decision"), Some(Str(r.decision.as_str()))),
+            (name!("policy"), r.policy.as_deref().map(Str)),
+            (name!("rule"), r.rule.map(|n| Int(n as u64))),
+            (name!("policy.version"), Some(Shown(&r.version))),
+            (name!("reason"), Some(Shown(&r.reason))),
+            (name!("audit_policy"), r.audit_policy.as_deref().map(Str)),
+            (
+                name!("dry_run_policy"),
+                r.dry_run_policy.as_deref().map(Str),
+            ),
+            (name!("trace_id"), r.trace_id.as_deref().map(Str)),
+        ];
+        let fields = fields
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)));
         match self.shape {
             Shape::Text => {
-                // `<time> <LEVEL> <target>: <fields>`: the level right-aligned in five columns.
-                write_time(&mut writer)?;
-                writer.write_str(padded_level(meta.level()))?;
-                writer.write_str(meta.target())?;
-                writer.write_str(": ")?;
-                let mut fields = TextFields {
-                    w: &mut writer,
-                    first: true,
-                    result: Ok(()),
-                };
-                event.record(&mut fields);
-                fields.result?;
-                writer.write_char('\n')
+                // `<time>  INFO <target>: <fields>`: the level right-aligned in five columns,
+                // no space before the first field.
+                write_time(&mut Writer::new(out))?;
+                out.push_str("  INFO ");
+                out.push_str(LOG_TARGET);
+                out.push_str(": ");
+                for (i, (name, value)) in fields.enumerate() {
+                    out.push_str(if i == 0 { &name.text[1..] } else { name.text });
+                    match value {
+                        Str(s) if !needs_escape(s.as_bytes(), true) => {
+                            out.push('"');
+                            out.push_str(s);
+                            out.push('"');
+                        }
+                        Str(s) => write!(out, "{s:?}")?,
+                        Shown(s) => out.push_str(s),
+                        Int(n) => push_u64(out, n),
+                    }
+                }
+                out.push('\n');
             }
             Shape::Json => {
-                writer.write_str("{\"timestamp\":\"")?;
-                write_time(&mut writer)?;
-                writer.write_str("\",\"level\":\"")?;
-                writer.write_str(meta.level().as_str())?;
-                writer.write_char('"')?;
-                let mut fields = JsonFields {
-                    w: &mut writer,
-                    result: Ok(()),
-                };
-                event.record(&mut fields);
-                fields.result?;
-                writer.write_str(",\"target\":\"")?;
-                json_escape(&mut writer, meta.target())?;
-                writer.write_str("\"}\n")
+                out.push_str("{\"timestamp\":\"");
+                write_time(&mut Writer::new(out))?;
+                out.push_str("\",\"level\":\"INFO\"");
+                for (name, value) in fields {
+                    out.push_str(name.json);
+                    match value {
+                        Str(s) | Shown(s) => {
+                            out.push('"');
+                            json_escape(out, s)?;
+                            out.push('"');
+                        }
+                        Int(n) => push_u64(out, n),
+                    }
+                }
+                out.push_str(",\"target\":\"");
+                out.push_str(LOG_TARGET);
+                out.push_str("\"}\n");
             }
         }
+        Ok(())
     }
 }
 
-/// ` LEVEL ` with the level right-aligned in five columns, as the stock text line has it.
-fn padded_level(level: &tracing::Level) -> &'static str {
-    match *level {
-        tracing::Level::TRACE => " TRACE ",
-        tracing::Level::DEBUG => " DEBUG ",
-        tracing::Level::INFO => "  INFO ",
-        tracing::Level::WARN => "  WARN ",
-        tracing::Level::ERROR => " ERROR ",
+/// `n` in decimal, without a formatter round trip.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 thread_local! {
@@ -175,126 +257,6 @@ fn civil_time(out: &mut String, secs: u64) -> fmt::Result {
         in_day / 60 % 60,
         in_day % 60
     )
-}
-
-/// A field's name as the stock text visitor writes it (raw identifiers without `r#`).
-fn field_name(field: &Field) -> &'static str {
-    let name = field.name();
-    name.strip_prefix("r#").unwrap_or(name)
-}
-
-/// `name=value` pairs, space-separated: strings quoted as `Debug` quotes them, everything
-/// else in its `Debug` form (which is `Display` for `%` fields).
-struct TextFields<'a, 'w> {
-    w: &'a mut Writer<'w>,
-    first: bool,
-    result: fmt::Result,
-}
-
-impl TextFields<'_, '_> {
-    /// ` name=` (no space before the first field); written piece by piece, as `write!` costs
-    /// a formatter round trip per field on every decision line.
-    fn name(&mut self, field: &Field) -> fmt::Result {
-        if self.first {
-            self.first = false;
-        } else {
-            self.w.write_char(' ')?;
-        }
-        self.w.write_str(field_name(field))?;
-        self.w.write_char('=')
-    }
-}
-
-impl Visit for TextFields<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if self.result.is_err() || field.name().starts_with("log.") {
-            return;
-        }
-        self.result = self.name(field).and_then(|()| {
-            // What `Debug` leaves as it is: printable ASCII other than `"` and `\`.
-            if !needs_escape(value.as_bytes(), true) {
-                self.w.write_char('"')?;
-                self.w.write_str(value)?;
-                self.w.write_char('"')
-            } else {
-                write!(self.w, "{value:?}")
-            }
-        });
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.result.is_err() || field.name().starts_with("log.") {
-            return;
-        }
-        self.result = self.name(field).and_then(|()| write!(self.w, "{value:?}"));
-    }
-}
-
-/// `,"name":value` entries as serde_json writes them for tracing-serde: strings and `Debug`
-/// forms escaped, integers and booleans bare.
-struct JsonFields<'a, 'w> {
-    w: &'a mut Writer<'w>,
-    result: fmt::Result,
-}
-
-impl JsonFields<'_, '_> {
-    fn key(&mut self, field: &Field) -> fmt::Result {
-        self.w.write_str(",\"")?;
-        json_escape(self.w, field.name())?;
-        self.w.write_str("\":")
-    }
-
-    fn entry(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() {
-            self.result = self.key(field).and_then(|()| value(self.w));
-        }
-    }
-}
-
-impl Visit for JsonFields<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field, |w| {
-            w.write_char('"')?;
-            json_escape(w, value)?;
-            w.write_char('"')
-        });
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.entry(field, |w| {
-            w.write_char('"')?;
-            write!(JsonEscaper(w), "{value:?}")?;
-            w.write_char('"')
-        });
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json's own float form (and `null` for NaN and infinities).
-        self.entry(field, |w| {
-            w.write_str(&serde_json::to_string(&value).map_err(|_| fmt::Error)?)
-        });
-    }
-}
-
-/// Escapes what is written through it, for the inside of a JSON string.
-struct JsonEscaper<'a, W: fmt::Write>(&'a mut W);
-
-impl<W: fmt::Write> fmt::Write for JsonEscaper<'_, W> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        json_escape(self.0, s)
-    }
 }
 
 /// `s` escaped as serde_json escapes it inside a string: `"` and `\` backslashed, the control
@@ -434,30 +396,25 @@ mod tests {
         }
     }
 
+    /// The line for `record` as the stock formatter writes `log_decision_event` (`fast`:
+    /// false) or as [`DecisionWriter`] writes it.
     fn lines(json: bool, fast: bool, record: &DecisionRecord) -> String {
-        use tracing_subscriber::fmt::format;
         let out = Captured::default();
         let writer = out.clone();
+        if fast {
+            let shape = if json { Shape::Json } else { Shape::Text };
+            assert!(DecisionWriter::new(shape, move || writer.clone()).write(record));
+            return out.take();
+        }
         let builder = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false);
-        let log = || meshgate_proxy::decision::log_decision(record);
-        match (json, fast) {
-            (false, false) => tracing::subscriber::with_default(builder.finish(), log),
-            (false, true) => tracing::subscriber::with_default(
-                builder.event_format(DecisionLines::text(format())).finish(),
-                log,
-            ),
-            (true, false) => {
-                tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), log)
-            }
-            (true, true) => tracing::subscriber::with_default(
-                builder
-                    .fmt_fields(format::JsonFields::new())
-                    .event_format(DecisionLines::json(format().json().flatten_event(true)))
-                    .finish(),
-                log,
-            ),
+        let log = || meshgate_proxy::decision::log_decision_event(record);
+        if json {
+            let subscriber = builder.json().flatten_event(true).finish();
+            tracing::subscriber::with_default(subscriber, log);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), log);
         }
         out.take()
     }
@@ -499,24 +456,51 @@ mod tests {
         }
     }
 
-    /// Other events, and the decision event inside a span, go to the stock formatter.
+    /// Installed, the writer takes the line from `log_decision` when the log filter lets the
+    /// decision event through, writes nothing when it does not, and hands the line back to the
+    /// `tracing` event inside a span (whose name the stock line carries).
     #[test]
-    fn other_events_are_left_to_the_stock_formatter() {
-        use tracing_subscriber::fmt::format;
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .event_format(DecisionLines::text(format()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+    fn the_installed_writer_follows_the_filter_and_leaves_spans_to_the_stock_line() {
+        let fast = Captured::default();
+        let writer = fast.clone();
+        assert!(
+            meshgate_proxy::decision::set_line_writer(Box::new(DecisionWriter::new(
+                Shape::Text,
+                move || writer.clone()
+            )))
+            .is_ok()
+        );
+        let stock = Captured::default();
+        let subscriber = |level| {
+            let writer = stock.clone();
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(level)
+                .finish()
+        };
+        let record = &records()[0];
+        let log = || meshgate_proxy::decision::log_decision(record);
+
+        tracing::subscriber::with_default(subscriber(tracing::Level::INFO), log);
+        let line = fast.take();
+        assert!(
+            line.contains(" INFO meshgate_proxy::decision: event=\"authz.decision\""),
+            "{line}"
+        );
+        assert_eq!(stock.take(), "");
+
+        tracing::subscriber::with_default(subscriber(tracing::Level::WARN), log);
+        assert_eq!((fast.take(), stock.take()), (String::new(), String::new()));
+
+        tracing::subscriber::with_default(subscriber(tracing::Level::INFO), || {
             tracing::warn!(event = "x", "a \"message\"");
             let span = tracing::info_span!("conn", peer = 7);
             let _entered = span.enter();
-            meshgate_proxy::decision::log_decision(&records()[1]);
+            log();
         });
-        let text = out.take();
+        assert_eq!(fast.take(), "");
+        let text = stock.take();
         assert!(
             text.contains("WARN meshgate::log_format::tests: a \"message\" event=\"x\""),
             "{text}"
@@ -525,6 +509,15 @@ mod tests {
             text.contains(" conn{peer=7}: meshgate_proxy::decision: event=\"authz.decision\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for n in [0, 7, 10, 65_535, 1_000_000_007, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
     }
 
     /// The word-at-a-time check agrees with a byte-at-a-time one for every byte at every

@@ -138,17 +138,13 @@ fn init_demo_logging(format: LogFormat, file: &std::path::Path) -> anyhow::Resul
     let to_file = tracing_subscriber::fmt::layer()
         .with_writer(std::sync::Mutex::new(log))
         .with_ansi(false);
+    // The stock formatters write the decision lines too: the demo's few requests do not need
+    // `log_format`'s fast path (which writes to one writer, and the demo has two layers).
     let to_file = match format {
-        LogFormat::Text => to_file
-            .event_format(log_format::DecisionLines::text(
-                tracing_subscriber::fmt::format(),
-            ))
-            .boxed(),
+        LogFormat::Text => to_file.boxed(),
         LogFormat::Json => to_file
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(log_format::DecisionLines::json(
-                tracing_subscriber::fmt::format().json().flatten_event(true),
-            ))
+            .event_format(tracing_subscriber::fmt::format().json().flatten_event(true))
             .boxed(),
     }
     .with_filter(filter);
@@ -174,23 +170,26 @@ fn init_logging(format: LogFormat) -> log_writer::Guard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) =
         log_writer::LogWriter::spawn(std::io::stderr(), log_writer::Limits::default());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // The per-request decision line is written by `log_format` (same bytes, a fraction of the
-    // cost); everything else by the stock formatters.
-    use tracing_subscriber::fmt::format as stock;
+        .with_writer(writer.clone())
+        .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder
-            .event_format(log_format::DecisionLines::text(stock()))
-            .init(),
-        LogFormat::Json => builder
-            .fmt_fields(stock::JsonFields::new())
-            .event_format(log_format::DecisionLines::json(
-                stock().json().flatten_event(true),
-            ))
-            .init(),
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    // The per-request decision line is written by `log_format` (the stock formatter's bytes,
+    // a fraction of the cost); with colours, by the stock formatter.
+    if !ansi {
+        let shape = match format {
+            LogFormat::Text => log_format::Shape::Text,
+            LogFormat::Json => log_format::Shape::Json,
+        };
+        let installed = meshgate_proxy::decision::set_line_writer(Box::new(
+            log_format::DecisionWriter::new(shape, writer),
+        ));
+        debug_assert!(installed.is_ok(), "logging is set up once");
     }
     guard
 }

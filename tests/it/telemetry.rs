@@ -221,6 +221,31 @@ async fn sampling_never_hides_a_denial() {
     }
     // Even a caller that explicitly says "not sampled" cannot hide a denial.
     let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+    // An unsampled request the app receives still carries its trace: the same trace ID, not
+    // sampled, a parent that is not the caller's own span, and the caller's tracestate.
+    for tracestate in [None, Some("vendor=opaque")] {
+        let mut headers = vec![("traceparent", unsampled)];
+        headers.extend(tracestate.map(|t| ("tracestate", t)));
+        let answer = mesh
+            .call_with(
+                "web",
+                "GET",
+                "orders",
+                "/orders/1",
+                bytes::Bytes::new(),
+                &headers,
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let echoed = &answer.echoed()["headers"];
+        let to_app = echoed["traceparent"].as_str().unwrap();
+        assert!(
+            to_app.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && to_app.ends_with("-00"),
+            "{to_app}"
+        );
+        assert_ne!(&to_app[36..52], "b7ad6b7169203331", "{to_app}");
+        assert_eq!(echoed["tracestate"].as_str(), tracestate, "{echoed}");
+    }
     let answer = mesh
         .call_with(
             "web",

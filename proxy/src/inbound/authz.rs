@@ -256,8 +256,11 @@ where
                     .span()
                     .set_attribute(KeyValue::new("url.query", q.clone()));
             }
-            // The app continues the trace from this sidecar's server span.
-            ctx.sink.telemetry().inject(&span.cx, headers);
+            // The app continues the trace from this sidecar's server span (or, when that is
+            // recorded nowhere, from the caller's, whose headers are already there).
+            if !span.caller_context_goes_on {
+                ctx.sink.telemetry().inject(&span.cx, headers);
+            }
         }
         let (parts, body) = req.into_parts();
         let mut req = Request::from_parts(parts, TrailerFilter::new(body, ctx.metrics.clone()));

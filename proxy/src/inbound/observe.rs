@@ -31,6 +31,9 @@ pub struct RequestSpan {
     pub cx: opentelemetry::Context,
     /// Its W3C trace ID, when tracing is on (for log lines).
     pub trace_id: Option<String>,
+    /// The caller's trace headers go on to the app as they are
+    /// ([`Telemetry::caller_context_goes_on`]).
+    pub caller_context_goes_on: bool,
 }
 
 /// Adds [`Observe`].
@@ -89,21 +92,27 @@ where
         let grpc = is_grpc(req.headers());
         // The caller's trace context (the server span's parent), and what the server span is
         // made of if it is built after the decision (see `telemetry`'s module docs).
-        let (parent, server) = if sink.telemetry().enabled() {
+        let (parent, server, caller_context_goes_on) = if sink.telemetry().enabled() {
             let parent = sink.telemetry().extract(req.headers());
             let server = sink
                 .telemetry()
                 .start(SERVER_SPAN, SpanKind::Server, &parent, || {
                     server_attributes(req.method(), req.version(), &self.peer, &self.ctx)
                 });
-            (Some((parent, req.method().clone(), req.version())), server)
+            let goes_on = Telemetry::caller_context_goes_on(&parent, &server, req.headers());
+            (
+                Some((parent, req.method().clone(), req.version())),
+                server,
+                goes_on,
+            )
         } else {
-            (None, opentelemetry::Context::new())
+            (None, opentelemetry::Context::new(), false)
         };
         let trace_id = Some(Telemetry::trace_id(&server)).filter(|t| !t.is_empty());
         req.extensions_mut().insert(RequestSpan {
             cx: server.clone(),
             trace_id: trace_id.clone(),
+            caller_context_goes_on,
         });
         let ctx = self.ctx.clone();
         let peer = self.peer.clone();
