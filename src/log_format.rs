@@ -103,7 +103,6 @@ macro_rules! name {
         }
     };
 }
-use name;
 
 impl<W> DecisionWriter<W> {
     /// The whole line, newline included, into `out`.
