@@ -691,6 +691,15 @@ fn decision_table() {
         );
         assert_eq!(&*d.version, set.version, "case {i}");
         assert!(!d.reason.is_empty());
+        // A deciding rule names itself (the reason is written once per rule, at compile).
+        let named = match (d.kind, &d.policy, d.rule) {
+            (Allow, Some(p), Some(r)) => Some(format!("allowed by ALLOW policy {p} rule {r}")),
+            (Deny, Some(p), Some(r)) => Some(format!("denied by DENY policy {p} rule {r}")),
+            _ => None,
+        };
+        if let Some(named) = named {
+            assert!(d.reason.starts_with(&named), "case {i}: {}", d.reason);
+        }
     }
 }
 
