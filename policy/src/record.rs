@@ -94,6 +94,18 @@ impl DecisionRecord {
         port: u16,
         decision: &Decision,
     ) -> Self {
+        Self::from_decision(layer, workload, peer, port, decision.clone())
+    }
+
+    /// [`DecisionRecord::new`] taking the decision's strings rather than copying them (the
+    /// sidecar's per-request path).
+    pub fn from_decision(
+        layer: Layer,
+        workload: &SpiffeId,
+        peer: &SpiffeId,
+        port: u16,
+        decision: Decision,
+    ) -> Self {
         Self {
             layer,
             workload: workload.clone(),
@@ -104,12 +116,12 @@ impl DecisionRecord {
             path: None,
             original: None,
             decision: decision.kind,
-            policy: decision.policy.clone(),
+            policy: decision.policy,
             rule: decision.rule,
-            version: decision.version.clone(),
-            reason: decision.reason.clone(),
-            audit_policy: decision.audit_policy.clone(),
-            dry_run_policy: decision.dry_run_policy.clone(),
+            version: decision.version,
+            reason: decision.reason,
+            audit_policy: decision.audit_policy,
+            dry_run_policy: decision.dry_run_policy,
             trace_id: None,
         }
     }

@@ -47,6 +47,9 @@ pub struct PeerIdentity {
     pub addr_text: String,
     peer_header: Option<HeaderValue>,
     xfcc_header: Option<HeaderValue>,
+    /// `not_after` as the system clock reads it: compared with `SystemTime::now()` on every
+    /// request, which costs a fraction of building an `OffsetDateTime` for now.
+    expires: std::time::SystemTime,
 }
 
 impl PeerIdentity {
@@ -63,8 +66,14 @@ impl PeerIdentity {
             xfcc_header: HeaderValue::from_str(&format!("By={local};URI={id}")).ok(),
             id,
             addr,
+            expires: not_after.into(),
             not_after,
         }
+    }
+
+    /// True once the peer's certificate has expired.
+    pub fn expired(&self) -> bool {
+        std::time::SystemTime::now() >= self.expires
     }
 }
 
@@ -180,7 +189,7 @@ where
         let mut decision = judged.decision;
         if let Some(refusal) = &judged.refusal {
             ctx.metrics.count_hygiene(refusal.label(), 1);
-        } else if time::OffsetDateTime::now_utc() >= peer.not_after {
+        } else if peer.expired() {
             // The identity this connection proved has expired: the policy cannot vouch for it.
             decision.kind = DecisionKind::Deny;
             decision.allowed = false;
@@ -191,8 +200,15 @@ where
                 meshgate_ca::cert::rfc3339(peer.not_after)
             );
         }
-        let mut record =
-            DecisionRecord::new(DecisionLayer::L7, &ctx.local_id, &peer.id, port, &decision);
+        let allowed = decision.allowed;
+        let version = decision.version.clone();
+        let mut record = DecisionRecord::from_decision(
+            DecisionLayer::L7,
+            &ctx.local_id,
+            &peer.id,
+            port,
+            decision,
+        );
         record.peer_addr = Some(peer.addr_text.clone());
         record.method = Some(method.clone());
         record.trace_id = span.as_ref().and_then(|s| s.trace_id.clone());
@@ -211,7 +227,7 @@ where
         if normalized.changed {
             record.original = Some(original);
         }
-        if !decision.allowed {
+        if !allowed {
             return Box::pin(std::future::ready(Err(InboundError::Forbidden(Box::new(
                 record,
             )))));
@@ -247,7 +263,7 @@ where
         if let Some(v) = &peer.xfcc_header {
             headers.insert(XFCC_HEADER, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&decision.version) {
+        if let Ok(v) = HeaderValue::from_str(&version) {
             headers.insert(POLICY_VERSION_HEADER, v);
         }
         if let Some(span) = &span {

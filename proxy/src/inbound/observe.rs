@@ -26,6 +26,7 @@ use crate::http_util::{ProxyBody, is_grpc};
 use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
 
 /// The request's server span, for the inner layers (the app continues the trace from it).
+/// Only when tracing is on.
 #[derive(Clone)]
 pub struct RequestSpan {
     pub cx: opentelemetry::Context,
@@ -109,11 +110,15 @@ where
             (None, opentelemetry::Context::new(), false)
         };
         let trace_id = Some(Telemetry::trace_id(&server)).filter(|t| !t.is_empty());
-        req.extensions_mut().insert(RequestSpan {
-            cx: server.clone(),
-            trace_id: trace_id.clone(),
-            caller_context_goes_on,
-        });
+        // With tracing off there is nothing to hand on, and no extension means no map
+        // allocated for the request's extensions.
+        if parent.is_some() {
+            req.extensions_mut().insert(RequestSpan {
+                cx: server.clone(),
+                trace_id: trace_id.clone(),
+                caller_context_goes_on,
+            });
+        }
         let ctx = self.ctx.clone();
         let peer = self.peer.clone();
         let call = self.inner.call(req);
