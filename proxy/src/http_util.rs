@@ -93,14 +93,27 @@ pub fn error_response_for(
         .expect("static response is valid")
 }
 
+/// The caller's path and query (`/` when it has none).
+fn path_and_query(caller: &http::Uri) -> http::uri::PathAndQuery {
+    caller
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// The caller's path and query alone: the request target HTTP/1.1 sends to an origin server.
 pub fn origin_form(caller: &http::Uri) -> http::Uri {
-    http::Uri::from(
-        caller
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    )
+    http::Uri::from(path_and_query(caller))
+}
+
+/// `http://<authority>` with the caller's path and query: the URI an HTTP/2 request carries
+/// (hyper and h2 take `:scheme` and `:authority` from it).
+pub fn absolute_uri(caller: &http::Uri, authority: http::uri::Authority) -> http::Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query(caller));
+    http::Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }
 
 /// Wraps any hyper body as a [`ProxyBody`].
@@ -266,6 +279,30 @@ pub fn port_of(authority: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The targets both sidecars build: the caller's path and query kept as sent (nothing
+    /// re-parsed or re-encoded), `/` for none, the given authority.
+    #[test]
+    fn request_targets_keep_the_path_and_query() {
+        let authority: http::uri::Authority = "orders.shop:8080".parse().unwrap();
+        for (caller, origin, absolute) in [
+            (
+                "/a/b?x=1&y=%2F",
+                "/a/b?x=1&y=%2F",
+                "http://orders.shop:8080/a/b?x=1&y=%2F",
+            ),
+            ("http://web/c", "/c", "http://orders.shop:8080/c"),
+            ("http://web", "/", "http://orders.shop:8080/"),
+        ] {
+            let caller: http::Uri = caller.parse().unwrap();
+            assert_eq!(origin_form(&caller), origin, "{caller}");
+            assert_eq!(
+                absolute_uri(&caller, authority.clone()).to_string(),
+                absolute,
+                "{caller}"
+            );
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {

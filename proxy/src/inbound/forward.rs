@@ -18,8 +18,8 @@ use super::authz::Reauthorize;
 use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
-    ProxyBody, boxed, bridge_upgrade, error_response_for, is_grpc, origin_form, requested_upgrade,
-    set_upgrade, strip_hop_by_hop,
+    ProxyBody, absolute_uri, boxed, bridge_upgrade, error_response_for, is_grpc, origin_form,
+    requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 
 /// Which HTTP the local app speaks.
@@ -183,7 +183,11 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
         if use_h2 {
             // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1), which hyper
             // takes from the URI.
-            *req.uri_mut() = app_uri(req.uri(), &authority, &app.addr);
+            let authority = authority
+                .parse()
+                .or_else(|_| app.addr.parse())
+                .expect("the app address is a valid authority");
+            *req.uri_mut() = absolute_uri(req.uri(), authority);
             req.headers_mut().remove(header::HOST);
         } else {
             // HTTP/1.1 to the app: origin-form target, the authority in `Host`.
@@ -275,23 +279,4 @@ enum Upstream {
     Http1(Arc<AppPool>),
     /// Shared, not cloned: hyper-util's client is a few hundred bytes.
     H2c(Arc<AppClient>),
-}
-
-/// `http://<authority><path?query>` for the request to the app, built from the parsed parts (no
-/// string round trip per request); the app's own address when the caller's authority is not
-/// usable in a URI.
-fn app_uri(caller: &Uri, authority: &str, app: &str) -> Uri {
-    let path_and_query = caller
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let authority = authority
-        .parse::<http::uri::Authority>()
-        .or_else(|_| app.parse::<http::uri::Authority>())
-        .expect("the app address is a valid authority");
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path_and_query);
-    Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use meshgate_ca::SpiffeId;
@@ -22,9 +22,9 @@ use tokio::sync::watch;
 
 use crate::h1_pool::MaybeIncoming;
 use crate::http_util::{
-    APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody, boxed, bridge_upgrade, error_response,
-    error_response_for, host_without_port, is_grpc, origin_form, port_of, requested_upgrade,
-    set_upgrade, strip_hop_by_hop,
+    APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody, absolute_uri, boxed, bridge_upgrade,
+    error_response, error_response_for, host_without_port, is_grpc, origin_form, port_of,
+    requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -518,21 +518,6 @@ impl Outbound {
             })
             .observe(started.elapsed().as_secs_f64());
     }
-}
-
-/// `http://<authority><path?query>`: the request as HTTP/2 carries it to the callee's sidecar
-/// (`:scheme`, `:authority`, `:path`), built from parsed parts.
-fn absolute_uri(caller: &Uri, authority: http::uri::Authority) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(
-        caller
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).expect("scheme, authority and path form a URI")
 }
 
 #[cfg(test)]
