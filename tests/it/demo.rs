@@ -5,8 +5,10 @@ use crate::support::*;
 
 /// Runs `meshgate demo --once`, retrying on another port range if one happens to be busy.
 fn demo_output() -> String {
-    for attempt in 0..5 {
-        let base = 20000 + (free_port() % 20000) / 100 * 100 + attempt;
+    for attempt in 0..10 {
+        // Below the kernel's ephemeral range (32768 and up by default), where other tests'
+        // client sockets would otherwise take the demo's ports.
+        let base = 20000 + (free_port() % 12000) / 100 * 100 + attempt;
         // Default log level: the parts' INFO lines go to the log file, not the terminal.
         let out = run(meshgate()
             .args(["demo", "--once", "--base-port", &base.to_string()])
