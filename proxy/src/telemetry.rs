@@ -164,16 +164,32 @@ fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
         .then_some((trace_id, span_id, flags))
 }
 
-/// Lowercase hex digits (at most 32) as a number; `None` for anything else.
+/// Lowercase hex digits (at most 32) as a number; `None` for anything else. Through a table:
+/// every traced request reads 50 digits here.
 fn hex_u128(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |n, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        Some(n << 4 | u128::from(v))
-    })
+    const INVALID: u8 = 0xff;
+    const VALUE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let mut n = 0u128;
+    let mut invalid = 0u8;
+    for &d in digits {
+        let v = VALUE[usize::from(d)];
+        invalid |= v & 0xf0;
+        n = n << 4 | u128::from(v & 0x0f);
+    }
+    (invalid == 0).then_some(n)
 }
 
 /// `00-<trace-id>-<span-id>-<flags>` for `sc`, with only the `sampled` flag.
@@ -658,6 +674,28 @@ mod tests {
         let sc = span.span_context();
         sc.is_valid()
             .then(|| (sc.trace_id(), sc.span_id(), sc.trace_flags()))
+    }
+
+    /// The table-driven hex reader takes lowercase hex digits only, wherever they stand.
+    #[test]
+    fn hex_digits_are_read_through_the_table() {
+        for b in 0u8..=255 {
+            let want = match b {
+                b'0'..=b'9' => Some(u128::from(b - b'0')),
+                b'a'..=b'f' => Some(u128::from(b - b'a' + 10)),
+                _ => None,
+            };
+            assert_eq!(hex_u128(&[b]), want, "{b:#04x}");
+            assert_eq!(
+                hex_u128(&[b'f', b, b'1']),
+                want.map(|v| 0xf01 | v << 4),
+                "{b:#04x} in the middle"
+            );
+        }
+        assert_eq!(
+            hex_u128(b"ffffffffffffffffffffffffffffffff"),
+            Some(u128::MAX)
+        );
     }
 
     /// Our `traceparent` parser takes and refuses what the SDK's propagator does, except field

@@ -169,13 +169,16 @@ pub struct IdentityStatus {
     pub renewals: u64,
     /// The last renewal or bundle error, cleared by the next success.
     pub last_error: Option<String>,
+    /// `not_before..not_after` on the system clock: every inbound request checks it, and
+    /// building an `OffsetDateTime` for now cost more than the comparison.
+    #[serde(skip)]
+    valid: std::ops::Range<std::time::SystemTime>,
 }
 
 impl IdentityStatus {
     /// True while the certificate is within its validity period.
     pub fn is_valid(&self) -> bool {
-        let now = OffsetDateTime::now_utc();
-        self.not_before <= now && now < self.not_after
+        self.valid.contains(&std::time::SystemTime::now())
     }
 }
 
@@ -245,6 +248,7 @@ impl Identity {
             not_after: info.not_after,
             renewals,
             last_error: None,
+            valid: info.not_before.into()..info.not_after.into(),
         })));
         self.svid_generation.send_modify(|g| *g += 1);
         Ok(())
@@ -277,7 +281,8 @@ impl Identity {
 
     /// Ready = holds a certificate that is valid now.
     pub fn is_ready(&self) -> bool {
-        self.status().is_some_and(|s| s.is_valid())
+        // A guard, not a clone of the `Arc`: no shared counter written per request.
+        (*self.status.load()).as_ref().is_some_and(|s| s.is_valid())
     }
 
     /// Notifies on every trust-bundle change.
@@ -555,6 +560,31 @@ mod tests {
         let not_sa = serde_json::json!({"sub": "system:admin"}).to_string();
         let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", B64.encode(not_sa));
         assert!(requested_id(&jwt, &bundle).is_err());
+    }
+
+    /// Valid from `not_before` (inclusive) until `not_after` (exclusive), read on the system
+    /// clock: not yet valid, valid, expired.
+    #[test]
+    fn a_status_is_valid_within_its_certificate_window() {
+        let now = OffsetDateTime::now_utc();
+        let status = |from: i64, until: i64| {
+            let (not_before, not_after) = (
+                now + time::Duration::seconds(from),
+                now + time::Duration::seconds(until),
+            );
+            IdentityStatus {
+                id: SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/web").unwrap(),
+                serial: "1".into(),
+                not_before,
+                not_after,
+                renewals: 0,
+                last_error: None,
+                valid: not_before.into()..not_after.into(),
+            }
+        };
+        assert!(!status(60, 3600).is_valid(), "not yet valid");
+        assert!(status(-60, 3600).is_valid());
+        assert!(!status(-3600, -1).is_valid(), "expired");
     }
 
     #[test]
