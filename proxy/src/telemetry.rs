@@ -645,8 +645,9 @@ impl Telemetry {
     /// Whether the caller's trace headers can go on to the app as they are, instead of being
     /// written again for `server` (saving the work on every unsampled request): `server` is not
     /// sampled, so it is recorded nowhere and naming it as the app's parent adds nothing; its
-    /// parent is the caller's context, read from a valid `traceparent` in `headers`; and there is
-    /// no `tracestate`, which [`Telemetry::inject`] would write back in its checked form.
+    /// parent is the caller's context, read from the one valid `traceparent` in `headers` (a
+    /// second one would reach the app unread); and there is no `tracestate`, which
+    /// [`Telemetry::inject`] would write back in its checked form.
     pub fn caller_context_goes_on(
         parent: &Context,
         server: &Context,
@@ -654,6 +655,7 @@ impl Telemetry {
     ) -> bool {
         !server.span().span_context().is_sampled()
             && parent.span().span_context().is_valid()
+            && headers.get_all(TRACEPARENT).iter().nth(1).is_none()
             && !headers.contains_key(TRACESTATE)
     }
 }
@@ -674,6 +676,55 @@ mod tests {
         let sc = span.span_context();
         sc.is_valid()
             .then(|| (sc.trace_id(), sc.span_id(), sc.trace_flags()))
+    }
+
+    /// The caller's trace headers go on unchanged only for an unsampled request whose one
+    /// `traceparent` was read, and that carries no `tracestate`.
+    #[tokio::test]
+    async fn the_caller_context_goes_on_only_when_nothing_would_change() {
+        let config = TelemetryConfig {
+            enabled: true,
+            // Nothing listens there; nothing is exported in this test anyway.
+            endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
+            service_name: None,
+            sampler: Some(SamplerChoice::ParentBasedTraceIdRatio(0.0)),
+            batch_delay: None,
+            queue_size: None,
+        };
+        let workload =
+            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/orders").unwrap();
+        let t = Telemetry::new(&config, &workload, Arc::new(Metrics::default())).unwrap();
+        let headers = |values: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (name, value) in values {
+                h.append(*name, http::HeaderValue::from_static(value));
+            }
+            h
+        };
+        const UNSAMPLED: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        const SAMPLED: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for (sent, want) in [
+            (headers(&[("traceparent", UNSAMPLED)]), true),
+            (headers(&[("traceparent", SAMPLED)]), false),
+            (headers(&[("traceparent", "00-garbage")]), false),
+            (headers(&[]), false),
+            (
+                headers(&[("traceparent", UNSAMPLED), ("traceparent", SAMPLED)]),
+                false,
+            ),
+            (
+                headers(&[("traceparent", UNSAMPLED), ("tracestate", "k=v")]),
+                false,
+            ),
+        ] {
+            let parent = t.extract(&sent);
+            let server = t.start("meshgate.inbound", SpanKind::Server, &parent, Vec::new);
+            assert_eq!(
+                Telemetry::caller_context_goes_on(&parent, &server, &sent),
+                want,
+                "{sent:?}"
+            );
+        }
     }
 
     /// The table-driven hex reader takes lowercase hex digits only, wherever they stand.
