@@ -93,6 +93,14 @@ pub fn error_response_for(
         .expect("static response is valid")
 }
 
+/// The authority a request names: its `Host` header, else its URI's (HTTP/2's `:authority`).
+pub fn request_authority<B>(req: &http::Request<B>) -> Option<&str> {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
 /// The caller's path and query (`/` when it has none).
 fn path_and_query(caller: &http::Uri) -> http::uri::PathAndQuery {
     caller
@@ -279,6 +287,27 @@ pub fn port_of(authority: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Host` first, then the URI's authority (HTTP/2), else none.
+    #[test]
+    fn a_request_names_its_authority_by_host_then_uri() {
+        let req = |uri: &str, host: Option<&str>| {
+            let mut b = http::Request::get(uri);
+            if let Some(host) = host {
+                b = b.header(header::HOST, host);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(
+            request_authority(&req("http://uri:1/x", Some("host:2"))),
+            Some("host:2")
+        );
+        assert_eq!(
+            request_authority(&req("http://uri:1/x", None)),
+            Some("uri:1")
+        );
+        assert_eq!(request_authority(&req("/x", None)), None);
+    }
 
     /// The targets both sidecars build: the caller's path and query kept as sent (nothing
     /// re-parsed or re-encoded), `/` for none, the given authority.

@@ -678,22 +678,27 @@ mod tests {
             .then(|| (sc.trace_id(), sc.span_id(), sc.trace_flags()))
     }
 
-    /// The caller's trace headers go on unchanged only for an unsampled request whose one
-    /// `traceparent` was read, and that carries no `tracestate`.
-    #[tokio::test]
-    async fn the_caller_context_goes_on_only_when_nothing_would_change() {
+    /// Tracing on with `sampler`, exporting to an address nothing listens on: exports fail in
+    /// the background, which the tests using it do not look at.
+    fn tracing_to_nowhere(sampler: SamplerChoice) -> Telemetry {
         let config = TelemetryConfig {
             enabled: true,
-            // Nothing listens there; nothing is exported in this test anyway.
             endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
             service_name: None,
-            sampler: Some(SamplerChoice::ParentBasedTraceIdRatio(0.0)),
+            sampler: Some(sampler),
             batch_delay: None,
             queue_size: None,
         };
         let workload =
             meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/orders").unwrap();
-        let t = Telemetry::new(&config, &workload, Arc::new(Metrics::default())).unwrap();
+        Telemetry::new(&config, &workload, Arc::new(Metrics::default())).unwrap()
+    }
+
+    /// The caller's trace headers go on unchanged only for an unsampled request whose one
+    /// `traceparent` was read, and that carries no `tracestate`.
+    #[tokio::test]
+    async fn the_caller_context_goes_on_only_when_nothing_would_change() {
+        let t = tracing_to_nowhere(SamplerChoice::ParentBasedTraceIdRatio(0.0));
         let headers = |values: &[(&'static str, &'static str)]| {
             let mut h = http::HeaderMap::new();
             for (name, value) in values {
@@ -833,18 +838,7 @@ mod tests {
     /// preset does not leak into the next root span.
     #[tokio::test]
     async fn an_unsampled_root_request_keeps_its_trace_id_when_built_after_a_refusal() {
-        let config = TelemetryConfig {
-            enabled: true,
-            // Nothing listens there: exports fail in the background, which is not tested here.
-            endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
-            service_name: None,
-            sampler: Some(SamplerChoice::TraceIdRatio(0.0)),
-            batch_delay: None,
-            queue_size: None,
-        };
-        let workload =
-            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/shop/sa/orders").unwrap();
-        let t = Telemetry::new(&config, &workload, Arc::new(Metrics::default())).unwrap();
+        let t = tracing_to_nowhere(SamplerChoice::TraceIdRatio(0.0));
         let root = Context::new();
         let unsampled = t.start("meshgate.inbound", SpanKind::Server, &root, || {
             panic!("attributes built for a span the sampler dropped")

@@ -19,7 +19,7 @@ use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
 use crate::http_util::{
     ProxyBody, absolute_uri, boxed, bridge_upgrade, error_response_for, is_grpc, origin_form,
-    requested_upgrade, set_upgrade, strip_hop_by_hop,
+    request_authority, requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 
 /// Which HTTP the local app speaks.
@@ -169,13 +169,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                 }
             };
         // The caller's authority (checked by the authorization layer) names the virtual host.
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| app.addr.clone());
+        let authority = request_authority(&req).map_or_else(|| app.addr.clone(), str::to_string);
         strip_hop_by_hop(req.headers_mut());
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);

@@ -24,7 +24,7 @@ use crate::h1_pool::MaybeIncoming;
 use crate::http_util::{
     APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody, absolute_uri, boxed, bridge_upgrade,
     error_response, error_response_for, host_without_port, is_grpc, origin_form, port_of,
-    requested_upgrade, set_upgrade, strip_hop_by_hop,
+    request_authority, requested_upgrade, set_upgrade, strip_hop_by_hop,
 };
 use crate::identity::Identity;
 use crate::metrics::{LatencyLabels, Metrics, RequestLabels};
@@ -293,16 +293,10 @@ impl Outbound {
         let cx = self
             .telemetry
             .start("meshgate.outbound", SpanKind::Client, &parent, || {
-                let server = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-                    .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                    .unwrap_or_default();
+                let server = request_authority(&req).unwrap_or_default();
                 vec![
                     KeyValue::new("http.request.method", req.method().as_str().to_string()),
-                    KeyValue::new("server.address", host_without_port(&server)),
+                    KeyValue::new("server.address", host_without_port(server)),
                     KeyValue::new("url.path", req.uri().path().to_string()),
                 ]
             });
@@ -331,13 +325,7 @@ impl Outbound {
         dst_port: Option<u16>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let Some(authority) = authority else {
+        let Some(authority) = request_authority(&req).map(str::to_string) else {
             self.record("bad-request", "", started);
             return error_response(
                 req.headers(),
