@@ -161,8 +161,12 @@ impl Admin {
                             let resp = this.handle(&req);
                             async move { Ok::<_, Infallible>(resp) }
                         });
-                        let _ = crate::serve::http_server()
-                            .serve_connection(TokioIo::new(tcp), service)
+                        let exec = crate::conn_task::ConnExecutor::new();
+                        let _ = exec
+                            .run(
+                                crate::serve::http_server(exec.clone())
+                                    .serve_connection(TokioIo::new(tcp), service),
+                            )
                             .await;
                     });
                 }

@@ -3,6 +3,7 @@
 //! client, the admin endpoint and metrics.
 
 pub mod admin;
+pub mod conn_task;
 pub mod console;
 pub mod control_plane;
 pub mod decision;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::rt::TokioExecutor;
+use crate::conn_task::ConnExecutor;
 
 use super::connector::{MeshConnector, MeshStream};
 use crate::h1_pool::{Dial, Http1Pool, MaybeIncoming, PoolError, PooledBody};
@@ -216,7 +216,9 @@ impl MeshPool {
                 return Err(e.into());
             }
         };
-        let (sender, conn) = match http2::Builder::new(TokioExecutor::new())
+        // The connection, its dispatcher and every request's future run in one task.
+        let exec = ConnExecutor::new();
+        let (sender, conn) = match http2::Builder::new(exec.clone())
             .handshake(stream)
             .await
         {
@@ -228,7 +230,7 @@ impl MeshPool {
         };
         endpoint.backoff.succeeded();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = exec.run(conn).await {
                 tracing::debug!(error = %e, "HTTP/2 connection to a peer sidecar ended with an error");
             }
         });

@@ -1,0 +1,303 @@
+//! One task per HTTP/2 connection, streams included.
+//!
+//! Why: hyper runs each HTTP/2 stream as a future of its own, handed to an executor. With
+//! tokio's, that is a task spawned per request (an allocation, the runtime's task list, a
+//! scheduling) and a cross-task wake-up each way: the connection task wakes the stream's task
+//! when a request or data arrives, the stream's task wakes the connection's when its response
+//! is ready. The client side is the same: hyper's HTTP/2 client runs the connection, the
+//! dispatcher and a future per request as separate tasks. On the mesh path that was the
+//! largest cost left after the HTTP work itself (BENCHMARKS.md, sixth session).
+//!
+//! [`ConnExecutor`] is the executor hyper is given instead: it queues the futures, and
+//! [`WithStreams`] — the connection's future wrapped — runs them inside the connection's own
+//! task. Wake-ups between the connection and its streams become flags read in the same poll.
+//!
+//! What this changes for users: a connection and all its streams run on one runtime thread at
+//! a time (a sidecar gets one worker per CPU, and traffic from many peers spreads over them,
+//! but one peer's HTTP/2 connection no longer does), and when a connection is dropped without
+//! a goodbye (its idle grace ran out) its streams are dropped with it rather than left to fail
+//! on their own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
+
+type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Rounds of work one poll does before it yields to the runtime (fairness toward the other
+/// connections on the same thread; what is left is picked up on the next poll).
+const ROUNDS: usize = 32;
+
+/// The executor given to hyper for one HTTP/2 connection: the futures it would spawn are run by
+/// the connection's [`WithStreams`] instead.
+#[derive(Clone)]
+pub struct ConnExecutor {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConnExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnExecutor").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    /// Futures handed over since the connection's task last took them.
+    spawned: Mutex<Vec<Spawned>>,
+    wakes: Arc<Wakes>,
+}
+
+/// What woke the connection's task, and whether it is running now.
+struct Wakes {
+    /// The connection future itself asked to be polled.
+    conn: AtomicBool,
+    /// A stream future asked to be polled, or a new one was handed over.
+    streams: AtomicBool,
+    /// Inside [`WithStreams::poll`]: a wake-up only needs its flag, the loop reads it.
+    polling: AtomicBool,
+    /// The task that runs the connection.
+    task: AtomicWaker,
+}
+
+impl Wakes {
+    fn set(&self, flag: &AtomicBool) {
+        flag.store(true, SeqCst);
+        if !self.polling.load(SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+/// Wakes the connection's task for the connection future.
+struct ConnWaker(Arc<Wakes>);
+
+impl Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.set(&self.0.conn);
+    }
+}
+
+/// Wakes the connection's task for its streams.
+struct StreamsWaker(Arc<Wakes>);
+
+impl Wake for StreamsWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.set(&self.0.streams);
+    }
+}
+
+impl ConnExecutor {
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                spawned: Mutex::new(Vec::new()),
+                wakes: Arc::new(Wakes {
+                    // The first poll looks at everything.
+                    conn: AtomicBool::new(true),
+                    streams: AtomicBool::new(true),
+                    polling: AtomicBool::new(false),
+                    task: AtomicWaker::new(),
+                }),
+            }),
+        }
+    }
+
+    /// `conn`, run together with every future hyper hands this executor.
+    pub fn run<C: Future>(&self, conn: C) -> WithStreams<C> {
+        let wakes = &self.shared.wakes;
+        WithStreams {
+            conn,
+            output: None,
+            running: FuturesUnordered::new(),
+            conn_waker: Waker::from(Arc::new(ConnWaker(wakes.clone()))),
+            streams_waker: Waker::from(Arc::new(StreamsWaker(wakes.clone()))),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Default for ConnExecutor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for ConnExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.shared
+            .spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::pin(fut));
+        self.shared.wakes.set(&self.shared.wakes.streams);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection future and the futures its [`ConnExecutor`] was handed, run in one task.
+    /// Ends with the connection's output once the connection and every stream have ended.
+    pub struct WithStreams<C: Future> {
+        #[pin]
+        conn: C,
+        output: Option<C::Output>,
+        running: FuturesUnordered<Spawned>,
+        conn_waker: Waker,
+        streams_waker: Waker,
+        shared: Arc<Shared>,
+    }
+}
+
+impl<C: Future> WithStreams<C> {
+    /// The connection future inside (to ask it to shut down gracefully).
+    pub fn conn_mut(self: Pin<&mut Self>) -> Pin<&mut C> {
+        self.project().conn
+    }
+}
+
+impl<C: Future> Future for WithStreams<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        let wakes = &this.shared.wakes;
+        wakes.task.register(cx.waker());
+        wakes.polling.store(true, SeqCst);
+        for _ in 0..ROUNDS {
+            if wakes.conn.swap(false, SeqCst)
+                && this.output.is_none()
+                && let Poll::Ready(out) = this
+                    .conn
+                    .as_mut()
+                    .poll(&mut Context::from_waker(this.conn_waker))
+            {
+                *this.output = Some(out);
+            }
+            if wakes.streams.swap(false, SeqCst) {
+                let handed: Vec<Spawned> = std::mem::take(
+                    &mut *this.shared.spawned.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                this.running.extend(handed);
+                let mut streams_cx = Context::from_waker(this.streams_waker);
+                while let Poll::Ready(Some(())) = this.running.poll_next_unpin(&mut streams_cx) {}
+            }
+            if this.output.is_some() && this.running.is_empty() && !wakes.streams.load(SeqCst) {
+                wakes.polling.store(false, SeqCst);
+                return Poll::Ready(this.output.take().expect("checked above"));
+            }
+            if !wakes.conn.load(SeqCst) && !wakes.streams.load(SeqCst) {
+                // Leave polling mode, then look once more: a wake-up that saw `polling` set
+                // before it was cleared only left its flag.
+                wakes.polling.store(false, SeqCst);
+                if !wakes.conn.load(SeqCst) && !wakes.streams.load(SeqCst) {
+                    return Poll::Pending;
+                }
+                wakes.polling.store(true, SeqCst);
+            }
+        }
+        wakes.polling.store(false, SeqCst);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Executor;
+    use tokio::sync::oneshot;
+
+    /// Futures handed to the executor run, and finish, before the wrapped connection's output
+    /// is returned; wake-ups between them (here oneshot channels both ways) are not lost.
+    #[tokio::test]
+    async fn streams_run_with_the_connection_and_are_awaited() {
+        let exec = ConnExecutor::new();
+        let (to_stream, from_conn) = oneshot::channel::<u32>();
+        let (to_conn, mut from_stream) = oneshot::channel::<u32>();
+        let (done_tx, done_rx) = oneshot::channel::<u32>();
+        let spawner = exec.clone();
+        let mut handover = Some((to_stream, from_conn, to_conn, done_tx));
+        // The "connection": hands over a stream, sends it a request, waits for its answer.
+        let conn = std::future::poll_fn(move |cx| {
+            if let Some((to_stream, from_conn, to_conn, done)) = handover.take() {
+                spawner.execute(async move {
+                    let request = from_conn.await.expect("the connection sent a request");
+                    to_conn.send(request + 1).expect("the connection listens");
+                    tokio::task::yield_now().await;
+                    done.send(request + 2).expect("the test listens");
+                });
+                to_stream.send(41).unwrap();
+            }
+            Pin::new(&mut from_stream).poll(cx).map(|r| r.unwrap())
+        });
+        let answer = exec.run(conn).await;
+        assert_eq!(answer, 42);
+        // The stream future finished before `run` returned.
+        assert_eq!(done_rx.await.unwrap(), 43);
+    }
+
+    /// A wake-up from another thread while the connection's task is parked reaches it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wake_from_another_thread_is_not_lost() {
+        for _ in 0..200 {
+            let exec = ConnExecutor::new();
+            let (tx, rx) = oneshot::channel::<()>();
+            let (stream_tx, stream_rx) = oneshot::channel::<()>();
+            exec.execute(async move {
+                stream_rx.await.unwrap();
+            });
+            let sender = std::thread::spawn(move || {
+                tx.send(()).unwrap();
+                stream_tx.send(()).unwrap();
+            });
+            let result = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                exec.run(async { rx.await.unwrap() }),
+            )
+            .await;
+            sender.join().unwrap();
+            assert!(result.is_ok(), "a wake-up was lost: the connection never finished");
+        }
+    }
+
+    /// A stream that is always ready again cannot hold the thread: the connection's task yields,
+    /// and another task on a single-threaded runtime gets to run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_busy_stream_does_not_starve_the_thread() {
+        let exec = ConnExecutor::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinning = stop.clone();
+        exec.execute(std::future::poll_fn(move |cx| {
+            if spinning.load(SeqCst) {
+                return Poll::Ready(());
+            }
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }));
+        let conn = tokio::spawn(exec.run(std::future::ready(())));
+        let other = tokio::spawn(async move {
+            stop.store(true, SeqCst);
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), other)
+            .await
+            .expect("the other task never ran")
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn)
+            .await
+            .expect("the connection never finished")
+            .unwrap();
+    }
+}
