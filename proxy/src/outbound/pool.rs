@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::conn_task::ConnExecutor;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use crate::conn_task::ConnExecutor;
 
 use super::connector::{MeshConnector, MeshStream};
 use crate::h1_pool::{Dial, Http1Pool, MaybeIncoming, PoolError, PooledBody};
@@ -218,10 +218,7 @@ impl MeshPool {
         };
         // The connection, its dispatcher and every request's future run in one task.
         let exec = ConnExecutor::new();
-        let (sender, conn) = match http2::Builder::new(exec.clone())
-            .handshake(stream)
-            .await
-        {
+        let (sender, conn) = match http2::Builder::new(exec.clone()).handshake(stream).await {
             Ok(handshaken) => handshaken,
             Err(e) => {
                 endpoint.backoff.failed();
@@ -230,7 +227,7 @@ impl MeshPool {
         };
         endpoint.backoff.succeeded();
         tokio::spawn(async move {
-            if let Err(e) = exec.run(conn).await {
+            if let Err(e) = exec.run_batched(conn).await {
                 tracing::debug!(error = %e, "HTTP/2 connection to a peer sidecar ended with an error");
             }
         });
