@@ -161,12 +161,8 @@ impl Admin {
                             let resp = this.handle(&req);
                             async move { Ok::<_, Infallible>(resp) }
                         });
-                        let exec = crate::conn_task::ConnExecutor::new();
-                        let _ = exec
-                            .run(
-                                crate::serve::http_server(exec.clone())
-                                    .serve_connection(TokioIo::new(tcp), service),
-                            )
+                        let _ = crate::serve::http_server()
+                            .serve_connection(TokioIo::new(tcp), service)
                             .await;
                     });
                 }

@@ -1,22 +1,21 @@
-//! One task per HTTP/2 connection, streams included.
+//! One task for an HTTP/2 client connection, its dispatcher and its requests' futures.
 //!
-//! Why: hyper runs each HTTP/2 stream as a future of its own, handed to an executor. With
-//! tokio's, that is a task spawned per request (an allocation, the runtime's task list, a
-//! scheduling) and a cross-task wake-up each way: the connection task wakes the stream's task
-//! when a request or data arrives, the stream's task wakes the connection's when its response
-//! is ready. The client side is the same: hyper's HTTP/2 client runs the connection, the
-//! dispatcher and a future per request as separate tasks. On the mesh path that was the
-//! largest cost left after the HTTP work itself (BENCHMARKS.md, sixth session).
+//! Why: hyper's HTTP/2 client runs the connection, the dispatcher that takes requests from
+//! `SendRequest`, and a future per request (waiting for the response, piping the body) as
+//! separate tasks when given tokio's executor: a task spawned per request (an allocation, the
+//! runtime's task list, a scheduling) and wake-ups across tasks between them. On the outbound
+//! sidecar that was ≈ 4.8k of its 64k instructions per request (callgrind, BENCHMARKS.md
+//! "sixth session").
 //!
 //! [`ConnExecutor`] is the executor hyper is given instead: it queues the futures, and
-//! [`WithStreams`] — the connection's future wrapped — runs them inside the connection's own
-//! task. Wake-ups between the connection and its streams become flags read in the same poll.
+//! [`WithStreams`] — the dispatcher's future wrapped — runs them inside one task. Wake-ups
+//! between them become flags read in the same poll. When the dispatcher takes new requests the
+//! task yields once before the connection writes, so requests that other tasks are handing over
+//! at the same time leave in one write, as they did when the writer was a task of its own.
 //!
-//! What this changes for users: a connection and all its streams run on one runtime thread at
-//! a time (a sidecar gets one worker per CPU, and traffic from many peers spreads over them,
-//! but one peer's HTTP/2 connection no longer does), and when a connection is dropped without
-//! a goodbye (its idle grace ran out) its streams are dropped with it rather than left to fail
-//! on their own.
+//! Only for the client connection between sidecars, whose I/O was one task already. Not for the
+//! servers: there hyper's task per stream lets one peer's requests spread over the runtime's
+//! threads, and running them in the connection's task saved only ≈ 1.1k of 80k instructions.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -113,18 +112,16 @@ impl ConnExecutor {
         }
     }
 
-    /// `conn`, run together with every future hyper hands this executor.
+    /// `conn` (the client's dispatcher), run together with every future hyper hands this
+    /// executor.
     pub fn run<C: Future>(&self, conn: C) -> WithStreams<C> {
-        self.with(conn, false)
+        self.with(conn, true)
     }
 
-    /// As [`Self::run`], for a client connection that many tasks send requests on: when the
-    /// connection takes new requests, it yields once before the streams (the HTTP/2 writer
-    /// among them) run, so that requests other tasks are about to hand over leave in the same
-    /// write. Without it each request went out in a `writev` of its own (2.0 against 1.5
-    /// system calls per request on the outbound sidecar, measured).
-    pub fn run_batched<C: Future>(&self, conn: C) -> WithStreams<C> {
-        self.with(conn, true)
+    /// Without the yield before the writer: for the unit tests of the wake-up logic alone.
+    #[cfg(test)]
+    fn run_unbatched<C: Future>(&self, conn: C) -> WithStreams<C> {
+        self.with(conn, false)
     }
 
     fn with<C: Future>(&self, conn: C, batch: bool) -> WithStreams<C> {
@@ -166,7 +163,7 @@ pin_project_lite::pin_project! {
     /// A connection future and the futures its [`ConnExecutor`] was handed, run in one task.
     /// Ends with the connection's output once the connection and every stream have ended.
     pub struct WithStreams<C: Future> {
-        // Yield once after the connection took requests (see `run_batched`).
+        // Yield once after the connection took requests (see `run`).
         batch: bool,
         // This poll comes after such a yield: run everything.
         deferred: bool,
@@ -177,13 +174,6 @@ pin_project_lite::pin_project! {
         conn_waker: Waker,
         streams_waker: Waker,
         shared: Arc<Shared>,
-    }
-}
-
-impl<C: Future> WithStreams<C> {
-    /// The connection future inside (to ask it to shut down gracefully).
-    pub fn conn_mut(self: Pin<&mut Self>) -> Pin<&mut C> {
-        self.project().conn
     }
 }
 
@@ -290,7 +280,7 @@ mod tests {
     /// A wake-up from another thread while the connection's task is parked reaches it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wake_from_another_thread_is_not_lost() {
-        for _ in 0..200 {
+        for round in 0..200 {
             let exec = ConnExecutor::new();
             let (tx, rx) = oneshot::channel::<()>();
             let (stream_tx, stream_rx) = oneshot::channel::<()>();
@@ -301,9 +291,15 @@ mod tests {
                 tx.send(()).unwrap();
                 stream_tx.send(()).unwrap();
             });
+            let conn = async { rx.await.unwrap() };
             let result = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                exec.run(async { rx.await.unwrap() }),
+                // Both with and without the yield after the connection takes requests.
+                if round % 2 == 0 {
+                    exec.run(conn)
+                } else {
+                    exec.run_unbatched(conn)
+                },
             )
             .await;
             sender.join().unwrap();

@@ -13,8 +13,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::metrics::Metrics;
 
 use hyper_util::server::graceful::GracefulConnection;
-
-use crate::conn_task::{ConnExecutor, WithStreams};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -284,7 +282,7 @@ pub struct DrainWatch(watch::Receiver<bool>);
 impl DrainWatch {
     /// Serves the HTTP connection `conn` until it ends (see [`Serve`]); with `idle`, closes it
     /// gracefully once its I/O has been quiet for that long.
-    pub fn serve<C: Graceful>(
+    pub fn serve<C: GracefulConnection>(
         self,
         conn: C,
         idle: Option<(Activity, Duration)>,
@@ -350,7 +348,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<C: Graceful, D: Future<Output = ()>> Future for Serve<C, D> {
+impl<C: GracefulConnection, D: Future<Output = ()>> Future for Serve<C, D> {
     type Output = Served<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -399,24 +397,6 @@ impl<C: Graceful, D: Future<Output = ()>> Future for Serve<C, D> {
     }
 }
 
-/// A served connection that can be asked to finish: hyper's (sealed [`GracefulConnection`]),
-/// and one run with its streams by [`ConnExecutor`].
-pub trait Graceful: Future {
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<C: GracefulConnection> Graceful for C {
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        GracefulConnection::graceful_shutdown(self)
-    }
-}
-
-impl<C: Graceful> Graceful for WithStreams<C> {
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        self.conn_mut().graceful_shutdown()
-    }
-}
-
 /// Slowest acceptable delivery of a request's headers (HTTP/1): a slowloris client that trickles
 /// header bytes is cut off instead of holding a connection forever.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -427,10 +407,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// The HTTP server settings of every sidecar listener that faces a client (HTTP/1.1 and HTTP/2
 /// on one port), with the limits above.
-/// Its HTTP/2 streams run on `exec`: give each connection a new [`ConnExecutor`] and serve
-/// the connection through [`ConnExecutor::run`].
-pub fn http_server(exec: ConnExecutor) -> hyper_util::server::conn::auto::Builder<ConnExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(exec);
+pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -499,12 +478,9 @@ mod tests {
                         http_body_util::Empty::<bytes::Bytes>::new(),
                     ))
                 });
-                let exec = ConnExecutor::new();
-                let conn = exec.run(
-                    http_server(exec.clone())
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), slow)
-                        .into_owned(),
-                );
+                let conn = http_server()
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), slow)
+                    .into_owned();
                 async move {
                     drain.serve(conn, None).await;
                 }

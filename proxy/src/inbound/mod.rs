@@ -241,15 +241,9 @@ impl Inbound {
                 peer_identity,
             ))
             .service(self.forwarder.for_connection());
-        let exec = crate::conn_task::ConnExecutor::new();
-        let conn = exec.run(
-            crate::serve::http_server(exec.clone())
-                .serve_connection_with_upgrades(
-                    TokioIo::new(tls),
-                    TowerToHyperService::new(service),
-                )
-                .into_owned(),
-        );
+        let conn = crate::serve::http_server()
+            .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service))
+            .into_owned();
         let metrics = self.metrics.clone();
         Box::pin(
             drain

@@ -265,12 +265,10 @@ impl Outbound {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.forward(req, dst_port).await) }
         });
-        let exec = crate::conn_task::ConnExecutor::new();
-        let conn = exec.run(
-            crate::serve::http_server(exec.clone())
-                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                .into_owned(),
-        );
+        let builder = crate::serve::http_server();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
         if let Some(Err(e)) = drain.serve(conn, None).await.result {
             tracing::debug!(error = %e, "outbound connection ended with an error");
         }

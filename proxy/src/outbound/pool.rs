@@ -227,7 +227,7 @@ impl MeshPool {
         };
         endpoint.backoff.succeeded();
         tokio::spawn(async move {
-            if let Err(e) = exec.run_batched(conn).await {
+            if let Err(e) = exec.run(conn).await {
                 tracing::debug!(error = %e, "HTTP/2 connection to a peer sidecar ended with an error");
             }
         });
