@@ -72,27 +72,23 @@ impl Wakes {
     }
 }
 
-/// Wakes the connection's task for the connection future.
-struct ConnWaker(Arc<Wakes>);
-
-impl Wake for ConnWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.set(&self.0.conn);
-    }
+/// Wakes the connection's task, for the connection future (`conn`) or for its streams.
+struct FlagWaker {
+    wakes: Arc<Wakes>,
+    conn: bool,
 }
 
-/// Wakes the connection's task for its streams.
-struct StreamsWaker(Arc<Wakes>);
-
-impl Wake for StreamsWaker {
+impl Wake for FlagWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.set(&self.0.streams);
+        let flag = if self.conn {
+            &self.wakes.conn
+        } else {
+            &self.wakes.streams
+        };
+        self.wakes.set(flag);
     }
 }
 
@@ -132,8 +128,14 @@ impl ConnExecutor {
             conn,
             output: None,
             running: FuturesUnordered::new(),
-            conn_waker: Waker::from(Arc::new(ConnWaker(wakes.clone()))),
-            streams_waker: Waker::from(Arc::new(StreamsWaker(wakes.clone()))),
+            conn_waker: Waker::from(Arc::new(FlagWaker {
+                wakes: wakes.clone(),
+                conn: true,
+            })),
+            streams_waker: Waker::from(Arc::new(FlagWaker {
+                wakes: wakes.clone(),
+                conn: false,
+            })),
             shared: self.shared.clone(),
         }
     }
