@@ -3,9 +3,10 @@
 //! Why: hyper's HTTP/2 client runs the connection, the dispatcher that takes requests from
 //! `SendRequest`, and a future per request (waiting for the response, piping the body) as
 //! separate tasks when given tokio's executor: a task spawned per request (an allocation, the
-//! runtime's task list, a scheduling) and wake-ups across tasks between them. On the outbound
-//! sidecar that was ≈ 4.8k of its 64k instructions per request (callgrind, BENCHMARKS.md
-//! "sixth session").
+//! runtime's task list, a scheduling) and wake-ups across tasks between them. Without them
+//! the outbound sidecar ran ≈ 4.8k fewer of its 64k instructions per request, but lost its
+//! write batching; with the yield below that brings it back, ≈ 1.7k fewer (callgrind,
+//! BENCHMARKS.md "sixth session"). No change in CPU time was measurable.
 //!
 //! [`ConnExecutor`] is the executor hyper is given instead: it queues the futures, and
 //! [`WithStreams`] — the dispatcher's future wrapped — runs them inside one task. Wake-ups
@@ -48,7 +49,7 @@ impl std::fmt::Debug for ConnExecutor {
 struct Shared {
     /// Futures handed over since the connection's task last took them.
     spawned: Mutex<Vec<Spawned>>,
-    wakes: Arc<Wakes>,
+    wakes: Wakes,
 }
 
 /// What woke the connection's task, and whether it is running now.
@@ -74,7 +75,7 @@ impl Wakes {
 
 /// Wakes the connection's task, for the connection future (`conn`) or for its streams.
 struct FlagWaker {
-    wakes: Arc<Wakes>,
+    shared: Arc<Shared>,
     conn: bool,
 }
 
@@ -83,12 +84,12 @@ impl Wake for FlagWaker {
         self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        let flag = if self.conn {
-            &self.wakes.conn
+        let wakes = &self.shared.wakes;
+        wakes.set(if self.conn {
+            &wakes.conn
         } else {
-            &self.wakes.streams
-        };
-        self.wakes.set(flag);
+            &wakes.streams
+        });
     }
 }
 
@@ -97,13 +98,13 @@ impl ConnExecutor {
         Self {
             shared: Arc::new(Shared {
                 spawned: Mutex::new(Vec::new()),
-                wakes: Arc::new(Wakes {
+                wakes: Wakes {
                     // The first poll looks at everything.
                     conn: AtomicBool::new(true),
                     streams: AtomicBool::new(true),
                     polling: AtomicBool::new(false),
                     task: AtomicWaker::new(),
-                }),
+                },
             }),
         }
     }
@@ -121,21 +122,21 @@ impl ConnExecutor {
     }
 
     fn with<C: Future>(&self, conn: C, batch: bool) -> WithStreams<C> {
-        let wakes = &self.shared.wakes;
+        let waker = |conn| {
+            Waker::from(Arc::new(FlagWaker {
+                shared: self.shared.clone(),
+                conn,
+            }))
+        };
         WithStreams {
             batch,
             deferred: false,
             conn,
             output: None,
             running: FuturesUnordered::new(),
-            conn_waker: Waker::from(Arc::new(FlagWaker {
-                wakes: wakes.clone(),
-                conn: true,
-            })),
-            streams_waker: Waker::from(Arc::new(FlagWaker {
-                wakes: wakes.clone(),
-                conn: false,
-            })),
+            handed: Vec::new(),
+            conn_waker: waker(true),
+            streams_waker: waker(false),
             shared: self.shared.clone(),
         }
     }
@@ -173,6 +174,9 @@ pin_project_lite::pin_project! {
         conn: C,
         output: Option<C::Output>,
         running: FuturesUnordered<Spawned>,
+        // Swapped with `Shared::spawned` to take the handed-over futures: no allocation per
+        // batch.
+        handed: Vec<Spawned>,
         conn_waker: Waker,
         streams_waker: Waker,
         shared: Arc<Shared>,
@@ -187,15 +191,16 @@ impl<C: Future> Future for WithStreams<C> {
         let wakes = &this.shared.wakes;
         wakes.task.register(cx.waker());
         wakes.polling.store(true, SeqCst);
-        if *this.batch && !std::mem::take(this.deferred) && wakes.conn.swap(false, SeqCst) {
-            if this.output.is_none()
-                && let Poll::Ready(out) = this
-                    .conn
-                    .as_mut()
-                    .poll(&mut Context::from_waker(this.conn_waker))
+        // The connection, unless it ended; its output kept until the streams end too.
+        let poll_conn = |conn: Pin<&mut C>, output: &mut Option<C::Output>| {
+            if output.is_none()
+                && let Poll::Ready(out) = conn.poll(&mut Context::from_waker(this.conn_waker))
             {
-                *this.output = Some(out);
+                *output = Some(out);
             }
+        };
+        if *this.batch && !std::mem::take(this.deferred) && wakes.conn.swap(false, SeqCst) {
+            poll_conn(this.conn.as_mut(), this.output);
             // Back of the run queue: the tasks already woken hand over their requests first.
             *this.deferred = true;
             wakes.polling.store(false, SeqCst);
@@ -203,24 +208,19 @@ impl<C: Future> Future for WithStreams<C> {
             return Poll::Pending;
         }
         for _ in 0..ROUNDS {
-            if wakes.conn.swap(false, SeqCst)
-                && this.output.is_none()
-                && let Poll::Ready(out) = this
-                    .conn
-                    .as_mut()
-                    .poll(&mut Context::from_waker(this.conn_waker))
-            {
-                *this.output = Some(out);
+            if wakes.conn.swap(false, SeqCst) {
+                poll_conn(this.conn.as_mut(), this.output);
             }
             if wakes.streams.swap(false, SeqCst) {
-                let handed: Vec<Spawned> = std::mem::take(
+                std::mem::swap(
+                    this.handed,
                     &mut *this
                         .shared
                         .spawned
                         .lock()
                         .unwrap_or_else(|p| p.into_inner()),
                 );
-                this.running.extend(handed);
+                this.running.extend(this.handed.drain(..));
                 let mut streams_cx = Context::from_waker(this.streams_waker);
                 while let Poll::Ready(Some(())) = this.running.poll_next_unpin(&mut streams_cx) {}
             }

@@ -24,12 +24,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::conn_task::ConnExecutor;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 
 use super::connector::{MeshConnector, MeshStream};
+use crate::conn_task::ConnExecutor;
 use crate::h1_pool::{Dial, Http1Pool, MaybeIncoming, PoolError, PooledBody};
 
 /// First pause before an endpoint whose connect failed is dialled again.
