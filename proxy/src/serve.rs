@@ -265,11 +265,180 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         polled
     }
 
+    /// Forwarded so that rustls's pending records (a batch of responses can be several) leave in
+    /// one `writev` rather than one `send` each.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Gathers what an HTTP/2 connection writes during one poll of its task and writes it when the
+/// task is next polled, so that the frames of many responses leave in one TLS record and one
+/// system call.
+///
+/// Why: on the HTTP/2 connection from a peer sidecar, h2 writes every DATA frame larger than
+/// 256 bytes on its own (it chains the payload rather than copying it, then flushes before the
+/// next frame). Through rustls that was one record, one `send` and one wake-up of the peer per
+/// response: 1.0 system call per request on the inbound sidecar at saturation, while its reads
+/// of that connection took 0.05 (BENCHMARKS.md, "seventh session").
+///
+/// How: writes are copied into a buffer (up to [`COALESCE_LIMIT`]; a larger write with nothing
+/// buffered goes straight through, uncopied) and a flush wakes the task and reports done. The
+/// next poll of the connection starts with a read (h2 reads the peer's frames before it writes),
+/// and the read first writes the buffer out. A flush while an earlier write-out is blocked on a
+/// full socket waits for it for real, so a slow peer pushes back and nothing spins. Shutdown
+/// writes everything first. HTTP/1.1 connections carry one response at a time and pass straight
+/// through (`coalesce` false): the auto server needs one I/O type for both protocols.
+#[derive(Debug)]
+pub struct CoalesceWrites<T> {
+    inner: T,
+    /// Gather writes at all (HTTP/2).
+    coalesce: bool,
+    /// Written by the connection, not yet handed to `inner`.
+    buf: Vec<u8>,
+    /// How much of `buf` `inner` has taken.
+    sent: usize,
+    /// The last write-out found the socket full; it is retried when the socket wakes the task.
+    blocked: bool,
+}
+
+/// Most bytes gathered before they are written out; one TLS record's payload.
+pub const COALESCE_LIMIT: usize = 16 * 1024;
+
+/// Capacity kept between batches; a larger buffer is freed once written out, so an idle
+/// connection holds little.
+const COALESCE_KEEP: usize = 4 * 1024;
+
+impl<T> CoalesceWrites<T> {
+    pub fn new(inner: T, coalesce: bool) -> Self {
+        Self {
+            inner,
+            coalesce,
+            buf: Vec::new(),
+            sent: 0,
+            blocked: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> CoalesceWrites<T> {
+    /// Hands everything gathered to `inner` and flushes it.
+    fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.buf.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.blocked = true;
+                    return Poll::Pending;
+                }
+            }
+        }
+        if self.buf.capacity() > COALESCE_KEEP {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        self.sent = 0;
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.blocked = flushed.is_pending();
+        flushed
+    }
+
+    /// Makes room for `len` more bytes: `Ready(true)` to copy them, `Ready(false)` to write them
+    /// straight through (nothing gathered, too large to copy).
+    fn make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<std::io::Result<bool>> {
+        if !self.buf.is_empty() && self.buf.len() + len > COALESCE_LIMIT {
+            std::task::ready!(self.write_out(cx))?;
+        }
+        Poll::Ready(Ok(len < COALESCE_LIMIT))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for CoalesceWrites<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.buf.is_empty() {
+            // A new poll of the connection: what the last one gathered leaves now. A full
+            // socket does not hold the read up; the socket wakes the task when it drains.
+            if let Poll::Ready(Err(e)) = self.write_out(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CoalesceWrites<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.coalesce || !std::task::ready!(self.make_room(cx, data.len()))? {
+            return Pin::new(&mut self.inner).poll_write(cx, data);
+        }
+        self.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if !self.coalesce || !std::task::ready!(self.make_room(cx, len))? {
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            self.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.coalesce || self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.buf.is_empty() || self.blocked {
+            std::task::ready!(self.write_out(cx))?;
+            return Poll::Ready(Ok(()));
+        }
+        // Written out by the next poll's read; the wake makes sure there is one.
+        cx.waker().wake_by_ref();
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.write_out(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -453,6 +622,132 @@ pub async fn bind(
 mod tests {
     use super::*;
     use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    /// Counts the times it was woken.
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// What one poll of an HTTP/2 connection writes leaves together at the next poll's read (and
+    /// the flush wakes the task, or it would stall); a full socket makes the next flush wait for
+    /// real; a large write with nothing gathered is not copied; shutdown writes everything; an
+    /// HTTP/1.1 connection's writes go straight through.
+    #[test]
+    fn coalesced_writes_leave_at_the_next_read_and_a_full_socket_pushes_back() {
+        use tokio::io::AsyncWrite as _;
+        let wakes = Arc::new(CountWakes(Default::default()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        let mut scratch = [0u8; 256];
+        // Reads what reached the peer's end so far.
+        let drain =
+            |peer: &mut tokio::io::DuplexStream, cx: &mut Context<'_>, scratch: &mut [u8]| {
+                let mut got = Vec::new();
+                loop {
+                    let mut rb = ReadBuf::new(scratch);
+                    match Pin::new(&mut *peer).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                            got.extend_from_slice(rb.filled())
+                        }
+                        _ => return got,
+                    }
+                }
+            };
+
+        let (near, mut peer) = tokio::io::duplex(64);
+        let mut io = CoalesceWrites::new(near, true);
+        let mut io = Pin::new(&mut io);
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, b"head"),
+            Poll::Ready(Ok(4))
+        ));
+        let frames = [std::io::IoSlice::new(b"er"), std::io::IoSlice::new(b"body")];
+        assert!(matches!(
+            io.as_mut().poll_write_vectored(&mut cx, &frames),
+            Poll::Ready(Ok(6))
+        ));
+        assert!(matches!(
+            io.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(woken(), 1, "a deferred flush must wake its task");
+        assert!(
+            drain(&mut peer, &mut cx, &mut scratch).is_empty(),
+            "gathered, not yet written"
+        );
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(io.as_mut().poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(drain(&mut peer, &mut cx, &mut scratch), b"headerbody");
+
+        // 100 bytes into a 64-byte socket: the write-out blocks, the next flush waits for real.
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, &[7; 100]),
+            Poll::Ready(Ok(100))
+        ));
+        assert!(matches!(
+            io.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(io.as_mut().poll_read(&mut cx, &mut rb).is_pending());
+        assert!(
+            io.as_mut().poll_flush(&mut cx).is_pending(),
+            "a blocked write-out must push back"
+        );
+        assert_eq!(drain(&mut peer, &mut cx, &mut scratch).len(), 64);
+        assert!(matches!(
+            io.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(drain(&mut peer, &mut cx, &mut scratch).len(), 36);
+
+        // Shutdown writes what is gathered first.
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, b"bye"),
+            Poll::Ready(Ok(3))
+        ));
+        assert!(matches!(
+            io.as_mut().poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(drain(&mut peer, &mut cx, &mut scratch), b"bye");
+
+        // A write of a whole record with nothing gathered goes straight through.
+        let (near, mut peer) = tokio::io::duplex(2 * COALESCE_LIMIT);
+        let mut io = CoalesceWrites::new(near, true);
+        let big = vec![1u8; COALESCE_LIMIT];
+        assert!(
+            matches!(Pin::new(&mut io).poll_write(&mut cx, &big), Poll::Ready(Ok(n)) if n == COALESCE_LIMIT)
+        );
+        assert!(io.buf.is_empty());
+        assert_eq!(
+            drain(&mut peer, &mut cx, &mut scratch).len(),
+            COALESCE_LIMIT
+        );
+
+        let before = woken();
+        let (near, mut peer) = tokio::io::duplex(64);
+        let mut plain = CoalesceWrites::new(near, false);
+        assert!(matches!(
+            Pin::new(&mut plain).poll_write(&mut cx, b"x"),
+            Poll::Ready(Ok(1))
+        ));
+        assert_eq!(
+            drain(&mut peer, &mut cx, &mut scratch),
+            b"x",
+            "HTTP/1.1 writes are not held"
+        );
+        assert!(matches!(
+            Pin::new(&mut plain).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(woken(), before);
+    }
 
     /// A listener told to stop drains: the request in flight on an HTTP/2 connection is
     /// answered, the connection is then ended by the sidecar's GOAWAY (the client does not have

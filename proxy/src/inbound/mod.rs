@@ -241,8 +241,11 @@ impl Inbound {
                 peer_identity,
             ))
             .service(self.forwarder.for_connection());
+        // Responses to a peer sidecar's HTTP/2 connection leave in batches.
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = crate::serve::CoalesceWrites::new(tls, h2);
         let conn = crate::serve::http_server()
-            .serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(service))
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
         let metrics = self.metrics.clone();
         Box::pin(
