@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -15,23 +15,28 @@
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
 # (parent-based trace-ID ratio sampler at RATIO; denials are exported whatever the ratio) toward
 # an OTLP/HTTP sink (otlp_sink.py, on CPU 0 with oha), and reports the exports it received.
+# --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which reads the
+# body and answers "ok") instead of a GET of the 1 KiB /api/data: the upload direction.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
 base=19600
 syscalls=0
 tracing=
+body=
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
     --base-port) base=$2; shift 2 ;;
     --syscalls) syscalls=1; shift ;;
     --tracing) tracing=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --body) body=$2; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+case $body in ''|*[!0-9]*) [ -z "$body" ] || { echo "--body takes a number of bytes, e.g. --body 16384" >&2; exit 2; } ;; esac
 mg=$1
 shift
 missing=()
@@ -83,10 +88,16 @@ ready $((in_port + 2))
 ready $((out_port + 1))
 
 url="http://127.0.0.1:$out_port/api/data"
+request=()
+if [ -n "$body" ]; then
+  url="http://127.0.0.1:$out_port/api/upload"
+  head -c "$body" /dev/zero | tr '\0' 'x' >"$work/body"
+  request=(-m POST -D "$work/body")
+fi
 oha_json() { # OUT ARGS...
   local out=$1
   shift
-  taskset -c 0 oha --no-tui --output-format json -H "Host: app" "$@" "$url" >"$out"
+  taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
 }
 oha_json "$work/warm.json" -z 1s -c 64
 oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction

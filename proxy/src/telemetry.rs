@@ -485,34 +485,46 @@ impl Telemetry {
         self.tracer.is_some()
     }
 
-    /// The trace context the caller sent (`traceparent`/`tracestate`), or an empty context.
+    /// The trace context the caller sent (`traceparent`/`tracestate`), or an empty context,
+    /// with whether those headers could go on to the app as they are
+    /// ([`Telemetry::caller_context_goes_on`]); each header is looked up once.
     /// Parsed here rather than by the SDK's propagator, with its rules (lowercase hex, version
     /// `00` with exactly four fields, higher versions with at least four, no `ff`, non-zero IDs,
     /// flags other than `sampled` cleared) plus the W3C field lengths, which it does not check:
     /// the propagator splits into a `Vec` and goes through `from_str_radix` on every request,
     /// 3.8k instructions.
-    pub fn extract(&self, headers: &http::HeaderMap) -> Context {
-        if self.tracer.is_none() {
-            return Context::new();
-        }
-        let Some((trace_id, span_id, flags)) = headers
-            .get(TRACEPARENT)
-            .and_then(|v| parse_traceparent(v.as_bytes()))
-        else {
-            return Context::new();
+    pub fn extract(&self, headers: &http::HeaderMap) -> CallerContext {
+        let none = CallerContext {
+            cx: Context::new(),
+            plain: false,
         };
-        let trace_state = headers
-            .get(TRACESTATE)
+        if self.tracer.is_none() {
+            return none;
+        }
+        let mut parents = headers.get_all(TRACEPARENT).iter();
+        let Some((trace_id, span_id, flags)) =
+            parents.next().and_then(|v| parse_traceparent(v.as_bytes()))
+        else {
+            return none;
+        };
+        let state = headers.get(TRACESTATE);
+        // A second `traceparent` would reach the app unread; a `tracestate` is written back
+        // in its checked form.
+        let plain = parents.next().is_none() && state.is_none();
+        let trace_state = state
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<opentelemetry::trace::TraceState>().ok())
             .unwrap_or_default();
-        Context::new().with_remote_span_context(SpanContext::new(
-            trace_id,
-            span_id,
-            flags,
-            true,
-            trace_state,
-        ))
+        CallerContext {
+            cx: Context::new().with_remote_span_context(SpanContext::new(
+                trace_id,
+                span_id,
+                flags,
+                true,
+                trace_state,
+            )),
+            plain,
+        }
     }
 
     /// Writes `cx` as `traceparent` (and `tracestate` when it has entries) into `headers`,
@@ -629,34 +641,61 @@ impl Telemetry {
         parent.with_span(span)
     }
 
-    /// The trace ID of `cx` as lowercase hex, for access logs (empty without a trace).
-    pub fn trace_id(cx: &Context) -> String {
+    /// The trace ID of `cx` as lowercase hex, for log lines (none without a trace).
+    pub fn trace_id(cx: &Context) -> Option<TraceHex> {
         let span = cx.span();
         let sc = span.span_context();
-        if !sc.is_valid() {
-            return String::new();
-        }
-        // By hand: `to_string` goes through the formatter's padded hex, on every request.
-        let mut hex = [0u8; 32];
-        put_hex(&mut hex, &sc.trace_id().to_bytes());
-        hex.iter().copied().map(char::from).collect()
+        sc.is_valid().then(|| TraceHex::new(sc.trace_id()))
     }
 
     /// Whether the caller's trace headers can go on to the app as they are, instead of being
     /// written again for `server` (saving the work on every unsampled request): `server` is not
     /// sampled, so it is recorded nowhere and naming it as the app's parent adds nothing; its
-    /// parent is the caller's context, read from the one valid `traceparent` in `headers` (a
+    /// parent is the caller's context, read from the one valid `traceparent` the caller sent (a
     /// second one would reach the app unread); and there is no `tracestate`, which
     /// [`Telemetry::inject`] would write back in its checked form.
-    pub fn caller_context_goes_on(
-        parent: &Context,
-        server: &Context,
-        headers: &http::HeaderMap,
-    ) -> bool {
-        !server.span().span_context().is_sampled()
-            && parent.span().span_context().is_valid()
-            && headers.get_all(TRACEPARENT).iter().nth(1).is_none()
-            && !headers.contains_key(TRACESTATE)
+    pub fn caller_context_goes_on(caller: &CallerContext, server: &Context) -> bool {
+        caller.plain && !server.span().span_context().is_sampled()
+    }
+}
+
+/// A request's trace context as its caller sent it ([`Telemetry::extract`]).
+pub struct CallerContext {
+    /// The caller's span as a remote parent; empty without a valid `traceparent`.
+    pub cx: Context,
+    /// One valid `traceparent` and no `tracestate`: nothing [`Telemetry::inject`] would
+    /// change but the span ID.
+    plain: bool,
+}
+
+/// A trace ID as 32 lowercase hex digits, for log lines: `Copy`, so handing it from layer to
+/// layer and into warnings allocates nothing (a `String` cost four allocations per traced
+/// request on the inbound path).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceHex([u8; 32]);
+
+impl TraceHex {
+    pub fn new(id: TraceId) -> Self {
+        let mut hex = [0u8; 32];
+        put_hex(&mut hex, &id.to_bytes());
+        Self(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // `put_hex` writes ASCII hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for TraceHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TraceHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -722,10 +761,10 @@ mod tests {
                 false,
             ),
         ] {
-            let parent = t.extract(&sent);
-            let server = t.start("meshgate.inbound", SpanKind::Server, &parent, Vec::new);
+            let caller = t.extract(&sent);
+            let server = t.start("meshgate.inbound", SpanKind::Server, &caller.cx, Vec::new);
             assert_eq!(
-                Telemetry::caller_context_goes_on(&parent, &server, &sent),
+                Telemetry::caller_context_goes_on(&caller, &server),
                 want,
                 "{sent:?}"
             );
@@ -887,7 +926,10 @@ mod tests {
             // Sent as an HPACK literal never indexed: new on every request.
             assert!(format_traceparent(&sc).is_sensitive());
             // The trace ID for log lines, as the SDK formats it.
-            assert_eq!(Telemetry::trace_id(&cx), sc.trace_id().to_string());
+            assert_eq!(
+                Telemetry::trace_id(&cx).map(|t| t.to_string()),
+                Some(sc.trace_id().to_string())
+            );
             assert_eq!(
                 parse_traceparent(format_traceparent(&sc).as_bytes()),
                 Some((sc.trace_id(), sc.span_id(), flags))

@@ -211,7 +211,10 @@ where
         );
         record.peer_addr = Some(peer.addr_text.clone());
         record.method = Some(method.clone());
-        record.trace_id = span.as_ref().and_then(|s| s.trace_id.clone());
+        record.trace_id = span
+            .as_ref()
+            .and_then(|s| s.trace_id)
+            .map(|t| t.to_string());
         let Some(normalized) = judged.normalized else {
             record.original = Some(original);
             let body = match judged.refusal {

@@ -29,6 +29,7 @@ use super::error::InboundError;
 use super::observe::RequestSpan;
 use super::sanitize::{self, AppPortRefusal};
 use crate::http_util::{APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody};
+use crate::telemetry::TraceHex;
 
 /// Set by the outbound sidecar's `x-meshgate-orig-proto`: the caller spoke HTTP/1.1, so the app
 /// gets HTTP/1.1 again (read before the reserved headers are stripped).
@@ -100,10 +101,11 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         use futures_util::future::Either;
         let ctx = &self.ctx;
-        let trace_id = req
+        let traced = req
             .extensions()
             .get::<RequestSpan>()
-            .and_then(|s| s.trace_id.clone());
+            .and_then(|s| s.trace_id);
+        let trace_id = traced.as_ref().map(TraceHex::as_str);
         // The method first (as `judge` would: a CONNECT names no Host worth checking), then
         // the Host.
         let refusal = match meshgate_policy::check_method(req.method().as_str()) {
@@ -126,7 +128,7 @@ where
             record.peer_addr = Some(self.peer.addr_text.clone());
             record.method = Some(req.method().as_str().to_string());
             record.original = Some(target(req).to_string());
-            record.trace_id = trace_id.clone();
+            record.trace_id = trace_id.map(str::to_string);
             Box::new(record)
         };
         if let Some((reason, label)) = refusal {
@@ -173,7 +175,7 @@ where
                 meshgate.workload.id = %ctx.local_id,
                 peer.id = %self.peer.id,
                 removed = prepared.stripped,
-                trace_id = trace_id.as_deref(),
+                trace_id,
                 "caller sent headers an app could read as the sidecar's identity headers; removed"
             );
             ctx.metrics
@@ -186,7 +188,7 @@ where
                 peer.id = %self.peer.id,
                 upgrade = ?refused,
                 allowed = ?ctx.upgrades.allowed(),
-                trace_id = trace_id.as_deref(),
+                trace_id,
                 "Upgrade to a protocol that is not allowed was removed; the request goes on without it (allow it with --allow-upgrade)"
             );
             ctx.metrics.count_hygiene("upgrade_refused", 1);

@@ -23,7 +23,7 @@ use tower::{Layer, Service};
 use super::authz::{AuthzContext, PeerIdentity};
 use super::error::InboundError;
 use crate::http_util::{ProxyBody, is_grpc};
-use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
+use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry, TraceHex};
 
 /// The request's server span, for the inner layers (the app continues the trace from it).
 /// Only when tracing is on.
@@ -31,7 +31,7 @@ use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry};
 pub struct RequestSpan {
     pub cx: opentelemetry::Context,
     /// Its W3C trace ID, when tracing is on (for log lines).
-    pub trace_id: Option<String>,
+    pub trace_id: Option<TraceHex>,
     /// The caller's trace headers go on to the app as they are
     /// ([`Telemetry::caller_context_goes_on`]).
     pub caller_context_goes_on: bool,
@@ -94,28 +94,28 @@ where
         // The caller's trace context (the server span's parent), and what the server span is
         // made of if it is built after the decision (see `telemetry`'s module docs).
         let (parent, server, caller_context_goes_on) = if sink.telemetry().enabled() {
-            let parent = sink.telemetry().extract(req.headers());
+            let caller = sink.telemetry().extract(req.headers());
             let server = sink
                 .telemetry()
-                .start(SERVER_SPAN, SpanKind::Server, &parent, || {
+                .start(SERVER_SPAN, SpanKind::Server, &caller.cx, || {
                     server_attributes(req.method(), req.version(), &self.peer, &self.ctx)
                 });
-            let goes_on = Telemetry::caller_context_goes_on(&parent, &server, req.headers());
+            let goes_on = Telemetry::caller_context_goes_on(&caller, &server);
             (
-                Some((parent, req.method().clone(), req.version())),
+                Some((caller.cx, req.method().clone(), req.version())),
                 server,
                 goes_on,
             )
         } else {
             (None, opentelemetry::Context::new(), false)
         };
-        let trace_id = Some(Telemetry::trace_id(&server)).filter(|t| !t.is_empty());
+        let trace_id = Telemetry::trace_id(&server);
         // With tracing off there is nothing to hand on, and no extension means no map
         // allocated for the request's extensions.
         if parent.is_some() {
             req.extensions_mut().insert(RequestSpan {
                 cx: server.clone(),
-                trace_id: trace_id.clone(),
+                trace_id,
                 caller_context_goes_on,
             });
         }
@@ -135,7 +135,7 @@ where
                             event = "authz.local_svid_expired",
                             meshgate.workload.id = %ctx.local_id,
                             peer.id = %peer.id,
-                            trace_id = trace_id.as_deref(),
+                            trace_id = trace_id.as_ref().map(TraceHex::as_str),
                             "request refused: this sidecar's SVID has expired"
                         );
                     }

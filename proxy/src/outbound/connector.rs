@@ -49,6 +49,19 @@ impl hyper::rt::Write for MeshStream {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
+    /// Forwarded, so that h2 and hyper see that the TLS stream takes several buffers at once:
+    /// without it h2 writes a DATA frame larger than 1 KiB as two writes (its 9-byte head,
+    /// then the payload), which rustls turned into two records and two system calls.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
     }

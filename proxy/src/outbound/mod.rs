@@ -289,7 +289,7 @@ impl Outbound {
             // No span to build: skip the attributes' allocations on every request.
             return self.route(req, dst_port).await;
         }
-        let parent = self.telemetry.extract(req.headers());
+        let parent = self.telemetry.extract(req.headers()).cx;
         let cx = self
             .telemetry
             .start("meshgate.outbound", SpanKind::Client, &parent, || {
