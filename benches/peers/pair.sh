@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -17,6 +17,7 @@
 # an OTLP/HTTP sink (otlp_sink.py, on CPU 0 with oha), and reports the exports it received.
 # --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which reads the
 # body and answers "ok") instead of a GET of the 1 KiB /api/data: the upload direction.
+# --response BYTES: GET a file of BYTES bytes instead (the download direction).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
@@ -24,6 +25,7 @@ base=19600
 syscalls=0
 tracing=
 body=
+response=
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -31,12 +33,15 @@ while [ $# -gt 0 ]; do
     --syscalls) syscalls=1; shift ;;
     --tracing) tracing=$2; shift 2 ;;
     --body) body=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --response) response=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
-case $body in ''|*[!0-9]*) [ -z "$body" ] || { echo "--body takes a number of bytes, e.g. --body 16384" >&2; exit 2; } ;; esac
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+for n in "$body" "$response"; do
+  case $n in ''|*[!0-9]*) [ -z "$n" ] || { echo "--body and --response take a number of bytes, e.g. --body 16384" >&2; exit 2; } ;; esac
+done
 mg=$1
 shift
 missing=()
@@ -93,6 +98,9 @@ if [ -n "$body" ]; then
   url="http://127.0.0.1:$out_port/api/upload"
   head -c "$body" /dev/zero | tr '\0' 'x' >"$work/body"
   request=(-m POST -D "$work/body")
+elif [ -n "$response" ]; then
+  url="http://127.0.0.1:$out_port/api/big"
+  head -c "$response" /dev/zero | tr '\0' 'x' >"$work/www/api/big"
 fi
 oha_json() { # OUT ARGS...
   local out=$1
