@@ -293,41 +293,69 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 }
 
 /// Gathers what an HTTP/2 connection writes during one poll of its task and writes it when the
-/// task is next polled, so that the frames of many responses leave in one TLS record and one
-/// system call.
+/// task is next polled, so that the frames of many responses leave in one system call.
 ///
 /// Why: on the HTTP/2 connection from a peer sidecar, h2 writes every DATA frame larger than
 /// 256 bytes on its own (it chains the payload rather than copying it, then flushes before the
-/// next frame). Through rustls that was one record, one `send` and one wake-up of the peer per
-/// response: 1.0 system call per request on the inbound sidecar at saturation, while its reads
-/// of that connection took 0.05 (BENCHMARKS.md, "seventh session").
+/// next frame). Through tokio-rustls, which writes its records to the socket on every write,
+/// that was one `send` and one wake-up of the peer per response (1.0 system call per request on
+/// the inbound sidecar at saturation, while its reads of that connection took 0.05), and one
+/// per 16 KiB frame of a large response (BENCHMARKS.md, "seventh session", "eighth session").
 ///
-/// How: writes are copied into a buffer (up to [`COALESCE_LIMIT`]; a larger write with nothing
-/// buffered goes straight through, uncopied) and a flush wakes the task and reports done. The
-/// next poll of the connection starts with a read (h2 reads the peer's frames before it writes),
-/// and the read first writes the buffer out. A flush while an earlier write-out is blocked on a
-/// full socket waits for it for real, so a slow peer pushes back and nothing spins. Shutdown
-/// writes everything first. HTTP/1.1 connections carry one response at a time and pass straight
-/// through (`coalesce` false): the auto server needs one I/O type for both protocols.
+/// How: small writes are copied into a buffer of ours (up to [`COALESCE_LIMIT`]), so that many
+/// small frames are sealed into one TLS record; a full buffer, and any write of a whole record
+/// or more, go into the TLS connection's own record buffer ([`Gather`]: rustls encrypts there,
+/// with no copy of ours and no I/O). A flush wakes the task and reports done. The next poll of
+/// the connection starts with a read (h2 reads the peer's frames before it writes), and the
+/// read first writes every gathered record out, in one vectored write. When rustls's record
+/// buffer is full (64 KiB by default) it is written out first. A flush while an earlier
+/// write-out is blocked on a full socket waits for it for real, so a slow peer pushes back and
+/// nothing spins. Shutdown writes everything first. HTTP/1.1 connections carry one response at
+/// a time and pass straight through (`coalesce` false): the auto server needs one I/O type for
+/// both protocols.
 #[derive(Debug)]
 pub struct CoalesceWrites<T> {
     inner: T,
     /// Gather writes at all (HTTP/2).
     coalesce: bool,
-    /// Written by the connection, not yet handed to `inner`.
+    /// Small writes, not yet sealed into a record.
     buf: Vec<u8>,
-    /// How much of `buf` `inner` has taken.
-    sent: usize,
+    /// How much of `buf` is sealed.
+    sealed: usize,
     /// The last write-out found the socket full; it is retried when the socket wakes the task.
     blocked: bool,
 }
 
-/// Most bytes gathered before they are written out; one TLS record's payload.
+/// Most bytes copied into one record before it is sealed; one TLS record's payload. A write
+/// this large or larger goes into rustls's record buffer as it is.
 pub const COALESCE_LIMIT: usize = 16 * 1024;
 
-/// Capacity kept between batches; a larger buffer is freed once written out, so an idle
-/// connection holds little.
+/// Capacity kept between batches; a larger buffer is freed once sealed, so an idle connection
+/// holds little.
 const COALESCE_KEEP: usize = 4 * 1024;
+
+/// A stream with a send buffer of its own that can take bytes without writing to its socket,
+/// for [`CoalesceWrites`]; its `poll_flush` writes everything taken.
+pub trait Gather {
+    /// Takes what fits of `bufs`, in order, into the send buffer, without I/O; `Ok(0)` when
+    /// it is full.
+    fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize>;
+    /// Whether something taken is not written to the socket yet.
+    fn has_gathered(&self) -> bool;
+}
+
+impl<IO> Gather for tokio_rustls::server::TlsStream<IO> {
+    fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        use std::io::Write as _;
+        // Encrypted into rustls's record buffer, the slices together (one record for a frame
+        // head and its payload); tokio-rustls's `poll_flush` writes it out.
+        self.get_mut().1.writer().write_vectored(bufs)
+    }
+
+    fn has_gathered(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
 
 impl<T> CoalesceWrites<T> {
     pub fn new(inner: T, coalesce: bool) -> Self {
@@ -335,26 +363,32 @@ impl<T> CoalesceWrites<T> {
             inner,
             coalesce,
             buf: Vec::new(),
-            sent: 0,
+            sealed: 0,
             blocked: false,
         }
     }
 }
 
-impl<T: AsyncWrite + Unpin> CoalesceWrites<T> {
-    /// Hands everything gathered to `inner` and flushes it.
-    fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while self.sent < self.buf.len() {
-            match Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-                }
-                Poll::Ready(Ok(n)) => self.sent += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.blocked = true;
-                    return Poll::Pending;
-                }
+impl<T: AsyncWrite + Gather + Unpin> CoalesceWrites<T> {
+    /// Whether anything written is not on the socket yet.
+    fn has_gathered(&self) -> bool {
+        self.sealed < self.buf.len() || self.inner.has_gathered()
+    }
+
+    /// Writes what rustls holds to the socket.
+    fn flush_records(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.blocked = flushed.is_pending();
+        flushed
+    }
+
+    /// Seals `buf` into records (writing records out when rustls holds as much as it takes).
+    fn seal(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sealed < self.buf.len() {
+            let rest = [std::io::IoSlice::new(&self.buf[self.sealed..])];
+            match self.inner.gather(&rest)? {
+                0 => std::task::ready!(self.flush_records(cx))?,
+                n => self.sealed += n,
             }
         }
         if self.buf.capacity() > COALESCE_KEEP {
@@ -362,50 +396,73 @@ impl<T: AsyncWrite + Unpin> CoalesceWrites<T> {
         } else {
             self.buf.clear();
         }
-        self.sent = 0;
-        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
-        self.blocked = flushed.is_pending();
-        flushed
+        self.sealed = 0;
+        Poll::Ready(Ok(()))
     }
 
-    /// Makes room for `len` more bytes: `Ready(true)` to copy them, `Ready(false)` to write them
-    /// straight through (nothing gathered, too large to copy).
-    fn make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<std::io::Result<bool>> {
-        if !self.buf.is_empty() && self.buf.len() + len > COALESCE_LIMIT {
-            std::task::ready!(self.write_out(cx))?;
+    /// Writes everything gathered to the socket.
+    fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.seal(cx))?;
+        self.flush_records(cx)
+    }
+
+    /// Takes a write of `len` bytes: copied into `buf` when small, into rustls's record
+    /// buffer as it is when not (after what `buf` holds, which keeps the order).
+    fn gather_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
         }
-        Poll::Ready(Ok(len < COALESCE_LIMIT))
+        if !self.buf.is_empty() && self.buf.len() + len > COALESCE_LIMIT {
+            std::task::ready!(self.seal(cx))?;
+        }
+        if len < COALESCE_LIMIT {
+            for b in bufs {
+                self.buf.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        loop {
+            match self.inner.gather(bufs)? {
+                0 => std::task::ready!(self.flush_records(cx))?,
+                n => return Poll::Ready(Ok(n)),
+            }
+        }
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for CoalesceWrites<T> {
+impl<T: AsyncRead + AsyncWrite + Gather + Unpin> AsyncRead for CoalesceWrites<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.buf.is_empty() {
+        if self.coalesce
+            && self.has_gathered()
             // A new poll of the connection: what the last one gathered leaves now. A full
             // socket does not hold the read up; the socket wakes the task when it drains.
-            if let Poll::Ready(Err(e)) = self.write_out(cx) {
-                return Poll::Ready(Err(e));
-            }
+            && let Poll::Ready(Err(e)) = self.write_out(cx)
+        {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for CoalesceWrites<T> {
+impl<T: AsyncWrite + Gather + Unpin> AsyncWrite for CoalesceWrites<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if !self.coalesce || !std::task::ready!(self.make_room(cx, data.len()))? {
+        if !self.coalesce {
             return Pin::new(&mut self.inner).poll_write(cx, data);
         }
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.gather_all(cx, &[std::io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -413,14 +470,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalesceWrites<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let len = bufs.iter().map(|b| b.len()).sum();
-        if !self.coalesce || !std::task::ready!(self.make_room(cx, len))? {
+        if !self.coalesce {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         }
-        for b in bufs {
-            self.buf.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(len))
+        self.gather_all(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -428,9 +481,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalesceWrites<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if self.buf.is_empty() || self.blocked {
-            std::task::ready!(self.write_out(cx))?;
-            return Poll::Ready(Ok(()));
+        if !self.coalesce || !self.has_gathered() || self.blocked {
+            return self.write_out(cx);
         }
         // Written out by the next poll's read; the wake makes sure there is one.
         cx.waker().wake_by_ref();
@@ -622,6 +674,7 @@ pub async fn bind(
 mod tests {
     use super::*;
     use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::atomic::AtomicUsize;
 
     /// Counts the times it was woken.
     struct CountWakes(std::sync::atomic::AtomicUsize);
@@ -632,36 +685,150 @@ mod tests {
         }
     }
 
-    /// What one poll of an HTTP/2 connection writes leaves together at the next poll's read (and
-    /// the flush wakes the task, or it would stall); a full socket makes the next flush wait for
-    /// real; a large write with nothing gathered is not copied; shutdown writes everything; an
-    /// HTTP/1.1 connection's writes go straight through.
-    #[test]
-    fn coalesced_writes_leave_at_the_next_read_and_a_full_socket_pushes_back() {
+    /// An in-memory pipe end that counts the writes made to it (a vectored write is one write,
+    /// as `writev` is one system call).
+    struct CountWrites {
+        inner: tokio::io::DuplexStream,
+        writes: Arc<AtomicUsize>,
+        bytes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for CountWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = Pin::new(&mut self.inner).poll_write(cx, data);
+            if let Poll::Ready(Ok(n)) = written
+                && n > 0
+            {
+                self.writes.fetch_add(1, Ordering::SeqCst);
+                self.bytes.fetch_add(n, Ordering::SeqCst);
+            }
+            written
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A TLS 1.3 connection over an in-memory pipe holding `capacity` bytes each way: the
+    /// server's end, the client's end, and the count of the server's writes to the pipe and of
+    /// their bytes.
+    async fn tls_pair(
+        capacity: usize,
+    ) -> (
+        tokio_rustls::server::TlsStream<CountWrites>,
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        server.send_tls13_tickets = 0;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (near, far) = tokio::io::duplex(capacity);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let near = CountWrites {
+            inner: near,
+            writes: writes.clone(),
+            bytes: bytes.clone(),
+        };
+        let (server, client) = tokio::join!(
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near),
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").unwrap(), far),
+        );
+        (server.unwrap(), client.unwrap(), writes, bytes)
+    }
+
+    /// What one poll of an HTTP/2 connection writes leaves together, in one write, at the next
+    /// poll's read (and the flush wakes the task, or it would stall); a full socket makes the
+    /// next flush wait for real; a full record buffer is written out by the next write;
+    /// shutdown writes everything; an HTTP/1.1 connection's writes go straight through. Over a
+    /// real TLS connection, since the gathering happens in rustls's record buffer.
+    #[tokio::test]
+    async fn coalesced_writes_leave_at_the_next_read_and_a_full_socket_pushes_back() {
         use tokio::io::AsyncWrite as _;
         let wakes = Arc::new(CountWakes(Default::default()));
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = Context::from_waker(&waker);
         let woken = || wakes.0.load(Ordering::SeqCst);
-        let mut scratch = [0u8; 256];
-        // Reads what reached the peer's end so far.
-        let drain =
-            |peer: &mut tokio::io::DuplexStream, cx: &mut Context<'_>, scratch: &mut [u8]| {
-                let mut got = Vec::new();
-                loop {
-                    let mut rb = ReadBuf::new(scratch);
-                    match Pin::new(&mut *peer).poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
-                            got.extend_from_slice(rb.filled())
-                        }
-                        _ => return got,
-                    }
+        let mut scratch = vec![0u8; 256 * 1024];
+        // The plaintext the client can read so far, and whether it saw the end.
+        let drain = |client: &mut tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+                     cx: &mut Context<'_>,
+                     scratch: &mut [u8]| {
+            let mut got = Vec::new();
+            loop {
+                let mut rb = ReadBuf::new(scratch);
+                match Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return (got, true),
+                    Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                    _ => return (got, false),
                 }
-            };
+            }
+        };
 
-        let (near, mut peer) = tokio::io::duplex(64);
-        let mut io = CoalesceWrites::new(near, true);
+        let (server, mut client, writes, bytes) = tls_pair(256 * 1024).await;
+        let written = || writes.load(Ordering::SeqCst);
+        let bytes_before = bytes.load(Ordering::SeqCst);
+        let mut io = CoalesceWrites::new(server, true);
         let mut io = Pin::new(&mut io);
+        let before = written();
         assert!(matches!(
             io.as_mut().poll_write(&mut cx, b"head"),
             Poll::Ready(Ok(4))
@@ -671,23 +838,76 @@ mod tests {
             io.as_mut().poll_write_vectored(&mut cx, &frames),
             Poll::Ready(Ok(6))
         ));
+        let wakes_before = woken();
         assert!(matches!(
             io.as_mut().poll_flush(&mut cx),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(woken(), 1, "a deferred flush must wake its task");
-        assert!(
-            drain(&mut peer, &mut cx, &mut scratch).is_empty(),
-            "gathered, not yet written"
+        assert_eq!(
+            woken(),
+            wakes_before + 1,
+            "a deferred flush must wake its task"
         );
+        assert_eq!(written(), before, "gathered, not yet written");
         let mut rb = ReadBuf::new(&mut scratch);
         assert!(io.as_mut().poll_read(&mut cx, &mut rb).is_pending());
-        assert_eq!(drain(&mut peer, &mut cx, &mut scratch), b"headerbody");
+        assert_eq!(
+            written(),
+            before + 1,
+            "what one poll wrote leaves in one write"
+        );
+        // The small writes are sealed into one record: 10 bytes, a content-type byte, a 5-byte
+        // header and a 16-byte tag (three records would be 86 bytes).
+        assert_eq!(bytes.load(Ordering::SeqCst) - bytes_before, 10 + 1 + 5 + 16);
+        assert_eq!(drain(&mut client, &mut cx, &mut scratch).0, b"headerbody");
 
-        // 100 bytes into a 64-byte socket: the write-out blocks, the next flush waits for real.
+        // More than rustls's record buffer holds (64 KiB): the write takes part of it, and the
+        // next write writes the buffer out first.
+        let big = vec![1u8; 100_000];
+        let Poll::Ready(Ok(first)) = io.as_mut().poll_write(&mut cx, &big) else {
+            panic!("a write into an empty record buffer is taken at once");
+        };
+        assert!(first > 0 && first < big.len(), "took {first}");
+        let before = written();
+        let Poll::Ready(Ok(rest)) = io.as_mut().poll_write(&mut cx, &big[first..]) else {
+            panic!("the write-out fits the pipe");
+        };
+        assert_eq!(first + rest, big.len());
+        assert_eq!(
+            written(),
+            before + 1,
+            "a full record buffer is written out by the next write"
+        );
         assert!(matches!(
-            io.as_mut().poll_write(&mut cx, &[7; 100]),
-            Poll::Ready(Ok(100))
+            io.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(io.as_mut().poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(drain(&mut client, &mut cx, &mut scratch).0, big);
+
+        // Shutdown writes what is gathered first.
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, b"bye"),
+            Poll::Ready(Ok(3))
+        ));
+        assert!(matches!(
+            io.as_mut().poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(
+            drain(&mut client, &mut cx, &mut scratch),
+            (b"bye".to_vec(), true)
+        );
+
+        // 5000 bytes into a pipe that holds 1024: the write-out blocks and the next flush waits
+        // for real until the client has read them all.
+        let (server, mut client, _, _) = tls_pair(1024).await;
+        let mut io = CoalesceWrites::new(server, true);
+        let mut io = Pin::new(&mut io);
+        assert!(matches!(
+            io.as_mut().poll_write(&mut cx, &[7; 5000]),
+            Poll::Ready(Ok(5000))
         ));
         assert!(matches!(
             io.as_mut().poll_flush(&mut cx),
@@ -699,54 +919,35 @@ mod tests {
             io.as_mut().poll_flush(&mut cx).is_pending(),
             "a blocked write-out must push back"
         );
-        assert_eq!(drain(&mut peer, &mut cx, &mut scratch).len(), 64);
-        assert!(matches!(
-            io.as_mut().poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
-        assert_eq!(drain(&mut peer, &mut cx, &mut scratch).len(), 36);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            got.extend(drain(&mut client, &mut cx, &mut scratch).0);
+            if io.as_mut().poll_flush(&mut cx).is_ready() {
+                break;
+            }
+        }
+        got.extend(drain(&mut client, &mut cx, &mut scratch).0);
+        assert_eq!(got, vec![7; 5000]);
 
-        // Shutdown writes what is gathered first.
-        assert!(matches!(
-            io.as_mut().poll_write(&mut cx, b"bye"),
-            Poll::Ready(Ok(3))
-        ));
-        assert!(matches!(
-            io.as_mut().poll_shutdown(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
-        assert_eq!(drain(&mut peer, &mut cx, &mut scratch), b"bye");
-
-        // A write of a whole record with nothing gathered goes straight through.
-        let (near, mut peer) = tokio::io::duplex(2 * COALESCE_LIMIT);
-        let mut io = CoalesceWrites::new(near, true);
-        let big = vec![1u8; COALESCE_LIMIT];
-        assert!(
-            matches!(Pin::new(&mut io).poll_write(&mut cx, &big), Poll::Ready(Ok(n)) if n == COALESCE_LIMIT)
-        );
-        assert!(io.buf.is_empty());
-        assert_eq!(
-            drain(&mut peer, &mut cx, &mut scratch).len(),
-            COALESCE_LIMIT
-        );
-
-        let before = woken();
-        let (near, mut peer) = tokio::io::duplex(64);
-        let mut plain = CoalesceWrites::new(near, false);
+        // HTTP/1.1: nothing held.
+        let (server, mut client, writes, _) = tls_pair(1024).await;
+        let mut plain = CoalesceWrites::new(server, false);
+        let before = (writes.load(Ordering::SeqCst), woken());
         assert!(matches!(
             Pin::new(&mut plain).poll_write(&mut cx, b"x"),
             Poll::Ready(Ok(1))
         ));
         assert_eq!(
-            drain(&mut peer, &mut cx, &mut scratch),
-            b"x",
+            writes.load(Ordering::SeqCst),
+            before.0 + 1,
             "HTTP/1.1 writes are not held"
         );
         assert!(matches!(
             Pin::new(&mut plain).poll_flush(&mut cx),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(woken(), before);
+        assert_eq!(woken(), before.1);
+        assert_eq!(drain(&mut client, &mut cx, &mut scratch).0, b"x");
     }
 
     /// A listener told to stop drains: the request in flight on an HTTP/2 connection is
