@@ -311,13 +311,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
 /// buffer is full (64 KiB by default) it is written out first. A flush while an earlier
 /// write-out is blocked on a full socket waits for it for real, so a slow peer pushes back and
 /// nothing spins. Shutdown writes everything first. HTTP/1.1 connections carry one response at
-/// a time and pass straight through (`coalesce` false): the auto server needs one I/O type for
-/// both protocols.
+/// a time and pass straight through ([`Gathering::Off`]): the auto server needs one I/O type
+/// for both protocols. The outbound HTTP/2 client gathers only the frames h2 writes one by one
+/// ([`Gathering::Chained`]).
 #[derive(Debug)]
 pub struct CoalesceWrites<T> {
     inner: T,
-    /// Gather writes at all (HTTP/2).
-    coalesce: bool,
+    gathering: Gathering,
     /// Small writes, not yet sealed into a record.
     buf: Vec<u8>,
     /// How much of `buf` is sealed.
@@ -333,6 +333,23 @@ pub const COALESCE_LIMIT: usize = 16 * 1024;
 /// Capacity kept between batches; a larger buffer is freed once sealed, so an idle connection
 /// holds little.
 const COALESCE_KEEP: usize = 4 * 1024;
+
+/// What [`CoalesceWrites`] gathers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gathering {
+    /// Nothing: every write goes to the socket (HTTP/1.1 carries one message at a time, an L4
+    /// tunnel is not HTTP).
+    Off,
+    /// Every write (the inbound HTTP/2 server, whose responses' DATA frames h2 writes one by
+    /// one): small ones copied together into one record, large ones into rustls's record buffer.
+    All,
+    /// A write of several slices — a frame's head and a payload h2 chained rather than copied,
+    /// such as a request body's DATA frame — and whatever follows it until the write-out, into
+    /// rustls's record buffer; a single slice with nothing gathered goes straight through (the
+    /// outbound HTTP/2 client: h2 copies small frames, such as a GET's HEADERS, into its own
+    /// buffer and already writes them together).
+    Chained,
+}
 
 /// A stream with a send buffer of its own that can take bytes without writing to its socket,
 /// for [`CoalesceWrites`]; its `poll_flush` writes everything taken.
@@ -357,15 +374,32 @@ impl<IO> Gather for tokio_rustls::server::TlsStream<IO> {
     }
 }
 
+impl<IO> Gather for tokio_rustls::client::TlsStream<IO> {
+    fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        use std::io::Write as _;
+        self.get_mut().1.writer().write_vectored(bufs)
+    }
+
+    fn has_gathered(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+}
+
 impl<T> CoalesceWrites<T> {
-    pub fn new(inner: T, coalesce: bool) -> Self {
+    pub fn new(inner: T, gathering: Gathering) -> Self {
         Self {
             inner,
-            coalesce,
+            gathering,
             buf: Vec::new(),
             sealed: 0,
             blocked: false,
         }
+    }
+
+    /// The stream, for a connection that never gathered (an L4 tunnel: [`Gathering::Off`]).
+    pub fn into_inner(self) -> T {
+        debug_assert!(self.buf.is_empty(), "gathered writes would be lost");
+        self.inner
     }
 }
 
@@ -417,6 +451,12 @@ impl<T: AsyncWrite + Gather + Unpin> CoalesceWrites<T> {
         if len == 0 {
             return Poll::Ready(Ok(0));
         }
+        if self.gathering == Gathering::Chained {
+            if bufs.len() < 2 && !self.has_gathered() {
+                return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            }
+            return self.gather_records(cx, bufs);
+        }
         if !self.buf.is_empty() && self.buf.len() + len > COALESCE_LIMIT {
             std::task::ready!(self.seal(cx))?;
         }
@@ -426,6 +466,15 @@ impl<T: AsyncWrite + Gather + Unpin> CoalesceWrites<T> {
             }
             return Poll::Ready(Ok(len));
         }
+        self.gather_records(cx, bufs)
+    }
+
+    /// Takes what fits of `bufs` into rustls's record buffer, writing it out first when full.
+    fn gather_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         loop {
             match self.inner.gather(bufs)? {
                 0 => std::task::ready!(self.flush_records(cx))?,
@@ -441,7 +490,7 @@ impl<T: AsyncRead + AsyncWrite + Gather + Unpin> AsyncRead for CoalesceWrites<T>
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.coalesce
+        if self.gathering != Gathering::Off
             && self.has_gathered()
             // A new poll of the connection: what the last one gathered leaves now. A full
             // socket does not hold the read up; the socket wakes the task when it drains.
@@ -459,7 +508,7 @@ impl<T: AsyncWrite + Gather + Unpin> AsyncWrite for CoalesceWrites<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if !self.coalesce {
+        if self.gathering == Gathering::Off {
             return Pin::new(&mut self.inner).poll_write(cx, data);
         }
         self.gather_all(cx, &[std::io::IoSlice::new(data)])
@@ -470,18 +519,18 @@ impl<T: AsyncWrite + Gather + Unpin> AsyncWrite for CoalesceWrites<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        if !self.coalesce {
+        if self.gathering == Gathering::Off {
             return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         }
         self.gather_all(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.coalesce || self.inner.is_write_vectored()
+        self.gathering != Gathering::Off || self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        if !self.coalesce || !self.has_gathered() || self.blocked {
+        if self.gathering == Gathering::Off || !self.has_gathered() || self.blocked {
             return self.write_out(cx);
         }
         // Written out by the next poll's read; the wake makes sure there is one.
@@ -826,7 +875,7 @@ mod tests {
         let (server, mut client, writes, bytes) = tls_pair(256 * 1024).await;
         let written = || writes.load(Ordering::SeqCst);
         let bytes_before = bytes.load(Ordering::SeqCst);
-        let mut io = CoalesceWrites::new(server, true);
+        let mut io = CoalesceWrites::new(server, Gathering::All);
         let mut io = Pin::new(&mut io);
         let before = written();
         assert!(matches!(
@@ -903,7 +952,7 @@ mod tests {
         // 5000 bytes into a pipe that holds 1024: the write-out blocks and the next flush waits
         // for real until the client has read them all.
         let (server, mut client, _, _) = tls_pair(1024).await;
-        let mut io = CoalesceWrites::new(server, true);
+        let mut io = CoalesceWrites::new(server, Gathering::All);
         let mut io = Pin::new(&mut io);
         assert!(matches!(
             io.as_mut().poll_write(&mut cx, &[7; 5000]),
@@ -931,7 +980,7 @@ mod tests {
 
         // HTTP/1.1: nothing held.
         let (server, mut client, writes, _) = tls_pair(1024).await;
-        let mut plain = CoalesceWrites::new(server, false);
+        let mut plain = CoalesceWrites::new(server, Gathering::Off);
         let before = (writes.load(Ordering::SeqCst), woken());
         assert!(matches!(
             Pin::new(&mut plain).poll_write(&mut cx, b"x"),
@@ -948,6 +997,61 @@ mod tests {
         ));
         assert_eq!(woken(), before.1);
         assert_eq!(drain(&mut client, &mut cx, &mut scratch).0, b"x");
+
+        // The outbound client's gathering: one slice with nothing gathered (frames h2 copied
+        // together) goes straight through; a frame head with a chained payload is gathered,
+        // and so is what follows it, until the next read writes them out together.
+        let (server, mut client, writes, _) = tls_pair(64 * 1024).await;
+        let written = || writes.load(Ordering::SeqCst);
+        let mut chained = CoalesceWrites::new(server, Gathering::Chained);
+        let mut chained = Pin::new(&mut chained);
+        let before = written();
+        let one = [std::io::IoSlice::new(b"headers")];
+        assert!(matches!(
+            chained.as_mut().poll_write_vectored(&mut cx, &one),
+            Poll::Ready(Ok(7))
+        ));
+        assert_eq!(
+            written(),
+            before + 1,
+            "one slice, nothing gathered: written at once"
+        );
+        let frame = [
+            std::io::IoSlice::new(b"head"),
+            std::io::IoSlice::new(b"payload"),
+        ];
+        assert!(matches!(
+            chained.as_mut().poll_write_vectored(&mut cx, &frame),
+            Poll::Ready(Ok(11))
+        ));
+        assert!(matches!(
+            chained
+                .as_mut()
+                .poll_write_vectored(&mut cx, &[std::io::IoSlice::new(b"more")]),
+            Poll::Ready(Ok(4))
+        ));
+        let wakes_before = woken();
+        assert!(matches!(
+            chained.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(
+            woken(),
+            wakes_before + 1,
+            "a deferred flush must wake its task"
+        );
+        assert_eq!(
+            written(),
+            before + 1,
+            "a chained frame and what follows are gathered"
+        );
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(chained.as_mut().poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(written(), before + 2, "and leave in one write");
+        assert_eq!(
+            drain(&mut client, &mut cx, &mut scratch).0,
+            b"headersheadpayloadmore"
+        );
     }
 
     /// A listener told to stop drains: the request in flight on an HTTP/2 connection is

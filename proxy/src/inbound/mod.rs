@@ -242,8 +242,12 @@ impl Inbound {
             ))
             .service(self.forwarder.for_connection());
         // Responses to a peer sidecar's HTTP/2 connection leave in batches.
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = crate::serve::CoalesceWrites::new(tls, h2);
+        let gathering = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            crate::serve::Gathering::All
+        } else {
+            crate::serve::Gathering::Off
+        };
+        let io = crate::serve::CoalesceWrites::new(tls, gathering);
         let conn = crate::serve::http_server()
             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();

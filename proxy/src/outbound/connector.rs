@@ -18,16 +18,28 @@ use tokio_rustls::client::TlsStream;
 
 use crate::identity::Identity;
 use crate::metrics::{Metrics, TlsLabels};
+use crate::serve::{CoalesceWrites, Gathering};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An mTLS connection to a peer sidecar (HTTP/2, HTTP/1.1 or an L4 tunnel, by ALPN).
-pub struct MeshStream(TokioIo<TlsStream<TcpStream>>);
+/// An mTLS connection to a peer sidecar (HTTP/2, HTTP/1.1 or an L4 tunnel, by ALPN). On HTTP/2
+/// the DATA frames h2 writes one by one (a request body's) are gathered and leave together at
+/// the connection's next poll ([`Gathering::Chained`]).
+pub struct MeshStream(TokioIo<CoalesceWrites<TlsStream<TcpStream>>>);
 
 impl MeshStream {
+    fn new(stream: TlsStream<TcpStream>) -> Self {
+        let gathering = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Gathering::Chained
+        } else {
+            Gathering::Off
+        };
+        Self(TokioIo::new(CoalesceWrites::new(stream, gathering)))
+    }
+
     /// The TLS stream itself (for L4 tunnels, which are not HTTP).
     pub fn into_inner(self) -> TlsStream<TcpStream> {
-        self.0.into_inner()
+        self.0.into_inner().into_inner()
     }
 }
 
@@ -49,7 +61,7 @@ impl hyper::rt::Write for MeshStream {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
-    /// Forwarded, so that h2 and hyper see that the TLS stream takes several buffers at once:
+    /// Forwarded, so that h2 and hyper see that the stream takes several buffers at once:
     /// without it h2 writes a DATA frame larger than 1 KiB as two writes (its 9-byte head,
     /// then the payload), which rustls turned into two records and two system calls.
     fn poll_write_vectored(
@@ -177,7 +189,7 @@ impl MeshConnector {
                         reason: "ok",
                     })
                     .inc();
-                Ok(MeshStream(TokioIo::new(stream)))
+                Ok(MeshStream::new(stream))
             }
             Err(e) => {
                 let reason = crate::tls::failure_reason(&e);
