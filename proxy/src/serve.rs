@@ -361,12 +361,19 @@ pub trait Gather {
     fn has_gathered(&self) -> bool;
 }
 
+/// Encrypts `bufs` into `conn`'s record buffer, the slices together (one record for a frame
+/// head and its payload); tokio-rustls's `poll_flush` writes it out.
+fn encrypt_into<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    bufs: &[std::io::IoSlice<'_>],
+) -> std::io::Result<usize> {
+    use std::io::Write as _;
+    conn.writer().write_vectored(bufs)
+}
+
 impl<IO> Gather for tokio_rustls::server::TlsStream<IO> {
     fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        use std::io::Write as _;
-        // Encrypted into rustls's record buffer, the slices together (one record for a frame
-        // head and its payload); tokio-rustls's `poll_flush` writes it out.
-        self.get_mut().1.writer().write_vectored(bufs)
+        encrypt_into(self.get_mut().1, bufs)
     }
 
     fn has_gathered(&self) -> bool {
@@ -376,8 +383,7 @@ impl<IO> Gather for tokio_rustls::server::TlsStream<IO> {
 
 impl<IO> Gather for tokio_rustls::client::TlsStream<IO> {
     fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        use std::io::Write as _;
-        self.get_mut().1.writer().write_vectored(bufs)
+        encrypt_into(self.get_mut().1, bufs)
     }
 
     fn has_gathered(&self) -> bool {
