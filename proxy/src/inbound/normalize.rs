@@ -105,7 +105,8 @@ where
             .extensions()
             .get::<RequestSpan>()
             .and_then(|s| s.trace_id);
-        let trace_id = traced.as_ref().map(TraceHex::as_str);
+        // As text only where it is written (a refusal, a warning), not on every request.
+        let trace_id = || traced.as_ref().map(TraceHex::as_str);
         // The method first (as `judge` would: a CONNECT names no Host worth checking), then
         // the Host.
         let refusal = match meshgate_policy::check_method(req.method().as_str()) {
@@ -128,7 +129,7 @@ where
             record.peer_addr = Some(self.peer.addr_text.clone());
             record.method = Some(req.method().as_str().to_string());
             record.original = Some(target(req).to_string());
-            record.trace_id = trace_id.map(str::to_string);
+            record.trace_id = trace_id().map(str::to_string);
             Box::new(record)
         };
         if let Some((reason, label)) = refusal {
@@ -175,7 +176,7 @@ where
                 meshgate.workload.id = %ctx.local_id,
                 peer.id = %self.peer.id,
                 removed = prepared.stripped,
-                trace_id,
+                trace_id = trace_id(),
                 "caller sent headers an app could read as the sidecar's identity headers; removed"
             );
             ctx.metrics
@@ -188,7 +189,7 @@ where
                 peer.id = %self.peer.id,
                 upgrade = ?refused,
                 allowed = ?ctx.upgrades.allowed(),
-                trace_id,
+                trace_id = trace_id(),
                 "Upgrade to a protocol that is not allowed was removed; the request goes on without it (allow it with --allow-upgrade)"
             );
             ctx.metrics.count_hygiene("upgrade_refused", 1);
