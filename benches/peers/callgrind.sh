@@ -4,7 +4,7 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--haproxy] [--keep] BIN [BIN...]
 #
 # --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
 # per-request decision line). --tracing RATIO: OpenTelemetry tracing on in both sidecars
@@ -15,12 +15,17 @@
 # app), 200 warm-up requests go through, the counters are zeroed, N requests go through with
 # 4 connections (oha), and the counters are dumped. Prints Ir per request for each sidecar and the
 # pair, and writes the callgrind files (for callgrind_annotate) next to a summary in the work dir.
-# Needs valgrind (callgrind_control), oha, nginx, python3.
+# --haproxy adds a row for the HAProxy pair of run.sh (HTTP/2 between its two proxies, the same
+# certificates, ACL and keep-alive), measured the same way: the peers' user-space instructions
+# (OpenSSL's included) next to meshgate's, on a machine too busy for CPU times. Like callgrind
+# itself, it leaves out the kernel's share (about half of every proxy's CPU here).
+# Needs valgrind (callgrind_control), oha, nginx, python3; openssl, haproxy and curl for --haproxy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 requests=2000
 base=19400
 keep=0
+haproxy=0
 log=warn
 tracing=
 bins=()
@@ -29,6 +34,7 @@ while [ $# -gt 0 ]; do
     --requests) requests=$2; shift 2 ;;
     --base-port) base=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --haproxy) haproxy=1; shift ;;
     --log) log=$2; shift 2 ;;
     --tracing) tracing=$2; shift 2 ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
@@ -37,11 +43,13 @@ while [ $# -gt 0 ]; do
 done
 [ ${#bins[@]} -gt 0 ] || { echo "usage: $0 [--requests N] BIN [BIN...] (e.g. target/release/meshgate)" >&2; exit 2; }
 missing=()
-for tool in valgrind callgrind_control oha nginx python3; do
+tools=(valgrind callgrind_control oha nginx python3)
+[ "$haproxy" = 0 ] || tools+=(openssl haproxy curl)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]} — apt-get install valgrind nginx python3; cargo install oha --locked" >&2
+  echo "missing: ${missing[*]} — apt-get install valgrind nginx python3 openssl haproxy curl; cargo install oha --locked" >&2
   exit 1
 fi
 
@@ -74,10 +82,33 @@ ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
 }
 
 printf '%-40s %14s %14s %14s\n' binary "inbound Ir/req" "outbound Ir/req" "pair Ir/req" | tee "$work/summary.txt"
+vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
+# NAME IN_PID OUT_PID URL TAG: 200 warm-up requests through URL, then N counted ones; one row
+# (the callgrind files are cg-in-TAG.out and cg-out-TAG.out).
+measure() {
+  local name=$1 in_pid=$2 out_pid=$3 url=$4 tag=$5 in_ir out_ir
+  oha --no-tui -n 200 -c 4 -H "Host: app" "$url" >/dev/null
+  callgrind_control --zero "$in_pid" >/dev/null
+  callgrind_control --zero "$out_pid" >/dev/null
+  oha --no-tui -n "$requests" -c 4 -H "Host: app" "$url" >"$work/oha-$tag.txt"
+  grep -q "\[200\] $requests responses" "$work/oha-$tag.txt" || {
+    echo "$name: not every request was answered 200:" >&2
+    grep -A5 "Status code distribution" "$work/oha-$tag.txt" >&2
+    exit 1
+  }
+  callgrind_control --dump=measured "$in_pid" >/dev/null
+  callgrind_control --dump=measured "$out_pid" >/dev/null
+  sleep 1
+  kill "$in_pid" "$out_pid" 2>/dev/null || true
+  wait "$in_pid" "$out_pid" 2>/dev/null || true
+  in_ir=$(ir_of "$work/cg-in-$tag.out")
+  out_ir=$(ir_of "$work/cg-out-$tag.out")
+  printf '%-40s %14d %14d %14d\n' "$name" $((in_ir / requests)) $((out_ir / requests)) \
+    $(((in_ir + out_ir) / requests)) | tee -a "$work/summary.txt"
+}
 n=0
 for bin in "${bins[@]}"; do
   n=$((n + 1))
-  vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
   MESHGATE_LOG=$log "${vg[@]}" --callgrind-out-file="$work/cg-in-$n.out" "$bin" proxy \
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
@@ -94,24 +125,29 @@ for bin in "${bins[@]}"; do
   pids+=("$out_pid")
   ready $((in_port + 2))
   ready $((out_port + 1))
-  url="http://127.0.0.1:$out_port/api/data"
-  oha --no-tui -n 200 -c 4 -H "Host: app" "$url" >/dev/null
-  callgrind_control --zero "$in_pid" >/dev/null
-  callgrind_control --zero "$out_pid" >/dev/null
-  oha --no-tui -n "$requests" -c 4 -H "Host: app" "$url" >"$work/oha-$n.txt"
-  grep -q "\[200\] $requests responses" "$work/oha-$n.txt" || {
-    echo "$bin: not every request was answered 200:" >&2
-    grep -A5 "Status code distribution" "$work/oha-$n.txt" >&2
-    exit 1
-  }
-  callgrind_control --dump=measured "$in_pid" >/dev/null
-  callgrind_control --dump=measured "$out_pid" >/dev/null
-  sleep 1
-  kill "$in_pid" "$out_pid" 2>/dev/null || true
-  wait "$in_pid" "$out_pid" 2>/dev/null || true
-  in_ir=$(ir_of "$work/cg-in-$n.out")
-  out_ir=$(ir_of "$work/cg-out-$n.out")
-  printf '%-40s %14d %14d %14d\n' "$bin" $((in_ir / requests)) $((out_ir / requests)) \
-    $(((in_ir + out_ir) / requests)) | tee -a "$work/summary.txt"
+  measure "$bin" "$in_pid" "$out_pid" "http://127.0.0.1:$out_port/api/data" "$n"
 done
+if [ "$haproxy" = 1 ]; then
+  die() { echo "error: $*" >&2; exit 1; }
+  certs=$work/certs
+  peer_dns=app.bench.$td
+  # shellcheck source=peer-certs.sh
+  . "$here/peer-certs.sh"
+  h_in=$((base + 40))
+  h_out=$((base + 41))
+  # Overrides first: the first substitution of a placeholder wins.
+  render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT=$h_in "${common[@]}"
+  render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT=$h_in OUT_PORT=$h_out "${common[@]}"
+  "${vg[@]}" --callgrind-out-file="$work/cg-in-haproxy.out" haproxy -db -f "$work/haproxy-in.cfg" >"$work/haproxy-in.log" 2>&1 &
+  in_pid=$!
+  pids+=("$in_pid")
+  "${vg[@]}" --callgrind-out-file="$work/cg-out-haproxy.out" haproxy -db -f "$work/haproxy-out.cfg" >"$work/haproxy-out.log" 2>&1 &
+  out_pid=$!
+  pids+=("$out_pid")
+  for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$h_out/api/data" || true)" = 200 ] && break
+    sleep 0.2
+  done
+  measure "haproxy (pair over HTTP/2)" "$in_pid" "$out_pid" "http://127.0.0.1:$h_out/api/data" haproxy
+fi
 echo "callgrind files and summary: $work (use --keep to keep them; callgrind_annotate FILE)" >&2

@@ -114,25 +114,9 @@ mkdir -p "$certs"
 # meshgate sidecars: SVIDs straight from the CA (static files; no CA server during the run).
 "$mg" ca issue --dir "$work/ca" --id "$app_id" --out "$work/svid-app" --ttl 24h >/dev/null 2>&1
 "$mg" ca issue --dir "$work/ca" --id "$client_id" --out "$work/svid-client" --ttl 24h >/dev/null 2>&1
-cp "$work/ca/root.pem" "$certs/root.pem"
-# The load generator's client certificate and the peers' inbound certificate are signed by the
-# same intermediate with openssl (P-256, like the SVIDs): the client certificate carries the
-# SPIFFE ID as its URI SAN (what meshgate checks) and as its subject CN (what nginx and HAProxy
-# can check); the peers' server certificate adds a DNS name their outbound side verifies.
-leaf() { # NAME SUBJECT SAN
-  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "$2" \
-    -keyout "$certs/$1.key" -out "$certs/$1.csr" 2>"$certs/$1.err" || die "openssl req: $(cat "$certs/$1.err")"
-  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
-    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=$3" >"$certs/$1.ext"
-  openssl x509 -req -in "$certs/$1.csr" -CA "$work/ca/intermediate.pem" \
-    -CAkey "$work/ca/intermediate.key" -CAcreateserial -days 2 -sha256 \
-    -extfile "$certs/$1.ext" -out "$certs/$1.pem" 2>"$certs/$1.err" || die "openssl x509: $(cat "$certs/$1.err")"
-  cat "$certs/$1.pem" "$work/ca/intermediate.pem" >"$certs/$1-chain.pem"
-  cat "$certs/$1-chain.pem" "$certs/$1.key" >"$certs/$1-full.pem"
-  chmod 600 "$certs/$1.key" "$certs/$1-full.pem"
-}
-leaf client "/O=meshgate/CN=${client_id//\//\\/}" "URI:$client_id"
-leaf peer-in "/O=meshgate/CN=$peer_dns" "URI:$app_id,DNS:$peer_dns"
+# The load generator's and the peers' certificates (peer-certs.sh says which).
+# shellcheck source=peer-certs.sh
+. "$here/peer-certs.sh"
 
 # ---------------------------------------------------------------- configurations
 render() { # TEMPLATE OUT KEY=VALUE...
