@@ -850,6 +850,18 @@ mod tests {
         (server.unwrap(), client.unwrap(), writes, bytes)
     }
 
+    /// A flush that returns at once and wakes its task once: the write-out is deferred to the
+    /// next poll, which the wake guarantees.
+    fn flush_is_deferred<T: tokio::io::AsyncWrite + ?Sized>(
+        io: Pin<&mut T>,
+        cx: &mut Context<'_>,
+        woken: impl Fn() -> usize,
+    ) {
+        let before = woken();
+        assert!(matches!(io.poll_flush(cx), Poll::Ready(Ok(()))));
+        assert_eq!(woken(), before + 1, "a deferred flush must wake its task");
+    }
+
     /// What one poll of an HTTP/2 connection writes leaves together, in one write, at the next
     /// poll's read (and the flush wakes the task, or it would stall); a full socket makes the
     /// next flush wait for real; a full record buffer is written out by the next write;
@@ -893,16 +905,7 @@ mod tests {
             io.as_mut().poll_write_vectored(&mut cx, &frames),
             Poll::Ready(Ok(6))
         ));
-        let wakes_before = woken();
-        assert!(matches!(
-            io.as_mut().poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
-        assert_eq!(
-            woken(),
-            wakes_before + 1,
-            "a deferred flush must wake its task"
-        );
+        flush_is_deferred(io.as_mut(), &mut cx, woken);
         assert_eq!(written(), before, "gathered, not yet written");
         let mut rb = ReadBuf::new(&mut scratch);
         assert!(io.as_mut().poll_read(&mut cx, &mut rb).is_pending());
@@ -1036,16 +1039,7 @@ mod tests {
                 .poll_write_vectored(&mut cx, &[std::io::IoSlice::new(b"more")]),
             Poll::Ready(Ok(4))
         ));
-        let wakes_before = woken();
-        assert!(matches!(
-            chained.as_mut().poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
-        assert_eq!(
-            woken(),
-            wakes_before + 1,
-            "a deferred flush must wake its task"
-        );
+        flush_is_deferred(chained.as_mut(), &mut cx, woken);
         assert_eq!(
             written(),
             before + 1,
