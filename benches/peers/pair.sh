@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -18,6 +18,8 @@
 # --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which reads the
 # body and answers "ok") instead of a GET of the 1 KiB /api/data: the upload direction.
 # --response BYTES: GET a file of BYTES bytes instead (the download direction).
+# --path PATH: GET PATH instead; --expect STATUS: the status every request must get (default
+# 200), e.g. `--path /admin --expect 403` for requests the policy refuses.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
@@ -26,6 +28,8 @@ syscalls=0
 tracing=
 body=
 response=
+path=/api/data
+expect=200
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -34,11 +38,15 @@ while [ $# -gt 0 ]; do
     --tracing) tracing=$2; shift 2 ;;
     --body) body=$2; shift 2 ;;
     --response) response=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --path) path=$2; shift 2 ;;
+    --expect) expect=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
+case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response"; do
   case $n in ''|*[!0-9]*) [ -z "$n" ] || { echo "--body and --response take a number of bytes, e.g. --body 16384" >&2; exit 2; } ;; esac
 done
@@ -92,7 +100,7 @@ pids+=("$out_pid")
 ready $((in_port + 2))
 ready $((out_port + 1))
 
-url="http://127.0.0.1:$out_port/api/data"
+url="http://127.0.0.1:$out_port$path"
 request=()
 if [ -n "$body" ]; then
   url="http://127.0.0.1:$out_port/api/upload"
@@ -123,18 +131,18 @@ oha_json "$work/sat.json" -z "${seconds}s" -c 64
 [ "$syscalls" = 0 ] || wait "$pin" "$pout"
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
-python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
+python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$expect" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
 import json, sys
 work, tck, seconds, syscalls = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
-tracing = sys.argv[5]
-iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[6:14])
+tracing, expect = sys.argv[5], sys.argv[6]
+iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[7:15])
 lat = json.load(open(f"{work}/lat.json"))
 sat = json.load(open(f"{work}/sat.json"))
 p = lat["latencyPercentiles"]
 codes = {str(k): v for k, v in (sat.get("statusCodeDistribution") or {}).items()}
-ok = codes.get("200", 0)
+ok = codes.get(expect, 0)
 if not ok or len(codes) > 1:
-    sys.exit(f"not every request was answered 200: {codes}")
+    sys.exit(f"not every request was answered {expect}: {codes}")
 us = lambda t: t * 1e6 / tck / ok
 line = (f"p50 {p['p50'] * 1e6:.0f} µs  p90 {p['p90'] * 1e6:.0f} µs  p99 {p['p99'] * 1e6:.0f} µs  |  "
         f"{ok / seconds:,.0f} req/s  inbound user {us(iu1 - iu0):.1f} sys {us(is1 - is0):.1f} µs/req  "
