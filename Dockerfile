@@ -1,7 +1,11 @@
 # meshgate: one image, every role; the role is the command (`proxy`, `ca serve`, `control-plane
 # serve`, `redirect attach`, …).
 #
-#   docker build -t meshgate:local .                       # builds from source (needs a registry)
+#   docker build -t meshgate:local .                       # builds from source (needs a registry),
+#                                                          # profile-guided (scripts/release-build.sh)
+#   scripts/release-build.sh && docker build --target prebuilt \
+#     --build-arg MESHGATE_BINARY=target/pgo/release/meshgate -t meshgate:local .
+#                                                          # packs the profile-guided binary built here
 #   cargo build --release --locked && \
 #   docker build --target prebuilt -t meshgate:local .     # packs target/release/meshgate (no registry
 #                                                          # needed beyond a local debian:bookworm-slim;
@@ -42,8 +46,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin meshgate \
-    && cp target/release/meshgate /usr/local/bin/meshgate
+# The shipped binary: optimized with the committed execution profile (pgo/, BENCHMARKS.md
+# "Profile-guided optimization").
+RUN scripts/release-build.sh \
+    && cp target/pgo/release/meshgate /usr/local/bin/meshgate
 
 # ---- runtime (the default target) ----
 FROM runtime-base AS runtime

@@ -23,6 +23,7 @@ mod kube_install;
 mod kube_pods;
 mod policy_cli;
 mod quickstart;
+mod release_profile;
 mod sidecar_admin;
 mod sidecar_app_pool;
 mod sidecar_attacks;
