@@ -129,7 +129,7 @@ fn build_image() {
     let context = tempfile::tempdir().unwrap();
     std::fs::copy(repo().join("Dockerfile"), context.path().join("Dockerfile")).unwrap();
     std::fs::copy(
-        env!("CARGO_BIN_EXE_meshgate"),
+        crate::support::meshgate_bin(),
         context.path().join("meshgate"),
     )
     .unwrap();

@@ -37,9 +37,7 @@ const EXT_IP: &str = "10.199.0.3";
 const A_ID: &str = "spiffe://mesh.local/ns/test/sa/a";
 const B_ID: &str = "spiffe://mesh.local/ns/test/sa/b";
 
-fn meshgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshgate"))
-}
+use crate::support::meshgate;
 
 /// Runs a command with a deadline; kills it when the deadline passes.
 pub(crate) fn output_within(cmd: &mut Command, limit: Duration) -> Output {
@@ -403,7 +401,7 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
         } else {
             "pod-b/sidecar"
         };
-        let mut cmd = env.in_pod(pod, cg, env!("CARGO_BIN_EXE_meshgate"));
+        let mut cmd = env.in_pod(pod, cg, crate::support::meshgate_bin());
         cmd.args(["proxy", "--app", "127.0.0.1:8080", "--svid-cert"])
             .arg(d.join(files).join("svid.pem"))
             .arg("--svid-key")
@@ -764,7 +762,7 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
     }
 
     // The control plane, in pod A's network namespace; B's sidecar reaches it over the veth.
-    let mut cp = env.in_pod(0, "pod-a/other", env!("CARGO_BIN_EXE_meshgate"));
+    let mut cp = env.in_pod(0, "pod-a/other", crate::support::meshgate_bin());
     cp.args(["control-plane", "serve", "--policy-dir"])
         .arg(&pol)
         .args(["--listen", "0.0.0.0:15010", "--admin", "127.0.0.1:15011"])
@@ -789,7 +787,7 @@ fn ebpf_verdicts_reach_the_control_plane_as_l3l4_flows() {
         } else {
             "pod-b/sidecar"
         };
-        let mut sidecar = env.in_pod(pod, cg, env!("CARGO_BIN_EXE_meshgate"));
+        let mut sidecar = env.in_pod(pod, cg, crate::support::meshgate_bin());
         sidecar
             .args(["proxy", "--app", "127.0.0.1:8080", "--svid-cert"])
             .arg(d.join(files).join("svid.pem"))
@@ -1017,7 +1015,7 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
     // Attach from inside the pod, as an init container would: --pod = parent of its own cgroup.
     let pod = env.cg("pod-a/shared");
     let out = ok(&output_within(
-        env.in_pod(0, "pod-a/shared/init", env!("CARGO_BIN_EXE_meshgate"))
+        env.in_pod(0, "pod-a/shared/init", crate::support::meshgate_bin())
             .args([
                 "redirect",
                 "attach",

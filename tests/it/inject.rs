@@ -25,7 +25,7 @@ fn fixtures() -> PathBuf {
 
 /// Runs `meshgate inject ARGS`, feeding `stdin` when given.
 fn inject(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+    let mut child = Command::new(crate::support::meshgate_bin())
         .arg("inject")
         .args(args)
         .stdin(if stdin.is_some() {

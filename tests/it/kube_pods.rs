@@ -105,9 +105,7 @@ spec:
       to: [{methods: [GET]}]
 "#;
 
-fn meshgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshgate"))
-}
+use crate::support::meshgate;
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "{}", text(o));
@@ -182,7 +180,7 @@ impl Cluster {
         assert!(image.starts_with("meshgate:"), "{cname}: image {image}");
         let mut argv: Vec<String> = match c["command"].as_array() {
             Some(cmd) => cmd.iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
-            None => vec![env!("CARGO_BIN_EXE_meshgate").to_owned()],
+            None => vec![crate::support::meshgate_bin().to_owned()],
         };
         argv.extend(
             c["args"]
@@ -465,7 +463,7 @@ fn injected_pods_run_as_the_kubelet_would() {
     };
 
     // The node runs the CA and the control plane where the pods' names point.
-    let mut ca = c.on_node("node/ca", env!("CARGO_BIN_EXE_meshgate"));
+    let mut ca = c.on_node("node/ca", crate::support::meshgate_bin());
     ca.args(["ca", "serve", "--dir"])
         .arg(d.join("ca"))
         .args([
@@ -484,7 +482,7 @@ fn injected_pods_run_as_the_kubelet_would() {
         .arg(&issuer.api_token);
     c.spawn("ca", ca);
     let cp_token = token("meshgate", "control-plane");
-    let mut cp = c.on_node("node/control-plane", env!("CARGO_BIN_EXE_meshgate"));
+    let mut cp = c.on_node("node/control-plane", crate::support::meshgate_bin());
     cp.args(["control-plane", "serve", "--policy-dir"])
         .arg(&policies)
         .args([

@@ -17,7 +17,7 @@ fn fixtures() -> PathBuf {
 
 /// Runs `meshgate policy ARGS` in the fixtures directory.
 fn policy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+    Command::new(crate::support::meshgate_bin())
         .arg("policy")
         .args(args)
         .current_dir(fixtures())

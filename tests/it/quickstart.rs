@@ -17,7 +17,7 @@ fn ca_quickstart_script_issues_a_verifiable_svid() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ca-quickstart.sh");
     let out = run(Command::new("bash")
         .arg(script)
-        .env("MESHGATE_BIN", env!("CARGO_BIN_EXE_meshgate"))
+        .env("MESHGATE_BIN", crate::support::meshgate_bin())
         .env("MESHGATE_CA_PORT", port.to_string()));
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");

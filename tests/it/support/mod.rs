@@ -78,9 +78,25 @@ pub async fn machine_lock(name: &str) -> std::fs::File {
     .expect("lock task")
 }
 
-/// The `meshgate` binary built for this test run.
+/// The `meshgate` binary under test: the one cargo built for this test run, or the one
+/// `MESHGATE_TEST_BIN` names, so the suite can run against the shipped build
+/// (`MESHGATE_TEST_BIN=target/pgo/release/meshgate`: profile-guided, `scripts/release-build.sh`).
+pub fn meshgate_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("MESHGATE_TEST_BIN") {
+        Ok(path) if !path.is_empty() => {
+            let path = std::fs::canonicalize(&path).unwrap_or_else(|e| {
+                panic!("MESHGATE_TEST_BIN={path}: {e}; build it first (scripts/release-build.sh)")
+            });
+            path.to_string_lossy().into_owned()
+        }
+        _ => env!("CARGO_BIN_EXE_meshgate").to_owned(),
+    })
+}
+
+/// A command running the `meshgate` binary under test ([`meshgate_bin`]).
 pub fn meshgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshgate"))
+    Command::new(meshgate_bin())
 }
 
 /// Runs a command and returns its output, panicking if it cannot start.
