@@ -29,7 +29,8 @@ mkdir -p target/pgo
 # watch the file itself); an unchanged one rebuilds nothing.
 sum=$(gzip -dc "$profile" | sha256sum | cut -c1-16)
 data=$PWD/target/pgo/meshgate-$sum.profdata
-[ -s "$data" ] || gzip -dc "$profile" >"$data"
+# Written aside and renamed, so an interrupted run never leaves a truncated profile under that name.
+[ -s "$data" ] || { gzip -dc "$profile" >"$data.tmp" && mv "$data.tmp" "$data"; }
 probe=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-pgo-check.XXXXXX")
 trap 'rm -rf "$probe"' EXIT
 echo 'fn main() { println!("pgo"); }' >"$probe/main.rs"

@@ -5,11 +5,9 @@
 //! - `meshgate-policy` (and the crates below it) never link an async runtime, an HTTP stack or TLS.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 /// `module → modules it names through crate::` for the crate at `src`, from code lines only
 /// (comments and doc links do not count). `foo.rs` and `foo/mod.rs` are module `foo`; files in
@@ -124,7 +122,7 @@ const LIBRARIES: &[&str] = &[
 fn no_module_cycles() {
     let mut cycles = Vec::new();
     for krate in LIBRARIES {
-        let src = root().join(krate).join("src");
+        let src = repo().join(krate).join("src");
         assert!(src.join("lib.rs").exists(), "{krate}: no src/lib.rs");
         let edges = module_edges(&src);
         if let Some(cycle) = find_cycle(&edges) {
@@ -152,7 +150,7 @@ fn the_cycle_finder_finds_cycles() {
 #[test]
 fn policy_crates_forbid_unsafe() {
     for krate in ["spiffe", "policy", "policy-tools", "xds-lite"] {
-        let lib = std::fs::read_to_string(root().join(krate).join("src/lib.rs")).unwrap();
+        let lib = std::fs::read_to_string(repo().join(krate).join("src/lib.rs")).unwrap();
         assert!(
             lib.contains("#![forbid(unsafe_code)]"),
             "{krate}/src/lib.rs must carry #![forbid(unsafe_code)]"
@@ -180,7 +178,7 @@ fn dependency_names_with(package: &str, extra: &[&str]) -> BTreeSet<String> {
         ])
         .args(["--format", "{lib}"])
         .args(extra)
-        .current_dir(root())
+        .current_dir(repo())
         .output()
         .expect("cargo tree runs");
     assert!(

@@ -28,9 +28,7 @@ const PROJECT: &str = "meshgate-test";
 const IMAGE: &str = "meshgate:test";
 const WORKLOADS: [&str; 3] = ["web", "orders", "payments"];
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::meshgate;
 use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
 
@@ -36,8 +37,6 @@ const B_IP: &str = "10.199.0.2";
 const EXT_IP: &str = "10.199.0.3";
 const A_ID: &str = "spiffe://mesh.local/ns/test/sa/a";
 const B_ID: &str = "spiffe://mesh.local/ns/test/sa/b";
-
-use crate::support::meshgate;
 
 /// Runs a command with a deadline; kills it when the deadline passes.
 pub(crate) fn output_within(cmd: &mut Command, limit: Duration) -> Output {

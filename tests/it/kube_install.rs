@@ -29,9 +29,7 @@ const KUBERNETES_VERSIONS: [&str; 2] = ["1.35.0", "1.37.0"];
 
 const INSTALL_HINT: &str = "python3 -m venv ~/.cache/meshgate/venv && ~/.cache/meshgate/venv/bin/pip install kubernetes-validate==1.37.0 (scripts/test.sh does this), or put kubernetes-validate on PATH / set KUBERNETES_VALIDATE=/path/to/it";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 /// The `kubernetes-validate` executable: $KUBERNETES_VALIDATE, PATH, or the venv of
 /// scripts/test.sh. Panics with the install command when there is none.

@@ -31,6 +31,7 @@ use serde_json::Value;
 
 use crate::ebpf_redirect::{output_within, stop_children, text};
 use crate::support::k8s::{Issuer, Signer, projected_claims};
+use crate::support::meshgate;
 use crate::support::privileged::{EBPF, have};
 use meshgate_ebpf::sandbox::{self, Sandbox};
 
@@ -104,8 +105,6 @@ spec:
     - from: [{principals: ["spiffe://mesh.local/ns/shop/sa/web"]}]
       to: [{methods: [GET]}]
 "#;
-
-use crate::support::meshgate;
 
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "{}", text(o));

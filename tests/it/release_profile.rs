@@ -3,16 +3,13 @@
 //! warning and builds without it, so a corrupt or foreign profile would only show as a slower
 //! binary; `scripts/release-build.sh` refuses it, and these tests check both sides of that.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::repo;
 
 fn check(profile: Option<&std::path::Path>) -> std::process::Output {
-    let mut cmd = Command::new(root().join("scripts/release-build.sh"));
-    cmd.arg("--check").current_dir(root());
+    let mut cmd = Command::new(repo().join("scripts/release-build.sh"));
+    cmd.arg("--check").current_dir(repo());
     if let Some(p) = profile {
         cmd.env("PGO_PROFILE", p);
     }
@@ -29,7 +26,7 @@ fn the_committed_profile_is_read_by_this_toolchain() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let source = std::fs::read_to_string(root().join("pgo/profile-source.txt"))
+    let source = std::fs::read_to_string(repo().join("pgo/profile-source.txt"))
         .expect("pgo/profile-source.txt records where the profile came from");
     for field in ["commit: ", "rustc: ", "llvm-profdata: "] {
         assert!(

@@ -78,6 +78,11 @@ pub async fn machine_lock(name: &str) -> std::fs::File {
     .expect("lock task")
 }
 
+/// The repository's root (the workspace of the `meshgate` package).
+pub fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The `meshgate` binary under test: the one cargo built for this test run, or the one
 /// `MESHGATE_TEST_BIN` names, so the suite can run against the shipped build
 /// (`MESHGATE_TEST_BIN=target/pgo/release/meshgate`: profile-guided, `scripts/release-build.sh`).
