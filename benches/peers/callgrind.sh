@@ -4,7 +4,7 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--haproxy] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--connections C] [--cache] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--haproxy] [--keep] BIN [BIN...]
 #
 # --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
 # per-request decision line). --tracing RATIO: OpenTelemetry tracing on in both sidecars
@@ -12,17 +12,25 @@
 #
 # For each binary: both sidecars start under callgrind with the same configuration as run.sh's
 # mesh path (static SVIDs, the bench policy, HTTP/1.1 from the client, keep-alive to an nginx
-# app), 200 warm-up requests go through, the counters are zeroed, N requests go through with
-# 4 connections (oha), and the counters are dumped. Prints Ir per request for each sidecar and the
+# app), 200 warm-up requests go through, the counters are zeroed, N requests go through (oha,
+# --connections C), and the counters are dumped. Prints Ir per request for each sidecar and the
 # pair, and writes the callgrind files (for callgrind_annotate) next to a summary in the work dir.
 # --haproxy adds a row for the HAProxy pair of run.sh (HTTP/2 between its two proxies, the same
 # certificates, ACL and keep-alive), measured the same way: the peers' user-space instructions
 # (OpenSSL's included) next to meshgate's, on a machine too busy for CPU times. Like callgrind
 # itself, it leaves out the kernel's share (about half of every proxy's CPU here).
+# --connections C: oha's connections (default 4); at 64, as run.sh's saturation, batching on the
+# HTTP/2 connection between the proxies changes the per-request cost (HAProxy's more than
+# meshgate's). --cache adds callgrind's cache and branch simulation and prints, per request,
+# L1 instruction-cache misses, L1 data read and write misses and mispredicted conditional
+# branches: what makes the same instruction count cost more time (BENCHMARKS.md, "eleventh
+# session").
 # Needs valgrind (callgrind_control), oha, nginx, python3; openssl, haproxy and curl for --haproxy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 requests=2000
+connections=4
+cache=0
 base=19400
 keep=0
 haproxy=0
@@ -32,12 +40,14 @@ bins=()
 while [ $# -gt 0 ]; do
   case $1 in
     --requests) requests=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    --cache) cache=1; shift ;;
     --base-port) base=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --haproxy) haproxy=1; shift ;;
     --log) log=$2; shift 2 ;;
     --tracing) tracing=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -74,23 +84,40 @@ if [ -n "$tracing" ]; then
   export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$tracing
   telemetry=()
 fi
-ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
+last_dump() { # CALLGRIND_OUT_PREFIX → the file of the last dump
   local f
   f=$(ls -t "$1".* 2>/dev/null | grep -v '\.0$' | head -1 || true)
   [ -n "$f" ] || f=$(ls -t "$1"* | head -1)
-  grep -E '^(summary|totals):' "$f" | tail -1 | awk '{print $2}'
+  echo "$f"
+}
+ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
+  grep -E '^(summary|totals):' "$(last_dump "$1")" | tail -1 | awk '{print $2}'
+}
+misses_of() { # CALLGRIND_OUT_PREFIX → "I1mr D1mr D1mw Bcm" per request of the last dump
+  python3 - "$(last_dump "$1")" "$requests" <<'PY'
+import sys
+events, totals = None, None
+for line in open(sys.argv[1]):
+    if line.startswith("events:"):
+        events = line.split()[1:]
+    elif line.startswith(("summary:", "totals:")):
+        totals = [int(x) for x in line.split()[1:]]
+per = dict(zip(events, totals))
+print(" ".join(f"{per.get(k, 0) / int(sys.argv[2]):.0f}" for k in ("I1mr", "D1mr", "D1mw", "Bcm")))
+PY
 }
 
 printf '%-40s %14s %14s %14s\n' binary "inbound Ir/req" "outbound Ir/req" "pair Ir/req" | tee "$work/summary.txt"
 vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
+[ "$cache" = 0 ] || vg+=(--cache-sim=yes --branch-sim=yes)
 # NAME IN_PID OUT_PID URL TAG: 200 warm-up requests through URL, then N counted ones; one row
 # (the callgrind files are cg-in-TAG.out and cg-out-TAG.out).
 measure() {
   local name=$1 in_pid=$2 out_pid=$3 url=$4 tag=$5 in_ir out_ir
-  oha --no-tui -n 200 -c 4 -H "Host: app" "$url" >/dev/null
+  oha --no-tui -n 200 -c "$connections" -H "Host: app" "$url" >/dev/null
   callgrind_control --zero "$in_pid" >/dev/null
   callgrind_control --zero "$out_pid" >/dev/null
-  oha --no-tui -n "$requests" -c 4 -H "Host: app" "$url" >"$work/oha-$tag.txt"
+  oha --no-tui -n "$requests" -c "$connections" -H "Host: app" "$url" >"$work/oha-$tag.txt"
   grep -q "\[200\] $requests responses" "$work/oha-$tag.txt" || {
     echo "$name: not every request was answered 200:" >&2
     grep -A5 "Status code distribution" "$work/oha-$tag.txt" >&2
@@ -105,6 +132,10 @@ measure() {
   out_ir=$(ir_of "$work/cg-out-$tag.out")
   printf '%-40s %14d %14d %14d\n' "$name" $((in_ir / requests)) $((out_ir / requests)) \
     $(((in_ir + out_ir) / requests)) | tee -a "$work/summary.txt"
+  if [ "$cache" = 1 ]; then
+    printf '%-40s %s\n' "  per request, I1mr D1mr D1mw Bcm" \
+      "inbound $(misses_of "$work/cg-in-$tag.out") / outbound $(misses_of "$work/cg-out-$tag.out")" | tee -a "$work/summary.txt"
+  fi
 }
 n=0
 for bin in "${bins[@]}"; do

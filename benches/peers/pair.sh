@@ -5,12 +5,13 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
 # a closed loop at -c 64 for S seconds (default 4): RPS, and per sidecar user/sys µs per request
-# (from /proc/PID/stat), plus system calls per request with --syscalls. Needs oha, nginx,
+# (from /proc/PID/stat), plus system calls and context switches per request with --syscalls
+# (perf stat). Needs oha, nginx,
 # python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) and MESHGATE_LOG_FORMAT are
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
 # (parent-based trace-ID ratio sampler at RATIO; denials are exported whatever the ratio) toward
@@ -20,6 +21,9 @@
 # --response BYTES: GET a file of BYTES bytes instead (the download direction).
 # --path PATH: GET PATH instead; --expect STATUS: the status every request must get (default
 # 200), e.g. `--path /admin --expect 403` for requests the policy refuses.
+# --haproxy: the same measurement of run.sh's HAProxy pair (HTTP/2 between its proxies, the same
+# certificates, ACL and keep-alive; BIN still makes the CA), so the user/system split, system
+# calls and context switches of both can be set side by side (needs haproxy, openssl, curl).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
@@ -30,6 +34,7 @@ body=
 response=
 path=/api/data
 expect=200
+haproxy=0
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -40,11 +45,12 @@ while [ $# -gt 0 ]; do
     --response) response=$2; shift 2 ;;
     --path) path=$2; shift 2 ;;
     --expect) expect=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --haproxy) haproxy=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response"; do
@@ -55,8 +61,9 @@ shift
 missing=()
 for tool in oha nginx python3 taskset; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ "$syscalls" = 0 ] || command -v perf >/dev/null || missing+=(perf)
+[ "$haproxy" = 0 ] || for tool in haproxy openssl curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]} — apt-get install nginx python3 util-linux linux-perf; cargo install oha --locked" >&2
+  echo "missing: ${missing[*]} — apt-get install nginx python3 util-linux linux-perf haproxy openssl curl; cargo install oha --locked" >&2
   exit 1
 fi
 
@@ -83,22 +90,43 @@ if [ -n "$tracing" ]; then
   export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$tracing
   telemetry=()
 fi
-MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
-  --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
-  --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
-  --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
-  "${telemetry[@]}" >"$work/in.log" 2>&1 &
-in_pid=$!
-pids+=("$in_pid")
-MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
-  --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
-  --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
-  --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
-  "${telemetry[@]}" "$@" >"$work/out.log" 2>&1 &
-out_pid=$!
-pids+=("$out_pid")
-ready $((in_port + 2))
-ready $((out_port + 1))
+if [ "$haproxy" = 1 ]; then
+  die() { echo "error: $*" >&2; exit 1; }
+  certs=$work/certs
+  peer_dns=app.bench.$td
+  # shellcheck source=peer-certs.sh
+  . "$here/peer-certs.sh"
+  # Overrides first: the first substitution of a placeholder wins.
+  render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT=$in_port "${common[@]}"
+  render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT=$in_port OUT_PORT=$out_port "${common[@]}"
+  taskset -c 1 haproxy -db -f "$work/haproxy-in.cfg" >"$work/in.log" 2>&1 &
+  in_pid=$!
+  pids+=("$in_pid")
+  taskset -c 1 haproxy -db -f "$work/haproxy-out.cfg" >"$work/out.log" 2>&1 &
+  out_pid=$!
+  pids+=("$out_pid")
+  for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$out_port/api/data" || true)" = 200 ] && break
+    sleep 0.2
+  done
+else
+  MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+    --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
+    --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
+    --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
+    "${telemetry[@]}" >"$work/in.log" 2>&1 &
+  in_pid=$!
+  pids+=("$in_pid")
+  MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+    --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
+    --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
+    --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
+    "${telemetry[@]}" "$@" >"$work/out.log" 2>&1 &
+  out_pid=$!
+  pids+=("$out_pid")
+  ready $((in_port + 2))
+  ready $((out_port + 1))
+fi
 
 url="http://127.0.0.1:$out_port$path"
 request=()
@@ -121,7 +149,7 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
 if [ "$syscalls" = 1 ]; then
-  events=raw_syscalls:sys_enter
+  events=raw_syscalls:sys_enter,context-switches
   perf stat -x, -e "$events" -o "$work/perf-in.txt" -p "$in_pid" -- sleep "$seconds" &
   pin=$!
   perf stat -x, -e "$events" -o "$work/perf-out.txt" -p "$out_pid" -- sleep "$seconds" &
@@ -148,13 +176,14 @@ line = (f"p50 {p['p50'] * 1e6:.0f} µs  p90 {p['p90'] * 1e6:.0f} µs  p99 {p['p9
         f"{ok / seconds:,.0f} req/s  inbound user {us(iu1 - iu0):.1f} sys {us(is1 - is0):.1f} µs/req  "
         f"outbound user {us(ou1 - ou0):.1f} sys {us(os1 - os0):.1f} µs/req")
 if syscalls:
-    def calls(side):
+    def per_request(side, event):
         for row in open(f"{work}/perf-{side}.txt"):
             fields = row.split(",")
-            if len(fields) > 2 and "sys_enter" in fields[2]:
+            if len(fields) > 2 and event in fields[2]:
                 return int(fields[0]) / ok
         return float("nan")
-    line += f"  syscalls/req inbound {calls('in'):.2f} outbound {calls('out'):.2f}"
+    line += (f"  syscalls/req inbound {per_request('in', 'sys_enter'):.2f} outbound {per_request('out', 'sys_enter'):.2f}"
+             f"  context switches/req inbound {per_request('in', 'context-switches'):.2f} outbound {per_request('out', 'context-switches'):.2f}")
 if tracing:
     try:
         exports, size = open(f"{work}/otlp-count").read().split()
