@@ -67,6 +67,9 @@ pub struct SendError<E: std::error::Error + 'static, B> {
 
 type Sender<B> = http1::SendRequest<B>;
 
+/// What [`Http1Pool::send`] resolves to.
+pub type Sent<D, B> = Result<Response<PooledBody<D, B>>, SendError<<D as Dial>::Error, B>>;
+
 /// The idle connections to one peer. Shared by every request for it: one HTTP/1.1 request at a
 /// time per connection, so callers cannot starve each other.
 pub struct Http1Pool<D: Dial, B> {
@@ -157,67 +160,74 @@ where
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection or a new one. The
     /// response body hands its connection back to the pool when it ends; a 101 keeps it (the
     /// connection now belongs to the upgraded protocol).
-    pub async fn send(
-        self: &Arc<Self>,
-        req: Request<B>,
-    ) -> Result<Response<PooledBody<D, B>>, SendError<D::Error, B>> {
-        let mut req = req;
-        // A reused connection may have been closed by the peer while idle (its keep-alive
-        // timeout), and the close may cross the request on the wire. A request hyper hands back
-        // unsent goes once more on a new connection; so does one it sent when the connection
-        // then failed (closed or reset), if it is idempotent and bodiless (RFC 9112 §9.3.1:
-        // what browsers and Envoy do), from a copy of its head kept for that case. Anything
-        // else is never sent twice: the peer may have acted on it.
-        if let Some(mut sender) = self.checkout()
-            && sender.ready().await.is_ok()
-        {
-            let replay = replayable(&req);
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.pooled(resp, sender)),
-                Err(mut e) => match (e.take_message(), replay) {
-                    (Some(unsent), _) => req = unsent,
-                    // Closed (FIN: an incomplete message) or reset (RST: an I/O error) under
-                    // the request: either way, an idempotent request may go again.
-                    (None, Some(head)) => {
-                        tracing::debug!(
-                            event = "http1_pool.retry",
-                            peer = %self.dial.peer(),
-                            error = %e.error(),
-                            "a kept-alive connection failed under an idempotent request; sent again on a new connection"
-                        );
-                        req = Request::from_parts(head, B::empty());
-                    }
-                    (None, _) => {
-                        return Err(SendError {
-                            error: self.http_error(e.into_error()),
-                            unsent: None,
-                        });
-                    }
-                },
+    ///
+    /// Not an `async fn`: the future owns the pool and the request once. An `async fn` keeps
+    /// its arguments and their rebinding side by side, and a caller that can only call it
+    /// inside its own `async` block holds the request there too (the inbound forwarder's
+    /// per-request future was 1,688 bytes, three copies of the request; `-Zprint-type-sizes`).
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn send(
+        self: Arc<Self>,
+        mut req: Request<B>,
+    ) -> impl Future<Output = Sent<D, B>> + Send + 'static {
+        async move {
+            // A reused connection may have been closed by the peer while idle (its keep-alive
+            // timeout), and the close may cross the request on the wire. A request hyper hands
+            // back unsent goes once more on a new connection; so does one it sent when the
+            // connection then failed (closed or reset), if it is idempotent and bodiless (RFC
+            // 9112 §9.3.1: what browsers and Envoy do), from a copy of its head kept for that
+            // case. Anything else is never sent twice: the peer may have acted on it.
+            if let Some(mut sender) = self.checkout()
+                && sender.ready().await.is_ok()
+            {
+                let replay = replayable(&req);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.pooled(resp, sender)),
+                    Err(mut e) => match (e.take_message(), replay) {
+                        (Some(unsent), _) => req = unsent,
+                        // Closed (FIN: an incomplete message) or reset (RST: an I/O error)
+                        // under the request: either way, an idempotent request may go again.
+                        (None, Some(head)) => {
+                            tracing::debug!(
+                                event = "http1_pool.retry",
+                                peer = %self.dial.peer(),
+                                error = %e.error(),
+                                "a kept-alive connection failed under an idempotent request; sent again on a new connection"
+                            );
+                            req = Request::from_parts(head, B::empty());
+                        }
+                        (None, _) => {
+                            return Err(SendError {
+                                error: self.http_error(e.into_error()),
+                                unsent: None,
+                            });
+                        }
+                    },
+                }
             }
+            let mut sender = match self.connect().await {
+                Ok(sender) => sender,
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        unsent: Some(req),
+                    });
+                }
+            };
+            let failed = |error| SendError {
+                error,
+                unsent: None,
+            };
+            sender
+                .ready()
+                .await
+                .map_err(|e| failed(self.http_error(e)))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| failed(self.http_error(e)))?;
+            Ok(self.pooled(resp, sender))
         }
-        let mut sender = match self.connect().await {
-            Ok(sender) => sender,
-            Err(error) => {
-                return Err(SendError {
-                    error,
-                    unsent: Some(req),
-                });
-            }
-        };
-        let failed = |error| SendError {
-            error,
-            unsent: None,
-        };
-        sender
-            .ready()
-            .await
-            .map_err(|e| failed(self.http_error(e)))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| failed(self.http_error(e)))?;
-        Ok(self.pooled(resp, sender))
     }
 
     fn pooled(

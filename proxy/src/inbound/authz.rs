@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use meshgate_ca::SpiffeId;
@@ -286,12 +287,13 @@ where
         if let Some(reauthorize) = reauthorize {
             req.extensions_mut().insert(reauthorize);
         }
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            let Ok(mut resp) = inner.call(req).await;
+        // Called here rather than in an `async` block, which needed a clone of the forwarder per
+        // request and held the request beside the call's future.
+        Box::pin(self.inner.call(req).map(move |answered| {
+            let Ok(mut resp) = answered;
             resp.extensions_mut().insert(record);
             Ok(resp)
-        })
+        }))
     }
 }
 

@@ -291,7 +291,7 @@ impl MeshPool {
         let mut req = req;
         let mut last_error = UpstreamError::NoEndpoints;
         for i in self.order() {
-            match self.endpoints[i].http1.send(req).await {
+            match self.endpoints[i].http1.clone().send(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(failed) => match failed.unsent {
                     Some(unsent) => {
