@@ -205,7 +205,9 @@ where
                     },
                 }
             }
-            let mut sender = match self.connect().await {
+            // Boxed: dialling (with TLS to a peer sidecar) is most of this future's size, and
+            // a reused connection, the usual case, does not need it.
+            let mut sender = match Box::pin(self.connect()).await {
                 Ok(sender) => sender,
                 Err(error) => {
                     return Err(SendError {

@@ -199,12 +199,19 @@ impl MeshPool {
             )
     }
 
-    /// The open HTTP/2 connection to endpoint `i`, or a new one.
+    /// The open HTTP/2 connection to endpoint `i`, or a new one ([`Self::connect`]).
     async fn sender(&self, i: usize) -> Result<Sender, UpstreamError> {
-        let endpoint = &self.endpoints[i];
-        if let Some(sender) = endpoint.current() {
-            return Ok(sender);
+        match self.endpoints[i].current() {
+            Some(sender) => Ok(sender),
+            // Boxed: dialling, TLS and the HTTP/2 handshake are 5.6 KB of future that every
+            // request's future would otherwise make room for (`-Zprint-type-sizes`).
+            None => Box::pin(self.connect(i)).await,
         }
+    }
+
+    /// A new HTTP/2 connection to endpoint `i`, unless another request opened one meanwhile.
+    async fn connect(&self, i: usize) -> Result<Sender, UpstreamError> {
+        let endpoint = &self.endpoints[i];
         let _dialling = endpoint.dialling.lock().await;
         if let Some(sender) = endpoint.current() {
             return Ok(sender);
