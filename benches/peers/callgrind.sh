@@ -159,26 +159,10 @@ for bin in "${bins[@]}"; do
   measure "$bin" "$in_pid" "$out_pid" "http://127.0.0.1:$out_port/api/data" "$n"
 done
 if [ "$haproxy" = 1 ]; then
-  die() { echo "error: $*" >&2; exit 1; }
-  certs=$work/certs
-  peer_dns=app.bench.$td
-  # shellcheck source=peer-certs.sh
-  . "$here/peer-certs.sh"
-  h_in=$((base + 40))
-  h_out=$((base + 41))
-  # Overrides first: the first substitution of a placeholder wins.
-  render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT=$h_in "${common[@]}"
-  render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT=$h_in OUT_PORT=$h_out "${common[@]}"
-  "${vg[@]}" --callgrind-out-file="$work/cg-in-haproxy.out" haproxy -db -f "$work/haproxy-in.cfg" >"$work/haproxy-in.log" 2>&1 &
-  in_pid=$!
-  pids+=("$in_pid")
-  "${vg[@]}" --callgrind-out-file="$work/cg-out-haproxy.out" haproxy -db -f "$work/haproxy-out.cfg" >"$work/haproxy-out.log" 2>&1 &
-  out_pid=$!
-  pids+=("$out_pid")
-  for _ in $(seq 300); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$h_out/api/data" || true)" = 200 ] && break
-    sleep 0.2
-  done
-  measure "haproxy (pair over HTTP/2)" "$in_pid" "$out_pid" "http://127.0.0.1:$h_out/api/data" haproxy
+  under_callgrind() { local side=$1; shift; exec "${vg[@]}" --callgrind-out-file="$work/cg-$side-haproxy.out" "$@"; }
+  start_haproxy_pair $((base + 40)) $((base + 41)) under_callgrind
+  in_pid=$hap_in_pid
+  out_pid=$hap_out_pid
+  measure "haproxy (pair over HTTP/2)" "$in_pid" "$out_pid" "http://127.0.0.1:$((base + 41))/api/data" haproxy
 fi
 echo "callgrind files and summary: $work (use --keep to keep them; callgrind_annotate FILE)" >&2

@@ -44,3 +44,33 @@ ready() { # ADMIN_PORT
   echo "sidecar with admin port $1 did not become ready (logs in $work)" >&2
   exit 1
 }
+
+# run.sh's HAProxy pair (HTTP/2 between its proxies, the peers' certificates, the same ACL and
+# keep-alive), for callgrind.sh --haproxy and pair.sh --haproxy: the inbound HAProxy listens on
+# IN_PORT, the outbound one on OUT_PORT, each started in the background as `LAUNCHER in|out
+# haproxy ...` (the caller's pinning or valgrind; a function that must `exec`, so that the PIDs
+# are the proxies'). Sets hap_in_pid and hap_out_pid and returns once the pair answers
+# /api/data. Needs haproxy, openssl, curl.
+start_haproxy_pair() { # IN_PORT OUT_PORT LAUNCHER
+  local h_in=$1 h_out=$2 launch=$3 _
+  die() { echo "error: $*" >&2; exit 1; }
+  certs=$work/certs
+  peer_dns=app.bench.$td
+  # shellcheck source=peer-certs.sh
+  . "$here/peer-certs.sh"
+  # Overrides first: the first substitution of a placeholder wins.
+  render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT="$h_in" "${common[@]}"
+  render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT="$h_in" OUT_PORT="$h_out" "${common[@]}"
+  "$launch" in haproxy -db -f "$work/haproxy-in.cfg" >"$work/haproxy-in.log" 2>&1 &
+  hap_in_pid=$!
+  pids+=("$hap_in_pid")
+  "$launch" out haproxy -db -f "$work/haproxy-out.cfg" >"$work/haproxy-out.log" 2>&1 &
+  hap_out_pid=$!
+  pids+=("$hap_out_pid")
+  for _ in $(seq 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$h_out/api/data" || true)" = 200 ] && return 0
+    sleep 0.2
+  done
+  echo "the HAProxy pair did not answer on port $h_out (logs in $work)" >&2
+  exit 1
+}

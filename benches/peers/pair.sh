@@ -91,24 +91,10 @@ if [ -n "$tracing" ]; then
   telemetry=()
 fi
 if [ "$haproxy" = 1 ]; then
-  die() { echo "error: $*" >&2; exit 1; }
-  certs=$work/certs
-  peer_dns=app.bench.$td
-  # shellcheck source=peer-certs.sh
-  . "$here/peer-certs.sh"
-  # Overrides first: the first substitution of a placeholder wins.
-  render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT=$in_port "${common[@]}"
-  render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT=$in_port OUT_PORT=$out_port "${common[@]}"
-  taskset -c 1 haproxy -db -f "$work/haproxy-in.cfg" >"$work/in.log" 2>&1 &
-  in_pid=$!
-  pids+=("$in_pid")
-  taskset -c 1 haproxy -db -f "$work/haproxy-out.cfg" >"$work/out.log" 2>&1 &
-  out_pid=$!
-  pids+=("$out_pid")
-  for _ in $(seq 300); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$out_port/api/data" || true)" = 200 ] && break
-    sleep 0.2
-  done
+  pinned() { shift; exec taskset -c 1 "$@"; }
+  start_haproxy_pair "$in_port" "$out_port" pinned
+  in_pid=$hap_in_pid
+  out_pid=$hap_out_pid
 else
   MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
