@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds the release binary as shipped (the Docker image's, the one the benches measure):
 # `cargo build --release` optimized with the execution profile in pgo/meshgate.profdata.gz
-# (profile-guided optimization; figures in BENCHMARKS.md "Profile-guided optimization").
+# (profile-guided optimization; figures in BENCHMARKS.md "Profile-guided optimization"), linked
+# with the functions a sidecar runs placed together (pgo/symbol-order.txt; BENCHMARKS.md "Code
+# layout").
 #
 # Usage: scripts/release-build.sh [--check]
 #   --check: only check that this rustc reads the profile (a second, on a one-line program), which
 #   the build also does first: rustc takes a profile it cannot read with a mere warning and builds
-#   without it, so a corrupt or foreign profile would quietly cost the optimization.
+#   without it, so a corrupt or foreign profile would quietly cost the optimization. It also says
+#   whether this rustc's linker applies the code layout.
 # PGO_PROFILE=FILE.gz uses another profile than pgo/meshgate.profdata.gz.
 # Writes target/pgo/release/meshgate. Its own target directory: the compiler flags differ from a
 # plain `cargo build --release` (which still works, without the profile), and one shared
@@ -39,9 +42,45 @@ if ! rustc -O -Cprofile-use="$data" -o "$probe/main" "$probe/main.rs" 2>"$probe/
   echo "$profile is not a profile this rustc ($(rustc --version)) reads: record a new one with scripts/pgo-profile.sh" >&2
   exit 1
 fi
+# The code layout (pgo/symbol-order.txt, scripts/symbol-order.sh): the functions a sidecar runs
+# placed together, so that it maps fewer code pages. Only lld takes the option, which rustc uses
+# by default on x86_64 Linux; with another linker the build goes on without it, and says so. The
+# options go to the final link only (`cargo rustc`), so a new layout relinks without rebuilding
+# every crate, through a copy named by its content, so that cargo sees a new one.
+link=()
+order=pgo/symbol-order.txt
+layout="default code layout"
+# The probe links two functions in the reverse of their source order and checks that the linker
+# placed them so: a linker that took the option but ignored it would pass a mere flag check.
+ordered() { # → 0 if rustc's linker lays out a probe in the order of an ordering file
+  printf '%s\n' \
+    '#[no_mangle] #[inline(never)] pub extern "C" fn meshgate_probe_first() -> u32 { std::hint::black_box(1) }' \
+    '#[no_mangle] #[inline(never)] pub extern "C" fn meshgate_probe_second() -> u32 { std::hint::black_box(2) }' \
+    'fn main() { println!("{}", meshgate_probe_first() + meshgate_probe_second()); }' >"$probe/order.rs"
+  printf 'meshgate_probe_second\nmeshgate_probe_first\n' >"$probe/order.txt"
+  rustc -O -Clink-arg=-Wl,--symbol-ordering-file="$probe/order.txt" -o "$probe/order" "$probe/order.rs" \
+    2>"$probe/stderr" || return 1
+  local first second
+  first=$(nm "$probe/order" | awk '$3 == "meshgate_probe_first" {print $1}')
+  second=$(nm "$probe/order" | awk '$3 == "meshgate_probe_second" {print $1}')
+  [ -n "$first" ] && [ -n "$second" ] && [[ "$second" < "$first" ]]
+}
+if [ -s "$order" ]; then
+  if ordered; then
+    copy=$PWD/target/pgo/symbol-order-$(sha256sum "$order" | cut -c1-16).txt
+    [ -s "$copy" ] || { cp "$order" "$copy.tmp" && mv "$copy.tmp" "$copy"; }
+    link=(-Clink-arg=-Wl,--symbol-ordering-file="$copy" -Clink-arg=-Wl,--no-warn-symbol-ordering)
+    layout="code layout of $order"
+  else
+    sed 's/^/  /' "$probe/stderr" >&2
+    echo "warning: this rustc's linker does not lay out code by --symbol-ordering-file (lld does; rustc uses it by default on x86_64 Linux): building without $order" >&2
+  fi
+else
+  echo "warning: $order is missing: building with the default code layout (record it with scripts/symbol-order.sh)" >&2
+fi
 if [ "$check" = 1 ]; then
-  echo "$profile: read by $(rustc --version)"
+  echo "$profile: read by $(rustc --version); $layout"
   exit 0
 fi
-CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$data" cargo build --release --locked --bin meshgate
-echo "built target/pgo/release/meshgate (profile-guided: $(sed -n 's/^commit: //p' pgo/profile-source.txt 2>/dev/null || echo 'profile of unknown origin'))"
+CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$data" cargo rustc --release --locked --bin meshgate -- "${link[@]}"
+echo "built target/pgo/release/meshgate (profile-guided: $(sed -n 's/^commit: //p' pgo/profile-source.txt 2>/dev/null || echo 'profile of unknown origin'); $layout)"

@@ -348,8 +348,8 @@ order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
 run_round() {
   local r=$1 p before after t0 pi po
   start_all
-  [ "$r" = 1 ] && check_acl
-  # RSS: fresh, then with 1000 idle mTLS connections (inbound side).
+  # RSS: fresh (before any request: the ACL check comes after), then with 1000 idle mTLS
+  # connections (inbound side).
   for p in $(order "$r" 0); do
     pi=${in_pid[$p]}
     before=$(rss_kib "$pi")
@@ -367,6 +367,7 @@ run_round() {
     [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed"
     sleep 0.5
   done
+  [ "$r" = 1 ] && check_acl
   # Warm-up: each path once, closed loop, not recorded.
   for p in "${proxies[@]}"; do
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"

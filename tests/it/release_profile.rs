@@ -66,3 +66,47 @@ fn an_unreadable_profile_is_refused() {
         "the refusal names neither the cause nor the fix:\n{stderr}"
     );
 }
+
+/// The code layout (`pgo/symbol-order.txt`): this toolchain's linker lays out code by an ordering
+/// file (the check links a probe in the reverse of its source order and reads the addresses back),
+/// and the committed file is the script's output, not an empty or hand-made list. Without either,
+/// the release build would quietly map twice the code pages in every sidecar.
+#[test]
+fn the_code_layout_is_applied_by_this_toolchains_linker() {
+    let out = check(None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("code layout of pgo/symbol-order.txt"),
+        "scripts/release-build.sh --check does not apply the code layout:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let order = std::fs::read_to_string(repo().join("pgo/symbol-order.txt"))
+        .expect("pgo/symbol-order.txt is committed");
+    assert!(
+        order
+            .lines()
+            .any(|l| l.starts_with("# Written by scripts/symbol-order.sh from ")),
+        "pgo/symbol-order.txt does not say where it came from"
+    );
+    let names: Vec<&str> = order.lines().filter(|l| !l.starts_with('#')).collect();
+    let distinct: std::collections::HashSet<&str> = names.iter().copied().collect();
+    assert!(
+        names.len() > 500 && distinct.len() == names.len(),
+        "pgo/symbol-order.txt holds {} names ({} distinct): record it with scripts/symbol-order.sh",
+        names.len(),
+        distinct.len()
+    );
+    // Symbols of the request path that every recording has: the HTTP/2 codec and the AEAD.
+    for needle in ["2h25frame", "aesni_ctr32_ghash"] {
+        assert!(
+            names.iter().any(|n| n.contains(needle)),
+            "pgo/symbol-order.txt names no `{needle}` symbol: record it with scripts/symbol-order.sh"
+        );
+    }
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.is_empty() && !n.contains(char::is_whitespace)),
+        "pgo/symbol-order.txt has a line that is no symbol name"
+    );
+}
