@@ -88,3 +88,6 @@ gzip -9 -n -c "$raw/meshgate.profdata" >pgo/meshgate.profdata.gz
   echo "workloads: scripts/pgo-profile.sh"
 } >pgo/profile-source.txt
 echo "== wrote pgo/meshgate.profdata.gz ($(stat -c %s pgo/meshgate.profdata.gz) bytes) and pgo/profile-source.txt"
+# The code layout is recorded from a binary built with the profile (which decides what is
+# inlined, so which functions exist): a separate step, because it needs that build first.
+echo "== next: scripts/release-build.sh && scripts/symbol-order.sh (the code layout, pgo/symbol-order.txt), then commit pgo/"
