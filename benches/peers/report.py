@@ -103,6 +103,8 @@ def main():
             if m:
                 fresh, idle, opened = int(m["fresh_kib"]), int(m["idle_kib"]), int(m["idle_opened"])
                 per[("rss", proxy)]["fresh_mib"].append(fresh / 1024)
+                if "fresh_file_kib" in m:
+                    per[("rss", proxy)]["fresh_file_mib"].append(int(m["fresh_file_kib"]) / 1024)
                 if opened:
                     per[("rss", proxy)]["idle_kib_per_conn"].append((idle - fresh) / opened)
                 if opened != a.idle_n:
@@ -177,10 +179,12 @@ def main():
     out.append(f"### 4. Memory of the inbound proxy (VmRSS, process tree)\n")
     out.append(f"Fresh: right after start, before any traffic. Idle connections: {a.idle_n} mTLS connections opened and held "
                "without a request; (RSS with them − fresh) / connections.\n")
-    out.append("| proxy | RSS fresh | RSS per idle mTLS connection |")
-    out.append("|---|---|---|")
+    out.append("| proxy | RSS fresh | of it file-backed (code, shared) | RSS per idle mTLS connection |")
+    out.append("|---|---|---|---|")
     for p in ROWS:
-        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} |")
+        shared = fig("rss", p, "fresh_file_mib")
+        shared = "–" if shared is None else f"{shared:.1f} MiB"
+        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} |")
     out.append("")
 
     out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")

@@ -254,10 +254,10 @@ cpu_ticks() { # PID → utime+stime of the process tree, in clock ticks
   done
   echo "$t"
 }
-rss_kib() { # PID → VmRSS of the process tree, KiB
-  local t=0 p v
+rss_kib() { # PID [FIELD] → VmRSS (or another field of /proc/PID/status, e.g. RssFile) of the process tree, KiB
+  local t=0 p v field=${2:-VmRSS}
   for p in $(tree "$1"); do
-    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+    v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null) || continue
     t=$((t + ${v:-0}))
   done
   echo "$t"
@@ -354,6 +354,9 @@ run_round() {
     pi=${in_pid[$p]}
     before=$(rss_kib "$pi")
     record "$r" rss "$p" fresh_kib "$before"
+    # File-backed pages (the binary's code and data, shared libraries): shared with every
+    # process that maps the same files, unlike the anonymous rest.
+    record "$r" rss "$p" fresh_file_kib "$(rss_kib "$pi" RssFile)"
     "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$idle_n" \
       --cert "$certs/client-chain.pem" --key "$certs/client.key" >"$work/idle-$p.out" 2>&1 &
     local ipid=$! i
