@@ -45,14 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-order.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+work_name=order
 # shellcheck source=../benches/peers/mesh-setup.sh
 . "$here/mesh-setup.sh"
 start_app

@@ -63,14 +63,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-callgrind.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ "$keep" = 0 ]; then rm -rf "$work"; else echo "kept $work" >&2; fi
-}
-trap cleanup EXIT
+work_name=callgrind
 
 mg=${bins[0]}
 # shellcheck source=mesh-setup.sh

@@ -1,8 +1,18 @@
 # Shared by callgrind.sh and pair.sh (sourced, not run): one CA, the app's and the client's
 # SVIDs, the bench policy and Service, and an nginx app serving a 1 KiB /api/data, in $work.
-# Needs: $here (this directory), $work (an empty directory), $mg (a meshgate binary), $base.
-# Sets: td, client_id, app_id, app_port, in_port, out_port; defines ready ADMIN_PORT.
-# The caller starts the app (`start_app [PREFIX...]`) and the sidecars.
+# Needs: $here (this directory), $mg (a meshgate binary), $base; $work_name names the work
+# directory, $keep=1 keeps it.
+# Sets: work (a new directory, removed on exit), pids (the caller adds every process it starts:
+# they are stopped on exit), td, client_id, app_id, app_port, in_port, out_port; defines
+# ready ADMIN_PORT. The caller starts the app (`start_app [PREFIX...]`) and the sidecars.
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-${work_name:-bench}.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${keep:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
 td=mesh.local
 client_id=spiffe://$td/ns/bench/sa/client
 app_id=spiffe://$td/ns/bench/sa/app

@@ -67,14 +67,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   exit 1
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-pair.XXXXXX")
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+work_name=pair
 # shellcheck source=mesh-setup.sh
 . "$here/mesh-setup.sh"
 start_app taskset -c 1
