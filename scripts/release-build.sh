@@ -33,7 +33,9 @@ mkdir -p target/pgo
 sum=$(gzip -dc "$profile" | sha256sum | cut -c1-16)
 data=$PWD/target/pgo/meshgate-$sum.profdata
 # Written aside and renamed, so an interrupted run never leaves a truncated profile under that name.
-[ -s "$data" ] || { gzip -dc "$profile" >"$data.tmp" && mv "$data.tmp" "$data"; }
+# The temporary name is the process's own, so that two runs at once (the tests run `--check` in
+# parallel) do not rename each other's file away.
+[ -s "$data" ] || { gzip -dc "$profile" >"$data.$$.tmp" && mv "$data.$$.tmp" "$data"; }
 probe=$(mktemp -d "${TMPDIR:-/tmp}/meshgate-pgo-check.XXXXXX")
 trap 'rm -rf "$probe"' EXIT
 echo 'fn main() { println!("pgo"); }' >"$probe/main.rs"
@@ -68,7 +70,7 @@ ordered() { # → 0 if rustc's linker lays out a probe in the order of an orderi
 if [ -s "$order" ]; then
   if ordered; then
     copy=$PWD/target/pgo/symbol-order-$(sha256sum "$order" | cut -c1-16).txt
-    [ -s "$copy" ] || { cp "$order" "$copy.tmp" && mv "$copy.tmp" "$copy"; }
+    [ -s "$copy" ] || { cp "$order" "$copy.$$.tmp" && mv "$copy.$$.tmp" "$copy"; }
     link=(-Clink-arg=-Wl,--symbol-ordering-file="$copy" -Clink-arg=-Wl,--no-warn-symbol-ordering)
     layout="code layout of $order"
   else
