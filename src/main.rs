@@ -1,6 +1,7 @@
 //! `meshgate`: one binary, one subcommand per role. Argument parsing and wiring only; the work is
 //! done by the library crates.
 
+mod alloc;
 mod ca_cmd;
 mod check_cmd;
 mod control_plane_cmd;
@@ -19,15 +20,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// mimalloc instead of glibc's malloc. A request through the sidecars allocates and frees a few
-/// dozen small objects (header maps, frames, futures); glibc spent ≈ 10 % of the inbound
-/// sidecar's instructions on them (its per-thread cache holds 7 blocks per size, the rest go
-/// through the locked arena). Measured in BENCHMARKS.md (ninth session): 4–6 % fewer
-/// instructions per request on the mesh path, for ≈ 0.5 MiB more anonymous memory in a fresh
-/// sidecar. Built without transparent huge pages (`no_thp`), which made 8 MiB of its arenas
-/// resident at start.
+/// mimalloc instead of glibc's malloc: [`alloc`] says why, and why not through `mimalloc::MiMalloc`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Mimalloc = alloc::Mimalloc;
 
 /// meshgate — a zero-trust microsegmentation mesh.
 #[derive(Debug, Parser)]
