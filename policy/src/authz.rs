@@ -127,6 +127,10 @@ struct Groups {
 #[derive(Debug)]
 pub struct PolicySnapshot {
     version: Arc<str>,
+    /// The version as a header value, made once: the inbound sidecar tells the app the version
+    /// that allowed each request (`x-meshgate-policy-version`). None if it is no valid header
+    /// value (a content hash always is).
+    version_header: Option<http::HeaderValue>,
     workload: SpiffeId,
     /// False only for [`PolicySnapshot::deny_all`].
     loaded: bool,
@@ -234,6 +238,7 @@ impl PolicySnapshot {
         }
         Self {
             version: Arc::from(set.version.as_str()),
+            version_header: http::HeaderValue::from_str(&set.version).ok(),
             workload: workload.clone(),
             loaded: true,
             default_action: set.mesh_config.spec.default_action,
@@ -246,6 +251,7 @@ impl PolicySnapshot {
     pub fn deny_all(workload: &SpiffeId) -> Self {
         Self {
             version: Arc::from("none"),
+            version_header: Some(http::HeaderValue::from_static("none")),
             workload: workload.clone(),
             loaded: false,
             default_action: DefaultAction::Deny,
@@ -256,6 +262,11 @@ impl PolicySnapshot {
 
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// [`PolicySnapshot::version`] as a header value (cloning it costs a reference count).
+    pub fn version_header(&self) -> Option<&http::HeaderValue> {
+        self.version_header.as_ref()
     }
 
     /// The workload this snapshot was compiled for.

@@ -186,6 +186,7 @@ where
                 headers: req.headers(),
             }),
         );
+        let version_header = snapshot.version_header().cloned();
         drop(snapshot);
         let mut decision = judged.decision;
         if let Some(refusal) = &judged.refusal {
@@ -202,7 +203,6 @@ where
             );
         }
         let allowed = decision.allowed;
-        let version = decision.version.clone();
         let mut record = DecisionRecord::from_decision(
             DecisionLayer::L7,
             &ctx.local_id,
@@ -267,7 +267,7 @@ where
         if let Some(v) = &peer.xfcc_header {
             headers.insert(XFCC_HEADER, v.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&version) {
+        if let Some(v) = version_header {
             headers.insert(POLICY_VERSION_HEADER, v);
         }
         if let Some(span) = &span {
