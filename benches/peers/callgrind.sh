@@ -4,7 +4,7 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--connections C] [--cache] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--haproxy] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--connections C] [--cache] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--inbound] [--haproxy] [--keep] BIN [BIN...]
 #
 # --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
 # per-request decision line). --tracing RATIO: OpenTelemetry tracing on in both sidecars
@@ -19,6 +19,9 @@
 # certificates, ACL and keep-alive), measured the same way: the peers' user-space instructions
 # (OpenSSL's included) next to meshgate's, on a machine too busy for CPU times. Like callgrind
 # itself, it leaves out the kernel's share (about half of every proxy's CPU here).
+# --inbound: run.sh's inbound scenario instead of the mesh path: the load generator, with the
+# client's SVID, speaks HTTP/1.1 over mTLS straight to the inbound sidecar (the outbound sidecar
+# still runs, and counts about nothing). With --haproxy, HAProxy's inbound proxy alone.
 # --connections C: oha's connections (default 4); at 64, as run.sh's saturation, batching on the
 # HTTP/2 connection between the proxies changes the per-request cost (HAProxy's more than
 # meshgate's). --cache adds callgrind's cache and branch simulation and prints, per request,
@@ -34,6 +37,7 @@ cache=0
 base=19400
 keep=0
 haproxy=0
+inbound=0
 log=warn
 tracing=
 bins=()
@@ -45,9 +49,10 @@ while [ $# -gt 0 ]; do
     --base-port) base=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --haproxy) haproxy=1; shift ;;
+    --inbound) inbound=1; shift ;;
     --log) log=$2; shift 2 ;;
     --tracing) tracing=$2; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -83,51 +88,60 @@ last_dump() { # CALLGRIND_OUT_PREFIX → the file of the last dump
   [ -n "$f" ] || f=$(ls -t "$1"* | head -1)
   echo "$f"
 }
-ir_of() { # CALLGRIND_OUT_PREFIX → total Ir of the last dump
-  grep -E '^(summary|totals):' "$(last_dump "$1")" | tail -1 | awk '{print $2}'
-}
-misses_of() { # CALLGRIND_OUT_PREFIX → "I1mr D1mr D1mw Bcm" per request of the last dump
-  python3 - "$(last_dump "$1")" "$requests" <<'PY'
+per_request() { # DUMP_FILE BASE_DUMP_FILE|- N EVENT... → each event's count per request
+  # (with a base dump: the difference between the two, per request)
+  python3 - "$@" <<'PY'
 import sys
-events, totals = None, None
-for line in open(sys.argv[1]):
-    if line.startswith("events:"):
-        events = line.split()[1:]
-    elif line.startswith(("summary:", "totals:")):
-        totals = [int(x) for x in line.split()[1:]]
-per = dict(zip(events, totals))
-print(" ".join(f"{per.get(k, 0) / int(sys.argv[2]):.0f}" for k in ("I1mr", "D1mr", "D1mw", "Bcm")))
+def totals(path):
+    events = None
+    for line in open(path):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            counts = [int(x) for x in line.split()[1:]]
+    return dict(zip(events, counts))
+path, base, n, wanted = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+per, minus = totals(path), totals(base) if base != "-" else {}
+print(" ".join(f"{(per.get(k, 0) - minus.get(k, 0)) / n:.0f}" for k in wanted))
 PY
 }
 
 printf '%-40s %14s %14s %14s\n' binary "inbound Ir/req" "outbound Ir/req" "pair Ir/req" | tee "$work/summary.txt"
 vg=(valgrind --tool=callgrind --dump-instr=no --collect-atstart=yes --compress-strings=no)
 [ "$cache" = 0 ] || vg+=(--cache-sim=yes --branch-sim=yes)
-# NAME IN_PID OUT_PID URL TAG: 200 warm-up requests through URL, then N counted ones; one row
-# (the callgrind files are cg-in-TAG.out and cg-out-TAG.out).
+# NAME IN_PID OUT_PID URL TAG [OHA_ARGS...]: 200 warm-up requests through URL, then N counted
+# ones; one row (the callgrind files are cg-in-TAG.out and cg-out-TAG.out).
 measure() {
-  local name=$1 in_pid=$2 out_pid=$3 url=$4 tag=$5 in_ir out_ir
-  oha --no-tui -n 200 -c "$connections" -H "Host: app" "$url" >/dev/null
-  callgrind_control --zero "$in_pid" >/dev/null
-  callgrind_control --zero "$out_pid" >/dev/null
-  oha --no-tui -n "$requests" -c "$connections" -H "Host: app" "$url" >"$work/oha-$tag.txt"
+  local name=$1 in_pid=$2 out_pid=$3 url=$4 tag=$5 in_ir out_ir n=$requests side pid
+  local -A minus=([in]=- [out]=-)
+  shift 5
+  oha --no-tui -n 200 -c "$connections" -H "Host: app" "$@" "$url" >/dev/null
+  if [ "$inbound" = 1 ]; then
+    # Each oha run opens its own mTLS connections, and a handshake costs as much as hundreds of
+    # requests: a run of one request per connection is counted first, and subtracted.
+    for pid in "$in_pid" "$out_pid"; do callgrind_control --zero "$pid" >/dev/null; done
+    oha --no-tui -n "$connections" -c "$connections" -H "Host: app" "$@" "$url" >"$work/oha-$tag-handshakes.txt"
+    for pid in "$in_pid" "$out_pid"; do callgrind_control --dump=handshakes "$pid" >/dev/null; done
+    minus=([in]=$(last_dump "$work/cg-in-$tag.out") [out]=$(last_dump "$work/cg-out-$tag.out"))
+    n=$((requests - connections))
+  fi
+  for pid in "$in_pid" "$out_pid"; do callgrind_control --zero "$pid" >/dev/null; done
+  oha --no-tui -n "$requests" -c "$connections" -H "Host: app" "$@" "$url" >"$work/oha-$tag.txt"
   grep -q "\[200\] $requests responses" "$work/oha-$tag.txt" || {
     echo "$name: not every request was answered 200:" >&2
     grep -A5 "Status code distribution" "$work/oha-$tag.txt" >&2
     exit 1
   }
-  callgrind_control --dump=measured "$in_pid" >/dev/null
-  callgrind_control --dump=measured "$out_pid" >/dev/null
+  for pid in "$in_pid" "$out_pid"; do callgrind_control --dump=measured "$pid" >/dev/null; done
   sleep 1
   kill "$in_pid" "$out_pid" 2>/dev/null || true
   wait "$in_pid" "$out_pid" 2>/dev/null || true
-  in_ir=$(ir_of "$work/cg-in-$tag.out")
-  out_ir=$(ir_of "$work/cg-out-$tag.out")
-  printf '%-40s %14d %14d %14d\n' "$name" $((in_ir / requests)) $((out_ir / requests)) \
-    $(((in_ir + out_ir) / requests)) | tee -a "$work/summary.txt"
+  in_ir=$(per_request "$(last_dump "$work/cg-in-$tag.out")" "${minus[in]}" "$n" Ir)
+  out_ir=$(per_request "$(last_dump "$work/cg-out-$tag.out")" "${minus[out]}" "$n" Ir)
+  printf '%-40s %14d %14d %14d\n' "$name" "$in_ir" "$out_ir" $((in_ir + out_ir)) | tee -a "$work/summary.txt"
   if [ "$cache" = 1 ]; then
     printf '%-40s %s\n' "  per request, I1mr D1mr D1mw Bcm" \
-      "inbound $(misses_of "$work/cg-in-$tag.out") / outbound $(misses_of "$work/cg-out-$tag.out")" | tee -a "$work/summary.txt"
+      "inbound $(per_request "$(last_dump "$work/cg-in-$tag.out")" "${minus[in]}" "$n" I1mr D1mr D1mw Bcm) / outbound $(per_request "$(last_dump "$work/cg-out-$tag.out")" "${minus[out]}" "$n" I1mr D1mr D1mw Bcm)" | tee -a "$work/summary.txt"
   fi
 }
 n=0
@@ -149,13 +163,23 @@ for bin in "${bins[@]}"; do
   pids+=("$out_pid")
   ready $((in_port + 2))
   ready $((out_port + 1))
-  measure "$bin" "$in_pid" "$out_pid" "http://127.0.0.1:$out_port/api/data" "$n"
+  if [ "$inbound" = 1 ]; then
+    measure "$bin" "$in_pid" "$out_pid" "https://127.0.0.1:$in_port/api/data" "$n" \
+      --cert "$work/svid-client/svid.pem" --key "$work/svid-client/key.pem" --insecure
+  else
+    measure "$bin" "$in_pid" "$out_pid" "http://127.0.0.1:$out_port/api/data" "$n"
+  fi
 done
 if [ "$haproxy" = 1 ]; then
   under_callgrind() { local side=$1; shift; exec "${vg[@]}" --callgrind-out-file="$work/cg-$side-haproxy.out" "$@"; }
   start_haproxy_pair $((base + 40)) $((base + 41)) under_callgrind
   in_pid=$hap_in_pid
   out_pid=$hap_out_pid
-  measure "haproxy (pair over HTTP/2)" "$in_pid" "$out_pid" "http://127.0.0.1:$((base + 41))/api/data" haproxy
+  if [ "$inbound" = 1 ]; then
+    measure "haproxy (inbound)" "$in_pid" "$out_pid" "https://127.0.0.1:$((base + 40))/api/data" haproxy \
+      --cert "$certs/client-chain.pem" --key "$certs/client.key" --insecure
+  else
+    measure "haproxy (pair over HTTP/2)" "$in_pid" "$out_pid" "http://127.0.0.1:$((base + 41))/api/data" haproxy
+  fi
 fi
 echo "callgrind files and summary: $work (use --keep to keep them; callgrind_annotate FILE)" >&2
