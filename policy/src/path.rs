@@ -134,9 +134,13 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// One pass of percent-decoding, limited to unreserved characters (RFC 3986 §6.2.2.2).
-fn decode_once(path: &str) -> Result<String, PathError> {
+/// One pass of percent-decoding, limited to unreserved characters (RFC 3986 §6.2.2.2). A path
+/// without `%` is its own decoding (every other byte is copied as it is), and is borrowed.
+fn decode_once(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    if !path.contains('%') {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -169,34 +173,33 @@ fn decode_once(path: &str) -> Result<String, PathError> {
         }
         i += 3;
     }
-    Ok(out)
+    Ok(std::borrow::Cow::Owned(out))
 }
 
-/// Merges `//`, resolves `.` and `..`, keeps a trailing slash.
+/// Merges `//`, resolves `.` and `..`, keeps a trailing slash. Built in the output string
+/// itself: each kept segment is `/` and its text (never empty, never containing `/`), so `..`
+/// removes back to the last `/`, and an empty output means no segment is left to remove.
 fn resolve_segments(path: &str) -> Result<String, PathError> {
-    let mut kept: Vec<&str> = Vec::new();
+    let mut out = String::with_capacity(path.len());
     let mut segments = path[1..].split('/').peekable();
     let mut trailing_slash = false;
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
         match seg {
             "" | "." => {}
-            ".." => {
-                if kept.pop().is_none() {
-                    return Err(PathError::AboveRoot);
-                }
+            ".." => match out.rfind('/') {
+                Some(start) => out.truncate(start),
+                None => return Err(PathError::AboveRoot),
+            },
+            _ => {
+                out.push('/');
+                out.push_str(seg);
             }
-            _ => kept.push(seg),
         }
         // `/a/`, `/a/.` and `/a/b/..` all name a directory: keep the slash.
         trailing_slash = last && matches!(seg, "" | "." | "..");
     }
-    let mut out = String::with_capacity(path.len());
-    for seg in &kept {
-        out.push('/');
-        out.push_str(seg);
-    }
-    if trailing_slash || kept.is_empty() {
+    if trailing_slash || out.is_empty() {
         out.push('/');
     }
     Ok(out)
@@ -205,6 +208,47 @@ fn resolve_segments(path: &str) -> Result<String, PathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`resolve_segments`] against a plain model of it (a stack of segments), on every path of
+    /// up to five segments drawn from the cases that matter: empty, `.`, `..`, names, names
+    /// with dots.
+    #[test]
+    fn segments_resolve_as_a_stack_of_segments_would() {
+        fn model(path: &str) -> Result<String, PathError> {
+            let mut kept: Vec<&str> = Vec::new();
+            let segments: Vec<&str> = path[1..].split('/').collect();
+            let mut trailing_slash = false;
+            for (i, &seg) in segments.iter().enumerate() {
+                match seg {
+                    "" | "." => {}
+                    ".." => {
+                        kept.pop().ok_or(PathError::AboveRoot)?;
+                    }
+                    _ => kept.push(seg),
+                }
+                trailing_slash = i + 1 == segments.len() && matches!(seg, "" | "." | "..");
+            }
+            let mut out: String = kept.iter().map(|s| format!("/{s}")).collect();
+            if trailing_slash || kept.is_empty() {
+                out.push('/');
+            }
+            Ok(out)
+        }
+        let parts = ["", ".", "..", "a", "bc", "..a", "a."];
+        let mut paths = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..5 {
+            paths = paths
+                .iter()
+                .flat_map(|p| parts.iter().map(move |s| format!("{p}/{s}")))
+                .collect();
+            for path in &paths {
+                assert_eq!(resolve_segments(path), model(path), "{path}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 19_000, "{checked}");
+    }
 
     #[test]
     fn benign_paths() {

@@ -169,20 +169,20 @@ where
             return Box::pin(std::future::ready(Err(InboundError::LocalIdentityExpired)));
         }
         let span = req.extensions_mut().remove::<RequestSpan>();
-        let original = target(&req).to_string();
-        let method = req.method().as_str().to_string();
         let port = req
             .extensions()
             .get::<TargetApp>()
             .map_or_else(|| ctx.default_port(), |t| t.port);
         let snapshot = ctx.policy.load();
+        // Judged on borrowed text: the method and the target as sent are copied only into the
+        // record that keeps them (the target only when it differs from the normalized path).
         let judged = judge(
             &snapshot,
             &peer.id,
             port,
             Some(HttpRequest {
-                method: &method,
-                target: &original,
+                method: req.method().as_str(),
+                target: target(&req),
                 headers: req.headers(),
             }),
         );
@@ -211,13 +211,13 @@ where
             decision,
         );
         record.peer_addr = Some(peer.addr_text.clone());
-        record.method = Some(method.clone());
+        record.method = Some(req.method().as_str().to_string());
         record.trace_id = span
             .as_ref()
             .and_then(|s| s.trace_id)
             .map(|t| t.to_string());
         let Some(normalized) = judged.normalized else {
-            record.original = Some(original);
+            record.original = Some(target(&req).to_string());
             let body = match judged.refusal {
                 Some(Refusal::Path(_)) => "bad request path\n",
                 _ => "bad request\n",
@@ -227,11 +227,11 @@ where
                 body,
             })));
         };
-        record.path = Some(normalized.path.clone());
         if normalized.changed {
-            record.original = Some(original);
+            record.original = Some(target(&req).to_string());
         }
         if !allowed {
+            record.path = Some(normalized.path);
             return Box::pin(std::future::ready(Err(InboundError::Forbidden(Box::new(
                 record,
             )))));
@@ -255,11 +255,12 @@ where
                 metrics: ctx.metrics.clone(),
                 local_id: ctx.local_id.clone(),
                 peer: peer.clone(),
-                method,
+                method: req.method().as_str().to_string(),
                 path: normalized.path.clone(),
                 port,
                 headers: req.headers().clone(),
             });
+        record.path = Some(normalized.path);
         let headers = req.headers_mut();
         if let Some(v) = &peer.peer_header {
             headers.insert(PEER_ID_HEADER, v.clone());

@@ -171,29 +171,30 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                     req.version() == Version::HTTP_2 && !carried_http1 && is_grpc(req.headers())
                 }
             };
-        // The caller's authority (checked by the authorization layer) names the virtual host.
-        let authority = request_authority(&req).map_or_else(|| app.addr.clone(), str::to_string);
         strip_hop_by_hop(req.headers_mut());
         if let Some(protocol) = upgrade.clone() {
             set_upgrade(req.headers_mut(), protocol);
         }
+        // The caller's authority (checked by the authorization layer) names the virtual host.
         if use_h2 {
             // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1), which hyper
             // takes from the URI.
-            let authority = authority
+            let authority = request_authority(&req)
+                .unwrap_or(&app.addr)
                 .parse()
                 .or_else(|_| app.addr.parse())
                 .expect("the app address is a valid authority");
             *req.uri_mut() = absolute_uri(req.uri(), authority);
             req.headers_mut().remove(header::HOST);
         } else {
-            // HTTP/1.1 to the app: origin-form target, the authority in `Host`.
-            *req.uri_mut() = origin_form(req.uri());
+            // HTTP/1.1 to the app: the authority in `Host` (read while the URI still has it),
+            // origin-form target.
             if !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(&authority)
+                && let Ok(v) = HeaderValue::from_str(request_authority(&req).unwrap_or(&app.addr))
             {
                 req.headers_mut().insert(header::HOST, v);
             }
+            *req.uri_mut() = origin_form(req.uri());
         }
         *req.version_mut() = if use_h2 {
             Version::HTTP_2
