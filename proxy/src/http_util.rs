@@ -283,8 +283,9 @@ pub fn bridge_upgrade(
     });
 }
 
-/// `host[:port]` → `host` (lowercase), handling `[v6]:port`.
-pub fn host_without_port(authority: &str) -> String {
+/// `host[:port]` → `host` (lowercase), handling `[v6]:port`. Borrowed when it is lowercase
+/// already (every request on the outbound path looks its Service up by it).
+pub fn host_without_port(authority: &str) -> std::borrow::Cow<'_, str> {
     let host = if let Some(rest) = authority.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
     } else {
@@ -296,7 +297,11 @@ pub fn host_without_port(authority: &str) -> String {
             }
         })
     };
-    host.to_ascii_lowercase()
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// The port of `host[:port]` / `[v6]:port`, if it names one.

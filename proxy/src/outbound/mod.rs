@@ -298,7 +298,7 @@ impl Outbound {
                 let server = request_authority(&req).unwrap_or_default();
                 vec![
                     KeyValue::new("http.request.method", req.method().as_str().to_string()),
-                    KeyValue::new("server.address", host_without_port(server)),
+                    KeyValue::new("server.address", host_without_port(server).into_owned()),
                     KeyValue::new("url.path", req.uri().path().to_string()),
                 ]
             });
@@ -336,10 +336,10 @@ impl Outbound {
             );
         };
         let host = host_without_port(&authority);
-        let Some(entry) = self.routes.load().by_host.get(&host).cloned() else {
+        let Some(entry) = self.routes.load().by_host.get(host.as_ref()).cloned() else {
             tracing::warn!(
                 event = "outbound.no_route",
-                host,
+                host = host.as_ref(),
                 "no Service for this host; refusing (fail closed)"
             );
             self.record("no-route", "", started);

@@ -38,7 +38,7 @@ impl FromStr for TcpForward {
         let (host, port) = target.rsplit_once(':').ok_or_else(usage)?;
         Ok(Self {
             listen: listen.parse().map_err(|_| usage())?,
-            host: host_without_port(host),
+            host: host_without_port(host).into_owned(),
             port: port.parse().ok().filter(|p| *p != 0).ok_or_else(usage)?,
         })
     }
