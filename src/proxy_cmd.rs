@@ -222,6 +222,12 @@ pub struct ProxyArgs {
     /// How often policy and identity files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Threads that serve connections [default: the CPUs this process may use, from its
+    /// affinity and its cgroup's CPU limit]. With one, the sidecar runs on a single-threaded
+    /// scheduler, as Linkerd's proxy does on one core: no work stealing, no cross-thread
+    /// wake-ups.
+    #[arg(long, env = "MESHGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
 }
 
 pub fn run(args: ProxyArgs) -> Result<()> {
@@ -288,8 +294,14 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         ebpf_cgroup: args.ebpf_cgroup.clone(),
         flow_report_interval: args.flow_report_interval,
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let (runtime, threads) = sidecar_runtime(args.worker_threads)?;
     runtime.block_on(async {
+        tracing::info!(
+            event = "sidecar.runtime",
+            worker_threads = threads,
+            scheduler = ?tokio::runtime::Handle::current().runtime_flavor(),
+            "serving connections on {threads} thread(s)"
+        );
         let sidecar = Sidecar::start(config).await?;
         println!(
             "meshgate proxy for {}: inbound {} (mTLS), outbound {}, admin http://{}",
@@ -321,4 +333,28 @@ fn parse_flow_interval(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// The sidecar's scheduler: `threads` workers, by default one per CPU this process may use
+/// (`available_parallelism` reads the affinity mask and the cgroup's CPU quota). One thread gets
+/// tokio's current-thread scheduler: a sidecar given one core (a CPU limit of 1, or pinned)
+/// then runs its tasks without the multi-threaded scheduler's queues shared between workers, its
+/// atomic wake-ups and its parking (BENCHMARKS.md, thirteenth session); Linkerd's proxy does the
+/// same. Blocking work (DNS, file writes) runs off this thread either way.
+fn sidecar_runtime(threads: Option<u16>) -> std::io::Result<(tokio::runtime::Runtime, usize)> {
+    let threads = threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        usize::from,
+    );
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok((runtime, threads))
 }

@@ -35,6 +35,7 @@ mod sidecar_grpc;
 mod sidecar_hot_swap;
 mod sidecar_ports;
 mod sidecar_rotation;
+mod sidecar_runtime;
 mod sidecar_streaming;
 mod sidecar_tcp;
 mod sidecar_tls;
