@@ -15,7 +15,9 @@
 # HTTP/2, and the admin endpoints. Every function of BIN that ran is written: first what ran
 # before the sidecars were ready, then what both ran serving, then what only the inbound one
 # ran, then the outbound one, each part hottest first (instructions of both sidecars summed);
-# what never ran is left to the linker.
+# what never ran is left to the linker. The inbound sidecar runs on one worker thread (tokio's
+# current-thread scheduler, what a sidecar with one CPU gets), the outbound one on two (the
+# multi-threaded scheduler), so that both schedulers' code is in the layout.
 #
 # Run it after scripts/pgo-profile.sh (a new profile changes which functions exist and how big
 # they are) and commit the file. The names are the linker's symbols: they stay valid across most
@@ -31,7 +33,7 @@ mg=
 while [ $# -gt 0 ]; do
   case $1 in
     --base-port) base=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) mg=$1; shift ;;
   esac
 done
@@ -51,14 +53,14 @@ work_name=order
 start_app
 
 vg=(valgrind --tool=callgrind --dump-instr=no --demangle=no)
-"${vg[@]}" --callgrind-out-file="$work/cg-in.out" "$mg" proxy \
+MESHGATE_WORKER_THREADS=1 "${vg[@]}" --callgrind-out-file="$work/cg-in.out" "$mg" proxy \
   --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
   --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
   --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
   --no-tracing >"$work/in.log" 2>&1 &
 in_pid=$!
 pids+=("$in_pid")
-"${vg[@]}" --callgrind-out-file="$work/cg-out.out" "$mg" proxy \
+MESHGATE_WORKER_THREADS=2 "${vg[@]}" --callgrind-out-file="$work/cg-out.out" "$mg" proxy \
   --app 127.0.0.1:$app_port --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
   --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
   --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
