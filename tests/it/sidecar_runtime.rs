@@ -78,29 +78,15 @@ async fn one_worker_thread_serves_requests_side_by_side() {
     require_tool("curl");
     let ca = TestCa::init();
     let base = ca.tmp.path().to_path_buf();
-    let issued = run(meshgate()
-        .args([
-            "ca",
-            "issue",
-            "--id",
-            "spiffe://mesh.local/ns/shop/sa/orders",
-            "--dir",
-        ])
-        .arg(&ca.dir)
-        .arg("--out")
-        .arg(base.join("orders")));
-    assert!(issued.status.success(), "{}", text(&issued));
+    issue_files(
+        &ca,
+        "spiffe://mesh.local/ns/shop/sa/orders",
+        &base.join("orders"),
+    );
     let policies = base.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("api.yaml"), POLICY).unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let web = ca.sign_leaf(
-        &id("spiffe://mesh.local/ns/shop/sa/web"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    write_chain(&base.join("web.pem"), &web.chain);
-    std::fs::write(base.join("web.key"), web.key.serialize_pem()).unwrap();
+    ca.write_client_cert("spiffe://mesh.local/ns/shop/sa/web", &base, "web");
 
     let slow_arrived = Arc::new(tokio::sync::Notify::new());
     let app = app(Duration::from_secs(20), slow_arrived.clone()).await;

@@ -321,14 +321,7 @@ async fn env_configured_process_logs_json_decisions_with_trace_ids() {
         Some(&log),
     );
     proxy.ready().await;
-    let now = time::OffsetDateTime::now_utc();
-    let web = ca.sign_leaf(
-        &id("spiffe://mesh.local/ns/shop/sa/web"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    write_chain(&base.join("web.pem"), &web.chain);
-    std::fs::write(base.join("web.key"), web.key.serialize_pem()).unwrap();
+    ca.write_client_cert("spiffe://mesh.local/ns/shop/sa/web", &base, "web");
     for (method, path, want) in [("GET", "/orders/7", "200"), ("DELETE", "/orders/7", "403")] {
         let mut curl = std::process::Command::new("curl");
         curl.args([

@@ -257,6 +257,19 @@ impl TestCa {
             .0
     }
 
+    /// A certificate for `id` valid from a minute ago for an hour, written to `dir` as
+    /// `<name>.pem` (the chain) and `<name>.key`: what curl presents with `--cert`/`--key`.
+    pub fn write_client_cert(&self, id: &str, dir: &Path, name: &str) {
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = self.sign_leaf(
+            &self::id(id),
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        write_chain(&dir.join(format!("{name}.pem")), &leaf.chain);
+        std::fs::write(dir.join(format!("{name}.key")), leaf.key.serialize_pem()).unwrap();
+    }
+
     /// Signs a leaf with this CA's intermediate and arbitrary validity (e.g. already expired),
     /// the way only someone holding the CA key could.
     pub fn sign_leaf(
