@@ -51,6 +51,13 @@ pub struct InjectArgs {
     /// meshgate-ca-bundle to every namespace with injected pods.
     #[arg(long)]
     pub ca_bundle: Option<PathBuf>,
+    /// Worker threads of each injected sidecar (its `MESHGATE_WORKER_THREADS`); one runs it on
+    /// a single-threaded scheduler, the cheapest per request. A workload's annotation
+    /// (Kubernetes) or label (compose) `meshgate.io/proxy-worker-threads` overrides it; give a
+    /// sidecar with more threads a CPU limit to match.
+    #[arg(long, default_value_t = meshgate_inject::DEFAULT_WORKER_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: u16,
     /// Kubernetes: write the meshgate Service documents for the Services that select injected
     /// pods to this file (add it to the control plane's policy directory).
     #[arg(long)]
@@ -97,6 +104,7 @@ impl TryFrom<InjectArgs> for Options {
                 trust_domain: args.trust_domain,
                 ca_url: args.ca_url,
                 control_plane_url: args.control_plane_url,
+                worker_threads: args.worker_threads,
                 kube: meshgate_inject::KubeSettings {
                     pod_cidrs: args.pod_cidrs,
                     service_cidrs: args.service_cidrs,

@@ -40,6 +40,9 @@ struct Plan {
     /// Label `meshgate.io/public: "true"`: the app port stays reachable from outside the pod
     /// (an edge service published on the host), so the redirect does not guard it.
     public: bool,
+    /// The sidecar's worker threads (label `meshgate.io/proxy-worker-threads`, else the
+    /// settings' default).
+    threads: u16,
 }
 
 /// What every injected service needs to know about the rest of the file.
@@ -217,6 +220,12 @@ fn plan_service(
             published_list(published)
         );
     }
+    let threads = crate::worker_threads(
+        &object,
+        "label",
+        label(svc, crate::WORKER_THREADS_KEY).as_deref(),
+        s,
+    )?;
     Ok(Some(Plan {
         name: name.to_owned(),
         namespace,
@@ -224,6 +233,7 @@ fn plan_service(
         identity,
         port,
         public,
+        threads,
     }))
 }
 
@@ -414,6 +424,10 @@ fn inject_service(plan: &Plan, mut svc: Node, ctx: &Context<'_>) -> Vec<(String,
                     Node::str("${MESHGATE_OTLP_ENDPOINT:-http://jaeger:4318}"),
                 ),
                 ("OTEL_SERVICE_NAME", Node::str(x)),
+                (
+                    "MESHGATE_WORKER_THREADS",
+                    Node::str(plan.threads.to_string()),
+                ),
             ]),
         ),
         (

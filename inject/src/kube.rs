@@ -424,6 +424,8 @@ fn inject_pod(
     }
 
     let outbound = outbound_rules(object, &anns, s)?;
+    let threads =
+        crate::worker_threads(object, "annotation", lookup(crate::WORKER_THREADS_KEY), s)?;
     let spec = pod.get_mut("spec").expect("checked above");
     let probes = rewrite_probes(object, spec, &plan.guarded, report);
 
@@ -433,7 +435,7 @@ fn inject_pod(
             0..0,
             [
                 redirect_container(s, &plan, &outbound),
-                proxy_container(s, &plan, &probes),
+                proxy_container(s, &plan, &probes, threads),
             ],
         );
     }
@@ -761,7 +763,7 @@ fn redirect_container(s: &Settings, plan: &PortPlan, rules: &OutboundRules) -> N
 }
 
 /// The sidecar, as a native sidecar (restartPolicy: Always init container).
-fn proxy_container(s: &Settings, plan: &PortPlan, probes: &Probes) -> Node {
+fn proxy_container(s: &Settings, plan: &PortPlan, probes: &Probes, threads: u16) -> Node {
     let ca = s.ca_url.as_deref().unwrap_or(DEFAULT_CA_URL);
     let cp = s.control_plane_url.as_deref().unwrap_or(DEFAULT_CP_URL);
     let mut args: Vec<String> = vec!["proxy".to_owned()];
@@ -824,10 +826,16 @@ fn proxy_container(s: &Settings, plan: &PortPlan, probes: &Probes) -> Node {
         ("args", Node::str_seq(args)),
         (
             "env",
-            Node::Seq(vec![Node::map([
-                ("name", Node::str("MESHGATE_LOG_FORMAT")),
-                ("value", Node::str("json")),
-            ])]),
+            Node::Seq(vec![
+                Node::map([
+                    ("name", Node::str("MESHGATE_LOG_FORMAT")),
+                    ("value", Node::str("json")),
+                ]),
+                Node::map([
+                    ("name", Node::str("MESHGATE_WORKER_THREADS")),
+                    ("value", Node::str(threads.to_string())),
+                ]),
+            ]),
         ),
         (
             "ports",
@@ -1161,6 +1169,65 @@ mod tests {
             .filter_map(Node::as_str)
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The injected sidecar's `MESHGATE_WORKER_THREADS`: the pod's annotation, else the
+    /// settings' default; a bad annotation is refused with its name and range.
+    #[test]
+    fn worker_threads_come_from_the_annotation_else_the_settings() {
+        // (pod annotation, settings' default, expected env value or the refusal's words)
+        let cases: [(Option<&str>, u16, Result<&str, &str>); 7] = [
+            (None, crate::DEFAULT_WORKER_THREADS, Ok("1")),
+            (None, 3, Ok("3")),
+            (Some("4"), 1, Ok("4")),
+            (Some("1024"), 2, Ok("1024")),
+            (
+                Some("0"),
+                1,
+                Err("\"0\", not a number of threads from 1 to 1024"),
+            ),
+            (Some("1025"), 1, Err("\"1025\", not a number")),
+            (Some("two"), 1, Err("\"two\", not a number")),
+        ];
+        for (ann, default, want) in cases {
+            let anns = ann.map_or(String::new(), |v| {
+                format!("  annotations: {{meshgate.io/proxy-worker-threads: \"{v}\"}}\n")
+            });
+            let src = format!(
+                "kind: Pod\nmetadata:\n  name: p\n{anns}spec:\n  containers: [{{name: a, ports: [{{containerPort: 80}}]}}]\n"
+            );
+            let mut docs = vec![yaml::parse(&src).unwrap()];
+            let s = Settings {
+                worker_threads: default,
+                ..settings()
+            };
+            match (inject_stream(&mut docs, &s), want) {
+                (Ok(_), Ok(want)) => {
+                    let proxy = &docs[0].path(&["spec", "initContainers"]).unwrap().items()[1];
+                    let env: Vec<_> = proxy
+                        .get("env")
+                        .unwrap()
+                        .items()
+                        .iter()
+                        .filter(|e| {
+                            e.get("name").and_then(Node::as_str) == Some("MESHGATE_WORKER_THREADS")
+                        })
+                        .filter_map(|e| e.get("value").and_then(Node::as_str))
+                        .collect();
+                    assert_eq!(env, [want], "{ann:?}");
+                }
+                (Err(e), Err(words)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("Pod/p")
+                            && e.contains("annotation meshgate.io/proxy-worker-threads")
+                            && e.contains(words),
+                        "{ann:?}: {e}"
+                    );
+                }
+                (got, want) => panic!("{ann:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -102,8 +102,51 @@ pub struct Settings {
     pub ca_url: Option<String>,
     /// Control-plane URL override.
     pub control_plane_url: Option<String>,
+    /// The sidecar's worker threads (`MESHGATE_WORKER_THREADS`) unless a workload's
+    /// [`WORKER_THREADS_KEY`] annotation (Kubernetes) or label (compose) says otherwise.
+    pub worker_threads: u16,
     /// Kubernetes only: the cluster's address ranges and egress.
     pub kube: KubeSettings,
+}
+
+/// The injected sidecar's default worker threads: one, which runs the sidecar on Tokio's
+/// current-thread scheduler (the cheapest per request: BENCHMARKS.md, thirteenth session), as
+/// Linkerd runs its proxies by default and unlike a bare `meshgate proxy`, which takes every
+/// CPU its process may use. A pod has no CPU limit unless its owner sets one, so without this
+/// default a sidecar would start one thread per CPU of its node, to serve one pod.
+pub const DEFAULT_WORKER_THREADS: u16 = 1;
+/// The annotation (Kubernetes) or label (compose) that sets one workload's sidecar threads.
+pub const WORKER_THREADS_KEY: &str = "meshgate.io/proxy-worker-threads";
+/// The range `meshgate proxy --worker-threads` accepts.
+pub const WORKER_THREADS_RANGE: std::ops::RangeInclusive<u16> = 1..=1024;
+
+/// A workload's sidecar threads: `value` of its [`WORKER_THREADS_KEY`] annotation or label
+/// (`what` names which), or the default of `s`. Checked here, so that a typo fails at inject
+/// time instead of as a sidecar that refuses to start.
+pub(crate) fn worker_threads(
+    object: &str,
+    what: &str,
+    value: Option<&str>,
+    s: &Settings,
+) -> Result<u16, InjectError> {
+    let Some(value) = value else {
+        return Ok(s.worker_threads);
+    };
+    value
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|n| WORKER_THREADS_RANGE.contains(n))
+        .ok_or_else(|| {
+            InjectError::refused(
+                object,
+                format!("{what} {WORKER_THREADS_KEY} is {value:?}, not a number of threads from 1 to 1024"),
+                format!(
+                    "set it to the sidecar's worker threads, e.g. \"2\" (and give the sidecar a CPU limit to match), or remove it for the default ({})",
+                    s.worker_threads
+                ),
+            )
+        })
 }
 
 /// What injection needs to know about the Kubernetes cluster.
@@ -163,6 +206,7 @@ impl Default for Settings {
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
             ca_url: None,
             control_plane_url: None,
+            worker_threads: DEFAULT_WORKER_THREADS,
             kube: KubeSettings::default(),
         }
     }

@@ -400,7 +400,7 @@ const COMPOSE_MESH: &str = "services:
 #[test]
 fn refuses_what_it_does_not_understand() {
     // (case, extra flags, input on stdin, what the message must name)
-    let cases: [(&str, &[&str], String, &[&str]); 8] = [
+    let cases: [(&str, &[&str], String, &[&str]); 10] = [
         (
             "compose network_mode host",
             &[],
@@ -439,6 +439,18 @@ fn refuses_what_it_does_not_understand() {
             &["Pod/odd", "meshgate-redirect"],
         ),
         (
+            "worker threads annotation out of range",
+            &[],
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {meshgate.io/proxy-worker-threads: \"0\"}}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
+            &["Pod/p", "annotation meshgate.io/proxy-worker-threads", "1 to 1024"],
+        ),
+        (
+            "worker threads label not a number",
+            &[],
+            format!("{COMPOSE_MESH}  web:\n    image: web\n    expose: ['80']\n    labels: {{meshgate.io/proxy-worker-threads: many}}\n"),
+            &["compose service web", "label meshgate.io/proxy-worker-threads", "\"many\""],
+        ),
+        (
             "invalid trust domain",
             &["--trust-domain", "Mesh/Local"],
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n".into(),
@@ -463,6 +475,56 @@ fn refuses_what_it_does_not_understand() {
         assert!(out.stdout.is_empty(), "{name}: wrote to stdout");
         assert!(!target.exists(), "{name}: wrote the output file");
     }
+}
+
+/// `--worker-threads` sets every injected sidecar's threads unless the workload's own
+/// annotation or label says otherwise, in both output formats; out of range it is refused.
+#[test]
+fn worker_threads_flag_sets_the_sidecars_default() {
+    let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: a, image: a, ports: [{containerPort: 80}]}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, annotations: {meshgate.io/proxy-worker-threads: \"4\"}}\nspec:\n  containers: [{name: b, image: b, ports: [{containerPort: 80}]}]\n";
+    let compose = format!(
+        "{COMPOSE_MESH}  a:\n    image: a\n    expose: ['80']\n  b:\n    image: b\n    expose: ['80']\n    labels: {{meshgate.io/proxy-worker-threads: \"4\"}}\n"
+    );
+    // (input, flags, the thread counts the output must carry, in document order)
+    let cases: [(&str, &[&str], [&str; 2]); 4] = [
+        (pods, &[], ["1", "4"]),
+        (pods, &["--worker-threads", "2"], ["2", "4"]),
+        (&compose, &[], ["1", "4"]),
+        (&compose, &["--worker-threads", "3"], ["3", "4"]),
+    ];
+    for (input, flags, want) in cases {
+        let out = inject(flags, Some(input));
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let values: Vec<String> = text
+            .lines()
+            .zip(text.lines().skip(1))
+            .filter_map(|(line, next)| {
+                let line = line.trim();
+                if let Some(v) = line.strip_prefix("MESHGATE_WORKER_THREADS:") {
+                    return Some(v.trim().trim_matches(['"', '\'']).to_owned());
+                }
+                (line == "- name: MESHGATE_WORKER_THREADS").then(|| {
+                    let v = next
+                        .trim()
+                        .strip_prefix("value:")
+                        .expect("value after name");
+                    v.trim().trim_matches(['"', '\'']).to_owned()
+                })
+            })
+            .collect();
+        assert_eq!(values, want, "{flags:?}:\n{text}");
+    }
+    let out = inject(&["--worker-threads", "0"], Some(pods));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("1..=1024"),
+        "{stderr}"
+    );
 }
 
 #[test]
