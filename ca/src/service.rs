@@ -434,6 +434,7 @@ async fn serve_connection(
             return;
         }
     };
+    crate::tls::ack_handshake(tls.get_ref().0);
     let peer_chain: Arc<Vec<CertificateDer<'static>>> = Arc::new(
         tls.get_ref()
             .1

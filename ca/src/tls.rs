@@ -25,6 +25,21 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Acknowledges the client's last handshake flight now, on a server socket whose TLS handshake
+/// has just completed.
+///
+/// Why: meshgate's TLS servers send no session tickets, so after the client's Finished the
+/// server has nothing to send until its first response, and Linux delays the bare ACK (at least
+/// 40 ms, the delayed-ACK timer). A client that leaves Nagle's algorithm on (the socket default;
+/// Java's, Python's `http.client`, `openssl s_client`) holds its first request until that ACK
+/// arrives, so every new connection's first request would wait out the timer — OpenSSL-based
+/// servers such as nginx and HAProxy hide this by sending tickets. `TCP_QUICKACK` sends the
+/// pending ACK at once: one system call per connection, none per request. Best effort: a
+/// failure only costs the delay, so it is ignored.
+pub fn ack_handshake(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+}
+
 /// Fills `buf` with cryptographically secure random bytes.
 pub fn random_bytes(buf: &mut [u8]) {
     provider()

@@ -652,3 +652,24 @@ async fn a_body_that_never_arrives_times_out() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
 }
+
+/// The CA acknowledges a client's handshake at once, as the sidecar does: a client that leaves
+/// Nagle's algorithm on is not held for the delayed-ACK timer on its first request.
+#[tokio::test]
+async fn first_request_from_a_nagle_client_is_not_held_for_a_delayed_ack() {
+    let ca = TestCa::start(Duration::from_secs(3600)).await;
+    let bundle = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca.bundle()));
+    let config = meshgate_ca::tls::mesh_client_config(
+        bundle,
+        meshgate_ca::tls::ExpectedServer::Exact(meshgate_ca::authority::ca_server_id(&ca.td)),
+        None,
+        &[b"http/1.1"],
+    );
+    let took = crate::support::nagle_first_answers(
+        ca.addr(),
+        &tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\n\r\n",
+    )
+    .await;
+    crate::support::assert_not_held_for_delayed_ack(&took);
+}

@@ -317,6 +317,7 @@ impl ControlPlane {
             }
             Err(_) => return,
         };
+        meshgate_ca::tls::ack_handshake(tls.get_ref().0);
         let Some(info) = tls
             .get_ref()
             .1

@@ -183,6 +183,7 @@ impl Inbound {
                 );
             }
         };
+        meshgate_ca::tls::ack_handshake(tls.get_ref().0.get_ref());
         let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
             return handshake_failed(
                 &self.metrics,

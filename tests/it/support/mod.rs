@@ -711,3 +711,43 @@ pub fn mesh_client(
         alpn,
     ))
 }
+
+/// Times the first request on ten new mTLS connections to `addr` from a client that leaves
+/// Nagle's algorithm on (the socket default), from the request's write to the response head;
+/// each answer must be a 200. Sorted, shortest first.
+///
+/// meshgate's TLS servers send no session tickets, so after the client's Finished the server
+/// has nothing to send; unless it acknowledges the Finished at once, the client's kernel holds
+/// the request until the server's delayed ACK (at least 40 ms on Linux, `TCP_ATO_MIN`).
+pub async fn nagle_first_answers(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    request: &[u8],
+) -> Vec<Duration> {
+    use tokio::io::AsyncWriteExt;
+    let mut took = Vec::new();
+    for _ in 0..10 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(false).unwrap();
+        let mut tls = connector
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        tls.write_all(request).await.unwrap();
+        let head = attack::read_head(&mut tls).await;
+        took.push(start.elapsed());
+        assert_eq!(attack::status_of(&head), 200, "{head}");
+    }
+    took.sort();
+    took
+}
+
+/// Not a performance measurement: the bug is a fixed kernel timer (≥ 40 ms), so the bound is
+/// half of it, on the median of the connections, clear of scheduling noise on a busy machine.
+pub fn assert_not_held_for_delayed_ack(took: &[Duration]) {
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(20),
+        "the first request on a new connection waited for a delayed ACK: {took:?}"
+    );
+}
