@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Open N mutual-TLS connections to HOST:PORT and hold them idle until killed.
 
+With --request PATH, each connection first sends one kept-alive HTTP/1.1 GET of PATH and reads
+its whole response (a 200 is required), so the connections idle as a client's pool does between
+requests rather than before its first one.
+
 Prints "ready OPENED FAILED" on stdout once every handshake has been tried. Standard library only.
 """
 import argparse
@@ -11,6 +15,34 @@ import sys
 import time
 
 
+def get_once(c: ssl.SSLSocket, path: str, host: str) -> bool:
+    """One GET on the kept-alive connection `c`; True when the whole 200 response was read."""
+    c.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1.1 200"):
+        return False
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length is None:
+        return False
+    while len(body) < length:
+        chunk = c.recv(65536)
+        if not chunk:
+            return False
+        body += chunk
+    return len(body) == length
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--host", default="127.0.0.1")
@@ -18,6 +50,8 @@ def main() -> int:
     ap.add_argument("--cert", required=True, help="client certificate chain (PEM, leaf first)")
     ap.add_argument("--key", required=True)
     ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--request", metavar="PATH", help="one kept-alive GET of PATH first")
+    ap.add_argument("--host-header", default="app")
     args = ap.parse_args()
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -31,7 +65,12 @@ def main() -> int:
     for _ in range(args.n):
         try:
             s = socket.create_connection((args.host, args.port), timeout=10)
-            conns.append(ctx.wrap_socket(s))
+            c = ctx.wrap_socket(s)
+            if args.request and not get_once(c, args.request, args.host_header):
+                failed += 1
+                c.close()
+                continue
+            conns.append(c)
         except OSError:
             failed += 1
     # TLS 1.3: the server checks the client certificate after our Finished; give it a moment,

@@ -99,6 +99,10 @@ def main():
                 per[("handshake", proxy)]["hs"].append(o["rps"])
                 if o["ok"]:
                     per[("handshake", proxy)]["cpu_hs"].append(int(m["cpu_in_ticks"]) * 1e6 / a.clk_tck / o["ok"])
+            m = raw.get((r, "first", proxy))
+            if m:
+                per[("first", proxy)]["p50"].append(float(m["p50_us"]))
+                per[("first", proxy)]["p90"].append(float(m["p90_us"]))
             m = raw.get((r, "rss", proxy))
             if m:
                 fresh, idle, opened = int(m["fresh_kib"]), int(m["idle_kib"]), int(m["idle_opened"])
@@ -174,6 +178,16 @@ def main():
     out.append("|---|---|---|")
     for p in ROWS:
         out.append(f"| {LABEL[p]} | {cell('handshake', p, 'hs', '', True)} | {cell('handshake', p, 'cpu_hs', '', digits=0)} |")
+    out.append("")
+
+    out.append("### 3b. First request on a new connection, from a client with Nagle's algorithm on\n")
+    out.append(f"{meta.get('first_n', '?')} new mTLS connections one after another (`first_request.py`; TLS 1.3, client certificate); "
+               "the time from the request's write to the end of the response, the handshake not included. "
+               "A server that sends nothing after the client's Finished and delays its ACK holds such a client for the delayed-ACK timer (≥ 40 ms).\n")
+    out.append("| proxy | p50 | p90 |")
+    out.append("|---|---|---|")
+    for p in ROWS:
+        out.append(f"| {LABEL[p]} | {cell('first', p, 'p50', ' µs')} | {cell('first', p, 'p90', ' µs')} |")
     out.append("")
 
     out.append(f"### 4. Memory of the inbound proxy (VmRSS, process tree)\n")

@@ -27,11 +27,12 @@ lat_conns=16
 sat_conns=64
 hs_conns=16
 idle_n=1000
+first_n=200
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
-    --quick) quick=1; rounds=1; dur=1; warm=0.5; shift ;;
+    --quick) quick=1; rounds=1; dur=1; warm=0.5; first_n=50; shift ;;
     --rounds) rounds=$2; shift 2 ;;
     --duration) dur=$2; shift 2 ;;
     --json) json_out=$2; shift 2 ;;
@@ -417,6 +418,18 @@ run_round() {
     record "$r" handshake "$p" sat "$work/r$r-handshake-$p.json"
     record "$r" handshake "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - t0 ))
   done
+  # 4b. the first request on a new connection from a client with Nagle on (handshake not timed).
+  for p in $(order "$r" 0); do
+    local line
+    line=$("${pin_client[@]}" python3 "$here/first_request.py" --port "${in_port[$p]}" -n "$first_n" \
+      --cert "$certs/client-chain.pem" --key "$certs/client.key" 2>&1 | tail -1) || true
+    read -r _ p50 p90 ok failed <<<"$line" || true
+    if [ "${ok:-0}" -gt 0 ] 2>/dev/null; then
+      record "$r" first "$p" p50_us "$p50"
+      record "$r" first "$p" p90_us "$p90"
+    fi
+    [ "${failed:-1}" = 0 ] || log "warning: $p: first requests: $line"
+  done
   stop_all
 }
 
@@ -433,5 +446,5 @@ if [ "$wait_quiet" = 0 ]; then quiet_note="not checked"; elif [ -s "$work/quiet"
 python3 "$here/report.py" "$results" --clk-tck "$clk_tck" --idle-n "$idle_n" \
   --meta "started=$started_at" --meta "rounds=$rounds" --meta "duration_s=$dur" \
   --meta "pinning=$pinning" --meta "machine_quiet=$quiet_note" --meta "rate=$rate" \
-  --meta "lat_conns=$lat_conns" --meta "sat_conns=$sat_conns" --meta "hs_conns=$hs_conns" \
+  --meta "lat_conns=$lat_conns" --meta "sat_conns=$sat_conns" --meta "hs_conns=$hs_conns" --meta "first_n=$first_n" \
   ${json_out:+--json "$json_out"}
