@@ -113,6 +113,12 @@ def main():
                     per[("rss", proxy)]["idle_kib_per_conn"].append((idle - fresh) / opened)
                 if opened != a.idle_n:
                     warnings.append(f"round {r} rss {proxy}: only {opened} of {a.idle_n} idle connections open")
+                if "idle_req_kib" in m:
+                    fresh_r, idle_r, opened_r = int(m["fresh_req_kib"]), int(m["idle_req_kib"]), int(m["idle_req_opened"])
+                    if opened_r:
+                        per[("rss", proxy)]["idle_req_kib_per_conn"].append((idle_r - fresh_r) / opened_r)
+                    if opened_r != a.idle_n:
+                        warnings.append(f"round {r} rss {proxy}: only {opened_r} of {a.idle_n} idle connections open after a request")
 
     med = {k: {fig: statistics.median(v) for fig, v in f.items() if v} for k, f in per.items()}
 
@@ -192,13 +198,15 @@ def main():
 
     out.append(f"### 4. Memory of the inbound proxy (VmRSS, process tree)\n")
     out.append(f"Fresh: right after start, before any traffic. Idle connections: {a.idle_n} mTLS connections opened and held "
-               "without a request; (RSS with them − fresh) / connections.\n")
-    out.append("| proxy | RSS fresh | of it file-backed (code, shared) | RSS per idle mTLS connection |")
-    out.append("|---|---|---|---|")
+               "without a request; (RSS with them − fresh) / connections. After one request: the same on freshly started "
+               "processes, each connection having sent one kept-alive GET first (as a client's pool holds them between requests).\n")
+    out.append("| proxy | RSS fresh | of it file-backed (code, shared) | RSS per idle mTLS connection | the same after one request |")
+    out.append("|---|---|---|---|---|")
     for p in ROWS:
         shared = fig("rss", p, "fresh_file_mib")
         shared = "–" if shared is None else f"{shared:.1f} MiB"
-        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} |")
+        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} | "
+                   f"{cell('rss', p, 'idle_req_kib_per_conn', ' KiB', digits=1)} |")
     out.append("")
 
     out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")

@@ -346,31 +346,42 @@ order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
   for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
 }
 
+idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with $idle_n idle connections
+  local r=$1 p=$2 sfx=$3 pi=${in_pid[$2]} before after ipid i opened failed
+  shift 3
+  before=$(rss_kib "$pi")
+  record "$r" rss "$p" "fresh${sfx}_kib" "$before"
+  "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$idle_n" \
+    --cert "$certs/client-chain.pem" --key "$certs/client.key" "$@" >"$work/idle-$p.out" 2>&1 &
+  ipid=$!
+  for i in $(seq 600); do grep -q ready "$work/idle-$p.out" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  after=$(rss_kib "$pi")
+  kill "$ipid" 2>/dev/null || true; wait "$ipid" 2>/dev/null || true
+  read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
+  record "$r" rss "$p" "idle${sfx}_kib" "$after"
+  record "$r" rss "$p" "idle${sfx}_opened" "$opened"
+  [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed${sfx:+ (after a request)}"
+  sleep 0.5
+}
+
 run_round() {
   local r=$1 p before after t0 pi po
   start_all
   # RSS: fresh (before any request: the ACL check comes after), then with 1000 idle mTLS
-  # connections (inbound side).
+  # connections (inbound side) that have sent no request.
   for p in $(order "$r" 0); do
-    pi=${in_pid[$p]}
-    before=$(rss_kib "$pi")
-    record "$r" rss "$p" fresh_kib "$before"
     # File-backed pages (the binary's code and data, shared libraries): shared with every
     # process that maps the same files, unlike the anonymous rest.
-    record "$r" rss "$p" fresh_file_kib "$(rss_kib "$pi" RssFile)"
-    "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$idle_n" \
-      --cert "$certs/client-chain.pem" --key "$certs/client.key" >"$work/idle-$p.out" 2>&1 &
-    local ipid=$! i
-    for i in $(seq 600); do grep -q ready "$work/idle-$p.out" 2>/dev/null && break; sleep 0.1; done
-    sleep 1
-    after=$(rss_kib "$pi")
-    kill "$ipid" 2>/dev/null || true; wait "$ipid" 2>/dev/null || true
-    read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
-    record "$r" rss "$p" idle_kib "$after"
-    record "$r" rss "$p" idle_opened "$opened"
-    [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed"
-    sleep 0.5
+    record "$r" rss "$p" fresh_file_kib "$(rss_kib "${in_pid[$p]}" RssFile)"
+    idle_rss "$r" "$p" ""
   done
+  # Then on fresh processes again (freed memory is not given back, so the same processes would
+  # hide it), 1000 connections that each sent one kept-alive request first: idle as a client's
+  # pool holds them between requests.
+  stop_all
+  start_all
+  for p in $(order "$r" 0); do idle_rss "$r" "$p" _req --request /api/data; done
   [ "$r" = 1 ] && check_acl
   # Warm-up: each path once, closed loop, not recorded.
   for p in "${proxies[@]}"; do
