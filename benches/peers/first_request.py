@@ -10,35 +10,21 @@ makes the client's kernel hold the request for the delayed-ACK timer (≥ 40 ms 
 
 Prints "first P50_US P90_US OK FAILED" on stdout. Standard library only.
 """
-import argparse
 import os
 import socket
-import ssl
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from idle_conns import get_once  # noqa: E402
+from idle_conns import client_args, client_context, get_once  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--cert", required=True, help="client certificate chain (PEM, leaf first)")
-    ap.add_argument("--key", required=True)
+    ap = client_args("Time the first request on N new mutual-TLS connections.", 200)
     ap.add_argument("--path", default="/api/data")
-    ap.add_argument("--host-header", default="app")
-    ap.add_argument("-n", type=int, default=200)
     args = ap.parse_args()
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(args.cert, args.key)
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx = client_context(args.cert, args.key)
 
     took, failed = [], 0
     for _ in range(args.n):

@@ -43,23 +43,36 @@ def get_once(c: ssl.SSLSocket, path: str, host: str) -> bool:
     return len(body) == length
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def client_args(description: str, n: int) -> argparse.ArgumentParser:
+    """The options every client of these benches takes: where to connect, as whom, how often."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cert", required=True, help="client certificate chain (PEM, leaf first)")
     ap.add_argument("--key", required=True)
-    ap.add_argument("-n", type=int, default=1000)
-    ap.add_argument("--request", metavar="PATH", help="one kept-alive GET of PATH first")
     ap.add_argument("--host-header", default="app")
-    args = ap.parse_args()
+    ap.add_argument("-n", type=int, default=n)
+    return ap
 
+
+def client_context(cert: str, key: str) -> ssl.SSLContext:
+    """TLS 1.3 with the client certificate, ALPN http/1.1; the proxy's certificate is not
+    checked (the peers' certificates name different identities; the ACL check in run.sh is
+    what proves each proxy verifies the client)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(args.cert, args.key)
+    ctx.load_cert_chain(cert, key)
     ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def main() -> int:
+    ap = client_args("Open N mutual-TLS connections and hold them idle until killed.", 1000)
+    ap.add_argument("--request", metavar="PATH", help="one kept-alive GET of PATH first")
+    args = ap.parse_args()
+    ctx = client_context(args.cert, args.key)
 
     conns, failed = [], 0
     for _ in range(args.n):

@@ -625,15 +625,9 @@ async fn a_body_that_never_arrives_times_out() {
         ..Default::default()
     };
     let ca = TestCa::start_with_limits(Duration::from_secs(3600), limits).await;
-    let bundle = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca.bundle()));
-    let config = meshgate_ca::tls::mesh_client_config(
-        bundle,
-        meshgate_ca::tls::ExpectedServer::Exact(meshgate_ca::authority::ca_server_id(&ca.td)),
-        None,
-        &[b"http/1.1"],
-    );
     let tcp = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    let mut tls = ca
+        .anonymous_connector()
         .connect(meshgate_ca::tls::mesh_server_name(), tcp)
         .await
         .unwrap();
@@ -658,16 +652,9 @@ async fn a_body_that_never_arrives_times_out() {
 #[tokio::test]
 async fn first_request_from_a_nagle_client_is_not_held_for_a_delayed_ack() {
     let ca = TestCa::start(Duration::from_secs(3600)).await;
-    let bundle = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(ca.bundle()));
-    let config = meshgate_ca::tls::mesh_client_config(
-        bundle,
-        meshgate_ca::tls::ExpectedServer::Exact(meshgate_ca::authority::ca_server_id(&ca.td)),
-        None,
-        &[b"http/1.1"],
-    );
     let took = crate::support::nagle_first_answers(
         ca.addr(),
-        &tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        &ca.anonymous_connector(),
         b"GET /v1/bundle HTTP/1.1\r\nHost: ca\r\n\r\n",
     )
     .await;

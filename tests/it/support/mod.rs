@@ -337,6 +337,17 @@ impl TestCa {
         }
     }
 
+    /// A TLS client of the running CA without a client certificate, verifying the CA as a
+    /// workload would (by SPIFFE ID), for tests that speak raw HTTP/1.1 to it.
+    pub fn anonymous_connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(Arc::new(tls::mesh_client_config(
+            Arc::new(ArcSwap::from_pointee(self.bundle())),
+            ExpectedServer::Exact(ca_server_id(&self.td)),
+            None,
+            &[b"http/1.1"],
+        )))
+    }
+
     /// One HTTPS call to the running CA, verifying it as a workload would (by SPIFFE ID).
     pub async fn call(
         &self,
