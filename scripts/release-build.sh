@@ -5,12 +5,15 @@
 # with the functions a sidecar runs placed together (pgo/symbol-order.txt; BENCHMARKS.md "Code
 # layout").
 #
-# Usage: scripts/release-build.sh [--check]
+# Usage: scripts/release-build.sh [--check | --strict]
 #   --check: only check that this rustc reads the profile (a second, on a one-line program), which
 #   the build also does first: rustc takes a profile it cannot read with a mere warning and builds
 #   without it, so a corrupt or foreign profile would quietly cost the optimization. It also says
 #   whether this rustc's linker applies the code layout.
-# PGO_PROFILE=FILE.gz uses another profile than pgo/meshgate.profdata.gz.
+#   --strict: build, and fail instead of warning when the code layout is stale or cannot be
+#   applied (CI runs this: a stale layout and profile cost a fifth of the CPU per request).
+# PGO_PROFILE=FILE.gz uses another profile than pgo/meshgate.profdata.gz, PGO_LAYOUT=FILE another
+# layout than pgo/symbol-order.txt.
 # Writes target/pgo/release/meshgate. Its own target directory: the compiler flags differ from a
 # plain `cargo build --release` (which still works, without the profile), and one shared
 # directory would rebuild every crate at each switch between the two.
@@ -21,7 +24,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 check=0
-[ "${1:-}" = --check ] && check=1
+strict=0
+case ${1:-} in
+  --check) check=1 ;;
+  --strict) strict=1 ;;
+  "") ;;
+  *) echo "usage: scripts/release-build.sh [--check | --strict]" >&2; exit 2 ;;
+esac
+# A warning, or with --strict an error.
+flaw() { if [ "$strict" = 1 ]; then echo "error: $*" >&2; exit 1; else echo "warning: $*" >&2; fi; }
+if [ "$strict" = 1 ] && ! command -v nm >/dev/null 2>&1; then
+  flaw "nm (binutils) is missing: cannot check that the code layout applies; install it with: apt-get install binutils"
+fi
 profile=${PGO_PROFILE:-pgo/meshgate.profdata.gz}
 if [ ! -s "$profile" ]; then
   echo "$profile is missing: record one with scripts/pgo-profile.sh, or build without it: cargo build --release" >&2
@@ -50,7 +64,7 @@ fi
 # options go to the final link only (`cargo rustc`), so a new layout relinks without rebuilding
 # every crate, through a copy named by its content, so that cargo sees a new one.
 link=()
-order=pgo/symbol-order.txt
+order=${PGO_LAYOUT:-pgo/symbol-order.txt}
 layout="default code layout"
 # The probe links two functions in the reverse of their source order and checks that the linker
 # placed them so: a linker that took the option but ignored it would pass a mere flag check.
@@ -75,10 +89,10 @@ if [ -s "$order" ]; then
     layout="code layout of $order"
   else
     sed 's/^/  /' "$probe/stderr" >&2
-    echo "warning: this rustc's linker does not lay out code by --symbol-ordering-file (lld does; rustc uses it by default on x86_64 Linux): building without $order" >&2
+    flaw "this rustc's linker does not lay out code by --symbol-ordering-file (lld does; rustc uses it by default on x86_64 Linux): building without $order"
   fi
 else
-  echo "warning: $order is missing: building with the default code layout (record it with scripts/symbol-order.sh)" >&2
+  flaw "$order is missing: building with the default code layout (record it with scripts/symbol-order.sh)"
 fi
 if [ "$check" = 1 ]; then
   echo "$profile: read by $(rustc --version); $layout"
@@ -96,7 +110,7 @@ if [ ${#link[@]} -gt 0 ] && command -v nm >/dev/null 2>&1; then
   total=$(grep -v '^#' "$order" | sort -u | wc -l)
   found=$(grep -v '^#' "$order" | sort -u | comm -12 - <(nm --defined-only "$bin" | awk '{print $3}' | sort -u) | wc -l)
   if [ $((found * 100)) -lt $((total * 95)) ]; then
-    echo "warning: only $found of the $total functions of $order are in the binary: the code layout and the execution profile are stale (a workspace crate's dependencies changed?), and the binary runs without most of their gain. Record both again: scripts/pgo-profile.sh, scripts/release-build.sh, scripts/symbol-order.sh, scripts/release-build.sh" >&2
+    flaw "only $found of the $total functions of $order are in the binary: the code layout and the execution profile are stale (a workspace crate's dependencies changed?), and the binary runs without most of their gain. Record both again: scripts/pgo-profile.sh, scripts/release-build.sh, scripts/symbol-order.sh, scripts/release-build.sh, and commit pgo/"
   fi
   layout="$layout: $found of $total functions found"
 fi
