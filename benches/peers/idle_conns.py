@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Open N mutual-TLS connections to HOST:PORT and hold them idle until killed.
+"""Open N mutual-TLS connections to HOST:PORT and hold them idle until killed (with --plain,
+plain TCP connections).
 
 With --request PATH, each connection first sends one kept-alive HTTP/1.1 GET of PATH and reads
 its whole response (a 200 is required), so the connections idle as a client's pool does between
@@ -48,17 +49,19 @@ def client_args(description: str, n: int) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--cert", required=True, help="client certificate chain (PEM, leaf first)")
-    ap.add_argument("--key", required=True)
+    ap.add_argument("--cert", help="client certificate chain (PEM, leaf first)")
+    ap.add_argument("--key")
     ap.add_argument("--host-header", default="app")
     ap.add_argument("-n", type=int, default=n)
     return ap
 
 
-def client_context(cert: str, key: str) -> ssl.SSLContext:
+def client_context(cert, key) -> ssl.SSLContext:
     """TLS 1.3 with the client certificate, ALPN http/1.1; the proxy's certificate is not
     checked (the peers' certificates name different identities; the ACL check in run.sh is
     what proves each proxy verifies the client)."""
+    if not cert or not key:
+        sys.exit("--cert and --key are required (the client certificate and its key)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -71,14 +74,16 @@ def client_context(cert: str, key: str) -> ssl.SSLContext:
 def main() -> int:
     ap = client_args("Open N mutual-TLS connections and hold them idle until killed.", 1000)
     ap.add_argument("--request", metavar="PATH", help="one kept-alive GET of PATH first")
+    ap.add_argument("--plain", action="store_true",
+                    help="plain HTTP/1.1 connections (an app's to its outbound proxy): no TLS")
     args = ap.parse_args()
-    ctx = client_context(args.cert, args.key)
+    ctx = None if args.plain else client_context(args.cert, args.key)
 
     conns, failed = [], 0
     for _ in range(args.n):
         try:
             s = socket.create_connection((args.host, args.port), timeout=10)
-            c = ctx.wrap_socket(s)
+            c = s if ctx is None else ctx.wrap_socket(s)
             if args.request and not get_once(c, args.request, args.host_header):
                 failed += 1
                 c.close()

@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--idle N] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -24,6 +24,10 @@
 # --haproxy: the same measurement of run.sh's HAProxy pair (HTTP/2 between its proxies, the same
 # certificates, ACL and keep-alive; BIN still makes the CA), so the user/system split, system
 # calls and context switches of both can be set side by side (needs haproxy, openssl, curl).
+# --idle N: instead of the load runs, N plain HTTP/1.1 connections to the outbound proxy (an
+# app's pool), each sending one kept-alive GET of PATH, held idle; prints the RSS each proxy
+# gained per connection (the outbound one holds the connections; the inbound one sees one
+# multiplexed mTLS connection).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
@@ -35,6 +39,7 @@ response=
 path=/api/data
 expect=200
 haproxy=0
+idle=
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -46,15 +51,16 @@ while [ $# -gt 0 ]; do
     --path) path=$2; shift 2 ;;
     --expect) expect=$2; shift 2 ;;
     --haproxy) haproxy=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --idle) idle=$2; shift 2 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
-for n in "$body" "$response"; do
-  case $n in ''|*[!0-9]*) [ -z "$n" ] || { echo "--body and --response take a number of bytes, e.g. --body 16384" >&2; exit 2; } ;; esac
+for n in "$body" "$response" "$idle"; do
+  case $n in ''|*[!0-9]*) [ -z "$n" ] || { echo "--body and --response take a number of bytes, e.g. --body 16384; --idle a number of connections" >&2; exit 2; } ;; esac
 done
 mg=$1
 shift
@@ -107,6 +113,23 @@ else
   ready $((out_port + 1))
 fi
 
+if [ -n "$idle" ]; then
+  rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+  sleep 0.5
+  in0=$(rss "$in_pid"); out0=$(rss "$out_pid")
+  taskset -c 0 python3 "$here/idle_conns.py" --plain --port "$out_port" -n "$idle" --request "$path" >"$work/idle.out" 2>&1 &
+  ipid=$!
+  pids+=("$ipid")
+  for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  in1=$(rss "$in_pid"); out1=$(rss "$out_pid")
+  read -r _ opened failed <"$work/idle.out" || { echo "idle_conns.py failed: $(cat "$work/idle.out")" >&2; exit 1; }
+  [ "$opened" -gt 0 ] || { echo "no connection opened: $(cat "$work/idle.out")" >&2; exit 1; }
+  awk -v n="$opened" -v f="$failed" -v o0="$out0" -v o1="$out1" -v i0="$in0" -v i1="$in1" 'BEGIN {
+    printf "idle after one request: %d connections (%d failed)  outbound fresh %.1f MiB, %.1f KiB per connection  inbound fresh %.1f MiB, %.2f KiB per connection\n",
+      n, f, o0 / 1024, (o1 - o0) / n, i0 / 1024, (i1 - i0) / n }'
+  exit 0
+fi
 url="http://127.0.0.1:$out_port$path"
 request=()
 if [ -n "$body" ]; then
