@@ -366,7 +366,7 @@ idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with 
 }
 
 run_round() {
-  local r=$1 p before after t0 pi po
+  local r=$1 p t0 pi po
   start_all
   # RSS: fresh (before any request: the ACL check comes after), then with 1000 idle mTLS
   # connections (inbound side) that have sent no request.
