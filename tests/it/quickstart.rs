@@ -9,11 +9,7 @@ fn ca_quickstart_script_issues_a_verifiable_svid() {
     let _heavy = crate::support::heavy();
     require_tool("openssl");
     require_tool("curl");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ca-quickstart.sh");
     let out = run(Command::new("bash")
         .arg(script)

@@ -523,13 +523,33 @@ pub fn write_chain(path: &Path, chain: &[CertificateDer<'_>]) {
     std::fs::write(path, meshgate_ca::cert::certs_to_pem(chain)).unwrap();
 }
 
-/// A free loopback port (bound and released; fine for tests on one machine).
+/// A free loopback port for something a test starts later (a process, a forward).
+///
+/// Why not "bind port 0 and release it": the kernel hands out that port from its ephemeral
+/// range, the same range every client socket of every concurrently running test draws its
+/// local port from, so between release and the later bind another test's connection can take
+/// it (CI saw `AddrInUse` exactly so). Ports here come from 10000–19999, below the ephemeral
+/// range (32768 and up by default; `demo` tests use 20000 and up), each handed out once per
+/// process, starting at an offset derived from the process id so concurrent test binaries
+/// start apart, and checked free by binding before they are returned.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (u64::from(std::process::id()) * 997 % u64::from(SPAN)) as u32,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Issues an SVID for `id` with `meshgate ca issue` into `out` (svid.pem, key.pem, bundle.pem).
