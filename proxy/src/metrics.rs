@@ -112,6 +112,14 @@ pub struct Metrics {
     pub flow_cardinality_overflow: Counter,
     /// Decisions sent to, or dropped from, a live tap (`meshgate_tap_events_total{result}`).
     pub tap_events: Family<TapLabels, Counter>,
+    /// Idle HTTP/1.1 connections holding no hyper buffers right now
+    /// (`meshgate_http_connections_parked{listener}`, [`crate::http_conn`]).
+    pub http_connections_parked: Family<ListenerLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -240,8 +248,15 @@ impl Default for Metrics {
             "Decisions sent to a live tap the control plane asked for, or dropped (over its rate limit, or the stream's queue was full)",
             tap_events.clone(),
         );
+        let http_connections_parked = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "http_connections_parked",
+            "Idle HTTP/1.1 connections parked without buffers until their next request, by listener",
+            http_connections_parked.clone(),
+        );
         Self {
             registry,
+            http_connections_parked,
             flow_cardinality_overflow,
             tap_events,
             requests,
@@ -266,6 +281,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The gauge of `listener`'s parked connections, handed to each of its connections.
+    pub fn parked(&self, listener: &'static str) -> Gauge {
+        self.http_connections_parked
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
     /// Counts `n` request-hygiene events (`meshgate_inbound_hygiene_total{reason}`): what the
     /// inbound path removed or refused before (or instead of) authorization.
     pub fn count_hygiene(&self, reason: &'static str, n: u64) {

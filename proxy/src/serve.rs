@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,7 +11,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::metrics::Metrics;
 
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -36,6 +34,9 @@ pub struct Limits {
     /// (`idle_timeout`), HTTP/2 included: hyper has no idle timeout of its own. Upgraded
     /// connections and L4 tunnels are not subject to it (they are re-authorized instead).
     pub idle: Duration,
+    /// An HTTP/1.1 connection with nothing in flight and no bytes in either direction for this
+    /// long gives hyper's buffers back until its next request (see the `http_conn` module).
+    pub park: Duration,
 }
 
 impl Default for Limits {
@@ -45,6 +46,7 @@ impl Default for Limits {
             per_source: 2_000,
             handshakes: 512,
             idle: Duration::from_secs(600),
+            park: Duration::from_secs(1),
         }
     }
 }
@@ -186,112 +188,6 @@ impl Drop for PendingHandshake {
     }
 }
 
-/// Records when an I/O stream last moved bytes, for [`DrainWatch::serve`]'s idle limit.
-#[derive(Debug, Clone)]
-pub struct Activity {
-    since: std::time::Instant,
-    last_ms: Arc<AtomicU64>,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            since: std::time::Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn touch(&self) {
-        self.last_ms
-            .store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.since.elapsed().saturating_sub(last)
-    }
-}
-
-/// An I/O stream that notes every read and write that moved bytes.
-#[derive(Debug)]
-pub struct IdleIo<T> {
-    inner: T,
-    activity: Activity,
-}
-
-impl<T> IdleIo<T> {
-    /// Wraps `inner`; the returned [`Activity`] feeds [`DrainWatch::serve`].
-    pub fn new(inner: T) -> (Self, Activity) {
-        let activity = Activity::new();
-        (
-            Self {
-                inner,
-                activity: activity.clone(),
-            },
-            activity,
-        )
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    /// Forwarded so that rustls's pending records (a batch of responses can be several) leave in
-    /// one `writev` rather than one `send` each.
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Gathers what an HTTP/2 connection writes during one poll of its task and writes it when the
 /// task is next polled, so that the frames of many responses leave in one system call.
 ///
@@ -394,6 +290,10 @@ impl<IO> Gather for tokio_rustls::client::TlsStream<IO> {
 }
 
 impl<T> CoalesceWrites<T> {
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     pub fn new(inner: T, gathering: Gathering) -> Self {
         Self {
             inner,
@@ -558,25 +458,46 @@ pub struct DrainWatch(watch::Receiver<bool>);
 
 impl DrainWatch {
     /// Serves the HTTP connection `conn` until it ends (see [`Serve`]); with `idle`, closes it
-    /// gracefully once its I/O has been quiet for that long.
-    pub fn serve<C: GracefulConnection>(
+    /// gracefully once its I/O has been quiet for that long; with `park`, parks it once quiet
+    /// for that long ([`ServedConnection::park`]).
+    pub fn serve<C: ServedConnection>(
         self,
         conn: C,
-        idle: Option<(Activity, Duration)>,
+        idle: Option<Duration>,
+        park: Option<Duration>,
     ) -> Serve<C, impl Future<Output = ()> + Send + 'static> {
         let mut signal = self.0.clone();
+        let first = match (idle, park) {
+            (Some(idle), Some(park)) => Some(idle.min(park)),
+            (one, other) => one.or(other),
+        };
         Serve {
             conn,
             // A listener that is gone (its sender dropped) counts as draining.
             drain: async move {
                 let _ = signal.wait_for(|draining| *draining).await;
             },
-            timer: tokio::time::sleep(idle.as_ref().map_or(Duration::ZERO, |(_, limit)| *limit)),
+            timer: tokio::time::sleep(first.unwrap_or(Duration::ZERO)),
+            armed: first.is_some(),
+            parked: false,
             idle,
+            park,
             closing: Closing::No,
             _watch: self,
         }
     }
+}
+
+/// A served HTTP connection, as [`Serve`] drives it (the sidecar's is `HttpConnection`).
+pub trait ServedConnection: Future {
+    /// Ends the connection gracefully: answers what is in flight, then closes.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+    /// Gives back what the connection holds only while busy, if it is idle; whether it did.
+    fn park(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool;
+    /// Parked now (it resumes on its own when the client sends again).
+    fn is_parked(&self) -> bool;
+    /// How long its I/O has moved no bytes.
+    fn quiet_for(&self) -> Duration;
 }
 
 /// How long a connection closed for idleness gets to finish its goodbye (the HTTP/2 GOAWAY's
@@ -607,7 +528,10 @@ pin_project_lite::pin_project! {
     /// listener drains or when its I/O has been quiet for the idle limit. A plain drop would
     /// cut off a request that crossed the close on its way in (the client sees a reset and its
     /// proxy answers 502); after a GOAWAY the client knows which requests were taken and sends
-    /// new ones on a new connection, as Envoy and Linkerd close idle connections.
+    /// new ones on a new connection, as Envoy and Linkerd close idle connections. A connection
+    /// quiet for the park delay is asked to park; one timer serves both limits, re-armed only
+    /// while there is something left to time (a parked connection without an idle limit
+    /// costs no wake-ups).
     ///
     /// A hand-written future rather than an `async` block with `select!`: it is what an idle
     /// connection holds for as long as it stays open, and a generator would keep room for the
@@ -619,13 +543,17 @@ pin_project_lite::pin_project! {
         drain: D,
         #[pin]
         timer: tokio::time::Sleep,
-        idle: Option<(Activity, Duration)>,
+        armed: bool,
+        // The connection parked when last asked (it may have resumed since).
+        parked: bool,
+        idle: Option<Duration>,
+        park: Option<Duration>,
         closing: Closing,
         _watch: DrainWatch,
     }
 }
 
-impl<C: GracefulConnection, D: Future<Output = ()>> Future for Serve<C, D> {
+impl<C: ServedConnection, D: Future<Output = ()>> Future for Serve<C, D> {
     type Output = Served<C::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -644,20 +572,53 @@ impl<C: GracefulConnection, D: Future<Output = ()>> Future for Serve<C, D> {
                         *this.closing = Closing::Drain;
                         continue;
                     }
-                    let Some((activity, limit)) = this.idle.as_ref() else {
+                    if *this.parked && !this.conn.is_parked() {
+                        // Resumed by its client: timed again, from its last bytes.
+                        *this.parked = false;
+                        let quiet = this.conn.quiet_for();
+                        let left = |limit: Duration| limit.saturating_sub(quiet);
+                        let wait = match (*this.idle, *this.park) {
+                            (Some(idle), Some(park)) => left(idle).min(left(park)),
+                            (one, other) => one.or(other).map_or(Duration::ZERO, left),
+                        };
+                        this.timer.as_mut().reset(
+                            tokio::time::Instant::now() + wait.max(Duration::from_millis(1)),
+                        );
+                        *this.armed = true;
+                    }
+                    if !*this.armed {
+                        // Parked without an idle limit: nothing to time until it resumes.
                         return Poll::Pending;
-                    };
+                    }
                     std::task::ready!(this.timer.as_mut().poll(cx));
-                    let quiet = activity.quiet_for();
-                    if quiet >= *limit {
+                    let quiet = this.conn.quiet_for();
+                    if let Some(limit) = *this.idle
+                        && quiet >= limit
+                    {
                         this.conn.as_mut().graceful_shutdown();
                         *this.closing = Closing::Idle;
                         this.timer
                             .as_mut()
                             .reset(tokio::time::Instant::now() + CLOSE_GRACE);
-                    } else {
-                        let until = tokio::time::Instant::now() + (*limit - quiet);
-                        this.timer.as_mut().reset(until);
+                        continue;
+                    }
+                    let mut next = this.idle.map(|limit| limit - quiet);
+                    if let Some(park) = *this.park
+                        && !*this.parked
+                    {
+                        *this.parked = quiet >= park && this.conn.as_mut().park(cx);
+                        if !*this.parked {
+                            // Not quiet long enough yet, or busy: look again later.
+                            let wait = if quiet >= park { park } else { park - quiet };
+                            next = Some(next.map_or(wait, |n| n.min(wait)));
+                        }
+                    }
+                    match next {
+                        Some(wait) => this
+                            .timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + wait),
+                        None => *this.armed = false,
                     }
                 }
                 // The listener's drain period bounds this one.
@@ -729,8 +690,7 @@ pub async fn bind(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Counts the times it was woken.
     struct CountWakes(std::sync::atomic::AtomicUsize);
@@ -1088,77 +1048,6 @@ mod tests {
         assert_eq!(
             drain(&mut client, &mut cx, &mut scratch).0,
             b"headersheadpayloadmore"
-        );
-    }
-
-    /// A listener told to stop drains: the request in flight on an HTTP/2 connection is
-    /// answered, the connection is then ended by the sidecar's GOAWAY (the client does not have
-    /// to go away on its own), and the listener returns long before its drain period.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_draining_listener_answers_requests_in_flight_then_closes_its_connections() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = watch::channel(false);
-        let drain_period = Duration::from_secs(20);
-        let metrics = Arc::new(Metrics::default());
-        let listening = tokio::spawn(accept_loop(
-            listener,
-            stopped,
-            drain_period,
-            "test",
-            Limits::default(),
-            metrics,
-            |tcp, _peer, drain| {
-                let slow = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Empty::<bytes::Bytes>::new(),
-                    ))
-                });
-                let conn = http_server()
-                    .serve_connection_with_upgrades(TokioIo::new(tcp), slow)
-                    .into_owned();
-                async move {
-                    drain.serve(conn, None).await;
-                }
-            },
-        ));
-
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut client, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
-        let client_conn = tokio::spawn(conn);
-        let in_flight = tokio::spawn(
-            client.send_request(
-                hyper::Request::get("http://test/slow")
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .unwrap(),
-            ),
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let draining_since = std::time::Instant::now();
-        stop.send_replace(true);
-
-        let response = in_flight
-            .await
-            .unwrap()
-            .expect("the request in flight was cut off");
-        assert_eq!(response.status(), 200);
-        tokio::time::timeout(Duration::from_secs(5), client_conn)
-            .await
-            .expect("the sidecar did not end the drained connection")
-            .unwrap()
-            .expect("the drained connection ended with an error");
-        tokio::time::timeout(Duration::from_secs(5), listening)
-            .await
-            .expect("the listener waited for its whole drain period")
-            .unwrap();
-        assert!(draining_since.elapsed() < drain_period / 2);
-        assert!(
-            TcpStream::connect(addr).await.is_err(),
-            "a drained listener still accepts connections"
         );
     }
 }

@@ -33,6 +33,7 @@ mod sidecar_bypass;
 mod sidecar_clients;
 mod sidecar_grpc;
 mod sidecar_hot_swap;
+mod sidecar_parking;
 mod sidecar_ports;
 mod sidecar_rotation;
 mod sidecar_runtime;

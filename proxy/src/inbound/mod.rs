@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use meshgate_ca::cert;
 use rustls::ServerConfig;
@@ -127,9 +126,7 @@ impl Inbound {
             }
         });
         handshake.then(move |handshake| match handshake {
-            Some((tls, id, not_after, activity)) => {
-                self.serve_authenticated(tls, peer, id, not_after, activity, drain)
-            }
+            Some((tls, id, not_after)) => self.serve_authenticated(tls, peer, id, not_after, drain),
             None => Box::pin(std::future::ready(())),
         })
     }
@@ -141,10 +138,9 @@ impl Inbound {
         tcp: TcpStream,
         peer: std::net::SocketAddr,
     ) -> Option<(
-        tokio_rustls::server::TlsStream<crate::serve::IdleIo<TcpStream>>,
+        tokio_rustls::server::TlsStream<TcpStream>,
         meshgate_ca::SpiffeId,
         time::OffsetDateTime,
-        crate::serve::Activity,
     )> {
         // Plaintext on the mTLS port is refused before any TLS state is created, and counted.
         let mut first = [0u8; 1];
@@ -163,7 +159,6 @@ impl Inbound {
             Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "no data"),
         }
         let acceptor = TlsAcceptor::from(self.tls.load_full());
-        let (tcp, activity) = crate::serve::IdleIo::new(tcp);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -183,7 +178,7 @@ impl Inbound {
                 );
             }
         };
-        meshgate_ca::tls::ack_handshake(tls.get_ref().0.get_ref());
+        meshgate_ca::tls::ack_handshake(tls.get_ref().0);
         let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
             return handshake_failed(
                 &self.metrics,
@@ -207,7 +202,7 @@ impl Inbound {
             })
             .inc();
         tracing::debug!(event = "inbound.connection", peer.id = %id, peer.addr = %peer);
-        Some((tls, id, not_after, activity))
+        Some((tls, id, not_after))
     }
 
     /// Serves an authenticated connection: an L4 tunnel (ALPN `meshgate-tcp`) or HTTP through
@@ -216,11 +211,10 @@ impl Inbound {
     /// part once (see [`Self::connection`]).
     fn serve_authenticated(
         &self,
-        tls: tokio_rustls::server::TlsStream<crate::serve::IdleIo<TcpStream>>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
         peer: std::net::SocketAddr,
         id: meshgate_ca::SpiffeId,
         not_after: time::OffsetDateTime,
-        activity: crate::serve::Activity,
         drain: crate::serve::DrainWatch,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         use futures_util::FutureExt;
@@ -242,20 +236,30 @@ impl Inbound {
                 peer_identity,
             ))
             .service(self.forwarder.for_connection());
+        // The version ALPN agreed on; a client that offered none is detected from its bytes.
+        let version = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Some(crate::http_conn::Version::H2),
+            Some(b"http/1.1") => Some(crate::http_conn::Version::H1),
+            _ => None,
+        };
         // Responses to a peer sidecar's HTTP/2 connection leave in batches.
-        let gathering = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let gathering = if version == Some(crate::http_conn::Version::H2) {
             crate::serve::Gathering::All
         } else {
             crate::serve::Gathering::Off
         };
-        let io = crate::serve::CoalesceWrites::new(tls, gathering);
-        let conn = crate::serve::http_server()
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
-            .into_owned();
+        let (io, _) =
+            crate::http_conn::HttpIo::new(crate::serve::CoalesceWrites::new(tls, gathering));
+        let conn = crate::http_conn::HttpConnection::new(
+            io,
+            version,
+            TowerToHyperService::new(service),
+            self.metrics.parked("inbound"),
+        );
         let metrics = self.metrics.clone();
         Box::pin(
             drain
-                .serve(conn, Some((activity, self.limits.idle)))
+                .serve(conn, Some(self.limits.idle), Some(self.limits.park))
                 .map(move |served| {
                     if served.idle_closed {
                         metrics.count_hygiene("idle_timeout", 1);

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use meshgate_ca::SpiffeId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -267,11 +266,10 @@ impl Outbound {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.forward(req, dst_port).await) }
         });
-        let builder = crate::serve::http_server();
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        if let Some(Err(e)) = drain.serve(conn, None).await.result {
+        let (io, _) = crate::http_conn::HttpIo::new(tcp);
+        let parked = self.metrics.parked("outbound");
+        let conn = crate::http_conn::HttpConnection::new(io, None, service, parked);
+        if let Some(Err(e)) = drain.serve(conn, None, Some(self.limits.park)).await.result {
             tracing::debug!(error = %e, "outbound connection ended with an error");
         }
     }

@@ -20,7 +20,9 @@ use meshgate_proxy::sidecar::{IdentitySource, Sidecar, SidecarConfig};
 use super::TestCa;
 
 /// A small HTTP app (HTTP/1.1 and h2c) that answers with what it received, as JSON:
-/// `{method, path, version, headers, body_bytes}`. `GET /download/<n>` streams n zero bytes.
+/// `{method, path, version, headers, body_bytes}`. `GET /download/<n>` streams n zero bytes;
+/// `/slow/<ms>` answers after `ms` milliseconds; `/pause/<ms>` streams `first`, pauses `ms`
+/// milliseconds, then streams `second`.
 /// Bodies are counted as they stream, never buffered.
 pub struct EchoApp {
     pub addr: SocketAddr,
@@ -61,6 +63,29 @@ async fn echo(
         .and_then(|n| n.parse::<u64>().ok())
     {
         return Ok(http::Response::new(download(n, 64 * 1024)));
+    }
+    if let Some(ms) = path
+        .strip_prefix("/pause/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        // A streamed answer that stops for `ms` milliseconds halfway (server-sent events,
+        // a long download from a slow source).
+        let parts = futures_util::StreamExt::then(
+            futures_util::stream::iter([0u64, ms]),
+            |wait| async move {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let part = if wait == 0 { "first\n" } else { "second\n" };
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from(part)))
+            },
+        );
+        return Ok(http::Response::new(StreamBody::new(parts).boxed()));
+    }
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        // An answer that takes `ms` milliseconds (a long poll, a slow query).
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let Some(protocol) = req.headers().get("upgrade").cloned() {
         // Accept any Upgrade and echo bytes on the switched connection (a WebSocket stand-in).

@@ -1,0 +1,735 @@
+//! The sidecar's HTTP server connection: HTTP/2 as hyper serves it, HTTP/1.1 *parked* while it
+//! idles.
+//!
+//! Why parking: hyper's HTTP/1.1 server connection allocates an 8 KiB read buffer and an 8 KiB
+//! header write buffer with its first request and keeps both for as long as the connection stays
+//! open; hyper has no setting to give them back. An app's client pool holds its connections to
+//! the outbound sidecar open and idle between requests, so each idle pooled connection cost the
+//! sidecar 24.5 KiB, where HAProxy, which takes buffers per transfer and returns them when a
+//! connection goes quiet, pays 1.1 KiB (BENCHMARKS.md, fourteenth and fifteenth sessions).
+//!
+//! How: once a connection has moved no bytes for [`Limits::park`](crate::serve::Limits) and
+//! nothing is in flight on it, [`HttpConnection::park`] asks hyper to end the connection
+//! gracefully. hyper ends an *idle* HTTP/1.1 connection at once, at its next poll, and calls
+//! `shutdown` on its I/O, which [`HttpIo`] turns into a no-op while parking; the stream, any
+//! bytes hyper read but did not parse yet and the service come back through `into_parts`. The
+//! parked connection then holds the stream and the service only, and waits for the stream to
+//! become readable; when it does, a new hyper connection takes over, reading the saved bytes
+//! first. The client sees one connection that never closed.
+//!
+//! What keeps this from changing what the client sees:
+//! - nothing is in flight: every request counts from the moment hyper hands it to the service
+//!   until its response body is dropped ([`InFlight`]); a long poll or a slow stream never parks;
+//! - no bytes were read since the last write: a request head arriving in pieces is never cut at
+//!   a park (and a client that trickles its head cannot restart hyper's header-read timeout by
+//!   pausing between bytes);
+//! - the last write did not find the socket full (hyper could still hold bytes to send);
+//! - if hyper does not end at once after the graceful shutdown, the connection was not idle
+//!   after all: parking is called off and that connection closes after its current message, as
+//!   any gracefully shut down HTTP/1.1 connection does.
+//!
+//! Upgrades (WebSocket, …) go through hyper's own upgrade path unchanged: only a connection that
+//! hyper ended without an upgrade is ever parked. HTTP/2 connections are not parked (h2 keeps its
+//! own per-connection state and is used by peers that send continuously).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What a connection's I/O, its service and its driver share: when bytes last moved, what is in
+/// flight, and whether the connection is being parked.
+#[derive(Debug)]
+struct Shared {
+    since: Instant,
+    /// Milliseconds after `since` at which bytes last moved.
+    last_ms: AtomicU64,
+    /// Requests handed to the service whose response body is not dropped yet.
+    in_flight: AtomicU32,
+    /// Bytes were read after the last write (a request, or part of one, hyper has not answered).
+    read_since_write: AtomicBool,
+    /// The last write or flush found the socket full.
+    write_blocked: AtomicBool,
+    /// The driver asked hyper to end the connection to park it: `shutdown` is a no-op.
+    parking: AtomicBool,
+}
+
+/// When a connection's I/O last moved bytes, for [`crate::serve::Serve`]'s idle limit and for
+/// parking.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<Shared>);
+
+impl Activity {
+    fn new() -> Self {
+        Self(Arc::new(Shared {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            read_since_write: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+        }))
+    }
+
+    fn touch(&self) {
+        self.0
+            .last_ms
+            .store(self.0.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long the connection has moved no bytes.
+    pub fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        self.0.since.elapsed().saturating_sub(last)
+    }
+
+    /// Nothing in flight, nothing half-read, nothing left to write (see the module docs).
+    fn may_park(&self) -> bool {
+        self.0.in_flight.load(Ordering::Relaxed) == 0
+            && !self.0.read_since_write.load(Ordering::Relaxed)
+            && !self.0.write_blocked.load(Ordering::Relaxed)
+    }
+}
+
+/// The stream under a served HTTP connection: notes every read and write that moved bytes
+/// ([`Activity`]), replays bytes read before hyper took the stream (protocol detection, or what
+/// hyper had read but not parsed when the connection was parked), and does not shut the stream
+/// down while the connection is being parked.
+#[derive(Debug)]
+pub struct HttpIo<T> {
+    inner: T,
+    /// Read from `inner` already; handed out before `inner` is read again.
+    replay: Bytes,
+    activity: Activity,
+}
+
+impl<T> HttpIo<T> {
+    /// Wraps `inner`; the returned [`Activity`] feeds [`crate::serve::DrainWatch::serve`].
+    pub fn new(inner: T) -> (Self, Activity) {
+        let activity = Activity::new();
+        (
+            Self {
+                inner,
+                replay: Bytes::new(),
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HttpIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.replay.is_empty() {
+            let n = self.replay.len().min(buf.remaining());
+            buf.put_slice(&self.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+            self.activity
+                .0
+                .read_since_write
+                .store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T> HttpIo<T> {
+    /// Notes the outcome of a write or flush.
+    fn wrote<R>(&self, polled: &Poll<std::io::Result<R>>, moved: bool) {
+        let shared = &self.activity.0;
+        shared
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        if moved {
+            self.activity.touch();
+            shared.read_since_write.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HttpIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        self.wrote(&polled, matches!(polled, Poll::Ready(Ok(n)) if n > 0));
+        polled
+    }
+
+    /// Forwarded so that rustls's pending records (a batch of responses can be several) leave in
+    /// one `writev` rather than one `send` each.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&polled, matches!(polled, Poll::Ready(Ok(n)) if n > 0));
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.wrote(&polled, false);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.activity.0.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream a parked connection can wait on without reading from it.
+pub trait ReadReady {
+    /// Ready when the stream has something to read (or has failed, or reached its end).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<T: ReadReady> ReadReady for tokio_rustls::server::TlsStream<T> {
+    /// The socket's readiness: a parked connection's TLS session holds no plaintext (hyper read
+    /// until the session had none left before the connection went idle).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_ref().0.poll_read_ready(cx)
+    }
+}
+
+impl<T: ReadReady> ReadReady for crate::serve::CoalesceWrites<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    H1,
+    H2,
+}
+
+/// The HTTP/2 connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How the sidecar's HTTP/1.1 connections are served.
+pub fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(crate::serve::HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    builder
+}
+
+/// How the sidecar's HTTP/2 connections are served.
+pub fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(crate::serve::MAX_HEADER_LIST)
+        .max_concurrent_streams(crate::serve::MAX_CONCURRENT_STREAMS);
+    builder
+}
+
+/// A request handed to the service and not answered to its end yet; see [`Counted`].
+#[derive(Debug)]
+pub struct InFlight(Activity);
+
+impl InFlight {
+    fn new(activity: &Activity) -> Self {
+        activity.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A service whose requests count as in flight from the call until their response body is
+/// dropped, so that a connection waiting for a slow answer, or streaming one, is never parked.
+#[derive(Debug, Clone)]
+pub struct Counted<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<CountedBody<B>>;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        CountedFuture {
+            guard: Some(InFlight::new(&self.activity)),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A [`Counted`] service's response on its way; the count moves into the body.
+    pub struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<CountedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|inner| CountedBody {
+            inner,
+            _guard: guard,
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it is dropped.
+    pub struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why a connection ended with an error (hyper's, or a read before hyper took the stream).
+pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+type H1<T, S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<HttpIo<T>>, Counted<S>>;
+type H2<T, S> =
+    hyper::server::conn::http2::Connection<TokioIo<HttpIo<T>>, Counted<S>, TokioExecutor>;
+
+/// Where a connection is.
+enum State<T, S>
+where
+    Counted<S>: hyper::service::HttpService<Incoming>,
+{
+    /// Reading until the first bytes decide between the HTTP/2 preface and anything else
+    /// (HTTP/1.x, whose parser judges it), as hyper-util's automatic server does; what was read
+    /// is replayed to hyper. Driven like the rest, so a drain or the idle limit ends a
+    /// connection that never sends.
+    Detecting {
+        io: HttpIo<T>,
+        service: Counted<S>,
+        read: [u8; H2_PREFACE.len()],
+        filled: usize,
+    },
+    /// hyper serves HTTP/1.1 (boxed: a parked connection keeps only a pointer's room for it).
+    H1(Box<H1<T, S>>),
+    H2(Pin<Box<H2<T, S>>>),
+    /// Idle, without hyper: waiting for the stream to become readable.
+    Parked {
+        io: HttpIo<T>,
+        service: Counted<S>,
+    },
+    /// Asked to close while parked: shutting the stream down.
+    Closing(HttpIo<T>),
+    /// hyper failed while being parked; reported at the next poll.
+    Failed(Option<hyper::Error>),
+    Done,
+}
+
+/// One served HTTP connection (see the module docs). A future that ends with the connection;
+/// [`crate::serve::Serve`] drives it, closes it gracefully and asks it to park.
+pub struct HttpConnection<T, S>
+where
+    Counted<S>: hyper::service::HttpService<Incoming>,
+{
+    state: State<T, S>,
+    activity: Activity,
+    /// Connections of this listener parked right now (`meshgate_http_connections_parked`).
+    parked: Gauge,
+}
+
+impl<T, S, B> HttpConnection<T, S>
+where
+    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Serves `io` with `service`: as `version` (the TLS session's ALPN) or, without one, as
+    /// its first bytes say; `parked` counts this listener's parked connections.
+    pub fn new(io: HttpIo<T>, version: Option<Version>, service: S, parked: Gauge) -> Self {
+        let activity = io.activity.clone();
+        let service = Counted {
+            inner: service,
+            activity: activity.clone(),
+        };
+        let state = match version {
+            Some(version) => Self::serving(version, io, service),
+            None => State::Detecting {
+                io,
+                service,
+                read: [0; H2_PREFACE.len()],
+                filled: 0,
+            },
+        };
+        Self {
+            state,
+            activity,
+            parked,
+        }
+    }
+
+    fn serving(version: Version, io: HttpIo<T>, service: Counted<S>) -> State<T, S> {
+        match version {
+            Version::H1 => State::H1(Box::new(Self::h1(io, service))),
+            Version::H2 => State::H2(Box::pin(
+                http2_builder().serve_connection(TokioIo::new(io), service),
+            )),
+        }
+    }
+
+    fn h1(io: HttpIo<T>, service: Counted<S>) -> H1<T, S> {
+        http1_builder()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    }
+}
+
+impl<T, S, B> crate::serve::ServedConnection for HttpConnection<T, S>
+where
+    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(mut self: Pin<&mut Self>) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::H1(mut conn) => {
+                Pin::new(&mut *conn).graceful_shutdown();
+                self.state = State::H1(conn);
+            }
+            State::H2(mut conn) => {
+                conn.as_mut().graceful_shutdown();
+                self.state = State::H2(conn);
+            }
+            State::Parked { io, .. } => {
+                self.parked.dec();
+                self.state = State::Closing(io);
+            }
+            State::Detecting { io, .. } => self.state = State::Closing(io),
+            other => self.state = other,
+        }
+    }
+
+    fn is_parked(&self) -> bool {
+        matches!(self.state, State::Parked { .. })
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.activity.quiet_for()
+    }
+
+    /// Parks an idle HTTP/1.1 connection; whether it did. `cx` is the driving task's: if hyper
+    /// turns out not to be idle, it has been polled with it and will wake the task as usual.
+    fn park(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = &mut *self;
+        let State::H1(conn) = &mut this.state else {
+            return false;
+        };
+        if !this.activity.may_park() {
+            return false;
+        }
+        let shared = &this.activity.0;
+        shared.parking.store(true, Ordering::Relaxed);
+        Pin::new(&mut **conn).graceful_shutdown();
+        let ended = Pin::new(&mut **conn).poll(cx);
+        shared.parking.store(false, Ordering::Relaxed);
+        match ended {
+            Poll::Pending => false,
+            Poll::Ready(Err(e)) => {
+                this.state = State::Failed(Some(e));
+                false
+            }
+            Poll::Ready(Ok(())) => {
+                let State::H1(conn) = std::mem::replace(&mut this.state, State::Done) else {
+                    unreachable!("matched above")
+                };
+                // `None` only after an upgrade, which an idle connection cannot have had.
+                let Some(parts) = conn.into_parts() else {
+                    return false;
+                };
+                let mut io = parts.io.into_inner();
+                if parts.read_buf.is_empty() {
+                    this.parked.inc();
+                    tracing::trace!(event = "http.parked", "idle HTTP/1.1 connection parked");
+                    this.state = State::Parked {
+                        io,
+                        service: parts.service,
+                    };
+                    true
+                } else {
+                    // Bytes hyper read but had not parsed (cannot happen while nothing was read
+                    // since the last write, kept for safety): serve them at once.
+                    io.replay = Bytes::copy_from_slice(&parts.read_buf);
+                    this.state = State::H1(Box::new(Self::h1(io, parts.service)));
+                    false
+                }
+            }
+        }
+    }
+}
+
+impl<T, S, B> Future for HttpConnection<T, S>
+where
+    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<(), ConnError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Detecting {
+                    io, read, filled, ..
+                } => {
+                    let mut buf = ReadBuf::new(&mut read[*filled..]);
+                    std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
+                    let n = buf.filled().len();
+                    let matches = read[*filled..*filled + n] == H2_PREFACE[*filled..*filled + n];
+                    *filled += n;
+                    let version = if n == 0 || !matches {
+                        Version::H1
+                    } else if *filled == H2_PREFACE.len() {
+                        Version::H2
+                    } else {
+                        continue;
+                    };
+                    let State::Detecting {
+                        mut io,
+                        service,
+                        read,
+                        filled,
+                    } = std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    io.replay = Bytes::copy_from_slice(&read[..filled]);
+                    this.state = Self::serving(version, io, service);
+                }
+                State::H1(conn) => {
+                    let ended = std::task::ready!(Pin::new(&mut **conn).poll(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(ended.map_err(Into::into));
+                }
+                State::H2(conn) => {
+                    let ended = std::task::ready!(conn.as_mut().poll(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(ended.map_err(Into::into));
+                }
+                State::Parked { io, .. } => {
+                    // Readable, at its end or failed: hyper takes over and finds out which.
+                    std::task::ready!(io.inner.poll_read_ready(cx)).ok();
+                    let State::Parked { io, service } =
+                        std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    this.parked.dec();
+                    tracing::trace!(
+                        event = "http.unparked",
+                        "parked HTTP/1.1 connection resumed"
+                    );
+                    this.state = State::H1(Box::new(Self::h1(io, service)));
+                }
+                State::Closing(io) => {
+                    let _ = std::task::ready!(Pin::new(io).poll_shutdown(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                State::Failed(e) => {
+                    let e = e.take();
+                    this.state = State::Done;
+                    return Poll::Ready(e.map_or(Ok(()), |e| Err(e.into())));
+                }
+                State::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl<T, S> Drop for HttpConnection<T, S>
+where
+    Counted<S>: hyper::service::HttpService<Incoming>,
+{
+    fn drop(&mut self) {
+        if matches!(self.state, State::Parked { .. }) {
+            self.parked.dec();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::serve::{Limits, accept_loop};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    /// A listener told to stop drains: the request in flight on an HTTP/2 connection is
+    /// answered, the connection is then ended by the sidecar's GOAWAY (the client does not have
+    /// to go away on its own), and the listener returns long before its drain period.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_listener_answers_requests_in_flight_then_closes_its_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let drain_period = Duration::from_secs(20);
+        let metrics = Arc::new(Metrics::default());
+        let listening = tokio::spawn(accept_loop(
+            listener,
+            stopped,
+            drain_period,
+            "test",
+            Limits::default(),
+            metrics,
+            |tcp, _peer, drain| {
+                let slow = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Empty::<bytes::Bytes>::new(),
+                    ))
+                });
+                let (io, _) = HttpIo::new(tcp);
+                let conn = HttpConnection::new(io, None, slow, Gauge::default());
+                async move {
+                    drain.serve(conn, None, None).await;
+                }
+            },
+        ));
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut client, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let client_conn = tokio::spawn(conn);
+        let in_flight = tokio::spawn(
+            client.send_request(
+                hyper::Request::get("http://test/slow")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let draining_since = std::time::Instant::now();
+        stop.send_replace(true);
+
+        let response = in_flight
+            .await
+            .unwrap()
+            .expect("the request in flight was cut off");
+        assert_eq!(response.status(), 200);
+        tokio::time::timeout(Duration::from_secs(5), client_conn)
+            .await
+            .expect("the sidecar did not end the drained connection")
+            .unwrap()
+            .expect("the drained connection ended with an error");
+        tokio::time::timeout(Duration::from_secs(5), listening)
+            .await
+            .expect("the listener waited for its whole drain period")
+            .unwrap();
+        assert!(draining_since.elapsed() < drain_period / 2);
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "a drained listener still accepts connections"
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! Idle HTTP/1.1 connections are parked (hyper's buffers given back) and resume on their next
+//! bytes, through real sidecars: the app's pooled connection to its outbound listener and a
+//! peer's mTLS connection to the inbound listener. What a client sees must not change: the same
+//! connection keeps answering, a request head split across the quiet period arrives whole,
+//! pipelined requests are answered in order, a slow answer is neither cut nor followed by
+//! `Connection: close`, a WebSocket upgrade still works after a park, and a parked connection
+//! still obeys the idle limit and the drain.
+
+use std::time::Duration;
+
+use meshgate_ca::tls;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::support::mesh::{TestMesh, WEB_TO_ORDERS};
+
+/// Short enough for tests; the default is one second.
+const PARK: Duration = Duration::from_millis(200);
+
+/// One HTTP/1.1 response read off a kept-alive connection: status, head, body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Reply {
+    /// The echo app's view of the request.
+    fn echoed(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not an echo ({e}): {self:?}"))
+    }
+
+    fn keeps_alive(&self) -> bool {
+        !self.head.to_ascii_lowercase().contains("connection: close")
+    }
+}
+
+/// Reads one response (Content-Length or chunked) and nothing more.
+async fn read_reply<S: AsyncRead + Unpin>(s: &mut S) -> Reply {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("no response within 10 s")
+            .unwrap();
+        assert!(
+            n == 1,
+            "connection closed mid-head: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse::<usize>().unwrap())
+    {
+        body.resize(len, 0);
+        s.read_exact(&mut body).await.unwrap();
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                s.read_exact(&mut byte).await.unwrap();
+                line.push(byte[0]);
+            }
+            let size = usize::from_str_radix(String::from_utf8_lossy(&line).trim(), 16).unwrap();
+            let mut chunk = vec![0u8; size + 2];
+            s.read_exact(&mut chunk).await.unwrap();
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    Reply {
+        status,
+        head,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn get<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, path: &str) -> Reply {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_reply(s).await
+}
+
+/// The parked-connection gauge of `workload`'s `listener`.
+async fn parked(mesh: &TestMesh, workload: &str, listener: &str) -> f64 {
+    let label = format!(r#"listener="{listener}""#);
+    mesh.metric(workload, "meshgate_http_connections_parked", &[&label])
+        .await
+}
+
+/// Waits until the gauge reads `want`; panics with what it read after 5 s.
+async fn wait_parked(mesh: &TestMesh, workload: &str, listener: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = parked(mesh, workload, listener).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{workload}'s {listener} listener has {now} parked connections, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// web and orders with `limits`, web allowed to call orders.
+async fn mesh_with(limits: meshgate_proxy::serve::Limits) -> TestMesh {
+    let mut mesh = TestMesh::new().await;
+    mesh.limits = limits;
+    mesh.write_policy("web.yaml", WEB_TO_ORDERS);
+    mesh.add("orders").await;
+    mesh.add("web").await;
+    mesh.write_services();
+    mesh.converge().await;
+    mesh
+}
+
+fn parking() -> meshgate_proxy::serve::Limits {
+    meshgate_proxy::serve::Limits {
+        park: PARK,
+        ..Default::default()
+    }
+}
+
+/// An mTLS connection to orders' inbound listener as web, speaking HTTP/1.1 (ALPN).
+async fn inbound_h1(mesh: &TestMesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let now = time::OffsetDateTime::now_utc();
+    let web = mesh.ca.sign_leaf(
+        &TestMesh::id_of("web"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let config = crate::support::mesh_client(
+        mesh.ca.bundle(),
+        &web,
+        TestMesh::id_of("orders"),
+        &[b"http/1.1"],
+    );
+    let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(tls::mesh_server_name(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_pooled_connection_parks_and_resumes_in_order() {
+    let mesh = mesh_with(parking()).await;
+    let mut app = tokio::net::TcpStream::connect(mesh.workload("web").sidecar.outbound_addr)
+        .await
+        .unwrap();
+    let first = get(&mut app, "/api/first").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(first.keeps_alive(), "{first:?}");
+    wait_parked(&mesh, "web", "outbound", 1.0).await;
+
+    // The parked connection answers its next request, on the same socket.
+    let second = get(&mut app, "/api/second").await;
+    assert_eq!(second.status, 200, "{second:?}");
+    assert_eq!(second.echoed()["path"], "/api/second");
+    assert!(second.keeps_alive(), "{second:?}");
+    wait_parked(&mesh, "web", "outbound", 1.0).await;
+
+    // Two pipelined requests in one write wake it: both answered, in order.
+    app.write_all(
+        b"GET /api/third HTTP/1.1\r\nHost: orders\r\n\r\nGET /api/fourth HTTP/1.1\r\nHost: orders\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let third = read_reply(&mut app).await;
+    let fourth = read_reply(&mut app).await;
+    assert_eq!(third.echoed()["path"], "/api/third");
+    assert_eq!(fourth.echoed()["path"], "/api/fourth");
+    wait_parked(&mesh, "web", "outbound", 1.0).await;
+
+    // The client closing a parked connection frees it.
+    drop(app);
+    wait_parked(&mesh, "web", "outbound", 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_is_neither_parked_nor_followed_by_a_close() {
+    let mesh = mesh_with(parking()).await;
+    let mut app = tokio::net::TcpStream::connect(mesh.workload("web").sidecar.outbound_addr)
+        .await
+        .unwrap();
+    // The app answers after five park delays: the connection is quiet but busy all along (a
+    // long poll).
+    let slow = get(&mut app, "/slow/1000").await;
+    assert_eq!(slow.status, 200, "{slow:?}");
+    assert!(
+        slow.keeps_alive(),
+        "a connection with a request in flight was shut down: {slow:?}"
+    );
+    // A streamed answer that stops halfway: the head and a first part are written, then the
+    // connection is quiet for five park delays with the body unfinished.
+    let paused = get(&mut app, "/pause/1000").await;
+    assert_eq!(paused.status, 200, "{paused:?}");
+    assert_eq!(paused.body, "first\nsecond\n");
+    let next = get(&mut app, "/api/next").await;
+    assert_eq!(next.echoed()["path"], "/api/next");
+    assert!(next.keeps_alive(), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_connection_parks_and_a_head_split_across_the_quiet_arrives_whole() {
+    let mesh = mesh_with(parking()).await;
+    let mut peer = inbound_h1(&mesh).await;
+    let first = get(&mut peer, "/api/first").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    wait_parked(&mesh, "orders", "inbound", 1.0).await;
+
+    // Half a request head wakes the connection; it does not park again while the rest is
+    // missing, so the head is not cut in two.
+    peer.write_all(b"GET /api/split HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    wait_parked(&mesh, "orders", "inbound", 0.0).await;
+    tokio::time::sleep(PARK * 4).await;
+    assert_eq!(parked(&mesh, "orders", "inbound").await, 0.0);
+    peer.write_all(b"st: orders\r\nX-Part: two\r\n\r\n")
+        .await
+        .unwrap();
+    let split = read_reply(&mut peer).await;
+    assert_eq!(split.status, 200, "{split:?}");
+    let echoed = split.echoed();
+    assert_eq!(echoed["path"], "/api/split");
+    assert_eq!(echoed["headers"]["x-part"], "two");
+    assert!(split.keeps_alive(), "{split:?}");
+    wait_parked(&mesh, "orders", "inbound", 1.0).await;
+
+    // A WebSocket upgrade on a connection that was parked: switched, and bytes flow both ways.
+    peer.write_all(
+        b"GET /api/ws HTTP/1.1\r\nHost: orders\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let switched = read_reply(&mut peer).await;
+    assert_eq!(switched.status, 101, "{switched:?}");
+    peer.write_all(b"ping over the upgraded connection")
+        .await
+        .unwrap();
+    let mut echoed = [0u8; 33];
+    tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut echoed))
+        .await
+        .expect("no echo on the upgraded connection")
+        .unwrap();
+    assert_eq!(&echoed, b"ping over the upgraded connection");
+    // An upgraded connection is not HTTP any more: it is never parked.
+    tokio::time::sleep(PARK * 3).await;
+    assert_eq!(parked(&mesh, "orders", "inbound").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_obeys_the_idle_limit_and_the_drain() {
+    let mesh = mesh_with(meshgate_proxy::serve::Limits {
+        park: PARK,
+        idle: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    // Inbound: parked, then closed at the idle limit, and counted.
+    let mut peer = inbound_h1(&mesh).await;
+    assert_eq!(get(&mut peer, "/api/x").await.status, 200);
+    wait_parked(&mesh, "orders", "inbound", 1.0).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the parked connection outlived the idle limit"
+    );
+    assert_eq!(parked(&mesh, "orders", "inbound").await, 0.0);
+    let idle_closed = mesh
+        .metric(
+            "orders",
+            "meshgate_inbound_hygiene_total",
+            &[r#"reason="idle_timeout""#],
+        )
+        .await;
+    assert_eq!(idle_closed, 1.0);
+
+    // Outbound (no idle limit): parked until the sidecar drains, then closed.
+    let mut app = tokio::net::TcpStream::connect(mesh.workload("web").sidecar.outbound_addr)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut app, "/api/y").await.status, 200);
+    wait_parked(&mesh, "web", "outbound", 1.0).await;
+    mesh.workload("web").sidecar.shutdown();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the parked connection outlived the drain");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
