@@ -36,6 +36,26 @@ fn naturally_aligned(align: usize, size: usize) -> bool {
     align <= NATURAL_ALIGN && align <= size
 }
 
+/// Runs mimalloc's pending purges every `every`, for as long as the process lives.
+///
+/// Why: mimalloc gives freed pages back to the system (`madvise`) 10 ms after they empty, but
+/// only when the allocator is next used after that delay. A sidecar whose connections went idle
+/// (and parked, releasing their buffers) makes no further allocations, so what a burst of
+/// connections freed stayed resident: 1,000 parked pooled connections still cost 10–14 KiB each
+/// in RSS instead of 4.4 (BENCHMARKS.md, fifteenth session). Purging at once on every free
+/// (`purge_delay` 0) would put `madvise` calls on the request path; one collection a second
+/// costs nothing measurable and bounds how long freed memory stays resident.
+pub async fn return_freed_memory(every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: `mi_collect` takes no pointers; it frees this thread's retired pages and
+        // runs the expired purges of mimalloc's arenas, which any thread may do at any time.
+        unsafe { mi::mi_collect(false) };
+    }
+}
+
 // SAFETY: every method hands the request to mimalloc, which returns blocks of at least the
 // requested size or null. Plain `mi_malloc`/`mi_zalloc`/`mi_realloc` are used only where
 // `naturally_aligned` holds, for which mimalloc guarantees the alignment (see the module docs);

@@ -303,6 +303,7 @@ pub fn run(args: ProxyArgs) -> Result<()> {
             "serving connections on {threads} thread(s)"
         );
         let sidecar = Sidecar::start(config).await?;
+        tokio::spawn(crate::alloc::return_freed_memory(Duration::from_secs(1)));
         println!(
             "meshgate proxy for {}: inbound {} (mTLS), outbound {}, admin http://{}",
             sidecar.identity.id(),

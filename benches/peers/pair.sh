@@ -121,7 +121,7 @@ if [ -n "$idle" ]; then
   ipid=$!
   pids+=("$ipid")
   for _ in $(seq 600); do grep -q ready "$work/idle.out" 2>/dev/null && break; sleep 0.1; done
-  sleep 1
+  sleep ${IDLE_WAIT:-2} # past meshgate's 1 s park delay: what a pool's idle connections hold
   in1=$(rss "$in_pid"); out1=$(rss "$out_pid")
   read -r _ opened failed <"$work/idle.out" || { echo "idle_conns.py failed: $(cat "$work/idle.out")" >&2; exit 1; }
   [ "$opened" -gt 0 ] || { echo "no connection opened: $(cat "$work/idle.out")" >&2; exit 1; }

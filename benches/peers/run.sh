@@ -355,7 +355,7 @@ idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with 
     --cert "$certs/client-chain.pem" --key "$certs/client.key" "$@" >"$work/idle-$p.out" 2>&1 &
   ipid=$!
   for i in $(seq 600); do grep -q ready "$work/idle-$p.out" 2>/dev/null && break; sleep 0.1; done
-  sleep 1
+  sleep 2 # past meshgate's 1 s park delay: what a pool's idle connections hold
   after=$(rss_kib "$pi")
   kill "$ipid" 2>/dev/null || true; wait "$ipid" 2>/dev/null || true
   read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }

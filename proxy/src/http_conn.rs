@@ -266,6 +266,40 @@ pub fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     builder
 }
 
+/// The stream a [`HttpConnection`] serves.
+pub trait ConnIo: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static> ConnIo for T {}
+
+/// The service a [`HttpConnection`] serves with: hyper's, cloned per connection, its response
+/// body named once (`ResBody`).
+pub trait ConnService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Self::ResBody>,
+        Error: Into<ConnError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+    type ResBody: Body<Data: Send, Error: Into<ConnError>> + Send + 'static;
+}
+
+impl<S, B> ConnService for S
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<ConnError>,
+    B: Body<Data: Send, Error: Into<ConnError>> + Send + 'static,
+{
+    type ResBody = B;
+}
+
 /// A request handed to the service and not answered to its end yet; see [`Counted`].
 #[derive(Debug)]
 pub struct InFlight(Activity);
@@ -411,20 +445,7 @@ where
     parked: Gauge,
 }
 
-impl<T, S, B> HttpConnection<T, S>
-where
-    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<T: ConnIo, S: ConnService> HttpConnection<T, S> {
     /// Serves `io` with `service`: as `version` (the TLS session's ALPN) or, without one, as
     /// its first bytes say; `parked` counts this listener's parked connections.
     pub fn new(io: HttpIo<T>, version: Option<Version>, service: S, parked: Gauge) -> Self {
@@ -465,20 +486,7 @@ where
     }
 }
 
-impl<T, S, B> crate::serve::ServedConnection for HttpConnection<T, S>
-where
-    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<T: ConnIo, S: ConnService> crate::serve::ServedConnection for HttpConnection<T, S> {
     fn graceful_shutdown(mut self: Pin<&mut Self>) {
         match std::mem::replace(&mut self.state, State::Done) {
             State::H1(mut conn) => {
@@ -556,20 +564,7 @@ where
     }
 }
 
-impl<T, S, B> Future for HttpConnection<T, S>
-where
-    T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<T: ConnIo, S: ConnService> Future for HttpConnection<T, S> {
     type Output = Result<(), ConnError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

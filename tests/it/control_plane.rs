@@ -465,18 +465,8 @@ async fn a_nacked_version_is_recorded_and_not_retried() {
     mesh.write_policy("orders.yaml", &orders_policy("GET"));
     mesh.start_control_plane().await;
     let url = format!("https://{}", mesh.control_plane.as_ref().unwrap().addr);
-    let now = time::OffsetDateTime::now_utc();
-    let svid = mesh.ca.sign_leaf(
-        &TestMesh::id_of("orders"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    let config = crate::support::mesh_client(
-        mesh.ca.bundle(),
-        &svid,
-        meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane").unwrap(),
-        &[b"h2"],
-    );
+    let cp = meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane");
+    let config = mesh.client_as("orders", cp.unwrap(), &[b"h2"]);
     let client = StreamClient::new(&[&url], config).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let task = tokio::spawn(client.run(
@@ -529,19 +519,8 @@ struct RawStream {
 
 impl RawStream {
     async fn open(mesh: &TestMesh, name: &str) -> Self {
-        let now = time::OffsetDateTime::now_utc();
-        let svid = mesh.ca.sign_leaf(
-            &TestMesh::id_of(name),
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        );
-        let config = crate::support::mesh_client(
-            mesh.ca.bundle(),
-            &svid,
-            meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane")
-                .unwrap(),
-            &[b"h2"],
-        );
+        let cp = meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane");
+        let config = mesh.client_as(name, cp.unwrap(), &[b"h2"]);
         let addr = mesh.control_plane.as_ref().unwrap().addr;
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let tls = tokio_rustls::TlsConnector::from(config)

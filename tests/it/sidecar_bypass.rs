@@ -105,18 +105,7 @@ async fn orders_and_web_client() -> (TestMesh, std::net::SocketAddr, tokio_rustl
     mesh.add("orders").await;
     mesh.converge().await;
     let addr = mesh.workload("orders").sidecar.inbound_addr;
-    let now = time::OffsetDateTime::now_utc();
-    let web = mesh.ca.sign_leaf(
-        &TestMesh::id_of("web"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    let config = crate::support::mesh_client(
-        mesh.ca.bundle(),
-        &web,
-        TestMesh::id_of("orders"),
-        &[b"http/1.1"],
-    );
+    let config = mesh.client_as("web", TestMesh::id_of("orders"), &[b"http/1.1"]);
     (mesh, addr, tokio_rustls::TlsConnector::from(config))
 }
 

@@ -136,18 +136,7 @@ fn parking() -> meshgate_proxy::serve::Limits {
 
 /// An mTLS connection to orders' inbound listener as web, speaking HTTP/1.1 (ALPN).
 async fn inbound_h1(mesh: &TestMesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let now = time::OffsetDateTime::now_utc();
-    let web = mesh.ca.sign_leaf(
-        &TestMesh::id_of("web"),
-        now - time::Duration::minutes(1),
-        now + time::Duration::hours(1),
-    );
-    let config = crate::support::mesh_client(
-        mesh.ca.bundle(),
-        &web,
-        TestMesh::id_of("orders"),
-        &[b"http/1.1"],
-    );
+    let config = mesh.client_as("web", TestMesh::id_of("orders"), &[b"http/1.1"]);
     let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
         .await
         .unwrap();

@@ -556,6 +556,23 @@ impl TestMesh {
         }
     }
 
+    /// A TLS client config presenting a fresh one-hour SVID of workload `name`, accepting only
+    /// a server that proves `server`, offering `alpn`: a peer sidecar as the test plays it.
+    pub fn client_as(
+        &self,
+        name: &str,
+        server: SpiffeId,
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
+        let now = time::OffsetDateTime::now_utc();
+        let svid = self.ca.sign_leaf(
+            &Self::id_of(name),
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        );
+        super::mesh_client(self.ca.bundle(), &svid, server, alpn)
+    }
+
     /// `from`'s app calls `http://<host>/<path>` through its sidecar's outbound listener.
     pub async fn call(&self, from: &str, method: &str, host: &str, path: &str) -> Answer {
         self.call_with(from, method, host, path, Bytes::new(), &[])
