@@ -4,7 +4,7 @@
 //! connection keeps answering, a request head split across the quiet period arrives whole,
 //! pipelined requests are answered in order, a slow answer is neither cut nor followed by
 //! `Connection: close`, a WebSocket upgrade still works after a park, and a parked connection
-//! still obeys the idle limit and the drain.
+//! still obeys the idle limit and the drain. A peer without ALPN is served by what it sends.
 
 use std::time::Duration;
 
@@ -293,4 +293,46 @@ async fn a_parked_connection_obeys_the_idle_limit_and_the_drain() {
     let closed = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the parked connection outlived the drain");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// A peer that offers no ALPN is served by what its first bytes say: HTTP/1.1 (parked when
+/// idle) or the HTTP/2 preface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_alpn_is_served_by_what_it_sends() {
+    let mesh = mesh_with(parking()).await;
+    let connect = || async {
+        let config = mesh.client_as("web", TestMesh::id_of("orders"), &[]);
+        let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
+            .await
+            .unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap()
+    };
+
+    let mut h1 = connect().await;
+    assert_eq!(h1.get_ref().1.alpn_protocol(), None);
+    let first = get(&mut h1, "/api/h1").await;
+    assert_eq!(first.echoed()["version"], "HTTP/1.1", "{first:?}");
+    wait_parked(&mesh, "orders", "inbound", 1.0).await;
+    assert_eq!(
+        get(&mut h1, "/api/again").await.echoed()["path"],
+        "/api/again"
+    );
+
+    let h2 = connect().await;
+    let (mut client, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://orders/api/h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
 }
