@@ -134,9 +134,12 @@ fn parking() -> meshgate_proxy::serve::Limits {
     }
 }
 
-/// An mTLS connection to orders' inbound listener as web, speaking HTTP/1.1 (ALPN).
-async fn inbound_h1(mesh: &TestMesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = mesh.client_as("web", TestMesh::id_of("orders"), &[b"http/1.1"]);
+/// An mTLS connection to orders' inbound listener as web, offering `alpn`.
+async fn inbound_as_web(
+    mesh: &TestMesh,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = mesh.client_as("web", TestMesh::id_of("orders"), alpn);
     let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
         .await
         .unwrap();
@@ -208,7 +211,7 @@ async fn a_slow_answer_is_neither_parked_nor_followed_by_a_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peers_connection_parks_and_a_head_split_across_the_quiet_arrives_whole() {
     let mesh = mesh_with(parking()).await;
-    let mut peer = inbound_h1(&mesh).await;
+    let mut peer = inbound_as_web(&mesh, &[b"http/1.1"]).await;
     let first = get(&mut peer, "/api/first").await;
     assert_eq!(first.status, 200, "{first:?}");
     wait_parked(&mesh, "orders", "inbound", 1.0).await;
@@ -263,7 +266,7 @@ async fn a_parked_connection_obeys_the_idle_limit_and_the_drain() {
     })
     .await;
     // Inbound: parked, then closed at the idle limit, and counted.
-    let mut peer = inbound_h1(&mesh).await;
+    let mut peer = inbound_as_web(&mesh, &[b"http/1.1"]).await;
     assert_eq!(get(&mut peer, "/api/x").await.status, 200);
     wait_parked(&mesh, "orders", "inbound", 1.0).await;
     let mut rest = Vec::new();
@@ -300,18 +303,7 @@ async fn a_parked_connection_obeys_the_idle_limit_and_the_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_without_alpn_is_served_by_what_it_sends() {
     let mesh = mesh_with(parking()).await;
-    let connect = || async {
-        let config = mesh.client_as("web", TestMesh::id_of("orders"), &[]);
-        let tcp = tokio::net::TcpStream::connect(mesh.workload("orders").sidecar.inbound_addr)
-            .await
-            .unwrap();
-        tokio_rustls::TlsConnector::from(config)
-            .connect(tls::mesh_server_name(), tcp)
-            .await
-            .unwrap()
-    };
-
-    let mut h1 = connect().await;
+    let mut h1 = inbound_as_web(&mesh, &[]).await;
     assert_eq!(h1.get_ref().1.alpn_protocol(), None);
     let first = get(&mut h1, "/api/h1").await;
     assert_eq!(first.echoed()["version"], "HTTP/1.1", "{first:?}");
@@ -321,7 +313,7 @@ async fn a_peer_without_alpn_is_served_by_what_it_sends() {
         "/api/again"
     );
 
-    let h2 = connect().await;
+    let h2 = inbound_as_web(&mesh, &[]).await;
     let (mut client, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(h2),
