@@ -214,6 +214,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HttpIo<T> {
 pub trait ReadReady {
     /// Ready when the stream has something to read (or has failed, or reached its end).
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+
+    /// Frees the buffers that hold nothing, as the connection parks.
+    fn release_buffers(&mut self) {}
 }
 
 impl ReadReady for tokio::net::TcpStream {
@@ -222,17 +225,23 @@ impl ReadReady for tokio::net::TcpStream {
     }
 }
 
-impl<T: ReadReady> ReadReady for tokio_rustls::server::TlsStream<T> {
-    /// The socket's readiness: a parked connection's TLS session holds no plaintext (hyper read
-    /// until the session had none left before the connection went idle).
+impl ReadReady for crate::tls_server::ServerTls {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.get_ref().0.poll_read_ready(cx)
+        crate::tls_server::ServerTls::poll_read_ready(self, cx)
+    }
+
+    fn release_buffers(&mut self) {
+        crate::tls_server::ServerTls::release_buffers(self);
     }
 }
 
 impl<T: ReadReady> ReadReady for crate::serve::CoalesceWrites<T> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.get_ref().poll_read_ready(cx)
+    }
+
+    fn release_buffers(&mut self) {
+        self.get_mut().release_buffers();
     }
 }
 
@@ -545,6 +554,7 @@ impl<T: ConnIo, S: ConnService> crate::serve::ServedConnection for HttpConnectio
                 };
                 let mut io = parts.io.into_inner();
                 if parts.read_buf.is_empty() {
+                    io.inner.release_buffers();
                     this.parked.inc();
                     tracing::trace!(event = "http.parked", "idle HTTP/1.1 connection parked");
                     this.state = State::Parked {

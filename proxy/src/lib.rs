@@ -24,5 +24,6 @@ pub mod sidecar;
 pub mod tap;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_server;
 pub mod trace_ui;
 pub mod tunnel;

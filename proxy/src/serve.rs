@@ -269,13 +269,13 @@ fn encrypt_into<D>(
     conn.writer().write_vectored(bufs)
 }
 
-impl<IO> Gather for tokio_rustls::server::TlsStream<IO> {
+impl<T: AsyncRead + AsyncWrite + Unpin> Gather for crate::tls_server::ServerTls<T> {
     fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        encrypt_into(self.get_mut().1, bufs)
+        crate::tls_server::ServerTls::gather(self, bufs)
     }
 
     fn has_gathered(&self) -> bool {
-        self.get_ref().1.wants_write()
+        crate::tls_server::ServerTls::has_gathered(self)
     }
 }
 
@@ -292,6 +292,10 @@ impl<IO> Gather for tokio_rustls::client::TlsStream<IO> {
 impl<T> CoalesceWrites<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
     }
 
     pub fn new(inner: T, gathering: Gathering) -> Self {
@@ -762,7 +766,7 @@ mod tests {
     async fn tls_pair(
         capacity: usize,
     ) -> (
-        tokio_rustls::server::TlsStream<CountWrites>,
+        crate::tls_server::ServerTls<CountWrites>,
         tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
         Arc<AtomicUsize>,
         Arc<AtomicUsize>,
@@ -804,7 +808,7 @@ mod tests {
             bytes: bytes.clone(),
         };
         let (server, client) = tokio::join!(
-            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(near),
+            crate::tls_server::ServerTls::accept(near, Arc::new(server)),
             tokio_rustls::TlsConnector::from(Arc::new(client))
                 .connect(ServerName::try_from("localhost").unwrap(), far),
         );

@@ -31,7 +31,6 @@ use meshgate_ca::cert;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
 use crate::metrics::{Metrics, TlsLabels};
@@ -138,7 +137,7 @@ impl Inbound {
         tcp: TcpStream,
         peer: std::net::SocketAddr,
     ) -> Option<(
-        tokio_rustls::server::TlsStream<TcpStream>,
+        crate::tls_server::ServerTls<TcpStream>,
         meshgate_ca::SpiffeId,
         time::OffsetDateTime,
     )> {
@@ -158,8 +157,8 @@ impl Inbound {
             Ok(Err(_)) => return None,
             Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "no data"),
         }
-        let acceptor = TlsAcceptor::from(self.tls.load_full());
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let accept = crate::tls_server::ServerTls::accept(tcp, self.tls.load_full());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 return handshake_failed(
@@ -178,8 +177,8 @@ impl Inbound {
                 );
             }
         };
-        meshgate_ca::tls::ack_handshake(tls.get_ref().0);
-        let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        meshgate_ca::tls::ack_handshake(tls.get_ref());
+        let Some(leaf) = tls.session().peer_certificates().and_then(|c| c.first()) else {
             return handshake_failed(
                 &self.metrics,
                 peer,
@@ -211,14 +210,14 @@ impl Inbound {
     /// part once (see [`Self::connection`]).
     fn serve_authenticated(
         &self,
-        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        tls: crate::tls_server::ServerTls,
         peer: std::net::SocketAddr,
         id: meshgate_ca::SpiffeId,
         not_after: time::OffsetDateTime,
         drain: crate::serve::DrainWatch,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         use futures_util::FutureExt;
-        if tls.get_ref().1.alpn_protocol() == Some(crate::tunnel::ALPN) {
+        if tls.session().alpn_protocol() == Some(crate::tunnel::ALPN) {
             return Box::pin(self.tunnel.clone().serve(tls, id, not_after));
         }
         let peer_identity = Arc::new(PeerIdentity::new(id, peer, not_after, &self.authz.local_id));
@@ -237,7 +236,7 @@ impl Inbound {
             ))
             .service(self.forwarder.for_connection());
         // The version ALPN agreed on; a client that offered none is detected from its bytes.
-        let version = match tls.get_ref().1.alpn_protocol() {
+        let version = match tls.session().alpn_protocol() {
             Some(b"h2") => Some(crate::http_conn::Version::H2),
             Some(b"http/1.1") => Some(crate::http_conn::Version::H1),
             _ => None,

@@ -1,0 +1,930 @@
+//! The inbound listener's TLS stream: rustls's *unbuffered* server connection over the socket,
+//! with the buffers held by us.
+//!
+//! Why: tokio-rustls drives rustls's buffered connection, which keeps a 4 KiB record buffer
+//! for as long as the connection lives (rustls sizes it back to 4 KiB whenever a read finds it
+//! empty, and has no call to free it). A parked HTTP/1.1 connection had given hyper's buffers
+//! back, and that record buffer was the largest thing it still held: 4 of the 13.7 KiB an idle
+//! inbound mTLS connection cost (massif, BENCHMARKS.md, sixteenth session). Here the ciphertext
+//! read from the socket, the plaintext decrypted ahead of the reader and the records waiting for
+//! the socket are three buffers of ours, and [`ServerTls::release_buffers`] frees each one that
+//! holds nothing: a parked connection keeps only rustls's session.
+//!
+//! How: every call of `process_tls_records` takes the bytes read so far and yields one state,
+//! which is handled at once — application data is copied to the reader (what does not fit waits
+//! in `plain`), handshake, alert and key-update records are appended to `outgoing`, and the
+//! bytes rustls consumed are discarded from the front of `incoming`. Writes are encrypted
+//! straight into `outgoing` (no record is allocated on its own, as the buffered connection
+//! does) and written to the socket at once; what the socket does not take waits there, and
+//! past [`OUTGOING_LIMIT`] a write waits for the socket. Errors are rustls's own, wrapped in
+//! `io::Error` as tokio-rustls wraps them (so [`crate::tls::failure_reason`] reads them the
+//! same way), and a fatal alert rustls queued is sent before the error is returned. A TCP end
+//! without `close_notify` is `UnexpectedEof`, as with tokio-rustls: HTTP's own framing, not
+//! TLS, tells a complete message from a truncated one.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How much room for ciphertext each read from the socket has at least (rustls reads 4 KiB).
+const READ_SIZE: usize = 4096;
+
+/// The most ciphertext held unprocessed: a handshake message rustls accepts (64 KiB, its own
+/// limit) plus a whole record. More means the peer sends what rustls would never take: refused.
+const INCOMING_LIMIT: usize = 0xffff + 5 + 16 * 1024 + 2048;
+
+/// Records waiting for the socket above which a write waits for it (rustls's buffered
+/// connection's default limit).
+pub const OUTGOING_LIMIT: usize = 64 * 1024;
+
+/// What one call of `process_tls_records` left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Something was handled; call again.
+    Progress,
+    /// rustls needs more bytes from the peer (the handshake, or a record read in part).
+    NeedsBytes,
+    /// Handshake complete and nothing left to process: application data may be written.
+    Writable,
+    /// Both sides sent `close_notify`.
+    Closed,
+}
+
+/// A TLS server connection over a TCP socket; see the module docs.
+pub struct ServerTls<T = TcpStream> {
+    tcp: T,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext read from the socket and not yet consumed by rustls: `incoming[..received]`
+    /// (the rest of the vector is initialized room for the next read).
+    incoming: Vec<u8>,
+    received: usize,
+    /// Plaintext decrypted ahead of the reader: `plain[plain_read..]`.
+    plain: Vec<u8>,
+    plain_read: usize,
+    /// Records for the socket: `outgoing[sent..queued]` (the rest is initialized room).
+    outgoing: Vec<u8>,
+    sent: usize,
+    queued: usize,
+    /// The peer sent `close_notify`: reads end once `plain` is read.
+    peer_closed: bool,
+    /// The socket reached its end.
+    eof: bool,
+    /// We queued `close_notify`.
+    close_queued: bool,
+    /// rustls failed; every later call reports it.
+    failed: Option<rustls::Error>,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for ServerTls<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("tcp", &self.tcp)
+            .field("received", &self.received)
+            .field("plain", &(self.plain.len() - self.plain_read))
+            .field("outgoing", &(self.queued - self.sent))
+            .field("peer_closed", &self.peer_closed)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `io::Error` for a rustls error, as tokio-rustls makes it.
+fn io_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Appends what `write` puts into a buffer to `buf[..*end]`, growing `buf` to the size rustls
+/// asks for when the room left is too small.
+fn append<E>(
+    buf: &mut Vec<u8>,
+    end: &mut usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    too_small: impl Fn(&E) -> Option<InsufficientSizeError>,
+) -> Result<(), E> {
+    loop {
+        match write(&mut buf[*end..]) {
+            Ok(n) => {
+                *end += n;
+                return Ok(());
+            }
+            Err(e) => match too_small(&e) {
+                Some(InsufficientSizeError { required_size }) => {
+                    buf.resize(*end + required_size, 0);
+                }
+                None => return Err(e),
+            },
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
+    /// Completes the handshake on `tcp` as `config` says. The caller bounds it in time.
+    pub async fn accept(tcp: T, config: std::sync::Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        let conn = UnbufferedServerConnection::new(config).map_err(io_error)?;
+        let mut tls = ServerTls {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            received: 0,
+            plain: Vec::new(),
+            plain_read: 0,
+            outgoing: Vec::new(),
+            sent: 0,
+            queued: 0,
+            peer_closed: false,
+            eof: false,
+            close_queued: false,
+            failed: None,
+        };
+        std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
+        // What the handshake needed (the client's certificate flight, ours) is not kept for a
+        // connection that may stay idle from here on.
+        tls.release_buffers();
+        Ok(tls)
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let step = match self.step(None) {
+                Ok(step) => step,
+                Err(e) => {
+                    // The alert that tells the client why (a refused certificate), best effort.
+                    let _ = self.poll_write_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            match step {
+                Step::Progress => {}
+                Step::Writable if !self.conn.is_handshaking() => {
+                    // Our last flight (the server's Finished is already out; TLS 1.2's
+                    // ChangeCipherSpec and Finished may not be) leaves before we report done.
+                    ready!(self.poll_write_out(cx))?;
+                    return Poll::Ready(Ok(()));
+                }
+                Step::NeedsBytes | Step::Writable => {
+                    ready!(self.poll_write_out(cx))?;
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "tls handshake eof",
+                        )));
+                    }
+                }
+                Step::Closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection during the handshake",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The socket.
+    pub fn get_ref(&self) -> &T {
+        &self.tcp
+    }
+
+    /// The session: the peer's certificates, the protocol ALPN agreed on.
+    pub fn session(&self) -> &rustls::CommonState {
+        &self.conn
+    }
+
+    /// Frees every buffer that holds nothing (a parked connection's: see the module docs).
+    pub fn release_buffers(&mut self) {
+        if self.received == 0 {
+            self.incoming = Vec::new();
+        }
+        if self.plain_read == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_read = 0;
+        }
+        if self.sent == self.queued {
+            self.outgoing = Vec::new();
+            self.sent = 0;
+            self.queued = 0;
+        }
+    }
+
+    /// Whether a read would return without waiting for the socket: plaintext or unprocessed
+    /// ciphertext is held, or the connection has ended or failed.
+    fn has_buffered(&self) -> bool {
+        self.plain_read < self.plain.len()
+            || self.received > 0
+            || self.peer_closed
+            || self.eof
+            || self.failed.is_some()
+    }
+
+    /// Records that rustls failed with `e`: the alert it queued (if any) goes into `outgoing`
+    /// for the next write-out, and `e` is what every later call returns.
+    fn fail(&mut self, e: rustls::Error) -> io::Error {
+        // rustls queues the alert before it returns the error and hands it out first at the
+        // next call, before it looks at any input: one call, with the same buffer (its
+        // handshake deframer keeps positions in it). Calling on would deframe the offending
+        // record again.
+        let UnbufferedStatus { state, .. } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.received]);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            let _ = append(
+                &mut self.outgoing,
+                &mut self.queued,
+                |out| encode.encode(out),
+                encode_too_small,
+            );
+        }
+        self.failed = Some(e.clone());
+        io_error(e)
+    }
+
+    /// Hands `bytes` to the reader's `into` as far as it has room, the rest to `plain`.
+    fn deliver(plain: &mut Vec<u8>, into: Option<&mut ReadBuf<'_>>, mut bytes: &[u8]) {
+        if let Some(into) = into
+            && plain.is_empty()
+        {
+            let n = bytes.len().min(into.remaining());
+            into.put_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        plain.extend_from_slice(bytes);
+    }
+
+    /// One call of `process_tls_records` on what was read so far, its state handled and the
+    /// consumed bytes discarded. Application data goes to `into` (then `plain`).
+    fn step(&mut self, mut into: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
+        if let Some(e) = &self.failed {
+            return Err(io_error(e.clone()));
+        }
+        if self.plain_read == self.plain.len() && self.plain_read > 0 {
+            self.plain.clear();
+            self.plain_read = 0;
+        }
+        let UnbufferedStatus { mut discard, state } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.received]);
+        let step = match state {
+            Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                let mut failed = None;
+                while let Some(record) = traffic.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            Self::deliver(&mut self.plain, into.as_deref_mut(), record.payload);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(Step::Progress),
+                }
+            }
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => append(
+                &mut self.outgoing,
+                &mut self.queued,
+                |out| encode.encode(out),
+                encode_too_small,
+            )
+            .map(|()| Step::Progress)
+            .map_err(|e| rustls::Error::General(format!("encoding a TLS record: {e}"))),
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                // What was encoded is in `outgoing`, which is written out in order before
+                // anything later: as good as sent.
+                transmit.done();
+                Ok(Step::Progress)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedsBytes),
+            Ok(ConnectionState::WriteTraffic(_)) => Ok(Step::Writable),
+            Ok(ConnectionState::PeerClosed) => {
+                self.peer_closed = true;
+                Ok(Step::Progress)
+            }
+            Ok(ConnectionState::Closed) => {
+                self.peer_closed = true;
+                Ok(Step::Closed)
+            }
+            // Early data is never accepted (`max_early_data_size` is 0), so rustls never yields
+            // it; any state newer than this code is refused rather than guessed at.
+            Ok(other) => Err(rustls::Error::General(format!(
+                "unexpected TLS connection state {other:?}"
+            ))),
+            Err(e) => Err(e),
+        };
+        if discard > 0 {
+            self.incoming.copy_within(discard..self.received, 0);
+            self.received -= discard;
+        }
+        step.map_err(|e| self.fail(e))
+    }
+
+    /// Reads from the socket into `incoming`; the bytes read (0 at its end). After the
+    /// buffers were released, the read goes to the stack first, so that waiting for the peer
+    /// allocates nothing: a connection that never sends again never has a buffer again.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.eof {
+            return Poll::Ready(Ok(0));
+        }
+        if self.received >= INCOMING_LIMIT {
+            let e = rustls::Error::General("TLS message too large".into());
+            return Poll::Ready(Err(self.fail(e)));
+        }
+        let n = if self.incoming.is_empty() {
+            let mut first = [0u8; READ_SIZE];
+            let mut buf = ReadBuf::new(&mut first);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len();
+            if n > 0 {
+                self.incoming.resize(READ_SIZE, 0);
+                self.incoming[..n].copy_from_slice(buf.filled());
+            }
+            n
+        } else {
+            if self.incoming.len() - self.received < READ_SIZE {
+                self.incoming.resize(self.received + READ_SIZE, 0);
+            }
+            let mut buf = ReadBuf::new(&mut self.incoming[self.received..]);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+            buf.filled().len()
+        };
+        self.received += n;
+        if n == 0 {
+            self.eof = true;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes `outgoing` to the socket until it is all sent.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.queued {
+            let n = ready!(
+                Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..self.queued])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        self.queued = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Processes what was read until rustls lets application data be written (decrypting
+    /// records read ahead into `plain`).
+    fn writable(&mut self) -> io::Result<()> {
+        loop {
+            match self.step(None)? {
+                Step::Progress => {}
+                Step::Writable | Step::NeedsBytes => return Ok(()),
+                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+    }
+
+    /// Runs `write` with rustls's permission to write application data into `outgoing`
+    /// (processing what was read first: records read ahead are decrypted into `plain`).
+    fn write_traffic<E: std::fmt::Display>(
+        &mut self,
+        mut write: impl FnMut(
+            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+            &mut [u8],
+        ) -> Result<usize, E>,
+        too_small: impl Fn(&E) -> Option<InsufficientSizeError>,
+    ) -> io::Result<()> {
+        self.writable()?;
+        let UnbufferedStatus { discard, state } = self
+            .conn
+            .process_tls_records(&mut self.incoming[..self.received]);
+        debug_assert_eq!(discard, 0, "writable() processed every record");
+        let Ok(ConnectionState::WriteTraffic(mut traffic)) = state else {
+            return Err(io::Error::other(
+                "TLS connection not ready for application data",
+            ));
+        };
+        append(
+            &mut self.outgoing,
+            &mut self.queued,
+            |out| write(&mut traffic, out),
+            too_small,
+        )
+        .map_err(|e| io::Error::other(format!("writing a TLS record: {e}")))
+    }
+
+    /// Encrypts `data` (one or more records) into `outgoing`, without I/O.
+    fn seal(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_traffic(|traffic, out| traffic.encrypt(data, out), encrypt_too_small)
+    }
+
+    /// Takes what fits of `bufs` (up to [`OUTGOING_LIMIT`] waiting) into `outgoing` as
+    /// records, without I/O; `Ok(0)` when `outgoing` is full.
+    pub fn gather(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let waiting = self.queued - self.sent;
+        if waiting >= OUTGOING_LIMIT {
+            return Ok(0);
+        }
+        let room = OUTGOING_LIMIT - waiting;
+        let mut slices = bufs.iter().filter(|b| !b.is_empty());
+        match (slices.next(), slices.next()) {
+            (None, _) => Ok(0),
+            (Some(one), None) => {
+                let take = one.len().min(room);
+                self.seal(&one[..take])?;
+                Ok(take)
+            }
+            // Several slices (a frame head and its payload, a response head and its body)
+            // go into the same records: copied together first, as rustls's buffered
+            // connection does.
+            _ => SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                for b in bufs {
+                    let take = b.len().min(room - scratch.len());
+                    scratch.extend_from_slice(&b[..take]);
+                }
+                let sealed = self.seal(scratch).map(|()| scratch.len());
+                if scratch.capacity() > SCRATCH_KEPT {
+                    *scratch = Vec::new();
+                }
+                sealed
+            }),
+        }
+    }
+
+    /// Whether records are waiting for the socket.
+    pub fn has_gathered(&self) -> bool {
+        self.sent < self.queued
+    }
+}
+
+impl ServerTls<TcpStream> {
+    /// Ready when a read would not wait (see [`Self::has_buffered`]) or the socket is readable.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_buffered() {
+            return Poll::Ready(Ok(()));
+        }
+        self.tcp.poll_read_ready(cx)
+    }
+}
+
+/// The room rustls asked for, when encrypting failed for the lack of it.
+fn encrypt_too_small(e: &EncryptError) -> Option<InsufficientSizeError> {
+    match e {
+        EncryptError::InsufficientSize(size) => Some(*size),
+        _ => None,
+    }
+}
+
+/// The room rustls asked for, when encoding failed for the lack of it.
+fn encode_too_small(e: &EncodeError) -> Option<InsufficientSizeError> {
+    match e {
+        EncodeError::InsufficientSize(size) => Some(*size),
+        _ => None,
+    }
+}
+
+/// The most a worker thread keeps of the buffer that joins a write's slices.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    /// Where a write of several slices is joined before it is encrypted: one per worker thread,
+    /// not one per connection.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.plain_read < this.plain.len() {
+            let n = (this.plain.len() - this.plain_read).min(buf.remaining());
+            buf.put_slice(&this.plain[this.plain_read..this.plain_read + n]);
+            this.plain_read += n;
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        loop {
+            let step = match this.step(Some(buf)) {
+                Ok(step) => step,
+                Err(e) => {
+                    // The alert rustls queued, best effort: the error is what counts.
+                    let _ = this.poll_write_out(cx);
+                    return Poll::Ready(Err(e));
+                }
+            };
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            match step {
+                Step::Progress => {}
+                Step::Closed => return Poll::Ready(Ok(())),
+                Step::NeedsBytes | Step::Writable => {
+                    // A key update's answer or an alert rustls queued leaves now; a socket
+                    // that cannot take it yet wakes the task.
+                    if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                    if this.peer_closed {
+                        return Poll::Ready(Ok(()));
+                    }
+                    if this.eof {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed connection without sending TLS close_notify",
+                        )));
+                    }
+                    ready!(this.poll_fill(cx))?;
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.queued - this.sent >= OUTGOING_LIMIT {
+            ready!(this.poll_write_out(cx))?;
+        }
+        let n = this.gather(bufs)?;
+        // Out at once; what the socket does not take now leaves with the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_queued && this.failed.is_none() {
+            this.close_queued = true;
+            // Best effort, as tokio-rustls: a connection rustls cannot close cleanly (still
+            // handshaking, already failed) is closed by the TCP end alone.
+            let _ = this.write_traffic(
+                |traffic, out| traffic.queue_close_notify(out),
+                encrypt_too_small,
+            );
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A server config that requires a client certificate and offers `h2`, and a client
+    /// config with one, both from one throwaway CA.
+    fn configs(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let leaf = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            (
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let (chain, key) = leaf("localhost");
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        server.send_tls13_tickets = 0;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let (chain, key) = leaf("client");
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// A `ServerTls` and a tokio-rustls client connected to it over loopback TCP; with
+    /// `trickle`, every byte the client sends crosses a relay that forwards one to three bytes
+    /// at a time, so the server reads records in many pieces.
+    async fn pair(trickle: bool) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
+        pair_of(&rustls::version::TLS13, trickle).await
+    }
+
+    async fn pair_of(
+        version: &'static rustls::SupportedProtocolVersion,
+        trickle: bool,
+    ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
+        let (server_config, client_config) = configs(version);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut target = listener.local_addr().unwrap();
+        if trickle {
+            let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server_addr = target;
+            target = relay.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (from_client, _) = relay.accept().await.unwrap();
+                let to_server = TcpStream::connect(server_addr).await.unwrap();
+                to_server.set_nodelay(true).unwrap();
+                let (mut cr, mut cw) = from_client.into_split();
+                let (mut sr, mut sw) = to_server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+                let mut buf = [0u8; 3];
+                let mut size = 1;
+                loop {
+                    let n = cr.read(&mut buf[..size]).await.unwrap_or(0);
+                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                        let _ = sw.shutdown().await;
+                        return;
+                    }
+                    size = size % 3 + 1;
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            ServerTls::accept(tcp, server_config).await.unwrap()
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(target).await.unwrap();
+            tokio_rustls::TlsConnector::from(client_config)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        tokio::join!(accept, connect)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// Reads exactly `len` bytes from `server`, freeing its empty buffers before every read
+    /// as a parking connection would.
+    async fn read_releasing(server: &mut ServerTls, len: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1000];
+        while got.len() < len {
+            server.release_buffers();
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(n > 0, "end of stream after {} of {len} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn large_payloads_cross_both_ways_and_the_session_is_reported() {
+        let (mut server, mut client) = pair(false).await;
+        assert_eq!(server.session().alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(
+            server.session().peer_certificates().map(|c| c.len()),
+            Some(1),
+            "the client's certificate"
+        );
+        let data = pattern(1 << 20);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.flush().await.unwrap();
+            let mut back = vec![0u8; sent.len()];
+            client.read_exact(&mut back).await.unwrap();
+            back
+        });
+        let mut echoed = 0;
+        let mut buf = vec![0u8; 7000];
+        while echoed < data.len() {
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            assert_eq!(buf[..n], data[echoed..echoed + n]);
+            // Several slices in one write: joined into the same records.
+            let (a, b) = buf[..n].split_at(n / 3);
+            let mut slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
+            let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+            while !rest.is_empty() {
+                let w = server.write_vectored(rest).await.unwrap();
+                io::IoSlice::advance_slices(&mut rest, w);
+            }
+            echoed += n;
+        }
+        server.flush().await.unwrap();
+        assert_eq!(writer.await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn records_read_in_pieces_survive_buffers_released_between_reads() {
+        let (mut server, mut client) = pair(true).await;
+        let data = pattern(40_000);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(5_000) {
+                client.write_all(chunk).await.unwrap();
+                client.flush().await.unwrap();
+            }
+            client
+        });
+        assert_eq!(read_releasing(&mut server, data.len()).await, data);
+        let _client = writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_releases_every_buffer() {
+        let (mut server, mut client) = pair(false).await;
+        let capacities = |s: &ServerTls| {
+            (
+                s.incoming.capacity(),
+                s.plain.capacity(),
+                s.outgoing.capacity(),
+            )
+        };
+        // Waiting for a first request allocates nothing (the handshake's buffers are gone).
+        let mut buf = [0u8; 4];
+        let waited = tokio::time::timeout(Duration::from_millis(50), server.read(&mut buf)).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(
+            capacities(&server),
+            (0, 0, 0),
+            "a connection waiting for its first bytes"
+        );
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        assert!(
+            server.incoming.capacity() >= READ_SIZE && server.outgoing.capacity() > 0,
+            "reading and writing allocate their buffers"
+        );
+        server.release_buffers();
+        assert_eq!(
+            capacities(&server),
+            (0, 0, 0),
+            "an idle connection holds no buffer"
+        );
+        // And it goes on as before.
+        client.write_all(b"again").await.unwrap();
+        client.flush().await.unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
+    }
+
+    /// `--allow-tls12` sessions: another handshake, explicit nonces, 1.2's close.
+    #[tokio::test]
+    async fn tls12_sessions_carry_data_both_ways_through_pieces() {
+        let (mut server, mut client) = pair_of(&rustls::version::TLS12, true).await;
+        assert_eq!(
+            server.session().protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert!(server.session().peer_certificates().is_some());
+        let data = pattern(20_000);
+        client.write_all(&data).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(read_releasing(&mut server, data.len()).await, data);
+        server.write_all(&data).await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn key_updates_from_the_client_keep_the_stream_going() {
+        let (mut server, mut client) = pair(false).await;
+        for round in 0..3u8 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(&[round; 100]).await.unwrap();
+            client.flush().await.unwrap();
+            let mut buf = [0u8; 100];
+            server.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, [round; 100]);
+            server.write_all(&[round + 10; 50]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut back = [0u8; 50];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round + 10; 50]);
+        }
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_cleanly_and_a_bare_tcp_end_does_not() {
+        // The client closes with close_notify: the server reads a clean end, and its own
+        // shutdown reaches the client as one.
+        let (mut server, mut client) = pair(false).await;
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        server.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+
+        // The client's TCP ends without close_notify: a truncation, reported as one.
+        let (mut server, client) = pair(false).await;
+        let (mut tcp, _) = client.into_inner();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let err = server.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn garbage_after_the_handshake_fails_the_connection_with_an_alert() {
+        let (mut server, client) = pair(false).await;
+        let (mut tcp, _) = client.into_inner();
+        // A record header claiming application data, then bytes no key decrypts.
+        tcp.write_all(&[23, 3, 3, 0, 40]).await.unwrap();
+        tcp.write_all(&[0x55; 40]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            matches!(
+                err.get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::DecryptError)
+            ),
+            "{err}"
+        );
+        // rustls's alert reached the peer, and the connection stays failed.
+        let mut alert = [0u8; 64];
+        let n = tcp.read(&mut alert).await.unwrap();
+        assert!(
+            n >= 5 && alert[0] == 23,
+            "an (encrypted) alert record: {:?}",
+            &alert[..n]
+        );
+        assert!(server.read(&mut buf).await.is_err());
+        assert!(server.write_all(b"x").await.is_err());
+    }
+}
