@@ -78,8 +78,9 @@ pub struct ServerTls<T = TcpStream> {
     eof: bool,
     /// We queued `close_notify`.
     close_queued: bool,
-    /// rustls failed; every later call reports it.
-    failed: Option<rustls::Error>,
+    /// rustls failed; every later call reports it (boxed: a connection that never fails keeps
+    /// a pointer's room for it).
+    failed: Option<Box<rustls::Error>>,
 }
 
 impl<T: std::fmt::Debug> std::fmt::Debug for ServerTls<T> {
@@ -241,7 +242,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
                 encode_too_small,
             );
         }
-        self.failed = Some(e.clone());
+        self.failed = Some(Box::new(e.clone()));
         io_error(e)
     }
 
@@ -261,7 +262,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
     /// consumed bytes discarded. Application data goes to `into` (then `plain`).
     fn step(&mut self, mut into: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
         if let Some(e) = &self.failed {
-            return Err(io_error(e.clone()));
+            return Err(io_error((**e).clone()));
         }
         if self.plain_read == self.plain.len() && self.plain_read > 0 {
             self.plain.clear();
@@ -442,21 +443,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
                 self.seal(&one[..take])?;
                 Ok(take)
             }
-            // Several slices (a frame head and its payload, a response head and its body)
-            // go into the same records: copied together first, as rustls's buffered
-            // connection does.
-            _ => SCRATCH.with_borrow_mut(|scratch| {
-                scratch.clear();
-                for b in bufs {
-                    let take = b.len().min(room - scratch.len());
-                    scratch.extend_from_slice(&b[..take]);
+            // Several small slices (a frame head and its payload, a response head and its
+            // body) go into one record: joined first, as rustls's buffered connection does.
+            // Larger writes are sealed slice by slice, uncopied: a record each is nothing next
+            // to copying them.
+            _ => {
+                let total: usize = bufs.iter().map(|b| b.len()).sum();
+                if total > JOIN_LIMIT {
+                    let mut taken = 0;
+                    for b in bufs {
+                        let take = b.len().min(room - taken);
+                        if take > 0 {
+                            self.seal(&b[..take])?;
+                            taken += take;
+                        }
+                    }
+                    return Ok(taken);
                 }
-                let sealed = self.seal(scratch).map(|()| scratch.len());
-                if scratch.capacity() > SCRATCH_KEPT {
-                    *scratch = Vec::new();
-                }
-                sealed
-            }),
+                SCRATCH.with_borrow_mut(|scratch| {
+                    scratch.clear();
+                    for b in bufs {
+                        let take = b.len().min(room - scratch.len());
+                        scratch.extend_from_slice(&b[..take]);
+                    }
+                    self.seal(scratch).map(|()| scratch.len())
+                })
+            }
         }
     }
 
@@ -492,8 +504,8 @@ fn encode_too_small(e: &EncodeError) -> Option<InsufficientSizeError> {
     }
 }
 
-/// The most a worker thread keeps of the buffer that joins a write's slices.
-const SCRATCH_KEPT: usize = 64 * 1024;
+/// The largest write of several slices joined into one record (a record's payload).
+const JOIN_LIMIT: usize = 16 * 1024;
 
 thread_local! {
     /// Where a write of several slices is joined before it is encrypted: one per worker thread,
@@ -774,6 +786,39 @@ mod tests {
         }
         server.flush().await.unwrap();
         assert_eq!(writer.await.unwrap(), data);
+    }
+
+    /// Writes of several slices, joined (small) or sealed one by one (large), arrive whole
+    /// and in order, and a write never takes more than the outgoing limit.
+    #[tokio::test]
+    async fn vectored_writes_arrive_in_order_small_and_large() {
+        let (mut server, mut client) = pair(false).await;
+        let head = pattern(300);
+        let body = pattern(50_000);
+        let tail = pattern(90_000);
+        let mut expected = Vec::new();
+        for slices in [
+            vec![&head[..], &body[..200]],
+            vec![&head[..], &body[..], &tail[..]],
+        ] {
+            let mut ios: Vec<io::IoSlice<'_>> =
+                slices.iter().map(|s| io::IoSlice::new(s)).collect();
+            let mut rest: &mut [io::IoSlice<'_>] = &mut ios;
+            while !rest.is_empty() {
+                let n = server.gather(rest).unwrap();
+                assert!(n <= OUTGOING_LIMIT, "took {n}");
+                if n == 0 {
+                    server.flush().await.unwrap();
+                    continue;
+                }
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
+            slices.iter().for_each(|s| expected.extend_from_slice(s));
+        }
+        server.flush().await.unwrap();
+        let mut got = vec![0u8; expected.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == expected, "bytes differ");
     }
 
     #[tokio::test]
