@@ -214,14 +214,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
         }
     }
 
-    /// Whether a read would return without waiting for the socket: plaintext or unprocessed
-    /// ciphertext is held, or the connection has ended or failed.
+    /// Whether a read would return without waiting for the socket: plaintext is held, or the
+    /// connection has ended or failed. Ciphertext held is not enough: a read that waited
+    /// processed every whole record first, so what is left is part of one, which only the
+    /// socket can complete (counting it would wake a parked connection every time it parks).
     fn has_buffered(&self) -> bool {
-        self.plain_read < self.plain.len()
-            || self.received > 0
-            || self.peer_closed
-            || self.eof
-            || self.failed.is_some()
+        self.plain_read < self.plain.len() || self.peer_closed || self.eof || self.failed.is_some()
     }
 
     /// Records that rustls failed with `e`: the alert it queued (if any) goes into `outgoing`
@@ -621,6 +619,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -879,6 +878,35 @@ mod tests {
         let mut buf = [0u8; 5];
         server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"again");
+    }
+
+    /// Part of a record waits for the socket, not for a poll: a parked connection holding it
+    /// is woken by the rest of the record, not at once (and again at every park).
+    #[tokio::test]
+    async fn part_of_a_record_is_kept_and_does_not_make_the_stream_ready() {
+        let (mut server, client) = pair(false).await;
+        let (mut tcp, mut session) = client.into_inner();
+        // One whole record, as the client's session seals it, sent in two parts.
+        let mut record = Vec::new();
+        session.writer().write_all(b"hello").unwrap();
+        session.write_tls(&mut record).unwrap();
+        tcp.write_all(&record[..3]).await.unwrap();
+        let mut buf = [0u8; 5];
+        let waited = tokio::time::timeout(Duration::from_millis(50), server.read(&mut buf)).await;
+        assert!(waited.is_err(), "half a record is nothing to read");
+        server.release_buffers();
+        assert_eq!(server.received, 3, "the part read is kept");
+        let ready = std::future::poll_fn(|cx| Poll::Ready(server.poll_read_ready(cx))).await;
+        assert!(
+            ready.is_pending(),
+            "only the socket can complete the record"
+        );
+        tcp.write_all(&record[3..]).await.unwrap();
+        std::future::poll_fn(|cx| server.poll_read_ready(cx))
+            .await
+            .unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
     }
 
     /// `--allow-tls12` sessions: another handshake, explicit nonces, 1.2's close.
