@@ -38,12 +38,14 @@ fn inject(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("spawn meshgate");
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        // A refused invocation (a bad flag) exits before it reads its input: the pipe breaks,
+        // and its exit status and stderr say why, which the caller asserts on.
+        let written = child.stdin.take().unwrap().write_all(input.as_bytes());
+        if let Err(e) = written
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            panic!("writing meshgate inject's input: {e}");
+        }
     }
     child.wait_with_output().expect("wait for meshgate")
 }
