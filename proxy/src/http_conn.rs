@@ -421,11 +421,14 @@ where
     /// (HTTP/1.x, whose parser judges it), as hyper-util's automatic server does; what was read
     /// is replayed to hyper. Driven like the rest, so a drain or the idle limit ends a
     /// connection that never sends.
+    ///
+    /// Only how many bytes matched the preface so far is kept (they are the preface's own):
+    /// every open connection holds this state's room for as long as it stays open, so the
+    /// bytes of the read that settles the question live on the stack until they are replayed.
     Detecting {
         io: HttpIo<T>,
         service: Counted<S>,
-        read: [u8; H2_PREFACE.len()],
-        filled: usize,
+        matched: u8,
     },
     /// hyper serves HTTP/1.1 (boxed: a parked connection keeps only a pointer's room for it).
     H1(Box<H1<T, S>>),
@@ -468,8 +471,7 @@ impl<T: ConnIo, S: ConnService> HttpConnection<T, S> {
             None => State::Detecting {
                 io,
                 service,
-                read: [0; H2_PREFACE.len()],
-                filled: 0,
+                matched: 0,
             },
         };
         Self {
@@ -581,31 +583,33 @@ impl<T: ConnIo, S: ConnService> Future for HttpConnection<T, S> {
         let this = &mut *self;
         loop {
             match &mut this.state {
-                State::Detecting {
-                    io, read, filled, ..
-                } => {
-                    let mut buf = ReadBuf::new(&mut read[*filled..]);
+                State::Detecting { io, matched, .. } => {
+                    let done = usize::from(*matched);
+                    let mut read = [0u8; H2_PREFACE.len()];
+                    let mut buf = ReadBuf::new(&mut read[..H2_PREFACE.len() - done]);
                     std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
                     let n = buf.filled().len();
-                    let matches = read[*filled..*filled + n] == H2_PREFACE[*filled..*filled + n];
-                    *filled += n;
+                    let matches = read[..n] == H2_PREFACE[done..done + n];
                     let version = if n == 0 || !matches {
                         Version::H1
-                    } else if *filled == H2_PREFACE.len() {
+                    } else if done + n == H2_PREFACE.len() {
                         Version::H2
                     } else {
+                        // A prefix of the preface: at most 24, so it fits.
+                        *matched = (done + n) as u8;
                         continue;
                     };
                     let State::Detecting {
-                        mut io,
-                        service,
-                        read,
-                        filled,
+                        mut io, service, ..
                     } = std::mem::replace(&mut this.state, State::Done)
                     else {
                         unreachable!("matched above")
                     };
-                    io.replay = Bytes::copy_from_slice(&read[..filled]);
+                    // What was read: the preface's first `done` bytes, then this read's.
+                    let mut replay = Vec::with_capacity(done + n);
+                    replay.extend_from_slice(&H2_PREFACE[..done]);
+                    replay.extend_from_slice(&read[..n]);
+                    io.replay = Bytes::from(replay);
                     this.state = Self::serving(version, io, service);
                 }
                 State::H1(conn) => {

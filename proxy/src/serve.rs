@@ -484,8 +484,8 @@ impl DrainWatch {
             timer: tokio::time::sleep(first.unwrap_or(Duration::ZERO)),
             armed: first.is_some(),
             parked: false,
-            idle,
-            park,
+            idle: Millis::from(idle),
+            park: Millis::from(park),
             closing: Closing::No,
             _watch: self,
         }
@@ -550,10 +550,32 @@ pin_project_lite::pin_project! {
         armed: bool,
         // The connection parked when last asked (it may have resumed since).
         parked: bool,
-        idle: Option<Duration>,
-        park: Option<Duration>,
+        idle: Millis,
+        park: Millis,
         closing: Closing,
         _watch: DrainWatch,
+    }
+}
+
+/// A limit of [`Serve`]'s, in whole milliseconds (at least 1; at most 49 days), or none. Every
+/// open connection holds two: as `Option<Duration>` they took 32 bytes, which pushed the
+/// inbound connection's future into the allocator's next size class (BENCHMARKS.md,
+/// "seventeenth session").
+#[derive(Debug, Clone, Copy)]
+struct Millis(Option<std::num::NonZeroU32>);
+
+impl From<Option<Duration>> for Millis {
+    fn from(limit: Option<Duration>) -> Self {
+        Self(limit.map(|d| {
+            let ms = d.as_millis().clamp(1, u128::from(u32::MAX));
+            std::num::NonZeroU32::new(ms as u32).expect("clamped to at least 1")
+        }))
+    }
+}
+
+impl Millis {
+    fn get(self) -> Option<Duration> {
+        self.0.map(|ms| Duration::from_millis(u64::from(ms.get())))
     }
 }
 
@@ -562,6 +584,7 @@ impl<C: ServedConnection, D: Future<Output = ()>> Future for Serve<C, D> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let (idle, park) = (this.idle.get(), this.park.get());
         loop {
             if let Poll::Ready(ended) = this.conn.as_mut().poll(cx) {
                 return Poll::Ready(Served {
@@ -581,7 +604,7 @@ impl<C: ServedConnection, D: Future<Output = ()>> Future for Serve<C, D> {
                         *this.parked = false;
                         let quiet = this.conn.quiet_for();
                         let left = |limit: Duration| limit.saturating_sub(quiet);
-                        let wait = match (*this.idle, *this.park) {
+                        let wait = match (idle, park) {
                             (Some(idle), Some(park)) => left(idle).min(left(park)),
                             (one, other) => one.or(other).map_or(Duration::ZERO, left),
                         };
@@ -596,7 +619,7 @@ impl<C: ServedConnection, D: Future<Output = ()>> Future for Serve<C, D> {
                     }
                     std::task::ready!(this.timer.as_mut().poll(cx));
                     let quiet = this.conn.quiet_for();
-                    if let Some(limit) = *this.idle
+                    if let Some(limit) = idle
                         && quiet >= limit
                     {
                         this.conn.as_mut().graceful_shutdown();
@@ -606,8 +629,8 @@ impl<C: ServedConnection, D: Future<Output = ()>> Future for Serve<C, D> {
                             .reset(tokio::time::Instant::now() + CLOSE_GRACE);
                         continue;
                     }
-                    let mut next = this.idle.map(|limit| limit - quiet);
-                    if let Some(park) = *this.park
+                    let mut next = idle.map(|limit| limit - quiet);
+                    if let Some(park) = park
                         && !*this.parked
                     {
                         *this.parked = quiet >= park && this.conn.as_mut().park(cx);

@@ -328,3 +328,52 @@ async fn a_peer_without_alpn_is_served_by_what_it_sends() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_2);
 }
+
+/// Without ALPN, what decides the protocol may arrive a byte at a time. The sidecar keeps only
+/// how much of the HTTP/2 preface has matched, so the bytes of each read must still reach the
+/// server whole: a `POST` whose `P` came alone (a prefix of `PRI`) is answered as a `POST`,
+/// and a preface split across three reads still starts HTTP/2 (the sidecar's SETTINGS frame
+/// answers, not an HTTP/1.1 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_alpn_whose_first_bytes_arrive_apart_is_detected_all_the_same() {
+    let mesh = mesh_with(parking()).await;
+    // Apart: each write is its own TLS record, and the pause lets the sidecar read it alone.
+    async fn send_apart<S: AsyncWrite + Unpin>(s: &mut S, parts: &[&[u8]]) {
+        for part in parts {
+            s.write_all(part).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut h1 = inbound_as_web(&mesh, &[]).await;
+    send_apart(
+        &mut h1,
+        &[
+            b"P",
+            b"OST /api/split HTTP/1.1\r\nHost: orders\r\nContent-Length: 2\r\n\r\nok",
+        ],
+    )
+    .await;
+    let reply = read_reply(&mut h1).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.echoed()["method"], "POST", "{reply:?}");
+    assert_eq!(reply.echoed()["path"], "/api/split", "{reply:?}");
+
+    let mut h2 = inbound_as_web(&mesh, &[]).await;
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let empty_settings: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    send_apart(&mut h2, &[&preface[..3], &preface[3..16], &preface[16..]]).await;
+    send_apart(&mut h2, &[empty_settings]).await;
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), h2.read_exact(&mut frame))
+        .await
+        .expect("the sidecar answered nothing to a split HTTP/2 preface")
+        .unwrap();
+    assert_eq!(
+        frame[3],
+        4,
+        "the first frame is not SETTINGS: {:?}",
+        String::from_utf8_lossy(&frame)
+    );
+}
