@@ -109,14 +109,22 @@ def main():
                 per[("rss", proxy)]["fresh_mib"].append(fresh / 1024)
                 if "fresh_file_kib" in m:
                     per[("rss", proxy)]["fresh_file_mib"].append(int(m["fresh_file_kib"]) / 1024)
+                # Per connection: the slope from a warm-up connection on (run.sh's idle_rss);
+                # a record without one (an older run) counts from fresh.
+                warm = int(m.get("warm_kib", fresh))
+                if "warm_kib" in m:
+                    per[("rss", proxy)]["first_kib"].append(warm - fresh)
                 if opened:
-                    per[("rss", proxy)]["idle_kib_per_conn"].append((idle - fresh) / opened)
+                    per[("rss", proxy)]["idle_kib_per_conn"].append((idle - warm) / opened)
                 if opened != a.idle_n:
                     warnings.append(f"round {r} rss {proxy}: only {opened} of {a.idle_n} idle connections open")
                 if "idle_req_kib" in m:
                     fresh_r, idle_r, opened_r = int(m["fresh_req_kib"]), int(m["idle_req_kib"]), int(m["idle_req_opened"])
+                    warm_r = int(m.get("warm_req_kib", fresh_r))
+                    if "warm_req_kib" in m:
+                        per[("rss", proxy)]["first_req_kib"].append(warm_r - fresh_r)
                     if opened_r:
-                        per[("rss", proxy)]["idle_req_kib_per_conn"].append((idle_r - fresh_r) / opened_r)
+                        per[("rss", proxy)]["idle_req_kib_per_conn"].append((idle_r - warm_r) / opened_r)
                     if opened_r != a.idle_n:
                         warnings.append(f"round {r} rss {proxy}: only {opened_r} of {a.idle_n} idle connections open after a request")
 
@@ -197,16 +205,20 @@ def main():
     out.append("")
 
     out.append(f"### 4. Memory of the inbound proxy (VmRSS, process tree)\n")
-    out.append(f"Fresh: right after start, before any traffic. Idle connections: {a.idle_n} mTLS connections opened and held "
-               "without a request; (RSS with them − fresh) / connections. After one request: the same on freshly started "
+    out.append(f"Fresh: right after start, before any traffic. First connection: what one idle mTLS connection added to "
+               "fresh (it also faults in the code of the handshake, and of the request path after a request, once). "
+               f"Per idle connection: {a.idle_n} more mTLS connections opened and held without a request; "
+               "(RSS with them − RSS with the first) / connections. After one request: the same on freshly started "
                "processes, each connection having sent one kept-alive GET first (as a client's pool holds them between requests).\n")
-    out.append("| proxy | RSS fresh | of it file-backed (code, shared) | RSS per idle mTLS connection | the same after one request |")
-    out.append("|---|---|---|---|---|")
+    out.append("| proxy | RSS fresh | of it file-backed (code, shared) | first connection | RSS per idle mTLS connection | "
+               "first connection, after a request | per idle connection after one request |")
+    out.append("|---|---|---|---|---|---|---|")
     for p in ROWS:
         shared = fig("rss", p, "fresh_file_mib")
         shared = "–" if shared is None else f"{shared:.1f} MiB"
-        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} | "
-                   f"{cell('rss', p, 'idle_req_kib_per_conn', ' KiB', digits=1)} |")
+        out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | "
+                   f"{cell('rss', p, 'first_kib', ' KiB', digits=0)} | {cell('rss', p, 'idle_kib_per_conn', ' KiB', digits=1)} | "
+                   f"{cell('rss', p, 'first_req_kib', ' KiB', digits=0)} | {cell('rss', p, 'idle_req_kib_per_conn', ' KiB', digits=1)} |")
     out.append("")
 
     out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")

@@ -346,19 +346,35 @@ order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
   for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
 }
 
-idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with $idle_n idle connections
-  local r=$1 p=$2 sfx=$3 pi=${in_pid[$2]} before after ipid i opened failed
+idle_conns() { # PROXY OUT N [idle_conns.py ARGS...]: opens N idle connections in the background
+  # (pid in $ipid) and waits until they are open, then 2 s more: past meshgate's 1 s park
+  # delay, so the RSS read next is what a pool's idle connections hold.
+  local p=$1 out=$2 n=$3 i
+  shift 3
+  "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$n" \
+    --cert "$certs/client-chain.pem" --key "$certs/client.key" "$@" >"$out" 2>&1 &
+  ipid=$!
+  for i in $(seq 600); do grep -q ready "$out" 2>/dev/null && break; sleep 0.1; done
+  sleep 2
+}
+
+idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with one warm-up
+  # connection, then with $idle_n idle connections more. Per connection is the slope, from the
+  # warm-up on: the first connection also faults in the code of the handshake and of the
+  # request path once (file-backed pages, ≈ 1 MiB for meshgate), which is recorded on its own.
+  local r=$1 p=$2 sfx=$3 pi=${in_pid[$2]} before warm after ipid warm_pid opened failed
   shift 3
   before=$(rss_kib "$pi")
   record "$r" rss "$p" "fresh${sfx}_kib" "$before"
-  "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$idle_n" \
-    --cert "$certs/client-chain.pem" --key "$certs/client.key" "$@" >"$work/idle-$p.out" 2>&1 &
-  ipid=$!
-  for i in $(seq 600); do grep -q ready "$work/idle-$p.out" 2>/dev/null && break; sleep 0.1; done
-  sleep 2 # past meshgate's 1 s park delay: what a pool's idle connections hold
+  idle_conns "$p" "$work/warm-$p.out" 1 "$@"
+  warm_pid=$ipid
+  warm=$(rss_kib "$pi")
+  record "$r" rss "$p" "warm${sfx}_kib" "$warm"
+  idle_conns "$p" "$work/idle-$p.out" "$idle_n" "$@"
   after=$(rss_kib "$pi")
-  kill "$ipid" 2>/dev/null || true; wait "$ipid" 2>/dev/null || true
+  kill "$ipid" "$warm_pid" 2>/dev/null || true; wait "$ipid" "$warm_pid" 2>/dev/null || true
   read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
+  grep -q '^ready 1 0' "$work/warm-$p.out" || log "warning: $p: the warm-up connection failed${sfx:+ (after a request)}"
   record "$r" rss "$p" "idle${sfx}_kib" "$after"
   record "$r" rss "$p" "idle${sfx}_opened" "$opened"
   [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed${sfx:+ (after a request)}"
