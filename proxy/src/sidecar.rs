@@ -356,6 +356,7 @@ impl Sidecar {
                     config.allowed_upgrades.iter().cloned(),
                 ),
                 identity: identity.clone(),
+                peers: crate::inbound::authz::KnownPeers::new(workload.clone()),
             }),
             forwarder: AppForwarder::new(&config.apps, config.app_protocol),
             tunnel: crate::tunnel::TunnelServer {

@@ -54,17 +54,23 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// The peer `id` at `addr` (certificate valid until `not_after`), calling `local`.
+    /// The peer `id` at `addr` (certificate valid until `not_after`): its ID and identity
+    /// headers from `known` (shared with the peer's other connections).
     pub fn new(
+        known: &KnownPeers,
         id: SpiffeId,
         addr: std::net::SocketAddr,
         not_after: time::OffsetDateTime,
-        local: &SpiffeId,
     ) -> Self {
+        let PeerParts {
+            id,
+            peer_header,
+            xfcc_header,
+        } = known.parts(id);
         Self {
             addr_text: addr.to_string(),
-            peer_header: HeaderValue::from_str(id.as_str()).ok(),
-            xfcc_header: HeaderValue::from_str(&format!("By={local};URI={id}")).ok(),
+            peer_header,
+            xfcc_header,
             id,
             addr,
             expires: not_after.into(),
@@ -75,6 +81,73 @@ impl PeerIdentity {
     /// True once the peer's certificate has expired.
     pub fn expired(&self) -> bool {
         std::time::SystemTime::now() >= self.expires
+    }
+}
+
+/// What the connections of one peer identity share: the ID and the identity headers the app
+/// receives, made once per identity instead of once per connection. An idle mesh holds
+/// thousands of connections from a few identities, and each held its own copies: ≈ 200 bytes
+/// of every open connection (BENCHMARKS.md, "seventeenth session"). Cloning them takes no
+/// allocation (`Arc<str>`, and header values backed by shared `Bytes`).
+#[derive(Clone)]
+struct PeerParts {
+    id: SpiffeId,
+    peer_header: Option<HeaderValue>,
+    xfcc_header: Option<HeaderValue>,
+}
+
+/// Peer identities remembered at most. At the cap the memory starts afresh (connections keep
+/// what they were given): a mesh has far fewer service accounts than this, and forgetting
+/// costs only making the parts again.
+pub const KNOWN_PEERS: usize = 4096;
+
+/// The inbound listener's memory of [`PeerParts`], by peer ID, for calls to `local`.
+pub struct KnownPeers {
+    local: SpiffeId,
+    parts: std::sync::Mutex<std::collections::HashMap<SpiffeId, PeerParts>>,
+}
+
+impl KnownPeers {
+    /// Parts for peers calling the workload `local`.
+    pub fn new(local: SpiffeId) -> Self {
+        Self {
+            local,
+            parts: Default::default(),
+        }
+    }
+
+    /// The parts of `id`, made on its first connection (or after the memory started afresh).
+    fn parts(&self, id: SpiffeId) -> PeerParts {
+        let mut parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(known) = parts.get(&id) {
+            return known.clone();
+        }
+        if parts.len() >= KNOWN_PEERS {
+            parts.clear();
+        }
+        let made = PeerParts {
+            peer_header: HeaderValue::from_str(id.as_str()).ok(),
+            xfcc_header: HeaderValue::from_str(&format!("By={};URI={id}", self.local)).ok(),
+            id: id.clone(),
+        };
+        parts.insert(id, made.clone());
+        made
+    }
+
+    /// How many identities are remembered now.
+    pub fn len(&self) -> usize {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -95,6 +168,8 @@ pub struct AuthzContext {
     pub upgrades: UpgradePolicy,
     /// This workload's identity: requests are served only while its SVID is valid.
     pub identity: Arc<crate::identity::Identity>,
+    /// The identity parts of the peers that connected (see [`KnownPeers`]).
+    pub peers: KnownPeers,
 }
 
 impl AuthzContext {
@@ -357,5 +432,82 @@ impl Reauthorize {
             "closing the upgraded connection"
         );
         self.metrics.count_hygiene("upgrade_revoked", 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://mesh.local/ns/shop/sa/{sa}")).unwrap()
+    }
+
+    fn header_ptr(v: &Option<HeaderValue>) -> *const u8 {
+        v.as_ref()
+            .expect("a SPIFFE ID is a valid header value")
+            .as_bytes()
+            .as_ptr()
+    }
+
+    /// Two connections of one peer hold the same ID and header bytes, not copies; another
+    /// peer gets its own; every connection still has its own address and expiry.
+    #[test]
+    fn connections_of_one_peer_share_its_id_and_headers() {
+        let known = KnownPeers::new(id("orders"));
+        let at = |port| std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let first = PeerIdentity::new(&known, id("web"), at(1000), later);
+        let second = PeerIdentity::new(&known, id("web"), at(1001), later + time::Duration::MINUTE);
+        let other = PeerIdentity::new(&known, id("admin"), at(1002), later);
+
+        assert_eq!(first.id, second.id);
+        assert_eq!(first.id.as_str().as_ptr(), second.id.as_str().as_ptr());
+        assert_eq!(
+            header_ptr(&first.peer_header),
+            header_ptr(&second.peer_header)
+        );
+        assert_eq!(
+            header_ptr(&first.xfcc_header),
+            header_ptr(&second.xfcc_header)
+        );
+        assert_eq!(
+            first.xfcc_header.as_ref().unwrap(),
+            "By=spiffe://mesh.local/ns/shop/sa/orders;URI=spiffe://mesh.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            (first.addr_text.as_str(), second.addr_text.as_str()),
+            ("10.0.0.1:1000", "10.0.0.1:1001")
+        );
+        assert!(second.not_after > first.not_after);
+
+        assert_eq!(
+            other.peer_header.as_ref().unwrap(),
+            "spiffe://mesh.local/ns/shop/sa/admin"
+        );
+        assert_ne!(
+            header_ptr(&first.peer_header),
+            header_ptr(&other.peer_header)
+        );
+        assert_eq!(known.len(), 2);
+    }
+
+    /// The memory is bounded: at the cap it starts afresh, and what connections hold stays
+    /// valid.
+    #[test]
+    fn known_peers_stay_within_their_cap() {
+        let known = KnownPeers::new(id("orders"));
+        let at = std::net::SocketAddr::from(([10, 0, 0, 1], 1000));
+        let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let first = PeerIdentity::new(&known, id("sa-0"), at, later);
+        for n in 1..=KNOWN_PEERS {
+            PeerIdentity::new(&known, id(&format!("sa-{n}")), at, later);
+            assert!(known.len() <= KNOWN_PEERS);
+        }
+        assert_eq!(known.len(), 1, "the memory did not start afresh at its cap");
+        assert_eq!(
+            first.peer_header.as_ref().unwrap(),
+            "spiffe://mesh.local/ns/shop/sa/sa-0"
+        );
     }
 }

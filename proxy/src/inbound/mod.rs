@@ -219,7 +219,7 @@ impl Inbound {
         if tls.session().alpn_protocol() == Some(crate::tunnel::ALPN) {
             return Box::pin(self.tunnel.clone().serve(tls, id, not_after));
         }
-        let peer_identity = Arc::new(PeerIdentity::new(id, peer, not_after, &self.authz.local_id));
+        let peer_identity = Arc::new(PeerIdentity::new(&self.authz.peers, id, peer, not_after));
         Box::pin(self.serve_http(tls, peer_identity, drain))
     }
 
