@@ -298,9 +298,6 @@ mod tests {
         std::mem::size_of::<R>()
     }
 
-    /// Every open connection holds its task's future for as long as it stays open; an idle
-    /// mesh holds thousands. The phases are boxed so the task keeps pointers, not the
-    /// handshake's and the HTTP connection's states side by side (17 KiB before, measured).
     /// What an open HTTP connection holds for as long as it stays open (rustls's session, the
     /// HTTP connection's state, its timer) is one allocation, which mimalloc rounds up to its
     /// next size class: at 1,840 bytes that was 2,048, and 1,792 is the class below. Past it,
@@ -315,6 +312,9 @@ mod tests {
         );
     }
 
+    /// Every open connection holds its task's future for as long as it stays open; an idle
+    /// mesh holds thousands. The phases are boxed so the task keeps pointers, not the
+    /// handshake's and the HTTP connection's states side by side (17 KiB before, measured).
     #[test]
     fn a_connection_task_holds_pointers_not_phases() {
         let size = returned_size(Inbound::connection);
