@@ -8,6 +8,7 @@ pub mod api;
 pub mod authority;
 pub mod backoff;
 pub mod cert;
+pub mod chains;
 pub mod fsutil;
 pub mod k8s;
 pub mod limits;

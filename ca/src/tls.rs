@@ -17,6 +17,7 @@ use rustls::{
 };
 
 use crate::cert::{self, CertError, CertInfo};
+use crate::chains::VerifiedChains;
 use crate::spiffe::SpiffeId;
 
 /// The one crypto provider meshgate uses (ring). Always pass it explicitly: with two providers in
@@ -211,6 +212,8 @@ pub struct SpiffeServerVerifier {
     bundle: SharedTrustBundle,
     expected: ExpectedServer,
     algorithms: WebPkiSupportedAlgorithms,
+    /// Server chains already verified against the bundle (the ID is still checked each time).
+    verified: VerifiedChains,
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
@@ -229,6 +232,7 @@ impl SpiffeServerVerifier {
             bundle,
             expected,
             algorithms: provider().signature_verification_algorithms,
+            verified: VerifiedChains::new(),
         }
     }
 }
@@ -242,14 +246,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         let roots = self.bundle.load().roots();
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
+        self.verified.check(
             &roots,
+            end_entity,
             intermediates,
             now,
-            self.algorithms.all,
+            || {
+                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &roots,
+                    intermediates,
+                    now,
+                    self.algorithms.all,
+                )
+            },
+            || (),
         )?;
         let id = cert::spiffe_id_from_der(end_entity).map_err(|e| {
             tracing::warn!(error = %e, "server certificate carries no usable SPIFFE ID");

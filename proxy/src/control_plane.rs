@@ -92,7 +92,10 @@ impl RunningControlPlane {
                 }
             });
         }
-        let tls = crate::tls::live_inbound_config(identity.clone(), false)?;
+        // Sidecars' chains verified once per SVID (not exported: the control plane has no
+        // per-listener TLS metrics).
+        let verified = Arc::new(meshgate_ca::chains::VerifiedChains::new());
+        let tls = crate::tls::live_inbound_config(identity.clone(), verified, false)?;
         let (shutdown, _) = watch::channel(false);
         let addr = listener.local_addr().expect("bound");
         let admin_addr = admin_listener.local_addr().expect("bound");

@@ -1,8 +1,12 @@
 //! Prometheus metrics of the sidecar, served as OpenMetrics text on the admin listener.
 //! Names and labels are documented in docs/operations.md ("Metrics").
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+
+use meshgate_ca::chains::VerifiedChains;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -115,6 +119,46 @@ pub struct Metrics {
     /// Idle HTTP/1.1 connections holding no hyper buffers right now
     /// (`meshgate_http_connections_parked{listener}`, [`crate::http_conn`]).
     pub http_connections_parked: Family<ListenerLabels, Gauge>,
+    /// Client chains the inbound listener has verified, so a caller's next handshake skips
+    /// their signature checks ([`meshgate_ca::chains`]). Its counts are read at scrape time as
+    /// `meshgate_tls_chain_verifications_total{direction="inbound",result}`.
+    pub inbound_chains: Arc<VerifiedChains>,
+}
+
+/// Exports a chain cache's counts at scrape time: `result="cached"` for handshakes whose chain
+/// was found verified, `"verified"` for full verifications (first sight, expired entry, new
+/// roots, refusals).
+#[derive(Debug)]
+struct ChainCacheCollector {
+    direction: &'static str,
+    chains: Arc<VerifiedChains>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChainLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+impl Collector for ChainCacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.chains.stats();
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "tls_chain_verifications",
+            "Peer certificate chains checked at handshakes, answered from the cache of verified chains or verified in full",
+            None,
+            counter.metric_type(),
+        )?;
+        for (result, n) in [("cached", stats.hits), ("verified", stats.misses)] {
+            let labels = ChainLabels {
+                direction: self.direction,
+                result,
+            };
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -254,8 +298,14 @@ impl Default for Metrics {
             "Idle HTTP/1.1 connections parked without buffers until their next request, by listener",
             http_connections_parked.clone(),
         );
+        let inbound_chains = Arc::new(VerifiedChains::new());
+        registry.register_collector(Box::new(ChainCacheCollector {
+            direction: "inbound",
+            chains: inbound_chains.clone(),
+        }));
         Self {
             registry,
+            inbound_chains,
             http_connections_parked,
             flow_cardinality_overflow,
             tap_events,

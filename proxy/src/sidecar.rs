@@ -344,7 +344,11 @@ impl Sidecar {
             decisions = decisions.with_tap(tap);
         }
         let inbound = Inbound {
-            tls: crate::tls::live_inbound_config(identity.clone(), config.allow_tls12)?,
+            tls: crate::tls::live_inbound_config(
+                identity.clone(),
+                metrics.inbound_chains.clone(),
+                config.allow_tls12,
+            )?,
             authz: Arc::new(AuthzContext {
                 policy: policy.snapshot.clone(),
                 metrics: metrics.clone(),

@@ -10,13 +10,14 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use meshgate_ca::chains::VerifiedChains;
 use meshgate_ca::tls::provider;
 use meshgate_ca::{SpiffeId, TrustDomain};
-use rustls::ServerConfig;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig};
 
 use crate::identity::Identity;
 
@@ -36,6 +37,11 @@ pub enum IdentityRefused {
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
+    /// The roots `chain` verifies against, naming them to `verified`.
+    roots: Arc<RootCertStore>,
+    /// Chains `chain` has accepted: a caller's next handshake skips their signature checks
+    /// (shared by every config built for this listener; new roots empty it).
+    verified: Arc<VerifiedChains>,
     trust_domain: TrustDomain,
 }
 
@@ -50,9 +56,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .chain
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self.verified.check(
+            &self.roots,
+            end_entity,
+            intermediates,
+            now,
+            || {
+                self.chain
+                    .verify_client_cert(end_entity, intermediates, now)
+            },
+            ClientCertVerified::assertion,
+        )?;
         let refuse = |e: IdentityRefused| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
                 Arc::new(e),
@@ -146,14 +160,17 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
 /// resumption.
 pub fn inbound_config(
     identity: &Arc<Identity>,
+    verified: &Arc<VerifiedChains>,
     allow_tls12: bool,
 ) -> Result<ServerConfig, rustls::Error> {
-    let chain =
-        WebPkiClientVerifier::builder_with_provider(identity.bundle().load().roots(), provider())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+    let roots = identity.bundle().load().roots();
+    let chain = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
     let verifier = Arc::new(SpiffeClientVerifier {
         chain,
+        roots,
+        verified: verified.clone(),
         trust_domain: identity.id().trust_domain(),
     });
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
@@ -175,20 +192,24 @@ pub fn inbound_config(
     Ok(config)
 }
 
-/// The inbound config, kept current with the trust bundle.
+/// The inbound config, kept current with the trust bundle. `verified` is the listener's cache
+/// of verified client chains ([`crate::metrics::Metrics::inbound_chains`]); each rebuilt config
+/// verifies against new roots, which empties it.
 pub fn live_inbound_config(
     identity: Arc<Identity>,
+    verified: Arc<VerifiedChains>,
     allow_tls12: bool,
 ) -> Result<Arc<ArcSwap<ServerConfig>>, rustls::Error> {
     let live = Arc::new(ArcSwap::from_pointee(inbound_config(
         &identity,
+        &verified,
         allow_tls12,
     )?));
     let target = live.clone();
     let mut changes = identity.bundle_changes();
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
-            match inbound_config(&identity, allow_tls12) {
+            match inbound_config(&identity, &verified, allow_tls12) {
                 Ok(config) => {
                     target.store(Arc::new(config));
                     tracing::info!(

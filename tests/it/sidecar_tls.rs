@@ -81,32 +81,12 @@ async fn hello(
     Ok((conn.handshake_kind().unwrap(), serial))
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_resumption_file_rotation_and_live_trust_bundle() {
-    let ca = TestCa::init();
-    let files = ca.tmp.path().join("orders");
-    issue(&ca, &files);
-    let policies = ca.tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
-    let app = EchoApp::start().await;
+/// A sidecar whose identity is the files `svid.pem`, `key.pem` and `bundle.pem` in `files`
+/// (watched: replacing them rotates the certificate or the trust bundle), in front of `app`.
+async fn file_sidecar(files: &Path, policies: std::path::PathBuf, app: SocketAddr) -> Sidecar {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let sidecar = Sidecar::start(SidecarConfig {
-        apps: vec![app.addr],
+    Sidecar::start(SidecarConfig {
+        apps: vec![app],
         app_protocol: AppProtocol::Auto,
         mesh_protocol: Default::default(),
         identity: IdentitySource::Files(IdentityFiles {
@@ -140,7 +120,33 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
         flow_report_interval: meshgate_proxy::flows::DEFAULT_REPORT_INTERVAL,
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_resumption_file_rotation_and_live_trust_bundle() {
+    let ca = TestCa::init();
+    let files = ca.tmp.path().join("orders");
+    issue(&ca, &files);
+    let policies = ca.tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
+    let app = EchoApp::start().await;
+    let sidecar = file_sidecar(&files, policies, app.addr).await;
     let addr = sidecar.inbound_addr;
     let now = time::OffsetDateTime::now_utc();
     let hour = time::Duration::hours(1);
@@ -204,6 +210,91 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
     assert!(
         sidecar.identity.status().unwrap().last_error.is_some(),
         "the bad file is reported"
+    );
+}
+
+/// The inbound listener verifies a caller's certificate chain once and answers its later
+/// handshakes from the cache of verified chains (no signature checks: the handshake's CPU), but
+/// never past a certificate's validity and never across a trust-bundle change: a caller
+/// accepted a moment ago is refused once its root leaves the bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_chains_are_cached_but_never_past_expiry_or_a_bundle_change() {
+    use crate::support::mesh::{admin, sum_metric};
+    let ca = TestCa::init();
+    let files = ca.tmp.path().join("orders");
+    issue(&ca, &files);
+    let policies = ca.tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
+    let app = EchoApp::start().await;
+    let sidecar = file_sidecar(&files, policies, app.addr).await;
+    let addr = sidecar.inbound_addr;
+    let metric = |name: &'static str, fragment: &'static str| {
+        let admin_addr = sidecar.admin_addr;
+        async move {
+            let (status, text) = admin(admin_addr, "GET", "/metrics").await;
+            assert_eq!(status, 200);
+            sum_metric(&text, name, &[fragment])
+        }
+    };
+    let chains = "meshgate_tls_chain_verifications_total";
+
+    // The next CA's root is trusted by the clients from the start, so that every refusal
+    // below is the sidecar's.
+    let next_ca = TestCa::init();
+    let mut both = ca.bundle_pem();
+    both.extend(next_ca.bundle_pem());
+    let both = meshgate_ca::TrustBundle::from_pem(&both).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let web = client(
+        both.clone(),
+        &ca.sign_leaf(&id(WEB), now - hour, now + hour),
+    );
+
+    for _ in 0..3 {
+        hello(&web, addr).await.unwrap();
+    }
+    assert_eq!(metric(chains, r#"result="verified""#).await, 1.0);
+    assert_eq!(metric(chains, r#"result="cached""#).await, 2.0);
+
+    // A chain in the cache is still refused once its leaf has expired.
+    let short = client(
+        both.clone(),
+        &ca.sign_leaf(&id(WEB), now - hour, now + time::Duration::seconds(2)),
+    );
+    hello(&short, addr).await.unwrap();
+    hello(&short, addr).await.unwrap();
+    assert_eq!(metric(chains, r#"result="cached""#).await, 3.0);
+    while time::OffsetDateTime::now_utc() <= now + time::Duration::seconds(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hello(&short, addr).await.is_err(),
+        "an expired leaf is refused"
+    );
+    assert_eq!(
+        metric(
+            "meshgate_tls_handshake_failures_total",
+            r#"reason="cert_expired""#
+        )
+        .await,
+        1.0
+    );
+    hello(&web, addr).await.expect("the valid chain still is");
+
+    // The sidecar moves to the next CA: new certificate, and a bundle with only the next root.
+    issue(&next_ca, &files);
+    let web_ref = &web;
+    eventually("the old root's caller is refused", || async move {
+        hello(web_ref, addr).await.is_err()
+    })
+    .await;
+    let next_web = client(both, &next_ca.sign_leaf(&id(WEB), now - hour, now + hour));
+    hello(&next_web, addr).await.expect("the new root's caller");
+    assert!(
+        hello(&web, addr).await.is_err(),
+        "the cached chain of the old root stays refused"
     );
 }
 
