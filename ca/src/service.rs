@@ -293,6 +293,7 @@ impl CaServer {
             .expect("ring supports TLS 1.3")
             .with_client_cert_verifier(Arc::new(DeferredClientVerifier::default()))
             .with_cert_resolver(serving.clone());
+        tls::prefer_our_suites(&mut config);
         // No resumption: /v1/svid/renew trusts the client certificate of *this* handshake.
         config.send_tls13_tickets = 0;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

@@ -156,7 +156,7 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
 }
 
 /// Builds the inbound config: client certificate required and chained to the current bundle,
-/// TLS 1.3 only unless `allow_tls12`, ALPN h2 + http/1.1 + meshgate-tcp (L4 tunnels), no
+/// TLS 1.3 only unless `allow_tls12`, AES-128-GCM chosen first ([`meshgate_ca::tls::provider`]), ALPN h2 + http/1.1 + meshgate-tcp (L4 tunnels), no
 /// resumption.
 pub fn inbound_config(
     identity: &Arc<Identity>,
@@ -182,6 +182,7 @@ pub fn inbound_config(
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(ValidSvidOnly(identity.clone())));
+    meshgate_ca::tls::prefer_our_suites(&mut config);
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.alpn_protocols = vec![

@@ -181,6 +181,57 @@ async fn curl_and_openssl_against_the_inbound_port() {
     assert!(foreign_refusals >= 1.0, "foreign CA refusal is counted");
 }
 
+/// The inbound port chooses `TLS_AES_128_GCM_SHA256` when the client offers it, even after
+/// AES-256-GCM (OpenSSL's and rustls's own order), and still serves a client that offers only
+/// AES-256-GCM or only ChaCha20-Poly1305 (see `meshgate_ca::tls::provider` for why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_port_chooses_aes_128_and_serves_clients_that_offer_only_another_suite() {
+    require_tool("openssl");
+    let mut mesh = TestMesh::new().await;
+    mesh.write_policy("orders.yaml", POLICY);
+    mesh.add("orders").await;
+    mesh.converge().await;
+    let inbound = mesh.workload("orders").sidecar.inbound_addr;
+    let work = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    let web = mesh
+        .ca
+        .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    let files = write_svid(work.path(), "web", &web);
+    let bundle = mesh.ca.path("bundle.pem");
+    for (offered, chosen) in [
+        (
+            "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        ("TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"),
+        (
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+    ] {
+        let script = format!(
+            "printf 'GET /public/x HTTP/1.0\\r\\n\\r\\n' | openssl s_client -connect {inbound} -CAfile {} -cert {} -cert_chain {} -key {} -ciphersuites {offered} -ign_eof 2>&1",
+            bundle.display(),
+            files.cert.display(),
+            files.cert.display(),
+            files.key.display(),
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("sh").arg("-c").arg(script).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let shown = text(&out);
+        assert!(
+            shown.contains(&format!("Cipher is {chosen}")),
+            "offered {offered}, expected {chosen}: {shown}"
+        );
+        assert!(shown.contains(" 200 OK"), "{shown}");
+    }
+}
+
 /// An app that speaks HTTP/1.1 only (as Flask, Express and nginx's default do): hyper's HTTP/1
 /// server, which fails any HTTP/2 connection.
 async fn http1_only_app() -> std::net::SocketAddr {
