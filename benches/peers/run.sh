@@ -295,11 +295,14 @@ import http.client, ssl, sys
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
 ctx.load_cert_chain(sys.argv[3], sys.argv[4])
 c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=5)
-c.request("GET", sys.argv[2]); r = c.getresponse(); body = r.read(); print(r.status, len(body))
+c.request("GET", sys.argv[2]); r = c.getresponse(); body = r.read(); print(r.status, len(body), c.sock.cipher()[0])
 EOF
 )
-      [ "${code%% *}" = "${path_code#*=}" ] || die "$p inbound: GET ${path_code%=*} gave $code, expected ${path_code#*=}"
-      [ "$path_code" != /api/data=200 ] || [ "${code#* }" = 1024 ] || die "$p inbound: /api/data body is not 1 KiB ($code)"
+      read -r status size suite <<<"$code"
+      [ "$status" = "${path_code#*=}" ] || die "$p inbound: GET ${path_code%=*} gave $code, expected ${path_code#*=}"
+      [ "$path_code" != /api/data=200 ] || [ "$size" = 1024 ] || die "$p inbound: /api/data body is not 1 KiB ($code)"
+      # Python's OpenSSL lists AES-256-GCM first; every proxy is configured to choose AES-128-GCM.
+      [ "$suite" = TLS_AES_128_GCM_SHA256 ] || die "$p inbound: negotiated $suite, expected TLS_AES_128_GCM_SHA256 (the proxies are configured alike)"
       code=$(python3 - "${out_port[$p]}" "${path_code%=*}" <<'EOF'
 import http.client, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=5)
@@ -315,7 +318,7 @@ c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ctx, time
 c.request("GET", "/api/data"); r = c.getresponse(); r.read(); sys.exit(0 if r.status == 200 else 1)
 EOF
   done
-  log "ACL check passed: /api/data 200, /admin 403, /other 403, no client certificate refused (inbound and mesh path, every proxy)"
+  log "ACL check passed: /api/data 200, /admin 403, /other 403, no client certificate refused (inbound and mesh path, every proxy); every inbound proxy chose TLS_AES_128_GCM_SHA256"
 }
 
 quiet_pattern='ci-from-clean-clone|cargo test|cargo build|rustc'
