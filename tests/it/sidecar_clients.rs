@@ -55,21 +55,30 @@ async fn curl_async(files: Option<Files>, extra: Vec<String>, url: String) -> st
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_and_openssl_against_the_inbound_port() {
-    require_tool("curl");
-    require_tool("openssl");
+/// The `orders` workload in a test mesh under [`POLICY`], its inbound address, and a
+/// certificate for `web` valid from an hour ago for an hour.
+async fn orders_and_web() -> (TestMesh, std::net::SocketAddr, Svid) {
     let mut mesh = TestMesh::new().await;
     mesh.write_policy("orders.yaml", POLICY);
     mesh.add("orders").await;
     mesh.converge().await;
     let inbound = mesh.workload("orders").sidecar.inbound_addr;
-    let work = tempfile::tempdir().unwrap();
     let now = time::OffsetDateTime::now_utc();
     let hour = time::Duration::hours(1);
     let web = mesh
         .ca
         .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
+    (mesh, inbound, web)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_openssl_against_the_inbound_port() {
+    require_tool("curl");
+    require_tool("openssl");
+    let (mesh, inbound, web) = orders_and_web().await;
+    let work = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
     let web_files = || write_svid(work.path(), "web", &web);
     let url = format!("https://{inbound}/public/hello");
 
@@ -187,17 +196,8 @@ async fn curl_and_openssl_against_the_inbound_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_port_chooses_aes_128_and_serves_clients_that_offer_only_another_suite() {
     require_tool("openssl");
-    let mut mesh = TestMesh::new().await;
-    mesh.write_policy("orders.yaml", POLICY);
-    mesh.add("orders").await;
-    mesh.converge().await;
-    let inbound = mesh.workload("orders").sidecar.inbound_addr;
+    let (mesh, inbound, web) = orders_and_web().await;
     let work = tempfile::tempdir().unwrap();
-    let now = time::OffsetDateTime::now_utc();
-    let hour = time::Duration::hours(1);
-    let web = mesh
-        .ca
-        .sign_leaf(&TestMesh::id_of("web"), now - hour, now + hour);
     let files = write_svid(work.path(), "web", &web);
     let bundle = mesh.ca.path("bundle.pem");
     for (offered, chosen) in [

@@ -81,12 +81,19 @@ async fn hello(
     Ok((conn.handshake_kind().unwrap(), serial))
 }
 
-/// A sidecar whose identity is the files `svid.pem`, `key.pem` and `bundle.pem` in `files`
-/// (watched: replacing them rotates the certificate or the trust bundle), in front of `app`.
-async fn file_sidecar(files: &Path, policies: std::path::PathBuf, app: SocketAddr) -> Sidecar {
+/// The `orders` sidecar in front of an echo app, with [`POLICY`], its identity the files
+/// `svid.pem`, `key.pem` and `bundle.pem` issued by `ca` into the returned directory (watched:
+/// replacing them rotates the certificate or the trust bundle).
+async fn orders_sidecar(ca: &TestCa) -> (Sidecar, std::path::PathBuf, EchoApp) {
+    let files = ca.tmp.path().join("orders");
+    issue(ca, &files);
+    let policies = ca.tmp.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
+    let app = EchoApp::start().await;
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    Sidecar::start(SidecarConfig {
-        apps: vec![app],
+    let sidecar = Sidecar::start(SidecarConfig {
+        apps: vec![app.addr],
         app_protocol: AppProtocol::Auto,
         mesh_protocol: Default::default(),
         identity: IdentitySource::Files(IdentityFiles {
@@ -120,7 +127,8 @@ async fn file_sidecar(files: &Path, policies: std::path::PathBuf, app: SocketAdd
         flow_report_interval: meshgate_proxy::flows::DEFAULT_REPORT_INTERVAL,
     })
     .await
-    .unwrap()
+    .unwrap();
+    (sidecar, files, app)
 }
 
 async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -140,13 +148,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_resumption_file_rotation_and_live_trust_bundle() {
     let ca = TestCa::init();
-    let files = ca.tmp.path().join("orders");
-    issue(&ca, &files);
-    let policies = ca.tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
-    let app = EchoApp::start().await;
-    let sidecar = file_sidecar(&files, policies, app.addr).await;
+    let (sidecar, files, _app) = orders_sidecar(&ca).await;
     let addr = sidecar.inbound_addr;
     let now = time::OffsetDateTime::now_utc();
     let hour = time::Duration::hours(1);
@@ -221,13 +223,7 @@ async fn no_resumption_file_rotation_and_live_trust_bundle() {
 async fn verified_chains_are_cached_but_never_past_expiry_or_a_bundle_change() {
     use crate::support::mesh::{admin, sum_metric};
     let ca = TestCa::init();
-    let files = ca.tmp.path().join("orders");
-    issue(&ca, &files);
-    let policies = ca.tmp.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("p.yaml"), POLICY).unwrap();
-    let app = EchoApp::start().await;
-    let sidecar = file_sidecar(&files, policies, app.addr).await;
+    let (sidecar, files, _app) = orders_sidecar(&ca).await;
     let addr = sidecar.inbound_addr;
     let metric = |name: &'static str, fragment: &'static str| {
         let admin_addr = sidecar.admin_addr;
