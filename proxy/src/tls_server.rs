@@ -53,9 +53,19 @@ enum Step {
     NeedsBytes,
     /// Handshake complete and nothing left to process: application data may be written.
     Writable,
+    /// As `Writable`, and the writer given to [`ServerTls::step`] ran with that permission.
+    Written,
     /// Both sides sent `close_notify`.
     Closed,
 }
+
+/// What [`ServerTls::step`] runs when rustls permits application data: the permission, and
+/// `outgoing` with its end.
+type Writer<'a> = dyn FnMut(
+        &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+        &mut Vec<u8>,
+        &mut usize,
+    ) + 'a;
 
 /// A TLS server connection over a TCP socket; see the module docs.
 pub struct ServerTls<T = TcpStream> {
@@ -153,7 +163,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let step = match self.step(None) {
+            let step = match self.step(None, None) {
                 Ok(step) => step,
                 Err(e) => {
                     // The alert that tells the client why (a refused certificate), best effort.
@@ -169,7 +179,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
                     ready!(self.poll_write_out(cx))?;
                     return Poll::Ready(Ok(()));
                 }
-                Step::NeedsBytes | Step::Writable => {
+                Step::NeedsBytes | Step::Writable | Step::Written => {
                     ready!(self.poll_write_out(cx))?;
                     if ready!(self.poll_fill(cx))? == 0 {
                         return Poll::Ready(Err(io::Error::new(
@@ -257,8 +267,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
     }
 
     /// One call of `process_tls_records` on what was read so far, its state handled and the
-    /// consumed bytes discarded. Application data goes to `into` (then `plain`).
-    fn step(&mut self, mut into: Option<&mut ReadBuf<'_>>) -> io::Result<Step> {
+    /// consumed bytes discarded. Application data goes to `into` (then `plain`). When rustls
+    /// permits application data and `write` is given, `write` runs with the permission and
+    /// `outgoing` in that same call ([`Step::Written`]): an encrypted write costs one call of
+    /// `process_tls_records`, not one to learn that writing is allowed and one to write.
+    fn step(
+        &mut self,
+        mut into: Option<&mut ReadBuf<'_>>,
+        write: Option<&mut Writer<'_>>,
+    ) -> io::Result<Step> {
         if let Some(e) = &self.failed {
             return Err(io_error((**e).clone()));
         }
@@ -304,7 +321,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
                 Ok(Step::Progress)
             }
             Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedsBytes),
-            Ok(ConnectionState::WriteTraffic(_)) => Ok(Step::Writable),
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => match write {
+                Some(write) => {
+                    write(&mut traffic, &mut self.outgoing, &mut self.queued);
+                    Ok(Step::Written)
+                }
+                None => Ok(Step::Writable),
+            },
             Ok(ConnectionState::PeerClosed) => {
                 self.peer_closed = true;
                 Ok(Step::Progress)
@@ -379,20 +402,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Processes what was read until rustls lets application data be written (decrypting
-    /// records read ahead into `plain`).
-    fn writable(&mut self) -> io::Result<()> {
-        loop {
-            match self.step(None)? {
-                Step::Progress => {}
-                Step::Writable | Step::NeedsBytes => return Ok(()),
-                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-            }
-        }
-    }
-
-    /// Runs `write` with rustls's permission to write application data into `outgoing`
-    /// (processing what was read first: records read ahead are decrypted into `plain`).
+    /// Runs `write` with rustls's permission to write application data into `outgoing`,
+    /// processing what was read first (records read ahead are decrypted into `plain`).
     fn write_traffic<E: std::fmt::Display>(
         &mut self,
         mut write: impl FnMut(
@@ -401,23 +412,31 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
         ) -> Result<usize, E>,
         too_small: impl Fn(&E) -> Option<InsufficientSizeError>,
     ) -> io::Result<()> {
-        self.writable()?;
-        let UnbufferedStatus { discard, state } = self
-            .conn
-            .process_tls_records(&mut self.incoming[..self.received]);
-        debug_assert_eq!(discard, 0, "writable() processed every record");
-        let Ok(ConnectionState::WriteTraffic(mut traffic)) = state else {
-            return Err(io::Error::other(
-                "TLS connection not ready for application data",
-            ));
+        let mut written = None;
+        let mut writer = |traffic: &mut rustls::unbuffered::WriteTraffic<
+            '_,
+            rustls::server::ServerConnectionData,
+        >,
+                          outgoing: &mut Vec<u8>,
+                          queued: &mut usize| {
+            written = Some(
+                append(outgoing, queued, |out| write(traffic, out), &too_small)
+                    .map_err(|e| io::Error::other(format!("writing a TLS record: {e}"))),
+            );
         };
-        append(
-            &mut self.outgoing,
-            &mut self.queued,
-            |out| write(&mut traffic, out),
-            too_small,
-        )
-        .map_err(|e| io::Error::other(format!("writing a TLS record: {e}")))
+        loop {
+            match self.step(None, Some(&mut writer))? {
+                Step::Progress => {}
+                Step::Written => break,
+                Step::Writable | Step::NeedsBytes => {
+                    return Err(io::Error::other(
+                        "TLS connection not ready for application data",
+                    ));
+                }
+                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+        written.expect("Step::Written means the writer ran")
     }
 
     /// Encrypts `data` (one or more records) into `outgoing`, without I/O.
@@ -529,7 +548,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<T> {
         }
         let before = buf.filled().len();
         loop {
-            let step = match this.step(Some(buf)) {
+            let step = match this.step(Some(buf), None) {
                 Ok(step) => step,
                 Err(e) => {
                     // The alert rustls queued, best effort: the error is what counts.
@@ -543,7 +562,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<T> {
             match step {
                 Step::Progress => {}
                 Step::Closed => return Poll::Ready(Ok(())),
-                Step::NeedsBytes | Step::Writable => {
+                Step::NeedsBytes | Step::Writable | Step::Written => {
                     // A key update's answer or an alert rustls queued leaves now; a socket
                     // that cannot take it yet wakes the task.
                     if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
