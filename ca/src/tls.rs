@@ -28,7 +28,7 @@ use crate::spiffe::SpiffeId;
 /// P-256 or X25519, 128-bit security, so AES-256 adds no strength to the connection, and it costs
 /// 14 AES rounds per block instead of 10 on every byte of every request, plus a transcript hash
 /// and key schedule on SHA-384, which most x86 CPUs run in generic code where SHA-256 has
-/// instructions of its own (a sixth of a handshake's CPU in BENCHMARKS.md). BoringSSL (Envoy,
+/// instructions of its own (≈ 8 % of a handshake's CPU, BENCHMARKS.md). BoringSSL (Envoy,
 /// Istio) and Go prefer AES-128-GCM on hardware with AES instructions too. The other two TLS 1.3
 /// suites stay accepted: a client that offers only AES-256-GCM or ChaCha20-Poly1305 gets it.
 /// Servers choose in this order ([`prefer_our_suites`]), clients offer in it.
