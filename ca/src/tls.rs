@@ -66,10 +66,11 @@ pub fn ack_handshake(tcp: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
 }
 
-/// Fills `buf` with cryptographically secure random bytes.
+/// Fills `buf` with cryptographically secure random bytes (ring's system source, the one the
+/// provider uses; without building a provider, and its suite list, for every call).
 pub fn random_bytes(buf: &mut [u8]) {
-    provider()
-        .secure_random
+    use ring::rand::SecureRandom as _;
+    ring::rand::SystemRandom::new()
         .fill(buf)
         .expect("the system random source failed");
 }
