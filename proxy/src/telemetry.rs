@@ -936,4 +936,67 @@ mod tests {
             );
         }
     }
+
+    /// Over HTTP/2 (between sidecars), a `traceparent` leaves as an HPACK literal that is never
+    /// indexed and not Huffman-coded: the bytes written are the value itself, after its length
+    /// (h2 as patched in third_party/h2). Sent twice on one connection, it goes out in full
+    /// both times: nothing of it entered the connection's table.
+    #[tokio::test]
+    async fn a_traceparent_leaves_an_http2_connection_as_a_raw_literal_never_indexed() {
+        use tokio::io::AsyncReadExt;
+        let sc = SpanContext::new(
+            TraceId::from(0x0af7651916cd43dd8448eb211c80319c),
+            SpanId::from(0x00ad6b7169203331),
+            TraceFlags::SAMPLED,
+            false,
+            Default::default(),
+        );
+        let value = format_traceparent(&sc);
+        // Literal never indexed, new name (0x10); name and value each a length with the
+        // Huffman bit clear, then the bytes (RFC 7541 §6.2.3, §5.2).
+        let mut expected = vec![0x10, 11];
+        expected.extend_from_slice(b"traceparent");
+        expected.push(55);
+        expected.extend_from_slice(value.as_bytes());
+
+        let (client_io, mut server_io) = tokio::io::duplex(64 * 1024);
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                    client_io,
+                ))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..2 {
+            let req = http::Request::get("http://app/api/x")
+                .header(TRACEPARENT, value.clone())
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            // No server answers; the request only has to be written.
+            drop(tokio::spawn(sender.send_request(req)));
+        }
+        let mut written = Vec::new();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = server_io.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before sending both requests");
+                written.extend_from_slice(&buf[..n]);
+                let seen = written
+                    .windows(expected.len())
+                    .filter(|w| *w == expected.as_slice())
+                    .count();
+                if seen == 2 {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "the traceparent was not written twice as a raw literal: {:02x?}",
+            written
+        );
+    }
 }
