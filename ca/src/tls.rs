@@ -239,7 +239,9 @@ pub struct SpiffeServerVerifier {
     expected: ExpectedServer,
     algorithms: WebPkiSupportedAlgorithms,
     /// Server chains already verified against the bundle (the ID is still checked each time).
-    verified: VerifiedChains,
+    /// Shared when the caller passes one cache to several client configs
+    /// ([`mesh_client_config_with_cache`]).
+    verified: Arc<VerifiedChains>,
 }
 
 impl fmt::Debug for SpiffeServerVerifier {
@@ -254,11 +256,22 @@ impl SpiffeServerVerifier {
     /// A verifier that accepts servers chaining to `bundle` (read at each handshake, so a bundle
     /// swap applies to the next connection) and presenting an `expected` ID.
     pub fn new(bundle: SharedTrustBundle, expected: ExpectedServer) -> Self {
+        Self::with_cache(bundle, expected, Arc::new(VerifiedChains::new()))
+    }
+
+    /// The same, answering from `verified`, a cache of server chains that other verifiers may
+    /// share: entries hold chains verified as servers' against the roots they were checked
+    /// with, and every verifier still checks the ID it expects.
+    pub fn with_cache(
+        bundle: SharedTrustBundle,
+        expected: ExpectedServer,
+        verified: Arc<VerifiedChains>,
+    ) -> Self {
         Self {
             bundle,
             expected,
             algorithms: provider().signature_verification_algorithms,
-            verified: VerifiedChains::new(),
+            verified,
         }
     }
 }
@@ -451,11 +464,26 @@ pub fn mesh_client_config(
     client_cert: Option<Arc<CertResolver>>,
     alpn: &[&[u8]],
 ) -> rustls::ClientConfig {
+    let verified = Arc::new(VerifiedChains::new());
+    mesh_client_config_with_cache(bundle, expected, client_cert, alpn, verified)
+}
+
+/// [`mesh_client_config`] whose verifier answers from `verified`, a cache of verified server
+/// chains the caller can share between configs and read the counts of (the sidecar shares one
+/// between all its outbound connections and exports it as a metric).
+pub fn mesh_client_config_with_cache(
+    bundle: SharedTrustBundle,
+    expected: ExpectedServer,
+    client_cert: Option<Arc<CertResolver>>,
+    alpn: &[&[u8]],
+    verified: Arc<VerifiedChains>,
+) -> rustls::ClientConfig {
+    let verifier = SpiffeServerVerifier::with_cache(bundle, expected, verified);
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, expected)));
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match client_cert {
         Some(resolver) => builder.with_client_cert_resolver(resolver),
         None => builder.with_no_client_auth(),

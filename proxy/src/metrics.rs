@@ -123,15 +123,18 @@ pub struct Metrics {
     /// their signature checks ([`meshgate_ca::chains`]). Its counts are read at scrape time as
     /// `meshgate_tls_chain_verifications_total{direction="inbound",result}`.
     pub inbound_chains: Arc<VerifiedChains>,
+    /// Server chains the outbound side has verified (peer sidecars, for every Service, HTTP/2,
+    /// HTTP/1.1 and tunnel connections alike): one cache, since each connection still checks
+    /// the SPIFFE ID its Service expects. Exported with `direction="outbound"`.
+    pub outbound_chains: Arc<VerifiedChains>,
 }
 
-/// Exports a chain cache's counts at scrape time: `result="cached"` for handshakes whose chain
-/// was found verified, `"verified"` for full verifications (first sight, expired entry, new
-/// roots, refusals).
+/// Exports the chain caches' counts at scrape time, one family for both directions:
+/// `result="cached"` for handshakes whose chain was found verified, `"verified"` for full
+/// verifications (first sight, expired entry, new roots, refusals).
 #[derive(Debug)]
 struct ChainCacheCollector {
-    direction: &'static str,
-    chains: Arc<VerifiedChains>,
+    caches: [(&'static str, Arc<VerifiedChains>); 2],
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,20 +145,18 @@ struct ChainLabels {
 
 impl Collector for ChainCacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = self.chains.stats();
-        let counter = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
             "tls_chain_verifications",
             "Peer certificate chains checked at handshakes, answered from the cache of verified chains or verified in full",
             None,
-            counter.metric_type(),
+            ConstCounter::<u64>::new(0).metric_type(),
         )?;
-        for (result, n) in [("cached", stats.hits), ("verified", stats.misses)] {
-            let labels = ChainLabels {
-                direction: self.direction,
-                result,
-            };
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        for (direction, chains) in &self.caches {
+            let stats = chains.stats();
+            for (result, n) in [("cached", stats.hits), ("verified", stats.misses)] {
+                let labels = ChainLabels { direction, result };
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }
@@ -299,13 +300,17 @@ impl Default for Metrics {
             http_connections_parked.clone(),
         );
         let inbound_chains = Arc::new(VerifiedChains::new());
+        let outbound_chains = Arc::new(VerifiedChains::new());
         registry.register_collector(Box::new(ChainCacheCollector {
-            direction: "inbound",
-            chains: inbound_chains.clone(),
+            caches: [
+                ("inbound", inbound_chains.clone()),
+                ("outbound", outbound_chains.clone()),
+            ],
         }));
         Self {
             registry,
             inbound_chains,
+            outbound_chains,
             http_connections_parked,
             flow_cardinality_overflow,
             tap_events,

@@ -136,3 +136,53 @@ async fn tcp_tunnel_authorized_by_identity_and_port_and_revoked_live() {
     );
     assert_eq!(orders("revoked").await, 1.0);
 }
+
+/// The outbound side verifies a peer sidecar's chain once and answers its later handshakes
+/// from one cache for every connection (here: one L4 tunnel per app connection), counted as
+/// `meshgate_tls_chain_verifications_total{direction="outbound"}`; each handshake still
+/// checks the SPIFFE ID its Service expects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_handshakes_answer_a_verified_peer_chain_from_the_cache_and_count_it() {
+    let db = banner_server().await;
+    let mut mesh = TestMesh::new().await;
+    mesh.add_with("orders", &[], &[db]).await;
+    let web_forward = free_port();
+    mesh.add_with(
+        "web",
+        &[format!("127.0.0.1:{web_forward}=orders:{db}")
+            .parse::<TcpForward>()
+            .unwrap()],
+        &[],
+    )
+    .await;
+    mesh.write_services();
+    mesh.write_policy("db.yaml", &allow_web_on(db));
+    mesh.converge().await;
+
+    let chains = |result: &'static str| {
+        let mesh = &mesh;
+        async move {
+            mesh.metric(
+                "web",
+                "meshgate_tls_chain_verifications_total",
+                &[r#"direction="outbound""#, &format!(r#"result="{result}""#)],
+            )
+            .await
+        }
+    };
+    let (verified_before, cached_before) = (chains("verified").await, chains("cached").await);
+    for _ in 0..3 {
+        let (_conn, greeting) = greet(web_forward).await;
+        assert_eq!(greeting.as_deref(), Some("220 orders-db ready\r\n"));
+    }
+    assert_eq!(
+        chains("verified").await - verified_before + chains("cached").await - cached_before,
+        3.0,
+        "every tunnel's handshake is counted once"
+    );
+    assert!(
+        chains("verified").await <= 1.0,
+        "the orders sidecar's chain is verified in full once, then answered from the cache"
+    );
+    assert!(chains("cached").await >= 2.0);
+}

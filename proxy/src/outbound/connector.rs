@@ -104,11 +104,12 @@ impl MeshConnector {
         metrics: Arc<Metrics>,
     ) -> Self {
         let config = |alpn: &[&[u8]]| {
-            Arc::new(tls::mesh_client_config(
+            Arc::new(tls::mesh_client_config_with_cache(
                 identity.bundle(),
                 ExpectedServer::Exact(expected.clone()),
                 Some(identity.resolver()),
                 alpn,
+                metrics.outbound_chains.clone(),
             ))
         };
         Self {
