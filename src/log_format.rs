@@ -79,27 +79,36 @@ where
 }
 
 /// A field's value, by how the stock formatters write it.
+#[derive(Clone, Copy)]
 enum Value<'a> {
     /// A string field: quoted (`Debug`) in text, a JSON string.
     Str(&'a str),
     /// A `%` (`Display`) field: as it is in text, a JSON string.
     Shown(&'a str),
+    /// A `%` field whose value never needs escaping in either format: a SPIFFE ID, whose
+    /// parser admits only ASCII letters, digits and `.-_/:` ([`meshgate_ca::SpiffeId::parse`]).
+    Id(&'a str),
     /// An integer: bare in both.
     Int(u64),
 }
 
-/// A field's name as the text line (` name=`) and the JSON line (`,"name":`) lead it in:
-/// one copy each rather than three. The names are identifiers with dots: nothing to escape.
+/// A field's name as the text line and the JSON line lead its value in, quotes included, so
+/// that a field costs one copy before its value: ` name=` and ` name="` in text, `,"name":`
+/// and `,"name":"` in JSON. The names are identifiers with dots: nothing to escape.
 struct Name {
     text: &'static str,
+    text_quoted: &'static str,
     json: &'static str,
+    json_quoted: &'static str,
 }
 
 macro_rules! name {
     ($name:literal) => {
-        Name {
+        &Name {
             text: concat!(" ", $name, "="),
+            text_quoted: concat!(" ", $name, "=\""),
             json: concat!(",\"", $name, "\":"),
+            json_quoted: concat!(",\"", $name, "\":\""),
         }
     };
 }
@@ -107,91 +116,154 @@ macro_rules! name {
 impl<W> DecisionWriter<W> {
     /// The whole line, newline included, into `out`.
     fn line(&self, out: &mut String, r: &DecisionRecord) -> fmt::Result {
-        use Value::{Int, Shown, Str};
-        let layer = match r.layer {
-            Layer::L7 => "l7",
-            Layer::L4 => "l4",
+        use Value::{Id, Int, Shown, Str};
+        // What comes before the third field is the same on every line of a layer: one copy
+        // after the time.
+        let json = self.shape == Shape::Json;
+        let prefixes = &*PREFIXES;
+        let l4 = r.layer == Layer::L4;
+        if json {
+            out.push_str("{\"timestamp\":\"");
+            write_time(out)?;
+            out.push_str(if l4 {
+                &prefixes.json_l4
+            } else {
+                &prefixes.json_l7
+            });
+        } else {
+            write_time(out)?;
+            out.push_str(if l4 {
+                &prefixes.text_l4
+            } else {
+                &prefixes.text_l7
+            });
+        }
+        // `log_decision_event`'s fields in its order; a field it leaves out is not written.
+        let field = |out: &mut String, name: &Name, value: Value<'_>| {
+            if json {
+                json_field(out, name, value)
+            } else {
+                text_field(out, name, value)
+            }
         };
-        // `log_decision_event`'s fields in its order; `None` is a field it leaves out.
-        let fields: [(Name, Option<Value<'_>>); 17] = [
-            (name!("event"), Some(Str(DECISION_EVENT))),
-            (name!("layer"), Some(Str(layer))),
-            (
-                name!("meshgate.workload.id"),
-                Some(Shown(r.workload.as_str())),
-            ),
-            (name!("peer.id"), Some(Shown(r.peer.as_str()))),
-            (name!("peer.addr"), r.peer_addr.as_deref().map(Str)),
-            (name!("port"), Some(Int(u64::from(r.port)))),
-            (name!("http.request.method"), r.method.as_deref().map(Str)),
-            (name!("url.path"), r.path.as_deref().map(Str)),
-            (
-                name!("meshgate.path.original"),
-                r.original.as_deref().map(Str),
-            ),
-            (name!("decision"), Some(Str(r.decision.as_str()))),
-            (name!("policy"), r.policy.as_deref().map(Str)),
-            (name!("rule"), r.rule.map(|n| Int(n as u64))),
-            (name!("policy.version"), Some(Shown(&r.version))),
-            (name!("reason"), Some(Shown(&r.reason))),
-            (name!("audit_policy"), r.audit_policy.as_deref().map(Str)),
-            (
-                name!("dry_run_policy"),
-                r.dry_run_policy.as_deref().map(Str),
-            ),
-            (name!("trace_id"), r.trace_id.as_deref().map(Str)),
-        ];
-        let fields = fields
-            .into_iter()
-            .filter_map(|(name, value)| Some((name, value?)));
-        match self.shape {
-            Shape::Text => {
-                // `<time>  INFO <target>: <fields>`: the level right-aligned in five columns,
-                // no space before the first field.
-                write_time(&mut Writer::new(out))?;
-                out.push_str("  INFO ");
-                out.push_str(LOG_TARGET);
-                out.push_str(": ");
-                for (i, (name, value)) in fields.enumerate() {
-                    out.push_str(if i == 0 { &name.text[1..] } else { name.text });
-                    match value {
-                        Str(s) if !needs_escape(s.as_bytes(), true) => {
-                            out.push('"');
-                            out.push_str(s);
-                            out.push('"');
-                        }
-                        Str(s) => write!(out, "{s:?}")?,
-                        Shown(s) => out.push_str(s),
-                        Int(n) => push_u64(out, n),
-                    }
-                }
-                out.push('\n');
-            }
-            Shape::Json => {
-                out.push_str("{\"timestamp\":\"");
-                write_time(&mut Writer::new(out))?;
-                out.push_str("\",\"level\":\"INFO\"");
-                for (name, value) in fields {
-                    out.push_str(name.json);
-                    match value {
-                        Str(s) | Shown(s) => {
-                            out.push('"');
-                            json_escape(out, s)?;
-                            out.push('"');
-                        }
-                        Int(n) => push_u64(out, n),
-                    }
-                }
-                out.push_str(",\"target\":\"");
-                out.push_str(LOG_TARGET);
-                out.push_str("\"}\n");
-            }
+        let some = |out: &mut String, name: &Name, value: Option<Value<'_>>| match value {
+            Some(value) => field(out, name, value),
+            None => Ok(()),
+        };
+        field(out, name!("meshgate.workload.id"), Id(r.workload.as_str()))?;
+        field(out, name!("peer.id"), Id(r.peer.as_str()))?;
+        some(out, name!("peer.addr"), r.peer_addr.as_deref().map(Str))?;
+        field(out, name!("port"), Int(u64::from(r.port)))?;
+        some(
+            out,
+            name!("http.request.method"),
+            r.method.as_deref().map(Str),
+        )?;
+        some(out, name!("url.path"), r.path.as_deref().map(Str))?;
+        some(
+            out,
+            name!("meshgate.path.original"),
+            r.original.as_deref().map(Str),
+        )?;
+        field(out, name!("decision"), Str(r.decision.as_str()))?;
+        some(out, name!("policy"), r.policy.as_deref().map(Str))?;
+        some(out, name!("rule"), r.rule.map(|n| Int(n as u64)))?;
+        field(out, name!("policy.version"), Shown(&r.version))?;
+        field(out, name!("reason"), Shown(&r.reason))?;
+        some(
+            out,
+            name!("audit_policy"),
+            r.audit_policy.as_deref().map(Str),
+        )?;
+        some(
+            out,
+            name!("dry_run_policy"),
+            r.dry_run_policy.as_deref().map(Str),
+        )?;
+        some(out, name!("trace_id"), r.trace_id.as_deref().map(Str))?;
+        if json {
+            out.push_str(&prefixes.json_end);
+        } else {
+            out.push('\n');
         }
         Ok(())
     }
 }
 
-/// `n` in decimal, without a formatter round trip.
+/// The constant parts of the line around its fields, made once: the text line's
+/// `  INFO <target>: event="authz.decision" layer="l7"` after the time (the level
+/// right-aligned in five columns, no space before the first field), the JSON line's
+/// `","level":"INFO","event":"authz.decision","layer":"l7"` after the time, and its end.
+struct Prefixes {
+    text_l7: String,
+    text_l4: String,
+    json_l7: String,
+    json_l4: String,
+    json_end: String,
+}
+
+static PREFIXES: std::sync::LazyLock<Prefixes> = std::sync::LazyLock::new(|| {
+    let text =
+        |layer: &str| format!("  INFO {LOG_TARGET}: event=\"{DECISION_EVENT}\" layer=\"{layer}\"");
+    let json = |layer: &str| {
+        format!("\",\"level\":\"INFO\",\"event\":\"{DECISION_EVENT}\",\"layer\":\"{layer}\"")
+    };
+    Prefixes {
+        text_l7: text("l7"),
+        text_l4: text("l4"),
+        json_l7: json("l7"),
+        json_l4: json("l4"),
+        json_end: format!(",\"target\":\"{LOG_TARGET}\"}}\n"),
+    }
+});
+
+/// One field of the text line: strings quoted as `Debug` quotes them (escaped through `Debug`
+/// itself when they hold anything it would escape), `%` fields as they are.
+fn text_field(out: &mut String, name: &Name, value: Value<'_>) -> fmt::Result {
+    match value {
+        Value::Str(s) if !needs_escape(s.as_bytes(), true) => {
+            out.push_str(name.text_quoted);
+            out.push_str(s);
+            out.push('"');
+        }
+        Value::Str(s) => {
+            out.push_str(name.text);
+            write!(out, "{s:?}")?;
+        }
+        Value::Shown(s) | Value::Id(s) => {
+            out.push_str(name.text);
+            out.push_str(s);
+        }
+        Value::Int(n) => {
+            out.push_str(name.text);
+            push_u64(out, n);
+        }
+    }
+    Ok(())
+}
+
+/// One field of the JSON line: every string a JSON string, escaped unless it is an [`Value::Id`].
+fn json_field(out: &mut String, name: &Name, value: Value<'_>) -> fmt::Result {
+    match value {
+        Value::Str(s) | Value::Shown(s) => {
+            out.push_str(name.json_quoted);
+            json_escape(out, s)?;
+            out.push('"');
+        }
+        Value::Id(s) => {
+            out.push_str(name.json_quoted);
+            out.push_str(s);
+            out.push('"');
+        }
+        Value::Int(n) => {
+            out.push_str(name.json);
+            push_u64(out, n);
+        }
+    }
+    Ok(())
+}
+
+/// `n` in decimal, without a formatter round trip (nor a UTF-8 check of the digits).
 fn push_u64(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -203,7 +275,9 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    for &digit in &digits[at..] {
+        out.push(char::from(digit));
+    }
 }
 
 thread_local! {
@@ -214,9 +288,9 @@ thread_local! {
 /// Now as the stock timer writes it (`2026-12-02T06:21:02.110512Z`: RFC 3339, UTC,
 /// microseconds), with the date and time of day formatted once a second per thread rather than
 /// for every line. Before 1970 (a broken clock), the stock timer writes it.
-fn write_time(w: &mut Writer<'_>) -> fmt::Result {
+fn write_time(out: &mut String) -> fmt::Result {
     let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
-        return SystemTime.format_time(w);
+        return SystemTime.format_time(&mut Writer::new(out));
     };
     SECOND.with(|second| {
         let mut second = second.borrow_mut();
@@ -225,14 +299,19 @@ fn write_time(w: &mut Writer<'_>) -> fmt::Result {
             civil_time(&mut second.1, now.as_secs())?;
             second.0 = now.as_secs();
         }
-        w.write_str(&second.1)?;
-        let mut micros = *b".000000Z";
+        out.push_str(&second.1);
+        let mut micros = [0u8; 6];
         let mut n = now.subsec_micros();
-        for digit in micros[1..7].iter_mut().rev() {
+        for digit in micros.iter_mut().rev() {
             *digit = b'0' + (n % 10) as u8;
             n /= 10;
         }
-        w.write_str(std::str::from_utf8(&micros).map_err(|_| fmt::Error)?)
+        out.push('.');
+        for digit in micros {
+            out.push(char::from(digit));
+        }
+        out.push('Z');
+        Ok(())
     })
 }
 
@@ -559,16 +638,39 @@ mod tests {
         }
     }
 
+    /// A SPIFFE ID is written without an escaping check ([`Value::Id`]): whatever its parser
+    /// accepts needs none, in either format. Every ASCII character and a few others, in the
+    /// trust domain and in a path segment.
+    #[test]
+    fn spiffe_ids_never_need_escaping() {
+        let mut accepted = 0;
+        let odd = ['é', '☃', '\u{7f}', '\u{85}'];
+        for c in (0u8..0x80).map(char::from).chain(odd) {
+            for candidate in [
+                format!("spiffe://mesh{c}local/ns/shop/sa/web"),
+                format!("spiffe://mesh.local/ns/sh{c}op/sa/web"),
+            ] {
+                if let Ok(id) = meshgate_ca::SpiffeId::parse(&candidate) {
+                    accepted += 1;
+                    assert!(
+                        !needs_escape(id.as_str().as_bytes(), true),
+                        "{candidate:?} was accepted and needs escaping"
+                    );
+                }
+            }
+        }
+        assert!(accepted > 60, "the parser accepted only {accepted} IDs");
+    }
+
     /// The cached clock writes what the stock timer writes (compared within one second).
     #[test]
     fn time_is_written_as_the_stock_timer_writes_it() {
         let write = |stock: bool| {
             let mut out = String::new();
-            let mut w = Writer::new(&mut out);
             if stock {
-                SystemTime.format_time(&mut w).unwrap();
+                SystemTime.format_time(&mut Writer::new(&mut out)).unwrap();
             } else {
-                write_time(&mut w).unwrap();
+                write_time(&mut out).unwrap();
             }
             out
         };
