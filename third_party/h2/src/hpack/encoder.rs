@@ -1,5 +1,5 @@
 use super::table::{Index, Table};
-use super::{huffman, Header};
+use super::Header;
 
 use bytes::{BufMut, BytesMut};
 use http::header::{HeaderName, HeaderValue};
@@ -253,51 +253,16 @@ fn encode_not_indexed2(name: &[u8], value: &[u8], sensitive: bool, dst: &mut Byt
     encode_str(value, dst);
 }
 
+/// Writes `val` as a string literal without Huffman coding (RFC 7541 §5.2, H = 0).
+///
+/// meshgate: upstream h2 Huffman-codes every literal. Literals are what the dynamic table
+/// cannot hold: values new on each request (`traceparent`, changing paths), sent once and
+/// decoded once. Coding them bit by bit costs both sidecars more CPU than the few bytes it
+/// saves on a local link; a raw literal is a length and a copy, and the receiver copies it
+/// back. HAProxy's encoder makes the same choice.
 fn encode_str(val: &[u8], dst: &mut BytesMut) {
-    if !val.is_empty() {
-        let idx = position(dst);
-
-        // Push a placeholder byte for the length header
-        dst.put_u8(0);
-
-        // Encode with huffman
-        huffman::encode(val, dst);
-
-        let huff_len = position(dst) - (idx + 1);
-
-        if encode_int_one_byte(huff_len, 7) {
-            // Write the string head
-            dst[idx] = 0x80 | huff_len as u8;
-        } else {
-            // Write the head to a placeholder
-            const PLACEHOLDER_LEN: usize = 8;
-            let mut buf = [0u8; PLACEHOLDER_LEN];
-
-            let head_len = {
-                let mut head_dst = &mut buf[..];
-                encode_int(huff_len, 7, 0x80, &mut head_dst);
-                PLACEHOLDER_LEN - head_dst.remaining_mut()
-            };
-
-            // This is just done to reserve space in the destination
-            dst.put_slice(&buf[1..head_len]);
-
-            // Shift the header forward
-            for i in 0..huff_len {
-                let src_i = idx + 1 + (huff_len - (i + 1));
-                let dst_i = idx + head_len + (huff_len - (i + 1));
-                dst[dst_i] = dst[src_i];
-            }
-
-            // Copy in the head
-            for i in 0..head_len {
-                dst[idx + i] = buf[i];
-            }
-        }
-    } else {
-        // Write an empty string
-        dst.put_u8(0);
-    }
+    encode_int(val.len(), 7, 0, dst);
+    dst.put_slice(val);
 }
 
 /// Encode an integer into the given destination buffer
@@ -332,13 +297,10 @@ fn encode_int_one_byte(value: usize, prefix_bits: usize) -> bool {
     value < (1 << prefix_bits) - 1
 }
 
-fn position(buf: &BytesMut) -> usize {
-    buf.len()
-}
-
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::hpack::huffman;
     use http::*;
 
     #[test]
