@@ -42,6 +42,11 @@ spec:
     )
 }
 
+/// A local forward from `local` to port `port` of the `orders` Service, through the mesh.
+fn to_orders(local: u16, port: u16) -> TcpForward {
+    format!("127.0.0.1:{local}=orders:{port}").parse().unwrap()
+}
+
 /// Connects to a local forward and returns the first line the far side sends, if any.
 async fn greet(port: u16) -> (TcpStream, Option<String>) {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -63,25 +68,15 @@ async fn tcp_tunnel_authorized_by_identity_and_port_and_revoked_live() {
     mesh.add_with(
         "web",
         &[
-            format!("127.0.0.1:{web_forward}=orders:{db}")
-                .parse::<TcpForward>()
-                .unwrap(),
-            format!("127.0.0.1:{web_to_admin}=orders:{orders_admin}")
-                .parse::<TcpForward>()
-                .unwrap(),
+            to_orders(web_forward, db),
+            to_orders(web_to_admin, orders_admin),
         ],
         &[],
     )
     .await;
     let intruder_forward = free_port();
-    mesh.add_with(
-        "intruder",
-        &[format!("127.0.0.1:{intruder_forward}=orders:{db}")
-            .parse()
-            .unwrap()],
-        &[],
-    )
-    .await;
+    mesh.add_with("intruder", &[to_orders(intruder_forward, db)], &[])
+        .await;
     mesh.write_services();
     mesh.write_policy("db.yaml", &allow_web_on(db));
     mesh.converge().await;
@@ -147,14 +142,8 @@ async fn outbound_handshakes_answer_a_verified_peer_chain_from_the_cache_and_cou
     let mut mesh = TestMesh::new().await;
     mesh.add_with("orders", &[], &[db]).await;
     let web_forward = free_port();
-    mesh.add_with(
-        "web",
-        &[format!("127.0.0.1:{web_forward}=orders:{db}")
-            .parse::<TcpForward>()
-            .unwrap()],
-        &[],
-    )
-    .await;
+    mesh.add_with("web", &[to_orders(web_forward, db)], &[])
+        .await;
     mesh.write_services();
     mesh.write_policy("db.yaml", &allow_web_on(db));
     mesh.converge().await;
