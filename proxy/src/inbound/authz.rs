@@ -290,7 +290,7 @@ where
         record.trace_id = span
             .as_ref()
             .and_then(|s| s.trace_id)
-            .map(|t| t.to_string());
+            .map(|t| t.as_str().to_owned());
         let Some(normalized) = judged.normalized else {
             record.original = Some(target(&req).to_string());
             let body = match judged.refusal {
