@@ -130,7 +130,10 @@ pub fn boxed(body: hyper::body::Incoming) -> ProxyBody {
 }
 
 const HOP_BY_HOP_LEN: usize = 7;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
+/// A `static`, not a `const`: a `const` array is built afresh (seven names copied, then dropped)
+/// at every use, and a response from an HTTP/1.1 app uses it once per name its `Connection`
+/// header lists, then once more.
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -203,6 +203,15 @@ impl<S> Layer<S> for AuthorizeLayer {
     }
 }
 
+/// An allowed request's response and the record of the decision that let it through, for
+/// [`super::observe::Observe`] to write. Beside the response rather than in its extensions: the
+/// record was the only extension of most responses, so every request paid for a map to carry
+/// it (allocated, grown, searched, freed).
+pub struct Authorized {
+    pub response: Response<ProxyBody>,
+    pub record: DecisionRecord,
+}
+
 /// Judges each request; passes allowed ones to `inner` (the forwarder) with the caller's
 /// identity attached.
 #[derive(Clone)]
@@ -225,7 +234,7 @@ where
         + 'static,
     S::Future: Send,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Authorized;
     type Error = InboundError;
     type Future = BoxFuture<Result<Self::Response, InboundError>>;
 
@@ -366,9 +375,8 @@ where
         // Called here rather than in an `async` block, which needed a clone of the forwarder per
         // request and held the request beside the call's future.
         Box::pin(self.inner.call(req).map(move |answered| {
-            let Ok(mut resp) = answered;
-            resp.extensions_mut().insert(record);
-            Ok(resp)
+            let Ok(response) = answered;
+            Ok(Authorized { response, record })
         }))
     }
 }

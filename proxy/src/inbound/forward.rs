@@ -226,7 +226,11 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
                     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                     let upstream = switching.then(|| hyper::upgrade::on(&mut resp));
                     let (mut parts, body) = resp.into_parts();
-                    let accepted = parts.headers.get(http::header::UPGRADE).cloned();
+                    // Looked up only for a 101: the one answer that can carry an upgrade on.
+                    let accepted = upstream
+                        .is_some()
+                        .then(|| parts.headers.get(http::header::UPGRADE).cloned())
+                        .flatten();
                     strip_hop_by_hop(&mut parts.headers);
                     match (downstream, upstream, accepted) {
                         (Some(down), Some(up), Some(protocol)) => {

@@ -17,18 +17,18 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request};
 use hyper::body::Incoming;
 use meshgate_policy::judge::Refusal;
 use meshgate_policy::record::Layer as DecisionLayer;
 use meshgate_policy::{Decision, DecisionRecord};
 use tower::{Layer, Service};
 
-use super::authz::{AuthzContext, PeerIdentity};
+use super::authz::{Authorized, AuthzContext, PeerIdentity};
 use super::error::InboundError;
 use super::observe::RequestSpan;
 use super::sanitize::{self, AppPortRefusal};
-use crate::http_util::{APP_PORT_HEADER, ORIG_PROTO_HEADER, ProxyBody};
+use crate::http_util::{APP_PORT_HEADER, ORIG_PROTO_HEADER};
 use crate::telemetry::TraceHex;
 
 /// Set by the outbound sidecar's `x-meshgate-orig-proto`: the caller spoke HTTP/1.1, so the app
@@ -84,14 +84,14 @@ pub struct Normalize<S> {
 
 impl<S> Service<Request<Incoming>> for Normalize<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = InboundError>,
+    S: Service<Request<Incoming>, Response = Authorized, Error = InboundError>,
     S::Future: Send + 'static,
 {
-    type Response = Response<ProxyBody>;
+    type Response = Authorized;
     type Error = InboundError;
     type Future = futures_util::future::Either<
         S::Future,
-        std::future::Ready<Result<Response<ProxyBody>, InboundError>>,
+        std::future::Ready<Result<Authorized, InboundError>>,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {

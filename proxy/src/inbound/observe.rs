@@ -2,9 +2,10 @@
 //! decision is written ([`crate::decision::DecisionSink::http`]) and its error turned into a
 //! response ([`InboundError::into_response`]).
 //!
-//! Inner layers decide; this layer records. An allowed request's [`DecisionRecord`] comes back
-//! in the response's extensions, a refused one inside the [`InboundError`], so every request is
-//! written exactly once, with its latency, whatever layer decided.
+//! Inner layers decide; this layer records. An allowed request's
+//! [`DecisionRecord`](meshgate_policy::DecisionRecord) comes back beside its response
+//! ([`Authorized`]), a refused one inside the [`InboundError`], so every request is written
+//! exactly once, with its latency, whatever layer decided.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,12 +16,12 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use meshgate_policy::{DecisionKind, DecisionRecord};
+use meshgate_policy::DecisionKind;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use tower::{Layer, Service};
 
-use super::authz::{AuthzContext, PeerIdentity};
+use super::authz::{Authorized, AuthzContext, PeerIdentity};
 use super::error::InboundError;
 use crate::http_util::{ProxyBody, is_grpc};
 use crate::telemetry::{DECISION_ATTRIBUTE, Telemetry, TraceHex};
@@ -72,9 +73,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S> Service<Request<Incoming>> for Observe<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = InboundError>
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Authorized, Error = InboundError> + Send + 'static,
     S::Future: Send,
 {
     type Response = Response<ProxyBody>;
@@ -124,10 +123,7 @@ where
         let call = self.inner.call(req);
         Box::pin(async move {
             let (resp, record) = match call.await {
-                Ok(mut resp) => {
-                    let record = resp.extensions_mut().remove::<DecisionRecord>();
-                    (resp, record)
-                }
+                Ok(Authorized { response, record }) => (response, Some(record)),
                 Err(e) => {
                     let record = e.record().cloned();
                     if record.is_none() {
