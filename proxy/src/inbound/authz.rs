@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use meshgate_ca::SpiffeId;
 use meshgate_policy::judge::{HttpRequest, Refusal};
 use meshgate_policy::record::Layer as DecisionLayer;
@@ -28,7 +27,7 @@ use tower::{Layer, Service};
 
 use super::error::InboundError;
 use super::normalize::{AllowedUpgrade, TargetApp, target};
-use super::observe::RequestSpan;
+use super::observe::Observed;
 use super::sanitize::{TrailerFilter, UpgradePolicy};
 use crate::decision::DecisionSink;
 use crate::http_util::{PEER_ID_HEADER, POLICY_VERSION_HEADER, ProxyBody, XFCC_HEADER};
@@ -223,7 +222,7 @@ pub struct Authorize<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S> Service<Request<Incoming>> for Authorize<S>
+impl<S> Service<Observed> for Authorize<S>
 where
     S: Service<
             Request<TrailerFilter>,
@@ -242,7 +241,8 @@ where
         self.inner.poll_ready(cx).map_err(|never| match never {})
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, observed: Observed) -> Self::Future {
+        let Observed { mut req, span } = observed;
         let ctx = &self.ctx;
         let peer = &self.peer;
         // This sidecar's own SVID has expired (the CA stayed unreachable past its lifetime).
@@ -252,7 +252,6 @@ where
         if !ctx.identity.is_ready() {
             return Box::pin(std::future::ready(Err(InboundError::LocalIdentityExpired)));
         }
-        let span = req.extensions_mut().remove::<RequestSpan>();
         let port = req
             .extensions()
             .get::<TargetApp>()

@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 
 use super::authz::{Authorized, AuthzContext, PeerIdentity};
 use super::error::InboundError;
-use super::observe::RequestSpan;
+use super::observe::Observed;
 use super::sanitize::{self, AppPortRefusal};
 use crate::http_util::{APP_PORT_HEADER, ORIG_PROTO_HEADER};
 use crate::telemetry::TraceHex;
@@ -82,9 +82,9 @@ pub struct Normalize<S> {
     peer: Arc<PeerIdentity>,
 }
 
-impl<S> Service<Request<Incoming>> for Normalize<S>
+impl<S> Service<Observed> for Normalize<S>
 where
-    S: Service<Request<Incoming>, Response = Authorized, Error = InboundError>,
+    S: Service<Observed, Response = Authorized, Error = InboundError>,
     S::Future: Send + 'static,
 {
     type Response = Authorized;
@@ -98,13 +98,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, observed: Observed) -> Self::Future {
         use futures_util::future::Either;
         let ctx = &self.ctx;
-        let traced = req
-            .extensions()
-            .get::<RequestSpan>()
-            .and_then(|s| s.trace_id);
+        let Observed { mut req, span } = observed;
+        let traced = span.as_ref().and_then(|s| s.trace_id);
         // As text only where it is written (a refusal, a warning), not on every request.
         let trace_id = || traced.as_ref().map(TraceHex::as_str);
         // The method first (as `judge` would: a CONNECT names no Host worth checking), then
@@ -197,7 +195,7 @@ where
         if let Some(upgrade) = prepared.upgrade {
             req.extensions_mut().insert(AllowedUpgrade(upgrade));
         }
-        Either::Left(self.inner.call(req))
+        Either::Left(self.inner.call(Observed { req, span }))
     }
 }
 
