@@ -205,7 +205,7 @@ const fn bytes_of(b: u8) -> u64 {
 
 /// Eight lowercase hex digits as a number, all eight checked and converted at once in one
 /// `u64` (each digit a byte lane; no lane can carry into the next, as every byte is below
-/// 0x80 before the additions): a third of the instructions of a digit at a time.
+/// 0x80 before the additions).
 fn hex8(digits: [u8; 8]) -> Option<u32> {
     const HIGH: u64 = bytes_of(0x80);
     let x = u64::from_be_bytes(digits);
