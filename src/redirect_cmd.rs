@@ -82,6 +82,11 @@ pub enum RedirectCommand {
         /// Do not drop ingress to the app's ports from outside the pod.
         #[arg(long)]
         no_ingress_enforce: bool,
+        /// Carry the pod's local hops (app <-> sidecar over 127.0.0.1) through the kernel's TCP/IP
+        /// stack as usual, instead of passing messages socket to socket (local acceleration, on
+        /// by default; applies to connections established from now on).
+        #[arg(long)]
+        no_local_accel: bool,
     },
     /// Detach everything attached for a cgroup (removes the pins).
     #[command(
@@ -123,6 +128,7 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             account,
             no_egress_enforce,
             no_ingress_enforce,
+            no_local_accel,
         } => {
             let (cgroup, sidecar_cgroup) = if pod {
                 let pod_cgroup = meshgate_ebpf::own_pod_cgroup()?;
@@ -168,6 +174,7 @@ pub fn run(command: RedirectCommand) -> Result<()> {
             }
             cfg.enforce_egress = !no_egress_enforce;
             cfg.enforce_ingress = !no_ingress_enforce;
+            cfg.accelerate_local = !no_local_accel;
             if cfg.mesh.is_empty() && cfg.enforce_egress {
                 eprintln!(
                     "warning: no mesh destinations (--mesh, or Service hosts in --network-policy): \
@@ -238,21 +245,32 @@ fn print_attachment(a: &Attachment) {
         on_off(a.enforce_ingress),
         on_off(a.exempt_loopback)
     );
+    println!(
+        "  local accel     {} (app <-> sidecar over 127.0.0.1, socket to socket)",
+        on_off(a.accelerate_local)
+    );
     for (kind, rule) in &a.rules {
         println!("  {kind:<15} {rule}");
     }
     for l in &a.links {
         match l.ids {
             Some((link, prog)) => println!(
-                "  link {:<10} attached (link id {link}, program id {prog})",
+                "  link {:<16} attached (link id {link}, program id {prog})",
                 l.hook
             ),
-            None => println!("  link {:<10} MISSING (run attach again)", l.hook),
+            None if !l.needed => println!(
+                "  link {:<16} not needed (the other sock_ops link covers both cgroups)",
+                l.hook
+            ),
+            None => println!("  link {:<16} MISSING (run attach again)", l.hook),
         }
     }
     println!("  counters");
     for (name, v) in a.counters.totals() {
         println!("    {name:<16} {v}");
+    }
+    for (name, v) in a.counters.acceleration() {
+        println!("    accel_{name:<10} {v}");
     }
     for p in &a.counters.per_port {
         println!(

@@ -9,12 +9,23 @@
 //! |---|---|
 //! | `link_connect4`, `link_connect6` | `cgroup/connect4`/`6` on the app cgroup: exempt, redirect to `127.0.0.1:<outbound>` (recording the original destination), allow (allowlist), or deny (`EPERM`) |
 //! | `link_sendmsg4`, `link_sendmsg6` | the same decision for unconnected UDP (`sendto`): allow or deny, never redirect |
-//! | `link_sockops` | moves the original destination from socket cookie to 4-tuple when the connection is up |
+//! | `link_sockops` | moves the original destination from socket cookie to 4-tuple when the connection is up, and puts the pod's local hops into `local_socks` |
+//! | `link_sockops_sidecar` | the same program on the sidecar's cgroup, for the sidecar's ends of the local hops; one of the two links is left out when one cgroup contains the other (the program must run once per socket) |
 //! | `link_getsockopt` | on the sidecar's cgroup: answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` |
 //! | `link_ingress` | `cgroup_skb/ingress` on the app cgroup: the app's ports accept only loopback (the local sidecar) |
 //! | `config`, `policy`, `app_ports`, `meta` | configuration (rewritten in place by a repeated `attach`) |
 //! | `counters`, `port_counters` | verdict counters; read them with [`Counters::read_pinned`] |
 //! | `orig_by_cookie`, `orig_by_tuple` | original destinations of redirected connections |
+//! | `local_socks`, `local_tcp` | local acceleration: the local hops' sockets (an `sk_msg` program attached to this map passes what one end sends straight into the other end's receive queue), and the hops that stay on TCP |
+//!
+//! **Local acceleration** ([`AttachConfig::accelerate_local`], on by default): the two hops of a
+//! request that never leave the pod, app → sidecar's outbound listener and sidecar → app port,
+//! both over IPv4 loopback, skip the kernel's TCP/IP stack: a message sent on one end is queued on
+//! the other end's socket directly (a sockhash and `bpf_msg_redirect_hash`, as Cilium's and
+//! Merbridge's socket-level acceleration). Nothing about what the sidecar sees or decides
+//! changes; the kernel's work per message does. A connection whose peer socket is not found (not
+//! in this pod's cgroups, or not yet established) stays on TCP for its whole life, so bytes are
+//! never reordered between the two paths.
 //!
 //! The sidecar's own sockets are exempt **by cgroup**: the sidecar runs in a different cgroup than
 //! the app (the programs on the app cgroup never see it), and its cgroup id is also checked inside
@@ -32,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData};
-use aya::programs::{CgroupSkb, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::programs::{CgroupSkb, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps};
 
 mod env;
 mod rules;
@@ -50,6 +61,7 @@ static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redir
 const F_LOOPBACK_EXEMPT: u32 = 1;
 const F_ENFORCE_EGRESS: u32 = 2;
 const F_ENFORCE_INGRESS: u32 = 4;
+const F_ACCEL_LOCAL: u32 = 8;
 
 const K_EXEMPT: u8 = 1;
 const K_MESH: u8 = 2;
@@ -162,6 +174,10 @@ pub struct AttachConfig {
     /// (Istio's 1337 convention). With it, `sidecar_cgroup` may equal `cgroup` (a pod cgroup
     /// holding both app and sidecar).
     pub sidecar_uid: Option<u32>,
+    /// Local acceleration of the pod's loopback hops between the app and its sidecar (default
+    /// true; see the crate documentation). Takes effect for connections established after it is
+    /// set: turning it off leaves the accelerated connections as they are until they close.
+    pub accelerate_local: bool,
 }
 
 impl AttachConfig {
@@ -179,6 +195,7 @@ impl AttachConfig {
             enforce_egress: true,
             enforce_ingress: true,
             sidecar_uid: None,
+            accelerate_local: true,
         }
     }
 }
@@ -238,61 +255,111 @@ struct PortKey {
 // SAFETY: plain old data, 4 bytes.
 unsafe impl aya::Pod for PortKey {}
 
-/// The programs: (object name, pin name, hook name for messages, attach type, on the sidecar's
-/// cgroup rather than the app's).
-const PROGRAMS: [(&str, &str, &str, u32, bool); 7] = [
+/// Where a program's link attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The app's cgroup.
+    App,
+    /// The sidecar's cgroup.
+    Sidecar,
+    /// sockops, which must run once for every socket of both app and sidecar: on the app's
+    /// cgroup, unless the sidecar's cgroup contains it (then [`Target::SockopsSidecar`] covers
+    /// both; running twice would put a socket into the sockhash twice).
+    SockopsApp,
+    /// sockops on the sidecar's cgroup, unless the app's cgroup is or contains it.
+    SockopsSidecar,
+}
+
+/// How the app's and the sidecar's cgroups lie in the cgroup tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    /// One cgroup for both (a sidecar exempt by uid).
+    Same,
+    /// The sidecar's cgroup contains the app's (the default: the pod, holding the app).
+    SidecarAbove,
+    /// The app's cgroup contains the sidecar's.
+    AppAbove,
+    /// Neither contains the other.
+    Apart,
+}
+
+impl Nesting {
+    /// From the two cgroups' paths (below the cgroup2 mount, or both absolute).
+    fn of(app: &Path, sidecar: &Path) -> Self {
+        if app == sidecar {
+            Nesting::Same
+        } else if app.starts_with(sidecar) {
+            Nesting::SidecarAbove
+        } else if sidecar.starts_with(app) {
+            Nesting::AppAbove
+        } else {
+            Nesting::Apart
+        }
+    }
+}
+
+/// The programs attached to cgroups: (object name, pin name, hook name for messages, attach
+/// type, where).
+const PROGRAMS: [(&str, &str, &str, u32, Target); 8] = [
     (
         "mg_connect4",
         "link_connect4",
         "connect4",
         sys::ATTACH_CONNECT4,
-        false,
+        Target::App,
     ),
     (
         "mg_connect6",
         "link_connect6",
         "connect6",
         sys::ATTACH_CONNECT6,
-        false,
+        Target::App,
     ),
     (
         "mg_sendmsg4",
         "link_sendmsg4",
         "sendmsg4",
         sys::ATTACH_SENDMSG4,
-        false,
+        Target::App,
     ),
     (
         "mg_sendmsg6",
         "link_sendmsg6",
         "sendmsg6",
         sys::ATTACH_SENDMSG6,
-        false,
+        Target::App,
     ),
     (
         "mg_sockops",
         "link_sockops",
         "sock_ops",
         sys::ATTACH_SOCK_OPS,
-        false,
+        Target::SockopsApp,
+    ),
+    (
+        "mg_sockops",
+        "link_sockops_sidecar",
+        "sock_ops_sidecar",
+        sys::ATTACH_SOCK_OPS,
+        Target::SockopsSidecar,
     ),
     (
         "mg_ingress",
         "link_ingress",
         "ingress",
         sys::ATTACH_INGRESS,
-        false,
+        Target::App,
     ),
     (
         "mg_getsockopt",
         "link_getsockopt",
         "getsockopt",
         sys::ATTACH_GETSOCKOPT,
-        true,
+        Target::Sidecar,
     ),
 ];
 
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 10] = [
     "config",
     "policy",
     "app_ports",
@@ -301,7 +368,13 @@ const MAPS: [&str; 8] = [
     "port_counters",
     "orig_by_cookie",
     "orig_by_tuple",
+    "local_socks",
+    "local_tcp",
 ];
+
+/// The local acceleration program, attached to the map `local_socks` (not a link: an attachment
+/// to a map lasts as long as the map, which is pinned).
+const LOCAL_MSG: &str = "mg_local_msg";
 
 /// The pin directory for a cgroup: its path below the cgroup2 mount, `/` replaced by `_`.
 pub fn pin_dir_for(cgroup: &Path) -> Result<PathBuf> {
@@ -382,6 +455,9 @@ fn write_config(
     }
     if cfg.enforce_ingress {
         flags |= F_ENFORCE_INGRESS;
+    }
+    if cfg.accelerate_local {
+        flags |= F_ACCEL_LOCAL;
     }
     let raw = RawConfig {
         cgroup_id,
@@ -468,15 +544,24 @@ fn validate(cfg: &AttachConfig) -> Result<()> {
     Ok(())
 }
 
+/// One of our links as pinned.
+struct PinnedLink {
+    hook: &'static str,
+    target: Target,
+    /// `(link id, program id)`, None when the pin is missing.
+    ids: Option<(u32, u32)>,
+}
+
 /// Ids of our programs, from the pinned links (empty for links that are missing).
-fn pinned_prog_ids(pin_dir: &Path) -> Vec<(&'static str, Option<(u32, u32)>)> {
+fn pinned_prog_ids(pin_dir: &Path) -> Vec<PinnedLink> {
     PROGRAMS
         .iter()
-        .map(|(_, pin, hook, _, _)| {
-            let ids = sys::obj_get(&pin_dir.join(pin))
+        .map(|(_, pin, hook, _, target)| PinnedLink {
+            hook,
+            target: *target,
+            ids: sys::obj_get(&pin_dir.join(pin))
                 .and_then(sys::link_ids)
-                .ok();
-            (*hook, ids)
+                .ok(),
         })
         .collect()
 }
@@ -484,8 +569,8 @@ fn pinned_prog_ids(pin_dir: &Path) -> Vec<(&'static str, Option<(u32, u32)>)> {
 /// Refuses when a redirect hook of `cgroup` holds a program that is not ours.
 fn check_foreign(cgroup: &Path, ours: &[u32]) -> Result<()> {
     let fd = open_dir(cgroup)?;
-    for (_, _, hook, attach_type, on_sidecar) in PROGRAMS {
-        if on_sidecar || !matches!(hook, "connect4" | "connect6") {
+    for (_, _, hook, attach_type, target) in PROGRAMS {
+        if target != Target::App || !matches!(hook, "connect4" | "connect6") {
             continue;
         }
         let ids = sys::prog_query(fd.as_fd(), attach_type).map_err(sys_err(format!(
@@ -521,6 +606,10 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     };
     env::cgroup_relative(&sidecar)?;
     let same = env::cgroup_relative(&sidecar)? == env::cgroup_relative(&cgroup)?;
+    let nesting = Nesting::of(
+        Path::new(&format!("/{}", env::cgroup_relative(&cgroup)?.1)),
+        Path::new(&format!("/{}", env::cgroup_relative(&sidecar)?.1)),
+    );
     if cfg.sidecar_cgroup.is_some() && same && cfg.sidecar_uid.is_none() {
         return Err(Error::Config(
             "--sidecar-cgroup must differ from --cgroup (the sidecar's own connects would be \
@@ -560,9 +649,22 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
                 other_id: existing.cgroup_id,
             });
         }
+        if !pin_dir.join("local_socks").exists() {
+            // Pins of a meshgate without local acceleration. Not replaced here: detaching
+            // them would let the workload's connects go direct for a moment.
+            return Err(Error::Config(format!(
+                "the pins in {} were made by an older meshgate (no local acceleration maps); \
+                 fix: `meshgate redirect detach --cgroup {}`, then attach again",
+                pin_dir.display(),
+                cgroup.display()
+            )));
+        }
         let links = pinned_prog_ids(&pin_dir);
-        if links.iter().all(|(_, ids)| ids.is_some()) {
-            let ours: Vec<u32> = links.iter().filter_map(|(_, i)| i.map(|i| i.1)).collect();
+        if links
+            .iter()
+            .all(|l| l.ids.is_some() || !needed(l.target, nesting))
+        {
+            let ours: Vec<u32> = links.iter().filter_map(|l| l.ids.map(|i| i.1)).collect();
             check_foreign(&cgroup, &ours)?;
             write_config(
                 &mut |name| pinned_map(&pin_dir, name),
@@ -614,47 +716,47 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     let app_fd = open_dir(&cgroup)?;
     let sidecar_fd = open_dir(&sidecar)?;
     let result = (|| {
-        for (prog, pin, hook, attach_type, on_sidecar) in PROGRAMS {
-            let p = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| Error::Config(format!("program {prog} missing from the object")))?;
-            let loaded = match p {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    load_fd(p, CgroupSockAddr::load, CgroupSockAddr::fd)
+        // A program attached at two places (sockops) is loaded once.
+        let mut loaded: Vec<(&str, std::os::fd::OwnedFd)> = Vec::new();
+        for (prog, pin, hook, attach_type, target) in PROGRAMS {
+            if !needed(target, nesting) {
+                continue;
+            }
+            let fd = match loaded.iter().find(|(name, _)| *name == prog) {
+                Some((_, fd)) => fd.try_clone().map_err(sys_err("dup program fd"))?,
+                None => {
+                    let fd = load_program(&mut ebpf, prog)?;
+                    loaded.push((prog, fd.try_clone().map_err(sys_err("dup program fd"))?));
+                    fd
                 }
-                aya::programs::Program::SockOps(p) => load_fd(p, SockOps::load, SockOps::fd),
-                aya::programs::Program::CgroupSkb(p) => load_fd(p, CgroupSkb::load, CgroupSkb::fd),
-                aya::programs::Program::CgroupSockopt(p) => {
-                    load_fd(p, CgroupSockopt::load, CgroupSockopt::fd)
-                }
-                _ => Err(Error::Config(format!("unexpected program type for {prog}"))),
-            }?;
-            let target = if on_sidecar {
-                sidecar_fd.as_fd()
-            } else {
-                app_fd.as_fd()
             };
-            let link = sys::link_create(&loaded, target, attach_type).map_err(|e| {
+            let (target_fd, target_dir) = match target {
+                Target::App | Target::SockopsApp => (app_fd.as_fd(), &cgroup),
+                Target::Sidecar | Target::SockopsSidecar => (sidecar_fd.as_fd(), &sidecar),
+            };
+            let link = sys::link_create(&fd, target_fd, attach_type).map_err(|e| {
                 let hint = if e.raw_os_error() == Some(libc::EINVAL) && hook == "sock_ops" {
                     " (kernel too old for bpf links, needs >= 5.7)"
                 } else {
                     ""
                 };
                 Error::Sys {
-                    what: format!(
-                        "attach {hook} to {}{hint}",
-                        if on_sidecar {
-                            sidecar.display()
-                        } else {
-                            cgroup.display()
-                        }
-                    ),
+                    what: format!("attach {hook} to {}{hint}", target_dir.display()),
                     source: e,
                 }
             })?;
             sys::obj_pin(&link, &pin_dir.join(pin))
                 .map_err(sys_err(format!("pin {pin} in {}", pin_dir.display())))?;
         }
+        // Local acceleration: the sk_msg program on the pinned sockhash (the map keeps it).
+        let msg = load_program(&mut ebpf, LOCAL_MSG)?;
+        let socks = sys::obj_get(&pin_dir.join("local_socks"))
+            .map_err(sys_err(format!("open {}/local_socks", pin_dir.display())))?;
+        sys::prog_attach(&msg, &socks, sys::ATTACH_SK_MSG_VERDICT).map_err(|e| Error::Sys {
+            what: "attach the local acceleration program (sk_msg) to its sockhash (needs Linux >= 5.15)"
+                .into(),
+            source: e,
+        })?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -668,8 +770,37 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     })
 }
 
+/// Whether a program's link is attached, given how the two cgroups nest: sockops once per
+/// socket (see [`Target::SockopsApp`]).
+fn needed(target: Target, nesting: Nesting) -> bool {
+    match target {
+        Target::App | Target::Sidecar => true,
+        Target::SockopsApp => nesting != Nesting::SidecarAbove,
+        Target::SockopsSidecar => matches!(nesting, Nesting::SidecarAbove | Nesting::Apart),
+    }
+}
+
 fn cgroup_id_of_sidecar(dir: &Path) -> Result<u64> {
     cgroup_id(dir)
+}
+
+/// Loads one program of the object (by its C function name); the fd to attach it with.
+fn load_program(ebpf: &mut aya::Ebpf, prog: &str) -> Result<std::os::fd::OwnedFd> {
+    let p = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| Error::Config(format!("program {prog} missing from the object")))?;
+    match p {
+        aya::programs::Program::CgroupSockAddr(p) => {
+            load_fd(p, CgroupSockAddr::load, CgroupSockAddr::fd)
+        }
+        aya::programs::Program::SockOps(p) => load_fd(p, SockOps::load, SockOps::fd),
+        aya::programs::Program::CgroupSkb(p) => load_fd(p, CgroupSkb::load, CgroupSkb::fd),
+        aya::programs::Program::CgroupSockopt(p) => {
+            load_fd(p, CgroupSockopt::load, CgroupSockopt::fd)
+        }
+        aya::programs::Program::SkMsg(p) => load_fd(p, SkMsg::load, SkMsg::fd),
+        _ => Err(Error::Config(format!("unexpected program type for {prog}"))),
+    }
 }
 
 fn load_fd<P>(
@@ -838,6 +969,15 @@ pub struct CounterSnapshot {
     pub origdst_hit: u64,
     /// `SO_ORIGINAL_DST` asked for a connection that was not redirected.
     pub origdst_miss: u64,
+    /// Local acceleration: sockets of local hops put into the sockhash (two per connection).
+    pub accel_sockets: u64,
+    /// Local acceleration: sockets of local hops that could not be put there (the sockhash was full, or the socket is in another attachment's).
+    pub accel_refused: u64,
+    /// Local acceleration: messages passed from socket to socket.
+    pub accel_messages: u64,
+    /// Local acceleration: connections that stay on TCP because a message found no peer socket
+    /// (the peer is outside this pod's cgroups, or was not established yet).
+    pub accel_fallback: u64,
     /// Per destination port and verdict, sorted.
     pub per_port: Vec<PortCount>,
 }
@@ -857,6 +997,16 @@ impl CounterSnapshot {
             ("denied_udp_mesh", self.denied_udp_mesh),
             ("origdst_hit", self.origdst_hit),
             ("origdst_miss", self.origdst_miss),
+        ]
+    }
+
+    /// `(event, count)` pairs of the local acceleration counters, in a stable order.
+    pub fn acceleration(&self) -> [(&'static str, u64); 4] {
+        [
+            ("sockets", self.accel_sockets),
+            ("refused", self.accel_refused),
+            ("messages", self.accel_messages),
+            ("fallback", self.accel_fallback),
         ]
     }
 }
@@ -900,6 +1050,10 @@ impl Counters {
             denied_udp_mesh: c[7],
             origdst_hit: c[8],
             origdst_miss: c[9],
+            accel_sockets: c[10],
+            accel_refused: c[11],
+            accel_messages: c[12],
+            accel_fallback: c[13],
             per_port,
         })
     }
@@ -911,6 +1065,9 @@ pub struct LinkStatus {
     pub hook: &'static str,
     /// `(link id, program id)`, or None if the pin is missing.
     pub ids: Option<(u32, u32)>,
+    /// False for the sockops link that is not attached because the other covers both cgroups
+    /// (one contains the other): missing is then expected.
+    pub needed: bool,
 }
 
 /// What is attached for one cgroup.
@@ -927,6 +1084,8 @@ pub struct Attachment {
     pub exempt_loopback: bool,
     pub enforce_egress: bool,
     pub enforce_ingress: bool,
+    /// Local acceleration of new local hops (see [`AttachConfig::accelerate_local`]).
+    pub accelerate_local: bool,
     /// `(kind, rule)` with kind `exempt`, `mesh` or `allow`.
     pub rules: Vec<(&'static str, Rule)>,
     pub links: Vec<LinkStatus>,
@@ -938,6 +1097,7 @@ fn read_attachment(pin_dir: &Path) -> Result<Attachment> {
         Array::try_from(pinned_map(pin_dir, "config")?).map_err(map_err("config"))?;
     let raw = config.get(&0, 0).map_err(map_err("config"))?;
     let (cgroup, sidecar_cgroup) = read_meta(pin_dir)?;
+    let nesting = Nesting::of(Path::new(&cgroup), Path::new(&sidecar_cgroup));
     let ports: HashMap<MapData, u16, u8> =
         HashMap::try_from(pinned_map(pin_dir, "app_ports")?).map_err(map_err("app_ports"))?;
     let mut app_ports: Vec<u16> = ports.keys().filter_map(|k| k.ok()).collect();
@@ -976,10 +1136,15 @@ fn read_attachment(pin_dir: &Path) -> Result<Attachment> {
         exempt_loopback: raw.flags & F_LOOPBACK_EXEMPT != 0,
         enforce_egress: raw.flags & F_ENFORCE_EGRESS != 0,
         enforce_ingress: raw.flags & F_ENFORCE_INGRESS != 0,
+        accelerate_local: raw.flags & F_ACCEL_LOCAL != 0,
         rules,
         links: pinned_prog_ids(pin_dir)
             .into_iter()
-            .map(|(hook, ids)| LinkStatus { hook, ids })
+            .map(|l| LinkStatus {
+                hook: l.hook,
+                ids: l.ids,
+                needed: needed(l.target, nesting),
+            })
             .collect(),
         counters: Counters::read_pinned(pin_dir)?,
     })
@@ -1044,6 +1209,38 @@ pub fn status_report(cgroup: Option<&Path>) -> Result<StatusReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sock_ops must run exactly once for every socket of the app and of the sidecar: whichever
+    /// cgroup contains the other takes it alone; apart, both.
+    #[test]
+    fn sockops_runs_once_per_socket_however_the_cgroups_nest() {
+        let cases = [
+            ("/pod/app", "/pod", Nesting::SidecarAbove, false, true),
+            ("/pod", "/pod", Nesting::Same, true, false),
+            ("/pod/app", "/pod/sidecar", Nesting::Apart, true, true),
+            ("/pod", "/pod/sidecar", Nesting::AppAbove, true, false),
+            // A common prefix of the name is not nesting.
+            ("/pod-app", "/pod", Nesting::Apart, true, true),
+        ];
+        for (app, sidecar, nesting, on_app, on_sidecar) in cases {
+            let n = Nesting::of(Path::new(app), Path::new(sidecar));
+            assert_eq!(n, nesting, "{app} {sidecar}");
+            assert_eq!(needed(Target::SockopsApp, n), on_app, "{app} {sidecar}");
+            assert_eq!(
+                needed(Target::SockopsSidecar, n),
+                on_sidecar,
+                "{app} {sidecar}"
+            );
+            assert!(needed(Target::App, n) && needed(Target::Sidecar, n));
+        }
+        // Every socket is covered once: with an ancestor, its link covers the other cgroup.
+        let sockops: Vec<Target> = PROGRAMS
+            .iter()
+            .filter(|p| p.3 == sys::ATTACH_SOCK_OPS)
+            .map(|p| p.4)
+            .collect();
+        assert_eq!(sockops, [Target::SockopsApp, Target::SockopsSidecar]);
+    }
 
     #[test]
     fn layouts_match_the_c_structs() {

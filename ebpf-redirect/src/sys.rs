@@ -10,6 +10,7 @@ use std::path::Path;
 
 use aya_obj::generated::{bpf_attr, bpf_link_info, bpf_prog_info};
 
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -21,6 +22,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// `enum bpf_attach_type` values used here.
 pub const ATTACH_INGRESS: u32 = 0;
 pub const ATTACH_SOCK_OPS: u32 = 3;
+pub const ATTACH_SK_MSG_VERDICT: u32 = 7;
 pub const ATTACH_CONNECT4: u32 = 10;
 pub const ATTACH_CONNECT6: u32 = 11;
 pub const ATTACH_SENDMSG4: u32 = 14;
@@ -75,6 +77,16 @@ pub fn link_create(prog: impl AsFd, target: impl AsFd, attach_type: u32) -> io::
     a.link_create.__bindgen_anon_2.target_fd = target.as_fd().as_raw_fd() as u32;
     a.link_create.attach_type = attach_type;
     bpf(BPF_LINK_CREATE, &mut a).map(fd_from)
+}
+
+/// `BPF_PROG_ATTACH` of an `sk_msg` program to a sockmap or sockhash: the map holds the program
+/// for as long as it lives (pinned, here), so no link is needed (links for maps need Linux 6.10).
+pub fn prog_attach(prog: impl AsFd, map: impl AsFd, attach_type: u32) -> io::Result<()> {
+    let mut a = attr();
+    a.__bindgen_anon_5.__bindgen_anon_1.target_fd = map.as_fd().as_raw_fd() as u32;
+    a.__bindgen_anon_5.attach_bpf_fd = prog.as_fd().as_raw_fd() as u32;
+    a.__bindgen_anon_5.attach_type = attach_type;
+    bpf(BPF_PROG_ATTACH, &mut a).map(|_| ())
 }
 
 /// `BPF_LINK_DETACH`: detaches the program now. Merely dropping the last reference (unpinning)

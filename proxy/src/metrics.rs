@@ -411,6 +411,12 @@ fn ebpf_counters(pins: &std::path::Path) -> String {
                     "meshgate_ebpf_verdicts_total{{verdict=\"{verdict}\"}} {count}\n"
                 ));
             }
+            extra.push_str("# HELP meshgate_ebpf_local_accel Local acceleration of the pod's loopback hops: sockets put into the sockhash, sockets refused (full, or in another attachment's sockhash), messages passed socket to socket, connections left on TCP (fallback).\n# TYPE meshgate_ebpf_local_accel counter\n");
+            for (event, count) in snapshot.acceleration() {
+                extra.push_str(&format!(
+                    "meshgate_ebpf_local_accel_total{{event=\"{event}\"}} {count}\n"
+                ));
+            }
             extra.push_str("# HELP meshgate_ebpf_port_verdicts eBPF redirect verdicts by destination port.\n# TYPE meshgate_ebpf_port_verdicts counter\n");
             for p in &snapshot.per_port {
                 extra.push_str(&format!(

@@ -18,6 +18,12 @@
 //! 4. A new CLI process finds the pinned programs (`status`, `attach` again is a no-op with the
 //!    same link ids, traffic still redirected); `detach` restores plain networking.
 //!
+//! And local acceleration (on by default), in both pods: the local hops (A's app → A's sidecar,
+//! B's sidecar → B's app) pass socket to socket (counted), and bodies of up to 4 MiB cross them
+//! intact both ways over one kept-alive connection; a connection to B's app from outside the pod's
+//! cgroups stays on TCP (counted) and is answered in full; `--no-local-accel` stops it for new
+//! connections.
+//!
 //! Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN), cgroup v2, `ip`, `curl`, `python3`.
 //! Without them it is skipped with a loud message on stderr; `EBPF_TESTS=require` (set by
 //! `.ci/run`) turns the skip into a failure.
@@ -250,10 +256,22 @@ fn setup(tag: &str) -> Option<Env> {
 }
 
 const APP: &str = r#"
-import http.server, json, sys
+import hashlib, http.server, json, sys
+def pattern(n):
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def reply(self, body, kind):
+        head = "HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n" % (kind, len(body))
+        self.wfile.write(head.encode() + body)
+    def do_POST(self):
+        # Answers what arrived: its length and SHA-256 (the client compares them with what it sent).
+        data = self.rfile.read(int(self.headers["content-length"]))
+        self.reply(json.dumps({"len": len(data), "sha256": hashlib.sha256(data).hexdigest()}).encode(),
+                   "application/json")
     def do_GET(self):
+        if self.path.startswith("/big?n="):
+            return self.reply(pattern(int(self.path[7:])), "application/octet-stream")
         body = json.dumps({"app": sys.argv[3], "path": self.path, "peer": self.client_address[0],
                            "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
         # One write for head and body: two small writes meet Nagle + delayed ACK (40 ms) on the
@@ -263,6 +281,26 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// Uploads and downloads of 1 B to 4 MiB over one kept-alive connection, each checked byte for
+/// byte (SHA-256 of the upload as the app saw it; the download against the known pattern).
+const BODIES: &str = r#"
+import hashlib, http.client, json, os, sys
+def pattern(n):
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=30)
+for size in (1, 65536 + 7, 4 * 1024 * 1024 + 13):
+    body = os.urandom(size)
+    c.request("POST", "/upload", body=body)
+    r = c.getresponse()
+    got = json.loads(r.read())
+    assert r.status == 200 and got == {"len": size, "sha256": hashlib.sha256(body).hexdigest()}, (size, r.status, got)
+    c.request("GET", "/big?n=%d" % size)
+    r = c.getresponse()
+    data = r.read()
+    assert r.status == 200 and data == pattern(size), (size, r.status, len(data))
+print("ok")
 "#;
 
 const LATENCY: &str = r#"
@@ -545,6 +583,51 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
     );
     let ca = meshgate_ebpf::Counters::read_pinned(&pins_a).unwrap();
     assert!(ca.redirected >= 1 && ca.origdst_hit >= 1, "{ca:?}");
+
+    // Local acceleration: both local hops of both pods passed messages socket to socket, and
+    // bodies cross them intact both ways (a lost, duplicated or reordered byte fails the hashes).
+    let bodies_py = d.join("bodies.py");
+    std::fs::write(&bodies_py, BODIES).unwrap();
+    let accel = |pins: &Path| meshgate_ebpf::Counters::read_pinned(pins).unwrap();
+    let (a0, b0) = (accel(&pins_a), accel(&pins_b));
+    let out = output_within(
+        env.in_pod(0, "pod-a/app", "python3")
+            .arg(&bodies_py)
+            .args([B_IP, "8080"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(ok(&out).trim(), "ok", "{}", text(&out));
+    let (a1, b1) = (accel(&pins_a), accel(&pins_b));
+    // A: the app's socket to 15001 and the sidecar's accepted one. B: the sidecar's pooled
+    // connection to the app (it may have been opened by an earlier request) — its messages count.
+    assert!(a1.accel_sockets >= a0.accel_sockets + 2, "{a0:?}\n{a1:?}");
+    for (before, after, pod) in [(&a0, &a1, "A"), (&b0, &b1, "B")] {
+        // Six requests one way, six responses the other: at least one message each.
+        assert!(
+            after.accel_messages >= before.accel_messages + 12,
+            "pod {pod}: messages passed socket to socket\n{before:?}\n{after:?}"
+        );
+        assert_eq!(after.accel_refused, 0, "pod {pod}: {after:?}");
+    }
+    assert!(
+        metric(
+            &ok(&env.curl(0, "pod-a/other", "http://127.0.0.1:15000/metrics")),
+            "meshgate_ebpf_local_accel_total",
+            &[r#"event="messages""#]
+        ) >= a1.accel_messages,
+        "the sidecar exports the acceleration counters"
+    );
+    // A connection to B's app from outside the pod's cgroups (only the app's end can be in the
+    // sockhash): it stays on TCP, counted, and the answer arrives whole.
+    let fb0 = accel(&pins_b).accel_fallback;
+    let big = env.curl_with(
+        1,
+        "pod-b/ext",
+        "http://127.0.0.1:8080/big?n=1000000",
+        &["-o", "/dev/null", "-w", "%{size_download}"],
+    );
+    assert_eq!(ok(&big), "1000000", "{}", text(&big));
+    assert!(accel(&pins_b).accel_fallback > fb0, "{:?}", accel(&pins_b));
     assert!(
         ca.per_port
             .iter()
@@ -624,7 +707,11 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
 
     // 4a. A new CLI process finds the pins: status prints them; attach again is a no-op.
     let status = ok(&env.redirect(&["status", "--cgroup", &app_a.display().to_string()]));
-    assert!(status.contains("link connect4   attached"), "{status}");
+    assert!(
+        status.contains("link connect4         attached"),
+        "{status}"
+    );
+    assert!(status.contains("local accel     on"), "{status}");
     assert!(status.contains("redirected"), "{status}");
     let ids = |s: &str| -> Vec<String> {
         s.lines()
@@ -640,11 +727,27 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
         ids(&status2),
         "same links after a second attach"
     );
-    assert_eq!(ids(&status).len(), 7, "{status}");
+    // 7 programs; sock_ops on both cgroups (app and sidecar are apart).
+    assert_eq!(ids(&status).len(), 8, "{status}");
     let body = ok(&env.curl(0, "pod-a/app", &format!("http://{B_IP}:8080/again")));
     assert!(
         body.contains(A_ID),
         "still redirected after re-attach: {body}"
+    );
+    // The off switch: attach again with --no-local-accel; new local hops stay on TCP.
+    let mut off = args_a.clone();
+    off.push("--no-local-accel".into());
+    ok(&env.redirect(&off.iter().map(String::as_str).collect::<Vec<_>>()));
+    let off_status = ok(&env.redirect(&["status", "--cgroup", &app_a.display().to_string()]));
+    assert!(off_status.contains("local accel     off"), "{off_status}");
+    let before = meshgate_ebpf::Counters::read_pinned(&pins_a).unwrap();
+    let body = ok(&env.curl(0, "pod-a/app", &format!("http://{B_IP}:8080/unaccelerated")));
+    assert!(body.contains(A_ID), "{body}");
+    let after = meshgate_ebpf::Counters::read_pinned(&pins_a).unwrap();
+    assert_eq!(
+        (after.accel_sockets, after.redirected),
+        (before.accel_sockets, before.redirected + 1),
+        "a new connection, redirected but not accelerated"
     );
     let all = ok(&env.redirect(&["status"]));
     assert!(
@@ -698,7 +801,7 @@ fn redirect_through_both_sidecars_enforce_l3l4_detach_and_reattach() {
 
     let _ = writeln!(
         std::io::stderr(),
-        "ebpf_redirect figures: attach (CLI process, load+verify+attach 7 programs) {attach_ms:.0} ms; \
+        "ebpf_redirect figures: attach (CLI process, load+verify+attach 8 programs) {attach_ms:.0} ms; \
          request latency p50/p90 ms: redirected through both sidecars {meshed}, explicit proxy (no redirect) {explicit}, direct {plain}; whole test {:.1} s",
         t0.elapsed().as_secs_f64()
     );
@@ -1036,7 +1139,12 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
         status.contains(&format!("sidecar cgroup  {}", pod.display())),
         "getsockopt goes on the same pod cgroup: {status}"
     );
+    // One cgroup: sock_ops once, on it (a second link would run it twice per socket).
     assert_eq!(status.matches("attached (link id").count(), 7, "{status}");
+    assert!(
+        status.contains("link sock_ops_sidecar not needed"),
+        "{status}"
+    );
 
     let url = format!("http://{B_IP}:8080/which");
     let app = ok(&output_within(
@@ -1083,6 +1191,13 @@ fn pod_cgroup_with_sidecar_exempt_by_uid() {
         meshgate_ebpf::Counters::read_pinned(&meshgate_ebpf::pin_dir_for(&pod).unwrap()).unwrap();
     assert!(
         c.redirected >= 1 && c.sidecar >= 2 && c.denied_egress >= 1,
+        "{c:?}"
+    );
+    // Local acceleration, when only one end is in the pod's cgroups (the stand-in for the
+    // outbound listener runs outside it): the app's end went into the sockhash, its first
+    // message found no peer there, and the connection stayed on TCP (answered in full above).
+    assert!(
+        c.accel_sockets >= 1 && c.accel_fallback >= 1 && c.accel_messages == 0,
         "{c:?}"
     );
 

@@ -8,10 +8,17 @@
 // Attached to the workload's (app's) cgroup v2:
 //   cgroup/connect4, cgroup/connect6   outbound decision per connect(): exempt / redirect / allow / deny
 //   cgroup/sendmsg4, cgroup/sendmsg6   the same decision for unconnected UDP (sendto): allow / deny
-//   sockops                            re-keys the original destination from socket cookie to 4-tuple
+//   sockops                            re-keys the original destination from socket cookie to 4-tuple,
+//                                      and puts the pod's local hops into `local_socks`
 //   cgroup_skb/ingress                 drops packets to the app's ports unless they come over loopback
 // Attached to the sidecar's cgroup (the same cgroup when the sidecar is exempt by uid):
 //   cgroup/getsockopt                  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) like netfilter
+//   sockops                            the same program, so the sidecar's ends of the local hops
+//                                      are in `local_socks` too (when it has its own cgroup)
+// Attached to the map `local_socks`:
+//   sk_msg                             local acceleration: what one end of a local hop (app <->
+//                                      its sidecar over loopback) sends goes straight into the
+//                                      other end's receive queue, without the TCP/IP stack
 //
 // Byte orders (the kernel mixes them): bpf_sock_addr.user_ip4/user_port network order;
 // bpf_sock.src_port host order, bpf_sock.dst_port network order; bpf_sock_ops.local_port host
@@ -38,6 +45,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define F_LOOPBACK_EXEMPT 1u // connects to 127.0.0.0/8 and ::1 go direct
 #define F_ENFORCE_EGRESS 2u  // non-mesh destinations must be allowlisted (else EPERM)
 #define F_ENFORCE_INGRESS 4u // app ports accept only loopback (the local sidecar)
+#define F_ACCEL_LOCAL 8u     // local hops (app <-> sidecar over loopback) skip the TCP/IP stack
 
 // policy kinds (first byte of the LPM key)
 #define K_EXEMPT 1
@@ -55,6 +63,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define C_DENIED_UDP_MESH 7
 #define C_ORIGDST_HIT 8
 #define C_ORIGDST_MISS 9
+#define C_ACCEL_SOCKETS 10  // sockets of local hops put into local_socks
+#define C_ACCEL_REFUSED 11  // ... that could not be (map full, or in another attachment's): they stay on TCP
+#define C_ACCEL_MSGS 12     // messages passed socket to socket
+#define C_ACCEL_FALLBACK 13 // local hops whose peer was not in local_socks: the whole connection stays on TCP
 #define C_MAX 16
 
 // verdicts for per-port counters
@@ -95,6 +107,17 @@ struct tuple4 {
 	__be32 dip; // the app socket's remote address (the sidecar's outbound listener)
 	__u16 sport; // host order
 	__u16 dport; // host order
+};
+
+// A local hop's socket, as seen from that socket: its own address and port, then the peer's.
+// IPv4 (an IPv4-mapped IPv6 socket is keyed by its IPv4 addresses). The network namespace is part
+// of the key: 127.0.0.1:<port> pairs repeat in every pod.
+struct local_key {
+	__u64 netns;
+	__be32 lip;
+	__be32 rip;
+	__u32 lport; // host order
+	__u32 rport; // host order
 };
 
 struct port_key {
@@ -152,6 +175,24 @@ struct {
 	__type(key, struct tuple4);
 	__type(value, struct orig_dst);
 } orig_by_tuple SEC(".maps");
+
+// The local hops' sockets. The kernel removes a socket when it closes.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct local_key);
+	__type(value, __u64);
+} local_socks SEC(".maps");
+
+// Local hops that stay on TCP: a message found no peer in local_socks (its socket was not
+// there yet, or is not in this pod's cgroups). Once one byte went over TCP, every later one must
+// too, or the receiver could read them out of order.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct local_key);
+	__type(value, __u8);
+} local_tcp SEC(".maps");
 
 // Free-form metadata written by the loader (cgroup paths), never read by the programs.
 struct meta {
@@ -369,13 +410,69 @@ int mg_sendmsg6(struct bpf_sock_addr *ctx)
 		      !is_v4_mapped(w)) == D_PASS;
 }
 
+// The IPv4 address of a loopback socket end: an AF_INET address, or an IPv4-mapped one on an
+// AF_INET6 socket (a dual-stack listener). 0 when it is not IPv4 loopback.
+static __always_inline __be32 loopback_v4(__u32 family, __be32 ip4, const __u32 ip6[4])
+{
+	if (family == AF_INET)
+		return is_loopback4(ip4) ? ip4 : 0;
+	if (family == AF_INET6 && is_v4_mapped(ip6) && is_loopback4(ip6[3]))
+		return ip6[3];
+	return 0;
+}
+
+// A local hop: both ends on IPv4 loopback, one of them the sidecar's outbound listener or an app
+// port. Fills `k` as seen from this socket.
+static __always_inline int local_hop(struct config *c, struct local_key *k)
+{
+	if (!k->lip || !k->rip)
+		return 0;
+	if (k->lport == c->outbound_port || k->rport == c->outbound_port)
+		return 1;
+	__u16 lport = (__u16)k->lport, rport = (__u16)k->rport;
+	return bpf_map_lookup_elem(&app_ports, &lport) || bpf_map_lookup_elem(&app_ports, &rport);
+}
+
+static __always_inline void accelerate(struct bpf_sock_ops *skops)
+{
+	struct config *c = get_config();
+	if (!c || !(c->flags & F_ACCEL_LOCAL))
+		return;
+	__u32 l6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+		       skops->local_ip6[3]};
+	__u32 r6[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+		       skops->remote_ip6[3]};
+	struct local_key k = {
+		.netns = bpf_get_netns_cookie(skops),
+		.lip = loopback_v4(skops->family, skops->local_ip4, l6),
+		.rip = loopback_v4(skops->family, skops->remote_ip4, r6),
+		.lport = skops->local_port,
+		.rport = bpf_ntohl(skops->remote_port),
+	};
+	if (!local_hop(c, &k))
+		return;
+	// A new connection may reuse the tuple of one that fell back to TCP.
+	bpf_map_delete_elem(&local_tcp, &k);
+	// The loader attaches this program so that it runs once per socket.
+	if (bpf_sock_hash_update(skops, &local_socks, &k, BPF_NOEXIST) == 0)
+		count(C_ACCEL_SOCKETS);
+	else
+		count(C_ACCEL_REFUSED);
+}
+
 // When a redirected connection is established, its original destination moves from the socket
 // cookie (known in connect4, before the local port exists) to the 4-tuple the sidecar can see.
+// Every established connection of a local hop (either side) goes into local_socks.
 SEC("sockops")
 int mg_sockops(struct bpf_sock_ops *skops)
 {
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		accelerate(skops);
+		return 1;
+	}
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
+	accelerate(skops);
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 	if (!o)
@@ -390,6 +487,43 @@ int mg_sockops(struct bpf_sock_ops *skops)
 	bpf_map_update_elem(&orig_by_tuple, &t, &v, BPF_ANY);
 	bpf_map_delete_elem(&orig_by_cookie, &cookie);
 	return 1;
+}
+
+// Local acceleration: a message sent on a socket in local_socks goes into the receive queue of
+// the socket at the connection's other end (the same tuple seen from there), skipping TCP, IP,
+// the loopback device and netfilter for both. No peer there: the message goes over TCP, and so
+// does the rest of the connection (local_tcp). Never drops: any failure is TCP as usual.
+SEC("sk_msg")
+int mg_local_msg(struct sk_msg_md *msg)
+{
+	__u32 l6[4] = {msg->local_ip6[0], msg->local_ip6[1], msg->local_ip6[2], msg->local_ip6[3]};
+	__u32 r6[4] = {msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2],
+		       msg->remote_ip6[3]};
+	// The peer's key: its local end is our remote end.
+	struct local_key peer = {
+		.netns = bpf_get_netns_cookie(msg),
+		.lip = loopback_v4(msg->family, msg->remote_ip4, r6),
+		.rip = loopback_v4(msg->family, msg->local_ip4, l6),
+		.lport = bpf_ntohl(msg->remote_port),
+		.rport = msg->local_port,
+	};
+	struct local_key self = {
+		.netns = peer.netns,
+		.lip = peer.rip,
+		.rip = peer.lip,
+		.lport = peer.rport,
+		.rport = peer.lport,
+	};
+	if (bpf_map_lookup_elem(&local_tcp, &self))
+		return SK_PASS;
+	if (bpf_msg_redirect_hash(msg, &local_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
+		count(C_ACCEL_MSGS);
+		return SK_PASS;
+	}
+	__u8 one = 1;
+	bpf_map_update_elem(&local_tcp, &self, &one, BPF_ANY);
+	count(C_ACCEL_FALLBACK);
+	return SK_PASS;
 }
 
 // getsockopt(fd, SOL_IP, SO_ORIGINAL_DST) on the sidecar's accepted socket: the socket's remote
