@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--idle N] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--idle N] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -24,6 +24,10 @@
 # --haproxy: the same measurement of run.sh's HAProxy pair (HTTP/2 between its proxies, the same
 # certificates, ACL and keep-alive; BIN still makes the CA), so the user/system split, system
 # calls and context switches of both can be set side by side (needs haproxy, openssl, curl).
+# --accel: meshgate's eBPF local acceleration on the two local hops (the client → the outbound
+# proxy, the inbound proxy → the app): the app and the client in one cgroup, the proxies in
+# another, `meshgate redirect attach` on them (accel.sh); needs root. With --haproxy it is the
+# control: the same kernel path under HAProxy's pair. Prints the acceleration counters too.
 # --idle N: instead of the load runs, N plain HTTP/1.1 connections to the outbound proxy (an
 # app's pool), each sending one kept-alive GET of PATH, held idle; prints the RSS each proxy
 # gained per connection (the outbound one holds the connections; the inbound one sees one
@@ -39,6 +43,7 @@ response=
 path=/api/data
 expect=200
 haproxy=0
+accel=0
 idle=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -51,12 +56,13 @@ while [ $# -gt 0 ]; do
     --path) path=$2; shift 2 ;;
     --expect) expect=$2; shift 2 ;;
     --haproxy) haproxy=1; shift ;;
+    --accel) accel=1; shift ;;
     --idle) idle=$2; shift 2 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response" "$idle"; do
@@ -76,7 +82,14 @@ fi
 work_name=pair
 # shellcheck source=mesh-setup.sh
 . "$here/mesh-setup.sh"
-start_app taskset -c 1
+# shellcheck source=accel.sh
+. "$here/accel.sh"
+if [ "$accel" = 1 ]; then
+  why=$(accel_unavailable) && { echo "--accel: $why" >&2; exit 1; }
+  trap 'cleanup; accel_cleanup' EXIT
+  accel_setup "meshgate-pair-$$" "$out_port" "$in_port" "$app_port" || exit 1
+fi
+start_app "${in_app_cg[@]}" taskset -c 1
 
 log=${MESHGATE_LOG:-warn}
 export MESHGATE_LOG_FORMAT=${MESHGATE_LOG_FORMAT:-text}
@@ -90,19 +103,19 @@ if [ -n "$tracing" ]; then
   telemetry=()
 fi
 if [ "$haproxy" = 1 ]; then
-  pinned() { shift; exec taskset -c 1 "$@"; }
+  pinned() { shift; exec "${in_sidecar_cg[@]}" taskset -c 1 "$@"; }
   start_haproxy_pair "$in_port" "$out_port" pinned
   in_pid=$hap_in_pid
   out_pid=$hap_out_pid
 else
-  MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+  MESHGATE_LOG=$log "${in_sidecar_cg[@]}" taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
     "${telemetry[@]}" >"$work/in.log" 2>&1 &
   in_pid=$!
   pids+=("$in_pid")
-  MESHGATE_LOG=$log taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
+  MESHGATE_LOG=$log "${in_sidecar_cg[@]}" taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
     --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" --services "$work/services.yaml" \
     --inbound 127.0.0.1:$((out_port - 1)) --outbound 127.0.0.1:$out_port --admin 127.0.0.1:$((out_port + 1)) \
@@ -143,7 +156,7 @@ fi
 oha_json() { # OUT ARGS...
   local out=$1
   shift
-  taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
+  "${in_app_cg[@]}" taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
 }
 oha_json "$work/warm.json" -z 1s -c 64
 oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction
@@ -194,3 +207,4 @@ if tracing:
     line += f"  otlp exports {exports} ({int(size) / 1024:.0f} KiB)"
 print(line)
 PY
+[ "$accel" = 0 ] || echo "local acceleration: $(accel_counters)"
