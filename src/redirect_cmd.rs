@@ -182,6 +182,11 @@ pub fn run(command: RedirectCommand) -> Result<()> {
                 );
             }
             let done = meshgate_ebpf::attach(&cfg)?;
+            if let Some(why) = &done.local_accel_unavailable {
+                eprintln!(
+                    "warning: {why}; redirect and enforcement are attached, and the local hops stay on TCP"
+                );
+            }
             println!(
                 "{} {} (pins: {}) in {} ms",
                 if done.reused {

@@ -22,9 +22,10 @@ LABEL = {
     "meshgate-info": "meshgate (default log level, text)",
     "meshgate-json": "meshgate (default log level, JSON)",
     "meshgate-preserve": "meshgate (MESHGATE_LOG=warn, `--mesh-protocol preserve`)",
+    "meshgate-accel": "meshgate (MESHGATE_LOG=warn, eBPF local acceleration)",
 }
 # Measured on the mesh path only.
-MESH_ROWS = ROWS + ["meshgate-preserve"]
+MESH_ROWS = ROWS + ["meshgate-preserve", "meshgate-accel"]
 
 
 def oha(path):
@@ -171,14 +172,17 @@ def main():
 
     out.append("### 2. Mesh path: client (plain HTTP/1.1) → outbound proxy → mTLS → inbound proxy (ACL) → app\n")
     out.append("Between the proxies: nginx HTTP/1.1 with upstream keep-alive, HAProxy HTTP/2 (ALPN h2), meshgate HTTP/2 (HTTP/1.1 with `--mesh-protocol preserve`). "
-               "CPU per request of each proxy process at saturation (outbound + inbound = the pair).\n")
+               "CPU per request of each proxy process at saturation (outbound + inbound = the pair). "
+               "The eBPF local acceleration row (root only) is meshgate as deployed with `meshgate redirect`: its two local hops "
+               "(client → outbound proxy, inbound proxy → its own app instance) pass socket to socket in the kernel; the peers run without it, "
+               "as they would as sidecars (`pair.sh --accel --haproxy` measures the same kernel path under HAProxy).\n")
     out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
     out.append("|---|---|---|---|---|---|---|---|")
     out.append(f"| {LABEL[d]} | p50 {fig('mesh', d, 'p50') or 0:.0f} µs | p90 {fig('mesh', d, 'p90') or 0:.0f} µs | "
                f"p99 {fig('mesh', d, 'p99') or 0:.0f} µs | {fig('mesh', d, 'rps') or 0:,.0f} | – | (app {fig('mesh', d, 'cpu_in') or 0:.1f}) | – |")
     for p in MESH_ROWS:
         if p not in ROWS and fig('mesh', p, 'rps') is None:
-            continue  # a binary without --mesh-protocol
+            continue  # a binary without --mesh-protocol, or no local acceleration (not root)
         out.append(f"| {LABEL[p]} | {cell('mesh', p, 'added_p50', ' µs')} | {cell('mesh', p, 'added_p90', ' µs')} | "
                    f"{cell('mesh', p, 'added_p99', ' µs')} | {cell('mesh', p, 'rps', '', True)} | "
                    f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "

@@ -96,6 +96,7 @@ cleanup() {
   for p in "${pids[@]:-}"; do
     [ -n "$p" ] && wait "$p" 2>/dev/null || true
   done
+  accel_cleanup 2>/dev/null || true
   if [ "$keep" = 1 ]; then echo "kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -147,19 +148,38 @@ render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
 # The proxies. meshgate runs three times: MESHGATE_LOG=warn (quiet, like the peers with access
 # logs off), the default level (info, text), and the default level with --log-format json; the
 # logs go to files in the work dir. A fourth, meshgate-preserve (quiet, `--mesh-protocol preserve`:
-# HTTP/1.1 between the sidecars), runs the mesh-path scenario only.
+# HTTP/1.1 between the sidecars), runs the mesh-path scenario only. So does a fifth,
+# meshgate-accel (quiet, HTTP/2, with meshgate's eBPF local acceleration on its two local hops:
+# its own app instance and the load generator in one cgroup, its sidecars in another; accel.sh),
+# when run as root: the product as deployed with `meshgate redirect`, where the peers have no
+# such datapath (pair.sh --accel --haproxy measures what the same kernel path gives HAProxy).
 proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
-mesh_extra=(meshgate-preserve)
+mesh_extra=(meshgate-preserve meshgate-accel)
 # (A binary from before --mesh-protocol, for before/after runs, has no such row.)
 "$mg" proxy --help 2>/dev/null | grep -q -- --mesh-protocol || mesh_extra=()
+# shellcheck source=accel.sh
+. "$here/accel.sh"
+accel_app_port=$((base + 5))
+if why=$(accel_unavailable); then
+  log "no meshgate-accel row: $why"
+  kept=()
+  for v in "${mesh_extra[@]}"; do [ "$v" = meshgate-accel ] || kept+=("$v"); done
+  mesh_extra=("${kept[@]}")
+fi
 declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
 k=0
-for v in meshgate meshgate-info meshgate-json meshgate-preserve; do
+for v in meshgate meshgate-info meshgate-json meshgate-preserve meshgate-accel; do
   in_port[$v]=$((base + 30 + 10 * k)); out_port[$v]=$((base + 34 + 10 * k))
   render meshgate-services.yaml.tmpl "$work/services-$v.yaml" "${common[@]}" IN_PORT=${in_port[$v]}
   k=$((k + 1))
+done
+for v in "${mesh_extra[@]}"; do
+  [ "$v" = meshgate-accel ] || continue
+  render nginx-app.conf.tmpl "$work/nginx-app-accel.conf" APP_PORT=$accel_app_port "${common[@]}" # the first value of a placeholder wins
+  sed -i -e 's|/app.pid;|/app-accel.pid;|' -e 's|/app-error.log |/app-accel-error.log |' "$work/nginx-app-accel.conf"
+  accel_setup "meshgate-peers-$$" "${out_port[$v]}" "${in_port[$v]}" "$accel_app_port" || die "local acceleration: attach failed"
 done
 
 # ---------------------------------------------------------------- process control
@@ -194,21 +214,22 @@ EOF
   die "$3 not ready on admin port $1"
 }
 start_meshgate() { # VARIANT
-  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=()
+  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=() app=$app_port cg=()
   case $v in
     meshgate) lvl=(MESHGATE_LOG=warn) ;;
+    meshgate-accel) lvl=(MESHGATE_LOG=warn); app=$accel_app_port; cg=("${in_sidecar_cg[@]}") ;;
     meshgate-preserve) lvl=(MESHGATE_LOG=warn); carry=(--mesh-protocol preserve) ;;
     meshgate-info) lvl=(MESHGATE_LOG=info) ;;
     meshgate-json) lvl=(MESHGATE_LOG=info); fmt=(--log-format json) ;;
   esac
   # Inbound sidecar (the app's): mTLS listener ip, its own outbound and admin ports unused.
-  start_bg "$work/$v-in.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app_port \
+  start_bg "$work/$v-in.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app \
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) --no-tracing
   in_pid[$v]=$started
   # Outbound sidecar (the client's): plain HTTP listener op → mTLS/HTTP2 → the inbound sidecar.
-  start_bg "$work/$v-out.log" "${lvl[@]}" -- "$mg" proxy "${fmt[@]}" "${carry[@]}" --app 127.0.0.1:$app_port \
+  start_bg "$work/$v-out.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" "${carry[@]}" --app 127.0.0.1:$app \
     --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" \
     --services "$work/services-$v.yaml" \
@@ -221,6 +242,11 @@ start_all() {
   start_bg "$work/app.log" -- nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf"
   app_pid=$started
   wait_port "$app_port" "$app_pid" app
+  if [ -n "$accel_dir" ]; then
+    # meshgate-accel's own app: the same nginx configuration on its own port, in the app cgroup.
+    start_bg "$work/app-accel.log" -- "${in_app_cg[@]}" nginx -p "$work" -e "$work/app-accel-error.log" -c "$work/nginx-app-accel.conf"
+    wait_port "$accel_app_port" "$started" app-accel
+  fi
   start_bg "$work/nginx-in.log" -- nginx -p "$work" -e "$work/nginx-in-error.log" -c "$work/nginx-in.conf"
   in_pid[nginx]=$started
   start_bg "$work/nginx-out.log" -- nginx -p "$work" -e "$work/nginx-out-error.log" -c "$work/nginx-out.conf"
@@ -242,6 +268,13 @@ stop_all() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
   pids=()
+}
+
+# The load generator joins the app's cgroup for meshgate-accel (it is the app calling out);
+# for every other proxy it stays where it is.
+oha_cg=()
+client_cgroup() { # PROXY
+  if [ "$1" = meshgate-accel ]; then oha_cg=("${in_app_cg[@]}"); else oha_cg=(); fi
 }
 
 # A process and its children (nginx: master + worker).
@@ -271,9 +304,9 @@ results=$work/results.tsv
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$results"; } # round scenario proxy metric value
 
 tls_args=(--cert "$certs/client-chain.pem" --key "$certs/client.key" --insecure)
-oha_run() { # OUT-JSON DURATION ARGS...
+oha_run() { # OUT-JSON DURATION ARGS... (the load generator runs in $oha_cg's cgroup, if set)
   local out=$1 d=$2; shift 2
-  "${pin_client[@]}" oha --no-tui --output-format json -z "${d}s" -w "$@" >"$out" 2>"$out.err" \
+  "${oha_cg[@]}" "${pin_client[@]}" oha --no-tui --output-format json -z "${d}s" -w "$@" >"$out" 2>"$out.err" \
     || die "oha failed: $* ($(head -c 300 "$out.err"))"
 }
 url_in() { # PROXY PATH → URL of the inbound side (direct: the app)
@@ -407,6 +440,7 @@ run_round() {
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
   done
   for p in "${proxies[@]}" "${mesh_extra[@]}"; do
+    client_cgroup "$p"
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
   done
   # 1. inbound: fixed-rate latency, then saturation with CPU per request.
@@ -424,6 +458,7 @@ run_round() {
   done
   # 2. mesh path: client → outbound proxy → mTLS → inbound proxy → app.
   for p in $(order "$r" 1 "${mesh_extra[@]}"); do
+    client_cgroup "$p"
     oha_run "$work/r$r-mesh-lat-$p.json" "$dur" -q "$rate" --latency-correction -c "$lat_conns" \
       --http-version 1.1 --host app "$(url_out "$p" /api/data)"
     record "$r" mesh "$p" lat "$work/r$r-mesh-lat-$p.json"
@@ -431,6 +466,7 @@ run_round() {
   for p in $(order "$r" 1 "${mesh_extra[@]}"); do
     local ti to
     if [ "$p" = direct ]; then ti=$(cpu_ticks "$app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
+    client_cgroup "$p"
     oha_run "$work/r$r-mesh-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
     record "$r" mesh "$p" sat "$work/r$r-mesh-sat-$p.json"
     if [ "$p" = direct ]; then
@@ -440,6 +476,7 @@ run_round() {
       record "$r" mesh "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
     fi
   done
+  oha_cg=()
   # 4. handshakes: a new mTLS connection per request, closed loop.
   for p in $(order "$r" 0); do
     t0=$(cpu_ticks "${in_pid[$p]}")

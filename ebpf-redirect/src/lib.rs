@@ -208,6 +208,9 @@ pub struct Attached {
     /// rewritten.
     pub reused: bool,
     pub elapsed: Duration,
+    /// Why local acceleration could not be loaded (a kernel older than 5.15), when it could not:
+    /// everything else is attached, and the local hops stay on TCP.
+    pub local_accel_unavailable: Option<String>,
 }
 
 #[repr(C)]
@@ -375,6 +378,10 @@ const MAPS: [&str; 10] = [
 /// The local acceleration program, attached to the map `local_socks` (not a link: an attachment
 /// to a map lasts as long as the map, which is pinned).
 const LOCAL_MSG: &str = "mg_local_msg";
+
+/// The sockops program with local acceleration, loaded in place of `mg_sockops` where the
+/// kernel accepts it (>= 5.15).
+const SOCKOPS_ACCEL: &str = "mg_sockops_accel";
 
 /// The pin directory for a cgroup: its path below the cgroup2 mount, `/` replaced by `_`.
 pub fn pin_dir_for(cgroup: &Path) -> Result<PathBuf> {
@@ -678,6 +685,7 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
                 pin_dir,
                 reused: true,
                 elapsed: started.elapsed(),
+                local_accel_unavailable: None,
             });
         }
         // A partial attach (interrupted): clear it and start over.
@@ -716,19 +724,31 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     let app_fd = open_dir(&cgroup)?;
     let sidecar_fd = open_dir(&sidecar)?;
     let result = (|| {
-        // A program attached at two places (sockops) is loaded once.
-        let mut loaded: Vec<(&str, std::os::fd::OwnedFd)> = Vec::new();
+        // Local acceleration's programs need Linux >= 5.15 (the network namespace cookie in
+        // sockops and sk_msg). Without them, the sockops program without acceleration: the rest
+        // works as on any kernel >= 5.7.
+        let (sockops, local_msg, unavailable) = match load_program(&mut ebpf, SOCKOPS_ACCEL)
+            .and_then(|sockops| Ok((sockops, load_program(&mut ebpf, LOCAL_MSG)?)))
+        {
+            Ok((sockops, msg)) => (sockops, Some(msg), None),
+            Err(e) => (
+                load_program(&mut ebpf, "mg_sockops")?,
+                None,
+                Some(format!(
+                    "local acceleration not loaded (needs Linux >= 5.15): {}",
+                    e.to_string().lines().next().unwrap_or_default()
+                )),
+            ),
+        };
         for (prog, pin, hook, attach_type, target) in PROGRAMS {
             if !needed(target, nesting) {
                 continue;
             }
-            let fd = match loaded.iter().find(|(name, _)| *name == prog) {
-                Some((_, fd)) => fd.try_clone().map_err(sys_err("dup program fd"))?,
-                None => {
-                    let fd = load_program(&mut ebpf, prog)?;
-                    loaded.push((prog, fd.try_clone().map_err(sys_err("dup program fd"))?));
-                    fd
-                }
+            // sockops is attached at up to two places: loaded once.
+            let fd = if prog == "mg_sockops" {
+                sockops.try_clone().map_err(sys_err("dup program fd"))?
+            } else {
+                load_program(&mut ebpf, prog)?
             };
             let (target_fd, target_dir) = match target {
                 Target::App | Target::SockopsApp => (app_fd.as_fd(), &cgroup),
@@ -749,24 +769,45 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
                 .map_err(sys_err(format!("pin {pin} in {}", pin_dir.display())))?;
         }
         // Local acceleration: the sk_msg program on the pinned sockhash (the map keeps it).
-        let msg = load_program(&mut ebpf, LOCAL_MSG)?;
-        let socks = sys::obj_get(&pin_dir.join("local_socks"))
-            .map_err(sys_err(format!("open {}/local_socks", pin_dir.display())))?;
-        sys::prog_attach(&msg, &socks, sys::ATTACH_SK_MSG_VERDICT).map_err(|e| Error::Sys {
-            what: "attach the local acceleration program (sk_msg) to its sockhash (needs Linux >= 5.15)"
-                .into(),
-            source: e,
-        })?;
-        Ok(())
+        match local_msg {
+            Some(msg) => {
+                let socks = sys::obj_get(&pin_dir.join("local_socks"))
+                    .map_err(sys_err(format!("open {}/local_socks", pin_dir.display())))?;
+                sys::prog_attach(&msg, &socks, sys::ATTACH_SK_MSG_VERDICT).map_err(|e| {
+                    Error::Sys {
+                        what: "attach the local acceleration program (sk_msg) to its sockhash"
+                            .into(),
+                        source: e,
+                    }
+                })?;
+            }
+            None => {
+                // The configuration says what runs: acceleration off.
+                let mut off = cfg.clone();
+                off.accelerate_local = false;
+                write_config(
+                    &mut |name| pinned_map(&pin_dir, name),
+                    &off,
+                    cgroup_id,
+                    &sidecar,
+                    sidecar_id,
+                )?;
+            }
+        }
+        Ok(unavailable)
     })();
-    if let Err(e) = result {
-        let _ = remove_pins(&pin_dir);
-        return Err(e);
-    }
+    let local_accel_unavailable = match result {
+        Ok(unavailable) => unavailable,
+        Err(e) => {
+            let _ = remove_pins(&pin_dir);
+            return Err(e);
+        }
+    };
     Ok(Attached {
         pin_dir,
         reused: false,
         elapsed: started.elapsed(),
+        local_accel_unavailable,
     })
 }
 

@@ -10,6 +10,8 @@
 //   cgroup/sendmsg4, cgroup/sendmsg6   the same decision for unconnected UDP (sendto): allow / deny
 //   sockops                            re-keys the original destination from socket cookie to 4-tuple,
 //                                      and puts the pod's local hops into `local_socks`
+//                                      (mg_sockops_accel; mg_sockops without the latter, for
+//                                      kernels older than 5.15)
 //   cgroup_skb/ingress                 drops packets to the app's ports unless they come over loopback
 // Attached to the sidecar's cgroup (the same cgroup when the sidecar is exempt by uid):
 //   cgroup/getsockopt                  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) like netfilter
@@ -462,21 +464,12 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 
 // When a redirected connection is established, its original destination moves from the socket
 // cookie (known in connect4, before the local port exists) to the 4-tuple the sidecar can see.
-// Every established connection of a local hop (either side) goes into local_socks.
-SEC("sockops")
-int mg_sockops(struct bpf_sock_ops *skops)
+static __always_inline void rekey_orig(struct bpf_sock_ops *skops)
 {
-	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
-		accelerate(skops);
-		return 1;
-	}
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
-	accelerate(skops);
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct orig_dst *o = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
 	if (!o)
-		return 1;
+		return;
 	struct orig_dst v = *o;
 	struct tuple4 t = {
 		.sip = skops->local_ip4,
@@ -486,6 +479,31 @@ int mg_sockops(struct bpf_sock_ops *skops)
 	};
 	bpf_map_update_elem(&orig_by_tuple, &t, &v, BPF_ANY);
 	bpf_map_delete_elem(&orig_by_cookie, &cookie);
+}
+
+// The sockops program with local acceleration: every established connection of a local hop
+// (either side) goes into local_socks. Needs Linux >= 5.15 (the network namespace cookie in
+// sockops and sk_msg programs); the loader falls back to mg_sockops below on older kernels.
+SEC("sockops")
+int mg_sockops_accel(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		accelerate(skops);
+		return 1;
+	}
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	accelerate(skops);
+	rekey_orig(skops);
+	return 1;
+}
+
+// The sockops program without local acceleration (kernels older than 5.15).
+SEC("sockops")
+int mg_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		rekey_orig(skops);
 	return 1;
 }
 
