@@ -423,6 +423,23 @@ static __always_inline __be32 loopback_v4(__u32 family, __be32 ip4, const __u32 
 	return 0;
 }
 
+// A socket's local_key as seen from it, from a sock_ops or an sk_msg context (the same field
+// names; a macro because each context must be read directly for the verifier).
+#define LOCAL_KEY(ctx)                                                                     \
+	({                                                                                 \
+		__u32 l6_[4] = {ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2],   \
+				ctx->local_ip6[3]};                                        \
+		__u32 r6_[4] = {ctx->remote_ip6[0], ctx->remote_ip6[1], ctx->remote_ip6[2], \
+				ctx->remote_ip6[3]};                                       \
+		(struct local_key){                                                        \
+			.netns = bpf_get_netns_cookie(ctx),                                \
+			.lip = loopback_v4(ctx->family, ctx->local_ip4, l6_),              \
+			.rip = loopback_v4(ctx->family, ctx->remote_ip4, r6_),             \
+			.lport = ctx->local_port,                                          \
+			.rport = bpf_ntohl(ctx->remote_port),                              \
+		};                                                                         \
+	})
+
 // A local hop: both ends on IPv4 loopback, one of them the sidecar's outbound listener or an app
 // port. Fills `k` as seen from this socket.
 static __always_inline int local_hop(struct config *c, struct local_key *k)
@@ -440,17 +457,7 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 	struct config *c = get_config();
 	if (!c || !(c->flags & F_ACCEL_LOCAL))
 		return;
-	__u32 l6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
-		       skops->local_ip6[3]};
-	__u32 r6[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
-		       skops->remote_ip6[3]};
-	struct local_key k = {
-		.netns = bpf_get_netns_cookie(skops),
-		.lip = loopback_v4(skops->family, skops->local_ip4, l6),
-		.rip = loopback_v4(skops->family, skops->remote_ip4, r6),
-		.lport = skops->local_port,
-		.rport = bpf_ntohl(skops->remote_port),
-	};
+	struct local_key k = LOCAL_KEY(skops);
 	if (!local_hop(c, &k))
 		return;
 	// A new connection may reuse the tuple of one that fell back to TCP.
@@ -514,23 +521,14 @@ int mg_sockops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int mg_local_msg(struct sk_msg_md *msg)
 {
-	__u32 l6[4] = {msg->local_ip6[0], msg->local_ip6[1], msg->local_ip6[2], msg->local_ip6[3]};
-	__u32 r6[4] = {msg->remote_ip6[0], msg->remote_ip6[1], msg->remote_ip6[2],
-		       msg->remote_ip6[3]};
+	struct local_key self = LOCAL_KEY(msg);
 	// The peer's key: its local end is our remote end.
 	struct local_key peer = {
-		.netns = bpf_get_netns_cookie(msg),
-		.lip = loopback_v4(msg->family, msg->remote_ip4, r6),
-		.rip = loopback_v4(msg->family, msg->local_ip4, l6),
-		.lport = bpf_ntohl(msg->remote_port),
-		.rport = msg->local_port,
-	};
-	struct local_key self = {
-		.netns = peer.netns,
-		.lip = peer.rip,
-		.rip = peer.lip,
-		.lport = peer.rport,
-		.rport = peer.lport,
+		.netns = self.netns,
+		.lip = self.rip,
+		.rip = self.lip,
+		.lport = self.rport,
+		.rport = self.lport,
 	};
 	if (bpf_map_lookup_elem(&local_tcp, &self))
 		return SK_PASS;
