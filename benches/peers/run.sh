@@ -148,11 +148,13 @@ render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
 # The proxies. meshgate runs three times: MESHGATE_LOG=warn (quiet, like the peers with access
 # logs off), the default level (info, text), and the default level with --log-format json; the
 # logs go to files in the work dir. A fourth, meshgate-preserve (quiet, `--mesh-protocol preserve`:
-# HTTP/1.1 between the sidecars), runs the mesh-path scenario only. So does a fifth,
-# meshgate-accel (quiet, HTTP/2, with meshgate's eBPF local acceleration on its two local hops:
-# its own app instance and the load generator in one cgroup, its sidecars in another; accel.sh),
-# when run as root: the product as deployed with `meshgate redirect`, where the peers have no
-# such datapath (pair.sh --accel --haproxy measures what the same kernel path gives HAProxy).
+# HTTP/1.1 between the sidecars), runs the mesh-path scenario only. A fifth, meshgate-accel
+# (quiet, HTTP/2), runs with meshgate's eBPF local acceleration on its local hops (its own app
+# instance and, on the mesh path, the load generator in one cgroup, its sidecars in another;
+# accel.sh), when run as root: the product as deployed with `meshgate redirect`, where the peers
+# have no such datapath (pair.sh --accel --haproxy measures what the same kernel path gives
+# HAProxy). It runs the mesh path and the inbound scenario (whose caller is another pod: mTLS
+# over TCP; the hop from the inbound sidecar to its app is the local one).
 proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
 mesh_extra=(meshgate-preserve meshgate-accel)
 # (A binary from before --mesh-protocol, for before/after runs, has no such row.)
@@ -166,6 +168,10 @@ if why=$(accel_unavailable); then
   for v in "${mesh_extra[@]}"; do [ "$v" = meshgate-accel ] || kept+=("$v"); done
   mesh_extra=("${kept[@]}")
 fi
+# meshgate-accel runs the inbound scenario too: the caller is another pod (mTLS over TCP), and
+# the inbound sidecar's hop to its app is the local one.
+inbound_extra=()
+for v in "${mesh_extra[@]}"; do [ "$v" != meshgate-accel ] || inbound_extra=(meshgate-accel); done
 declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
@@ -436,7 +442,7 @@ run_round() {
   for p in $(order "$r" 0); do idle_rss "$r" "$p" _req --request /api/data; done
   [ "$r" = 1 ] && check_acl
   # Warm-up: each path once, closed loop, not recorded.
-  for p in "${proxies[@]}"; do
+  for p in "${proxies[@]}" "${inbound_extra[@]}"; do
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
   done
   for p in "${proxies[@]}" "${mesh_extra[@]}"; do
@@ -444,12 +450,12 @@ run_round() {
     oha_run "$work/warm.json" "$warm" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
   done
   # 1. inbound: fixed-rate latency, then saturation with CPU per request.
-  for p in $(order "$r" 1); do
+  for p in $(order "$r" 1 "${inbound_extra[@]}"); do
     oha_run "$work/r$r-inbound-lat-$p.json" "$dur" -q "$rate" --latency-correction -c "$lat_conns" \
       --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
     record "$r" inbound "$p" lat "$work/r$r-inbound-lat-$p.json"
   done
-  for p in $(order "$r" 1); do
+  for p in $(order "$r" 1 "${inbound_extra[@]}"); do
     [ "$p" = direct ] && pi=$app_pid || pi=${in_pid[$p]}
     t0=$(cpu_ticks "$pi")
     oha_run "$work/r$r-inbound-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 $(targs "$p") "$(url_in "$p" /api/data)"
