@@ -16,7 +16,7 @@
 //! | `config`, `policy`, `app_ports`, `meta` | configuration (rewritten in place by a repeated `attach`) |
 //! | `counters`, `port_counters` | verdict counters; read them with [`Counters::read_pinned`] |
 //! | `orig_by_cookie`, `orig_by_tuple` | original destinations of redirected connections |
-//! | `local_socks`, `local_tcp` | local acceleration: the local hops' sockets (an `sk_msg` program attached to this map passes what one end sends straight into the other end's receive queue), and the hops that stay on TCP |
+//! | `local_socks`, `local_tcp` | local acceleration: the local hops' sockets (an `sk_msg` program attached to this map passes what one end sends straight into the other end's receive queue), and, in socket-local storage, the hops' sockets that stay on TCP |
 //!
 //! **Local acceleration** ([`AttachConfig::accelerate_local`], on by default): the two hops of a
 //! request that never leave the pod, app → sidecar's outbound listener and sidecar → app port,

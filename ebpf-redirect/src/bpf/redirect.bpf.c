@@ -186,13 +186,14 @@ struct {
 	__type(value, __u64);
 } local_socks SEC(".maps");
 
-// Local hops that stay on TCP: a message found no peer in local_socks (its socket was not
-// there yet, or is not in this pod's cgroups). Once one byte went over TCP, every later one must
-// too, or the receiver could read them out of order.
+// Sockets of local hops that stay on TCP: a message found no peer in local_socks (its socket
+// was not there yet, or is not in this pod's cgroups). Once one byte went over TCP, every later
+// one must too, or the receiver could read them out of order. Socket-local storage: the flag
+// lives and dies with its socket (never evicted, never seen by a later connection).
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct local_key);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, __u8);
 } local_tcp SEC(".maps");
 
@@ -460,8 +461,6 @@ static __always_inline void accelerate(struct bpf_sock_ops *skops)
 	struct local_key k = LOCAL_KEY(skops);
 	if (!local_hop(c, &k))
 		return;
-	// A new connection may reuse the tuple of one that fell back to TCP.
-	bpf_map_delete_elem(&local_tcp, &k);
 	// The loader attaches this program so that it runs once per socket.
 	if (bpf_sock_hash_update(skops, &local_socks, &k, BPF_NOEXIST) == 0)
 		count(C_ACCEL_SOCKETS);
@@ -517,7 +516,9 @@ int mg_sockops(struct bpf_sock_ops *skops)
 // Local acceleration: a message sent on a socket in local_socks goes into the receive queue of
 // the socket at the connection's other end (the same tuple seen from there), skipping TCP, IP,
 // the loopback device and netfilter for both. No peer there: the message goes over TCP, and so
-// does the rest of the connection (local_tcp). Never drops: any failure is TCP as usual.
+// does the rest of the connection (local_tcp). Never drops: any failure is TCP as usual. (Only
+// if the kernel cannot allocate the flag's few bytes does the next message look for the peer
+// again; the fallback counter still counts the connection.)
 SEC("sk_msg")
 int mg_local_msg(struct sk_msg_md *msg)
 {
@@ -530,14 +531,19 @@ int mg_local_msg(struct sk_msg_md *msg)
 		.lport = self.rport,
 		.rport = self.lport,
 	};
-	if (bpf_map_lookup_elem(&local_tcp, &self))
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	__u8 *on_tcp = bpf_sk_storage_get(&local_tcp, sk, 0, 0);
+	if (on_tcp && *on_tcp)
 		return SK_PASS;
 	if (bpf_msg_redirect_hash(msg, &local_socks, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(C_ACCEL_MSGS);
 		return SK_PASS;
 	}
-	__u8 one = 1;
-	bpf_map_update_elem(&local_tcp, &self, &one, BPF_ANY);
+	on_tcp = bpf_sk_storage_get(&local_tcp, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (on_tcp)
+		*on_tcp = 1;
 	count(C_ACCEL_FALLBACK);
 	return SK_PASS;
 }
