@@ -26,11 +26,10 @@ accel_unavailable() {
 accel_setup() { # NAME OUTBOUND_PORT INBOUND_PORT APP_PORT
   accel_dir=$cgroup2/$1
   mkdir -p "$accel_dir/app" "$accel_dir/sidecar"
-  "$mg" redirect attach --cgroup "$accel_dir/app" --sidecar-cgroup "$accel_dir/sidecar" \
-    --outbound-port "$2" --inbound-port "$3" --app-ports "$4" --no-egress-enforce >/dev/null 2>&1 || {
-    echo "error: meshgate redirect attach failed: $("$mg" redirect attach --cgroup "$accel_dir/app" \
-      --sidecar-cgroup "$accel_dir/sidecar" --outbound-port "$2" --inbound-port "$3" --app-ports "$4" \
-      --no-egress-enforce 2>&1 | tail -1)" >&2
+  local out
+  out=$("$mg" redirect attach --cgroup "$accel_dir/app" --sidecar-cgroup "$accel_dir/sidecar" \
+    --outbound-port "$2" --inbound-port "$3" --app-ports "$4" --no-egress-enforce 2>&1) || {
+    echo "error: meshgate redirect attach failed: $(printf '%s\n' "$out" | tail -1)" >&2
     return 1
   }
   # shellcheck disable=SC2016 # $$ and $0 belong to the inner shell

@@ -604,18 +604,18 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attached> {
     env::require_privileges()?;
     validate(cfg)?;
     let cgroup = cfg.cgroup.clone();
-    env::cgroup_relative(&cgroup)?;
+    let app_rel = env::cgroup_relative(&cgroup)?;
     let sidecar = match &cfg.sidecar_cgroup {
         Some(s) => s.clone(),
         None => cgroup.parent().map(Path::to_path_buf).ok_or_else(|| {
             Error::Config("the cgroup has no parent: pass --sidecar-cgroup".into())
         })?,
     };
-    env::cgroup_relative(&sidecar)?;
-    let same = env::cgroup_relative(&sidecar)? == env::cgroup_relative(&cgroup)?;
+    let sidecar_rel = env::cgroup_relative(&sidecar)?;
+    let same = sidecar_rel == app_rel;
     let nesting = Nesting::of(
-        Path::new(&format!("/{}", env::cgroup_relative(&cgroup)?.1)),
-        Path::new(&format!("/{}", env::cgroup_relative(&sidecar)?.1)),
+        Path::new(&format!("/{}", app_rel.1)),
+        Path::new(&format!("/{}", sidecar_rel.1)),
     );
     if cfg.sidecar_cgroup.is_some() && same && cfg.sidecar_uid.is_none() {
         return Err(Error::Config(
