@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 
 PEERS = ["nginx", "haproxy"]
-ROWS = ["nginx", "haproxy", "meshgate", "meshgate-info", "meshgate-json"]
+ROWS = ["nginx", "haproxy", "meshgate", "meshgate-info", "meshgate-json", "meshgate-traced"]
 LABEL = {
     "direct": "direct (no proxy)",
     "nginx": "nginx",
@@ -21,6 +21,7 @@ LABEL = {
     "meshgate": "meshgate (MESHGATE_LOG=warn)",
     "meshgate-info": "meshgate (default log level, text)",
     "meshgate-json": "meshgate (default log level, JSON)",
+    "meshgate-traced": "meshgate (default log level, JSON, tracing at 1 %)",
     "meshgate-preserve": "meshgate (MESHGATE_LOG=warn, `--mesh-protocol preserve`)",
     "meshgate-accel": "meshgate (MESHGATE_LOG=warn, eBPF local acceleration)",
 }
@@ -100,6 +101,12 @@ def main():
                 per[("handshake", proxy)]["hs"].append(o["rps"])
                 if o["ok"]:
                     per[("handshake", proxy)]["cpu_hs"].append(int(m["cpu_in_ticks"]) * 1e6 / a.clk_tck / o["ok"])
+            m = raw.get((r, "tracing", proxy))
+            if m:
+                per[("tracing", proxy)]["exports"].append(int(m["exports"]))
+                per[("tracing", proxy)]["export_kib"].append(int(m["export_bytes"] or 0) / 1024)
+                if not int(m["exports"]):
+                    warnings.append(f"round {r} {proxy}: no OTLP export received: the row measured no tracing")
             m = raw.get((r, "first", proxy))
             if m:
                 per[("first", proxy)]["p50"].append(float(m["p50_us"]))
@@ -229,12 +236,13 @@ def main():
     out.append("")
 
     out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")
-    out.append("| configuration | inbound added p50 | inbound saturation RPS | inbound CPU µs/req | mesh saturation RPS | mesh CPU µs/req pair | handshakes/s |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| configuration | inbound added p50 | inbound saturation RPS | inbound CPU µs/req | mesh added p50 | mesh saturation RPS | mesh CPU µs/req pair | handshakes/s |")
+    out.append("|---|---|---|---|---|---|---|---|")
     base = "meshgate"
     checks = [("inbound", "added_p50", False), ("inbound", "rps", True), ("inbound", "cpu_in", False),
-              ("mesh", "rps", True), ("mesh", "cpu_both", False), ("handshake", "hs", True)]
-    for p in ("meshgate", "meshgate-info", "meshgate-json"):
+              ("mesh", "added_p50", False), ("mesh", "rps", True), ("mesh", "cpu_both", False),
+              ("handshake", "hs", True)]
+    for p in ("meshgate", "meshgate-info", "meshgate-json", "meshgate-traced"):
         cells = []
         for scen, name, hb in checks:
             v, b = fig(scen, p, name), fig(scen, base, name)
@@ -246,6 +254,10 @@ def main():
             cells.append(f"{ratio:.2f}×" + (" ✗" if worse and p != base else ""))
         out.append(f"| {LABEL[p]} | " + " | ".join(cells) + " |")
     out.append("\n✗ = more than 10 % worse than MESHGATE_LOG=warn.")
+    exports = fig("tracing", "meshgate-traced", "exports")
+    if exports is not None:
+        out.append(f"\nmeshgate-traced: {exports:,.0f} OTLP exports per round "
+                   f"({fig('tracing', 'meshgate-traced', 'export_kib'):,.0f} KiB; medians) reached the sink.")
     if warnings:
         out.append("\nWarnings:\n" + "\n".join(f"- {w}" for w in warnings))
     print("\n".join(out))

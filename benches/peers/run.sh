@@ -155,7 +155,13 @@ render meshgate-policy.yaml.tmpl "$work/policy/bench.yaml" "${common[@]}"
 # have no such datapath (pair.sh --accel --haproxy measures what the same kernel path gives
 # HAProxy). It runs the mesh path and the inbound scenario (whose caller is another pod: mTLS
 # over TCP; the hop from the inbound sidecar to its app is the local one).
-proxies=(nginx haproxy meshgate meshgate-info meshgate-json)
+# A sixth, meshgate-traced, is the default log level with JSON lines and OpenTelemetry tracing on
+# (a parent-based trace-ID ratio sampler at 1 %; denials are exported whatever the ratio) toward
+# an OTLP/HTTP sink (otlp_sink.py, on the load generator's CPU): the configuration the tracing
+# goal is about, in every scenario, beside the quiet one.
+proxies=(nginx haproxy meshgate meshgate-info meshgate-json meshgate-traced)
+trace_ratio=0.01
+sink_port=$((base + 6))
 mesh_extra=(meshgate-preserve meshgate-accel)
 # (A binary from before --mesh-protocol, for before/after runs, has no such row.)
 "$mg" proxy --help 2>/dev/null | grep -q -- --mesh-protocol || mesh_extra=()
@@ -176,7 +182,7 @@ declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
 k=0
-for v in meshgate meshgate-info meshgate-json meshgate-preserve meshgate-accel; do
+for v in meshgate meshgate-info meshgate-json meshgate-preserve meshgate-accel meshgate-traced; do
   in_port[$v]=$((base + 30 + 10 * k)); out_port[$v]=$((base + 34 + 10 * k))
   render meshgate-services.yaml.tmpl "$work/services-$v.yaml" "${common[@]}" IN_PORT=${in_port[$v]}
   k=$((k + 1))
@@ -220,26 +226,30 @@ EOF
   die "$3 not ready on admin port $1"
 }
 start_meshgate() { # VARIANT
-  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=() app=$app_port cg=()
+  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=() app=$app_port cg=() tel=(--no-tracing)
   case $v in
     meshgate) lvl=(MESHGATE_LOG=warn) ;;
     meshgate-accel) lvl=(MESHGATE_LOG=warn); app=$accel_app_port; cg=("${in_sidecar_cg[@]}") ;;
     meshgate-preserve) lvl=(MESHGATE_LOG=warn); carry=(--mesh-protocol preserve) ;;
     meshgate-info) lvl=(MESHGATE_LOG=info) ;;
     meshgate-json) lvl=(MESHGATE_LOG=info); fmt=(--log-format json) ;;
+    meshgate-traced)
+      lvl=(MESHGATE_LOG=info OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$sink_port
+           OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$trace_ratio)
+      fmt=(--log-format json); tel=() ;;
   esac
   # Inbound sidecar (the app's): mTLS listener ip, its own outbound and admin ports unused.
   start_bg "$work/$v-in.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app \
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
-    --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) --no-tracing
+    --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) "${tel[@]}"
   in_pid[$v]=$started
   # Outbound sidecar (the client's): plain HTTP listener op → mTLS/HTTP2 → the inbound sidecar.
   start_bg "$work/$v-out.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" "${carry[@]}" --app 127.0.0.1:$app \
     --svid-cert "$work/svid-client/svid.pem" --svid-key "$work/svid-client/key.pem" \
     --trust-bundle "$work/svid-client/bundle.pem" --policy-dir "$work/policy" \
     --services "$work/services-$v.yaml" \
-    --inbound 127.0.0.1:$((op - 1)) --outbound 127.0.0.1:$op --admin 127.0.0.1:$((op + 1)) --no-tracing
+    --inbound 127.0.0.1:$((op - 1)) --outbound 127.0.0.1:$op --admin 127.0.0.1:$((op + 1)) "${tel[@]}"
   out_pid[$v]=$started
   wait_ready $((ip + 2)) "${in_pid[$v]}" "$v-in"
   wait_ready $((op + 1)) "${out_pid[$v]}" "$v-out"
@@ -266,7 +276,12 @@ start_all() {
     wait_port "${in_port[$p]}" "${in_pid[$p]}" "$p-in"
     wait_port "${out_port[$p]}" "${out_pid[$p]}" "$p-out"
   done
-  for p in meshgate meshgate-info meshgate-json "${mesh_extra[@]}"; do start_meshgate "$p"; done
+  # meshgate-traced's OTLP receiver, on the load generator's CPU; it counts what it receives.
+  rm -f "$work/otlp-count"
+  "${pin_client[@]}" python3 "$here/otlp_sink.py" "$sink_port" "$work/otlp-count" >"$work/otlp-sink.log" 2>&1 &
+  pids+=($!)
+  wait_port "$sink_port" "$!" otlp-sink
+  for p in meshgate meshgate-info meshgate-json meshgate-traced "${mesh_extra[@]}"; do start_meshgate "$p"; done
   sleep 0.5 # let nginx workers settle before reading their RSS
 }
 stop_all() {
@@ -503,6 +518,12 @@ run_round() {
     fi
     [ "${failed:-1}" = 0 ] || log "warning: $p: first requests: $line"
   done
+  # meshgate-traced must have exported spans, or its row measured tracing off.
+  local exports=0 bytes=0
+  [ -s "$work/otlp-count" ] && read -r exports bytes <"$work/otlp-count"
+  record "$r" tracing meshgate-traced exports "$exports"
+  record "$r" tracing meshgate-traced export_bytes "$bytes"
+  [ "$exports" -gt 0 ] || log "warning: meshgate-traced: the OTLP sink received no export in round $r: its row measured no tracing (logs in $work)"
   stop_all
 }
 
