@@ -287,9 +287,26 @@ where
     B: Resendable,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    /// Gives the connection back once it can take another request. Usually that is now: the
+    /// request went out whole before its answer ended. An app may answer before it has read
+    /// the request's body, though (nginx's `return`, an early 401 or 413), and the connection
+    /// then stays busy until the rest of the body is written. Handed out at once, it would
+    /// keep the next request waiting behind that body while the next request's own body,
+    /// arriving from the peer sidecar, sat unread in the HTTP/2 connection's flow-control
+    /// window, which the first body needs to arrive: enough uploads at once stopped every
+    /// upload between the two sidecars (`tests/it/sidecar_flow_control.rs`). Such a connection
+    /// goes back only when hyper is ready to send on it again; requests meanwhile take another.
     fn release(&mut self) {
-        if let Some((pool, sender)) = self.home.take() {
-            pool.checkin(sender);
+        if let Some((pool, mut sender)) = self.home.take() {
+            if sender.is_ready() {
+                pool.checkin(sender);
+            } else {
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        pool.checkin(sender);
+                    }
+                });
+            }
         }
     }
 }

@@ -271,7 +271,9 @@ pub fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(crate::serve::MAX_HEADER_LIST)
-        .max_concurrent_streams(crate::serve::MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(crate::serve::MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(crate::serve::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::serve::H2_CONNECTION_WINDOW);
     builder
 }
 

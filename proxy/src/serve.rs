@@ -669,6 +669,19 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Concurrent HTTP/2 streams per connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// HTTP/2 flow control on every connection the sidecar serves or opens (RFC 9113 §5.2): how
+/// much of one stream's body may be sent and not yet read. A body nobody reads (an app that
+/// does not read an upload, a caller that stops reading a download) holds at most this much
+/// of its connection's window. At 256 KiB a stream still moves ≥ 250 MB/s over a 1 ms round
+/// trip.
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// How much all the streams of one HTTP/2 connection together may have sent and not yet read:
+/// 16 streams' windows, so that it takes 16 bodies nobody reads before the connection (every
+/// request between two pods) stops for the others. hyper's defaults give one stream the whole
+/// server-side window (1 MiB each): one unread upload stopped every upload between the two
+/// sidecars (`tests/it/sidecar_flow_control.rs`). Linkerd keeps the same ratio (64 KiB and
+/// 1 MiB).
+pub const H2_CONNECTION_WINDOW: u32 = 16 * H2_STREAM_WINDOW;
 
 /// The HTTP server settings of every sidecar listener that faces a client (HTTP/1.1 and HTTP/2
 /// on one port), with the limits above.
@@ -684,7 +697,9 @@ pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW);
     builder
 }
 

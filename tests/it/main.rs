@@ -31,6 +31,7 @@ mod sidecar_authz;
 mod sidecar_balancing;
 mod sidecar_bypass;
 mod sidecar_clients;
+mod sidecar_flow_control;
 mod sidecar_grpc;
 mod sidecar_hot_swap;
 mod sidecar_parking;

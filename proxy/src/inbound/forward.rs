@@ -126,6 +126,8 @@ impl AppForwarder {
         Arc::new(
             Client::builder(TokioExecutor::new())
                 .http2_only(true)
+                .http2_initial_stream_window_size(crate::serve::H2_STREAM_WINDOW)
+                .http2_initial_connection_window_size(crate::serve::H2_CONNECTION_WINDOW)
                 .build(connector.clone()),
         )
     }

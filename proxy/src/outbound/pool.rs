@@ -225,7 +225,12 @@ impl MeshPool {
         };
         // The connection, its dispatcher and every request's future run in one task.
         let exec = ConnExecutor::new();
-        let (sender, conn) = match http2::Builder::new(exec.clone()).handshake(stream).await {
+        let (sender, conn) = match http2::Builder::new(exec.clone())
+            .initial_stream_window_size(crate::serve::H2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::serve::H2_CONNECTION_WINDOW)
+            .handshake(stream)
+            .await
+        {
             Ok(handshaken) => handshaken,
             Err(e) => {
                 endpoint.backoff.failed();
