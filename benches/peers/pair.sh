@@ -16,8 +16,11 @@
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
 # (parent-based trace-ID ratio sampler at RATIO; denials are exported whatever the ratio) toward
 # an OTLP/HTTP sink (otlp_sink.py, on CPU 0 with oha), and reports the exports it received.
-# --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which reads the
-# body and answers "ok") instead of a GET of the 1 KiB /api/data: the upload direction.
+# --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which answers
+# "ok" as soon as it has the head, then reads the body and throws it away, as nginx's `return`
+# does) instead of a GET of the 1 KiB /api/data: the upload direction. The client may count an
+# answer before its body has gone through, so a run's req/s runs ahead of the bodies by what the
+# sockets hold; each run starts only once the proxies are idle again.
 # --response BYTES: GET a file of BYTES bytes instead (the download direction).
 # --path PATH: GET PATH instead; --expect STATUS: the status every request must get (default
 # 200), e.g. `--path /admin --expect 403` for requests the policy refuses.
@@ -158,9 +161,26 @@ oha_json() { # OUT ARGS...
   shift
   "${in_app_cg[@]}" taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
 }
-oha_json "$work/warm.json" -z 1s -c 64
-oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# Waits until both proxies have been idle for 0.3 s (at most 20 s). oha's -z ends a run with
+# requests in flight; an upload's body it had already written stays queued in its sockets (up
+# to 4 MiB each, and an app that answers before reading the body, as nginx's `return` does,
+# lets it write several bodies ahead), and the kernel still delivers it after oha exits: the
+# next run would start behind up to 64 x 4 MiB of the previous run's uploads.
+settle() {
+  local before now
+  for _ in $(seq 67); do
+    before=$( (ticks "$in_pid"; ticks "$out_pid") | tr '\n' ' ')
+    sleep 0.3
+    now=$( (ticks "$in_pid"; ticks "$out_pid") | tr '\n' ' ')
+    [ "$before" != "$now" ] || return 0
+  done
+  echo "warning: the proxies were still busy 20 s after the previous run" >&2
+}
+oha_json "$work/warm.json" -z 1s -c 64
+settle
+oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction
+settle
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
 if [ "$syscalls" = 1 ]; then

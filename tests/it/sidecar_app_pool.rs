@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::mesh::{EchoApp, TestMesh, WEB_TO_ORDERS};
+use crate::support::next_request_head;
 
 /// A minimal HTTP/1.1 server: answers every request head (no request bodies) with `hello`,
 /// `HEAD` without a body and `/empty` with 204, keeps connections open unless told to drop
@@ -54,17 +55,8 @@ impl CountingApp {
     async fn serve(self, mut tcp: tokio::net::TcpStream) {
         let mut buf = Vec::new();
         for nth in 1.. {
-            let head = loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    break head;
-                }
-                let mut chunk = [0u8; 4096];
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
+            let Some(head) = next_request_head(&mut tcp, &mut buf).await else {
+                return;
             };
             self.received.fetch_add(1, Ordering::SeqCst);
             if nth == 2 && self.drop_second_request.load(Ordering::SeqCst) {

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::mesh::{EchoApp, TestMesh, WEB_TO_ORDERS};
+use crate::support::next_request_head;
 
 const KIB: usize = 1024;
 
@@ -52,18 +53,10 @@ impl BodyApp {
     async fn serve(self, mut tcp: tokio::net::TcpStream) {
         let mut buf = Vec::new();
         loop {
-            let head = loop {
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end + 4);
-                    break head;
-                }
-                let mut chunk = [0u8; 16 * KIB];
-                match tcp.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
+            let Some(head) = next_request_head(&mut tcp, &mut buf).await else {
+                return;
             };
+            let head = head.to_ascii_lowercase();
             let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
             if let Some(n) = path.strip_prefix("/download/") {
                 let n: usize = n.parse().expect("/download/<bytes>");

@@ -29,6 +29,29 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// For a raw HTTP/1.1 test app: the next request head read from `tcp`, with what came after it
+/// (the start of a body, the next request) left in `buf` for the caller; `None` once the peer
+/// closes or fails. Apps that must misbehave in precise ways (answer before the body, never
+/// read it, drop a connection mid-request) are written over this instead of over hyper.
+pub async fn next_request_head(
+    tcp: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// One heavy or privileged test at a time in this process. All integration tests share one test
 /// binary, so libtest runs them as threads of one process; the tests that start whole meshes
 /// under load, run the real CLI's demo, build a Docker image or create network namespaces and
