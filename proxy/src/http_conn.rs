@@ -40,11 +40,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::HeaderValue;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::http_util::LocalReply;
 
 /// What a connection's I/O, its service and its driver share: when bytes last moved, what is in
 /// flight, and whether the connection is being parked.
@@ -61,6 +64,10 @@ struct Shared {
     write_blocked: AtomicBool,
     /// The driver asked hyper to end the connection to park it: `shutdown` is a no-op.
     parking: AtomicBool,
+    /// An HTTP/1.1 request was answered by the sidecar itself with its body unread
+    /// ([`Counted`]): when hyper ends the connection, the rest of that body is read and thrown
+    /// away before the stream is dropped ([`LINGER`]).
+    linger: AtomicBool,
 }
 
 /// When a connection's I/O last moved bytes, for [`crate::serve::Serve`]'s idle limit and for
@@ -77,6 +84,7 @@ impl Activity {
             read_since_write: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
         }))
     }
 
@@ -311,6 +319,12 @@ where
     type ResBody = B;
 }
 
+/// How long an HTTP/1.1 connection ended with a request body unread goes on reading and
+/// throwing away what the caller still sends (nginx's `lingering_close`, whose
+/// `lingering_time` is 30 s): the caller's TCP stack would answer a stream dropped with
+/// unread bytes with a reset, which can destroy the answer before the caller reads it.
+pub const LINGER: Duration = Duration::from_secs(5);
+
 /// A request handed to the service and not answered to its end yet; see [`Counted`].
 #[derive(Debug)]
 pub struct InFlight(Activity);
@@ -330,6 +344,15 @@ impl Drop for InFlight {
 
 /// A service whose requests count as in flight from the call until their response body is
 /// dropped, so that a connection waiting for a slow answer, or streaming one, is never parked.
+///
+/// It also ends an HTTP/1.1 connection whose request the sidecar answers itself
+/// ([`LocalReply`]: a refusal, a `502`) before reading its body: the body is never read, so
+/// hyper closes the connection after the answer; the answer says `connection: close`, and the
+/// connection lingers ([`LINGER`]). Without them a caller — an app, or another sidecar's pool
+/// with `--mesh-protocol preserve` — lost the answer: the stream, dropped with the body's bytes
+/// unread, was reset, and the caller, still writing the body, failed the request (a refused
+/// upload became a `502`), or took the connection back and sent its next request into it
+/// (`tests/it/sidecar_flow_control.rs`, `refused_uploads_do_not_hold_up_allowed_ones`).
 #[derive(Debug, Clone)]
 pub struct Counted<S> {
     inner: S,
@@ -345,8 +368,10 @@ where
     type Future = CountedFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let unread_body = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
         CountedFuture {
             guard: Some(InFlight::new(&self.activity)),
+            unread_body,
             inner: self.inner.call(req),
         }
     }
@@ -358,6 +383,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         guard: Option<InFlight>,
+        // An HTTP/1.x request with a body still to come when it was called.
+        unread_body: bool,
     }
 }
 
@@ -369,8 +396,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
+        if *this.unread_body && resp.extensions().get::<LocalReply>().is_some() {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            if let Some(InFlight(activity)) = &guard {
+                activity.0.linger.store(true, Ordering::Relaxed);
+            }
+        }
         Poll::Ready(Ok(resp.map(|inner| CountedBody {
             inner,
             _guard: guard,
@@ -442,6 +476,12 @@ where
     },
     /// Asked to close while parked: shutting the stream down.
     Closing(HttpIo<T>),
+    /// Ended by hyper after answering a request whose body it did not read: reading what the
+    /// caller still sends, and throwing it away, until the caller closes or [`LINGER`] passes.
+    Lingering {
+        io: HttpIo<T>,
+        until: Pin<Box<tokio::time::Sleep>>,
+    },
     /// hyper failed while being parked; reported at the next poll.
     Failed(Option<hyper::Error>),
     Done,
@@ -515,6 +555,7 @@ impl<T: ConnIo, S: ConnService> crate::serve::ServedConnection for HttpConnectio
                 self.state = State::Closing(io);
             }
             State::Detecting { io, .. } => self.state = State::Closing(io),
+            State::Lingering { .. } => self.state = State::Done,
             other => self.state = other,
         }
     }
@@ -616,8 +657,37 @@ impl<T: ConnIo, S: ConnService> Future for HttpConnection<T, S> {
                 }
                 State::H1(conn) => {
                     let ended = std::task::ready!(Pin::new(&mut **conn).poll(cx));
-                    this.state = State::Done;
+                    let State::H1(conn) = std::mem::replace(&mut this.state, State::Done) else {
+                        unreachable!("matched above")
+                    };
+                    if ended.is_ok()
+                        && this.activity.0.linger.load(Ordering::Relaxed)
+                        && let Some(parts) = conn.into_parts()
+                    {
+                        // hyper has sent the answer and shut the stream's write side down.
+                        this.state = State::Lingering {
+                            io: parts.io.into_inner(),
+                            until: Box::pin(tokio::time::sleep(LINGER)),
+                        };
+                        continue;
+                    }
                     return Poll::Ready(ended.map_err(Into::into));
+                }
+                State::Lingering { io, until } => {
+                    let mut discard = [0u8; 8192];
+                    loop {
+                        if until.as_mut().poll(cx).is_ready() {
+                            break;
+                        }
+                        let mut buf = ReadBuf::new(&mut discard);
+                        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                            Poll::Ready(_) => break,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    this.state = State::Done;
+                    return Poll::Ready(Ok(()));
                 }
                 State::H2(conn) => {
                     let ended = std::task::ready!(conn.as_mut().poll(cx));

@@ -32,10 +32,17 @@ pub const ORIG_PROTO_HEADER: HeaderName = HeaderName::from_static("x-meshgate-or
 /// choose by addressing that port — and the request is then judged for *that* port.
 pub const APP_PORT_HEADER: HeaderName = HeaderName::from_static("x-meshgate-app-port");
 
+/// Marks a response the sidecar answered itself (a refusal, a `502`) instead of one it relays:
+/// the request's body, if any, will not be read to its end. On HTTP/1.1 such an answer closes
+/// the connection and says so (`crate::http_conn::Counted`).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalReply;
+
 /// A small generated response (errors and denials); the body is generic on purpose.
 pub fn local_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     Response::builder()
         .status(status)
+        .extension(LocalReply)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(
             Full::new(Bytes::from_static(body.as_bytes()))
@@ -82,6 +89,7 @@ pub fn error_response_for(
     };
     Response::builder()
         .status(StatusCode::OK)
+        .extension(LocalReply)
         .header(header::CONTENT_TYPE, "application/grpc")
         .header("grpc-status", code)
         .header("grpc-message", body.trim().replace(' ', "%20"))
