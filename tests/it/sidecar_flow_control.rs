@@ -383,3 +383,52 @@ async fn refused_uploads_do_not_hold_up_allowed_ones() {
         );
     }
 }
+
+/// The same on the app's side of its own sidecar: an upload the outbound sidecar refuses
+/// itself (no Service for the host: `502`) before reading the body. Each of them, 1 MiB, sent at
+/// once by callers that write the whole body as hyper's client does: every caller gets the
+/// answer (not a reset), told that the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_the_outbound_sidecar_refuses_are_answered() {
+    let app = BodyApp::start().await;
+    let mesh = mesh_in_front_of(&app).await;
+    let outbound = mesh.workload("web").sidecar.outbound_addr;
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let req = http::Request::post("/upload")
+                    .header("host", "nowhere.example")
+                    .body(Full::new(Bytes::from(vec![b'x'; 1024 * KIB])))
+                    .unwrap();
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .expect("the refusal arrives, not a reset");
+                (
+                    resp.status().as_u16(),
+                    resp.headers().get("connection").cloned(),
+                )
+            })
+        })
+        .collect();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("every refused upload answered within 30 s");
+    for answer in answers {
+        let (status, connection) = answer.unwrap();
+        assert_eq!(status, 502);
+        assert_eq!(
+            connection.as_ref().map(|v| v.as_bytes()),
+            Some(&b"close"[..])
+        );
+    }
+    assert_eq!(app.body_bytes.load(Ordering::SeqCst), 0);
+}
