@@ -167,14 +167,22 @@ spec:
     - to: [{ paths: ["/denied"] }]
 "#;
 
-/// web's app POSTs `size` bytes to `http://orders<path>` on a connection of its own; the status
-/// and body of the answer.
-async fn upload(outbound: SocketAddr, path: &str, size: usize) -> (u16, String) {
+/// A new HTTP/1.1 connection from web's app to its sidecar's outbound listener.
+async fn app_connection(
+    outbound: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+/// web's app POSTs `size` bytes to `http://orders<path>` on a connection of its own; the status
+/// and body of the answer.
+async fn upload(outbound: SocketAddr, path: &str, size: usize) -> (u16, String) {
+    let mut sender = app_connection(outbound).await;
     let req = http::Request::post(path)
         .header("host", "orders")
         .body(Full::new(Bytes::from(vec![b'x'; size])))
@@ -279,11 +287,7 @@ async fn an_upload_the_app_never_reads_does_not_hold_up_the_others() {
 /// web's app GETs `http://orders/download/<size>` on a connection of its own and reads the
 /// answer whole; its length.
 async fn download(outbound: SocketAddr, size: usize) -> usize {
-    let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = app_connection(outbound).await;
     let req = http::Request::get(format!("/download/{size}"))
         .header("host", "orders")
         .body(Full::new(Bytes::new()))
@@ -305,11 +309,7 @@ async fn downloads_their_callers_stop_reading_do_not_hold_up_the_others() {
     // Callers that take the answer's head and never read its body.
     let mut unread = Vec::new();
     for _ in 0..4 {
-        let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut sender = app_connection(outbound).await;
         let req = http::Request::get(format!("/download/{}", 64 * KIB * KIB))
             .header("host", "orders")
             .body(Full::new(Bytes::new()))
@@ -396,11 +396,7 @@ async fn uploads_the_outbound_sidecar_refuses_are_answered() {
     let calls: Vec<_> = (0..32)
         .map(|_| {
             tokio::spawn(async move {
-                let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
+                let mut sender = app_connection(outbound).await;
                 let req = http::Request::post("/upload")
                     .header("host", "nowhere.example")
                     .body(Full::new(Bytes::from(vec![b'x'; 1024 * KIB])))
