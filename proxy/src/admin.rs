@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -146,27 +145,16 @@ impl Admin {
         }
     }
 
-    /// Serves until shutdown.
-    pub async fn serve(self, listener: TcpListener) {
-        let mut shutdown = self.shutdown.subscribe();
-        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = backoff.accept(&listener, "admin") => {
-                    let (tcp, _) = accepted;
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let resp = this.handle(&req);
-                            async move { Ok::<_, Infallible>(resp) }
-                        });
-                        let _ = crate::serve::http_server()
-                            .serve_connection(TokioIo::new(tcp), service)
-                            .await;
-                    });
-                }
-            }
-        }
+    /// Serves until shutdown, as every locally answering listener is served
+    /// ([`crate::serve::serve_local`]: capped, timed, lingering close).
+    pub async fn serve(self, listener: TcpListener, drain: std::time::Duration) {
+        let shutdown = self.shutdown.subscribe();
+        let (metrics, parked) = (self.metrics.clone(), self.metrics.parked("admin"));
+        let service = hyper::service::service_fn(move |req| {
+            let resp = self.handle(&req);
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        crate::serve::serve_local(listener, shutdown, drain, "admin", metrics, parked, service)
+            .await;
     }
 }

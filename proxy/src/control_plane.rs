@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use meshgate_xds::server::ControlPlane;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -136,51 +135,76 @@ impl RunningControlPlane {
     }
 }
 
+/// How long the admin listener's open connections get to finish after shutdown.
+const ADMIN_DRAIN: Duration = Duration::from_secs(5);
+
+/// The loopback admin listener, served as every locally answering listener is
+/// ([`crate::serve::serve_local`]: capped, timed, lingering close); its refusals at the cap are
+/// counted in its own `/metrics`.
 async fn admin(
     listener: TcpListener,
     cp: Arc<ControlPlane>,
     console: Arc<crate::console::Console>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
-    loop {
-        tokio::select! {
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-            accepted = backoff.accept(&listener, "control-plane admin") => {
-                let (tcp, _) = accepted;
-                let cp = cp.clone();
-                let console = console.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let cp = cp.clone();
-                        let console = console.clone();
-                        async move {
-                            let path = req.uri().path().to_string();
-                            if let Some(answer) = console.handle(&cp, req).await {
-                                return Ok::<_, Infallible>(answer);
-                            }
-                            let mut content_type = "text/plain; charset=utf-8";
-                            let (status, body) = match path.as_str() {
-                                "/status" => (StatusCode::OK, serde_json::to_string_pretty(&cp.status()).expect("serializes")),
-                                "/metrics" => {
-                                    content_type = "text/plain; version=0.0.4; charset=utf-8";
-                                    (StatusCode::OK, cp.sli_metrics() + &console.metrics(&cp))
-                                }
-                                "/v1/flows" => {
-                                    content_type = "application/x-ndjson";
-                                    (StatusCode::OK, crate::console::flow_lines(&cp))
-                                }
-                                "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
-                                "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "no valid policy loaded yet\n".to_string()),
-                                "/live" => (StatusCode::OK, "live\n".to_string()),
-                                _ => (StatusCode::NOT_FOUND, "endpoints: /console /status /metrics /v1/flows /ready /live\n".to_string()),
-                            };
-                            Ok::<_, Infallible>(Response::builder().status(status).header("content-type", content_type).body(Full::new(Bytes::from(body))).expect("valid"))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-                });
+    let refused = crate::serve::RefusedConnections::default();
+    let counted = refused.clone();
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (cp, console, refused) = (cp.clone(), console.clone(), refused.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            if let Some(answer) = console.handle(&cp, req).await {
+                return Ok::<_, Infallible>(answer);
             }
+            let mut content_type = "text/plain; charset=utf-8";
+            let (status, body) = match path.as_str() {
+                "/status" => (
+                    StatusCode::OK,
+                    serde_json::to_string_pretty(&cp.status()).expect("serializes"),
+                ),
+                "/metrics" => {
+                    content_type = "text/plain; version=0.0.4; charset=utf-8";
+                    let refused = refused.encode(
+                        "meshgate_control_plane_admin_connections_refused_total",
+                        "Connections to the admin listener closed at accept: over its cap in total or from one address",
+                    );
+                    (
+                        StatusCode::OK,
+                        cp.sli_metrics() + &console.metrics(&cp) + &refused,
+                    )
+                }
+                "/v1/flows" => {
+                    content_type = "application/x-ndjson";
+                    (StatusCode::OK, crate::console::flow_lines(&cp))
+                }
+                "/ready" if cp.version().is_some() => (StatusCode::OK, "ready\n".to_string()),
+                "/ready" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no valid policy loaded yet\n".to_string(),
+                ),
+                "/live" => (StatusCode::OK, "live\n".to_string()),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    "endpoints: /console /status /metrics /v1/flows /ready /live\n".to_string(),
+                ),
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("valid"),
+            )
         }
-    }
+    });
+    crate::serve::serve_local(
+        listener,
+        shutdown,
+        ADMIN_DRAIN,
+        "control-plane admin",
+        counted,
+        prometheus_client::metrics::gauge::Gauge::default(),
+        service,
+    )
+    .await;
 }

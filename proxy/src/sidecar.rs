@@ -416,7 +416,7 @@ impl Sidecar {
         let mut tasks = JoinSet::new();
         tasks.spawn(inbound.serve(inbound_listener, shutdown.subscribe(), config.drain));
         tasks.spawn(outbound.serve(outbound_listener, shutdown.subscribe(), config.drain));
-        tasks.spawn(admin.clone().serve(admin_listener));
+        tasks.spawn(admin.clone().serve(admin_listener, config.drain));
         let probe_addr = probe_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound"));
@@ -427,7 +427,12 @@ impl Sidecar {
             });
             let probes = crate::probe::ProbeForwarder::new(&config.apps, probe_targets, readiness)
                 .map_err(SidecarError::Probe)?;
-            tasks.spawn(probes.serve(listener, shutdown.subscribe()));
+            tasks.spawn(probes.serve(
+                listener,
+                shutdown.subscribe(),
+                config.drain,
+                metrics.clone(),
+            ));
         }
         tracing::info!(
             event = "sidecar.started",

@@ -34,6 +34,7 @@ mod sidecar_clients;
 mod sidecar_flow_control;
 mod sidecar_grpc;
 mod sidecar_hot_swap;
+mod sidecar_local_listeners;
 mod sidecar_parking;
 mod sidecar_ports;
 mod sidecar_rotation;

@@ -38,7 +38,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -275,27 +275,24 @@ impl ProbeForwarder {
         }
     }
 
-    /// Serves until shutdown.
-    pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
-        loop {
-            tokio::select! {
-                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                accepted = backoff.accept(&listener, "probe") => {
-                    let (tcp, _) = accepted;
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let this = this.clone();
-                            async move { Ok::<_, Infallible>(this.handle(req).await) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), service)
-                            .await;
-                    });
-                }
-            }
-        }
+    /// Serves until shutdown, as every locally answering listener is served
+    /// ([`crate::serve::serve_local`]: capped, timed, lingering close).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+        drain: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) {
+        let parked = metrics.parked("probes");
+        let service = hyper::service::service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        crate::serve::serve_local(
+            listener, shutdown, drain, "probes", metrics, parked, service,
+        )
+        .await;
     }
 }
 
