@@ -25,6 +25,7 @@ out_port=$((base + 20))
 chmod 711 "$work"
 mkdir -p "$work/www/api" "$work/policy"
 head -c 1024 /dev/zero | tr '\0' 'x' >"$work/www/api/data"
+echo ok >"$work/www/api/upload" # /api/upload's handler (nginx-app.conf.tmpl)
 render() { # TEMPLATE OUT KEY=VALUE...
   local tmpl=$1 out=$2 expr=() kv
   shift 2

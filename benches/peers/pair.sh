@@ -16,11 +16,9 @@
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
 # (parent-based trace-ID ratio sampler at RATIO; denials are exported whatever the ratio) toward
 # an OTLP/HTTP sink (otlp_sink.py, on CPU 0 with oha), and reports the exports it received.
-# --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which answers
-# "ok" as soon as it has the head, then reads the body and throws it away, as nginx's `return`
-# does) instead of a GET of the 1 KiB /api/data: the upload direction. The client may count an
-# answer before its body has gone through, so a run's req/s runs ahead of the bodies by what the
-# sockets hold; each run starts only once the proxies are idle again.
+# --body BYTES: every request is a POST of BYTES bytes to the app's /api/upload (which reads the
+# whole body, then answers "ok") instead of a GET of the 1 KiB /api/data: the upload direction.
+# Each run starts only once the proxies are idle again.
 # --response BYTES: GET a file of BYTES bytes instead (the download direction).
 # --path PATH: GET PATH instead; --expect STATUS: the status every request must get (default
 # 200), e.g. `--path /admin --expect 403` for requests the policy refuses.
@@ -164,9 +162,9 @@ oha_json() { # OUT ARGS...
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # Waits until both proxies have been idle for 0.3 s (at most 20 s). oha's -z ends a run with
 # requests in flight; an upload's body it had already written stays queued in its sockets (up
-# to 4 MiB each, and an app that answers before reading the body, as nginx's `return` does,
-# lets it write several bodies ahead), and the kernel still delivers it after oha exits: the
-# next run would start behind up to 64 x 4 MiB of the previous run's uploads.
+# to 4 MiB each; an app that answers before reading the body, as this one did until the
+# twenty-fourth session, lets it write several bodies ahead), and the kernel still delivers it
+# after oha exits: the next run would start behind the previous run's uploads.
 settle() {
   local before now
   for _ in $(seq 67); do
