@@ -12,6 +12,7 @@ pub mod chains;
 pub mod fsutil;
 pub mod k8s;
 pub mod limits;
+pub mod linger;
 pub mod service;
 /// SPIFFE IDs live in `meshgate-spiffe` (no I/O, so the policy crates share them); re-exported
 /// here because everything identity-related is reached through this crate.

@@ -465,14 +465,24 @@ async fn serve_connection(
         last: Mutex::new((std::time::Instant::now(), false)),
     });
     let admission = state.admission.clone();
+    // A refusal answered before the request's body was read ends the connection with a
+    // lingering close, so the client reads the refusal instead of a reset.
+    let tls = crate::linger::LingerOnClose::new(tls);
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req| {
+        let linger = tls.armed();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let state = state.clone();
             let peer_chain = peer_chain.clone();
             let busy = Busy::start(activity.clone());
+            let linger = linger.clone();
+            let unread = req.version() < hyper::Version::HTTP_2
+                && !hyper::body::Body::is_end_stream(req.body());
             async move {
                 let resp = state.handle(req, peer, &peer_chain).await;
+                if unread && !resp.status().is_success() {
+                    linger.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 drop(busy);
                 Ok::<_, std::convert::Infallible>(resp)
             }

@@ -320,10 +320,8 @@ where
 }
 
 /// How long an HTTP/1.1 connection ended with a request body unread goes on reading and
-/// throwing away what the caller still sends (nginx's `lingering_close`, whose
-/// `lingering_time` is 30 s): the caller's TCP stack would answer a stream dropped with
-/// unread bytes with a reset, which can destroy the answer before the caller reads it.
-pub const LINGER: Duration = Duration::from_secs(5);
+/// throwing away what the caller still sends (see [`meshgate_ca::linger`]).
+pub use meshgate_ca::linger::LINGER;
 
 /// A request handed to the service and not answered to its end yet; see [`Counted`].
 #[derive(Debug)]
@@ -674,18 +672,7 @@ impl<T: ConnIo, S: ConnService> Future for HttpConnection<T, S> {
                     return Poll::Ready(ended.map_err(Into::into));
                 }
                 State::Lingering { io, until } => {
-                    let mut discard = [0u8; 8192];
-                    loop {
-                        if until.as_mut().poll(cx).is_ready() {
-                            break;
-                        }
-                        let mut buf = ReadBuf::new(&mut discard);
-                        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
-                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
-                            Poll::Ready(_) => break,
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
+                    std::task::ready!(meshgate_ca::linger::poll_discard(io, until.as_mut(), cx));
                     this.state = State::Done;
                     return Poll::Ready(Ok(()));
                 }

@@ -660,3 +660,44 @@ async fn first_request_from_a_nagle_client_is_not_held_for_a_delayed_ack() {
     .await;
     crate::support::assert_not_held_for_delayed_ack(&took);
 }
+
+/// An upload the CA refuses before reading it all — no token (`401`), or a body past its limit
+/// (`413`) — is answered with its status, not reset: the CA goes on reading (and discarding)
+/// what the client still sends before it closes. The client is Python's `http.client`, which,
+/// like most scripts' clients, sends the whole body before it reads the answer; a body larger
+/// than the sockets' buffers is still being sent when the CA answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_the_ca_refuses_get_their_answer() {
+    require_tool("python3");
+    let ca = TestCa::start(Duration::from_secs(3600)).await;
+    let token = ca.token(&id(WEB), Duration::from_secs(60), false);
+    const CLIENT: &str = r#"
+import http.client, ssl, sys
+port, cafile, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conn = http.client.HTTPSConnection(
+    "localhost", port, context=ssl.create_default_context(cafile=cafile), timeout=20)
+headers = {"authorization": f"Bearer {token}"} if token else {}
+try:
+    conn.request("POST", "/v1/svid", body=b"x" * (8 << 20), headers=headers)
+    print(conn.getresponse().status)
+except OSError as e:
+    print(type(e).__name__, e)
+"#;
+    for (token, expected) in [("", "401"), (token.as_str(), "413")] {
+        for round in 0..3 {
+            let mut client = Command::new("python3");
+            client
+                .args(["-c", CLIENT])
+                .arg(ca.addr().port().to_string())
+                .arg(ca.path("root.pem"))
+                .arg(token);
+            let out = run_async(client).await;
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                expected,
+                "round {round}: the client got no answer: {}",
+                text(&out)
+            );
+        }
+    }
+}
