@@ -1010,3 +1010,38 @@ async fn streams_follow_renewals_and_check_flags_overdue_svids() {
         flagged.1
     );
 }
+
+/// A request the control plane's stream port refuses (anything but `POST /v1/stream`) while its
+/// body is still on its way is answered, not reset: over HTTP/1.1 the connection lingers,
+/// reading and discarding the body, before it closes. hyper's client, like a sidecar's, writes
+/// the body while it waits for the answer and fails on a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_on_the_stream_port_gets_its_answer() {
+    let mut mesh = TestMesh::new().await;
+    mesh.start_control_plane().await;
+    let addr = mesh.control_plane.as_ref().unwrap().addr;
+    let cp = meshgate_ca::SpiffeId::parse("spiffe://mesh.local/ns/meshgate/sa/control-plane");
+    let config = mesh.client_as("orders", cp.unwrap(), &[b"http/1.1"]);
+    for round in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(tls::mesh_server_name(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/v1/nowhere")
+            .header("host", "control-plane")
+            .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 8 << 20])))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+            .await
+            .expect("answered within 20 s");
+        let status = resp
+            .unwrap_or_else(|e| panic!("round {round}: no answer, the connection failed: {e:?}"))
+            .status();
+        assert_eq!(status, 404, "round {round}");
+    }
+}

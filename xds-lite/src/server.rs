@@ -334,9 +334,19 @@ impl ControlPlane {
         }
         let peer = Arc::new(info);
         let cp = self.clone();
-        let service = hyper::service::service_fn(move |req| {
+        // A refusal answered over HTTP/1.1 before the request's body was read ends the
+        // connection with a lingering close, so the client reads the refusal, not a reset.
+        let tls = meshgate_ca::linger::LingerOnClose::new(tls);
+        let linger = tls.armed();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (cp, peer) = (cp.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(cp.handle(req, peer, addr)) }
+            let unread = req.version() < http::Version::HTTP_2
+                && !hyper::body::Body::is_end_stream(req.body());
+            let resp = cp.handle(req, peer, addr);
+            if unread && !resp.status().is_success() {
+                linger.store(true, Ordering::Relaxed);
+            }
+            async move { Ok::<_, Infallible>(resp) }
         });
         // PINGs mark a sidecar whose machine vanished (no FIN, no RST) as disconnected in
         // `meshgate status` within 15 s, instead of listing a dead stream as connected.
@@ -346,6 +356,12 @@ impl ControlPlane {
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        // HTTP/1.1 request heads within the handshake's limit (hyper's timer is off without
+        // a timer of its own).
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HANDSHAKE_TIMEOUT);
         let _ = builder.serve_connection(TokioIo::new(tls), service).await;
     }
 
