@@ -146,7 +146,7 @@ impl Admin {
     }
 
     /// Serves until shutdown, as every locally answering listener is served
-    /// ([`crate::serve::serve_local`]: capped, timed, lingering close).
+    /// ([`crate::local_http::serve_local`]: capped, timed, lingering close).
     pub async fn serve(self, listener: TcpListener, drain: std::time::Duration) {
         let shutdown = self.shutdown.subscribe();
         let (metrics, parked) = (self.metrics.clone(), self.metrics.parked("admin"));
@@ -154,7 +154,9 @@ impl Admin {
             let resp = self.handle(&req);
             async move { Ok::<_, Infallible>(resp) }
         });
-        crate::serve::serve_local(listener, shutdown, drain, "admin", metrics, parked, service)
-            .await;
+        crate::local_http::serve_local(
+            listener, shutdown, drain, "admin", metrics, parked, service,
+        )
+        .await;
     }
 }

@@ -139,7 +139,7 @@ impl RunningControlPlane {
 const ADMIN_DRAIN: Duration = Duration::from_secs(5);
 
 /// The loopback admin listener, served as every locally answering listener is
-/// ([`crate::serve::serve_local`]: capped, timed, lingering close); its refusals at the cap are
+/// ([`crate::local_http::serve_local`]: capped, timed, lingering close); its refusals at the cap are
 /// counted in its own `/metrics`.
 async fn admin(
     listener: TcpListener,
@@ -197,7 +197,7 @@ async fn admin(
             )
         }
     });
-    crate::serve::serve_local(
+    crate::local_http::serve_local(
         listener,
         shutdown,
         ADMIN_DRAIN,

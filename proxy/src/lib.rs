@@ -14,6 +14,7 @@ pub mod http_conn;
 pub mod http_util;
 pub mod identity;
 pub mod inbound;
+pub mod local_http;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

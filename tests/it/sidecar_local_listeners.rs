@@ -111,7 +111,7 @@ async fn silent_and_trickling_clients_are_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_capped_per_source() {
     let (mesh, listeners) = local_listeners().await;
-    let cap = meshgate_proxy::serve::LOCAL_LIMITS.per_source;
+    let cap = meshgate_proxy::local_http::LOCAL_LIMITS.per_source;
     let extra = 40;
     for &(name, addr) in &listeners {
         let mut held = Vec::new();

@@ -276,7 +276,7 @@ impl ProbeForwarder {
     }
 
     /// Serves until shutdown, as every locally answering listener is served
-    /// ([`crate::serve::serve_local`]: capped, timed, lingering close).
+    /// ([`crate::local_http::serve_local`]: capped, timed, lingering close).
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -289,7 +289,7 @@ impl ProbeForwarder {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.handle(req).await) }
         });
-        crate::serve::serve_local(
+        crate::local_http::serve_local(
             listener, shutdown, drain, "probes", metrics, parked, service,
         )
         .await;

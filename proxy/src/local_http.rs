@@ -1,0 +1,99 @@
+//! The plaintext listeners that answer locally — a sidecar's admin and health-probe listeners,
+//! the control plane's admin listener — served with the sidecar's accept loop
+//! ([`crate::serve::accept_loop`]) and connection type ([`crate::http_conn::HttpConnection`]),
+//! under limits of their own.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::serve::Limits;
+
+/// Caps and timeouts of the plaintext listeners that answer locally: a sidecar's admin
+/// endpoint and health-probe listener, the control plane's admin listener. They take a handful
+/// of connections (a kubelet, a metrics scraper, the CLI), and the probe listener is bound on
+/// every address, so any pod can reach it: a few hundred connections from one address are
+/// plenty. Their connections are never parked (`park` is not used): a parked connection is out
+/// of hyper's hands, so its header-read timer does not run, and a silent client would hold its
+/// slot until the idle limit. Unparked, a request head must arrive within
+/// [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the connection or of the previous answer; `idle` is a backstop.
+pub const LOCAL_LIMITS: Limits = Limits {
+    connections: 1024,
+    per_source: 256,
+    handshakes: 0,
+    idle: Duration::from_secs(120),
+    park: Duration::from_secs(1),
+};
+
+/// Serves one of the plaintext HTTP/1.1 listeners that answer locally (a sidecar's admin and
+/// health-probe listeners, the control plane's admin listener) until `shutdown`, with
+/// [`LOCAL_LIMITS`]: connections capped in total and per source address, a request head due
+/// within [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the connection or of the previous answer. Each answer is
+/// marked [`LocalReply`](crate::http_util::LocalReply): these endpoints never read an upload
+/// to its end, so a request that came with one ends its connection with a lingering close
+/// (`crate::http_conn::LINGER`) and the client reads the answer instead of a reset.
+///
+/// Why: these listeners used to run hyper's connection bare — no cap, and on the probe
+/// listener (bound on every address) no header timeout at all — so silent connections from any
+/// pod held the sidecar's file descriptors for as long as the attacker liked.
+pub async fn serve_local<S, B>(
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    listener_name: &'static str,
+    refusals: impl crate::serve::CountRefusal,
+    parked: prometheus_client::metrics::gauge::Gauge,
+    service: S,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + Unpin
+        + 'static,
+    B: hyper::body::Body<Data: Send, Error: Into<crate::http_conn::ConnError>> + Send + 'static,
+{
+    use futures_util::FutureExt;
+    let service = hyper::service::service_fn(move |req| {
+        service.call(req).map(|answered| {
+            answered.map(|mut resp| {
+                resp.extensions_mut().insert(crate::http_util::LocalReply);
+                resp
+            })
+        })
+    });
+    crate::serve::accept_loop(
+        listener,
+        shutdown,
+        drain,
+        listener_name,
+        LOCAL_LIMITS,
+        refusals,
+        move |tcp, _peer, drain| {
+            let (io, _) = crate::http_conn::HttpIo::new(tcp);
+            let conn = crate::http_conn::HttpConnection::new(
+                io,
+                Some(crate::http_conn::Version::H1),
+                service.clone(),
+                parked.clone(),
+            );
+            drain
+                .serve(conn, Some(LOCAL_LIMITS.idle), None)
+                .map(move |served| {
+                    if served.idle_closed {
+                        tracing::debug!(
+                            event = "listener.idle_timeout",
+                            listener = listener_name,
+                            "closed an idle connection"
+                        );
+                    }
+                })
+        },
+    )
+    .await;
+}
