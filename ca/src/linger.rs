@@ -117,3 +117,77 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for LingerOnClose<T> {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    /// A peer that sends `chunks` of 512 bytes 100 ms apart, then closes (or, with `None`,
+    /// sends for ever); returns what it read before it stopped: the server's side shut down
+    /// first, so it reads EOF.
+    fn peer(
+        mut io: tokio::io::DuplexStream,
+        chunks: Option<usize>,
+    ) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while chunks.is_none_or(|n| sent < n) {
+                if io.write_all(&[b'x'; 512]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut got = Vec::new();
+            let _ = io.read_to_end(&mut got).await;
+            got
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_armed_shutdown_reads_until_the_peer_closes() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let mut conn = LingerOnClose::new(ours);
+        conn.armed().store(true, Ordering::Relaxed);
+        let peer = peer(theirs, Some(5));
+        let started = Instant::now();
+        conn.shutdown().await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_millis(400)..LINGER).contains(&waited),
+            "returned after {waited:?}: once the peer closed, after its 5 chunks"
+        );
+        assert!(peer.await.unwrap().is_empty(), "the peer read EOF");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_armed_shutdown_gives_up_after_the_limit() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let mut conn = LingerOnClose::new(ours);
+        conn.armed().store(true, Ordering::Relaxed);
+        let peer = peer(theirs, None);
+        let started = Instant::now();
+        conn.shutdown().await.unwrap();
+        let waited = started.elapsed();
+        assert!(
+            (LINGER..LINGER + Duration::from_millis(150)).contains(&waited),
+            "returned after {waited:?}, the limit is {LINGER:?}"
+        );
+        drop(conn);
+        peer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unarmed_shutdown_does_not_wait() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let mut conn = LingerOnClose::new(ours);
+        let peer = peer(theirs, None);
+        let started = Instant::now();
+        conn.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        drop(conn);
+        peer.await.unwrap();
+    }
+}
