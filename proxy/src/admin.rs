@@ -149,14 +149,11 @@ impl Admin {
     /// ([`crate::local_http::serve_local`]: capped, timed, lingering close).
     pub async fn serve(self, listener: TcpListener, drain: std::time::Duration) {
         let shutdown = self.shutdown.subscribe();
-        let (metrics, parked) = (self.metrics.clone(), self.metrics.parked("admin"));
+        let metrics = self.metrics.clone();
         let service = hyper::service::service_fn(move |req| {
             let resp = self.handle(&req);
             async move { Ok::<_, Infallible>(resp) }
         });
-        crate::local_http::serve_local(
-            listener, shutdown, drain, "admin", metrics, parked, service,
-        )
-        .await;
+        crate::local_http::serve_local(listener, shutdown, drain, "admin", metrics, service).await;
     }
 }

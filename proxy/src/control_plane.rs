@@ -203,7 +203,6 @@ async fn admin(
         ADMIN_DRAIN,
         "control-plane admin",
         counted,
-        prometheus_client::metrics::gauge::Gauge::default(),
         service,
     )
     .await;

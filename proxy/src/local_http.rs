@@ -43,7 +43,6 @@ pub async fn serve_local<S, B>(
     drain: Duration,
     listener_name: &'static str,
     refusals: impl crate::serve::CountRefusal,
-    parked: prometheus_client::metrics::gauge::Gauge,
     service: S,
 ) where
     S: hyper::service::Service<
@@ -80,7 +79,8 @@ pub async fn serve_local<S, B>(
                 io,
                 Some(crate::http_conn::Version::H1),
                 service.clone(),
-                parked.clone(),
+                // Never parked (see `LOCAL_LIMITS`): no gauge to keep.
+                prometheus_client::metrics::gauge::Gauge::default(),
             );
             drain
                 .serve(conn, Some(LOCAL_LIMITS.idle), None)

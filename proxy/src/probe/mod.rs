@@ -284,15 +284,11 @@ impl ProbeForwarder {
         drain: Duration,
         metrics: Arc<crate::metrics::Metrics>,
     ) {
-        let parked = metrics.parked("probes");
         let service = hyper::service::service_fn(move |req| {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.handle(req).await) }
         });
-        crate::local_http::serve_local(
-            listener, shutdown, drain, "probes", metrics, parked, service,
-        )
-        .await;
+        crate::local_http::serve_local(listener, shutdown, drain, "probes", metrics, service).await;
     }
 }
 
