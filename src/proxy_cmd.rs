@@ -188,8 +188,9 @@ pub struct ProxyArgs {
     /// Most inbound (mTLS) connections open at once from one source address.
     #[arg(long, default_value_t = 2_000)]
     max_connections_per_source: usize,
-    /// Close an inbound HTTP connection (HTTP/1.1 keep-alive or HTTP/2) after this long with no
-    /// bytes in either direction.
+    /// Close an HTTP connection (HTTP/1.1 keep-alive or HTTP/2), from a peer to the inbound
+    /// listener or from the app to the outbound one, after this long with no bytes in either
+    /// direction.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     idle_timeout: Duration,
     /// How long redirected connections may take to send their first bytes before they are

@@ -119,6 +119,10 @@ pub struct Metrics {
     /// Idle HTTP/1.1 connections holding no hyper buffers right now
     /// (`meshgate_http_connections_parked{listener}`, [`crate::http_conn`]).
     pub http_connections_parked: Family<ListenerLabels, Gauge>,
+    /// HTTP connections closed after `--idle-timeout` without a byte either way
+    /// (`meshgate_http_connections_idle_closed_total{listener}`): the inbound listener's
+    /// peers and the app's own pooled connections to the outbound listener alike.
+    pub http_idle_closes: Family<ListenerLabels, Counter>,
     /// Client chains the inbound listener has verified, so a caller's next handshake skips
     /// their signature checks ([`meshgate_ca::chains`]). Its counts are read at scrape time as
     /// `meshgate_tls_chain_verifications_total{direction="inbound",result}`.
@@ -299,6 +303,12 @@ impl Default for Metrics {
             "Idle HTTP/1.1 connections parked without buffers until their next request, by listener",
             http_connections_parked.clone(),
         );
+        let http_idle_closes = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "http_connections_idle_closed",
+            "HTTP connections closed after the idle timeout without a byte either way, by listener",
+            http_idle_closes.clone(),
+        );
         let inbound_chains = Arc::new(VerifiedChains::new());
         let outbound_chains = Arc::new(VerifiedChains::new());
         registry.register_collector(Box::new(ChainCacheCollector {
@@ -312,6 +322,7 @@ impl Default for Metrics {
             inbound_chains,
             outbound_chains,
             http_connections_parked,
+            http_idle_closes,
             flow_cardinality_overflow,
             tap_events,
             requests,
@@ -341,6 +352,13 @@ impl Metrics {
         self.http_connections_parked
             .get_or_create(&ListenerLabels { listener })
             .clone()
+    }
+
+    /// Counts one of `listener`'s HTTP connections closed for staying idle.
+    pub fn count_idle_close(&self, listener: &'static str) {
+        self.http_idle_closes
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
     }
 
     /// Counts `n` request-hygiene events (`meshgate_inbound_hygiene_total{reason}`): what the

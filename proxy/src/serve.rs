@@ -16,7 +16,8 @@ use tokio::sync::watch;
 
 /// Caps and timeouts of the sidecar's listeners. Every listener has a connection cap; the
 /// inbound (mTLS) listener also caps connections per source address and connections still in
-/// their TLS handshake, and closes HTTP connections that stay silent for `idle`.
+/// their TLS handshake; the inbound and outbound listeners close HTTP connections that stay
+/// silent for `idle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Open connections per listener; new ones beyond it are closed at accept and counted
@@ -30,8 +31,8 @@ pub struct Limits {
     /// never does, so a flood of half-open handshakes sheds itself and leaves room for known
     /// peers instead of locking them out.
     pub handshakes: usize,
-    /// An inbound HTTP connection with no bytes in either direction for this long is closed
-    /// (`idle_timeout`), HTTP/2 included: hyper has no idle timeout of its own. Upgraded
+    /// An inbound or outbound HTTP connection with no bytes in either direction for this long is
+    /// closed (`idle_timeout`), HTTP/2 included: hyper has no idle timeout of its own. Upgraded
     /// connections and L4 tunnels are not subject to it (they are re-authorized instead).
     pub idle: Duration,
     /// An HTTP/1.1 connection with nothing in flight and no bytes in either direction for this

@@ -285,21 +285,59 @@ async fn a_parked_connection_obeys_the_idle_limit_and_the_drain() {
         .await;
     assert_eq!(idle_closed, 1.0);
 
-    // Outbound (no idle limit): parked until the sidecar drains, then closed.
-    let mut app = tokio::net::TcpStream::connect(mesh.workload("web").sidecar.outbound_addr)
-        .await
-        .unwrap();
+    let idle_closed = |listener: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let label = format!(r#"listener="{listener}""#);
+            let workload = if listener == "inbound" {
+                "orders"
+            } else {
+                "web"
+            };
+            mesh.metric(
+                workload,
+                "meshgate_http_connections_idle_closed_total",
+                &[label.as_str()],
+            )
+            .await
+        }
+    };
+    assert_eq!(idle_closed("inbound").await, 1.0);
+
+    // Outbound: the app's pooled connection, parked, then closed at the same idle limit.
+    let outbound = mesh.workload("web").sidecar.outbound_addr;
+    let mut app = tokio::net::TcpStream::connect(outbound).await.unwrap();
     assert_eq!(get(&mut app, "/api/y").await.status, 200);
     wait_parked(&mesh, "web", "outbound", 1.0).await;
-    mesh.workload("web").sidecar.shutdown();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the app's parked connection outlived the idle limit"
+    );
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(parked(&mesh, "web", "outbound").await, 0.0);
+    assert_eq!(idle_closed("outbound").await, 1.0);
+
+    // A connection the app opens and never uses is closed at the idle limit as well.
+    let mut unused = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), unused.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never sent a byte outlived the idle limit"
+    );
+    assert_eq!(idle_closed("outbound").await, 2.0);
+
+    // The drain closes a parked connection at once, well before its idle limit.
+    let mut app = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    assert_eq!(get(&mut app, "/api/z").await.status, 200);
+    wait_parked(&mesh, "web", "outbound", 1.0).await;
+    mesh.workload("web").sidecar.shutdown();
+    let closed = tokio::time::timeout(Duration::from_millis(900), app.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the parked connection outlived the drain");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
-/// A peer that offers no ALPN is served by what its first bytes say: HTTP/1.1 (parked when
-/// idle) or the HTTP/2 preface.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_without_alpn_is_served_by_what_it_sends() {
     let mesh = mesh_with(parking()).await;

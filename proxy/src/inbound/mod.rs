@@ -277,6 +277,7 @@ impl Inbound {
                 let peer = peer_identity.addr;
                 if served.idle_closed {
                     metrics.count_hygiene("idle_timeout", 1);
+                    metrics.count_idle_close("inbound");
                     tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, finished = served.result.is_some(), "closed an idle connection");
                 }
                 if let Some(Err(e)) = served.result {

@@ -204,7 +204,8 @@ pub struct Outbound {
     /// Client spans of every outbound request.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     pub detection: Detection,
-    /// Connection cap (the app is the only source: no per-source cap applies in practice).
+    /// Connection cap (the app is the only source: no per-source cap applies in practice) and
+    /// the idle limit of the app's HTTP connections.
     pub limits: crate::serve::Limits,
     /// How requests travel to the callee's sidecar.
     pub mesh_protocol: MeshProtocol,
@@ -247,8 +248,9 @@ impl Outbound {
             },
             None => tcp,
         };
-        let park = self.limits.park;
+        let (idle, park) = (self.limits.idle, self.limits.park);
         let parked = self.metrics.parked("outbound");
+        let metrics = self.metrics.clone();
         // Shared by the connection's requests: one reference count per request rather than a
         // clone of the sidecar's handles (three `Arc`s and the rest).
         let this = Arc::new(self);
@@ -259,7 +261,19 @@ impl Outbound {
         });
         let (io, _) = crate::http_conn::HttpIo::new(tcp);
         let conn = crate::http_conn::HttpConnection::new(io, None, service, parked);
-        if let Some(Err(e)) = drain.serve(conn, None, Some(park)).await.result {
+        // The app's pooled connections get the inbound listener's idle limit too: a pool that
+        // leaks connections, or one opened and never used, would otherwise hold its slot under
+        // the listener's cap for ever (Envoy closes idle downstream connections after an hour).
+        let served = drain.serve(conn, Some(idle), Some(park)).await;
+        if served.idle_closed {
+            metrics.count_idle_close("outbound");
+            tracing::debug!(
+                event = "outbound.idle_timeout",
+                finished = served.result.is_some(),
+                "closed an idle connection from the app"
+            );
+        }
+        if let Some(Err(e)) = served.result {
             tracing::debug!(error = %e, "outbound connection ended with an error");
         }
     }
