@@ -67,6 +67,21 @@ fn an_unreadable_profile_is_refused() {
     );
 }
 
+/// Packed relative relocations (DT_RELR): this toolchain's linker and C library take them (the
+/// check links and runs a probe with `-z pack-relative-relocs`), so the shipped binary carries
+/// ≈ 4 KiB of relocations instead of ≈ 376 KiB that the loader reads at every start and that
+/// then stay resident in every sidecar (BENCHMARKS.md, twenty-fifth session).
+#[test]
+fn relative_relocations_are_packed_by_this_toolchain() {
+    let out = check(None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("relative relocations packed"),
+        "scripts/release-build.sh --check does not pack relative relocations:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The code layout (`pgo/symbol-order.txt`): this toolchain's linker lays out code by an ordering
 /// file (the check links a probe in the reverse of its source order and reads the addresses back),
 /// and the committed file is the script's output, not an empty or hand-made list. Without either,
