@@ -4,7 +4,7 @@
 # machine's load, so binaries can be compared on a busy machine (wall-clock and CPU-time figures
 # need a quiet one: run.sh).
 #
-# Usage: benches/peers/callgrind.sh [--requests N] [--connections C] [--cache] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--inbound] [--haproxy] [--keep] BIN [BIN...]
+# Usage: benches/peers/callgrind.sh [--requests N] [--connections C] [--cache] [--base-port PORT] [--log LEVEL] [--tracing RATIO] [--inbound] [--h2] [--haproxy] [--keep] BIN [BIN...]
 #
 # --log: the sidecars' MESHGATE_LOG (default warn; `info` is the default a user runs, with the
 # per-request decision line). --tracing RATIO: OpenTelemetry tracing on in both sidecars
@@ -28,6 +28,9 @@
 # L1 instruction-cache misses, L1 data read and write misses and mispredicted conditional
 # branches: what makes the same instruction count cost more time (BENCHMARKS.md, "eleventh
 # session").
+# --h2: HTTP/2 end to end, as gRPC traffic runs: oha speaks h2c to the outbound proxy over one
+# connection with C concurrent streams, and the app speaks h2c only (the inbound sidecar with
+# --app-protocol h2c; HAProxy's pair with `proto h2` toward the client and the app).
 # Needs valgrind (callgrind_control), oha, nginx, python3; openssl, haproxy and curl for --haproxy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +41,7 @@ base=19400
 keep=0
 haproxy=0
 inbound=0
+h2=0
 log=warn
 tracing=
 bins=()
@@ -50,9 +54,10 @@ while [ $# -gt 0 ]; do
     --keep) keep=1; shift ;;
     --haproxy) haproxy=1; shift ;;
     --inbound) inbound=1; shift ;;
+    --h2) h2=1; shift ;;
     --log) log=$2; shift 2 ;;
     --tracing) tracing=$2; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) bins+=("$1"); shift ;;
   esac
 done
@@ -73,6 +78,14 @@ work_name=callgrind
 mg=${bins[0]}
 # shellcheck source=mesh-setup.sh
 . "$here/mesh-setup.sh"
+conc=(-c "$connections")
+app_protocol=()
+if [ "$h2" = 1 ]; then
+  [ "$inbound" = 0 ] || { echo "--h2 measures the mesh path: not with --inbound" >&2; exit 2; }
+  app_h2c
+  conc=(-c 1 -p "$connections" --http2)
+  app_protocol=(--app-protocol h2c)
+fi
 start_app
 telemetry=(--no-tracing)
 if [ -n "$tracing" ]; then
@@ -115,7 +128,7 @@ measure() {
   local name=$1 in_pid=$2 out_pid=$3 url=$4 tag=$5 in_ir out_ir n=$requests side pid
   local -A minus=([in]=- [out]=-)
   shift 5
-  oha --no-tui -n 200 -c "$connections" -H "Host: app" "$@" "$url" >/dev/null
+  oha --no-tui -n 200 "${conc[@]}" -H "Host: app" "$@" "$url" >/dev/null
   if [ "$inbound" = 1 ]; then
     # Each oha run opens its own mTLS connections, and a handshake costs as much as hundreds of
     # requests: a run of one request per connection is counted first, and subtracted.
@@ -126,7 +139,7 @@ measure() {
     n=$((requests - connections))
   fi
   for pid in "$in_pid" "$out_pid"; do callgrind_control --zero "$pid" >/dev/null; done
-  oha --no-tui -n "$requests" -c "$connections" -H "Host: app" "$@" "$url" >"$work/oha-$tag.txt"
+  oha --no-tui -n "$requests" "${conc[@]}" -H "Host: app" "$@" "$url" >"$work/oha-$tag.txt"
   grep -q "\[200\] $requests responses" "$work/oha-$tag.txt" || {
     echo "$name: not every request was answered 200:" >&2
     grep -A5 "Status code distribution" "$work/oha-$tag.txt" >&2
@@ -151,7 +164,7 @@ for bin in "${bins[@]}"; do
     --app 127.0.0.1:$app_port --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
-    "${telemetry[@]}" >"$work/in-$n.log" 2>&1 &
+    "${telemetry[@]}" "${app_protocol[@]}" >"$work/in-$n.log" 2>&1 &
   in_pid=$!
   pids+=("$in_pid")
   MESHGATE_LOG=$log "${vg[@]}" --callgrind-out-file="$work/cg-out-$n.out" "$bin" proxy \

@@ -44,6 +44,15 @@ start_app() { # [PREFIX...] (e.g. taskset -c 1)
   pids+=($!)
 }
 
+# HTTP/2 end to end (pair.sh and callgrind.sh --h2): the app's listener speaks h2c only (nginx:
+# `http2` on a plain listener takes prior knowledge), and start_haproxy_pair's pair speaks h2c
+# to the client and to the app. Before start_app.
+app_h2c() {
+  sed -i "s|listen 127.0.0.1:$app_port backlog=4096;|listen 127.0.0.1:$app_port backlog=4096 http2;|" "$work/nginx-app.conf"
+  grep -q 'backlog=4096 http2;' "$work/nginx-app.conf" || { echo "--h2: the app's listener was not found in nginx-app.conf" >&2; exit 1; }
+  hap_h2=1
+}
+
 ready() { # ADMIN_PORT
   local i
   for i in $(seq 600); do
@@ -61,7 +70,8 @@ ready() { # ADMIN_PORT
 # IN_PORT, the outbound one on OUT_PORT, each started in the background as `LAUNCHER in|out
 # haproxy ...` (the caller's pinning or valgrind; a function that must `exec`, so that the PIDs
 # are the proxies'). Sets hap_in_pid and hap_out_pid and returns once the pair answers
-# /api/data. Needs haproxy, openssl, curl.
+# /api/data. hap_h2=1: HTTP/2 end to end (h2c on the outbound listener and to the app, whose
+# listener must then speak h2c). Needs haproxy, openssl, curl.
 start_haproxy_pair() { # IN_PORT OUT_PORT LAUNCHER
   local h_in=$1 h_out=$2 launch=$3 _
   die() { echo "error: $*" >&2; exit 1; }
@@ -72,6 +82,14 @@ start_haproxy_pair() { # IN_PORT OUT_PORT LAUNCHER
   # Overrides first: the first substitution of a placeholder wins.
   render haproxy-inbound.cfg.tmpl "$work/haproxy-in.cfg" CERTS="$certs" IN_PORT="$h_in" "${common[@]}"
   render haproxy-outbound.cfg.tmpl "$work/haproxy-out.cfg" CERTS="$certs" IN_PORT="$h_in" OUT_PORT="$h_out" "${common[@]}"
+  local h2c=()
+  if [ "${hap_h2:-0}" = 1 ]; then # HTTP/2 end to end (pair.sh --h2): h2c from the client and to the app
+    h2c=(--http2-prior-knowledge)
+    sed -i "s|^\( *bind 127.0.0.1:$h_out\)\$|\1 proto h2|" "$work/haproxy-out.cfg"
+    sed -i "s|^\( *server app 127.0.0.1:$app_port\)\$|\1 proto h2|" "$work/haproxy-in.cfg"
+    grep -q "bind 127.0.0.1:$h_out proto h2" "$work/haproxy-out.cfg" && grep -q 'server app .* proto h2' "$work/haproxy-in.cfg" ||
+      die "hap_h2: the listener or the app server line was not found in the HAProxy configurations"
+  fi
   "$launch" in haproxy -db -f "$work/haproxy-in.cfg" >"$work/haproxy-in.log" 2>&1 &
   hap_in_pid=$!
   pids+=("$hap_in_pid")
@@ -79,7 +97,7 @@ start_haproxy_pair() { # IN_PORT OUT_PORT LAUNCHER
   hap_out_pid=$!
   pids+=("$hap_out_pid")
   for _ in $(seq 300); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' -H 'Host: app' "http://127.0.0.1:$h_out/api/data" || true)" = 200 ] && return 0
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "${h2c[@]}" -H 'Host: app' "http://127.0.0.1:$h_out/api/data" || true)" = 200 ] && return 0
     sleep 0.2
   done
   echo "the HAProxy pair did not answer on port $h_out (logs in $work)" >&2

@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--idle N] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--idle N] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -29,6 +29,10 @@
 # proxy, the inbound proxy → the app): the app and the client in one cgroup, the proxies in
 # another, `meshgate redirect attach` on them (accel.sh); needs root. With --haproxy it is the
 # control: the same kernel path under HAProxy's pair. Prints the acceleration counters too.
+# --h2: HTTP/2 end to end, as gRPC traffic runs: the client speaks h2c (prior knowledge) to the
+# outbound proxy over 8 connections of 8 concurrent streams each (4 × 4 for the fixed-rate run),
+# and the app is nginx speaking h2c only (the inbound sidecar with --app-protocol h2c; with
+# --haproxy, `proto h2` on HAProxy's outbound listener and toward the app).
 # --idle N: instead of the load runs, N plain HTTP/1.1 connections to the outbound proxy (an
 # app's pool), each sending one kept-alive GET of PATH, held idle; prints the RSS each proxy
 # gained per connection (the outbound one holds the connections; the inbound one sees one
@@ -46,6 +50,7 @@ expect=200
 haproxy=0
 accel=0
 idle=
+h2=0
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -59,11 +64,12 @@ while [ $# -gt 0 ]; do
     --haproxy) haproxy=1; shift ;;
     --accel) accel=1; shift ;;
     --idle) idle=$2; shift 2 ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    --h2) h2=1; shift ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response" "$idle"; do
@@ -90,6 +96,10 @@ if [ "$accel" = 1 ]; then
   trap 'cleanup; accel_cleanup' EXIT
   accel_setup "meshgate-pair-$$" "$out_port" "$in_port" "$app_port" || exit 1
 fi
+if [ "$h2" = 1 ]; then
+  [ -z "$idle$body" ] || { echo "--h2 measures GETs under load: not with --idle or --body" >&2; exit 2; }
+  app_h2c
+fi
 start_app "${in_app_cg[@]}" taskset -c 1
 
 log=${MESHGATE_LOG:-warn}
@@ -103,6 +113,8 @@ if [ -n "$tracing" ]; then
   export OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$tracing
   telemetry=()
 fi
+app_protocol=()
+[ "$h2" = 0 ] || app_protocol=(--app-protocol h2c)
 if [ "$haproxy" = 1 ]; then
   pinned() { shift; exec "${in_sidecar_cg[@]}" taskset -c 1 "$@"; }
   start_haproxy_pair "$in_port" "$out_port" pinned
@@ -113,7 +125,7 @@ else
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$in_port --outbound 127.0.0.1:$((in_port + 1)) --admin 127.0.0.1:$((in_port + 2)) \
-    "${telemetry[@]}" >"$work/in.log" 2>&1 &
+    "${telemetry[@]}" "${app_protocol[@]}" >"$work/in.log" 2>&1 &
   in_pid=$!
   pids+=("$in_pid")
   MESHGATE_LOG=$log "${in_sidecar_cg[@]}" taskset -c 1 "$mg" proxy --app 127.0.0.1:$app_port \
@@ -159,6 +171,12 @@ oha_json() { # OUT ARGS...
   shift
   "${in_app_cg[@]}" taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
 }
+# The same concurrency over HTTP/2: C connections become C/P connections of P streams each.
+if [ "$h2" = 1 ]; then
+  conns() { echo "-c $(($1 / $2)) -p $2 --http2"; }
+else
+  conns() { echo "-c $1"; }
+fi
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # Waits until both proxies have been idle for 0.3 s (at most 20 s). oha's -z ends a run with
 # requests in flight; an upload's body it had already written stays queued in its sockets (up
@@ -175,9 +193,11 @@ settle() {
   done
   echo "warning: the proxies were still busy 20 s after the previous run" >&2
 }
-oha_json "$work/warm.json" -z 1s -c 64
+# shellcheck disable=SC2046 # conns prints options, split on purpose
+oha_json "$work/warm.json" -z 1s $(conns 64 8)
 settle
-oha_json "$work/lat.json" -z "${seconds}s" -c 16 -q 1000 --latency-correction
+# shellcheck disable=SC2046
+oha_json "$work/lat.json" -z "${seconds}s" $(conns 16 4) -q 1000 --latency-correction
 settle
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
@@ -188,7 +208,8 @@ if [ "$syscalls" = 1 ]; then
   perf stat -x, -e "$events" -o "$work/perf-out.txt" -p "$out_pid" -- sleep "$seconds" &
   pout=$!
 fi
-oha_json "$work/sat.json" -z "${seconds}s" -c 64
+# shellcheck disable=SC2046
+oha_json "$work/sat.json" -z "${seconds}s" $(conns 64 8)
 [ "$syscalls" = 0 ] || wait "$pin" "$pout"
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")

@@ -55,6 +55,9 @@ pub enum PoolError<E: std::error::Error + 'static> {
     Dial(E),
     #[error("HTTP/1.1 to the {peer}: {source}")]
     Http { peer: String, source: hyper::Error },
+    /// From [`crate::h2_conn`], which dials with the same [`Dial`].
+    #[error("HTTP/2 to the {peer}: {source}")]
+    Http2 { peer: String, source: hyper::Error },
 }
 
 /// A failed send, with the request when it never left (a dial failure): the caller may try

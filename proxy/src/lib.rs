@@ -10,6 +10,7 @@ pub mod decision;
 pub mod ebpf_flows;
 pub mod flows;
 pub mod h1_pool;
+pub mod h2_conn;
 pub mod http_conn;
 pub mod http_util;
 pub mod identity;

@@ -22,13 +22,20 @@ pub type AppPool = Http1Pool<AppDial, TrailerFilter>;
 
 /// A pool for the app at `addr`.
 pub fn app_pool(addr: SocketAddr) -> Arc<AppPool> {
-    Http1Pool::new(AppDial { addr }, IDLE_TIMEOUT)
+    Http1Pool::new(AppDial::new(addr), IDLE_TIMEOUT)
 }
 
-/// Dials the app: TCP with `TCP_NODELAY`, within [`CONNECT_TIMEOUT`].
+/// Dials the app: TCP with `TCP_NODELAY`, within [`CONNECT_TIMEOUT`]. For HTTP/1.1 (the pool)
+/// and h2c ([`crate::h2_conn`]) alike.
 #[derive(Debug)]
 pub struct AppDial {
     addr: SocketAddr,
+}
+
+impl AppDial {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr }
+    }
 }
 
 /// Why no connection to the app was opened (the forwarder answers 502 and logs it).

@@ -2,23 +2,22 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
-use super::app_pool::{AppPool, app_pool};
+use super::app_pool::{AppDial, AppPool, app_pool};
 use super::authz::Reauthorize;
 use super::normalize::{CarriedHttp1, TargetApp};
 use super::sanitize::TrailerFilter;
+use crate::h2_conn::SharedH2;
 use crate::http_util::{
     ProxyBody, absolute_uri, boxed, bridge_upgrade, error_response_for, is_grpc, origin_form,
     request_authority, requested_upgrade, set_upgrade, strip_hop_by_hop,
@@ -37,40 +36,17 @@ pub enum AppProtocol {
     H2c,
 }
 
-/// Dials the app whatever the request URI names. The URI keeps the caller's authority, so the
-/// app sees one consistent virtual host: HTTP/1.1's `Host` and HTTP/2's `:authority` (which
-/// hyper takes from the URI) both carry what the caller asked for, as RFC 9113 §8.3.1 wants.
-#[derive(Clone)]
-pub struct AppConnector {
-    inner: HttpConnector,
-    app: Uri,
-}
-
-impl Service<Uri> for AppConnector {
-    type Response = <HttpConnector as Service<Uri>>::Response;
-    type Error = <HttpConnector as Service<Uri>>::Error;
-    type Future = <HttpConnector as Service<Uri>>::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, _requested: Uri) -> Self::Future {
-        self.inner.call(self.app.clone())
-    }
-}
-
-type AppClient = Client<AppConnector, TrailerFilter>;
-
 /// One `--app`: where it listens, its kept-alive HTTP/1.1 connections, and how to dial it for
-/// HTTP/2. Each app has its own: hyper's HTTP/2 pool is keyed by the request's authority (the
-/// caller's `Host`), which is the same whichever app a request is for, so a shared pool would
-/// reuse one app's connection for another.
+/// HTTP/2.
 struct App {
-    addr: String,
-    connector: AppConnector,
+    addr: SocketAddr,
+    /// `addr` as an authority, for a request that names none.
+    authority: String,
     http1: Arc<AppPool>,
 }
+
+/// One h2c connection to one app, shared by one caller connection's requests.
+type AppH2 = SharedH2<AppDial, TrailerFilter>;
 
 /// Sends requests to the apps (`host:port` each, the default first), keeping the caller's `Host`.
 ///
@@ -81,33 +57,21 @@ struct App {
 pub struct AppForwarder {
     apps: Arc<[App]>,
     protocol: AppProtocol,
-    /// This caller connection's HTTP/2 pool per app, made on first use (most connections never
-    /// need one).
-    h2c: Arc<[OnceLock<Arc<AppClient>>]>,
+    /// This caller connection's h2c connection per app, opened on first use (most caller
+    /// connections never need one).
+    h2c: Arc<[OnceLock<AppH2>]>,
 }
 
 impl AppForwarder {
     /// `apps`: the first is the default. Empty for an outbound-only sidecar, whose inbound
     /// refuses every request before it gets here (`AppPortRefusal::NoApp`).
-    pub fn new(apps: &[std::net::SocketAddr], protocol: AppProtocol) -> Self {
+    pub fn new(apps: &[SocketAddr], protocol: AppProtocol) -> Self {
         let apps: Arc<[App]> = apps
             .iter()
-            .map(|app| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                // A local app that does not accept within this is down; fail fast with 502.
-                connector.set_connect_timeout(Some(super::app_pool::CONNECT_TIMEOUT));
-                let connector = AppConnector {
-                    inner: connector,
-                    app: format!("http://{app}")
-                        .parse()
-                        .expect("a socket address forms a URI"),
-                };
-                App {
-                    addr: app.to_string(),
-                    http1: app_pool(*app),
-                    connector,
-                }
+            .map(|app| App {
+                addr: *app,
+                authority: app.to_string(),
+                http1: app_pool(*app),
             })
             .collect();
         let h2c = Self::fresh_h2c(apps.len());
@@ -118,23 +82,14 @@ impl AppForwarder {
         }
     }
 
-    fn fresh_h2c(apps: usize) -> Arc<[OnceLock<Arc<AppClient>>]> {
+    fn fresh_h2c(apps: usize) -> Arc<[OnceLock<AppH2>]> {
         (0..apps).map(|_| OnceLock::new()).collect()
     }
 
-    fn h2c_client(connector: &AppConnector) -> Arc<AppClient> {
-        Arc::new(
-            Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .http2_initial_stream_window_size(crate::serve::H2_STREAM_WINDOW)
-                .http2_initial_connection_window_size(crate::serve::H2_CONNECTION_WINDOW)
-                .build(connector.clone()),
-        )
-    }
-
     /// The forwarder for one caller connection: HTTP/1.1 connections to the apps stay pooled
-    /// (one request at a time each, so callers cannot starve each other), HTTP/2 gets a pool of
-    /// its own per app, opened on first use and closed with the caller's connection.
+    /// (one request at a time each, so callers cannot starve each other), HTTP/2 gets a
+    /// connection of its own per app, opened on first use and closed with the caller's
+    /// connection.
     pub fn for_connection(&self) -> Self {
         let mut me = self.clone();
         me.h2c = Self::fresh_h2c(self.apps.len());
@@ -159,6 +114,7 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             .remove::<TargetApp>()
             .map_or(0, |t| t.index);
         let app = &self.apps[index];
+        let addr = app.addr;
         // Boxed: only upgrades carry one, and the future below holds it for the whole request.
         let reauthorize = req.extensions_mut().remove::<Reauthorize>().map(Box::new);
         // An Upgrade (WebSocket, …) is an HTTP/1.1 mechanism: it goes to the app over HTTP/1.1.
@@ -182,9 +138,9 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             // HTTP/2 carries the authority as `:authority` only (RFC 9113 §8.3.1), which hyper
             // takes from the URI.
             let authority = request_authority(&req)
-                .unwrap_or(&app.addr)
+                .unwrap_or(&app.authority)
                 .parse()
-                .or_else(|_| app.addr.parse())
+                .or_else(|_| app.authority.parse())
                 .expect("the app address is a valid authority");
             *req.uri_mut() = absolute_uri(req.uri(), authority);
             req.headers_mut().remove(header::HOST);
@@ -192,7 +148,8 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
             // HTTP/1.1 to the app: the authority in `Host` (read while the URI still has it),
             // origin-form target.
             if !req.headers().contains_key(header::HOST)
-                && let Ok(v) = HeaderValue::from_str(request_authority(&req).unwrap_or(&app.addr))
+                && let Ok(v) =
+                    HeaderValue::from_str(request_authority(&req).unwrap_or(&app.authority))
             {
                 req.headers_mut().insert(header::HOST, v);
             }
@@ -207,11 +164,15 @@ impl Service<Request<TrailerFilter>> for AppForwarder {
         // The upstream's future is made here, so that the request lives in it alone (the
         // per-request future was 1,688 bytes with three copies of it; `-Zprint-type-sizes`).
         let answered = if use_h2 {
+            let h2c = self.h2c.clone();
             Either::Left(
-                self.h2c[index]
-                    .get_or_init(|| Self::h2c_client(&app.connector))
-                    .request(req)
-                    .map(|answer| -> Answered { Ok(answer?.map(boxed)) }),
+                async move {
+                    h2c[index]
+                        .get_or_init(|| SharedH2::new(AppDial::new(addr)))
+                        .send(req)
+                        .await
+                }
+                .map(|answer| -> Answered { Ok(answer?.map(boxed)) }),
             )
         } else {
             Either::Right(app.http1.clone().send(req).map(|answer| -> Answered {

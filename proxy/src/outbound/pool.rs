@@ -29,8 +29,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 
 use super::connector::{MeshConnector, MeshStream};
-use crate::conn_task::ConnExecutor;
 use crate::h1_pool::{Dial, Http1Pool, MaybeIncoming, PoolError, PooledBody};
+use crate::h2_conn::SharedH2;
 
 /// First pause before an endpoint whose connect failed is dialled again.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -107,11 +107,12 @@ impl Backoff {
     }
 }
 
-/// Dials one endpoint for HTTP/1.1 (mTLS, `http/1.1` by ALPN), feeding its backoff.
+/// Dials one endpoint (mTLS, `h2` or `http/1.1` by ALPN), feeding its backoff.
 pub struct MeshDial {
     connector: MeshConnector,
     index: usize,
     backoff: Arc<Backoff>,
+    http1: bool,
 }
 
 impl Dial for MeshDial {
@@ -119,7 +120,11 @@ impl Dial for MeshDial {
     type Error = io::Error;
 
     async fn dial(&self) -> io::Result<MeshStream> {
-        let dialled = self.connector.connect_http1_endpoint(self.index).await;
+        let dialled = if self.http1 {
+            self.connector.connect_http1_endpoint(self.index).await
+        } else {
+            self.connector.connect_endpoint(self.index).await
+        };
         match &dialled {
             Ok(_) => self.backoff.succeeded(),
             Err(_) => self.backoff.failed(),
@@ -133,25 +138,14 @@ impl Dial for MeshDial {
 }
 
 struct Endpoint {
-    /// The HTTP/2 connection in use, if one is open.
-    live: Mutex<Option<Sender>>,
-    /// Held while dialling HTTP/2, so that requests arriving meanwhile wait for that one
-    /// connection instead of each opening their own.
-    dialling: tokio::sync::Mutex<()>,
+    /// The HTTP/2 connection, opened on first use.
+    http2: SharedH2<MeshDial, Incoming>,
     backoff: Arc<Backoff>,
     http1: Arc<Http1Endpoint>,
 }
 
-impl Endpoint {
-    fn current(&self) -> Option<Sender> {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.as_ref().filter(|s| !s.is_closed()).cloned()
-    }
-}
-
 /// See the module docs.
 pub struct MeshPool {
-    connector: MeshConnector,
     endpoints: Box<[Endpoint]>,
     next: AtomicUsize,
 }
@@ -162,22 +156,19 @@ impl MeshPool {
             endpoints: (0..connector.endpoints())
                 .map(|index| {
                     let backoff = Arc::new(Backoff::default());
+                    let dial = |http1| MeshDial {
+                        connector: connector.clone(),
+                        index,
+                        backoff: backoff.clone(),
+                        http1,
+                    };
                     Endpoint {
-                        live: Mutex::new(None),
-                        dialling: tokio::sync::Mutex::new(()),
-                        http1: Http1Pool::new(
-                            MeshDial {
-                                connector: connector.clone(),
-                                index,
-                                backoff: backoff.clone(),
-                            },
-                            HTTP1_IDLE_TIMEOUT,
-                        ),
+                        http2: SharedH2::new(dial(false)),
+                        http1: Http1Pool::new(dial(true), HTTP1_IDLE_TIMEOUT),
                         backoff,
                     }
                 })
                 .collect(),
-            connector,
             next: AtomicUsize::new(0),
         }
     }
@@ -199,52 +190,17 @@ impl MeshPool {
             )
     }
 
-    /// The open HTTP/2 connection to endpoint `i`, or a new one ([`Self::connect`]).
+    /// The open HTTP/2 connection to endpoint `i`, or a new one. A failed HTTP/2 handshake
+    /// puts the endpoint in backoff as a failed connect does (the dial feeds it).
     async fn sender(&self, i: usize) -> Result<Sender, UpstreamError> {
-        match self.endpoints[i].current() {
-            Some(sender) => Ok(sender),
-            // Boxed: dialling, TLS and the HTTP/2 handshake are 5.6 KB of future that every
-            // request's future would otherwise make room for (`-Zprint-type-sizes`).
-            None => Box::pin(self.connect(i)).await,
-        }
-    }
-
-    /// A new HTTP/2 connection to endpoint `i`, unless another request opened one meanwhile.
-    async fn connect(&self, i: usize) -> Result<Sender, UpstreamError> {
         let endpoint = &self.endpoints[i];
-        let _dialling = endpoint.dialling.lock().await;
-        if let Some(sender) = endpoint.current() {
-            return Ok(sender);
-        }
-        let stream = match self.connector.connect_endpoint(i).await {
-            Ok(stream) => stream,
-            Err(e) => {
+        endpoint.http2.sender().await.map_err(|e| match e {
+            PoolError::Dial(e) => UpstreamError::Connect(e),
+            PoolError::Http { source, .. } | PoolError::Http2 { source, .. } => {
                 endpoint.backoff.failed();
-                return Err(e.into());
+                UpstreamError::Http(source)
             }
-        };
-        // The connection, its dispatcher and every request's future run in one task.
-        let exec = ConnExecutor::new();
-        let (sender, conn) = match http2::Builder::new(exec.clone())
-            .initial_stream_window_size(crate::serve::H2_STREAM_WINDOW)
-            .initial_connection_window_size(crate::serve::H2_CONNECTION_WINDOW)
-            .handshake(stream)
-            .await
-        {
-            Ok(handshaken) => handshaken,
-            Err(e) => {
-                endpoint.backoff.failed();
-                return Err(e.into());
-            }
-        };
-        endpoint.backoff.succeeded();
-        tokio::spawn(async move {
-            if let Err(e) = exec.run(conn).await {
-                tracing::debug!(error = %e, "HTTP/2 connection to a peer sidecar ended with an error");
-            }
-        });
-        *endpoint.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-        Ok(sender)
+        })
     }
 
     /// Sends `req` over HTTP/2 (absolute URI: its authority is the `:authority` the callee
@@ -273,14 +229,7 @@ impl MeshPool {
                 Err(mut e) => match e.take_message() {
                     // Never sent (the connection was closing): forget it, try the next one.
                     Some(unsent) => {
-                        let endpoint = &self.endpoints[i];
-                        let mut live = endpoint.live.lock().unwrap_or_else(|p| p.into_inner());
-                        if live
-                            .as_ref()
-                            .is_some_and(|s| s.is_closed() || !s.is_ready())
-                        {
-                            *live = None;
-                        }
+                        self.endpoints[i].http2.forget_if_closing();
                         req = unsent;
                         last_error = UpstreamError::Http(e.into_error());
                         if n == 1 && !retried {
