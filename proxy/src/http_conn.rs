@@ -43,7 +43,7 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -273,9 +273,31 @@ pub fn http1_builder() -> hyper::server::conn::http1::Builder {
     builder
 }
 
+/// The executor of the sidecar's HTTP/2 servers: hyper spawns each stream as a task of its own
+/// (its `H2Stream`, which holds the request's future), and this boxes it before tokio takes it.
+///
+/// Why: tokio moves a spawned future several times on its way into the task's cell (five
+/// copies of it per spawn, counted with callgrind). The outbound listener's per-request future
+/// is ≈ 3.5 KB, so every request from an HTTP/2 (gRPC) client paid ≈ 1.5k instructions of
+/// copies; boxed, the future is copied once, into the box, and tokio moves a pointer
+/// (BENCHMARKS.md, twenty-sixth session). HTTP/1.1 connections are not affected: hyper polls
+/// their requests' futures in the connection's task.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BoxedSpawn;
+
+impl<F> hyper::rt::Executor<F> for BoxedSpawn
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
+
 /// How the sidecar's HTTP/2 connections are served.
-pub fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+pub fn http2_builder() -> hyper::server::conn::http2::Builder<BoxedSpawn> {
+    let mut builder = hyper::server::conn::http2::Builder::new(BoxedSpawn);
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(crate::serve::MAX_HEADER_LIST)
@@ -443,8 +465,7 @@ impl<B: Body> Body for CountedBody<B> {
 pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
 type H1<T, S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<HttpIo<T>>, Counted<S>>;
-type H2<T, S> =
-    hyper::server::conn::http2::Connection<TokioIo<HttpIo<T>>, Counted<S>, TokioExecutor>;
+type H2<T, S> = hyper::server::conn::http2::Connection<TokioIo<HttpIo<T>>, Counted<S>, BoxedSpawn>;
 
 /// Where a connection is.
 enum State<T, S>
@@ -764,10 +785,12 @@ mod tests {
         ));
 
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut client, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
+        let (mut client, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
         let client_conn = tokio::spawn(conn);
         let in_flight = tokio::spawn(
             client.send_request(
