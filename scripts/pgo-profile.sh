@@ -10,7 +10,8 @@
 #    (benches/peers: a real nginx app, oha as the client, real mTLS between two sidecars), so
 #    the profile is what the sidecar does in production: the mesh path with the default log level,
 #    with `warn`, with the JSON log and tracing at 1 %, uploads, large responses, refused requests,
-#    HTTP/1.1 between sidecars, and the inbound path from a client with an SVID with its
+#    HTTP/1.1 between sidecars, HTTP/2 end to end (a gRPC-like client and an h2c app), and the
+#    inbound path from a client with an SVID with its
 #    handshakes and idle connections (run.sh --quick, which also runs nginx and HAProxy).
 # 3. Merges the counts (`llvm-profdata merge --sparse`) into pgo/meshgate.profdata.gz and records
 #    where it came from in pgo/profile-source.txt.
@@ -71,6 +72,7 @@ train "uploads (16 KiB POST)" "$pair" --seconds 2 --body 16384 "$bin"
 train "downloads (64 KiB GET)" "$pair" --seconds 2 --response 65536 "$bin"
 train "refused requests" env MESHGATE_LOG=info "$pair" --seconds 2 --path /admin --expect 403 "$bin"
 train "HTTP/1.1 between sidecars" "$pair" --seconds 2 "$bin" --mesh-protocol preserve
+train "HTTP/2 end to end (h2c client, h2c app)" "$pair" --seconds 3 --h2 "$bin"
 train "inbound from a client with an SVID, handshakes, idle connections (run.sh --quick)" \
   benches/peers/run.sh --quick --meshgate "$bin"
 
