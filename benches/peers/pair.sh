@@ -10,7 +10,7 @@
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
 # a closed loop at -c 64 for S seconds (default 4): RPS, and per sidecar user/sys µs per request
-# (from /proc/PID/stat), plus system calls and context switches per request with --syscalls
+# (from /proc/PID/stat), plus system calls, context switches and page faults per request with --syscalls
 # (perf stat). Needs oha, nginx,
 # python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) and MESHGATE_LOG_FORMAT are
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
@@ -202,7 +202,7 @@ settle
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
 if [ "$syscalls" = 1 ]; then
-  events=raw_syscalls:sys_enter,context-switches
+  events=raw_syscalls:sys_enter,context-switches,page-faults
   perf stat -x, -e "$events" -o "$work/perf-in.txt" -p "$in_pid" -- sleep "$seconds" &
   pin=$!
   perf stat -x, -e "$events" -o "$work/perf-out.txt" -p "$out_pid" -- sleep "$seconds" &
@@ -237,7 +237,8 @@ if syscalls:
                 return int(fields[0]) / ok
         return float("nan")
     line += (f"  syscalls/req inbound {per_request('in', 'sys_enter'):.2f} outbound {per_request('out', 'sys_enter'):.2f}"
-             f"  context switches/req inbound {per_request('in', 'context-switches'):.2f} outbound {per_request('out', 'context-switches'):.2f}")
+             f"  context switches/req inbound {per_request('in', 'context-switches'):.2f} outbound {per_request('out', 'context-switches'):.2f}"
+             f"  page faults/req inbound {per_request('in', 'page-faults'):.3f} outbound {per_request('out', 'page-faults'):.3f}")
 if tracing:
     try:
         exports, size = open(f"{work}/otlp-count").read().split()
