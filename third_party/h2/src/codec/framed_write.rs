@@ -237,7 +237,13 @@ where
                     return Err(PayloadTooBig);
                 }
 
-                if len >= self.chain_threshold {
+                // meshgate: a payload that fits in what is left of the write buffer is
+                // copied there, whatever its size, instead of being chained; chaining makes
+                // the next frame wait for a flush, so every response with a body of 256 bytes
+                // or more went out in a write of its own. See third_party/README.md, patch 4.
+                let fits = self.buf.get_ref().capacity() - self.buf.get_ref().len()
+                    >= len + frame::HEADER_LEN + self.min_buffer_capacity;
+                if len >= self.chain_threshold && !fits {
                     let head = v.head();
 
                     // Encode the frame head to the buffer
