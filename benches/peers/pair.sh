@@ -178,6 +178,13 @@ else
   conns() { echo "-c $1"; }
 fi
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# This network namespace's TCP segments sent and pure ACKs (every hop is on loopback, so each
+# segment is sent and received here): "OutSegs PureAcks".
+tcp_counters() {
+  awk '$1 == "Tcp:" { if (!t) { for (i = 2; i <= NF; i++) if ($i == "OutSegs") o = i; t = 1 } else out = $o }
+       $1 == "TcpExt:" { if (!x) { for (i = 2; i <= NF; i++) if ($i == "TCPPureAcks") a = i; x = 1 } else pure = $a }
+       END { print out, pure }' /proc/net/snmp /proc/net/netstat
+}
 # Waits until both proxies have been idle for 0.3 s (at most 20 s). oha's -z ends a run with
 # requests in flight; an upload's body it had already written stays queued in its sockets (up
 # to 4 MiB each; an app that answers before reading the body, as this one did until the
@@ -202,6 +209,7 @@ settle
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
 if [ "$syscalls" = 1 ]; then
+  tcp_counters >"$work/tcp0"
   events=raw_syscalls:sys_enter,context-switches,page-faults
   perf stat -x, -e "$events" -o "$work/perf-in.txt" -p "$in_pid" -- sleep "$seconds" &
   pin=$!
@@ -210,7 +218,7 @@ if [ "$syscalls" = 1 ]; then
 fi
 # shellcheck disable=SC2046
 oha_json "$work/sat.json" -z "${seconds}s" $(conns 64 8)
-[ "$syscalls" = 0 ] || wait "$pin" "$pout"
+[ "$syscalls" = 0 ] || { wait "$pin" "$pout"; tcp_counters >"$work/tcp1"; }
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
 python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$expect" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
@@ -239,6 +247,8 @@ if syscalls:
     line += (f"  syscalls/req inbound {per_request('in', 'sys_enter'):.2f} outbound {per_request('out', 'sys_enter'):.2f}"
              f"  context switches/req inbound {per_request('in', 'context-switches'):.2f} outbound {per_request('out', 'context-switches'):.2f}"
              f"  page faults/req inbound {per_request('in', 'page-faults'):.3f} outbound {per_request('out', 'page-faults'):.3f}")
+    (segs0, acks0), (segs1, acks1) = ([int(v) for v in open(f"{work}/tcp{i}").read().split()] for i in (0, 1))
+    line += f"  TCP segments/req (whole host, app and client included) {(segs1 - segs0) / ok:.2f}, pure ACKs {(acks1 - acks0) / ok:.2f}"
 if tracing:
     try:
         exports, size = open(f"{work}/otlp-count").read().split()
