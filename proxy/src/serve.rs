@@ -728,26 +728,6 @@ pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
 /// 1 MiB).
 pub const H2_CONNECTION_WINDOW: u32 = 16 * H2_STREAM_WINDOW;
 
-/// The HTTP server settings of every sidecar listener that faces a client (HTTP/1.1 and HTTP/2
-/// on one port), with the limits above.
-pub fn http_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW);
-    builder
-}
-
 /// A listener could not be bound; says which one and the flag that moves it.
 #[derive(Debug, thiserror::Error)]
 #[error(
