@@ -24,9 +24,15 @@ LABEL = {
     "meshgate-traced": "meshgate (default log level, JSON, tracing at 1 %)",
     "meshgate-preserve": "meshgate (MESHGATE_LOG=warn, `--mesh-protocol preserve`)",
     "meshgate-accel": "meshgate (MESHGATE_LOG=warn, eBPF local acceleration)",
+    "haproxy-h2": "HAProxy (`proto h2` toward the client and the app)",
+    "meshgate-h2": "meshgate (MESHGATE_LOG=warn, `--app-protocol h2c`)",
 }
 # Measured on the mesh path only.
 MESH_ROWS = ROWS + ["meshgate-preserve", "meshgate-accel"]
+# HTTP/2 end to end: nginx cannot proxy HTTP/2 to an upstream (but as gRPC), so HAProxy's pair
+# is the one peer.
+H2_PEERS = ["haproxy-h2"]
+H2_ROWS = H2_PEERS + ["meshgate-h2"]
 
 
 def oha(path):
@@ -45,6 +51,8 @@ def oha(path):
         "rps": ok / total_time if total_time else d["summary"].get("requestsPerSec", 0),
         "ok": ok,
         "bad": other + errors,
+        "what": ", ".join([f"{v} × {k}" for k, v in codes.items() if str(k) != "200"]
+                          + [f"{v} × {k}" for k, v in (d.get("errorDistribution") or {}).items()]),
     }
 
 
@@ -67,17 +75,17 @@ def main():
     # per round figures
     per = defaultdict(lambda: defaultdict(list))  # (scenario, proxy) -> figure -> [per round]
     for r in rounds:
-        for scen in ("inbound", "mesh"):
+        for scen in ("inbound", "mesh", "h2"):
             direct_lat = raw.get((r, scen, "direct"), {}).get("lat")
             dl = oha(direct_lat) if direct_lat else None
-            for proxy in ["direct"] + MESH_ROWS:
+            for proxy in ["direct"] + (H2_ROWS if scen == "h2" else MESH_ROWS):
                 m = raw.get((r, scen, proxy))
                 if not m:
                     continue
                 lat, sat = oha(m["lat"]), oha(m["sat"])
                 for o, what in ((lat, "fixed rate"), (sat, "saturation")):
                     if o["bad"]:
-                        warnings.append(f"round {r} {scen} {proxy} {what}: {o['bad']} non-200 responses or errors")
+                        warnings.append(f"round {r} {scen} {proxy} {what}: {o['bad']} non-200 responses or errors ({o['what']})")
                 f = per[(scen, proxy)]
                 for q in ("p50", "p90", "p99"):
                     f[q].append(lat[q])
@@ -142,7 +150,8 @@ def main():
         return med.get((scen, proxy), {}).get(name)
 
     def best_peer(scen, name, higher_better):
-        vals = [fig(scen, p, name) for p in PEERS if fig(scen, p, name) is not None]
+        peers = H2_PEERS if scen == "h2" else PEERS
+        vals = [fig(scen, p, name) for p in peers if fig(scen, p, name) is not None]
         if not vals:
             return None
         return max(vals) if higher_better else min(vals)
@@ -198,6 +207,23 @@ def main():
                    f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "
                    f"{cell('mesh', p, 'cpu_both', '', digits=1)} |")
     out.append("")
+
+    if fig("h2", "meshgate-h2", "rps") is not None:
+        out.append("### 2b. HTTP/2 end to end: client (h2c) → outbound proxy → mTLS, HTTP/2 → inbound proxy (ACL) → app (h2c)\n")
+        out.append("As gRPC traffic runs: the load generator speaks HTTP/2 with prior knowledge over connections of several streams each "
+                   "(the same total concurrency as above: connections × streams), and the app is its own nginx instance speaking h2c only. "
+                   "nginx cannot proxy HTTP/2 to an upstream (but as gRPC), so the ratios are to HAProxy's pair alone. "
+                   "CPU per request of each proxy process at saturation.\n")
+        out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        out.append(f"| {LABEL[d]} | p50 {fig('h2', d, 'p50') or 0:.0f} µs | p90 {fig('h2', d, 'p90') or 0:.0f} µs | "
+                   f"p99 {fig('h2', d, 'p99') or 0:.0f} µs | {fig('h2', d, 'rps') or 0:,.0f} | – | (app {fig('h2', d, 'cpu_in') or 0:.1f}) | – |")
+        for p in H2_ROWS:
+            out.append(f"| {LABEL[p]} | {cell('h2', p, 'added_p50', ' µs')} | {cell('h2', p, 'added_p90', ' µs')} | "
+                       f"{cell('h2', p, 'added_p99', ' µs')} | {cell('h2', p, 'rps', '', True)} | "
+                       f"{cell('h2', p, 'cpu_out', '', digits=1)} | {cell('h2', p, 'cpu_in', '', digits=1)} | "
+                       f"{cell('h2', p, 'cpu_both', '', digits=1)} |")
+        out.append("")
 
     out.append("### 3. Handshakes: a new mTLS connection per request (TLS 1.3, no resumption), closed loop\n")
     out.append(f"`--disable-keepalive -c {meta.get('hs_conns', '?')}` against the inbound proxy; the load generator does a full "

@@ -4,7 +4,7 @@
 #   benches/peers/run.sh [--quick] [--rounds N] [--duration SECONDS] [--json FILE]
 #                        [--meshgate PATH] [--base-port PORT] [--wait-quiet MINUTES] [--keep]
 #
-# Installs nothing: it checks for oha, nginx, haproxy, openssl, python3, taskset and a release
+# Installs nothing: it checks for oha, nginx, haproxy, openssl, python3, taskset, curl and a release
 # meshgate binary and says how to get what is missing. Everything it writes goes to a temporary
 # directory (removed on exit unless --keep); every process it starts is stopped on exit.
 # What it measures and how to read the tables: benches/peers/README.md.
@@ -56,6 +56,7 @@ need() { # NAME HOW-TO-GET-IT
 need oha "cargo install oha --locked   (then make sure ~/.cargo/bin is on PATH)"
 need nginx "apt-get install nginx-light   (any nginx ≥ 1.18 with the ssl module)"
 need haproxy "apt-get install haproxy   (≥ 2.4 for HTTP/2 to servers)"
+need curl "apt-get install curl"
 need openssl "apt-get install openssl"
 need python3 "apt-get install python3"
 need taskset "apt-get install util-linux"
@@ -174,6 +175,17 @@ if why=$(accel_unavailable); then
   for v in "${mesh_extra[@]}"; do [ "$v" = meshgate-accel ] || kept+=("$v"); done
   mesh_extra=("${kept[@]}")
 fi
+# HTTP/2 end to end, as gRPC traffic runs (scenario "h2"): the client speaks h2c (prior
+# knowledge) to the outbound proxy, the proxies speak HTTP/2 over mTLS, and the app is its own
+# nginx instance speaking h2c only. nginx cannot proxy HTTP/2 to an upstream (but as gRPC), so
+# the peer is HAProxy's pair (haproxy-h2: `proto h2` toward the client and the app); meshgate's
+# pair (meshgate-h2) runs with `--app-protocol h2c`. (A binary without --app-protocol has no
+# such rows.)
+h2_rows=(haproxy-h2 meshgate-h2)
+"$mg" proxy --help 2>/dev/null | grep -q -- --app-protocol || h2_rows=()
+h2_app_port=$((base + 7))
+h2_lat=(-c $((lat_conns / 4)) -p 4 --http2)  # the same concurrency as the HTTP/1.1 runs:
+h2_sat=(-c $((sat_conns / 8)) -p 8 --http2)  # connections × streams
 # meshgate-accel runs the inbound scenario too: the caller is another pod (mTLS over TCP), and
 # the inbound sidecar's hop to its app is the local one.
 inbound_extra=()
@@ -182,7 +194,7 @@ declare -A in_port out_port in_pid out_pid
 in_port[nginx]=$((base + 10)); out_port[nginx]=$((base + 11))
 in_port[haproxy]=$((base + 20)); out_port[haproxy]=$((base + 21))
 k=0
-for v in meshgate meshgate-info meshgate-json meshgate-preserve meshgate-accel meshgate-traced; do
+for v in meshgate meshgate-info meshgate-json meshgate-preserve meshgate-accel meshgate-traced meshgate-h2; do
   in_port[$v]=$((base + 30 + 10 * k)); out_port[$v]=$((base + 34 + 10 * k))
   render meshgate-services.yaml.tmpl "$work/services-$v.yaml" "${common[@]}" IN_PORT=${in_port[$v]}
   k=$((k + 1))
@@ -193,6 +205,19 @@ for v in "${mesh_extra[@]}"; do
   sed -i -e 's|/app.pid;|/app-accel.pid;|' -e 's|/app-error.log |/app-accel-error.log |' "$work/nginx-app-accel.conf"
   accel_setup "meshgate-peers-$$" "${out_port[$v]}" "${in_port[$v]}" "$accel_app_port" || die "local acceleration: attach failed"
 done
+
+in_port[haproxy-h2]=$((base + 100)); out_port[haproxy-h2]=$((base + 101))
+if [ ${#h2_rows[@]} -gt 0 ]; then
+  render nginx-app.conf.tmpl "$work/nginx-app-h2.conf" APP_PORT=$h2_app_port "${common[@]}" # the first value of a placeholder wins
+  sed -i -e "s|listen 127.0.0.1:$h2_app_port backlog=4096;|listen 127.0.0.1:$h2_app_port backlog=4096 http2;|" \
+    -e 's|/app.pid;|/app-h2.pid;|' -e 's|/app-error.log |/app-h2-error.log |' "$work/nginx-app-h2.conf"
+  render haproxy-inbound.cfg.tmpl "$work/haproxy-h2-in.cfg" IN_PORT=${in_port[haproxy-h2]} APP_PORT=$h2_app_port "${common[@]}"
+  render haproxy-outbound.cfg.tmpl "$work/haproxy-h2-out.cfg" IN_PORT=${in_port[haproxy-h2]} OUT_PORT=${out_port[haproxy-h2]} "${common[@]}"
+  sed -i "s|^\( *bind 127.0.0.1:${out_port[haproxy-h2]}\)\$|\1 proto h2|" "$work/haproxy-h2-out.cfg"
+  sed -i "s|^\( *server app 127.0.0.1:$h2_app_port\)\$|\1 proto h2|" "$work/haproxy-h2-in.cfg"
+  grep -q 'backlog=4096 http2;' "$work/nginx-app-h2.conf" && grep -q "bind 127.0.0.1:${out_port[haproxy-h2]} proto h2" "$work/haproxy-h2-out.cfg" &&
+    grep -q 'server app .* proto h2' "$work/haproxy-h2-in.cfg" || die "h2 scenario: a listen, bind or server line was not found in the templates"
+fi
 
 # ---------------------------------------------------------------- process control
 start_bg() { # LOGFILE ENV... -- CMD... ; sets $started
@@ -226,9 +251,10 @@ EOF
   die "$3 not ready on admin port $1"
 }
 start_meshgate() { # VARIANT
-  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=() app=$app_port cg=() tel=(--no-tracing)
+  local v=$1 ip=${in_port[$1]} op=${out_port[$1]} lvl=() fmt=() carry=() app=$app_port cg=() tel=(--no-tracing) proto=()
   case $v in
     meshgate) lvl=(MESHGATE_LOG=warn) ;;
+    meshgate-h2) lvl=(MESHGATE_LOG=warn); app=$h2_app_port; proto=(--app-protocol h2c) ;;
     meshgate-accel) lvl=(MESHGATE_LOG=warn); app=$accel_app_port; cg=("${in_sidecar_cg[@]}") ;;
     meshgate-preserve) lvl=(MESHGATE_LOG=warn); carry=(--mesh-protocol preserve) ;;
     meshgate-info) lvl=(MESHGATE_LOG=info) ;;
@@ -239,7 +265,7 @@ start_meshgate() { # VARIANT
       fmt=(--log-format json); tel=() ;;
   esac
   # Inbound sidecar (the app's): mTLS listener ip, its own outbound and admin ports unused.
-  start_bg "$work/$v-in.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app \
+  start_bg "$work/$v-in.log" "${lvl[@]}" -- "${cg[@]}" "$mg" proxy "${fmt[@]}" --app 127.0.0.1:$app "${proto[@]}" \
     --svid-cert "$work/svid-app/svid.pem" --svid-key "$work/svid-app/key.pem" \
     --trust-bundle "$work/svid-app/bundle.pem" --policy-dir "$work/policy" \
     --inbound 127.0.0.1:$ip --outbound 127.0.0.1:$((ip + 1)) --admin 127.0.0.1:$((ip + 2)) "${tel[@]}"
@@ -271,8 +297,18 @@ start_all() {
   in_pid[haproxy]=$started
   start_bg "$work/haproxy-out.log" -- haproxy -db -f "$work/haproxy-out.cfg"
   out_pid[haproxy]=$started
-  local p
-  for p in nginx haproxy; do
+  local p peers=(nginx haproxy)
+  if [ ${#h2_rows[@]} -gt 0 ]; then
+    start_bg "$work/app-h2.log" -- nginx -p "$work" -e "$work/app-h2-error.log" -c "$work/nginx-app-h2.conf"
+    h2_app_pid=$started
+    wait_port "$h2_app_port" "$h2_app_pid" app-h2
+    start_bg "$work/haproxy-h2-in.log" -- haproxy -db -f "$work/haproxy-h2-in.cfg"
+    in_pid[haproxy-h2]=$started
+    start_bg "$work/haproxy-h2-out.log" -- haproxy -db -f "$work/haproxy-h2-out.cfg"
+    out_pid[haproxy-h2]=$started
+    peers+=(haproxy-h2)
+  fi
+  for p in "${peers[@]}"; do
     wait_port "${in_port[$p]}" "${in_pid[$p]}" "$p-in"
     wait_port "${out_port[$p]}" "${out_pid[$p]}" "$p-out"
   done
@@ -282,6 +318,7 @@ start_all() {
   pids+=($!)
   wait_port "$sink_port" "$!" otlp-sink
   for p in meshgate meshgate-info meshgate-json meshgate-traced "${mesh_extra[@]}"; do start_meshgate "$p"; done
+  [ ${#h2_rows[@]} = 0 ] || start_meshgate meshgate-h2
   sleep 0.5 # let nginx workers settle before reading their RSS
 }
 stop_all() {
@@ -373,6 +410,14 @@ c.request("GET", "/api/data"); r = c.getresponse(); r.read(); sys.exit(0 if r.st
 EOF
   done
   log "ACL check passed: /api/data 200, /admin 403, /other 403, no client certificate refused (inbound and mesh path, every proxy); every inbound proxy chose TLS_AES_128_GCM_SHA256"
+  for p in "${h2_rows[@]}"; do
+    for path_code in /api/data=200 /admin=403 /other=403; do
+      code=$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge -H 'Host: app' \
+        "http://127.0.0.1:${out_port[$p]}${path_code%=*}" || true)
+      [ "$code" = "${path_code#*=} 2" ] || die "$p (HTTP/2 end to end): GET ${path_code%=*} gave '$code', expected '${path_code#*=} 2' (status, HTTP version)"
+    done
+  done
+  [ ${#h2_rows[@]} = 0 ] || log "ACL check passed for HTTP/2 end to end (h2c client, ${h2_rows[*]})"
 }
 
 quiet_pattern='ci-from-clean-clone|cargo test|cargo build|rustc'
@@ -401,6 +446,16 @@ order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
   list+=("${proxies[@]}" "${@:3}")
   n=${#list[@]}
   for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
+}
+
+# The HTTP/2 end-to-end rows, rotated the same way.
+order_h2() { # ROUND
+  local list=(direct "${h2_rows[@]}") i n=$((${#h2_rows[@]} + 1))
+  for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
+}
+url_h2() { # PROXY → oha's host and URL on the HTTP/2 end-to-end path (direct: the h2c app, whose
+  # nginx refuses a Host that differs from :authority)
+  if [ "$1" = direct ]; then echo "http://127.0.0.1:$h2_app_port/api/data"; else echo "--host app http://127.0.0.1:${out_port[$1]}/api/data"; fi
 }
 
 idle_conns() { # PROXY OUT N [idle_conns.py ARGS...]: opens N idle connections in the background
@@ -498,6 +553,31 @@ run_round() {
     fi
   done
   oha_cg=()
+  # 2b. HTTP/2 end to end: h2c client → outbound proxy → mTLS/HTTP2 → inbound proxy → h2c app.
+  if [ ${#h2_rows[@]} -gt 0 ]; then
+    for p in "${h2_rows[@]}"; do
+      # shellcheck disable=SC2046 # url_h2 prints options and the URL, split on purpose
+      oha_run "$work/warm.json" "$warm" "${h2_sat[@]}" $(url_h2 "$p")
+    done
+    for p in $(order_h2 "$r"); do
+      # shellcheck disable=SC2046 # url_h2 prints options and the URL, split on purpose
+      oha_run "$work/r$r-h2-lat-$p.json" "$dur" -q "$rate" --latency-correction "${h2_lat[@]}" $(url_h2 "$p")
+      record "$r" h2 "$p" lat "$work/r$r-h2-lat-$p.json"
+    done
+    for p in $(order_h2 "$r"); do
+      local ti to
+      if [ "$p" = direct ]; then ti=$(cpu_ticks "$h2_app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
+      # shellcheck disable=SC2046 # url_h2 prints options and the URL, split on purpose
+      oha_run "$work/r$r-h2-sat-$p.json" "$dur" "${h2_sat[@]}" $(url_h2 "$p")
+      record "$r" h2 "$p" sat "$work/r$r-h2-sat-$p.json"
+      if [ "$p" = direct ]; then
+        record "$r" h2 "$p" cpu_in_ticks $(( $(cpu_ticks "$h2_app_pid") - ti ))
+      else
+        record "$r" h2 "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - ti ))
+        record "$r" h2 "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
+      fi
+    done
+  fi
   # 4. handshakes: a new mTLS connection per request, closed loop.
   for p in $(order "$r" 0); do
     t0=$(cpu_ticks "${in_pid[$p]}")
