@@ -448,6 +448,22 @@ order() { # ROUND WITH-DIRECT(0/1) [MORE PROXIES...]
   for ((i = 0; i < n; i++)); do echo "${list[$(( (i + $1 - 1) % n ))]}"; done
 }
 
+# A saturation run on a path through two proxies, and the CPU it cost them (the app's, on the
+# direct path): ROUND SCENARIO PROXY APP_PID OHA-ARGS...
+sat_with_cpu() {
+  local r=$1 scen=$2 p=$3 app=$4 ti to
+  shift 4
+  if [ "$p" = direct ]; then ti=$(cpu_ticks "$app"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
+  oha_run "$work/r$r-$scen-sat-$p.json" "$dur" "$@"
+  record "$r" "$scen" "$p" sat "$work/r$r-$scen-sat-$p.json"
+  if [ "$p" = direct ]; then
+    record "$r" "$scen" "$p" cpu_in_ticks $(( $(cpu_ticks "$app") - ti ))
+  else
+    record "$r" "$scen" "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - ti ))
+    record "$r" "$scen" "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
+  fi
+}
+
 # The HTTP/2 end-to-end rows, rotated the same way.
 order_h2() { # ROUND
   local list=(direct "${h2_rows[@]}") i n=$((${#h2_rows[@]} + 1))
@@ -540,17 +556,8 @@ run_round() {
     record "$r" mesh "$p" lat "$work/r$r-mesh-lat-$p.json"
   done
   for p in $(order "$r" 1 "${mesh_extra[@]}"); do
-    local ti to
-    if [ "$p" = direct ]; then ti=$(cpu_ticks "$app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
     client_cgroup "$p"
-    oha_run "$work/r$r-mesh-sat-$p.json" "$dur" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
-    record "$r" mesh "$p" sat "$work/r$r-mesh-sat-$p.json"
-    if [ "$p" = direct ]; then
-      record "$r" mesh "$p" cpu_in_ticks $(( $(cpu_ticks "$app_pid") - ti ))
-    else
-      record "$r" mesh "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - ti ))
-      record "$r" mesh "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
-    fi
+    sat_with_cpu "$r" mesh "$p" "$app_pid" -c "$sat_conns" --http-version 1.1 --host app "$(url_out "$p" /api/data)"
   done
   oha_cg=()
   # 2b. HTTP/2 end to end: h2c client → outbound proxy → mTLS/HTTP2 → inbound proxy → h2c app.
@@ -565,17 +572,8 @@ run_round() {
       record "$r" h2 "$p" lat "$work/r$r-h2-lat-$p.json"
     done
     for p in $(order_h2 "$r"); do
-      local ti to
-      if [ "$p" = direct ]; then ti=$(cpu_ticks "$h2_app_pid"); to=0; else ti=$(cpu_ticks "${in_pid[$p]}"); to=$(cpu_ticks "${out_pid[$p]}"); fi
       # shellcheck disable=SC2046 # url_h2 prints options and the URL, split on purpose
-      oha_run "$work/r$r-h2-sat-$p.json" "$dur" "${h2_sat[@]}" $(url_h2 "$p")
-      record "$r" h2 "$p" sat "$work/r$r-h2-sat-$p.json"
-      if [ "$p" = direct ]; then
-        record "$r" h2 "$p" cpu_in_ticks $(( $(cpu_ticks "$h2_app_pid") - ti ))
-      else
-        record "$r" h2 "$p" cpu_in_ticks $(( $(cpu_ticks "${in_pid[$p]}") - ti ))
-        record "$r" h2 "$p" cpu_out_ticks $(( $(cpu_ticks "${out_pid[$p]}") - to ))
-      fi
+      sat_with_cpu "$r" h2 "$p" "$h2_app_pid" "${h2_sat[@]}" $(url_h2 "$p")
     done
   fi
   # 4. handshakes: a new mTLS connection per request, closed loop.
