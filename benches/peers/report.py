@@ -166,6 +166,19 @@ def main():
             s += f" ({v / b:.2f}×)"
         return s
 
+    # One row of a two-proxy table (mesh path, HTTP/2 end to end): added latency, saturation,
+    # CPU per request of each proxy and of the pair; and the direct path's row above them.
+    def pair_row(scen, p):
+        return (f"| {LABEL[p]} | {cell(scen, p, 'added_p50', ' µs')} | {cell(scen, p, 'added_p90', ' µs')} | "
+                f"{cell(scen, p, 'added_p99', ' µs')} | {cell(scen, p, 'rps', '', True)} | "
+                f"{cell(scen, p, 'cpu_out', '', digits=1)} | {cell(scen, p, 'cpu_in', '', digits=1)} | "
+                f"{cell(scen, p, 'cpu_both', '', digits=1)} |")
+
+    def pair_direct_row(scen):
+        d = "direct"
+        return (f"| {LABEL[d]} | p50 {fig(scen, d, 'p50') or 0:.0f} µs | p90 {fig(scen, d, 'p90') or 0:.0f} µs | "
+                f"p99 {fig(scen, d, 'p99') or 0:.0f} µs | {fig(scen, d, 'rps') or 0:,.0f} | – | (app {fig(scen, d, 'cpu_in') or 0:.1f}) | – |")
+
     out = []
     meta = dict(m.split("=", 1) for m in a.meta)
     out.append(f"Rounds: {len(rounds)} (figures are medians over rounds), {meta.get('duration_s', '?')} s per run; "
@@ -197,15 +210,11 @@ def main():
                "as they would as sidecars (`pair.sh --accel --haproxy` measures the same kernel path under HAProxy).\n")
     out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
     out.append("|---|---|---|---|---|---|---|---|")
-    out.append(f"| {LABEL[d]} | p50 {fig('mesh', d, 'p50') or 0:.0f} µs | p90 {fig('mesh', d, 'p90') or 0:.0f} µs | "
-               f"p99 {fig('mesh', d, 'p99') or 0:.0f} µs | {fig('mesh', d, 'rps') or 0:,.0f} | – | (app {fig('mesh', d, 'cpu_in') or 0:.1f}) | – |")
+    out.append(pair_direct_row("mesh"))
     for p in MESH_ROWS:
         if p not in ROWS and fig('mesh', p, 'rps') is None:
             continue  # a binary without --mesh-protocol, or no local acceleration (not root)
-        out.append(f"| {LABEL[p]} | {cell('mesh', p, 'added_p50', ' µs')} | {cell('mesh', p, 'added_p90', ' µs')} | "
-                   f"{cell('mesh', p, 'added_p99', ' µs')} | {cell('mesh', p, 'rps', '', True)} | "
-                   f"{cell('mesh', p, 'cpu_out', '', digits=1)} | {cell('mesh', p, 'cpu_in', '', digits=1)} | "
-                   f"{cell('mesh', p, 'cpu_both', '', digits=1)} |")
+        out.append(pair_row("mesh", p))
     out.append("")
 
     if fig("h2", "meshgate-h2", "rps") is not None:
@@ -216,13 +225,9 @@ def main():
                    "CPU per request of each proxy process at saturation.\n")
         out.append("| proxies | added p50 | added p90 | added p99 | saturation RPS | CPU µs/req outbound | CPU µs/req inbound | CPU µs/req pair |")
         out.append("|---|---|---|---|---|---|---|---|")
-        out.append(f"| {LABEL[d]} | p50 {fig('h2', d, 'p50') or 0:.0f} µs | p90 {fig('h2', d, 'p90') or 0:.0f} µs | "
-                   f"p99 {fig('h2', d, 'p99') or 0:.0f} µs | {fig('h2', d, 'rps') or 0:,.0f} | – | (app {fig('h2', d, 'cpu_in') or 0:.1f}) | – |")
+        out.append(pair_direct_row("h2"))
         for p in H2_ROWS:
-            out.append(f"| {LABEL[p]} | {cell('h2', p, 'added_p50', ' µs')} | {cell('h2', p, 'added_p90', ' µs')} | "
-                       f"{cell('h2', p, 'added_p99', ' µs')} | {cell('h2', p, 'rps', '', True)} | "
-                       f"{cell('h2', p, 'cpu_out', '', digits=1)} | {cell('h2', p, 'cpu_in', '', digits=1)} | "
-                       f"{cell('h2', p, 'cpu_both', '', digits=1)} |")
+            out.append(pair_row("h2", p))
         out.append("")
 
     out.append("### 3. Handshakes: a new mTLS connection per request (TLS 1.3, no resumption), closed loop\n")
