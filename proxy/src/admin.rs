@@ -154,6 +154,15 @@ impl Admin {
             let resp = self.handle(&req);
             async move { Ok::<_, Infallible>(resp) }
         });
-        crate::local_http::serve_local(listener, shutdown, drain, "admin", metrics, service).await;
+        crate::local_http::serve_local(
+            listener,
+            shutdown,
+            drain,
+            "admin",
+            metrics,
+            Some(crate::http_conn::Version::H1),
+            service,
+        )
+        .await;
     }
 }

@@ -147,7 +147,9 @@ async fn admin(
     console: Arc<crate::console::Console>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let refused = crate::serve::RefusedConnections::default();
+    let refused = crate::serve::RefusedConnections::exported_as(
+        "meshgate_control_plane_admin_connections_refused_total",
+    );
     let counted = refused.clone();
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (cp, console, refused) = (cp.clone(), console.clone(), refused.clone());
@@ -165,7 +167,6 @@ async fn admin(
                 "/metrics" => {
                     content_type = "text/plain; version=0.0.4; charset=utf-8";
                     let refused = refused.encode(
-                        "meshgate_control_plane_admin_connections_refused_total",
                         "Connections to the admin listener closed at accept: over its cap in total or from one address",
                     );
                     (
@@ -203,6 +204,7 @@ async fn admin(
         ADMIN_DRAIN,
         "control-plane admin",
         counted,
+        Some(crate::http_conn::Version::H1),
         service,
     )
     .await;

@@ -1,5 +1,5 @@
 //! The plaintext listeners that answer locally — a sidecar's admin and health-probe listeners,
-//! the control plane's admin listener — served with the sidecar's accept loop
+//! the control plane's admin listener, the demo app (`meshgate demo-app`) — served with the sidecar's accept loop
 //! ([`crate::serve::accept_loop`]) and connection type ([`crate::http_conn::HttpConnection`]),
 //! under limits of their own.
 
@@ -26,8 +26,10 @@ pub const LOCAL_LIMITS: Limits = Limits {
     park: Duration::from_secs(1),
 };
 
-/// Serves one of the plaintext HTTP/1.1 listeners that answer locally (a sidecar's admin and
-/// health-probe listeners, the control plane's admin listener) until `shutdown`, with
+/// Serves one of the plaintext listeners that answer locally (a sidecar's admin and
+/// health-probe listeners, the control plane's admin listener: HTTP/1.1, `version`
+/// `Some(Version::H1)`; the demo app: HTTP/1.1 or h2c as the first bytes say, `None`) until
+/// `shutdown`, with
 /// [`LOCAL_LIMITS`]: connections capped in total and per source address, a request head due
 /// within [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the connection or of the previous answer. Each answer is
 /// marked [`LocalReply`](crate::http_util::LocalReply): these endpoints never read an upload
@@ -36,13 +38,16 @@ pub const LOCAL_LIMITS: Limits = Limits {
 ///
 /// Why: these listeners used to run hyper's connection bare — no cap, and on the probe
 /// listener (bound on every address) no header timeout at all — so silent connections from any
-/// pod held the sidecar's file descriptors for as long as the attacker liked.
+/// pod held the sidecar's file descriptors for as long as the attacker liked. The demo app ran
+/// the same way, on every address of its pod.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_local<S, B>(
     listener: TcpListener,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
     listener_name: &'static str,
     refusals: impl crate::serve::CountRefusal,
+    version: Option<crate::http_conn::Version>,
     service: S,
 ) where
     S: hyper::service::Service<
@@ -74,25 +79,41 @@ pub async fn serve_local<S, B>(
         LOCAL_LIMITS,
         refusals,
         move |tcp, _peer, drain| {
-            let (io, _) = crate::http_conn::HttpIo::new(tcp);
-            let conn = crate::http_conn::HttpConnection::new(
-                io,
-                Some(crate::http_conn::Version::H1),
-                service.clone(),
-                // Never parked (see `LOCAL_LIMITS`): no gauge to keep.
-                prometheus_client::metrics::gauge::Gauge::default(),
-            );
-            drain
-                .serve(conn, Some(LOCAL_LIMITS.idle), None)
-                .map(move |served| {
-                    if served.idle_closed {
-                        tracing::debug!(
-                            event = "listener.idle_timeout",
-                            listener = listener_name,
-                            "closed an idle connection"
-                        );
+            let service = service.clone();
+            async move {
+                // Without a version, the first bytes decide, under the header timeout.
+                let decided = match version {
+                    Some(version) => Some(version),
+                    None => {
+                        crate::http_conn::detect_version(&tcp, crate::serve::HEADER_READ_TIMEOUT)
+                            .await
                     }
-                })
+                };
+                let Some(version) = decided else {
+                    tracing::debug!(
+                        event = "listener.header_timeout",
+                        listener = listener_name,
+                        "closed a connection that sent no request head in time, or closed before one"
+                    );
+                    return;
+                };
+                let (io, _) = crate::http_conn::HttpIo::new(tcp);
+                let conn = crate::http_conn::HttpConnection::new(
+                    io,
+                    Some(version),
+                    service,
+                    // Never parked (see `LOCAL_LIMITS`): no gauge to keep.
+                    prometheus_client::metrics::gauge::Gauge::default(),
+                );
+                let served = drain.serve(conn, Some(LOCAL_LIMITS.idle), None).await;
+                if served.idle_closed {
+                    tracing::debug!(
+                        event = "listener.idle_timeout",
+                        listener = listener_name,
+                        "closed an idle connection"
+                    );
+                }
+            }
         },
     )
     .await;

@@ -102,7 +102,8 @@ pub async fn accept_loop<F, Fut>(
                                 reason,
                                 max_connections = limits.connections,
                                 max_per_source = limits.per_source,
-                                "connection refused: listener at its cap (raise --max-connections / --max-connections-per-source if this is legitimate load); further refusals are counted in meshgate_inbound_hygiene_total"
+                                "connection refused: listener at its cap (raise --max-connections / --max-connections-per-source if this is legitimate load); further refusals are not logged for 10 s{}",
+                                refusals.counted_in().map(|m| format!(" and are counted in {m}")).unwrap_or_default()
                             );
                         }
                     }
@@ -130,6 +131,9 @@ pub trait CountRefusal {
     /// One connection refused; `reason` is the cap's label (`connection_limit`,
     /// `source_connection_limit`).
     fn refused(&self, reason: &'static str);
+    /// The metric the refusals can be read from, named in the listener's warning; `None` for a
+    /// process without a metrics endpoint (the demo app).
+    fn counted_in(&self) -> Option<&'static str>;
 }
 
 /// The sidecar's listeners count refusals with the request hygiene
@@ -138,16 +142,37 @@ impl CountRefusal for Arc<Metrics> {
     fn refused(&self, reason: &'static str) {
         self.count_hygiene(reason, 1);
     }
+
+    fn counted_in(&self) -> Option<&'static str> {
+        Some("meshgate_inbound_hygiene_total")
+    }
 }
 
-/// Refusals of a listener outside a sidecar (the control plane's admin listener), by reason.
+/// Refusals of a listener outside a sidecar (the control plane's admin listener, the demo
+/// app), by reason.
 #[derive(Debug, Clone, Default)]
-pub struct RefusedConnections(Arc<[std::sync::atomic::AtomicU64; 2]>);
+pub struct RefusedConnections {
+    counts: Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// The metric they are exported as, if the process has a metrics endpoint.
+    metric: Option<&'static str>,
+}
 
 impl RefusedConnections {
-    /// The counter as OpenMetrics text, named `metric` (which ends in `_total`).
-    pub fn encode(&self, metric: &str, help: &str) -> String {
-        let [total, per_source] = &*self.0;
+    /// Refusals exported as `metric` (which ends in `_total`, see [`Self::encode`]).
+    pub fn exported_as(metric: &'static str) -> Self {
+        Self {
+            counts: Arc::default(),
+            metric: Some(metric),
+        }
+    }
+
+    /// The counter as OpenMetrics text, named as given to [`Self::exported_as`] (nothing for
+    /// refusals that are not exported).
+    pub fn encode(&self, help: &str) -> String {
+        let Some(metric) = self.metric else {
+            return String::new();
+        };
+        let [total, per_source] = &*self.counts;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
             "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric}{{reason=\"connection_limit\"}} {}\n{metric}{{reason=\"source_connection_limit\"}} {}\n",
@@ -159,13 +184,17 @@ impl RefusedConnections {
 
 impl CountRefusal for RefusedConnections {
     fn refused(&self, reason: &'static str) {
-        let [total, per_source] = &*self.0;
+        let [total, per_source] = &*self.counts;
         let counter = if reason == "source_connection_limit" {
             per_source
         } else {
             total
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn counted_in(&self) -> Option<&'static str> {
+        self.metric
     }
 }
 

@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// How an app reaches other services.
@@ -283,29 +283,36 @@ impl DemoApp {
         )
     }
 
-    /// Serves on `listener` forever.
+    /// Serves on `listener` forever, HTTP/1.1 or h2c (gRPC health checks), as every listener
+    /// that answers locally is served ([`meshgate_proxy::local_http::serve_local`]): connections
+    /// capped in total and per source address, a request head due within the header timeout,
+    /// idle connections closed. It listens on every address of its pod, so anyone who can reach
+    /// the pod can open connections to it.
     pub async fn serve(self, listener: TcpListener) {
-        let mut backoff = meshgate_ca::backoff::Backoff::for_accept();
-        loop {
-            let (tcp, _) = backoff.accept(&listener, "demo app").await;
+        // Never signalled: the app serves until its process ends (the sender must live, or
+        // the accept loop would take its drop for a shutdown).
+        let (_serving, shutdown) = tokio::sync::watch::channel(false);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let app = app.clone();
-                    async move {
-                        let response = if req.uri().path() == GRPC_HEALTH_CHECK {
-                            grpc_serving()
-                        } else {
-                            app.handle(req).await.map(BodyExt::boxed)
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
+            async move {
+                let response = if req.uri().path() == GRPC_HEALTH_CHECK {
+                    grpc_serving()
+                } else {
+                    app.handle(req).await.map(BodyExt::boxed)
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        meshgate_proxy::local_http::serve_local(
+            listener,
+            shutdown,
+            Duration::from_secs(5),
+            "demo app",
+            meshgate_proxy::serve::RefusedConnections::default(),
+            None,
+            service,
+        )
+        .await;
     }
 }
 

@@ -1,13 +1,15 @@
 //! The plaintext listeners that answer locally — a sidecar's admin endpoint and its health-probe
 //! listener (bound on every address by default, so reachable by any pod), the control plane's
-//! admin listener (status, metrics, console) — hold the same line as the mesh listeners: a client
+//! admin listener (status, metrics, console), and the demo app (`meshgate demo-app`, bound on
+//! every address of its pod as an app is) — hold the same line as the mesh listeners: a client
 //! that sends nothing or trickles a request head is cut off, connections are capped per listener
 //! and per source address, and a request answered without its body being read gets its answer
 //! rather than a reset (the connection lingers, reading and discarding the body).
 //!
 //! Before: each of them ran hyper's connection without a timer (no header-read timeout at all on
 //! the probe and control-plane listeners), with no cap, so a few thousand silent connections
-//! from anywhere in the cluster held the sidecar's file descriptors for ever.
+//! from anywhere in the cluster held the sidecar's file descriptors for ever; the demo app did
+//! the same until the twenty-eighth session.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,13 +19,49 @@ use tokio::net::TcpStream;
 
 use crate::support::mesh::{TestMesh, admin};
 
+/// `meshgate demo-app` as its own process (the binary under test), killed on drop.
+struct DemoAppProcess(std::process::Child);
+
+impl DemoAppProcess {
+    /// Starts the demo app on a free loopback port; returns it once it accepts connections.
+    async fn start() -> (Self, SocketAddr) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
+            .parse()
+            .unwrap();
+        let child = crate::support::meshgate()
+            .args(["demo-app", "--name", "web", "--listen", &addr.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("meshgate demo-app starts");
+        let app = Self(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "meshgate demo-app did not listen on {addr} within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (app, addr)
+    }
+}
+
+impl Drop for DemoAppProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A mesh with a control plane and one workload; the harness gives the workload's sidecar a
-/// probe listener (`--probe-path /healthz`). Returns the three local listeners, named.
-async fn local_listeners() -> (TestMesh, Vec<(&'static str, SocketAddr)>) {
+/// probe listener (`--probe-path /healthz`); and a demo app. Returns the four local listeners,
+/// named.
+async fn local_listeners() -> (TestMesh, DemoAppProcess, Vec<(&'static str, SocketAddr)>) {
     let mut mesh = TestMesh::new().await;
     mesh.start_control_plane().await;
     mesh.add("orders").await;
     mesh.write_services();
+    let (app, app_addr) = DemoAppProcess::start().await;
     let sidecar = &mesh.workload("orders").sidecar;
     let listeners = vec![
         ("sidecar admin", sidecar.admin_addr),
@@ -35,16 +73,17 @@ async fn local_listeners() -> (TestMesh, Vec<(&'static str, SocketAddr)>) {
             "control-plane admin",
             mesh.control_plane.as_ref().expect("started").admin_addr,
         ),
+        ("demo app", app_addr),
     ];
-    (mesh, listeners)
+    (mesh, app, listeners)
 }
 
 /// A path each listener answers `200` to once the mesh is up.
 fn live_path(name: &str) -> &'static str {
-    if name == "sidecar probes" {
-        "/meshgate/live"
-    } else {
-        "/live"
+    match name {
+        "sidecar probes" => "/meshgate/live",
+        "demo app" => "/",
+        _ => "/live",
     }
 }
 
@@ -59,7 +98,7 @@ async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_clients_are_cut_off() {
-    let (mesh, listeners) = local_listeners().await;
+    let (mesh, _app, listeners) = local_listeners().await;
     let started = Instant::now();
     let mut clients = Vec::new();
     for &(name, addr) in &listeners {
@@ -81,6 +120,13 @@ async fn silent_and_trickling_clients_are_cut_off() {
         clients.push((name, "silent", silent));
         clients.push((name, "trickling", trickling));
         clients.push((name, "kept-alive", kept));
+        if name == "demo app" {
+            // It also speaks h2c, so it decides by the first bytes: one that stops in the
+            // middle of the HTTP/2 connection preface.
+            let mut preface = TcpStream::connect(addr).await.unwrap();
+            preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+            clients.push((name, "trickling HTTP/2 preface", preface));
+        }
     }
     let waits = clients.into_iter().map(|(name, kind, mut tcp)| async move {
         let got = closed_within(&mut tcp, Duration::from_secs(25)).await;
@@ -108,9 +154,41 @@ async fn silent_and_trickling_clients_are_cut_off() {
     drop(mesh);
 }
 
+/// The demo app, served as the local listeners are, still speaks both protocols: HTTP/1.1, and
+/// h2c with prior knowledge (as its sidecar does with `--app-protocol h2c`, and gRPC clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_app_speaks_http1_and_h2c() {
+    let (_app, addr) = DemoAppProcess::start().await;
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2-prior-knowledge", "2")] {
+        let url = format!("http://{addr}/hello");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "-w",
+                    "\n%{http_code} %{http_version}",
+                ])
+                .arg(flag)
+                .arg(&url)
+                .output()
+                .expect("curl runs")
+        })
+        .await
+        .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.ends_with(&format!("\n200 {version}")) && said.contains("\"path\":\"/hello\""),
+            "curl {flag}: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_capped_per_source() {
-    let (mesh, listeners) = local_listeners().await;
+    let (mesh, _app, listeners) = local_listeners().await;
     let cap = meshgate_proxy::local_http::LOCAL_LIMITS.per_source;
     let extra = 40;
     for &(name, addr) in &listeners {
@@ -188,7 +266,7 @@ async fn connections_are_capped_per_source() {
 /// most scripts' clients, sends the whole body before it reads the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_to_local_endpoints_get_their_answer() {
-    let (_mesh, listeners) = local_listeners().await;
+    let (_mesh, _app, listeners) = local_listeners().await;
     const CLIENT: &str = r#"
 import http.client, sys
 host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -202,6 +280,8 @@ except OSError as e:
     for &(name, addr) in &listeners {
         let (path, expected) = match name {
             "sidecar probes" => ("/healthz", "405"),
+            // The demo app answers every path with what it saw.
+            "demo app" => ("/status-nowhere", "200"),
             _ => ("/status-nowhere", "404"),
         };
         for round in 0..3 {

@@ -288,7 +288,16 @@ impl ProbeForwarder {
             let this = self.clone();
             async move { Ok::<_, Infallible>(this.handle(req).await) }
         });
-        crate::local_http::serve_local(listener, shutdown, drain, "probes", metrics, service).await;
+        crate::local_http::serve_local(
+            listener,
+            shutdown,
+            drain,
+            "probes",
+            metrics,
+            Some(crate::http_conn::Version::H1),
+            service,
+        )
+        .await;
     }
 }
 
