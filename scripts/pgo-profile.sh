@@ -12,7 +12,7 @@
 #    with `warn`, with the JSON log and tracing at 1 %, uploads, large responses, refused requests,
 #    HTTP/1.1 between sidecars, HTTP/2 end to end (a gRPC-like client and an h2c app), and the
 #    inbound path from a client with an SVID with its
-#    handshakes and idle connections (run.sh --quick, which also runs nginx and HAProxy).
+#    handshakes and idle connections (run.sh --quick --all-rows, which also runs nginx and HAProxy).
 # 3. Merges the counts (`llvm-profdata merge --sparse`) into pgo/meshgate.profdata.gz and records
 #    where it came from in pgo/profile-source.txt.
 #
@@ -73,8 +73,8 @@ train "downloads (64 KiB GET)" "$pair" --seconds 2 --response 65536 "$bin"
 train "refused requests" env MESHGATE_LOG=info "$pair" --seconds 2 --path /admin --expect 403 "$bin"
 train "HTTP/1.1 between sidecars" "$pair" --seconds 2 "$bin" --mesh-protocol preserve
 train "HTTP/2 end to end (h2c client, h2c app)" "$pair" --seconds 3 --h2 "$bin"
-train "inbound from a client with an SVID, handshakes, idle connections (run.sh --quick)" \
-  benches/peers/run.sh --quick --meshgate "$bin"
+train "inbound from a client with an SVID, handshakes, idle connections (run.sh --quick --all-rows)" \
+  benches/peers/run.sh --quick --all-rows --meshgate "$bin"
 
 files=("$raw"/run/meshgate-*.profraw)
 [ -e "${files[0]}" ] || { echo "the training runs left no profile in $raw/run: did the sidecars exit cleanly?" >&2; exit 1; }

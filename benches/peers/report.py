@@ -179,6 +179,9 @@ def main():
         return (f"| {LABEL[d]} | p50 {fig(scen, d, 'p50') or 0:.0f} µs | p90 {fig(scen, d, 'p90') or 0:.0f} µs | "
                 f"p99 {fig(scen, d, 'p99') or 0:.0f} µs | {fig(scen, d, 'rps') or 0:,.0f} | – | (app {fig(scen, d, 'cpu_in') or 0:.1f}) | – |")
 
+    # `run.sh --quick` measures the peers and meshgate's quiet row alone (not its log
+    # configurations): rows with no figure at all are left out.
+    rows = [p for p in ROWS if any(q == p for _, q in med)]
     out = []
     meta = dict(m.split("=", 1) for m in a.meta)
     out.append(f"Rounds: {len(rounds)} (figures are medians over rounds), {meta.get('duration_s', '?')} s per run; "
@@ -194,8 +197,8 @@ def main():
     d = "direct"
     out.append(f"| {LABEL[d]} | p50 {fig('inbound', d, 'p50') or 0:.0f} µs | p90 {fig('inbound', d, 'p90') or 0:.0f} µs | "
                f"p99 {fig('inbound', d, 'p99') or 0:.0f} µs | {fig('inbound', d, 'rps') or 0:,.0f} | (app {fig('inbound', d, 'cpu_in') or 0:.1f}) |")
-    for p in ROWS + ["meshgate-accel"]:
-        if p not in ROWS and fig('inbound', p, 'rps') is None:
+    for p in rows + ["meshgate-accel"]:
+        if p not in rows and fig('inbound', p, 'rps') is None:
             continue  # no local acceleration (not root)
         out.append(f"| {LABEL[p]} | {cell('inbound', p, 'added_p50', ' µs')} | {cell('inbound', p, 'added_p90', ' µs')} | "
                    f"{cell('inbound', p, 'added_p99', ' µs')} | {cell('inbound', p, 'rps', '', True)} | "
@@ -212,7 +215,7 @@ def main():
     out.append("|---|---|---|---|---|---|---|---|")
     out.append(pair_direct_row("mesh"))
     for p in MESH_ROWS:
-        if p not in ROWS and fig('mesh', p, 'rps') is None:
+        if p not in rows and fig('mesh', p, 'rps') is None:
             continue  # a binary without --mesh-protocol, or no local acceleration (not root)
         out.append(pair_row("mesh", p))
     out.append("")
@@ -235,7 +238,7 @@ def main():
                "client-certificate handshake too, so the rate may be bounded by the client: CPU µs per handshake of the proxy is the fairer figure.\n")
     out.append("| proxy | handshakes/s | proxy CPU µs per handshake+request |")
     out.append("|---|---|---|")
-    for p in ROWS:
+    for p in rows:
         out.append(f"| {LABEL[p]} | {cell('handshake', p, 'hs', '', True)} | {cell('handshake', p, 'cpu_hs', '', digits=0)} |")
     out.append("")
 
@@ -245,7 +248,7 @@ def main():
                "A server that sends nothing after the client's Finished and delays its ACK holds such a client for the delayed-ACK timer (≥ 40 ms).\n")
     out.append("| proxy | p50 | p90 |")
     out.append("|---|---|---|")
-    for p in ROWS:
+    for p in rows:
         out.append(f"| {LABEL[p]} | {cell('first', p, 'p50', ' µs')} | {cell('first', p, 'p90', ' µs')} |")
     out.append("")
 
@@ -258,7 +261,7 @@ def main():
     out.append("| proxy | RSS fresh | of it file-backed (code, shared) | first connection | RSS per idle mTLS connection | "
                "first connection, after a request | per idle connection after one request |")
     out.append("|---|---|---|---|---|---|---|")
-    for p in ROWS:
+    for p in rows:
         shared = fig("rss", p, "fresh_file_mib")
         shared = "–" if shared is None else f"{shared:.1f} MiB"
         out.append(f"| {LABEL[p]} | {cell('rss', p, 'fresh_mib', ' MiB', digits=1)} | {shared} | "
@@ -266,25 +269,29 @@ def main():
                    f"{cell('rss', p, 'first_req_kib', ' KiB', digits=0)} | {cell('rss', p, 'idle_req_kib_per_conn', ' KiB', digits=1)} |")
     out.append("")
 
+    configurations = [p for p in ("meshgate", "meshgate-info", "meshgate-json", "meshgate-traced") if p in rows]
     out.append("### 5. meshgate's log configurations vs its quiet one (goal: within 10 %)\n")
-    out.append("| configuration | inbound added p50 | inbound saturation RPS | inbound CPU µs/req | mesh added p50 | mesh saturation RPS | mesh CPU µs/req pair | handshakes/s |")
-    out.append("|---|---|---|---|---|---|---|---|")
-    base = "meshgate"
-    checks = [("inbound", "added_p50", False), ("inbound", "rps", True), ("inbound", "cpu_in", False),
-              ("mesh", "added_p50", False), ("mesh", "rps", True), ("mesh", "cpu_both", False),
-              ("handshake", "hs", True)]
-    for p in ("meshgate", "meshgate-info", "meshgate-json", "meshgate-traced"):
-        cells = []
-        for scen, name, hb in checks:
-            v, b = fig(scen, p, name), fig(scen, base, name)
-            if v is None or not b:
-                cells.append("–")
-                continue
-            ratio = v / b
-            worse = (ratio < 1 / 1.1) if hb else (ratio > 1.1)
-            cells.append(f"{ratio:.2f}×" + (" ✗" if worse and p != base else ""))
-        out.append(f"| {LABEL[p]} | " + " | ".join(cells) + " |")
-    out.append("\n✗ = more than 10 % worse than MESHGATE_LOG=warn.")
+    if len(configurations) < 2:
+        out.append("Not measured in this run: `run.sh --quick` leaves the log configurations out (`--quick --all-rows` puts them back).")
+    else:
+        out.append("| configuration | inbound added p50 | inbound saturation RPS | inbound CPU µs/req | mesh added p50 | mesh saturation RPS | mesh CPU µs/req pair | handshakes/s |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        base = "meshgate"
+        checks = [("inbound", "added_p50", False), ("inbound", "rps", True), ("inbound", "cpu_in", False),
+                  ("mesh", "added_p50", False), ("mesh", "rps", True), ("mesh", "cpu_both", False),
+                  ("handshake", "hs", True)]
+        for p in configurations:
+            cells = []
+            for scen, name, hb in checks:
+                v, b = fig(scen, p, name), fig(scen, base, name)
+                if v is None or not b:
+                    cells.append("–")
+                    continue
+                ratio = v / b
+                worse = (ratio < 1 / 1.1) if hb else (ratio > 1.1)
+                cells.append(f"{ratio:.2f}×" + (" ✗" if worse and p != base else ""))
+            out.append(f"| {LABEL[p]} | " + " | ".join(cells) + " |")
+        out.append("\n✗ = more than 10 % worse than MESHGATE_LOG=warn.")
     exports = fig("tracing", "meshgate-traced", "exports")
     if exports is not None:
         out.append(f"\nmeshgate-traced: {exports:,.0f} OTLP exports per round "

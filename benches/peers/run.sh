@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # meshgate vs nginx and HAProxy, same machine, same app, equivalent configurations.
 #
-#   benches/peers/run.sh [--quick] [--rounds N] [--duration SECONDS] [--json FILE]
+#   benches/peers/run.sh [--quick [--all-rows]] [--rounds N] [--duration SECONDS] [--json FILE]
 #                        [--meshgate PATH] [--base-port PORT] [--wait-quiet MINUTES] [--keep]
 #
 # Installs nothing: it checks for oha, nginx, haproxy, openssl, python3, taskset, curl and a release
@@ -17,6 +17,7 @@ rounds=3
 dur=10
 warm=2
 quick=0
+all_rows=0
 json_out=""
 mg=${MESHGATE_BIN:-}
 base=19000
@@ -33,6 +34,7 @@ usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1; rounds=1; dur=1; warm=0.5; first_n=50; shift ;;
+    --all-rows) all_rows=1; shift ;;
     --rounds) rounds=$2; shift 2 ;;
     --duration) dur=$2; shift 2 ;;
     --json) json_out=$2; shift 2 ;;
@@ -164,6 +166,15 @@ proxies=(nginx haproxy meshgate meshgate-info meshgate-json meshgate-traced)
 trace_ratio=0.01
 sink_port=$((base + 6))
 mesh_extra=(meshgate-preserve meshgate-accel)
+# --quick is the one-minute check (a change against the peers): the peers and meshgate's quiet
+# row, its accelerated and HTTP/2 rows, 200 idle connections for the memory slope. The log
+# configurations, tracing and --mesh-protocol preserve (table 5, and rows of tables 1–4) come
+# back with --all-rows (scripts/pgo-profile.sh trains on them).
+if [ "$quick" = 1 ] && [ "$all_rows" = 0 ]; then
+  proxies=(nginx haproxy meshgate)
+  mesh_extra=(meshgate-accel)
+  idle_n=200
+fi
 # (A binary from before --mesh-protocol, for before/after runs, has no such row.)
 "$mg" proxy --help 2>/dev/null | grep -q -- --mesh-protocol || mesh_extra=()
 # shellcheck source=accel.sh
@@ -280,6 +291,7 @@ start_meshgate() { # VARIANT
   wait_ready $((ip + 2)) "${in_pid[$v]}" "$v-in"
   wait_ready $((op + 1)) "${out_pid[$v]}" "$v-out"
 }
+traced() { [[ " ${proxies[*]} " == *" meshgate-traced "* ]]; } # is the traced row measured?
 start_all() {
   start_bg "$work/app.log" -- nginx -p "$work" -e "$work/app-error.log" -c "$work/nginx-app.conf"
   app_pid=$started
@@ -314,10 +326,14 @@ start_all() {
   done
   # meshgate-traced's OTLP receiver, on the load generator's CPU; it counts what it receives.
   rm -f "$work/otlp-count"
-  "${pin_client[@]}" python3 "$here/otlp_sink.py" "$sink_port" "$work/otlp-count" >"$work/otlp-sink.log" 2>&1 &
-  pids+=($!)
-  wait_port "$sink_port" "$!" otlp-sink
-  for p in meshgate meshgate-info meshgate-json meshgate-traced "${mesh_extra[@]}"; do start_meshgate "$p"; done
+  if traced; then
+    "${pin_client[@]}" python3 "$here/otlp_sink.py" "$sink_port" "$work/otlp-count" >"$work/otlp-sink.log" 2>&1 &
+    pids+=($!)
+    wait_port "$sink_port" "$!" otlp-sink
+  fi
+  for p in "${proxies[@]}" "${mesh_extra[@]}"; do
+    case $p in meshgate*) start_meshgate "$p" ;; esac
+  done
   [ ${#h2_rows[@]} = 0 ] || start_meshgate meshgate-h2
   sleep 0.5 # let nginx workers settle before reading their RSS
 }
@@ -598,10 +614,12 @@ run_round() {
   done
   # meshgate-traced must have exported spans, or its row measured tracing off.
   local exports=0 bytes=0
-  [ -s "$work/otlp-count" ] && read -r exports bytes <"$work/otlp-count"
-  record "$r" tracing meshgate-traced exports "$exports"
-  record "$r" tracing meshgate-traced export_bytes "$bytes"
-  [ "$exports" -gt 0 ] || log "warning: meshgate-traced: the OTLP sink received no export in round $r: its row measured no tracing (logs in $work)"
+  if traced; then
+    [ -s "$work/otlp-count" ] && read -r exports bytes <"$work/otlp-count"
+    record "$r" tracing meshgate-traced exports "$exports"
+    record "$r" tracing meshgate-traced export_bytes "$bytes"
+    [ "$exports" -gt 0 ] || log "warning: meshgate-traced: the OTLP sink received no export in round $r: its row measured no tracing (logs in $work)"
+  fi
   stop_all
 }
 
