@@ -5,12 +5,13 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--idle N] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
 # a closed loop at -c 64 for S seconds (default 4): RPS, and per sidecar user/sys µs per request
-# (from /proc/PID/stat), plus system calls, context switches and page faults per request with --syscalls
+# (from /proc/PID/stat) and the app's (nginx's worker: what the proxies' way of talking to it
+# costs it), plus system calls, context switches and page faults per request with --syscalls
 # (perf stat). Needs oha, nginx,
 # python3, taskset; perf for --syscalls. MESHGATE_LOG (default warn) and MESHGATE_LOG_FORMAT are
 # passed to both sidecars. --tracing RATIO turns OpenTelemetry tracing on in both sidecars
@@ -33,6 +34,10 @@
 # outbound proxy over 8 connections of 8 concurrent streams each (4 × 4 for the fixed-rate run),
 # and the app is nginx speaking h2c only (the inbound sidecar with --app-protocol h2c; with
 # --haproxy, `proto h2` on HAProxy's outbound listener and toward the app).
+# --inbound: run.sh's inbound scenario instead of the mesh path: the load generator, with the
+# client's certificate, speaks HTTP/1.1 over mTLS straight to the inbound proxy (as another
+# pod would: with --accel only the proxy's hop to the app is accelerated); the figures are the
+# inbound proxy's and the app's. With --haproxy, HAProxy's inbound proxy.
 # --idle N: instead of the load runs, N plain HTTP/1.1 connections to the outbound proxy (an
 # app's pool), each sending one kept-alive GET of PATH, held idle; prints the RSS each proxy
 # gained per connection (the outbound one holds the connections; the inbound one sees one
@@ -51,6 +56,7 @@ haproxy=0
 accel=0
 idle=
 h2=0
+inbound=0
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -65,11 +71,13 @@ while [ $# -gt 0 ]; do
     --accel) accel=1; shift ;;
     --idle) idle=$2; shift 2 ;;
     --h2) h2=1; shift ;;
+    --inbound) inbound=1; shift ;;
     -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ "$inbound" = 0 ] || [ "$h2$idle" = 0 ] || { echo "--inbound measures HTTP/1.1 over mTLS under load: not with --h2 or --idle" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response" "$idle"; do
@@ -78,7 +86,7 @@ done
 mg=$1
 shift
 missing=()
-for tool in oha nginx python3 taskset; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in oha nginx python3 taskset pgrep; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ "$syscalls" = 0 ] || command -v perf >/dev/null || missing+=(perf)
 [ "$haproxy" = 0 ] || for tool in haproxy openssl curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -101,6 +109,7 @@ if [ "$h2" = 1 ]; then
   app_h2c
 fi
 start_app "${in_app_cg[@]}" taskset -c 1
+app_pid=${pids[-1]}
 
 log=${MESHGATE_LOG:-warn}
 export MESHGATE_LOG_FORMAT=${MESHGATE_LOG_FORMAT:-text}
@@ -156,20 +165,31 @@ if [ -n "$idle" ]; then
       n, f, o0 / 1024, (o1 - o0) / n, i0 / 1024, (i1 - i0) / n }'
   exit 0
 fi
-url="http://127.0.0.1:$out_port$path"
+origin=http://127.0.0.1:$out_port
 request=()
+client_cg=("${in_app_cg[@]}") # the load generator is the app calling out
+if [ "$inbound" = 1 ]; then
+  origin=https://127.0.0.1:$in_port
+  client_cg=() # another pod, over mTLS
+  if [ "$haproxy" = 1 ]; then
+    request=(--cert "$certs/client-chain.pem" --key "$certs/client.key" --insecure)
+  else
+    request=(--cert "$work/svid-client/svid.pem" --key "$work/svid-client/key.pem" --insecure)
+  fi
+fi
+url=$origin$path
 if [ -n "$body" ]; then
-  url="http://127.0.0.1:$out_port/api/upload"
+  url=$origin/api/upload
   head -c "$body" /dev/zero | tr '\0' 'x' >"$work/body"
-  request=(-m POST -D "$work/body")
+  request+=(-m POST -D "$work/body")
 elif [ -n "$response" ]; then
-  url="http://127.0.0.1:$out_port/api/big"
+  url=$origin/api/big
   head -c "$response" /dev/zero | tr '\0' 'x' >"$work/www/api/big"
 fi
 oha_json() { # OUT ARGS...
   local out=$1
   shift
-  "${in_app_cg[@]}" taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
+  "${client_cg[@]}" taskset -c 0 oha --no-tui --output-format json -H "Host: app" "${request[@]}" "$@" "$url" >"$out"
 }
 # The same concurrency over HTTP/2: C connections become C/P connections of P streams each.
 if [ "$h2" = 1 ]; then
@@ -178,6 +198,10 @@ else
   conns() { echo "-c $1"; }
 fi
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+app_ticks() { # the app's user and system ticks: nginx's master and its worker
+  local p
+  for p in "$app_pid" $(pgrep -P "$app_pid"); do ticks "$p"; done | awk '{u += $1; s += $2} END {print u, s}'
+}
 # This network namespace's TCP segments sent and pure ACKs (every hop is on loopback, so each
 # segment is sent and received here): "OutSegs PureAcks".
 tcp_counters() {
@@ -208,6 +232,7 @@ oha_json "$work/lat.json" -z "${seconds}s" $(conns 16 4) -q 1000 --latency-corre
 settle
 read -r iu0 is0 < <(ticks "$in_pid")
 read -r ou0 os0 < <(ticks "$out_pid")
+read -r au0 as0 < <(app_ticks)
 if [ "$syscalls" = 1 ]; then
   tcp_counters >"$work/tcp0"
   events=raw_syscalls:sys_enter,context-switches,page-faults
@@ -221,11 +246,12 @@ oha_json "$work/sat.json" -z "${seconds}s" $(conns 64 8)
 [ "$syscalls" = 0 ] || { wait "$pin" "$pout"; tcp_counters >"$work/tcp1"; }
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
-python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$expect" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" <<'PY'
+read -r au1 as1 < <(app_ticks)
+python3 - "$work" "$(getconf CLK_TCK)" "$seconds" "$syscalls" "$tracing" "$expect" "$inbound" "$iu0" "$is0" "$iu1" "$is1" "$ou0" "$os0" "$ou1" "$os1" "$au0" "$as0" "$au1" "$as1" <<'PY'
 import json, sys
 work, tck, seconds, syscalls = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
-tracing, expect = sys.argv[5], sys.argv[6]
-iu0, is0, iu1, is1, ou0, os0, ou1, os1 = map(int, sys.argv[7:15])
+tracing, expect, inbound = sys.argv[5], sys.argv[6], sys.argv[7] == "1"
+iu0, is0, iu1, is1, ou0, os0, ou1, os1, au0, as0, au1, as1 = map(int, sys.argv[8:20])
 lat = json.load(open(f"{work}/lat.json"))
 sat = json.load(open(f"{work}/sat.json"))
 p = lat["latencyPercentiles"]
@@ -235,8 +261,10 @@ if not ok or len(codes) > 1:
     sys.exit(f"not every request was answered {expect}: {codes}")
 us = lambda t: t * 1e6 / tck / ok
 line = (f"p50 {p['p50'] * 1e6:.0f} µs  p90 {p['p90'] * 1e6:.0f} µs  p99 {p['p99'] * 1e6:.0f} µs  |  "
-        f"{ok / seconds:,.0f} req/s  inbound user {us(iu1 - iu0):.1f} sys {us(is1 - is0):.1f} µs/req  "
-        f"outbound user {us(ou1 - ou0):.1f} sys {us(os1 - os0):.1f} µs/req")
+        f"{ok / seconds:,.0f} req/s  inbound user {us(iu1 - iu0):.1f} sys {us(is1 - is0):.1f} µs/req  ")
+if not inbound:
+    line += f"outbound user {us(ou1 - ou0):.1f} sys {us(os1 - os0):.1f} µs/req  "
+line += f"app user {us(au1 - au0):.1f} sys {us(as1 - as0):.1f} µs/req"
 if syscalls:
     def per_request(side, event):
         for row in open(f"{work}/perf-{side}.txt"):
@@ -244,9 +272,10 @@ if syscalls:
             if len(fields) > 2 and event in fields[2]:
                 return int(fields[0]) / ok
         return float("nan")
-    line += (f"  syscalls/req inbound {per_request('in', 'sys_enter'):.2f} outbound {per_request('out', 'sys_enter'):.2f}"
-             f"  context switches/req inbound {per_request('in', 'context-switches'):.2f} outbound {per_request('out', 'context-switches'):.2f}"
-             f"  page faults/req inbound {per_request('in', 'page-faults'):.3f} outbound {per_request('out', 'page-faults'):.3f}")
+    sides = ("in",) if inbound else ("in", "out")
+    for label, event, digits in (("syscalls", "sys_enter", 2), ("context switches", "context-switches", 2),
+                                 ("page faults", "page-faults", 3)):
+        line += f"  {label}/req " + " ".join(f"{side}bound {per_request(side, event):.{digits}f}" for side in sides)
     (segs0, acks0), (segs1, acks1) = ([int(v) for v in open(f"{work}/tcp{i}").read().split()] for i in (0, 1))
     line += f"  TCP segments/req (whole host, app and client included) {(segs1 - segs0) / ok:.2f}, pure ACKs {(acks1 - acks0) / ok:.2f}"
 if tracing:
