@@ -166,10 +166,10 @@ proxies=(nginx haproxy meshgate meshgate-info meshgate-json meshgate-traced)
 trace_ratio=0.01
 sink_port=$((base + 6))
 mesh_extra=(meshgate-preserve meshgate-accel)
-# --quick is the one-minute check (a change against the peers): the peers and meshgate's quiet
-# row, its accelerated and HTTP/2 rows, 200 idle connections for the memory slope. The log
-# configurations, tracing and --mesh-protocol preserve (table 5, and rows of tables 1–4) come
-# back with --all-rows (scripts/pgo-profile.sh trains on them).
+# --quick is the short check of a change against the peers (about a minute and a half): the
+# peers and meshgate's quiet row, its accelerated and HTTP/2 rows, 200 idle connections for the
+# memory slope. The log configurations, tracing and --mesh-protocol preserve (table 5, and rows
+# of tables 1–4) come back with --all-rows (scripts/pgo-profile.sh trains on them).
 if [ "$quick" = 1 ] && [ "$all_rows" = 0 ]; then
   proxies=(nginx haproxy meshgate)
   mesh_extra=(meshgate-accel)

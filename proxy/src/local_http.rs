@@ -1,7 +1,7 @@
 //! The plaintext listeners that answer locally — a sidecar's admin and health-probe listeners,
-//! the control plane's admin listener, the demo app (`meshgate demo-app`) — served with the sidecar's accept loop
-//! ([`crate::serve::accept_loop`]) and connection type ([`crate::http_conn::HttpConnection`]),
-//! under limits of their own.
+//! the control plane's admin listener, the demo app (`meshgate demo-app`) — served with the
+//! sidecar's accept loop ([`crate::serve::accept_loop`]) and connection type
+//! ([`crate::http_conn::HttpConnection`]), under limits of their own.
 
 use std::time::Duration;
 
@@ -29,10 +29,10 @@ pub const LOCAL_LIMITS: Limits = Limits {
 /// Serves one of the plaintext listeners that answer locally (a sidecar's admin and
 /// health-probe listeners, the control plane's admin listener: HTTP/1.1, `version`
 /// `Some(Version::H1)`; the demo app: HTTP/1.1 or h2c as the first bytes say, `None`) until
-/// `shutdown`, with
-/// [`LOCAL_LIMITS`]: connections capped in total and per source address, a request head due
-/// within [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the connection or of the previous answer. Each answer is
-/// marked [`LocalReply`](crate::http_util::LocalReply): these endpoints never read an upload
+/// `shutdown`, with [`LOCAL_LIMITS`]: connections capped in total and per source address, a
+/// request head due within [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the
+/// connection or of the previous answer (without a version, the first bytes too). Each answer
+/// is marked [`LocalReply`](crate::http_util::LocalReply): these endpoints never read an upload
 /// to its end, so a request that came with one ends its connection with a lingering close
 /// (`crate::http_conn::LINGER`) and the client reads the answer instead of a reset.
 ///
