@@ -495,6 +495,32 @@ impl<B: Body> Body for CountedBody<B> {
 /// Why a connection ended with an error (hyper's, or a read before hyper took the stream).
 pub type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The first bytes of a connection whose protocol they decide did not arrive within
+/// [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT): the same limit hyper puts on an
+/// HTTP/1.1 request head, which it starts only once the protocol is known.
+#[derive(Debug)]
+pub struct FirstBytesTimeout;
+
+impl std::fmt::Display for FirstBytesTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no request within {} s of the connection",
+            crate::serve::HEADER_READ_TIMEOUT.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for FirstBytesTimeout {}
+
+/// Whether a connection ended at the header timeout: its first bytes ([`FirstBytesTimeout`])
+/// or an HTTP/1.1 request head (hyper's) came too late. The listeners count these.
+pub fn is_header_timeout(e: &ConnError) -> bool {
+    e.is::<FirstBytesTimeout>()
+        || e.downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_timeout())
+}
+
 type H1<T, S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<HttpIo<T>>, Counted<S>>;
 type H2<T, S> = hyper::server::conn::http2::Connection<TokioIo<HttpIo<T>>, Counted<S>, BoxedSpawn>;
 
@@ -511,10 +537,16 @@ where
     /// Only how many bytes matched the preface so far is kept (they are the preface's own):
     /// every open connection holds this state's room for as long as it stays open, so the
     /// bytes of the read that settles the question live on the stack until they are replayed.
+    ///
+    /// The bytes are due within the header timeout ([`FirstBytesTimeout`]): hyper's own timer
+    /// starts only once it serves, so without `until` a client that sends nothing, or stops in
+    /// the middle of the preface, would hold its slot until the idle limit. The timer is made
+    /// (and boxed: a pointer's room) only when a read has to wait.
     Detecting {
         io: HttpIo<T>,
         service: Counted<S>,
         matched: u8,
+        until: Option<Pin<Box<tokio::time::Sleep>>>,
     },
     /// hyper serves HTTP/1.1 (boxed: a parked connection keeps only a pointer's room for it).
     H1(Box<H1<T, S>>),
@@ -564,6 +596,7 @@ impl<T: ConnIo, S: ConnService> HttpConnection<T, S> {
                 io,
                 service,
                 matched: 0,
+                until: None,
             },
         };
         Self {
@@ -676,11 +709,20 @@ impl<T: ConnIo, S: ConnService> Future for HttpConnection<T, S> {
         let this = &mut *self;
         loop {
             match &mut this.state {
-                State::Detecting { io, matched, .. } => {
+                State::Detecting {
+                    io, matched, until, ..
+                } => {
                     let done = usize::from(*matched);
                     let mut read = [0u8; H2_PREFACE.len()];
                     let mut buf = ReadBuf::new(&mut read[..H2_PREFACE.len() - done]);
-                    std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
+                    if Pin::new(&mut *io).poll_read(cx, &mut buf)?.is_pending() {
+                        let until = until.get_or_insert_with(|| {
+                            Box::pin(tokio::time::sleep(crate::serve::HEADER_READ_TIMEOUT))
+                        });
+                        std::task::ready!(until.as_mut().poll(cx));
+                        this.state = State::Done;
+                        return Poll::Ready(Err(Box::new(FirstBytesTimeout)));
+                    }
                     let n = buf.filled().len();
                     let matches = read[..n] == H2_PREFACE[done..done + n];
                     let version = if n == 0 || !matches {

@@ -123,6 +123,10 @@ pub struct Metrics {
     /// (`meshgate_http_connections_idle_closed_total{listener}`): the inbound listener's
     /// peers and the app's own pooled connections to the outbound listener alike.
     pub http_idle_closes: Family<ListenerLabels, Counter>,
+    /// HTTP connections closed because their first bytes or a request head did not arrive
+    /// within the header timeout (`meshgate_http_header_timeouts_total{listener}`): silent and
+    /// trickling clients, which would otherwise hold a slot under the listener's cap.
+    pub http_header_timeouts: Family<ListenerLabels, Counter>,
     /// Client chains the inbound listener has verified, so a caller's next handshake skips
     /// their signature checks ([`meshgate_ca::chains`]). Its counts are read at scrape time as
     /// `meshgate_tls_chain_verifications_total{direction="inbound",result}`.
@@ -309,6 +313,12 @@ impl Default for Metrics {
             "HTTP connections closed after the idle timeout without a byte either way, by listener",
             http_idle_closes.clone(),
         );
+        let http_header_timeouts = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "http_header_timeouts",
+            "HTTP connections closed because their first bytes or a request head did not arrive within the header timeout (10 s), by listener",
+            http_header_timeouts.clone(),
+        );
         let inbound_chains = Arc::new(VerifiedChains::new());
         let outbound_chains = Arc::new(VerifiedChains::new());
         registry.register_collector(Box::new(ChainCacheCollector {
@@ -323,6 +333,7 @@ impl Default for Metrics {
             outbound_chains,
             http_connections_parked,
             http_idle_closes,
+            http_header_timeouts,
             flow_cardinality_overflow,
             tap_events,
             requests,
@@ -357,6 +368,13 @@ impl Metrics {
     /// Counts one of `listener`'s HTTP connections closed for staying idle.
     pub fn count_idle_close(&self, listener: &'static str) {
         self.http_idle_closes
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// Counts one of `listener`'s HTTP connections closed at the header timeout.
+    pub fn count_header_timeout(&self, listener: &'static str) {
+        self.http_header_timeouts
             .get_or_create(&ListenerLabels { listener })
             .inc();
     }

@@ -415,3 +415,111 @@ async fn a_peer_without_alpn_whose_first_bytes_arrive_apart_is_detected_all_the_
         String::from_utf8_lossy(&frame)
     );
 }
+
+/// A connection whose protocol the sidecar has to find out by its first bytes — the app's
+/// connection to the outbound listener, a peer's mTLS connection without ALPN — must send them
+/// within the header timeout, as an HTTP/1.1 request head must: one that sends nothing, or stops
+/// in the middle of the HTTP/2 preface, is closed after 10 s and counted, not kept until the
+/// idle limit (ten minutes by default) in its slot under the listener's cap.
+///
+/// Before: the detection read had no deadline of its own, and hyper's header timer starts only
+/// once the protocol is known, so these connections stayed open for the idle limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_first_bytes_are_cut_off_at_the_header_timeout() {
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+    type Stream = Box<dyn Io>;
+    let mesh = mesh_with(meshgate_proxy::serve::Limits::default()).await;
+    let outbound = mesh.workload("web").sidecar.outbound_addr;
+    let app = || async move {
+        Box::new(tokio::net::TcpStream::connect(outbound).await.unwrap()) as Stream
+    };
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n";
+    let trickled_head: &[u8] = b"GET /api/x HTTP/1.1\r\nHost: or";
+    let mut clients: Vec<(&str, &str, Stream, &[u8])> = vec![
+        ("outbound", "nothing", app().await, b""),
+        (
+            "outbound",
+            "a trickled HTTP/2 preface",
+            app().await,
+            preface,
+        ),
+        (
+            "outbound",
+            "a trickled request head",
+            app().await,
+            trickled_head,
+        ),
+        (
+            "inbound",
+            "nothing, without ALPN",
+            Box::new(inbound_as_web(&mesh, &[]).await),
+            b"",
+        ),
+        (
+            "inbound",
+            "a trickled HTTP/2 preface, without ALPN",
+            Box::new(inbound_as_web(&mesh, &[]).await),
+            preface,
+        ),
+        (
+            "inbound",
+            "a trickled request head over http/1.1",
+            Box::new(inbound_as_web(&mesh, &[b"http/1.1"]).await),
+            trickled_head,
+        ),
+    ];
+    let started = std::time::Instant::now();
+    for (_, _, stream, first) in &mut clients {
+        stream.write_all(first).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    let waits = clients
+        .into_iter()
+        .map(|(listener, kind, mut stream, _)| async move {
+            let mut got = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(25), stream.read_to_end(&mut got)).await;
+            (listener, kind, closed.is_ok(), got, started.elapsed())
+        });
+    for (listener, kind, closed, got, waited) in futures_util::future::join_all(waits).await {
+        assert!(
+            closed,
+            "{listener}: a client sending {kind} was still connected after 25 s: no deadline"
+        );
+        assert!(
+            waited >= Duration::from_secs(8),
+            "{listener}: the client sending {kind} was closed after {waited:?}, before the 10 s header timeout"
+        );
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            !text.contains(" 200 "),
+            "{listener}: a client sending {kind} was answered: {text}"
+        );
+    }
+    for (workload, listener) in [("web", "outbound"), ("orders", "inbound")] {
+        let label = format!(r#"listener="{listener}""#);
+        let counted = mesh
+            .metric(
+                workload,
+                "meshgate_http_header_timeouts_total",
+                &[label.as_str()],
+            )
+            .await;
+        assert_eq!(counted, 3.0, "{listener}: header timeouts counted");
+    }
+    let hygiene = mesh
+        .metric(
+            "orders",
+            "meshgate_inbound_hygiene_total",
+            &[r#"reason="header_timeout""#],
+        )
+        .await;
+    assert_eq!(hygiene, 3.0, "inbound hygiene: header_timeout");
+    // Nothing was closed as idle: the header timeout did it.
+    assert_eq!(
+        mesh.metric("web", "meshgate_http_connections_idle_closed_total", &[])
+            .await,
+        0.0
+    );
+}

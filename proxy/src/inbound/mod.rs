@@ -280,8 +280,16 @@ impl Inbound {
                     metrics.count_idle_close("inbound");
                     tracing::debug!(event = "inbound.idle_timeout", peer.addr = %peer, finished = served.result.is_some(), "closed an idle connection");
                 }
-                if let Some(Err(e)) = served.result {
-                    tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
+                match served.result {
+                    Some(Err(e)) if crate::http_conn::is_header_timeout(&e) => {
+                        metrics.count_hygiene("header_timeout", 1);
+                        metrics.count_header_timeout("inbound");
+                        tracing::debug!(event = "inbound.header_timeout", peer.addr = %peer, error = %e, "closed a connection that sent no request in time");
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer.addr = %peer, error = %e, "inbound connection ended with an error");
+                    }
+                    _ => {}
                 }
             })
     }

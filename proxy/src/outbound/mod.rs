@@ -277,8 +277,17 @@ impl Outbound {
                 "closed an idle connection from the app"
             );
         }
-        if let Some(Err(e)) = served.result {
-            tracing::debug!(error = %e, "outbound connection ended with an error");
+        match served.result {
+            Some(Err(e)) if crate::http_conn::is_header_timeout(&e) => {
+                metrics.count_header_timeout("outbound");
+                tracing::debug!(
+                    event = "outbound.header_timeout",
+                    error = %e,
+                    "closed a connection from the app that sent no request in time"
+                );
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "outbound connection ended with an error"),
+            _ => {}
         }
     }
 
