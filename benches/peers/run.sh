@@ -166,7 +166,7 @@ proxies=(nginx haproxy meshgate meshgate-info meshgate-json meshgate-traced)
 trace_ratio=0.01
 sink_port=$((base + 6))
 mesh_extra=(meshgate-preserve meshgate-accel)
-# --quick is the short check of a change against the peers (about a minute and a half): the
+# --quick is the short check of a change against the peers (about a minute): the
 # peers and meshgate's quiet row, its accelerated and HTTP/2 rows, 200 idle connections for the
 # memory slope. The log configurations, tracing and --mesh-protocol preserve (table 5, and rows
 # of tables 1–4) come back with --all-rows (scripts/pgo-profile.sh trains on them).
@@ -491,37 +491,46 @@ url_h2() { # PROXY → oha's host and URL on the HTTP/2 end-to-end path (direct:
 }
 
 idle_conns() { # PROXY OUT N [idle_conns.py ARGS...]: opens N idle connections in the background
-  # (pid in $ipid) and waits until they are open, then 2 s more: past meshgate's 1 s park
-  # delay, so the RSS read next is what a pool's idle connections hold.
-  local p=$1 out=$2 n=$3 i
+  # (its pid appended to $ipids); wait_idle waits until they are open.
+  local p=$1 out=$2 n=$3
   shift 3
   "${pin_client[@]}" python3 "$here/idle_conns.py" --port "${in_port[$p]}" -n "$n" \
     --cert "$certs/client-chain.pem" --key "$certs/client.key" "$@" >"$out" 2>&1 &
-  ipid=$!
-  for i in $(seq 600); do grep -q ready "$out" 2>/dev/null && break; sleep 0.1; done
+  ipids+=($!)
+}
+
+wait_idle() { # KIND: waits until every proxy's idle_conns.py writing $work/KIND-PROXY.out has
+  # tried all its connections, then 2 s more: past meshgate's 1 s park delay, so the RSS read next
+  # is what a pool's idle connections hold.
+  local p i
+  for p in "${proxies[@]}"; do
+    for i in $(seq 600); do grep -q ready "$work/$1-$p.out" 2>/dev/null && break; sleep 0.1; done
+  done
   sleep 2
 }
 
-idle_rss() { # ROUND PROXY SUFFIX [idle_conns.py ARGS...]: RSS fresh, then with one warm-up
-  # connection, then with $idle_n idle connections more. Per connection is the slope, from the
-  # warm-up on: the first connection also faults in the code of the handshake and of the
+idle_rss() { # ROUND SUFFIX [idle_conns.py ARGS...]: for every proxy, RSS fresh, then with one
+  # warm-up connection, then with $idle_n idle connections more. Per connection is the slope, from
+  # the warm-up on: the first connection also faults in the code of the handshake and of the
   # request path once (file-backed pages, ≈ 1 MiB for meshgate), which is recorded on its own.
-  local r=$1 p=$2 sfx=$3 pi=${in_pid[$2]} before warm after ipid warm_pid opened failed
-  shift 3
-  before=$(rss_kib "$pi")
-  record "$r" rss "$p" "fresh${sfx}_kib" "$before"
-  idle_conns "$p" "$work/warm-$p.out" 1 "$@"
-  warm_pid=$ipid
-  warm=$(rss_kib "$pi")
-  record "$r" rss "$p" "warm${sfx}_kib" "$warm"
-  idle_conns "$p" "$work/idle-$p.out" "$idle_n" "$@"
-  after=$(rss_kib "$pi")
-  kill "$ipid" "$warm_pid" 2>/dev/null || true; wait "$ipid" "$warm_pid" 2>/dev/null || true
-  read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
-  grep -q '^ready 1 0' "$work/warm-$p.out" || log "warning: $p: the warm-up connection failed${sfx:+ (after a request)}"
-  record "$r" rss "$p" "idle${sfx}_kib" "$after"
-  record "$r" rss "$p" "idle${sfx}_opened" "$opened"
-  [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed${sfx:+ (after a request)}"
+  # The proxies are measured side by side (each one's RSS counts only its own connections), so
+  # the waits are paid once rather than once per proxy.
+  local r=$1 sfx=$2 p ipids=() opened failed
+  shift 2
+  for p in "${proxies[@]}"; do record "$r" rss "$p" "fresh${sfx}_kib" "$(rss_kib "${in_pid[$p]}")"; done
+  for p in "${proxies[@]}"; do idle_conns "$p" "$work/warm-$p.out" 1 "$@"; done
+  wait_idle warm
+  for p in "${proxies[@]}"; do record "$r" rss "$p" "warm${sfx}_kib" "$(rss_kib "${in_pid[$p]}")"; done
+  for p in "${proxies[@]}"; do idle_conns "$p" "$work/idle-$p.out" "$idle_n" "$@"; done
+  wait_idle idle
+  for p in "${proxies[@]}"; do record "$r" rss "$p" "idle${sfx}_kib" "$(rss_kib "${in_pid[$p]}")"; done
+  kill "${ipids[@]}" 2>/dev/null || true; wait "${ipids[@]}" 2>/dev/null || true
+  for p in "${proxies[@]}"; do
+    read -r _ opened failed <"$work/idle-$p.out" || { opened=0; failed=$idle_n; }
+    grep -q '^ready 1 0' "$work/warm-$p.out" || log "warning: $p: the warm-up connection failed${sfx:+ (after a request)}"
+    record "$r" rss "$p" "idle${sfx}_opened" "$opened"
+    [ "$failed" = 0 ] || log "warning: $p: $failed of $idle_n idle connections failed${sfx:+ (after a request)}"
+  done
   sleep 0.5
 }
 
@@ -530,18 +539,18 @@ run_round() {
   start_all
   # RSS: fresh (before any request: the ACL check comes after), then with 1000 idle mTLS
   # connections (inbound side) that have sent no request.
-  for p in $(order "$r" 0); do
+  for p in "${proxies[@]}"; do
     # File-backed pages (the binary's code and data, shared libraries): shared with every
     # process that maps the same files, unlike the anonymous rest.
     record "$r" rss "$p" fresh_file_kib "$(rss_kib "${in_pid[$p]}" RssFile)"
-    idle_rss "$r" "$p" ""
   done
+  idle_rss "$r" ""
   # Then on fresh processes again (freed memory is not given back, so the same processes would
   # hide it), 1000 connections that each sent one kept-alive request first: idle as a client's
   # pool holds them between requests.
   stop_all
   start_all
-  for p in $(order "$r" 0); do idle_rss "$r" "$p" _req --request /api/data; done
+  idle_rss "$r" _req --request /api/data
   [ "$r" = 1 ] && check_acl
   # Warm-up: each path once, closed loop, not recorded.
   for p in "${proxies[@]}" "${inbound_extra[@]}"; do
