@@ -100,6 +100,12 @@ impl Activity {
         self.0.since.elapsed().saturating_sub(last)
     }
 
+    /// Bytes were read since the last write: part of a request the connection has not
+    /// answered yet (or, before any write, its first bytes).
+    pub fn read_since_write(&self) -> bool {
+        self.0.read_since_write.load(Ordering::Relaxed)
+    }
+
     /// Nothing in flight, nothing half-read, nothing left to write (see the module docs).
     fn may_park(&self) -> bool {
         self.0.in_flight.load(Ordering::Relaxed) == 0
@@ -262,37 +268,6 @@ pub enum Version {
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The HTTP version a plaintext connection speaks, from its first bytes (peeked, not
-/// consumed): HTTP/2 once they are the whole connection preface, HTTP/1.1 as soon as they
-/// differ from it; `None` when the client closes, or has not said within `within` (a silent
-/// client, or one trickling the preface).
-///
-/// Why: a [`HttpConnection`] without a version reads its first bytes itself, with no deadline
-/// of its own, and hyper's header-read timer only starts once it hands over; a listener that
-/// anyone can reach (the demo app, on every address of its pod) decides here, under the header
-/// timeout, and passes the version in.
-pub async fn detect_version(tcp: &tokio::net::TcpStream, within: Duration) -> Option<Version> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        if buf[..n] != H2_PREFACE[..n] {
-            return Some(Version::H1);
-        }
-        if n == H2_PREFACE.len() {
-            return Some(Version::H2);
-        }
-        // A prefix of the preface: peek returns at once while it is all there is.
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
 
 /// How the sidecar's HTTP/1.1 connections are served.
 pub fn http1_builder() -> hyper::server::conn::http1::Builder {

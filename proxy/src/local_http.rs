@@ -3,6 +3,8 @@
 //! sidecar's accept loop ([`crate::serve::accept_loop`]) and connection type
 //! ([`crate::http_conn::HttpConnection`]), under limits of their own.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -31,7 +33,8 @@ pub const LOCAL_LIMITS: Limits = Limits {
 /// `Some(Version::H1)`; the demo app: HTTP/1.1 or h2c as the first bytes say, `None`) until
 /// `shutdown`, with [`LOCAL_LIMITS`]: connections capped in total and per source address, a
 /// request head due within [`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT) of the
-/// connection or of the previous answer (without a version, the first bytes too). Each answer
+/// connection or of the previous answer (without a version, the first bytes too; connections
+/// closed at that timeout are counted with `counts`, as its refusals are). Each answer
 /// is marked [`LocalReply`](crate::http_util::LocalReply): these endpoints never read an upload
 /// to its end, so a request that came with one ends its connection with a lingering close
 /// (`crate::http_conn::LINGER`) and the client reads the answer instead of a reset.
@@ -46,7 +49,7 @@ pub async fn serve_local<S, B>(
     shutdown: watch::Receiver<bool>,
     drain: Duration,
     listener_name: &'static str,
-    refusals: impl crate::serve::CountRefusal,
+    counts: impl crate::serve::CountRefusal + Clone + Send + 'static,
     version: Option<crate::http_conn::Version>,
     service: S,
 ) where
@@ -77,30 +80,25 @@ pub async fn serve_local<S, B>(
         drain,
         listener_name,
         LOCAL_LIMITS,
-        refusals,
+        counts.clone(),
         move |tcp, _peer, drain| {
-            let service = service.clone();
+            let counts = counts.clone();
+            // Whether the connection answered a request: one kept alive after its answers and
+            // closed when no next request came is an idle close, not a silent client.
+            let answered = Arc::new(AtomicBool::new(false));
+            let service = {
+                let (service, answered) = (service.clone(), answered.clone());
+                hyper::service::service_fn(move |req| {
+                    answered.store(true, Ordering::Relaxed);
+                    hyper::service::Service::call(&service, req)
+                })
+            };
             async move {
+                let (io, activity) = crate::http_conn::HttpIo::new(tcp);
                 // Without a version, the first bytes decide, under the header timeout.
-                let decided = match version {
-                    Some(version) => Some(version),
-                    None => {
-                        crate::http_conn::detect_version(&tcp, crate::serve::HEADER_READ_TIMEOUT)
-                            .await
-                    }
-                };
-                let Some(version) = decided else {
-                    tracing::debug!(
-                        event = "listener.header_timeout",
-                        listener = listener_name,
-                        "closed a connection that sent no request head in time, or closed before one"
-                    );
-                    return;
-                };
-                let (io, _) = crate::http_conn::HttpIo::new(tcp);
                 let conn = crate::http_conn::HttpConnection::new(
                     io,
-                    Some(version),
+                    version,
                     service,
                     // Never parked (see `LOCAL_LIMITS`): no gauge to keep.
                     prometheus_client::metrics::gauge::Gauge::default(),
@@ -112,6 +110,25 @@ pub async fn serve_local<S, B>(
                         listener = listener_name,
                         "closed an idle connection"
                     );
+                }
+                if let Some(Err(e)) = &served.result
+                    && crate::http_conn::is_header_timeout(e)
+                {
+                    if answered.load(Ordering::Relaxed) && !activity.read_since_write() {
+                        tracing::debug!(
+                            event = "listener.idle_timeout",
+                            listener = listener_name,
+                            "closed a kept-alive connection that sent no next request in time"
+                        );
+                    } else {
+                        counts.header_timeout(listener_name);
+                        tracing::debug!(
+                            event = "listener.header_timeout",
+                            listener = listener_name,
+                            error = %e,
+                            "closed a connection that sent no request head in time"
+                        );
+                    }
                 }
             }
         },

@@ -134,6 +134,9 @@ pub trait CountRefusal {
     /// The metric the refusals can be read from, named in the listener's warning; `None` for a
     /// process without a metrics endpoint (the demo app).
     fn counted_in(&self) -> Option<&'static str>;
+    /// One of `listener`'s connections closed at the header timeout: its first bytes or a
+    /// request head did not arrive in time (a silent or trickling client).
+    fn header_timeout(&self, listener: &'static str);
 }
 
 /// The sidecar's listeners count refusals with the request hygiene
@@ -146,13 +149,19 @@ impl CountRefusal for Arc<Metrics> {
     fn counted_in(&self) -> Option<&'static str> {
         Some("meshgate_inbound_hygiene_total")
     }
+
+    /// `meshgate_http_header_timeouts_total{listener}`, as the mesh listeners count theirs.
+    fn header_timeout(&self, listener: &'static str) {
+        self.count_header_timeout(listener);
+    }
 }
 
 /// Refusals of a listener outside a sidecar (the control plane's admin listener, the demo
-/// app), by reason.
+/// app), by reason: at accept, over a cap; or later, at the header timeout.
 #[derive(Debug, Clone, Default)]
 pub struct RefusedConnections {
-    counts: Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// `connection_limit`, `source_connection_limit`, `header_timeout`.
+    counts: Arc<[std::sync::atomic::AtomicU64; 3]>,
     /// The metric they are exported as, if the process has a metrics endpoint.
     metric: Option<&'static str>,
 }
@@ -172,19 +181,20 @@ impl RefusedConnections {
         let Some(metric) = self.metric else {
             return String::new();
         };
-        let [total, per_source] = &*self.counts;
+        let [total, per_source, header_timeout] = &*self.counts;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
-            "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric}{{reason=\"connection_limit\"}} {}\n{metric}{{reason=\"source_connection_limit\"}} {}\n",
+            "# HELP {metric} {help}\n# TYPE {metric} counter\n{metric}{{reason=\"connection_limit\"}} {}\n{metric}{{reason=\"source_connection_limit\"}} {}\n{metric}{{reason=\"header_timeout\"}} {}\n",
             load(total),
-            load(per_source)
+            load(per_source),
+            load(header_timeout)
         )
     }
 }
 
 impl CountRefusal for RefusedConnections {
     fn refused(&self, reason: &'static str) {
-        let [total, per_source] = &*self.counts;
+        let [total, per_source, _] = &*self.counts;
         let counter = if reason == "source_connection_limit" {
             per_source
         } else {
@@ -195,6 +205,12 @@ impl CountRefusal for RefusedConnections {
 
     fn counted_in(&self) -> Option<&'static str> {
         self.metric
+    }
+
+    /// Counted with the refusals, as `reason="header_timeout"` (the listener is the process's
+    /// only one of its kind).
+    fn header_timeout(&self, _listener: &'static str) {
+        self.counts[2].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -146,6 +146,34 @@ async fn silent_and_trickling_clients_are_cut_off() {
             "{name}: a {kind} client was answered: {text}"
         );
     }
+    // Counted where they are made (the demo app has no metrics): the sidecar's per listener,
+    // the control plane's with its admin listener's refusals. The silent and the trickling
+    // client on each; the kept-alive one was answered and sent nothing more, an idle close (a
+    // metrics scraper's kept-alive connection is not a silent client).
+    for listener in ["admin", "probes"] {
+        let label = format!(r#"listener="{listener}""#);
+        let counted = mesh
+            .metric(
+                "orders",
+                "meshgate_http_header_timeouts_total",
+                &[label.as_str()],
+            )
+            .await;
+        assert_eq!(
+            counted, 2.0,
+            "the sidecar's {listener} listener's header timeouts"
+        );
+    }
+    let (_, text) = admin(listeners[2].1, "GET", "/metrics").await;
+    let counted = crate::support::mesh::sum_metric(
+        &text,
+        "meshgate_control_plane_admin_connections_refused_total",
+        &[r#"reason="header_timeout""#],
+    );
+    assert_eq!(
+        counted, 2.0,
+        "the control plane's admin listener's header timeouts"
+    );
     // The listeners still serve.
     for &(name, addr) in &listeners {
         let (status, body) = admin(addr, "GET", live_path(name)).await;
