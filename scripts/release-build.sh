@@ -5,13 +5,18 @@
 # with the functions a sidecar runs placed together (pgo/symbol-order.txt; BENCHMARKS.md "Code
 # layout") and its relative relocations packed (below).
 #
-# Usage: scripts/release-build.sh [--check | --strict]
+# Usage: scripts/release-build.sh [--check | --strict | --line-tables]
 #   --check: only check that this rustc reads the profile (a second, on a one-line program), which
 #   the build also does first: rustc takes a profile it cannot read with a mere warning and builds
 #   without it, so a corrupt or foreign profile would quietly cost the optimization. It also says
 #   whether this rustc's linker applies the code layout.
 #   --strict: build, and fail instead of warning when the code layout is stale or cannot be
 #   applied (CI runs this: a stale layout and profile cost a fifth of the CPU per request).
+#   --line-tables: the same binary with line tables (debug info naming source lines), written to
+#   target/pgo-lines/release/meshgate, for profilers: perf's call stacks then show the functions the
+#   compiler inlined (benches/peers/pair.sh --flamegraph). The flags go in RUSTFLAGS, which leave
+#   the symbol names, and with them the profile's and the layout's match, as they are; the cargo
+#   profile's `debug` setting would rename every symbol and lose both.
 # PGO_PROFILE=FILE.gz uses another profile than pgo/meshgate.profdata.gz, PGO_LAYOUT=FILE another
 # layout than pgo/symbol-order.txt.
 # Writes target/pgo/release/meshgate. Its own target directory: the compiler flags differ from a
@@ -25,11 +30,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 check=0
 strict=0
+target=target/pgo
+extra=()
 case ${1:-} in
   --check) check=1 ;;
   --strict) strict=1 ;;
+  --line-tables) target=target/pgo-lines; extra=(-Cdebuginfo=line-tables-only -Cstrip=none) ;;
   "") ;;
-  *) echo "usage: scripts/release-build.sh [--check | --strict]" >&2; exit 2 ;;
+  *) echo "usage: scripts/release-build.sh [--check | --strict | --line-tables]" >&2; exit 2 ;;
 esac
 # A warning, or with --strict an error.
 flaw() { if [ "$strict" = 1 ]; then echo "error: $*" >&2; exit 1; else echo "warning: $*" >&2; fi; }
@@ -117,14 +125,14 @@ if [ "$check" = 1 ]; then
   echo "$profile: read by $(rustc --version); $layout; $relocs"
   exit 0
 fi
-CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$data" cargo rustc --release --locked --bin meshgate -- "${link[@]}"
+CARGO_TARGET_DIR=$target RUSTFLAGS="-Cprofile-use=$data ${extra[*]}" cargo rustc --release --locked --bin meshgate -- "${link[@]}"
 # Both the layout and the profile name functions by their linker symbols, whose hashes change
 # with a crate's dependency set (Cargo's metadata), not with its code: a dependency added to or
 # removed from a workspace crate renames every function of that crate and of the crates built on
 # it, and the build quietly loses most of both (the fourteenth session's binary: 1,279 of 2,161
 # functions of the layout left, a fresh sidecar 11.9 MiB instead of 7.1, CPU per request +20 %).
 # So count what is left of the layout in the binary and say so loudly when it is stale.
-bin=target/pgo/release/meshgate
+bin=$target/release/meshgate
 if [ ${#link[@]} -gt 0 ] && command -v nm >/dev/null 2>&1; then
   total=$(grep -v '^#' "$order" | sort -u | wc -l)
   found=$(grep -v '^#' "$order" | sort -u | comm -12 - <(nm --defined-only "$bin" | awk '{print $3}' | sort -u) | wc -l)
@@ -133,4 +141,4 @@ if [ ${#link[@]} -gt 0 ] && command -v nm >/dev/null 2>&1; then
   fi
   layout="$layout: $found of $total functions found"
 fi
-echo "built target/pgo/release/meshgate (profile-guided: $(sed -n 's/^commit: //p' pgo/profile-source.txt 2>/dev/null || echo 'profile of unknown origin'); $layout; $relocs)"
+echo "built $bin (profile-guided: $(sed -n 's/^commit: //p' pgo/profile-source.txt 2>/dev/null || echo 'profile of unknown origin'); $layout; $relocs)"

@@ -5,7 +5,7 @@
 # system calls per request (perf stat). For comparing one change or setting quickly; run.sh is
 # the comparison with the peers.
 #
-# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] BIN [OUTBOUND-ARGS...]
+# Usage: benches/peers/pair.sh [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] [--flamegraph DIR] BIN [OUTBOUND-ARGS...]
 #   e.g. benches/peers/pair.sh target/release/meshgate --mesh-protocol preserve
 #
 # Prints one line: latency at a fixed 1000 req/s (-c 16, latency-corrected, end to end), then
@@ -42,6 +42,15 @@
 # app's pool), each sending one kept-alive GET of PATH, held idle; prints the RSS each proxy
 # gained per connection (the outbound one holds the connections; the inbound one sees one
 # multiplexed mTLS connection).
+# --flamegraph DIR: perf records each proxy during the saturation run (cpu-clock, DWARF call
+# graphs, 1999 samples a second, perf itself on CPU 0), and DIR gets a flame graph of each
+# (PROXY-SCENARIO-SIDE.svg, e.g. meshgate-mesh-inbound.svg, with its folded stacks beside it for
+# inferno-diff-folded) and PROXY-SCENARIO-components.md: where each proxy's CPU goes by component
+# (flame_components.py), in µs per request. The shipped binary has symbols but no debug info, so
+# what the compiler inlined shows as its caller; a binary built with line tables
+# (CARGO_PROFILE_RELEASE_DEBUG=line-tables-only scripts/release-build.sh) shows the inlined
+# functions too. perf's sampling costs the proxies a little: take the line's CPU figures from a
+# run without it. Needs perf and inferno (cargo install inferno --locked).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 seconds=4
@@ -57,6 +66,7 @@ accel=0
 idle=
 h2=0
 inbound=0
+flamegraph=
 while [ $# -gt 0 ]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
@@ -72,12 +82,14 @@ while [ $# -gt 0 ]; do
     --idle) idle=$2; shift 2 ;;
     --h2) h2=1; shift ;;
     --inbound) inbound=1; shift ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    --flamegraph) flamegraph=$2; shift 2 ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
-[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 [--seconds S] [--base-port PORT] [--syscalls] [--tracing RATIO] [--body BYTES] [--response BYTES] [--path PATH --expect STATUS] [--haproxy] [--accel] [--h2] [--inbound] [--idle N] [--flamegraph DIR] BIN [OUTBOUND-ARGS...]" >&2; exit 2; }
 [ "$inbound" = 0 ] || [ "$h2$idle" = 0 ] || { echo "--inbound measures HTTP/1.1 over mTLS under load: not with --h2 or --idle" >&2; exit 2; }
+[ -z "$flamegraph" ] || [ -z "$idle" ] || { echo "--flamegraph records the proxies under load: not with --idle" >&2; exit 2; }
 case $path in /*) ;; *) echo "--path takes a path starting with /, e.g. --path /admin" >&2; exit 2 ;; esac
 case $expect in [1-5][0-9][0-9]) ;; *) echo "--expect takes an HTTP status, e.g. --expect 403" >&2; exit 2 ;; esac
 for n in "$body" "$response" "$idle"; do
@@ -88,9 +100,10 @@ shift
 missing=()
 for tool in oha nginx python3 taskset pgrep; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ "$syscalls" = 0 ] || command -v perf >/dev/null || missing+=(perf)
+[ -z "$flamegraph" ] || for tool in perf inferno-flamegraph; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ "$haproxy" = 0 ] || for tool in haproxy openssl curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "missing: ${missing[*]} — apt-get install nginx python3 util-linux linux-perf haproxy openssl curl; cargo install oha --locked" >&2
+  echo "missing: ${missing[*]} — apt-get install nginx python3 util-linux linux-perf haproxy openssl curl; cargo install oha --locked; cargo install inferno --locked" >&2
   exit 1
 fi
 
@@ -241,9 +254,19 @@ if [ "$syscalls" = 1 ]; then
   perf stat -x, -e "$events" -o "$work/perf-out.txt" -p "$out_pid" -- sleep "$seconds" &
   pout=$!
 fi
+if [ -n "$flamegraph" ]; then
+  sides=(inbound:"$in_pid")
+  [ "$inbound" = 1 ] || sides+=(outbound:"$out_pid")
+  recorders=()
+  for side in "${sides[@]}"; do
+    taskset -c 0 perf record -q -e cpu-clock -F 1999 --call-graph dwarf,16384 -o "$work/${side%%:*}.perf" -p "${side#*:}" -- sleep "$seconds" 2>>"$work/perf-record.log" &
+    recorders+=($!)
+  done
+fi
 # shellcheck disable=SC2046
 oha_json "$work/sat.json" -z "${seconds}s" $(conns 64 8)
 [ "$syscalls" = 0 ] || { wait "$pin" "$pout"; tcp_counters >"$work/tcp1"; }
+[ -z "$flamegraph" ] || wait "${recorders[@]}"
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
 read -r au1 as1 < <(app_ticks)
@@ -285,5 +308,33 @@ if tracing:
         sys.exit("tracing was on but the OTLP sink received no export")
     line += f"  otlp exports {exports} ({int(size) / 1024:.0f} KiB)"
 print(line)
+with open(f"{work}/cpu-per-request", "w") as f:  # for --flamegraph's components table
+    f.write(f"{us(iu1 - iu0 + is1 - is0):.2f} {us(ou1 - ou0 + os1 - os0):.2f}\n")
 PY
+if [ -n "$flamegraph" ]; then
+  mkdir -p "$flamegraph"
+  proxy=meshgate
+  [ "$haproxy" = 0 ] || proxy=haproxy
+  scenario=mesh
+  [ "$inbound" = 0 ] || scenario=inbound
+  [ "$h2" = 0 ] || scenario=h2
+  [ "$accel" = 0 ] || scenario=$scenario-accel
+  read -r in_us out_us <"$work/cpu-per-request"
+  rps=$(python3 -c 'import json, sys; print(round(sum(json.load(open(sys.argv[1]))["statusCodeDistribution"].values()) / float(sys.argv[2])))' "$work/sat.json" "$seconds")
+  columns=()
+  for side in "${sides[@]}"; do
+    side=${side%%:*}
+    name=$proxy-$scenario-$side
+    us=$in_us
+    [ "$side" = inbound ] || us=$out_us
+    perf script -i "$work/$side.perf" -F comm,tid,period,ip,sym,dso,srcline --full-source-path 2>/dev/null \
+      | python3 "$here/flame_components.py" fold "$flamegraph/$name.folded" "$work/$name.json"
+    inferno-flamegraph --title "$proxy $side proxy, $scenario scenario, closed loop at 64 connections ($rps req/s, $us µs CPU per request)" \
+      --subtitle "perf record -e cpu-clock -F 1999 --call-graph dwarf; a frame's width is its share of the samples; kernel frames end in _[k], inlined functions in _[i]" \
+      <"$flamegraph/$name.folded" >"$flamegraph/$name.svg"
+    columns+=(--us-per-request "$name=$us" "$name=$work/$name.json")
+  done
+  python3 "$here/flame_components.py" table "${columns[@]}" | tee "$flamegraph/$proxy-$scenario-components.md"
+  echo "flame graphs: $(for side in "${sides[@]}"; do printf '%s ' "$flamegraph/$proxy-$scenario-${side%%:*}.svg"; done)"
+fi
 [ "$accel" = 0 ] || echo "local acceleration: $(accel_counters)"
