@@ -27,7 +27,7 @@ import re
 import sys
 
 KERNEL = "kernel (TCP/IP, system calls, scheduler)"
-TLS = "TLS: record crypto and protocol (rustls + aws-lc; OpenSSL)"
+TLS = "TLS: record crypto and protocol (rustls with ring or aws-lc; OpenSSL)"
 MEM = "memcpy / memmove / memset"
 ALLOC = "allocator (mimalloc; glibc malloc and HAProxy's pools)"
 H2 = "HTTP/2 (h2; HAProxy's mux_h2 and HPACK)"
