@@ -266,7 +266,11 @@ fi
 # shellcheck disable=SC2046
 oha_json "$work/sat.json" -z "${seconds}s" $(conns 64 8)
 [ "$syscalls" = 0 ] || { wait "$pin" "$pout"; tcp_counters >"$work/tcp1"; }
-[ -z "$flamegraph" ] || wait "${recorders[@]}"
+if [ -n "$flamegraph" ]; then
+  for recorder in "${recorders[@]}"; do
+    wait "$recorder" || { echo "--flamegraph: perf record failed: $(cat "$work/perf-record.log")" >&2; exit 1; }
+  done
+fi
 read -r iu1 is1 < <(ticks "$in_pid")
 read -r ou1 os1 < <(ticks "$out_pid")
 read -r au1 as1 < <(app_ticks)
