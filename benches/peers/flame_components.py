@@ -16,9 +16,10 @@ Each sample is charged to the code it was running (self time), found by its sour
 the crate's directory in Cargo's registry or in third_party/, the workspace for meshgate's own
 code. Rust's standard library and `bytes` are generic code instantiated by their callers, so
 such a sample goes to the nearest caller outside them: a `Vec` grown by hyper is hyper's.
-memcpy, memset and the allocator keep their own rows wherever they were called from. Code
-without line tables (glibc, OpenSSL, HAProxy's Debian binary, the kernel) is named by its
-library or its function's name; HAProxy's binary keeps only its exported functions' names, so
+memcpy, memset and the allocator keep their own rows wherever they were called from. A Rust
+function without line tables (the shipped binary: what it inlined counts as its own) goes by
+the crate its symbol names; other code without them (glibc, OpenSSL, HAProxy's Debian binary,
+the kernel) by its library or its function's name; HAProxy's binary keeps only its exported functions' names, so
 its static functions count as "haproxy, unnamed".
 """
 import collections
@@ -57,6 +58,7 @@ CRATE_COMPONENT = {crate: component for component, crates in CRATES.items() for 
 # included) and `bytes`.
 GENERIC_PATH = re.compile(r"^/rustc/[0-9a-f]+/library/|^/rust/deps/|/bytes-[0-9][^/]*/")
 REGISTRY_CRATE = re.compile(r"/registry/src/[^/]+/([A-Za-z0-9_-]+?)-[0-9]+\.[0-9]+\.[0-9]+[^/]*/")
+RUST_SYMBOL = re.compile(r"^<?([a-z_][a-z0-9_]*)::")
 VENDORED_CRATE = re.compile(r"(?:^|/)third_party/([A-Za-z0-9_-]+)/")
 NAME_RULES = [
     (re.compile(r"^(__)?mem(cpy|move|set)|^__memmove|^__memcpy|^__memset"), MEM),
@@ -90,7 +92,18 @@ def charge(frames):
                 return OWN  # a workspace crate's source (meshgate's own code)
         if path:
             continue  # generic standard-library code: its caller instantiated it
-        # No line tables: a C library, HAProxy, or a Rust symbol without debug info.
+        # No line tables: a C library, HAProxy, or a Rust symbol without debug info (the shipped
+        # binary), named by its path: `h2::…`, `<hyper::…`, `meshgate_proxy::…`.
+        m = RUST_SYMBOL.match(symbol)
+        if m:
+            crate = m.group(1).replace("_", "-")
+            if crate in ("core", "alloc", "std", "bytes"):
+                continue  # generic: its caller instantiated it
+            if crate.startswith("meshgate"):
+                return OWN
+            component = CRATE_COMPONENT.get(crate) or CRATE_COMPONENT.get(m.group(1))
+            if component:
+                return component
         if "libcrypto" in dso or "libssl" in dso:
             return TLS
         if symbol in ("[unknown]", "") and "haproxy" in dso:
@@ -149,7 +162,8 @@ def samples(lines):
                 groups.append([m.group(1), m.group(2) or "", None, []])
         elif groups:  # "  file:line" or "  file:line (inlined)": the source of the line above
             path = line.strip().split(" (inlined)")[0].rsplit(":", 1)[0]
-            path = None if path.startswith(("??", "[")) else path
+            # "??", "[vdso][…]", or a binary without line tables: "meshgate.<hash>-cgu.0:0".
+            path = path if "/" in path and not path.startswith(("??", "[")) else None
             if groups[-1][3]:
                 groups[-1][3][-1][1] = path
             else:
