@@ -4,6 +4,7 @@
 mod support;
 
 mod architecture;
+mod bench_tools;
 mod ca_api;
 mod ca_cli;
 mod ca_k8s;
