@@ -60,10 +60,16 @@ GENERIC_PATH = re.compile(r"^/rustc/[0-9a-f]+/library/|^/rust/deps/|/bytes-[0-9]
 REGISTRY_CRATE = re.compile(r"/registry/src/[^/]+/([A-Za-z0-9_-]+?)-[0-9]+\.[0-9]+\.[0-9]+[^/]*/")
 RUST_SYMBOL = re.compile(r"^<?([a-z_][a-z0-9_]*)::")
 VENDORED_CRATE = re.compile(r"(?:^|/)third_party/([A-Za-z0-9_-]+)/")
-NAME_RULES = [
+# Crates whose generic code their callers instantiate (their frames are charged to the caller).
+GENERIC_CRATES = {"core", "alloc", "std", "bytes"}
+# memcpy and the allocator keep their own rows, wherever they were called from.
+ANYWHERE_RULES = [
     (re.compile(r"^(__)?mem(cpy|move|set)|^__memmove|^__memcpy|^__memset"), MEM),
     (re.compile(r"^_?mi_|^__rust_(alloc|dealloc|realloc)|^(__GI_)?(__libc_)?(malloc|free|calloc|realloc|cfree)$|"
                 r"^_int_(malloc|free)|^unlink_chunk|^malloc_consolidate|^__?pool_|^pool_|^tcache"), ALLOC),
+]
+# Code without line tables, by its function's name.
+NAME_RULES = ANYWHERE_RULES + [
     (re.compile(r"^(SSL_|ssl|tls1?_|EVP_|aesni|ossl_|CRYPTO_|BIO_|ERR_|OPENSSL_|gcm_|aes_|ring_core_|aws_lc_)"), TLS),
     (re.compile(r"^(h2_|h2c_|hpack_|__hpack|_h2_)"), H2),
     (re.compile(r"^(h1_|htx_|http_|__htx)"), H1),
@@ -73,21 +79,28 @@ NAME_RULES = [
 ]
 
 
+def crate_of(path):
+    """The crate a source file belongs to, from its directory in Cargo's registry or in
+    third_party/; None for the workspace, Rust's standard library and C sources."""
+    m = path and (REGISTRY_CRATE.search(path) or VENDORED_CRATE.search(path))
+    return m.group(1) if m else None
+
+
 def charge(frames):
     """The component of a sample: frames are (symbol, dso, source path), innermost first."""
     symbol, dso, _ = frames[0]
     if dso == "[kernel.kallsyms]":
         return KERNEL
-    for pattern, component in NAME_RULES[:2]:  # memcpy and the allocator, wherever called from
+    for pattern, component in ANYWHERE_RULES:
         if pattern.search(symbol):
             return component
     for symbol, dso, path in frames:
         if path and path.startswith("./"):
             path = None  # glibc's sources (relative paths): named by the function, below
         if path and not GENERIC_PATH.search(path):
-            m = REGISTRY_CRATE.search(path) or VENDORED_CRATE.search(path)
-            if m:
-                return CRATE_COMPONENT.get(m.group(1), OTHER)
+            crate = crate_of(path)
+            if crate:
+                return CRATE_COMPONENT.get(crate, OTHER)
             if path.startswith("/") and not path.startswith("/rustc/"):
                 return OWN  # a workspace crate's source (meshgate's own code)
         if path:
@@ -97,7 +110,7 @@ def charge(frames):
         m = RUST_SYMBOL.match(symbol)
         if m:
             crate = m.group(1).replace("_", "-")
-            if crate in ("core", "alloc", "std", "bytes"):
+            if crate in GENERIC_CRATES:
                 continue  # generic: its caller instantiated it
             if crate.startswith("meshgate"):
                 return OWN
@@ -124,13 +137,12 @@ def frame_name(symbol, dso, path, inlined):
         # An inlined function's debug name has no path: name it by its crate, without the
         # generic arguments that make it a screen wide.
         name = re.sub(r"<.*>", "<…>", name)
-        m = path and (REGISTRY_CRATE.search(path) or VENDORED_CRATE.search(path))
-        if m:
-            crate = m.group(1)
-        elif path and GENERIC_PATH.search(path):
+        if path and GENERIC_PATH.search(path) and not crate_of(path):
             crate = "std"
+        elif path and path.startswith("./"):
+            crate = "glibc"
         else:
-            crate = "glibc" if path and path.startswith("./") else "meshgate"
+            crate = crate_of(path) or "meshgate"
         return f"{crate}::{name}_[i]"
     if dso and dso not in ("[unknown]",) and name == "[unknown]":
         return f"[{dso.rsplit('/', 1)[-1]}]"
