@@ -258,8 +258,9 @@ if [ -n "$flamegraph" ]; then
   sides=(inbound:"$in_pid")
   [ "$inbound" = 1 ] || sides+=(outbound:"$out_pid")
   recorders=()
+  record=(-e cpu-clock -F 1999 --call-graph dwarf,16384)
   for side in "${sides[@]}"; do
-    taskset -c 0 perf record -q -e cpu-clock -F 1999 --call-graph dwarf,16384 -o "$work/${side%%:*}.perf" -p "${side#*:}" -- sleep "$seconds" 2>>"$work/perf-record.log" &
+    taskset -c 0 perf record -q "${record[@]}" -o "$work/${side%%:*}.perf" -p "${side#*:}" -- sleep "$seconds" 2>>"$work/perf-record.log" &
     recorders+=($!)
   done
 fi
@@ -312,8 +313,8 @@ if tracing:
         sys.exit("tracing was on but the OTLP sink received no export")
     line += f"  otlp exports {exports} ({int(size) / 1024:.0f} KiB)"
 print(line)
-with open(f"{work}/cpu-per-request", "w") as f:  # for --flamegraph's components table
-    f.write(f"{us(iu1 - iu0 + is1 - is0):.2f} {us(ou1 - ou0 + os1 - os0):.2f}\n")
+with open(f"{work}/saturation", "w") as f:  # for --flamegraph's titles and components table
+    f.write(f"{ok / seconds:.0f} {us(iu1 - iu0 + is1 - is0):.2f} {us(ou1 - ou0 + os1 - os0):.2f}\n")
 PY
 if [ -n "$flamegraph" ]; then
   mkdir -p "$flamegraph"
@@ -323,8 +324,7 @@ if [ -n "$flamegraph" ]; then
   [ "$inbound" = 0 ] || scenario=inbound
   [ "$h2" = 0 ] || scenario=h2
   [ "$accel" = 0 ] || scenario=$scenario-accel
-  read -r in_us out_us <"$work/cpu-per-request"
-  rps=$(python3 -c 'import json, sys; print(round(sum(json.load(open(sys.argv[1]))["statusCodeDistribution"].values()) / float(sys.argv[2])))' "$work/sat.json" "$seconds")
+  read -r rps in_us out_us <"$work/saturation"
   columns=()
   for side in "${sides[@]}"; do
     side=${side%%:*}
@@ -334,7 +334,7 @@ if [ -n "$flamegraph" ]; then
     perf script -i "$work/$side.perf" -F comm,tid,period,ip,sym,dso,srcline --full-source-path 2>/dev/null \
       | python3 "$here/flame_components.py" fold "$flamegraph/$name.folded" "$work/$name.json"
     inferno-flamegraph --title "$proxy $side proxy, $scenario scenario, closed loop at 64 connections ($rps req/s, $us µs CPU per request)" \
-      --subtitle "perf record -e cpu-clock -F 1999 --call-graph dwarf; a frame's width is its share of the samples; kernel frames end in _[k], inlined functions in _[i]" \
+      --subtitle "perf record ${record[*]}; a frame's width is its share of the samples; kernel frames end in _[k], inlined functions in _[i]" \
       <"$flamegraph/$name.folded" >"$flamegraph/$name.svg"
     columns+=(--us-per-request "$name=$us" "$name=$work/$name.json")
   done
