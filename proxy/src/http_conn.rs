@@ -239,13 +239,13 @@ impl ReadReady for tokio::net::TcpStream {
     }
 }
 
-impl ReadReady for crate::tls_server::ServerTls {
+impl ReadReady for crate::tls_stream::ServerTls {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        crate::tls_server::ServerTls::poll_read_ready(self, cx)
+        crate::tls_stream::ServerTls::poll_read_ready(self, cx)
     }
 
     fn release_buffers(&mut self) {
-        crate::tls_server::ServerTls::release_buffers(self);
+        crate::tls_stream::ServerTls::release_buffers(self);
     }
 }
 

@@ -26,6 +26,6 @@ pub mod sidecar;
 pub mod tap;
 pub mod telemetry;
 pub mod tls;
-pub mod tls_server;
+pub mod tls_stream;
 pub mod trace_ui;
 pub mod tunnel;

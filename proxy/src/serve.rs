@@ -290,11 +290,11 @@ impl Drop for PendingHandshake {
 ///
 /// How: small writes are copied into a buffer of ours (up to [`COALESCE_LIMIT`]), so that many
 /// small frames are sealed into one TLS record; a full buffer, and any write of a whole record
-/// or more, go into the TLS connection's own record buffer ([`Gather`]: rustls encrypts there,
-/// with no copy of ours and no I/O). A flush wakes the task and reports done. The next poll of
+/// or more, go into the TLS stream's record buffer ([`Gather`]: [`crate::tls_stream::Tls`]
+/// encrypts there, with no copy of ours and no I/O). A flush wakes the task and reports done. The next poll of
 /// the connection starts with a read (h2 reads the peer's frames before it writes), and the
-/// read first writes every gathered record out, in one vectored write. When rustls's record
-/// buffer is full (64 KiB by default) it is written out first. A flush while an earlier
+/// read first writes every gathered record out, in one vectored write. When the record buffer
+/// is full ([`crate::tls_stream::OUTGOING_LIMIT`]) it is written out first. A flush while an earlier
 /// write-out is blocked on a full socket waits for it for real, so a slow peer pushes back and
 /// nothing spins. Shutdown writes everything first. HTTP/1.1 connections carry one response at
 /// a time and pass straight through ([`Gathering::Off`]): the auto server needs one I/O type
@@ -313,7 +313,7 @@ pub struct CoalesceWrites<T> {
 }
 
 /// Most bytes copied into one record before it is sealed; one TLS record's payload. A write
-/// this large or larger goes into rustls's record buffer as it is.
+/// this large or larger goes into the TLS stream's record buffer as it is.
 ///
 /// The buffer is allocated at this size by the first write of a batch and freed once the batch
 /// is sealed: it never grows (growing by doubling copied what it held at every step: 1.4
@@ -329,11 +329,11 @@ pub enum Gathering {
     /// tunnel is not HTTP).
     Off,
     /// Every write (the inbound HTTP/2 server, whose responses' DATA frames h2 writes one by
-    /// one): small ones copied together into one record, large ones into rustls's record buffer.
+    /// one): small ones copied together into one record, large ones into the record buffer.
     All,
     /// A write of several slices — a frame's head and a payload h2 chained rather than copied,
     /// such as a request body's DATA frame — and whatever follows it until the write-out, into
-    /// rustls's record buffer; a single slice with nothing gathered goes straight through (the
+    /// the TLS stream's record buffer; a single slice with nothing gathered goes straight through (the
     /// outbound HTTP/2 client: h2 copies small frames, such as a GET's HEADERS, into its own
     /// buffer and already writes them together).
     Chained,
@@ -349,33 +349,15 @@ pub trait Gather {
     fn has_gathered(&self) -> bool;
 }
 
-/// Encrypts `bufs` into `conn`'s record buffer, the slices together (one record for a frame
-/// head and its payload); tokio-rustls's `poll_flush` writes it out.
-fn encrypt_into<D>(
-    conn: &mut rustls::ConnectionCommon<D>,
-    bufs: &[std::io::IoSlice<'_>],
-) -> std::io::Result<usize> {
-    use std::io::Write as _;
-    conn.writer().write_vectored(bufs)
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> Gather for crate::tls_server::ServerTls<T> {
+impl<C: crate::tls_stream::Unbuffered, T: AsyncRead + AsyncWrite + Unpin> Gather
+    for crate::tls_stream::Tls<C, T>
+{
     fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        crate::tls_server::ServerTls::gather(self, bufs)
+        crate::tls_stream::Tls::gather(self, bufs)
     }
 
     fn has_gathered(&self) -> bool {
-        crate::tls_server::ServerTls::has_gathered(self)
-    }
-}
-
-impl<IO> Gather for tokio_rustls::client::TlsStream<IO> {
-    fn gather(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        encrypt_into(self.get_mut().1, bufs)
-    }
-
-    fn has_gathered(&self) -> bool {
-        self.get_ref().1.wants_write()
+        crate::tls_stream::Tls::has_gathered(self)
     }
 }
 
@@ -470,7 +452,8 @@ impl<T: AsyncWrite + Gather + Unpin> CoalesceWrites<T> {
         self.gather_records(cx, bufs)
     }
 
-    /// Takes what fits of `bufs` into rustls's record buffer, writing it out first when full.
+    /// Takes what fits of `bufs` into the TLS stream's record buffer, writing it out first when
+    /// full.
     fn gather_records(
         &mut self,
         cx: &mut Context<'_>,
@@ -874,7 +857,7 @@ mod tests {
     async fn tls_pair(
         capacity: usize,
     ) -> (
-        crate::tls_server::ServerTls<CountWrites>,
+        crate::tls_stream::ServerTls<CountWrites>,
         tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
         Arc<AtomicUsize>,
         Arc<AtomicUsize>,
@@ -916,7 +899,7 @@ mod tests {
             bytes: bytes.clone(),
         };
         let (server, client) = tokio::join!(
-            crate::tls_server::ServerTls::accept(near, Arc::new(server)),
+            crate::tls_stream::ServerTls::accept(near, Arc::new(server)),
             tokio_rustls::TlsConnector::from(Arc::new(client))
                 .connect(ServerName::try_from("localhost").unwrap(), far),
         );
@@ -975,7 +958,7 @@ mod tests {
     /// poll's read (and the flush wakes the task, or it would stall); a full socket makes the
     /// next flush wait for real; a full record buffer is written out by the next write;
     /// shutdown writes everything; an HTTP/1.1 connection's writes go straight through. Over a
-    /// real TLS connection, since the gathering happens in rustls's record buffer.
+    /// real TLS connection, since the gathering happens in the TLS stream's record buffer.
     #[tokio::test]
     async fn coalesced_writes_leave_at_the_next_read_and_a_full_socket_pushes_back() {
         use tokio::io::AsyncWrite as _;
@@ -1028,7 +1011,7 @@ mod tests {
         assert_eq!(bytes.load(Ordering::SeqCst) - bytes_before, 10 + 1 + 5 + 16);
         assert_eq!(drain(&mut client, &mut cx, &mut scratch).0, b"headerbody");
 
-        // More than rustls's record buffer holds (64 KiB): the write takes part of it, and the
+        // More than the record buffer holds (64 KiB): the write takes part of it, and the
         // next write writes the buffer out first.
         let big = vec![1u8; 100_000];
         let Poll::Ready(Ok(first)) = io.as_mut().poll_write(&mut cx, &big) else {

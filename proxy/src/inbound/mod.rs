@@ -137,7 +137,7 @@ impl Inbound {
         tcp: TcpStream,
         peer: std::net::SocketAddr,
     ) -> Option<(
-        crate::tls_server::ServerTls<TcpStream>,
+        crate::tls_stream::ServerTls<TcpStream>,
         meshgate_ca::SpiffeId,
         time::OffsetDateTime,
     )> {
@@ -157,7 +157,7 @@ impl Inbound {
             Ok(Err(_)) => return None,
             Err(_) => return handshake_failed(&self.metrics, peer, "timeout", "no data"),
         }
-        let accept = crate::tls_server::ServerTls::accept(tcp, self.tls.load_full());
+        let accept = crate::tls_stream::ServerTls::accept(tcp, self.tls.load_full());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -210,7 +210,7 @@ impl Inbound {
     /// part once (see [`Self::connection`]).
     fn serve_authenticated(
         &self,
-        tls: crate::tls_server::ServerTls,
+        tls: crate::tls_stream::ServerTls,
         peer: std::net::SocketAddr,
         id: meshgate_ca::SpiffeId,
         not_after: time::OffsetDateTime,
@@ -229,7 +229,7 @@ impl Inbound {
     /// size class.
     fn serve_http(
         &self,
-        tls: crate::tls_server::ServerTls,
+        tls: crate::tls_stream::ServerTls,
         peer_identity: Arc<PeerIdentity>,
         drain: crate::serve::DrainWatch,
     ) -> impl std::future::Future<Output = ()> + Send + use<> {

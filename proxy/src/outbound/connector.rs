@@ -13,23 +13,22 @@ use hyper_util::rt::TokioIo;
 use meshgate_ca::SpiffeId;
 use meshgate_ca::tls::{self, ExpectedServer};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use crate::identity::Identity;
 use crate::metrics::{Metrics, TlsLabels};
 use crate::serve::{CoalesceWrites, Gathering};
+use crate::tls_stream::ClientTls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An mTLS connection to a peer sidecar (HTTP/2, HTTP/1.1 or an L4 tunnel, by ALPN). On HTTP/2
 /// the DATA frames h2 writes one by one (a request body's) are gathered and leave together at
 /// the connection's next poll ([`Gathering::Chained`]).
-pub struct MeshStream(TokioIo<CoalesceWrites<TlsStream<TcpStream>>>);
+pub struct MeshStream(TokioIo<CoalesceWrites<ClientTls>>);
 
 impl MeshStream {
-    fn new(stream: TlsStream<TcpStream>) -> Self {
-        let gathering = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+    fn new(stream: ClientTls) -> Self {
+        let gathering = if stream.session().alpn_protocol() == Some(b"h2") {
             Gathering::Chained
         } else {
             Gathering::Off
@@ -38,7 +37,7 @@ impl MeshStream {
     }
 
     /// The TLS stream itself (for L4 tunnels, which are not HTTP).
-    pub fn into_inner(self) -> TlsStream<TcpStream> {
+    pub fn into_inner(self) -> ClientTls {
         self.0.into_inner().into_inner()
     }
 }
@@ -87,11 +86,11 @@ impl hyper::rt::Write for MeshStream {
 pub struct MeshConnector {
     endpoints: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
-    tls: TlsConnector,
+    tls: Arc<rustls::ClientConfig>,
     /// Same, offering only HTTP/1.1: for upgraded (WebSocket) requests, which HTTP/2 cannot carry.
-    tls_http1: TlsConnector,
+    tls_http1: Arc<rustls::ClientConfig>,
     /// Same, negotiating an L4 tunnel (`meshgate-tcp`).
-    tls_tunnel: TlsConnector,
+    tls_tunnel: Arc<rustls::ClientConfig>,
     expected: SpiffeId,
     metrics: Arc<Metrics>,
 }
@@ -115,9 +114,9 @@ impl MeshConnector {
         Self {
             endpoints: Arc::new(endpoints),
             next: Arc::new(AtomicUsize::new(0)),
-            tls: TlsConnector::from(config(&[b"h2"])),
-            tls_http1: TlsConnector::from(config(&[b"http/1.1"])),
-            tls_tunnel: TlsConnector::from(config(&[crate::tunnel::ALPN])),
+            tls: config(&[b"h2"]),
+            tls_http1: config(&[b"http/1.1"]),
+            tls_tunnel: config(&[crate::tunnel::ALPN]),
             expected,
             metrics,
         }
@@ -129,11 +128,11 @@ impl MeshConnector {
     }
 
     /// A dedicated mTLS connection for an L4 tunnel.
-    pub async fn connect_tunnel(&self) -> io::Result<TlsStream<TcpStream>> {
+    pub async fn connect_tunnel(&self) -> io::Result<ClientTls> {
         Ok(self.connect_with(&self.tls_tunnel).await?.into_inner())
     }
 
-    async fn connect_with(&self, tls: &TlsConnector) -> io::Result<MeshStream> {
+    async fn connect_with(&self, tls: &Arc<rustls::ClientConfig>) -> io::Result<MeshStream> {
         let mut last_error =
             io::Error::new(io::ErrorKind::NotFound, "the Service has no endpoints");
         for _ in 0..self.endpoints.len() {
@@ -166,7 +165,11 @@ impl MeshConnector {
         &self.endpoints[i]
     }
 
-    async fn connect_one(&self, i: usize, tls: &TlsConnector) -> io::Result<MeshStream> {
+    async fn connect_one(
+        &self,
+        i: usize,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> io::Result<MeshStream> {
         let endpoint = &self.endpoints[i];
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint.as_str()))
             .await
@@ -181,7 +184,7 @@ impl MeshConnector {
             }
         };
         let _ = tcp.set_nodelay(true);
-        match tls.connect(tls::mesh_server_name(), tcp).await {
+        match ClientTls::connect(tcp, tls.clone(), tls::mesh_server_name()).await {
             Ok(stream) => {
                 self.metrics
                     .tls_handshakes

@@ -1,5 +1,6 @@
-//! The inbound listener's TLS stream: rustls's *unbuffered* server connection over the socket,
-//! with the buffers held by us.
+//! The mesh's TLS stream, both ends: rustls's *unbuffered* connection over the socket, with the
+//! buffers held by us. The inbound listener accepts with it ([`ServerTls`]); the outbound
+//! connector dials the peer sidecar with it ([`ClientTls`]).
 //!
 //! Why: tokio-rustls drives rustls's buffered connection, which keeps a 4 KiB record buffer
 //! for as long as the connection lives (rustls sizes it back to 4 KiB whenever a read finds it
@@ -7,8 +8,10 @@
 //! back, and that record buffer was the largest thing it still held: 4 of the 13.7 KiB an idle
 //! inbound mTLS connection cost (massif, BENCHMARKS.md, sixteenth session). Here the ciphertext
 //! read from the socket, the plaintext decrypted ahead of the reader and the records waiting for
-//! the socket are three buffers of ours, and [`ServerTls::release_buffers`] frees each one that
-//! holds nothing: a parked connection keeps only rustls's session.
+//! the socket are three buffers of ours, and [`Tls::release_buffers`] frees each one that
+//! holds nothing: a parked connection keeps only rustls's session. The buffered connection also
+//! copies what it decrypts twice on the way to the reader (into a plaintext queue, then into
+//! the reader's buffer); here a record is decrypted in place and copied once, to the reader.
 //!
 //! How: every call of `process_tls_records` takes the bytes read so far and yields one state,
 //! which is handled at once — application data is copied to the reader (what does not fit waits
@@ -20,15 +23,20 @@
 //! `io::Error` as tokio-rustls wraps them (so [`crate::tls::failure_reason`] reads them the
 //! same way), and a fatal alert rustls queued is sent before the error is returned. A TCP end
 //! without `close_notify` is `UnexpectedEof`, as with tokio-rustls: HTTP's own framing, not
-//! TLS, tells a complete message from a truncated one.
+//! TLS, tells a complete message from a truncated one. Client and server differ only in how
+//! the connection is made and in which of rustls's two `process_tls_records` is called
+//! ([`Unbuffered`]); the handshake is the same loop, driven by the states rustls yields.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use rustls::client::UnbufferedClientConnection;
+use rustls::pki_types::ServerName;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    WriteTraffic,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -59,18 +67,59 @@ enum Step {
     Closed,
 }
 
-/// What [`ServerTls::step`] runs when rustls permits application data: the permission, and
+/// What [`Tls::step`] runs when rustls permits application data: the permission, and
 /// `outgoing` with its end.
-type Writer<'a> = dyn FnMut(
-        &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-        &mut Vec<u8>,
-        &mut usize,
-    ) + 'a;
+type Writer<'a, D> = dyn FnMut(&mut WriteTraffic<'_, D>, &mut Vec<u8>, &mut usize) + 'a;
 
-/// A TLS server connection over a TCP socket; see the module docs.
-pub struct ServerTls<T = TcpStream> {
+/// rustls's unbuffered connection of either side: the one call that differs between them.
+pub trait Unbuffered {
+    /// The side's data (`ServerConnectionData`, `ClientConnectionData`).
+    type Data;
+    /// The session's state common to both sides.
+    fn common(&self) -> &rustls::CommonState;
+    /// rustls's `process_tls_records` of this side.
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        (**self).process_tls_records(incoming)
+    }
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        (**self).process_tls_records(incoming)
+    }
+}
+
+/// The inbound listener's end of a mesh connection.
+pub type ServerTls<T = TcpStream> = Tls<UnbufferedServerConnection, T>;
+
+/// The outbound connector's end of a mesh connection.
+pub type ClientTls<T = TcpStream> = Tls<UnbufferedClientConnection, T>;
+
+/// A TLS connection over a TCP socket, either end; see the module docs.
+pub struct Tls<C, T = TcpStream> {
     tcp: T,
-    conn: UnbufferedServerConnection,
+    conn: C,
     /// Ciphertext read from the socket and not yet consumed by rustls: `incoming[..received]`
     /// (the rest of the vector is initialized room for the next read).
     incoming: Vec<u8>,
@@ -93,9 +142,9 @@ pub struct ServerTls<T = TcpStream> {
     failed: Option<Box<rustls::Error>>,
 }
 
-impl<T: std::fmt::Debug> std::fmt::Debug for ServerTls<T> {
+impl<C, T: std::fmt::Debug> std::fmt::Debug for Tls<C, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls")
+        f.debug_struct("Tls")
             .field("tcp", &self.tcp)
             .field("received", &self.received)
             .field("plain", &(self.plain.len() - self.plain_read))
@@ -135,11 +184,31 @@ fn append<E>(
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
-    /// Completes the handshake on `tcp` as `config` says. The caller bounds it in time.
+impl<T: AsyncRead + AsyncWrite + Unpin> Tls<UnbufferedServerConnection, T> {
+    /// Completes the server's handshake on `tcp` as `config` says. The caller bounds it in time.
     pub async fn accept(tcp: T, config: std::sync::Arc<rustls::ServerConfig>) -> io::Result<Self> {
         let conn = UnbufferedServerConnection::new(config).map_err(io_error)?;
-        let mut tls = ServerTls {
+        Self::handshake(tcp, conn).await
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Tls<UnbufferedClientConnection, T> {
+    /// Completes the client's handshake with the server `name` on `tcp` as `config` says. The
+    /// caller bounds it in time.
+    pub async fn connect(
+        tcp: T,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<Self> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(io_error)?;
+        Self::handshake(tcp, conn).await
+    }
+}
+
+impl<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin> Tls<C, T> {
+    /// Runs the handshake of `conn` (either side: rustls says what to send and when to read).
+    async fn handshake(tcp: T, conn: C) -> io::Result<Self> {
+        let mut tls = Tls {
             tcp,
             conn,
             incoming: Vec::new(),
@@ -173,7 +242,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
             };
             match step {
                 Step::Progress => {}
-                Step::Writable if !self.conn.is_handshaking() => {
+                Step::Writable if !self.conn.common().is_handshaking() => {
                     // Our last flight (the server's Finished is already out; TLS 1.2's
                     // ChangeCipherSpec and Finished may not be) leaves before we report done.
                     ready!(self.poll_write_out(cx))?;
@@ -205,7 +274,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
 
     /// The session: the peer's certificates, the protocol ALPN agreed on.
     pub fn session(&self) -> &rustls::CommonState {
-        &self.conn
+        self.conn.common()
     }
 
     /// Frees every buffer that holds nothing (a parked connection's: see the module docs).
@@ -274,7 +343,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
     fn step(
         &mut self,
         mut into: Option<&mut ReadBuf<'_>>,
-        write: Option<&mut Writer<'_>>,
+        write: Option<&mut Writer<'_, C::Data>>,
     ) -> io::Result<Step> {
         if let Some(e) = &self.failed {
             return Err(io_error((**e).clone()));
@@ -406,17 +475,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
     /// processing what was read first (records read ahead are decrypted into `plain`).
     fn write_traffic<E: std::fmt::Display>(
         &mut self,
-        mut write: impl FnMut(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut [u8],
-        ) -> Result<usize, E>,
+        mut write: impl FnMut(&mut WriteTraffic<'_, C::Data>, &mut [u8]) -> Result<usize, E>,
         too_small: impl Fn(&E) -> Option<InsufficientSizeError>,
     ) -> io::Result<()> {
         let mut written = None;
-        let mut writer = |traffic: &mut rustls::unbuffered::WriteTraffic<
-            '_,
-            rustls::server::ServerConnectionData,
-        >,
+        let mut writer = |traffic: &mut WriteTraffic<'_, C::Data>,
                           outgoing: &mut Vec<u8>,
                           queued: &mut usize| {
             written = Some(
@@ -495,7 +558,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ServerTls<T> {
     }
 }
 
-impl ServerTls<TcpStream> {
+impl<C: Unbuffered> Tls<C, TcpStream> {
     /// Ready when a read would not wait (see [`Self::has_buffered`]) or the socket is readable.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.has_buffered() {
@@ -530,7 +593,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<T> {
+impl<C: Unbuffered + Unpin, T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Tls<C, T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -584,7 +647,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<T> {
+impl<C: Unbuffered + Unpin, T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tls<C, T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -699,8 +762,7 @@ mod tests {
     }
 
     /// A `ServerTls` and a tokio-rustls client connected to it over loopback TCP; with
-    /// `trickle`, every byte the client sends crosses a relay that forwards one to three bytes
-    /// at a time, so the server reads records in many pieces.
+    /// `trickle`, every byte crosses a relay ([`route`]).
     async fn pair(trickle: bool) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
         pair_of(&rustls::version::TLS13, trickle).await
     }
@@ -711,31 +773,7 @@ mod tests {
     ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
         let (server_config, client_config) = configs(version);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut target = listener.local_addr().unwrap();
-        if trickle {
-            let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server_addr = target;
-            target = relay.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (from_client, _) = relay.accept().await.unwrap();
-                let to_server = TcpStream::connect(server_addr).await.unwrap();
-                to_server.set_nodelay(true).unwrap();
-                let (mut cr, mut cw) = from_client.into_split();
-                let (mut sr, mut sw) = to_server.into_split();
-                tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
-                let mut buf = [0u8; 3];
-                let mut size = 1;
-                loop {
-                    let n = cr.read(&mut buf[..size]).await.unwrap_or(0);
-                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
-                        let _ = sw.shutdown().await;
-                        return;
-                    }
-                    size = size % 3 + 1;
-                    tokio::task::yield_now().await;
-                }
-            });
-        }
+        let target = route(listener.local_addr().unwrap(), trickle).await;
         let accept = async {
             let (tcp, _) = listener.accept().await.unwrap();
             ServerTls::accept(tcp, server_config).await.unwrap()
@@ -750,13 +788,82 @@ mod tests {
         tokio::join!(accept, connect)
     }
 
+    /// A `ClientTls` connected to a tokio-rustls server (rustls's buffered connection: an
+    /// implementation of its own) over loopback TCP, with `trickle` as in [`pair_of`].
+    async fn client_pair_of(
+        version: &'static rustls::SupportedProtocolVersion,
+        trickle: bool,
+    ) -> (ClientTls, tokio_rustls::server::TlsStream<TcpStream>) {
+        let (server_config, client_config) = configs(version);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = route(listener.local_addr().unwrap(), trickle).await;
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio_rustls::TlsAcceptor::from(server_config)
+                .accept(tcp)
+                .await
+                .unwrap()
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(target).await.unwrap();
+            ClientTls::connect(
+                tcp,
+                client_config,
+                ServerName::try_from("localhost").unwrap(),
+            )
+            .await
+            .unwrap()
+        };
+        let (server, client) = tokio::join!(accept, connect);
+        (client, server)
+    }
+
+    /// The address a client dials to reach `server`: `server` itself, or with `trickle` a
+    /// relay that forwards what either side sends one to three bytes at a time, so the server
+    /// reads records in many pieces (and the client those of the server).
+    async fn route(server: std::net::SocketAddr, trickle: bool) -> std::net::SocketAddr {
+        if !trickle {
+            return server;
+        }
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (from_client, _) = relay.accept().await.unwrap();
+            let to_server = TcpStream::connect(server).await.unwrap();
+            to_server.set_nodelay(true).unwrap();
+            let (cr, cw) = from_client.into_split();
+            let (sr, sw) = to_server.into_split();
+            tokio::spawn(trickle_copy(sr, cw));
+            trickle_copy(cr, sw).await;
+        });
+        target
+    }
+
+    /// Copies `from` to `to` one to three bytes at a time, then ends `to`.
+    async fn trickle_copy(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut buf = [0u8; 3];
+        let mut size = 1;
+        loop {
+            let n = from.read(&mut buf[..size]).await.unwrap_or(0);
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                let _ = to.shutdown().await;
+                return;
+            }
+            size = size % 3 + 1;
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
     /// Reads exactly `len` bytes from `server`, freeing its empty buffers before every read
     /// as a parking connection would.
-    async fn read_releasing(server: &mut ServerTls, len: usize) -> Vec<u8> {
+    async fn read_releasing<C: Unbuffered + Unpin>(server: &mut Tls<C>, len: usize) -> Vec<u8> {
         let mut got = Vec::new();
         let mut buf = [0u8; 1000];
         while got.len() < len {
@@ -1018,5 +1125,180 @@ mod tests {
         );
         assert!(server.read(&mut buf).await.is_err());
         assert!(server.write_all(b"x").await.is_err());
+    }
+
+    /// The client end, against rustls's buffered server (tokio-rustls): TLS 1.3 and 1.2,
+    /// every record read in pieces both ways, buffers released between reads, the session
+    /// reported, and nothing held once idle.
+    #[tokio::test]
+    async fn the_client_end_carries_data_both_ways_through_pieces() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (mut client, mut server) = client_pair_of(version, true).await;
+            assert_eq!(client.session().protocol_version(), Some(version.version));
+            assert_eq!(client.session().alpn_protocol(), Some(&b"h2"[..]));
+            assert_eq!(
+                client.session().peer_certificates().map(|c| c.len()),
+                Some(1),
+                "the server's certificate"
+            );
+            let data = pattern(20_000);
+            client.write_all(&data).await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = vec![0u8; data.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert!(got == data, "{version:?}: the server read other bytes");
+            server.write_all(&data).await.unwrap();
+            server.flush().await.unwrap();
+            assert!(
+                read_releasing(&mut client, data.len()).await == data,
+                "{version:?}: the client read other bytes"
+            );
+            client.release_buffers();
+            assert_eq!(
+                (
+                    client.incoming.capacity(),
+                    client.plain.capacity(),
+                    client.outgoing.capacity()
+                ),
+                (0, 0, 0),
+                "{version:?}: an idle client connection holds no buffer"
+            );
+            // Our client's close reaches the server as close_notify, and the server's as ours.
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            server.shutdown().await.unwrap();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
+    }
+
+    /// The two ends of ours, as two sidecars use them: a large exchange both ways.
+    #[tokio::test]
+    async fn client_and_server_ends_talk_to_each_other() {
+        let (server_config, client_config) = configs(&rustls::version::TLS13);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (server, client) = tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                ServerTls::accept(tcp, server_config).await.unwrap()
+            },
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                ClientTls::connect(
+                    tcp,
+                    client_config,
+                    ServerName::try_from("localhost").unwrap(),
+                )
+                .await
+                .unwrap()
+            }
+        );
+        let (mut server, mut client) = (server, client);
+        let data = pattern(300_000);
+        let sent = data.clone();
+        let echo = tokio::spawn(async move {
+            let mut got = vec![0u8; sent.len()];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(&got).await.unwrap();
+            server.flush().await.unwrap();
+            server
+        });
+        client.write_all(&data).await.unwrap();
+        client.flush().await.unwrap();
+        let mut back = vec![0u8; data.len()];
+        client.read_exact(&mut back).await.unwrap();
+        assert!(back == data, "the echo differs");
+        let _server = echo.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_client_end_follows_key_updates_from_the_server() {
+        let (mut client, mut server) = client_pair_of(&rustls::version::TLS13, false).await;
+        for round in 0..3u8 {
+            server.get_mut().1.refresh_traffic_keys().unwrap();
+            server.write_all(&[round; 100]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut buf = [0u8; 100];
+            client.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, [round; 100]);
+            client.write_all(&[round + 10; 50]).await.unwrap();
+            client.flush().await.unwrap();
+            let mut back = [0u8; 50];
+            server.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round + 10; 50]);
+        }
+    }
+
+    /// A server whose certificate the client's roots do not vouch for is refused in the
+    /// handshake, with rustls's error where [`crate::tls::failure_reason`] reads it.
+    #[tokio::test]
+    async fn the_client_end_refuses_a_server_its_roots_do_not_vouch_for() {
+        let (server_config, _) = configs(&rustls::version::TLS13);
+        let (_, stranger_client) = configs(&rustls::version::TLS13);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serve = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            ServerTls::accept(tcp, server_config).await.map(|_| ())
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = ClientTls::connect(
+            tcp,
+            stranger_client,
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // Both throwaway CAs have the same (empty) name: the server's chain names an issuer the
+        // client knows, whose key did not sign it.
+        assert_eq!(crate::tls::failure_reason(&err), "bad_cert", "{err}");
+        assert!(err.to_string().contains("BadSignature"), "{err}");
+        // The client's alert told the server why.
+        let served = serve.await.unwrap().unwrap_err();
+        assert_eq!(
+            crate::tls::failure_reason(&served),
+            "peer_alert",
+            "{served}"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_server_fails_the_client_end_and_a_bare_tcp_end_is_a_truncation() {
+        let (mut client, server) = client_pair_of(&rustls::version::TLS13, false).await;
+        let (mut tcp, _) = server.into_inner();
+        tcp.write_all(&[23, 3, 3, 0, 40]).await.unwrap();
+        tcp.write_all(&[0x55; 40]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let err = client.read(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(
+                err.get_ref()
+                    .and_then(|e| e.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::DecryptError)
+            ),
+            "{err}"
+        );
+        let mut alert = [0u8; 64];
+        let n = tcp.read(&mut alert).await.unwrap();
+        assert!(
+            n >= 5 && alert[0] == 23,
+            "an alert record: {:?}",
+            &alert[..n]
+        );
+        assert!(
+            client.write_all(b"x").await.is_err(),
+            "the connection stays failed"
+        );
+
+        let (mut client, server) = client_pair_of(&rustls::version::TLS13, false).await;
+        let (mut tcp, _) = server.into_inner();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let err = client.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
