@@ -84,31 +84,33 @@ pub trait Unbuffered {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = rustls::server::ServerConnectionData;
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-    fn process_tls_records<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        (**self).process_tls_records(incoming)
-    }
+/// [`Unbuffered`] for one side: rustls gives each side its own `process_tls_records`, with
+/// the same signature.
+macro_rules! unbuffered_side {
+    ($conn:ty, $data:ty) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn common(&self) -> &rustls::CommonState {
+                self
+            }
+            fn process_tls_records<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                (**self).process_tls_records(incoming)
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = rustls::client::ClientConnectionData;
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-    fn process_tls_records<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        (**self).process_tls_records(incoming)
-    }
-}
+unbuffered_side!(
+    UnbufferedServerConnection,
+    rustls::server::ServerConnectionData
+);
+unbuffered_side!(
+    UnbufferedClientConnection,
+    rustls::client::ClientConnectionData
+);
 
 /// The inbound listener's end of a mesh connection.
 pub type ServerTls<T = TcpStream> = Tls<UnbufferedServerConnection, T>;
@@ -771,21 +773,18 @@ mod tests {
         version: &'static rustls::SupportedProtocolVersion,
         trickle: bool,
     ) -> (ServerTls, tokio_rustls::client::TlsStream<TcpStream>) {
-        let (server_config, client_config) = configs(version);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let target = route(listener.local_addr().unwrap(), trickle).await;
-        let accept = async {
-            let (tcp, _) = listener.accept().await.unwrap();
-            ServerTls::accept(tcp, server_config).await.unwrap()
-        };
-        let connect = async {
-            let tcp = TcpStream::connect(target).await.unwrap();
-            tokio_rustls::TlsConnector::from(client_config)
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-                .unwrap()
-        };
-        tokio::join!(accept, connect)
+        connected(
+            version,
+            trickle,
+            |tcp, config| async { ServerTls::accept(tcp, config).await.unwrap() },
+            |tcp, config| async {
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(localhost(), tcp)
+                    .await
+                    .unwrap()
+            },
+        )
+        .await
     }
 
     /// A `ClientTls` connected to a tokio-rustls server (rustls's buffered connection: an
@@ -794,28 +793,48 @@ mod tests {
         version: &'static rustls::SupportedProtocolVersion,
         trickle: bool,
     ) -> (ClientTls, tokio_rustls::server::TlsStream<TcpStream>) {
+        let (server, client) = connected(
+            version,
+            trickle,
+            |tcp, config| async {
+                tokio_rustls::TlsAcceptor::from(config)
+                    .accept(tcp)
+                    .await
+                    .unwrap()
+            },
+            |tcp, config| async { ClientTls::connect(tcp, config, localhost()).await.unwrap() },
+        )
+        .await;
+        (client, server)
+    }
+
+    fn localhost() -> ServerName<'static> {
+        ServerName::try_from("localhost").unwrap()
+    }
+
+    /// The server `accept` makes of a loopback TCP connection and the client `connect` makes
+    /// of its other end, with [`configs`] of `version`; through [`route`]'s relay with
+    /// `trickle`.
+    async fn connected<S, C, FS, FC>(
+        version: &'static rustls::SupportedProtocolVersion,
+        trickle: bool,
+        accept: impl FnOnce(TcpStream, Arc<rustls::ServerConfig>) -> FS,
+        connect: impl FnOnce(TcpStream, Arc<rustls::ClientConfig>) -> FC,
+    ) -> (S, C)
+    where
+        FS: std::future::Future<Output = S>,
+        FC: std::future::Future<Output = C>,
+    {
         let (server_config, client_config) = configs(version);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = route(listener.local_addr().unwrap(), trickle).await;
-        let accept = async {
-            let (tcp, _) = listener.accept().await.unwrap();
-            tokio_rustls::TlsAcceptor::from(server_config)
-                .accept(tcp)
-                .await
-                .unwrap()
-        };
-        let connect = async {
-            let tcp = TcpStream::connect(target).await.unwrap();
-            ClientTls::connect(
-                tcp,
-                client_config,
-                ServerName::try_from("localhost").unwrap(),
-            )
-            .await
-            .unwrap()
-        };
-        let (server, client) = tokio::join!(accept, connect);
-        (client, server)
+        tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                accept(tcp, server_config).await
+            },
+            async { connect(TcpStream::connect(target).await.unwrap(), client_config).await }
+        )
     }
 
     /// The address a client dials to reach `server`: `server` itself, or with `trickle` a
@@ -1055,22 +1074,48 @@ mod tests {
         assert_eq!(back, data);
     }
 
+    /// rustls's buffered connection of either side (tokio-rustls), as the peer that updates
+    /// its keys.
+    trait RefreshKeys: AsyncRead + AsyncWrite + Unpin {
+        fn refresh_keys(&mut self);
+    }
+
+    impl RefreshKeys for tokio_rustls::client::TlsStream<TcpStream> {
+        fn refresh_keys(&mut self) {
+            self.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+    }
+
+    impl RefreshKeys for tokio_rustls::server::TlsStream<TcpStream> {
+        fn refresh_keys(&mut self) {
+            self.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+    }
+
+    /// Three rounds of: `theirs` updates its keys and sends, `ours` reads it and answers.
+    async fn key_update_rounds<C: Unbuffered + Unpin>(
+        ours: &mut Tls<C>,
+        theirs: &mut impl RefreshKeys,
+    ) {
+        for round in 0..3u8 {
+            theirs.refresh_keys();
+            theirs.write_all(&[round; 100]).await.unwrap();
+            theirs.flush().await.unwrap();
+            let mut buf = [0u8; 100];
+            ours.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, [round; 100]);
+            ours.write_all(&[round + 10; 50]).await.unwrap();
+            ours.flush().await.unwrap();
+            let mut back = [0u8; 50];
+            theirs.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [round + 10; 50]);
+        }
+    }
+
     #[tokio::test]
     async fn key_updates_from_the_client_keep_the_stream_going() {
         let (mut server, mut client) = pair(false).await;
-        for round in 0..3u8 {
-            client.get_mut().1.refresh_traffic_keys().unwrap();
-            client.write_all(&[round; 100]).await.unwrap();
-            client.flush().await.unwrap();
-            let mut buf = [0u8; 100];
-            server.read_exact(&mut buf).await.unwrap();
-            assert_eq!(buf, [round; 100]);
-            server.write_all(&[round + 10; 50]).await.unwrap();
-            server.flush().await.unwrap();
-            let mut back = [0u8; 50];
-            client.read_exact(&mut back).await.unwrap();
-            assert_eq!(back, [round + 10; 50]);
-        }
+        key_update_rounds(&mut server, &mut client).await;
     }
 
     #[tokio::test]
@@ -1101,11 +1146,17 @@ mod tests {
     async fn garbage_after_the_handshake_fails_the_connection_with_an_alert() {
         let (mut server, client) = pair(false).await;
         let (mut tcp, _) = client.into_inner();
+        garbage_fails(&mut server, &mut tcp).await;
+    }
+
+    /// The peer's socket, under its TLS session, sends a record no key decrypts: `ours` fails
+    /// with rustls's error, its alert reaches the peer, and the connection stays failed.
+    async fn garbage_fails<C: Unbuffered + Unpin>(ours: &mut Tls<C>, tcp: &mut TcpStream) {
         // A record header claiming application data, then bytes no key decrypts.
         tcp.write_all(&[23, 3, 3, 0, 40]).await.unwrap();
         tcp.write_all(&[0x55; 40]).await.unwrap();
         let mut buf = [0u8; 16];
-        let err = server.read(&mut buf).await.unwrap_err();
+        let err = ours.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(
             matches!(
@@ -1115,7 +1166,6 @@ mod tests {
             ),
             "{err}"
         );
-        // rustls's alert reached the peer, and the connection stays failed.
         let mut alert = [0u8; 64];
         let n = tcp.read(&mut alert).await.unwrap();
         assert!(
@@ -1123,8 +1173,8 @@ mod tests {
             "an (encrypted) alert record: {:?}",
             &alert[..n]
         );
-        assert!(server.read(&mut buf).await.is_err());
-        assert!(server.write_all(b"x").await.is_err());
+        assert!(ours.read(&mut buf).await.is_err());
+        assert!(ours.write_all(b"x").await.is_err());
     }
 
     /// The client end, against rustls's buffered server (tokio-rustls): TLS 1.3 and 1.2,
@@ -1177,26 +1227,13 @@ mod tests {
     /// The two ends of ours, as two sidecars use them: a large exchange both ways.
     #[tokio::test]
     async fn client_and_server_ends_talk_to_each_other() {
-        let (server_config, client_config) = configs(&rustls::version::TLS13);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (server, client) = tokio::join!(
-            async {
-                let (tcp, _) = listener.accept().await.unwrap();
-                ServerTls::accept(tcp, server_config).await.unwrap()
-            },
-            async {
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                ClientTls::connect(
-                    tcp,
-                    client_config,
-                    ServerName::try_from("localhost").unwrap(),
-                )
-                .await
-                .unwrap()
-            }
-        );
-        let (mut server, mut client) = (server, client);
+        let (mut server, mut client) = connected(
+            &rustls::version::TLS13,
+            false,
+            |tcp, config| async { ServerTls::accept(tcp, config).await.unwrap() },
+            |tcp, config| async { ClientTls::connect(tcp, config, localhost()).await.unwrap() },
+        )
+        .await;
         let data = pattern(300_000);
         let sent = data.clone();
         let echo = tokio::spawn(async move {
@@ -1217,19 +1254,7 @@ mod tests {
     #[tokio::test]
     async fn the_client_end_follows_key_updates_from_the_server() {
         let (mut client, mut server) = client_pair_of(&rustls::version::TLS13, false).await;
-        for round in 0..3u8 {
-            server.get_mut().1.refresh_traffic_keys().unwrap();
-            server.write_all(&[round; 100]).await.unwrap();
-            server.flush().await.unwrap();
-            let mut buf = [0u8; 100];
-            client.read_exact(&mut buf).await.unwrap();
-            assert_eq!(buf, [round; 100]);
-            client.write_all(&[round + 10; 50]).await.unwrap();
-            client.flush().await.unwrap();
-            let mut back = [0u8; 50];
-            server.read_exact(&mut back).await.unwrap();
-            assert_eq!(back, [round + 10; 50]);
-        }
+        key_update_rounds(&mut client, &mut server).await;
     }
 
     /// A server whose certificate the client's roots do not vouch for is refused in the
@@ -1245,13 +1270,9 @@ mod tests {
             ServerTls::accept(tcp, server_config).await.map(|_| ())
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let err = ClientTls::connect(
-            tcp,
-            stranger_client,
-            ServerName::try_from("localhost").unwrap(),
-        )
-        .await
-        .unwrap_err();
+        let err = ClientTls::connect(tcp, stranger_client, localhost())
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         // Both throwaway CAs have the same (empty) name: the server's chain names an issuer the
         // client knows, whose key did not sign it.
@@ -1270,29 +1291,7 @@ mod tests {
     async fn garbage_from_the_server_fails_the_client_end_and_a_bare_tcp_end_is_a_truncation() {
         let (mut client, server) = client_pair_of(&rustls::version::TLS13, false).await;
         let (mut tcp, _) = server.into_inner();
-        tcp.write_all(&[23, 3, 3, 0, 40]).await.unwrap();
-        tcp.write_all(&[0x55; 40]).await.unwrap();
-        let mut buf = [0u8; 16];
-        let err = client.read(&mut buf).await.unwrap_err();
-        assert!(
-            matches!(
-                err.get_ref()
-                    .and_then(|e| e.downcast_ref::<rustls::Error>()),
-                Some(rustls::Error::DecryptError)
-            ),
-            "{err}"
-        );
-        let mut alert = [0u8; 64];
-        let n = tcp.read(&mut alert).await.unwrap();
-        assert!(
-            n >= 5 && alert[0] == 23,
-            "an alert record: {:?}",
-            &alert[..n]
-        );
-        assert!(
-            client.write_all(b"x").await.is_err(),
-            "the connection stays failed"
-        );
+        garbage_fails(&mut client, &mut tcp).await;
 
         let (mut client, server) = client_pair_of(&rustls::version::TLS13, false).await;
         let (mut tcp, _) = server.into_inner();
