@@ -61,7 +61,7 @@ enum Step {
     NeedsBytes,
     /// Handshake complete and nothing left to process: application data may be written.
     Writable,
-    /// As `Writable`, and the writer given to [`ServerTls::step`] ran with that permission.
+    /// As `Writable`, and the writer given to [`Tls::step`] ran with that permission.
     Written,
     /// Both sides sent `close_notify`.
     Closed,
@@ -237,7 +237,7 @@ impl<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin> Tls<C, T> {
             let step = match self.step(None, None) {
                 Ok(step) => step,
                 Err(e) => {
-                    // The alert that tells the client why (a refused certificate), best effort.
+                    // The alert that tells the peer why (a refused certificate), best effort.
                     let _ = self.poll_write_out(cx);
                     return Poll::Ready(Err(e));
                 }
@@ -245,8 +245,8 @@ impl<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin> Tls<C, T> {
             match step {
                 Step::Progress => {}
                 Step::Writable if !self.conn.common().is_handshaking() => {
-                    // Our last flight (the server's Finished is already out; TLS 1.2's
-                    // ChangeCipherSpec and Finished may not be) leaves before we report done.
+                    // Our last flight (a client's Finished; a TLS 1.2 server's ChangeCipherSpec
+                    // and Finished) leaves before we report done.
                     ready!(self.poll_write_out(cx))?;
                     return Poll::Ready(Ok(()));
                 }
