@@ -47,8 +47,8 @@
 # (PROXY-SCENARIO-SIDE.svg, e.g. meshgate-mesh-inbound.svg, with its folded stacks beside it for
 # inferno-diff-folded) and PROXY-SCENARIO-components.md: where each proxy's CPU goes by component
 # (flame_components.py), in µs per request. The shipped binary has symbols but no debug info, so
-# what the compiler inlined shows as its caller; a binary built with line tables
-# (CARGO_PROFILE_RELEASE_DEBUG=line-tables-only scripts/release-build.sh) shows the inlined
+# what the compiler inlined shows as its caller; the same binary with line tables
+# (scripts/release-build.sh --line-tables, target/pgo-lines/release/meshgate) shows the inlined
 # functions too. perf's sampling costs the proxies a little: take the line's CPU figures from a
 # run without it. Needs perf and inferno (cargo install inferno --locked).
 set -euo pipefail
